@@ -1,0 +1,38 @@
+"""Criteria: how each weight is scored before a pattern turns scores into masks.
+
+A criterion returns one float32 score per weight on the layer's 2-D view (finite, >= 0); lower
+scores are pruned first. Register a new one with ``@register_criterion(name)``; its name is the
+``pruning_type`` config key.
+"""
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+from ..errors import ConfigError
+from .base import Criterion
+from .magnitude import MagnitudeCriterion
+
+CRITERIA: dict[str, type[Criterion]] = {}
+
+T = TypeVar("T", bound=type)
+
+
+def register_criterion(name: str) -> Callable[[T], T]:
+    def decorate(cls: T) -> T:
+        if not (isinstance(cls, type) and issubclass(cls, Criterion)):
+            raise TypeError(f"@register_criterion({name!r}) must decorate a subclass of fxprune.criteria.Criterion")
+        cls.name = name
+        CRITERIA[name] = cls
+        return cls
+    return decorate
+
+
+def get_criterion_class(name: str, where: str = "config") -> type[Criterion]:
+    if name not in CRITERIA:
+        raise ConfigError(f"{where}: unknown pruning_type {name!r}; available: {', '.join(CRITERIA)}")
+    return CRITERIA[name]
+
+
+register_criterion("magnitude")(MagnitudeCriterion)
+
+__all__ = ["CRITERIA", "Criterion", "MagnitudeCriterion", "get_criterion_class", "register_criterion"]

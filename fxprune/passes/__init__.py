@@ -1,0 +1,17 @@
+"""The pass pipeline (SPEC §1): capture, discover, attach, score, mask, rewrite, record."""
+from .attach import AttachPass
+from .base import Pass, PassManager
+from .capture import CapturePass
+from .context import PruneContext, Target
+from .discover import DiscoverPass
+from .mask import MaskPass
+from .record import RecordPass
+from .rewrite import RewritePass
+from .score import ScorePass
+
+CAPTURE_PASSES = (CapturePass, DiscoverPass)
+PRUNE_PASSES = (AttachPass, ScorePass, MaskPass, RewritePass, RecordPass)
+
+__all__ = ["AttachPass", "CapturePass", "DiscoverPass", "MaskPass", "Pass", "PassManager",
+           "PruneContext", "RecordPass", "RewritePass", "ScorePass", "Target",
+           "CAPTURE_PASSES", "PRUNE_PASSES"]

@@ -1,0 +1,51 @@
+"""A pass is a small object with one job; a manager runs a list of them over one context.
+
+Same shape as ``torch.fx.passes.infra`` (``requires`` / ``call`` / ``ensures``), but a pass works
+on the shared :class:`~fxprune.passes.context.PruneContext` rather than on a GraphModule alone,
+since pruning needs the model, the config and the masks as well as the graph.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+from .context import PruneContext
+
+log = logging.getLogger("fxprune")
+
+
+class Pass:
+    name: str = ""
+
+    def requires(self, ctx: PruneContext) -> None:
+        """Check what this pass needs from earlier passes."""
+
+    def call(self, ctx: PruneContext) -> None:
+        raise NotImplementedError
+
+    def ensures(self, ctx: PruneContext) -> None:
+        """Check what this pass promises to later passes."""
+
+    def __call__(self, ctx: PruneContext) -> None:
+        self.requires(ctx)
+        self.call(ctx)
+        self.ensures(ctx)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class PassManager:
+    """Runs passes in order, timing each one into ``ctx.timings``."""
+
+    def __init__(self, passes: Sequence[Pass]):
+        self.passes = list(passes)
+
+    def run(self, ctx: PruneContext) -> PruneContext:
+        for p in self.passes:
+            start = time.perf_counter()
+            p(ctx)
+            ctx.timings[p.name] = time.perf_counter() - start
+            log.info("fxprune: %-8s %.3fs", p.name, ctx.timings[p.name])
+        return ctx

@@ -1,0 +1,67 @@
+"""capture: the model as an FX graph, and which graph nodes stand for which parameters.
+
+With ``example_inputs``: ``torch.export.export(..., strict=False)``, which handles Hugging Face
+transformers models; parameters are placeholders named in the graph signature. Without:
+``torch.fx.symbolic_trace``; parameters are ``get_attr`` nodes and modules ``call_module`` nodes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from ..errors import CaptureError
+from .base import Pass
+from .context import PruneContext
+
+
+def canonical_names(model: nn.Module) -> dict[str, str]:
+    """Every parameter/buffer name (tied aliases included) -> the first name of that tensor."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False),
+                    *model.named_buffers(remove_duplicate=False)]:
+        out[name] = first.setdefault(id(t), name)
+    return out
+
+
+class CapturePass(Pass):
+    name = "capture"
+
+    def call(self, ctx: PruneContext) -> None:
+        model = ctx.model
+        canon = canonical_names(model)
+        if ctx.example_inputs is not None:
+            inputs = ctx.example_inputs if isinstance(ctx.example_inputs, tuple) else (ctx.example_inputs,)
+            try:
+                ep = torch.export.export(model, inputs, strict=False)
+            except Exception as e:
+                raise CaptureError(
+                    f"torch.export could not capture {type(model).__name__} with the given "
+                    f"example_inputs: {type(e).__name__}: {_first_line(e)}. Check that "
+                    f"model(*example_inputs) runs, and pass example_inputs as a tuple of tensors") from e
+            sig = ep.graph_signature
+            names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+            ctx.exported = ep
+            ctx.graph_module = ep.graph_module
+            ctx.capture_method = "torch.export"
+            ctx.param_of_node = {node: canon.get(fqn, fqn) for node, fqn in names.items()}
+        else:
+            try:
+                gm = fx.symbolic_trace(model)
+            except Exception as e:
+                raise CaptureError(
+                    f"torch.fx.symbolic_trace could not trace {type(model).__name__}: "
+                    f"{type(e).__name__}: {_first_line(e)}. Pass example_inputs=(...) (a tuple of "
+                    f"inputs the model accepts) so fxprune captures it with torch.export instead") from e
+            ctx.graph_module = gm
+            ctx.capture_method = "symbolic_trace"
+            ctx.param_of_node = {n.name: canon.get(n.target, n.target) for n in gm.graph.nodes
+                                 if n.op == "get_attr" and n.target in canon}
+
+    def ensures(self, ctx: PruneContext) -> None:
+        assert ctx.graph_module is not None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else "(no message)"

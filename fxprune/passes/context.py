@@ -1,0 +1,59 @@
+"""The one object the passes share: the model, the config, the graph and what each pass adds."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, fx, nn
+
+from ..config import GroupConfig, PruningConfig
+from ..geometry import WeightGeometry
+
+
+@dataclass
+class Target:
+    """One prunable weight (a parameter used as the weight of a linear or convolution)."""
+
+    param: str                        # canonical parameter FQN: "layer1.0.conv1.weight"
+    name: str                         # what op_names match: the module FQN ("layer1.0.conv1")
+    module_type: str                  # owner class name ("Conv2d", "Conv1D") or op kind if functional
+    op: str                           # "linear" or "conv1d" / "conv2d" / "conv3d"
+    geometry: WeightGeometry
+    nodes: list[str] = field(default_factory=list)   # graph nodes that use it as a weight
+    position: int = 0                 # graph position of the last use
+    bias: str | None = None           # bias parameter FQN
+    channel_followers: list[str] = field(default_factory=list)  # BN weight/bias/mean after it
+    status: str = "candidate"         # -> "selected", "pruned", "skipped: ...", "excluded: ..."
+    group: GroupConfig | None = None
+    pattern: Any = None               # the group's BasePattern object
+    layout: Any = None                # the pattern's BlockLayout for this weight
+
+    @property
+    def selected(self) -> bool:
+        return self.status == "selected"
+
+
+@dataclass
+class PruneContext:
+    model: nn.Module                  # the model being rewritten (a copy unless inplace=True)
+    config: PruningConfig
+    example_inputs: tuple | None = None
+    calibration: Any = None
+    # capture
+    graph_module: fx.GraphModule | None = None
+    exported: Any = None              # torch.export.ExportedProgram when captured with export
+    capture_method: str = ""
+    param_of_node: dict[str, str] = field(default_factory=dict)   # node name -> param/buffer FQN
+    # discover / attach
+    targets: dict[str, Target] = field(default_factory=dict)      # by param FQN, graph order
+    groups: list[GroupConfig] = field(default_factory=list)
+    # score / mask
+    scores: dict[str, Tensor] = field(default_factory=dict)       # param -> float32 view scores
+    masks: dict[str, Tensor] = field(default_factory=dict)        # param -> keep mask (view, bool)
+    # record
+    report: Any = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def selected(self, group: GroupConfig | None = None) -> list[Target]:
+        return [t for t in self.targets.values()
+                if t.selected and (group is None or t.group is group)]

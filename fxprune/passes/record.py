@@ -1,0 +1,35 @@
+"""record: the sparsity report (SPEC §5), counted from the rewritten weights, attached to the model."""
+from __future__ import annotations
+
+import torch
+
+from .._version import __version__
+from ..report import LayerReport, SparsityReport, attach_report
+from .base import Pass
+from .context import PruneContext
+
+
+class RecordPass(Pass):
+    name = "record"
+
+    def call(self, ctx: PruneContext) -> None:
+        layers = []
+        for t in ctx.targets.values():
+            weight = ctx.model.get_parameter(t.param).detach()
+            numel = weight.numel()
+            zeros = numel - int(torch.count_nonzero(weight))
+            g = t.group
+            layers.append(LayerReport(
+                name=t.name, param=t.param, module_type=t.module_type,
+                weight_shape=list(t.geometry.weight_shape), view_shape=list(t.geometry.view_shape),
+                pattern=g.pattern if g else None,
+                block_shape=t.layout.block_shape if t.layout else None,
+                scope=g.pruning_scope if g else None, criterion=g.pruning_type if g else None,
+                requested_sparsity=float(g.target_sparsity) if g else 0.0,
+                achieved_sparsity=zeros / numel if numel else 0.0,
+                numel=numel, zeros=zeros, status=t.status, group=g.index if g else None))
+        ctx.report = SparsityReport(
+            layers=layers, config=ctx.config.to_dict(),
+            versions={"fxprune": __version__, "torch": torch.__version__},
+            capture=ctx.capture_method)
+        attach_report(ctx.model, ctx.report)

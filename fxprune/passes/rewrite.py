@@ -1,0 +1,37 @@
+"""rewrite: ``weight.mul_(mask)`` in place, keeping the parameter objects, dtype and device.
+
+For output-channel patterns (``1xchannel``, ``Nxchannel``) a pruned channel goes as a whole: the
+layer's bias entry and the following BatchNorm's weight, bias and running mean of that channel
+are zeroed too, so the channel outputs exactly zero rather than a BatchNorm constant.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..geometry import from_view_2d
+from .base import Pass
+from .context import PruneContext
+
+
+class RewritePass(Pass):
+    name = "rewrite"
+
+    def call(self, ctx: PruneContext) -> None:
+        model = ctx.model
+        with torch.no_grad():
+            for t in ctx.selected():
+                keep = ctx.masks[t.param]
+                weight = model.get_parameter(t.param)
+                weight.mul_(from_view_2d(keep, t.geometry).to(device=weight.device, dtype=weight.dtype))
+                if getattr(t.pattern, "prunes_output_channels", False):
+                    dead = ~keep.any(dim=1)  # rows of the view are output channels
+                    for name in ([t.bias] if t.bias else []) + t.channel_followers:
+                        _zero_channels(model, name, dead)
+                t.status = "pruned"
+
+
+def _zero_channels(model, name: str, dead: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    tensor = getattr(model.get_submodule(module_name), attr)
+    if tensor is not None and tensor.shape[:1] == dead.shape:
+        tensor[dead.to(tensor.device)] = 0

@@ -1,0 +1,48 @@
+"""score: one float32 score per weight, on the 2-D view, with the group's criterion.
+
+Checks every selected weight for NaN/inf first (an error naming the layer), so nothing is
+rewritten when a weight is bad. Scores of weights that are already zero are forced to 0, the
+lowest possible score, so an already-pruned weight is pruned first and stays pruned.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..criteria import get_criterion_class
+from ..errors import WeightError
+from ..geometry import to_view_2d
+from .base import Pass
+from .context import PruneContext
+
+
+class ScorePass(Pass):
+    name = "score"
+
+    def call(self, ctx: PruneContext) -> None:
+        for group in ctx.groups:
+            targets = ctx.selected(group)
+            if not targets:
+                continue
+            criterion = get_criterion_class(group.pruning_type, group.where)(group)
+            criterion.prepare(ctx)
+            for t in targets:
+                weight = ctx.model.get_parameter(t.param).detach()
+                if not torch.isfinite(weight).all():
+                    bad = int((~torch.isfinite(weight)).sum())
+                    raise WeightError(f"layer {t.name} ({t.param}) has {bad} NaN/inf weight values; "
+                                      f"fix or re-initialise the weights before pruning")
+                view = to_view_2d(weight, t.geometry)
+                scores = criterion.view_scores(t.param, view)
+                if scores.shape != view.shape or scores.dtype != torch.float32:
+                    raise WeightError(f"criterion {group.pruning_type!r} returned scores of shape "
+                                      f"{tuple(scores.shape)} / {scores.dtype} for {t.param}; expected "
+                                      f"{tuple(view.shape)} / torch.float32")
+                scores = scores.contiguous()
+                scores.masked_fill_(view == 0, 0.0)
+                scores += 0.0  # -0.0 -> +0.0: keys compare as int bits
+                ctx.scores[t.param] = scores
+
+    def ensures(self, ctx: PruneContext) -> None:
+        for name, s in ctx.scores.items():
+            if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+                raise WeightError(f"scores of {name} must be finite and >= 0")

@@ -1,0 +1,157 @@
+"""BasePattern: how a pattern cuts a weight into blocks, and the global/local split of masking.
+
+A pattern answers three questions about one layer, on its 2-D view ``[rows, cols]``:
+
+1. ``block_layout(geom)``: how the view is cut into blocks (or why it cannot be: a skip reason);
+2. ``block_scores(view_scores, layout)``: one score per block (the reduce of its element scores);
+3. ``expand(pruned_blocks, view_scores, layout)``: the element mask of the chosen blocks.
+
+Masking (``get_masks``) is shared: ``global`` ranks the blocks of all layers of the group in one
+ranking, ``local`` ranks each layer by itself; both count the target in *weights*, not blocks,
+and enforce ``max/min_sparsity_ratio_per_op``. Masks are keep-masks (True = kept), as in INC and
+torch.ao: ``weight.mul_(mask)``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from ..config import GroupConfig, budget, ceil_budget
+from ..geometry import WeightGeometry
+from ..selection import select_global, select_local
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """How one layer's 2-D view is cut into blocks.
+
+    The view is reshaped to ``shape``; the dims in ``reduce_dims`` lie inside a block, the others
+    index the blocks. ``block_weights`` is how many weights one pruned block zeroes.
+    """
+
+    shape: tuple[int, ...]
+    reduce_dims: tuple[int, ...]
+    block_weights: int
+    block_shape: str  # for the report, e.g. "4x1", "1x768", "2:4"
+
+    @property
+    def num_blocks(self) -> int:
+        return math.prod(s for d, s in enumerate(self.shape) if d not in self.reduce_dims)
+
+    @property
+    def numel(self) -> int:
+        """Weights in the layer (not blocks x block_weights: an N:M group holds M, prunes N)."""
+        return math.prod(self.shape)
+
+    @property
+    def kept_shape(self) -> tuple[int, ...]:
+        return tuple(1 if d in self.reduce_dims else s for d, s in enumerate(self.shape))
+
+
+class BasePattern:
+    """Base of every pattern; subclass it and decorate with ``@fxprune.register_pattern(name)``.
+
+    A subclass implements ``block_layout`` (and, for blocks that are not a plain reshape,
+    ``block_scores`` / ``expand``). ``matches`` and ``check_config`` are optional hooks.
+    """
+
+    registered_name: str = ""
+
+    def __init__(self, config: GroupConfig | Mapping[str, Any], modules: Mapping[str, Any] | None = None):
+        if not isinstance(config, GroupConfig):
+            from ..config import PruningConfig
+            config = PruningConfig.from_any(dict(config)).groups()[0]
+        self.config = config
+        self.pattern = config.pattern
+        self.is_global = config.pruning_scope == "global"
+        self.target_sparsity = float(config.target_sparsity)
+        self.max_sparsity_ratio_per_op = float(config.max_sparsity_ratio_per_op)
+        self.min_sparsity_ratio_per_op = float(config.min_sparsity_ratio_per_op)
+        self.reduce_type = config.criterion_reduce_type
+        self.modules = dict(modules or {})
+
+    def __repr__(self) -> str:
+        scope = "global" if self.is_global else "local"
+        return f"{type(self).__name__}({self.pattern!r}, {scope}, target={self.target_sparsity})"
+
+    # ------------------------------------------------------------------ hooks
+    @classmethod
+    def matches(cls, pattern: str) -> bool:
+        """Whether this class handles the pattern string (exact registered name by default)."""
+        return pattern == cls.registered_name
+
+    @classmethod
+    def check_config(cls, group: GroupConfig) -> None:
+        """Raise ConfigError for a config this pattern cannot honour (e.g. 2:4 above 50 %)."""
+
+    @property
+    def max_target(self) -> float:
+        """Largest sparsity this pattern can reach on a layer."""
+        return 1.0
+
+    def block_layout(self, geom: WeightGeometry) -> BlockLayout | str:
+        """The layer's block layout, or a string saying why the pattern does not fit it."""
+        raise NotImplementedError
+
+    def block_scores(self, view_scores: Tensor, layout: BlockLayout) -> Tensor:
+        """1-D float32 block scores: ``criterion_reduce_type`` over each block's element scores."""
+        if all(layout.shape[d] == 1 for d in layout.reduce_dims):
+            return view_scores.reshape(-1)  # 1x1 blocks: the element scores themselves, no copy
+        blocks = view_scores.reshape(layout.shape)
+        if self.reduce_type == "mean":
+            reduced = blocks.mean(dim=layout.reduce_dims)
+        elif self.reduce_type == "sum":
+            reduced = blocks.sum(dim=layout.reduce_dims)
+        else:
+            reduced = blocks.amax(dim=layout.reduce_dims)
+        return reduced.reshape(-1)
+
+    def expand(self, pruned_blocks: Tensor, view_scores: Tensor, layout: BlockLayout) -> Tensor:
+        """Element-level pruned mask (view-shaped, bool) of the pruned blocks."""
+        return (pruned_blocks.reshape(layout.kept_shape).expand(layout.shape)
+                .reshape(view_scores.shape))
+
+    # ------------------------------------------------------------------ masks
+    def block_bounds(self, layout: BlockLayout) -> tuple[int, int]:
+        """(min, max) pruned blocks for one layer from the per-op ratios, in whole blocks."""
+        n = layout.numel
+        hi = min(budget(self.max_sparsity_ratio_per_op, n) // layout.block_weights, layout.num_blocks)
+        lo = min(-(-ceil_budget(self.min_sparsity_ratio_per_op, n) // layout.block_weights), hi)
+        return lo, hi
+
+    def get_masks(self, scores: Mapping[str, Tensor], layouts: Mapping[str, BlockLayout]
+                  ) -> dict[str, Tensor]:
+        """Keep-masks (view-shaped, bool) for every layer in ``scores``, global or local."""
+        block_scores = {name: self.block_scores(s, layouts[name]) for name, s in scores.items()}
+        if self.is_global:
+            pruned = self.get_masks_global(block_scores, layouts)
+        else:
+            pruned = self.get_masks_local(block_scores, layouts)
+        return {name: ~self.expand(pruned[name], scores[name], layouts[name]) for name in scores}
+
+    def get_masks_global(self, block_scores: Mapping[str, Tensor], layouts: Mapping[str, BlockLayout]
+                         ) -> dict[str, Tensor]:
+        """Pruned-block masks from one ranking over all layers of the group."""
+        names = list(block_scores)
+        bounds = [self.block_bounds(layouts[n]) for n in names]
+        total = sum(layouts[n].numel for n in names)
+        chosen = select_global([block_scores[n] for n in names],
+                               [layouts[n].block_weights for n in names],
+                               budget(self.target_sparsity, total),
+                               [lo for lo, _ in bounds], [hi for _, hi in bounds])
+        return dict(zip(names, chosen))
+
+    def get_masks_local(self, block_scores: Mapping[str, Tensor], layouts: Mapping[str, BlockLayout]
+                        ) -> dict[str, Tensor]:
+        """Pruned-block masks with every layer reaching the target by itself."""
+        out = {}
+        for name, s in block_scores.items():
+            layout = layouts[name]
+            lo, hi = self.block_bounds(layout)
+            k = budget(self.target_sparsity, layout.numel) // layout.block_weights
+            out[name] = select_local(s, min(max(k, lo), hi))
+        return out

@@ -1,0 +1,75 @@
+"""N:M (``2:4``, ``1:4``, ``4:8``): in every run of M consecutive weights along the columns of the
+2-D view, the N lowest-scoring are pruned ("N out of every M continuous weights").
+
+At the full target N/M every M-group is pruned; below it only some groups become N:M sparse and
+the rest stay dense: a group's score is the reduce of its N smallest element scores, and the
+lowest-scoring groups are chosen (globally or per layer).
+"""
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+import torch
+from torch import Tensor
+
+from ..config import GroupConfig
+from ..errors import ConfigError
+from ..geometry import WeightGeometry
+from ..registry import register_pattern
+from .base import BasePattern, BlockLayout
+
+_NINM = re.compile(r"^(\d+):(\d+)$")
+
+
+@register_pattern("N:M")
+class NInMPattern(BasePattern):
+    @classmethod
+    def matches(cls, pattern: str) -> bool:
+        return bool(_NINM.match(pattern))
+
+    @classmethod
+    def check_config(cls, group: GroupConfig) -> None:
+        n, m = (int(v) for v in _NINM.match(group.pattern).groups())
+        if not 1 <= n < m:
+            raise ConfigError(f"{group.where}: pattern {group.pattern!r} needs 1 <= N < M "
+                              f"(N of every M weights are pruned)")
+        if Fraction(repr(float(group.target_sparsity))) > Fraction(n, m):
+            raise ConfigError(
+                f"{group.where}: target_sparsity {group.target_sparsity} is above what pattern "
+                f"{group.pattern!r} can reach ({n}/{m} = {n / m:g}); lower target_sparsity to at "
+                f"most {n / m:g} or use a pattern such as '4x1' or '1x1'")
+
+    def __init__(self, config, modules=None):
+        super().__init__(config, modules)
+        self.n, self.m = (int(v) for v in _NINM.match(self.pattern).groups())
+
+    @property
+    def max_target(self) -> float:
+        return self.n / self.m
+
+    def block_layout(self, geom: WeightGeometry) -> BlockLayout | str:
+        rows, cols = geom.view_shape
+        if cols % self.m:
+            return f"{cols} columns are not divisible by M={self.m}"
+        return BlockLayout((rows, cols // self.m, self.m), (2,), self.n, self.pattern)
+
+    def _n_smallest(self, view_scores: Tensor, layout: BlockLayout) -> tuple[Tensor, Tensor]:
+        # A stable sort breaks ties inside a group by the lowest column, as everywhere else.
+        groups = view_scores.reshape(-1, self.m)
+        values, index = torch.sort(groups, dim=1, stable=True)
+        return values[:, : self.n], index[:, : self.n]
+
+    def block_scores(self, view_scores: Tensor, layout: BlockLayout) -> Tensor:
+        smallest, _ = self._n_smallest(view_scores, layout)
+        if self.reduce_type == "mean":
+            return smallest.mean(dim=1)
+        if self.reduce_type == "sum":
+            return smallest.sum(dim=1)
+        return smallest.amax(dim=1)
+
+    def expand(self, pruned_blocks: Tensor, view_scores: Tensor, layout: BlockLayout) -> Tensor:
+        _, index = self._n_smallest(view_scores, layout)
+        pruned = torch.zeros(view_scores.numel() // self.m, self.m, dtype=torch.bool)
+        pruned.scatter_(1, index, pruned_blocks.reshape(-1, 1).expand(-1, self.n).contiguous())
+        return pruned.reshape(view_scores.shape)

@@ -1,0 +1,150 @@
+"""Sparsity metadata (SPEC §5): one record per prunable target, totals, config and versions.
+
+Reach it from a pruned model with :func:`fxprune.sparsity_report`; it serializes to JSON and is
+embedded in exported ONNX models.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import FxPruneError
+
+REPORT_ATTR = "_fxprune_report"
+
+
+@dataclass
+class LayerReport:
+    name: str                   # module FQN ("encoder.layer.0.output.dense")
+    param: str                  # parameter FQN ("encoder.layer.0.output.dense.weight")
+    module_type: str
+    weight_shape: list[int]
+    view_shape: list[int]
+    pattern: str | None
+    block_shape: str | None
+    scope: str | None
+    criterion: str | None
+    requested_sparsity: float
+    achieved_sparsity: float    # zeros / numel, counted from the rewritten weight
+    numel: int
+    zeros: int
+    status: str                 # "pruned", "skipped: <reason>" or "excluded: <reason>"
+    group: int | None = None
+
+    @property
+    def pruned(self) -> bool:
+        return self.status == "pruned"
+
+
+@dataclass
+class SparsityReport:
+    layers: list[LayerReport]
+    config: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    capture: str = ""
+
+    # ------------------------------------------------------------------ totals
+    @property
+    def pruned_layers(self) -> list[LayerReport]:
+        return [r for r in self.layers if r.pruned]
+
+    @property
+    def sparsity(self) -> float:
+        """Zeros / weights over the pruned layers."""
+        numel = sum(r.numel for r in self.pruned_layers)
+        return sum(r.zeros for r in self.pruned_layers) / numel if numel else 0.0
+
+    @property
+    def overall_sparsity(self) -> float:
+        """Zeros / weights over every prunable weight the capture found (pruned or not)."""
+        numel = sum(r.numel for r in self.layers)
+        return sum(r.zeros for r in self.layers) / numel if numel else 0.0
+
+    def totals(self) -> dict[str, Any]:
+        return {
+            "layers": len(self.layers),
+            "pruned_layers": len(self.pruned_layers),
+            "skipped_layers": sum(r.status.startswith("skipped") for r in self.layers),
+            "excluded_layers": sum(r.status.startswith("excluded") for r in self.layers),
+            "pruned_weights": sum(r.numel for r in self.pruned_layers),
+            "zeros": sum(r.zeros for r in self.pruned_layers),
+            "sparsity": self.sparsity,
+            "prunable_weights": sum(r.numel for r in self.layers),
+            "overall_sparsity": self.overall_sparsity,
+        }
+
+    def layer(self, name: str) -> LayerReport:
+        for r in self.layers:
+            if name in (r.name, r.param):
+                return r
+        raise KeyError(f"no layer {name!r} in the report; layers: {[r.name for r in self.layers][:20]}")
+
+    # ------------------------------------------------------------------ serialization
+    def to_dict(self) -> dict:
+        return {"layers": [asdict(r) for r in self.layers], "totals": self.totals(),
+                "config": self.config, "versions": self.versions, "capture": self.capture}
+
+    def to_json(self, path: str | Path | None = None, indent: int | None = 2) -> str:
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SparsityReport":
+        names = {f.name for f in fields(LayerReport)}
+        layers = [LayerReport(**{k: v for k, v in r.items() if k in names}) for r in d.get("layers", [])]
+        return cls(layers, d.get("config", {}), d.get("versions", {}), d.get("capture", ""))
+
+    @classmethod
+    def from_json(cls, source: str | Path) -> "SparsityReport":
+        """From a JSON file path or a JSON string."""
+        text = str(source)
+        if not text.lstrip().startswith("{"):
+            p = Path(source)
+            if not p.is_file():
+                raise FxPruneError(f"report file {str(p)!r} does not exist")
+            text = p.read_text()
+        try:
+            return cls.from_dict(json.loads(text))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise FxPruneError(f"not a valid fxprune sparsity report: {e}") from None
+
+    # ------------------------------------------------------------------ display
+    def __str__(self) -> str:
+        head = ("layer", "type", "shape", "pattern", "target", "sparsity", "status")
+        rows = [(r.name, r.module_type, "x".join(map(str, r.weight_shape)), r.pattern or "-",
+                 f"{r.requested_sparsity:.3f}" if r.pruned else "-", f"{r.achieved_sparsity:.3f}",
+                 r.status) for r in self.layers]
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+        line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+        t = self.totals()
+        out = [line(head), line(["-" * w for w in widths]), *map(line, rows), "",
+               f"pruned {t['pruned_layers']}/{t['layers']} layers "
+               f"({t['skipped_layers']} skipped, {t['excluded_layers']} excluded); "
+               f"sparsity {t['sparsity']:.4f} over {t['pruned_weights']:,} pruned-layer weights, "
+               f"{t['overall_sparsity']:.4f} over all {t['prunable_weights']:,} prunable weights"]
+        return "\n".join(out)
+
+    def __repr__(self) -> str:
+        t = self.totals()
+        return (f"SparsityReport({t['pruned_layers']}/{t['layers']} layers pruned, "
+                f"sparsity={t['sparsity']:.4f})")
+
+
+def attach_report(model: nn.Module, report: SparsityReport) -> None:
+    # A plain attribute: survives deepcopy and pickling, invisible to state_dict.
+    object.__setattr__(model, REPORT_ATTR, report)
+
+
+def sparsity_report(model: nn.Module) -> SparsityReport:
+    """The sparsity report of a model returned by :func:`fxprune.transform`."""
+    report = getattr(model, REPORT_ATTR, None)
+    if report is None:
+        raise FxPruneError(f"{type(model).__name__} carries no fxprune report; pass the model "
+                           f"returned by fxprune.transform(...)")
+    return report

@@ -1,0 +1,61 @@
+"""``fxprune.transform`` and ``fxprune.capture``: the public entry points over the pass pipeline."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import fx, nn
+
+from .config import PruningConfig
+from .errors import FxPruneError
+from .passes import CAPTURE_PASSES, PRUNE_PASSES, AttachPass, PassManager, PruneContext
+
+
+def transform(model: nn.Module, config: Any = None, example_inputs: Any = None, *,
+              inplace: bool = False) -> nn.Module:
+    """Prune ``model`` as ``config`` says and return the pruned model (same class).
+
+    Args:
+        model: any ``nn.Module``.
+        config: a dict, a YAML/JSON file path or a :class:`PruningConfig` (INC's key names).
+        example_inputs: a tuple of inputs. Given, the model is captured with
+            ``torch.export.export(strict=False)`` (needed for Hugging Face models); otherwise with
+            ``torch.fx.symbolic_trace``.
+        inplace: prune ``model`` itself instead of a copy. By default the caller's model is never
+            modified.
+
+    The report is available as ``fxprune.sparsity_report(pruned)``.
+    """
+    ctx = _context(model, config, example_inputs, inplace=inplace)
+    ctx.config.warn_unused_schedule()
+    PassManager([p() for p in (*CAPTURE_PASSES, *PRUNE_PASSES)]).run(ctx)
+    return ctx.model
+
+
+def capture(model: nn.Module, example_inputs: Any = None, config: Any = None) -> fx.GraphModule:
+    """The captured, annotated graph, for inspection: every node that uses a prunable weight has
+    ``node.meta["fxprune"]``, a :class:`~fxprune.passes.Target` (parameter, type, shapes; with a
+    ``config``, also its group, pattern, block layout and status). The model is not modified."""
+    ctx = _context(model, config, example_inputs, inplace=True)
+    passes = [p() for p in CAPTURE_PASSES]
+    if config is not None:
+        passes.append(AttachPass())
+    PassManager(passes).run(ctx)
+    gm = ctx.graph_module
+    gm.meta["fxprune_targets"] = ctx.targets
+    return gm
+
+
+def _context(model, config, example_inputs, *, inplace: bool) -> PruneContext:
+    if not isinstance(model, nn.Module):
+        raise FxPruneError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    cfg = PruningConfig.from_any(config)
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    if not inplace:
+        try:
+            model = copy.deepcopy(model)
+        except Exception as e:
+            raise FxPruneError(f"could not copy {type(model).__name__} to prune it ({e}); pass "
+                               f"inplace=True to prune the model itself") from e
+    return PruneContext(model=model, config=cfg, example_inputs=example_inputs)
