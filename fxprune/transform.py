@@ -12,7 +12,8 @@ from .passes import CAPTURE_PASSES, PRUNE_PASSES, AttachPass, PassManager, Prune
 
 
 def transform(model: nn.Module, config: Any = None, example_inputs: Any = None, *,
-              inplace: bool = False) -> nn.Module:
+              inplace: bool = False, compact: bool | None = None, calibration: Any = None,
+              loss_fn: Any = None) -> nn.Module:
     """Prune ``model`` as ``config`` says and return the pruned model (same class).
 
     Args:
@@ -23,12 +24,22 @@ def transform(model: nn.Module, config: Any = None, example_inputs: Any = None, 
             ``torch.fx.symbolic_trace``.
         inplace: prune ``model`` itself instead of a copy. By default the caller's model is never
             modified.
+        compact: physically remove pruned channels (channel patterns); defaults to the config's
+            ``compact`` key.
+        calibration: an iterable of input batches, for data-aware criteria.
+        loss_fn: ``loss_fn(model, batch) -> loss``, for gradient-based criteria.
 
     The report is available as ``fxprune.sparsity_report(pruned)``.
     """
     ctx = _context(model, config, example_inputs, inplace=inplace)
     ctx.config.warn_unused_schedule()
-    PassManager([p() for p in (*CAPTURE_PASSES, *PRUNE_PASSES)]).run(ctx)
+    ctx.calibration, ctx.loss_fn = calibration, loss_fn
+    ctx.compact = ctx.config.compact if compact is None else bool(compact)
+    passes = [p() for p in (*CAPTURE_PASSES, *PRUNE_PASSES)]
+    if ctx.compact:
+        from .passes.compact import CompactPass  # issue 4: physical channel removal
+        passes.append(CompactPass())
+    PassManager(passes).run(ctx)
     return ctx.model
 
 
@@ -50,8 +61,6 @@ def _context(model, config, example_inputs, *, inplace: bool) -> PruneContext:
     if not isinstance(model, nn.Module):
         raise FxPruneError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     cfg = PruningConfig.from_any(config)
-    if example_inputs is not None and not isinstance(example_inputs, tuple):
-        example_inputs = (example_inputs,)
     if not inplace:
         try:
             model = copy.deepcopy(model)

@@ -163,11 +163,17 @@ def validate_onnx(path, model: torch.nn.Module, example_inputs, *, report=None,
     if session is not None:
         was_training = model.training
         model.eval()
+        runs = {"outputs: example inputs": (args, kwargs),
+                "outputs: random inputs": random_inputs(args, kwargs, seed)}
         try:
-            checks.append(_compare_outputs("outputs: example inputs", session, model,
-                                           args, kwargs, rtol, atol))
-            checks.append(_compare_outputs("outputs: random inputs", session, model,
-                                           *random_inputs(args, kwargs, seed), rtol, atol))
+            for name, (a, k) in runs.items():
+                try:
+                    checks.append(_compare_outputs(name, session, model, a, k, rtol, atol))
+                except ExportError as e:
+                    checks.append(Check(name, False, {}, str(e)))
+                except Exception as e:  # onnxruntime failed to run the graph
+                    checks.append(Check(name, False, {}, f"onnxruntime run failed: "
+                                        f"{type(e).__name__}: {str(e).strip()[:300]}"))
         finally:
             model.train(was_training)
     if report is not None:

@@ -67,10 +67,11 @@ class AttachPass(Pass):
 def _rejection(group, t: Target) -> str | None:
     if not any(kind in t.module_type for kind in group.pruning_op_types):
         return f"type {t.module_type} not in pruning_op_types {list(group.pruning_op_types)}"
-    if group.op_names and not any(re.search(rx, t.name) for rx in group.op_names):
+    names = [t.name, *t.aliases]
+    if group.op_names and not any(re.search(rx, n) for rx in group.op_names for n in names):
         return f"matches no op_names of {group.where}"
     for rx in group.excluded_op_names:
-        if re.search(rx, t.name):
+        if any(re.search(rx, n) for n in names):
             return f"excluded_op_names {rx!r}"
     return None
 
@@ -78,7 +79,7 @@ def _rejection(group, t: Target) -> str | None:
 def _check_regexes(group, targets: list[Target]) -> None:
     for key in ("op_names", "excluded_op_names"):
         for rx in getattr(group, key):
-            if not any(re.search(rx, t.name) for t in targets):
+            if not any(re.search(rx, n) for t in targets for n in (t.name, *t.aliases)):
                 raise ConfigError(
                     f"{group.where}: {key} regex {rx!r} matches no prunable layer; prunable layers "
                     f"are {_names(targets)} (`fxprune inspect` lists them)")

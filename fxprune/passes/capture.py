@@ -31,16 +31,17 @@ class CapturePass(Pass):
         model = ctx.model
         canon = canonical_names(model)
         if ctx.example_inputs is not None:
-            inputs = ctx.example_inputs if isinstance(ctx.example_inputs, tuple) else (ctx.example_inputs,)
+            args, kwargs = split_inputs(ctx.example_inputs)
             try:
-                ep = torch.export.export(model, inputs, strict=False)
+                ep = torch.export.export(_TensorOutputs(model), args, kwargs, strict=False)
             except Exception as e:
                 raise CaptureError(
                     f"torch.export could not capture {type(model).__name__} with the given "
                     f"example_inputs: {type(e).__name__}: {_first_line(e)}. Check that "
-                    f"model(*example_inputs) runs, and pass example_inputs as a tuple of tensors") from e
+                    f"model(*example_inputs) runs, and pass example_inputs as a tuple of positional inputs or a dict of keyword inputs") from e
             sig = ep.graph_signature
-            names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+            names = {node: fqn.removeprefix("model.") for node, fqn in
+                     {**sig.inputs_to_parameters, **sig.inputs_to_buffers}.items()}
             ctx.exported = ep
             ctx.graph_module = ep.graph_module
             ctx.capture_method = "torch.export"
@@ -60,6 +61,42 @@ class CapturePass(Pass):
 
     def ensures(self, ctx: PruneContext) -> None:
         assert ctx.graph_module is not None
+
+
+def split_inputs(example_inputs) -> tuple[tuple, dict]:
+    """example_inputs as (args, kwargs): a tuple of args, a dict of kwargs, or one tensor."""
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+class _TensorOutputs(nn.Module):
+    """Capture wrapper: returns only the tensors of the model's output.
+
+    Pruning needs the graph, not the output structure, and some outputs (a Hugging Face
+    ``DynamicCache``) are types torch.export cannot return. Parameters keep their names under
+    the ``model.`` prefix, which capture strips.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return tuple(_tensors(self.model(*args, **kwargs)))
+
+
+def _tensors(out):
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, dict):  # includes Hugging Face ModelOutput
+        for v in out.values():
+            yield from _tensors(v)
+    elif isinstance(out, (tuple, list)):
+        for v in out:
+            yield from _tensors(v)
 
 
 def _first_line(e: Exception) -> str:

@@ -23,6 +23,7 @@ class Target:
     position: int = 0                 # graph position of the last use
     bias: str | None = None           # bias parameter FQN
     channel_followers: list[str] = field(default_factory=list)  # BN weight/bias/mean after it
+    aliases: list[str] = field(default_factory=list)  # other module names of a tied weight
     status: str = "candidate"         # -> "selected", "pruned", "skipped: ...", "excluded: ..."
     group: GroupConfig | None = None
     pattern: Any = None               # the group's BasePattern object
@@ -38,7 +39,9 @@ class PruneContext:
     model: nn.Module                  # the model being rewritten (a copy unless inplace=True)
     config: PruningConfig
     example_inputs: tuple | None = None
-    calibration: Any = None
+    calibration: Any = None           # iterable of batches, for data-aware criteria
+    loss_fn: Any = None               # loss_fn(model, batch) -> loss, for gradient criteria
+    compact: bool = False             # run the compact pass after rewrite
     # capture
     graph_module: fx.GraphModule | None = None
     exported: Any = None              # torch.export.ExportedProgram when captured with export

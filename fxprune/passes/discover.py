@@ -63,8 +63,10 @@ class DiscoverPass(Pass):
             target = ctx.targets.get(param)
             if target is None:
                 module_name = param[: -len(".weight")] if param.endswith(".weight") else param
+                aliases = [a.removesuffix(".weight") for a, c in self.canonical.items()
+                           if c == param and a != param]
                 target = Target(param=param, name=module_name, module_type=owner or _kind_name(op),
-                                op=op, geometry=geom, bias=bias)
+                                op=op, geometry=geom, bias=bias, aliases=aliases)
                 ctx.targets[param] = target
             target.nodes.append(node.name)
             target.position = position
