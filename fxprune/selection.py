@@ -31,26 +31,27 @@ def _histogram(values: Tensor) -> Tensor:
 
 
 def kth_key(keys: Sequence[Tensor], k: int, excluded: Sequence[Tensor | None] | None = None
-            ) -> tuple[int, int]:
-    """Key of the k-th smallest (1-based) non-excluded entry over all ``keys``, and how many
-    non-excluded entries are strictly smaller. Keys must be >= 0 (non-negative float bits)."""
+            ) -> tuple[int, int, list[int]]:
+    """Radix select over all layers' keys (>= 0, non-negative float bits).
+
+    Returns the key of the k-th smallest (1-based) non-excluded entry, how many non-excluded
+    entries are strictly smaller, and how many equal it in each layer.
+    """
     excluded = excluded or [None] * len(keys)
     live = [kk if ex is None else kk[~ex] for kk, ex in zip(keys, excluded)]
     high = sum(_histogram(kk >> 16) for kk in live)
     cum_high = high.cumsum(0)
     hi = int(torch.searchsorted(cum_high, torch.tensor(k, dtype=cum_high.dtype)))
     below = int(cum_high[hi - 1]) if hi > 0 else 0
-    low = sum(_histogram(kk[(kk >> 16) == hi] & 0xFFFF) for kk in live)
-    cum_low = low.cumsum(0)
+    lows = [_histogram(kk[(kk >> 16) == hi] & 0xFFFF) for kk in live]
+    cum_low = sum(lows).cumsum(0)
     lo = int(torch.searchsorted(cum_low, torch.tensor(k - below, dtype=cum_low.dtype)))
     n_less = below + (int(cum_low[lo - 1]) if lo > 0 else 0)
-    return (hi << 16) | lo, n_less
+    return (hi << 16) | lo, n_less, [int(h[lo]) for h in lows]
 
 
 def _first_true(mask: Tensor, n: int) -> Tensor:
     """``mask`` with only its first ``n`` True entries kept."""
-    if n <= 0:
-        return torch.zeros_like(mask)
     return mask & (mask.cumsum(0) <= n)
 
 
@@ -60,19 +61,22 @@ def prune_k_smallest(keys: Sequence[Tensor], k: int,
     excluded = excluded or [None] * len(keys)
     if k <= 0:
         return [torch.zeros(kk.shape, dtype=torch.bool) for kk in keys]
-    threshold, n_less = kth_key(keys, k, excluded)
+    threshold, n_less, n_equal = kth_key(keys, k, excluded)
     ties_left = k - n_less
     out = []
-    for kk, ex in zip(keys, excluded):
-        less = kk < threshold
-        equal = kk == threshold
-        if ex is not None:
-            less &= ~ex
-            equal &= ~ex
-        n_equal = int(equal.sum())
-        take = min(ties_left, n_equal)
+    for kk, ex, equal_here in zip(keys, excluded, n_equal):
+        take = min(ties_left, equal_here)
         ties_left -= take
-        out.append(less | _first_true(equal, take) if take < n_equal else less | equal)
+        if take == equal_here:  # the usual case: every tie at the threshold (often one) is taken
+            pruned = kk <= threshold
+        else:  # ties split at this layer: the lowest indices go first
+            pruned = kk == threshold
+            if ex is not None:
+                pruned &= ~ex
+            pruned = (kk < threshold) | _first_true(pruned, take)
+        if ex is not None:
+            pruned &= ~ex
+        out.append(pruned)
     return out
 
 

@@ -13,6 +13,8 @@ class Criterion:
 
     name: str = ""
     needs_data: bool = False
+    # True when a zero weight always scores 0 (magnitude): the score pass can skip forcing it.
+    zero_weights_score_zero: bool = False
 
     def __init__(self, group=None):
         self.group = group

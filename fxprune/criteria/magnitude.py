@@ -7,5 +7,7 @@ from .base import Criterion
 
 
 class MagnitudeCriterion(Criterion):
+    zero_weights_score_zero = True
+
     def view_scores(self, param_name: str, weight_view: Tensor) -> Tensor:
         return weight_view.detach().float().abs()

@@ -5,12 +5,13 @@
     print(result)                                  # files, size, check table, ORT latency
     read_report("model.onnx")                      # the embedded SparsityReport
 
-Modules: ``onnx_export`` (to_onnx, read_report), ``validate`` (validate_onnx, ort_latency),
-``sparsity`` (sparsity survival: finding pruned weights in the ONNX graph), ``results``
-(Check, ExportResult), ``errors``.
+Modules: ``onnx_export`` (to_onnx), ``validate`` (validate_onnx, ort_latency), ``sparsity``
+(sparsity survival: finding pruned weights in the ONNX graph), ``metadata`` (read_report,
+read_metadata), ``results`` (Check, ExportResult), ``errors``.
 """
 from .errors import ExportError, ValidationError
-from .onnx_export import read_metadata, read_report, to_onnx
+from .metadata import read_metadata, read_report
+from .onnx_export import to_onnx
 from .results import Check, ExportResult, format_checks
 from .validate import ort_latency, validate_onnx
 

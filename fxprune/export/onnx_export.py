@@ -1,21 +1,20 @@
 """``to_onnx``: export a (pruned) model with the torch.export-based ONNX exporter, embed the
-sparsity report, validate the file, and time it in onnxruntime. ``read_report`` reads the
-report back."""
+sparsity report, validate the file, and time it in onnxruntime."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import onnx
 import torch
 
+import fxprune
+from fxprune.errors import FxPruneError
+
 from .errors import ExportError, ValidationError
+from .metadata import REPORT_KEY, VERSION_KEY
 from .results import ExportResult, format_checks
 from .validate import ort_latency, run_torch, split_inputs, validate_onnx
-
-REPORT_KEY = "fxprune.report"
-VERSION_KEY = "fxprune.version"
 
 
 def _output_path(path) -> Path:
@@ -38,9 +37,6 @@ def _output_path(path) -> Path:
 
 def _default_report(model):
     """The model's sparsity report, or None when it was not made by fxprune."""
-    import fxprune
-    from fxprune.errors import FxPruneError
-
     try:
         return fxprune.sparsity_report(model)
     except FxPruneError:
@@ -74,11 +70,12 @@ def to_onnx(model: torch.nn.Module, example_inputs, path, *, dynamic_shapes=None
 
     The model is exported and compared in eval mode; its mode is restored afterwards.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise ExportError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     path = _output_path(path)
     args, kwargs = split_inputs(example_inputs)
     if report is None:
         report = _default_report(model)
-    import fxprune
 
     was_training = model.training
     model.eval()
@@ -121,27 +118,3 @@ def to_onnx(model: torch.nn.Module, example_inputs, path, *, dynamic_shapes=None
         result.latency_ms = ort_latency(path, example_inputs, runs=latency_runs)
         result.latency_runs = latency_runs
     return result
-
-
-def read_metadata(path) -> dict[str, str]:
-    """The ONNX model's ``metadata_props`` as a dict (external data is not loaded)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"{path}: no such file")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise ExportError(f"{path} is not an ONNX model ({type(e).__name__}: {e}); pass the "
-                          ".onnx file written by fxprune.export.to_onnx, not its .data file") from e
-    return {p.key: p.value for p in proto.metadata_props}
-
-
-def read_report(path):
-    """The ``SparsityReport`` embedded in an ONNX file written by ``to_onnx``."""
-    from fxprune.report import SparsityReport
-
-    text = read_metadata(path).get(REPORT_KEY)
-    if text is None:
-        raise ExportError(f"{path} has no '{REPORT_KEY}' metadata: it was not written by "
-                          "fxprune.export.to_onnx, or was exported without a sparsity report")
-    return SparsityReport.from_dict(json.loads(text))

@@ -6,7 +6,8 @@
 - ``outputs: example inputs`` / ``outputs: random inputs``: every output tensor (tuples, dicts and
   Hugging Face ``ModelOutput`` are flattened in order) is within ``rtol``/``atol`` of PyTorch, on
   the example inputs and on fresh random inputs of the same shapes and dtypes;
-- ``sparsity: <param>``: see ``fxprune.export.sparsity``.
+- ``sparsity: <param>``: one per pruned layer of the sparsity report (by default the report
+  embedded in the file), see ``fxprune.export.sparsity``.
 
 ``ort_latency`` times the file in onnxruntime.
 """
@@ -24,6 +25,7 @@ import onnxruntime as ort
 import torch
 
 from .errors import ExportError
+from .metadata import read_metadata, report_from_metadata
 from .results import Check
 from .sparsity import sparsity_checks
 
@@ -90,9 +92,11 @@ def flatten_outputs(out, prefix: str = "output") -> list[tuple[str, torch.Tensor
     return []
 
 
-def make_session(path) -> ort.InferenceSession:
+def make_session(path, threads: int = 0) -> ort.InferenceSession:
+    """An onnxruntime CPU session; ``threads`` intra-op threads (0: onnxruntime's default)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only
+    options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -141,18 +145,19 @@ def validate_onnx(path, model: torch.nn.Module, example_inputs, *, report=None,
                   rtol: float = 1e-3, atol: float = 1e-5, seed: int = 0) -> list[Check]:
     """Run every check on the ONNX file ``path`` exported from ``model``; return the checks.
 
-    ``report`` (a ``SparsityReport``) adds one sparsity-survival check per pruned layer."""
+    ``report`` (a ``SparsityReport``; None: the one embedded in the file, if any) adds one
+    sparsity-survival check per pruned layer."""
     path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"{path}: no such file; pass the .onnx file written by to_onnx")
     args, kwargs = split_inputs(example_inputs)
+    if report is None:
+        report = report_from_metadata(read_metadata(path))  # also: clear error on a bad file
     checks = []
     try:
         onnx.checker.check_model(str(path), full_check=True)
         checks.append(Check("onnx.checker", True, {"full_check": True}))
     except Exception as e:  # checker and shape-inference errors
         checks.append(Check("onnx.checker", False, {"full_check": True},
-                            f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"))
+                            f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"))
     try:
         session = make_session(path)
         checks.append(Check("onnxruntime session", True, {"provider": "CPU"}))
@@ -181,12 +186,13 @@ def validate_onnx(path, model: torch.nn.Module, example_inputs, *, report=None,
     return checks
 
 
-def ort_latency(path, example_inputs, *, runs: int = 20, warmup: int = 3) -> float:
+def ort_latency(path, example_inputs, *, runs: int = 20, warmup: int = 3,
+                threads: int = 0) -> float:
     """Median wall time in milliseconds of ``runs`` onnxruntime CPU runs on ``example_inputs``,
-    after ``warmup`` runs that are not timed."""
+    after ``warmup`` runs that are not timed; ``threads`` as in ``make_session``."""
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
-    session = make_session(path)
+    session = make_session(path, threads)
     feed = _feed(session, *split_inputs(example_inputs))
     for _ in range(warmup):
         session.run(None, feed)

@@ -27,7 +27,8 @@ class ScorePass(Pass):
             criterion.prepare(ctx)
             for t in targets:
                 weight = ctx.model.get_parameter(t.param).detach()
-                if not torch.isfinite(weight).all():
+                # A finite sum means finite entries (cheap); a non-finite one may be an overflow.
+                if not torch.isfinite(weight.sum(dtype=torch.float32)) and not torch.isfinite(weight).all():
                     bad = int((~torch.isfinite(weight)).sum())
                     raise WeightError(f"layer {t.name} ({t.param}) has {bad} NaN/inf weight values; "
                                       f"fix or re-initialise the weights before pruning")
@@ -38,11 +39,11 @@ class ScorePass(Pass):
                                       f"{tuple(scores.shape)} / {scores.dtype} for {t.param}; expected "
                                       f"{tuple(view.shape)} / torch.float32")
                 scores = scores.contiguous()
-                scores.masked_fill_(view == 0, 0.0)
-                scores += 0.0  # -0.0 -> +0.0: keys compare as int bits
+                if not criterion.zero_weights_score_zero:
+                    scores.masked_fill_(view == 0, 0.0)
+                    scores += 0.0  # -0.0 -> +0.0: selection compares the float bits as ints
+                low, high = torch.aminmax(scores)
+                if not (low >= 0 and torch.isfinite(high)):
+                    raise WeightError(f"criterion {group.pruning_type!r} gave {t.param} scores that are "
+                                      f"not finite and >= 0 (min {float(low)}, max {float(high)})")
                 ctx.scores[t.param] = scores
-
-    def ensures(self, ctx: PruneContext) -> None:
-        for name, s in ctx.scores.items():
-            if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
-                raise WeightError(f"scores of {name} must be finite and >= 0")

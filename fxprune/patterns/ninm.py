@@ -68,6 +68,14 @@ class NInMPattern(BasePattern):
             return smallest.sum(dim=1)
         return smallest.amax(dim=1)
 
+    def get_masks(self, scores, layouts):
+        # At the full target N/M every group is pruned: no ranking, one sort per layer.
+        full = Fraction(repr(self.target_sparsity)) == Fraction(self.n, self.m)
+        if full and self.max_sparsity_ratio_per_op >= self.n / self.m:
+            return {name: ~self.expand(torch.ones(layouts[name].num_blocks, dtype=torch.bool), s,
+                                       layouts[name]) for name, s in scores.items()}
+        return super().get_masks(scores, layouts)
+
     def expand(self, pruned_blocks: Tensor, view_scores: Tensor, layout: BlockLayout) -> Tensor:
         _, index = self._n_smallest(view_scores, layout)
         pruned = torch.zeros(view_scores.numel() // self.m, self.m, dtype=torch.bool)

@@ -1,0 +1,60 @@
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def pytest_configure(config):
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+
+
+class MLP(nn.Module):
+    def __init__(self, sizes=(32, 64, 64, 10)):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+class SmallCNN(nn.Module):
+    """Conv -> BN -> ReLU, a grouped conv with a residual add, a 1-D and a 3-D conv, a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.conv3 = nn.Conv2d(16, 32, 1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv2(x)) + x
+        x = self.conv3(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.fixture
+def mlp():
+    return MLP().eval()
+
+
+@pytest.fixture
+def cnn():
+    model = SmallCNN().eval()
+    with torch.no_grad():  # non-trivial BN statistics, so a pruned channel's BN constant is visible
+        model.bn1.running_mean.uniform_(-1, 1)
+        model.bn1.running_var.uniform_(0.5, 2)
+        model.bn1.bias.uniform_(-1, 1)
+    return model

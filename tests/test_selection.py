@@ -1,0 +1,81 @@
+"""The selection math (fxprune/selection.py) against sorting, on random and tied scores."""
+import pytest
+import torch
+
+from fxprune.selection import keys_of, kth_key, prune_k_smallest, select_global
+
+
+def _reference_k_smallest(scores, k):
+    """Stable sort over the concatenation: ties go to the lowest global index."""
+    flat = torch.cat([s.reshape(-1) for s in scores])
+    pruned = torch.zeros(flat.numel(), dtype=torch.bool)
+    pruned[torch.sort(flat, stable=True).indices[:k]] = True
+    return list(pruned.split([s.numel() for s in scores]))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("k", [1, 7, 500, 1999, 2000])
+def test_prune_k_smallest_equals_stable_sort(ties, k):
+    scores = [torch.rand(700), torch.rand(1300)]
+    if ties:  # few distinct values: most of the selection is decided by the tie order
+        scores = [(s * 5).floor() / 5 for s in scores]
+    got = prune_k_smallest([keys_of(s) for s in scores], k)
+    want = _reference_k_smallest(scores, k)
+    assert sum(int(g.sum()) for g in got) == k
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_kth_key_matches_sorted_value():
+    s = torch.rand(10_000) * 1e-30  # tiny floats: the low 16 bits decide
+    for k in (1, 17, 5000, 10_000):
+        key, n_less, n_equal = kth_key([keys_of(s)], k)
+        value = torch.tensor([key], dtype=torch.int32).view(torch.float32).item()
+        assert value == torch.sort(s).values[k - 1].item()
+        assert n_less == int((s < value).sum()) and n_equal == [int((s == value).sum())]
+
+
+def test_excluded_entries_are_never_chosen():
+    s = torch.arange(100, dtype=torch.float32)
+    excluded = s < 10  # the 10 lowest are excluded: the 5 lowest of the rest are 10..14
+    pruned = prune_k_smallest([keys_of(s)], 5, [excluded])[0]
+    assert pruned.nonzero().flatten().tolist() == [10, 11, 12, 13, 14]
+
+
+def _water_fill(scores, weights, budget, lo, hi):
+    """Brute force: add blocks in global (score, index) order, skipping a full layer, until the
+    budget is spent, after forcing each layer's lo lowest."""
+    n = len(scores)
+    order = sorted(((float(s[j]), sum(x.numel() for x in scores[:i]) + j, i, j)
+                    for i, s in enumerate(scores) for j in range(s.numel())))
+    per_layer_rank = [torch.sort(s, stable=True).indices.tolist() for s in scores]
+    pruned = [torch.zeros(s.numel(), dtype=torch.bool) for s in scores]
+    for i in range(n):
+        pruned[i][per_layer_rank[i][: lo[i]]] = True
+    spent = sum(lo[i] * weights[i] for i in range(n))
+    count = list(lo)
+    for _, _, i, j in order:
+        if pruned[i][j] or count[i] >= hi[i]:
+            continue
+        if spent + weights[i] > budget:
+            break
+        pruned[i][j] = True
+        count[i] += 1
+        spent += weights[i]
+    return pruned
+
+
+@pytest.mark.parametrize("weights", [(4, 4, 4), (3, 5, 2)])
+def test_select_global_caps_and_floors_equal_water_filling(weights):
+    scores = [torch.rand(40), torch.rand(30) * 0.3, torch.rand(50) + 0.5]
+    total = sum(s.numel() * w for s, w in zip(scores, weights))
+    lo, hi = [2, 0, 10], [35, 12, 45]  # layer 1 scores lowest but is capped at 12 blocks
+    budget = int(0.6 * total)
+    got = select_global(scores, weights, budget, lo, hi)
+    want = _water_fill(scores, weights, budget, lo, hi)
+    counts = [int(g.sum()) for g in got]
+    assert counts[1] == 12 and counts[0] >= 2 and counts[2] >= 10
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    if len(set(weights)) == 1:  # uniform blocks: exactly budget // block weights
+        assert sum(counts) == budget // weights[0]
