@@ -1,4 +1,4 @@
-"""Dense vs pruned (masked) onnxruntime CPU latency of the example models.
+"""Dense vs pruned (masked) onnxruntime CPU latency of the built-in example models.
 
     python bench/export_latency.py [--runs 100] [--rounds 5] [--threads 1] [--sparsity 0.5]
 
@@ -21,47 +21,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import fxprune
+from fxprune.examples import EXAMPLES
 from fxprune.export import ort_latency, to_onnx
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2, self.fc3 = nn.Linear(256, 512), nn.Linear(512, 512), nn.Linear(512, 10)
-
-    def forward(self, x):
-        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-
-class CNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32)
-        self.conv2, self.bn2 = nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)
-        self.fc = nn.Linear(32, 10)
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = torch.relu(y + self.bn2(self.conv2(y)))
-        return self.fc(y.mean((2, 3)))
-
-
-def bert():
-    from transformers import BertConfig, BertModel
-
-    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, vocab_size=100)
-    return BertModel(config).eval(), (torch.randint(0, 100, (8, 128)),)
-
-
-MODELS = {
-    "mlp": lambda: (MLP().eval(), (torch.randn(64, 256),)),
-    "cnn": lambda: (CNN().eval(), (torch.randn(16, 3, 32, 32),)),
-    "bert": bert,
-}
 
 
 def main(argv=None) -> int:
@@ -73,18 +36,20 @@ def main(argv=None) -> int:
     parser.add_argument("--sparsity", type=float, default=0.5,
                         help="target_sparsity (2:4 allows at most 0.5)")
     parser.add_argument("--patterns", default="4x1,2:4,1xchannel")
+    parser.add_argument("--models", default=",".join(EXAMPLES),
+                        help=f"comma-separated, from {', '.join(EXAMPLES)}")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
 
     print(f"fxprune {fxprune.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"{args.threads or 'default'} ORT thread(s), median of {args.rounds} rounds x "
           f"{args.runs} runs, target_sparsity {args.sparsity}")
-    print(f"{'model':<6} {'variant':<10} {'sparsity':>8} {'ORT ms':>9} {'vs dense':>8} "
+    print(f"{'model':<10} {'variant':<10} {'sparsity':>8} {'ORT ms':>9} {'vs dense':>8} "
           f"{'size KiB':>9}")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, make in MODELS.items():
+        for name in args.models.split(","):
             torch.manual_seed(0)
-            model, inputs = make()
+            model, inputs = EXAMPLES[name]()
             variants = {"dense": (model, None)}
             for pattern in args.patterns.split(","):
                 pruned = fxprune.transform(model, {"target_sparsity": args.sparsity,
@@ -103,7 +68,7 @@ def main(argv=None) -> int:
             for variant, (result, sparsity) in exported.items():
                 ms = statistics.median(times[variant])
                 shown = "-" if sparsity is None else f"{sparsity:.3f}"
-                print(f"{name:<6} {variant:<10} {shown:>8} {ms:>9.3f} {ms / dense_ms:>7.2f}x "
+                print(f"{name:<10} {variant:<10} {shown:>8} {ms:>9.3f} {ms / dense_ms:>7.2f}x "
                       f"{result.size / 1024:>9.1f}", flush=True)
     return 0
 

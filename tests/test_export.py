@@ -55,12 +55,12 @@ class TwoHeads(nn.Module):
         return y, {"sum": y.sum(-1), "max": y.amax(-1)}
 
 
-def mlp():
+def make_mlp():
     torch.manual_seed(0)
     return MLP().eval(), (torch.randn(4, 16),)
 
 
-def cnn():
+def make_cnn():
     torch.manual_seed(0)
     model = CNN().eval()
     for bn in (model.bn1, model.bn2):  # non-trivial statistics, so BN folding scales filters
@@ -71,7 +71,7 @@ def cnn():
     return model, (torch.randn(2, 3, 8, 8),)
 
 
-def bert():
+def make_bert():
     torch.manual_seed(0)
     config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=128, vocab_size=100)
@@ -81,7 +81,7 @@ def bert():
 def hand_pruned_mlp():
     """An MLP with every other row of fc1 and half the columns of fc2 zeroed by hand, and the
     report fxprune would write for it."""
-    model, x = mlp()
+    model, x = make_mlp()
     with torch.no_grad():
         model.fc1.weight[::2] = 0
         model.fc2.weight[:, :16] = 0
@@ -104,7 +104,7 @@ def _check(result, name):
 
 
 # ---------------------------------------------------------------------------------- end to end
-@pytest.mark.parametrize("make", [mlp, cnn, bert], ids=["mlp", "cnn", "bert"])
+@pytest.mark.parametrize("make", [make_mlp, make_cnn, make_bert], ids=["mlp", "cnn", "bert"])
 @pytest.mark.parametrize("pattern", ["4x1", "2:4", "1xchannel"])
 def test_transform_export_validate(tmp_path, make, pattern):
     model, x = make()
@@ -129,7 +129,7 @@ def test_transform_export_validate(tmp_path, make, pattern):
 
 
 def test_bert_transposed_weights_are_found_by_value(tmp_path):
-    model, x = bert()
+    model, x = make_bert()
     pruned = fxprune.transform(model, {"target_sparsity": 0.5, "pattern": "4x1"}, x)
     result = to_onnx(pruned, x, tmp_path / "bert.onnx", latency_runs=0)
     query = _check(result, "sparsity: encoder.layer.0.attention.self.query.weight").figures
@@ -142,7 +142,7 @@ def test_bert_transposed_weights_are_found_by_value(tmp_path):
 
 
 def test_bert_keyword_inputs_and_dynamic_shapes(tmp_path):
-    model, (ids,) = bert()
+    model, (ids,) = make_bert()
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=512)
@@ -202,7 +202,7 @@ def test_nested_outputs_are_all_compared(tmp_path):
 
 
 def test_default_report_absent_for_plain_model(tmp_path):
-    model, x = mlp()
+    model, x = make_mlp()
     result = to_onnx(model, x, tmp_path / "plain.onnx", latency_runs=0)
     assert result.report is None
     assert not any(c.name.startswith("sparsity") for c in result.checks)
@@ -231,7 +231,7 @@ def test_external_data(tmp_path):
 
 
 def test_training_mode_is_restored(tmp_path):
-    model, x = cnn()
+    model, x = make_cnn()
     model.train()
     result = to_onnx(model, x, tmp_path / "cnn.onnx", latency_runs=0)
     assert result.passed  # exported and compared in eval mode (BN running statistics)
@@ -272,7 +272,7 @@ def test_dense_copy_in_onnx_fails_survival(tmp_path):
 
 
 def test_other_model_fails_output_checks(tmp_path):
-    model, x = mlp()
+    model, x = make_mlp()
     to_onnx(model, x, tmp_path / "mlp.onnx", validate=False)
     torch.manual_seed(1)
     other = MLP().eval()
@@ -324,13 +324,13 @@ def test_find_weight_transposed_scaled_and_dense_copies():
 
 # ---------------------------------------------------------------------------------- usage errors
 def test_missing_directory(tmp_path):
-    model, x = mlp()
+    model, x = make_mlp()
     with pytest.raises(ExportError, match=r"directory .*nope does not exist; create it first"):
         to_onnx(model, x, tmp_path / "nope" / "m.onnx")
 
 
 def test_path_is_a_directory(tmp_path):
-    model, x = mlp()
+    model, x = make_mlp()
     with pytest.raises(ExportError, match=r"is a directory; pass a file path such as"):
         to_onnx(model, x, tmp_path)
 
@@ -339,13 +339,13 @@ def test_unwritable_directory(tmp_path, monkeypatch):
     import fxprune.export.onnx_export as onnx_export
 
     monkeypatch.setattr(onnx_export.os, "access", lambda p, mode: False)
-    model, x = mlp()
+    model, x = make_mlp()
     with pytest.raises(ExportError, match=r"is not writable; choose a writable location"):
         to_onnx(model, x, tmp_path / "m.onnx")
 
 
 def test_wrong_example_inputs(tmp_path):
-    model, _ = mlp()
+    model, _ = make_mlp()
     with pytest.raises(ExportError, match=r"fails on example_inputs .*MLP\.forward\(x\)"):
         to_onnx(model, (torch.randn(4, 15),), tmp_path / "m.onnx")
     with pytest.raises(ExportError, match=r"example_inputs is a str"):
@@ -354,7 +354,7 @@ def test_wrong_example_inputs(tmp_path):
 
 
 def test_bad_onnx_files(tmp_path):
-    model, x = mlp()
+    model, x = make_mlp()
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\xff\xfe not a protobuf \x00\x01")
     for read in (read_report, lambda p: validate_onnx(p, model, x)):

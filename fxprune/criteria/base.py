@@ -1,20 +1,35 @@
-"""The criterion interface."""
+"""The criterion interface.
+
+A criterion scores the weights of the selected layers of one pruning group; the group's pattern
+turns the scores into masks (global or local). The hooks, in the order the callers use them:
+
+- one-shot (``fxprune.transform``): ``prepare(ctx)`` once (collect calibration statistics or
+  gradients), ``view_scores`` per layer, and after the masks are known ``update_weights(ctx,
+  targets)`` (SparseGPT updates the kept weights there; every other criterion leaves them alone);
+- training (``fxprune.Pruner``): ``observe_gradients(params)`` before each optimizer step for the
+  criteria that score from gradients, then ``view_scores`` at each pruning step.
+"""
 from __future__ import annotations
 
-from torch import Tensor
+from typing import Mapping
+
+from torch import Tensor, nn
 
 
 class Criterion:
     """Scores weights; subclasses implement :meth:`view_scores`.
 
     ``needs_data`` criteria collect statistics in :meth:`prepare` (calibration batches, gradients)
-    before any layer is scored.
+    before any layer is scored. ``needs_gradients`` criteria score from loss gradients (``loss_fn``
+    over the calibration batches in ``transform``, the training loop's gradients in ``Pruner``).
+    ``one_shot_only`` criteria work in ``transform`` only, ``training_only`` ones in ``Pruner`` only.
     """
 
     name: str = ""
     needs_data: bool = False
-    # True when a zero weight always scores 0 (magnitude): the score pass can skip forcing it.
-    zero_weights_score_zero: bool = False
+    needs_gradients: bool = False
+    one_shot_only: bool = False
+    training_only: bool = False
 
     def __init__(self, group=None):
         self.group = group
@@ -22,6 +37,13 @@ class Criterion:
     def prepare(self, ctx) -> None:
         """Collect what scoring needs (nothing for magnitude)."""
 
+    def observe_gradients(self, params: Mapping[str, nn.Parameter]) -> None:
+        """Training time: read ``param.grad`` of the selected weights (gradient criteria)."""
+
     def view_scores(self, param_name: str, weight_view: Tensor) -> Tensor:
         """float32 scores shaped like ``weight_view`` (finite, >= 0)."""
         raise NotImplementedError
+
+    def update_weights(self, ctx, targets) -> None:
+        """After masking, before the rewrite zeroes the pruned weights: adjust the kept weights
+        of ``targets`` in place (``ctx.masks`` holds their keep-masks). Default: leave them."""

@@ -1,0 +1,195 @@
+"""Calibration plumbing shared by the data-aware criteria.
+
+- :func:`require_data`: a clear ``ConfigError`` when a criterion that needs data gets none;
+- :func:`reusable`: calibration batches that can be iterated more than once;
+- :func:`run_batch`: ``model(*batch)`` for a tuple, ``model(**batch)`` for a dict, ``model(batch)``
+  for a tensor (the same forms as ``example_inputs``);
+- :class:`WeightInputRecorder`: while the *eager* model runs, every ``linear`` / ``convNd`` /
+  ``addmm`` / ``matmul`` call whose weight is one of the selected parameters reports its input.
+  Calls are matched by parameter identity with a ``TorchFunctionMode``, so module calls
+  (``nn.Linear``, ``nn.ConvNd``, Hugging Face ``Conv1D``) and functional ones (``F.linear(x, W)``,
+  ``x @ W``, ``x @ W.t()``) are both seen, a tied weight collects the inputs of all its uses, and
+  the batches may have any shape (the captured graph is not re-run, so a graph specialised to
+  ``example_inputs``' shapes does not constrain calibration).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from ..errors import ConfigError, FxPruneError
+from ..passes.capture import split_inputs
+
+# op name -> (position, keyword) of the weight and of the input
+LINEAR_OPS = {"linear": ((1, "weight"), (0, "input")), "addmm": ((2, "mat2"), (1, "mat1")),
+              "matmul": ((1, "other"), (0, "input")), "__matmul__": ((1, "other"), (0, None)),
+              "mm": ((1, "mat2"), (0, "input"))}
+CONV_OPS = ("conv1d", "conv2d", "conv3d")
+TRANSPOSES = ("t", "transpose", "permute")
+
+
+def require_data(ctx, pruning_type: str, *, loss: bool = False) -> None:
+    """Raise a ConfigError naming ``pruning_type`` and what to pass when data is missing."""
+    if ctx.calibration is None:
+        extra = (" and loss_fn=lambda model, batch: <scalar loss tensor>" if loss else "")
+        raise ConfigError(
+            f"pruning_type {pruning_type!r} needs calibration data: pass "
+            f"fxprune.transform(model, config, example_inputs, calibration=[batch, ...]{extra}), "
+            f"where each batch is what the model takes (a tuple of positional inputs, a dict of "
+            f"keyword inputs or one tensor)")
+    if loss and ctx.loss_fn is None:
+        raise ConfigError(
+            f"pruning_type {pruning_type!r} scores weights from loss gradients: pass "
+            f"loss_fn=lambda model, batch: <scalar loss tensor> to fxprune.transform along with "
+            f"calibration=...")
+    if not callable(getattr(ctx.calibration, "__iter__", None)):
+        raise ConfigError(f"calibration must be an iterable of batches (a list or a DataLoader), "
+                          f"got {type(ctx.calibration).__name__}")
+
+
+def reusable(calibration: Iterable) -> Sequence | Iterable:
+    """Calibration that can be iterated again: a one-shot iterator (a generator) is kept as a list."""
+    if iter(calibration) is calibration:
+        return list(calibration)
+    return calibration
+
+
+def run_batch(model: nn.Module, batch: Any):
+    args, kwargs = split_inputs(batch)
+    return model(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Run ``model`` in eval mode (deterministic: no dropout, BatchNorm running stats), then
+    restore every module's own training flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+@dataclass
+class WeightCall:
+    """One use of a selected weight during a forward pass."""
+
+    target: Any                         # the passes' Target
+    x: Tensor                           # linear kinds: [..., in]; conv: [N, Cin, *spatial]
+    conv: dict | None = None            # stride, padding, dilation, groups of a convolution
+
+
+class StopForward(Exception):
+    """Raised by the recorder once every call a pass needs has been seen (skips the rest)."""
+
+
+class WeightInputRecorder(TorchFunctionMode):
+    """Reports the input of every call that uses one of ``targets``' weights to ``observe``.
+
+    With ``stop_after`` (param FQN -> calls per forward), the forward is cut short with
+    :class:`StopForward` once each of those weights has been used that many times.
+    """
+
+    def __init__(self, model: nn.Module, targets: Sequence, observe: Callable[[WeightCall], None],
+                 stop_after: dict[str, int] | None = None):
+        super().__init__()
+        self.by_id = {id(model.get_parameter(t.param)): t for t in targets}
+        self.observe = observe
+        self.stop_after = stop_after
+        self.derived: dict[int, tuple[Tensor, Any]] = {}   # transposed views of a weight
+        self.seen: dict[str, int] = {}
+
+    def reset(self) -> None:
+        self.derived.clear()
+        self.seen.clear()
+
+    def _target_of(self, w) -> Any:
+        if not isinstance(w, Tensor):
+            return None
+        t = self.by_id.get(id(w))
+        if t is None and id(w) in self.derived:
+            tensor, t = self.derived[id(w)]
+            t = t if tensor is w else None
+        return t
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        call = None
+        if name in LINEAR_OPS:
+            (w_pos, w_key), (x_pos, x_key) = LINEAR_OPS[name]
+            t = self._target_of(_arg(args, kwargs, w_pos, w_key))
+            if t is not None:
+                call = WeightCall(t, _arg(args, kwargs, x_pos, x_key))
+        elif name in CONV_OPS:
+            t = self._target_of(_arg(args, kwargs, 1, "weight"))
+            if t is not None:
+                call = WeightCall(t, _arg(args, kwargs, 0, "input"), conv={
+                    "stride": _arg(args, kwargs, 3, "stride", 1),
+                    "padding": _arg(args, kwargs, 4, "padding", 0),
+                    "dilation": _arg(args, kwargs, 5, "dilation", 1),
+                    "groups": _arg(args, kwargs, 6, "groups", 1)})
+        if call is not None:
+            self._record(call)
+        out = func(*args, **kwargs)
+        if name in TRANSPOSES and args and isinstance(args[0], Tensor) and id(args[0]) in self.by_id:
+            self.derived[id(out)] = (out, self.by_id[id(args[0])])
+        return out
+
+    def _record(self, call: WeightCall) -> None:
+        with torch.no_grad():
+            self.observe(call)
+        param = call.target.param
+        self.seen[param] = self.seen.get(param, 0) + 1
+        if self.stop_after and all(self.seen.get(p, 0) >= n for p, n in self.stop_after.items()):
+            raise StopForward
+
+
+def record_inputs(ctx, targets: Sequence, observe: Callable[[WeightCall], None], desc: str,
+                  batches: Iterable | None = None, stop_early: bool = False) -> None:
+    """One pass over the calibration batches, reporting the inputs of ``targets``' weights.
+
+    Runs in eval mode without gradients. Raises when a target's weight was never used (the
+    calibration did not reach it), naming the layer.
+    """
+    from .progress import progress
+
+    model = ctx.model
+    stop_after = {t.param: max(1, len(t.nodes)) for t in targets} if stop_early else None
+    recorder = WeightInputRecorder(model, targets, observe, stop_after)
+    used: set[str] = set()
+    n_batches = 0
+    with eval_mode(model), torch.no_grad():
+        for batch in progress(ctx.calibration if batches is None else batches, desc):
+            recorder.reset()
+            try:
+                with recorder:
+                    run_batch(model, batch)
+            except StopForward:
+                pass
+            used.update(recorder.seen)
+            n_batches += 1
+    if n_batches == 0:
+        raise ConfigError("calibration is empty: pass at least one batch")
+    missing = [t.name for t in targets if t.param not in used]
+    if missing:
+        raise FxPruneError(
+            f"the calibration batches never ran layer(s) {missing[:5]}: their weights were not used "
+            f"as the weight of a linear/conv/matmul call in the eager forward; check that the "
+            f"batches reach these layers")
+    recorder.reset()
+
+
+def _arg(args, kwargs, index: int, name: str | None, default=None):
+    if len(args) > index:
+        return args[index]
+    if name is not None and name in kwargs:
+        return kwargs[name]
+    return default

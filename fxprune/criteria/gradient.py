@@ -1,0 +1,128 @@
+"""Gradient criteria: ``gradient`` (|G|), ``snip`` (|W x G|, Lee et al. 2019) and ``snip_momentum``
+(INC's form: ``score = 0.9 * score + 1.0 * |W x G|`` at every step).
+
+One-shot (``transform``): the gradients come from ``loss_fn(model, batch).backward()`` over the
+calibration batches, in eval mode. ``gradient`` and ``snip`` use the gradient of the summed loss
+(the gradients of all batches accumulated, i.e. one large batch); ``snip_momentum`` updates its
+momentum once per batch, as INC does once per training step. Only the selected weights get
+gradients; the model's own ``requires_grad`` flags and ``.grad`` tensors are restored afterwards.
+
+Training (``Pruner``): :meth:`observe_gradients` reads the training loop's gradients before each
+optimizer step; ``gradient`` and ``snip`` keep the latest step's scores, ``snip_momentum`` its
+momentum over all steps.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import FxPruneError
+from ..geometry import to_view_2d
+from .base import Criterion
+from .calibration import eval_mode, require_data
+from .progress import progress
+
+
+class GradientCriterion(Criterion):
+    """``gradient``: |G|. Subclasses change :meth:`_update` (and ``per_batch``)."""
+
+    needs_data = True
+    needs_gradients = True
+    per_batch = False   # one-shot: observe each batch's gradient (True) or their sum (False)
+
+    def __init__(self, group=None):
+        super().__init__(group)
+        self.scores: dict[str, Tensor] = {}   # weight-shaped float32
+        self.geometry = {}
+
+    def bind(self, targets: Iterable) -> None:
+        self.geometry.update({t.param: t.geometry for t in targets})
+
+    def prepare(self, ctx) -> None:
+        require_data(ctx, self.name, loss=True)
+        targets = ctx.selected(self.group)
+        self.bind(targets)
+        model = ctx.model
+        params = {t.param: model.get_parameter(t.param) for t in targets}
+        with _gradients_only_for(model, params.values()), eval_mode(model):
+            batches = 0
+            for batch in progress(ctx.calibration, f"{self.name}: calibration"):
+                loss = ctx.loss_fn(model, batch)
+                if not (isinstance(loss, Tensor) and loss.numel() == 1 and loss.requires_grad):
+                    raise FxPruneError(
+                        f"loss_fn must return a scalar loss tensor that depends on the model's "
+                        f"weights, got {type(loss).__name__}"
+                        f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}")
+                loss.reshape(()).backward()
+                batches += 1
+                if self.per_batch:
+                    self.observe_gradients(params)
+                    for p in params.values():
+                        p.grad = None
+            if batches == 0:
+                raise FxPruneError("calibration is empty: pass at least one batch")
+            if not self.per_batch:
+                self.observe_gradients(params)
+
+    def observe_gradients(self, params: Mapping[str, nn.Parameter]) -> None:
+        with torch.no_grad():
+            for name, p in params.items():
+                if p.grad is None:
+                    raise FxPruneError(
+                        f"{name} has no gradient: the loss does not depend on it (or backward was "
+                        f"not called before the optimizer step)")
+                self.scores[name] = self._update(self.scores.get(name), p.detach().float(),
+                                                 p.grad.detach().float())
+
+    def _update(self, prev: Tensor | None, w: Tensor, g: Tensor) -> Tensor:
+        return g.abs()
+
+    def view_scores(self, param_name: str, weight_view: Tensor) -> Tensor:
+        if param_name not in self.scores:
+            raise FxPruneError(f"criterion {self.name!r} has no gradients for {param_name} yet")
+        s = to_view_2d(self.scores[param_name], self.geometry[param_name])
+        return s.to(device=weight_view.device, dtype=torch.float32).contiguous()
+
+    def has_scores(self) -> bool:
+        return bool(self.scores)
+
+
+class SnipCriterion(GradientCriterion):
+    """``snip``: |W x G|."""
+
+    def _update(self, prev, w, g):
+        return (w * g).abs()
+
+
+class SnipMomentumCriterion(GradientCriterion):
+    """``snip_momentum``: ``score = alpha * score + beta * |W x G|`` (INC: alpha 0.9, beta 1.0)."""
+
+    per_batch = True
+    alpha = 0.9
+    beta = 1.0
+
+    def _update(self, prev, w, g):
+        new = (w * g).abs()
+        if self.beta != 1.0:
+            new.mul_(self.beta)
+        return new if prev is None else prev.mul_(self.alpha).add_(new)
+
+
+@contextlib.contextmanager
+def _gradients_only_for(model: nn.Module, params: Iterable[nn.Parameter]):
+    """Gradients for ``params`` only; every parameter's ``requires_grad`` and ``.grad`` restored."""
+    wanted = {id(p) for p in params}
+    saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    try:
+        for p, _, _ in saved:
+            p.requires_grad_(id(p) in wanted)
+            p.grad = None
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, flag, grad in saved:
+            p.requires_grad_(flag)
+            p.grad = grad

@@ -1,0 +1,240 @@
+"""fxprune.transform end to end on plain models (symbolic_trace and torch.export)."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxprune
+from conftest import MLP, SmallCNN
+
+
+def _zeros(t):
+    return int((t == 0).sum())
+
+
+def test_mlp_global_4x1_exact_count_and_caller_untouched(mlp):
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    pruned = fxprune.transform(mlp, {"target_sparsity": 0.8, "pattern": "4x1"})
+    for k, v in mlp.state_dict().items():  # the caller's model is bit-identical
+        assert torch.equal(v, before[k])
+    assert type(pruned) is MLP and pruned is not mlp
+    report = fxprune.sparsity_report(pruned)
+    selected = [pruned.layers[0].weight, pruned.layers[1].weight]
+    total = sum(w.numel() for w in selected)
+    assert sum(_zeros(w) for w in selected) == int(0.8 * total) // 4 * 4
+    assert _zeros(pruned.layers[2].weight) == 0  # the classifier is excluded
+    assert report.layer("layers.2").status.startswith("excluded: last linear")
+    assert [r.status for r in report.layers[:2]] == ["pruned", "pruned"]
+    assert report.sparsity == pytest.approx(sum(_zeros(w) for w in selected) / total)
+
+
+def test_inplace_prunes_the_callers_model(mlp):
+    out = fxprune.transform(mlp, {"target_sparsity": 0.5, "pattern": "1x1"}, inplace=True)
+    assert out is mlp and _zeros(mlp.layers[0].weight) > 0
+
+
+def test_parameters_keep_identity_dtype_and_requires_grad(mlp):
+    pruned = fxprune.transform(mlp, {"target_sparsity": 0.5, "pattern": "1x1"}, inplace=True)
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in pruned.parameters())
+
+
+def test_exclude_last_linear_can_be_turned_off(mlp):
+    pruned = fxprune.transform(mlp, {"target_sparsity": 0.5, "pattern": "1x1",
+                                     "exclude_last_linear": False, "pruning_scope": "local"})
+    assert _zeros(pruned.layers[2].weight) == 320
+
+
+def test_cnn_channel_pruning_zeroes_bias_and_batchnorm(cnn):
+    x = torch.randn(2, 3, 8, 8)
+    pruned = fxprune.transform(cnn, {"target_sparsity": 0.5, "pattern": "1xchannel",
+                                     "pruning_scope": "local", "op_names": ["conv1"]})
+    dead = (pruned.conv1.weight.flatten(1) == 0).all(dim=1)
+    assert int(dead.sum()) == 8
+    assert (pruned.conv1.bias[dead] == 0).all() and (pruned.bn1.weight[dead] == 0).all()
+    assert (pruned.bn1.bias[dead] == 0).all() and (pruned.bn1.running_mean[dead] == 0).all()
+    # the pruned channels output exactly zero after BatchNorm (not a BN constant)
+    act = pruned.bn1(pruned.conv1(x))
+    assert (act[:, dead] == 0).all() and (act[:, ~dead] != 0).any()
+
+
+def test_cnn_export_capture_matches_symbolic_trace(cnn):
+    config = {"target_sparsity": 0.6, "pattern": "4x1"}
+    a = fxprune.transform(cnn, config)
+    b = fxprune.transform(cnn, config, example_inputs=(torch.randn(1, 3, 8, 8),))
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), name
+    ra, rb = fxprune.sparsity_report(a), fxprune.sparsity_report(b)
+    assert ra.capture == "symbolic_trace" and rb.capture == "torch.export"
+    assert [r.status for r in ra.layers] == [r.status for r in rb.layers]
+
+
+class Functional(nn.Module):
+    """Weights used through F.linear, x @ W, addmm (HF Conv1D style) and F.conv1d / F.conv3d."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_lin = nn.Parameter(torch.randn(32, 16))
+        self.w_mm = nn.Parameter(torch.randn(32, 32))      # [in, out]
+        self.w_addmm = nn.Parameter(torch.randn(32, 24))   # [in, out]
+        self.b_addmm = nn.Parameter(torch.randn(24))
+        self.w_c1 = nn.Parameter(torch.randn(8, 4, 3))
+        self.w_c3 = nn.Parameter(torch.randn(8, 4, 1, 2, 2))
+        self.head = nn.Linear(24, 2)
+
+    def forward(self, x, s, v):
+        h = F.linear(x, self.w_lin)
+        h = h @ self.w_mm
+        h = torch.addmm(self.b_addmm, h, self.w_addmm)
+        c = F.conv1d(s, self.w_c1).mean() + F.conv3d(v, self.w_c3).mean()
+        return self.head(h) + c
+
+
+@pytest.mark.parametrize("use_export", [False, True])
+def test_functional_weights_are_discovered_with_their_layout(use_export):
+    model = Functional()
+    inputs = (torch.randn(2, 16), torch.randn(2, 4, 10), torch.randn(1, 4, 3, 4, 4))
+    pruned = fxprune.transform(model, {"target_sparsity": 0.5, "pattern": "4x1", "pruning_scope": "local"},
+                               example_inputs=inputs if use_export else None)
+    report = fxprune.sparsity_report(pruned)
+    by_name = {r.name: r for r in report.layers}
+    assert by_name["w_mm"].view_shape == [32, 32] and by_name["w_addmm"].view_shape == [24, 32]
+    assert by_name["w_c1"].view_shape == [8, 12] and by_name["w_c3"].view_shape == [8, 16]
+    assert by_name["w_lin"].module_type == "Linear" and by_name["w_c3"].module_type == "Conv3d"
+    # 4x1 on the [out, in] view of an [in, out] weight: blocks of 4 along dim 1 of the parameter
+    w = pruned.w_addmm.detach()
+    blocks = (w == 0).reshape(32, 6, 4)
+    assert torch.equal(blocks.all(-1), blocks.any(-1)) and _zeros(w) == 32 * 24 // 2
+    assert by_name["head"].status.startswith("excluded")
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 16, bias=False)
+        self.b = nn.Linear(16, 16, bias=False)
+        self.b.weight = self.a.weight  # tied
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(self.b(torch.relu(self.a(x))))
+
+
+def test_tied_weights_are_one_target_pruned_once():
+    pruned = fxprune.transform(Tied(), {"target_sparsity": 0.5, "pattern": "1x1"})
+    report = fxprune.sparsity_report(pruned)
+    assert [r.param for r in report.layers] == ["a.weight", "out.weight"]
+    assert pruned.a.weight is pruned.b.weight and _zeros(pruned.a.weight) == 128
+
+
+def test_already_zero_weights_stay_pruned_and_are_pruned_first(mlp):
+    with torch.no_grad():
+        mlp.layers[0].weight[:8] = 0  # 8 whole rows = 64 4x1 blocks of zeros
+    pruned = fxprune.transform(mlp, {"target_sparsity": 0.3, "pattern": "4x1", "pruning_scope": "local"})
+    w = pruned.layers[0].weight
+    assert (w[:8] == 0).all()
+    assert _zeros(w) == int(0.3 * w.numel()) // 4 * 4
+
+
+def test_ties_are_broken_by_lowest_index():
+    model = MLP((8, 8, 2))
+    with torch.no_grad():
+        model.layers[0].weight.fill_(1.0)  # every score ties
+    pruned = fxprune.transform(model, {"target_sparsity": 0.25, "pattern": "1x1"})
+    w = pruned.layers[0].weight.flatten()
+    assert (w[:16] == 0).all() and (w[16:] == 1).all()
+    again = fxprune.transform(model, {"target_sparsity": 0.25, "pattern": "1x1"})
+    assert torch.equal(again.layers[0].weight, pruned.layers[0].weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights(dtype):
+    model = MLP().to(dtype)
+    ref = MLP()
+    ref.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    pruned = fxprune.transform(model, {"target_sparsity": 0.5, "pattern": "4x1"})
+    pruned_ref = fxprune.transform(ref, {"target_sparsity": 0.5, "pattern": "4x1"})
+    for a, b in zip(pruned.parameters(), pruned_ref.parameters()):
+        assert a.dtype == dtype
+        assert torch.equal(a == 0, b == 0)  # masks computed in float32: the same as in float32
+
+
+def test_groups_inherit_global_keys_and_first_group_wins(mlp):
+    config = {"target_sparsity": 0.5, "pattern": "1x1", "pruning_scope": "local",
+              "pruning_configs": [{"op_names": ["layers.0"], "pattern": "4x1"},
+                                  {"op_names": ["layers\\.[01]"], "target_sparsity": 0.25}]}
+    report = fxprune.sparsity_report(fxprune.transform(mlp, config))
+    first, second = report.layer("layers.0"), report.layer("layers.1")
+    assert (first.pattern, first.requested_sparsity, first.group) == ("4x1", 0.5, 0)
+    assert (second.pattern, second.requested_sparsity, second.group) == ("1x1", 0.25, 1)
+    assert second.zeros == 64 * 64 // 4
+
+
+def test_excluded_op_names_and_op_types(cnn):
+    report = fxprune.sparsity_report(fxprune.transform(
+        cnn, {"target_sparsity": 0.5, "pattern": "1x1", "excluded_op_names": ["conv2"],
+              "pruning_op_types": ["Conv"]}))
+    assert report.layer("conv2").status == "excluded: excluded_op_names 'conv2'"
+    assert report.layer("conv1").status == "pruned" and report.layer("conv3").status == "pruned"
+
+
+def test_skipped_layer_is_reported_left_dense_and_out_of_the_ranking(cnn):
+    pruned = fxprune.transform(cnn, {"target_sparsity": 0.5, "pattern": "2:4"})
+    report = fxprune.sparsity_report(pruned)
+    skipped = report.layer("conv1")  # 3 x 3 x 3 = 27 columns
+    assert skipped.status == "skipped: 27 columns are not divisible by M=4"
+    assert _zeros(pruned.conv1.weight) == 0
+    for name in ("conv2", "conv3"):
+        w = getattr(pruned, name).weight
+        assert report.layer(name).zeros == w.numel() // 2
+
+
+def test_report_serializes_and_prints(mlp, tmp_path):
+    pruned = fxprune.transform(mlp, {"target_sparsity": 0.8, "pattern": "4x1"})
+    report = fxprune.sparsity_report(pruned)
+    path = tmp_path / "sparsity.json"
+    report.to_json(path)
+    data = json.loads(path.read_text())
+    assert data["versions"]["fxprune"] == fxprune.__version__ and data["versions"]["torch"] == torch.__version__
+    assert data["config"]["pattern"] == "4x1" and data["totals"]["pruned_layers"] == 2
+    back = fxprune.SparsityReport.from_json(path)
+    assert back.layers == report.layers
+    text = str(report)
+    assert "layers.0" in text and "pruned 2/3 layers" in text
+    first = report.layers[0]
+    assert (first.weight_shape, first.view_shape, first.block_shape, first.scope, first.criterion) == \
+        ([64, 32], [64, 32], "4x1", "global", "magnitude")
+
+
+def test_capture_annotates_nodes_without_touching_the_model(cnn):
+    before = {k: v.clone() for k, v in cnn.state_dict().items()}
+    gm = fxprune.capture(cnn, config={"pattern": "1xchannel"})
+    annotated = {n.meta["fxprune"].param: n.meta["fxprune"] for n in gm.graph.nodes if "fxprune" in n.meta}
+    assert list(annotated) == ["conv1.weight", "conv2.weight", "conv3.weight", "fc.weight"]
+    assert annotated["conv2.weight"].geometry.groups == 4
+    assert annotated["conv1.weight"].layout.block_shape == "1x27"
+    assert annotated["conv1.weight"].channel_followers == ["bn1.weight", "bn1.bias", "bn1.running_mean"]
+    for k, v in cnn.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_custom_pattern_from_the_registry_is_usable_from_a_config(mlp):
+    @fxprune.register_pattern("rows2")
+    class EveryOtherRowBlock(fxprune.BasePattern):
+        """2 rows x all columns, i.e. '2xchannel', written by a user."""
+
+        def block_layout(self, geom):
+            rows, cols = geom.view_shape
+            if rows % 2:
+                return "odd rows"
+            return fxprune.BlockLayout((rows // 2, 2, 1, cols), (1, 3), 2 * cols, f"2x{cols}")
+
+    try:
+        pruned = fxprune.transform(mlp, {"target_sparsity": 0.5, "pattern": "rows2", "pruning_scope": "local"})
+        w = pruned.layers[1].weight
+        dead_rows = (w == 0).all(dim=1).reshape(-1, 2)
+        assert torch.equal(dead_rows.all(1), dead_rows.any(1)) and int(dead_rows.all(1).sum()) == 16
+        assert fxprune.sparsity_report(pruned).layer("layers.1").pattern == "rows2"
+    finally:
+        fxprune.PATTERNS.pop("rows2")
