@@ -9,8 +9,12 @@ from __future__ import annotations
 from typing import Callable, TypeVar
 
 from ..errors import ConfigError
+from .activation import ActivationCriterion
 from .base import Criterion
+from .gradient import GradientCriterion, SnipCriterion, SnipMomentumCriterion
 from .magnitude import MagnitudeCriterion
+from .pattern_lock import PatternLockCriterion
+from .sparse_gpt import SparseGPTCriterion
 
 CRITERIA: dict[str, type[Criterion]] = {}
 
@@ -34,5 +38,13 @@ def get_criterion_class(name: str, where: str = "config") -> type[Criterion]:
 
 
 register_criterion("magnitude")(MagnitudeCriterion)
+register_criterion("activation")(ActivationCriterion)
+register_criterion("sparse_gpt")(SparseGPTCriterion)
+register_criterion("gradient")(GradientCriterion)
+register_criterion("snip")(SnipCriterion)
+register_criterion("snip_momentum")(SnipMomentumCriterion)
+register_criterion("pattern_lock")(PatternLockCriterion)
 
-__all__ = ["CRITERIA", "Criterion", "MagnitudeCriterion", "get_criterion_class", "register_criterion"]
+__all__ = ["CRITERIA", "ActivationCriterion", "Criterion", "GradientCriterion", "MagnitudeCriterion",
+           "PatternLockCriterion", "SnipCriterion", "SnipMomentumCriterion", "SparseGPTCriterion",
+           "get_criterion_class", "register_criterion"]

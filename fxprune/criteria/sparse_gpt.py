@@ -23,8 +23,6 @@ are iterated several times, so a one-shot iterator is kept as a list.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 

@@ -53,6 +53,7 @@ class PruneContext:
     # score / mask
     scores: dict[str, Tensor] = field(default_factory=dict)       # param -> float32 view scores
     masks: dict[str, Tensor] = field(default_factory=dict)        # param -> keep mask (view, bool)
+    criteria: dict[int, Any] = field(default_factory=dict)        # group index -> its Criterion
     # record
     report: Any = None
     timings: dict[str, float] = field(default_factory=dict)

@@ -1,5 +1,8 @@
 """rewrite: ``weight.mul_(mask)`` in place, keeping the parameter objects, dtype and device.
 
+A criterion that adjusts the kept weights (SparseGPT) does so first, through its
+``update_weights(ctx, targets)``; every other criterion leaves them as they are.
+
 For output-channel patterns (``1xchannel``, ``Nxchannel``) a pruned channel goes as a whole: the
 layer's bias entry and the following BatchNorm's weight, bias and running mean of that channel
 are zeroed too, so the channel outputs exactly zero rather than a BatchNorm constant.
@@ -17,9 +20,16 @@ class RewritePass(Pass):
     name = "rewrite"
 
     def call(self, ctx: PruneContext) -> None:
+        for group in ctx.groups:  # group by group: a criterion may first update the kept weights
+            criterion = ctx.criteria.get(group.index)
+            if criterion is not None:
+                criterion.update_weights(ctx, ctx.selected(group))  # SparseGPT's OBS update
+            self._mask(ctx, ctx.selected(group))
+
+    def _mask(self, ctx: PruneContext, targets) -> None:
         model = ctx.model
         with torch.no_grad():
-            for t in ctx.selected():
+            for t in targets:
                 keep = ctx.masks[t.param]
                 weight = model.get_parameter(t.param)
                 weight.mul_(from_view_2d(keep, t.geometry).to(device=weight.device, dtype=weight.dtype))

@@ -25,6 +25,7 @@ class ScorePass(Pass):
                 continue
             criterion = get_criterion_class(group.pruning_type, group.where)(group)
             criterion.prepare(ctx)
+            ctx.criteria[group.index] = criterion  # the rewrite pass calls its update_weights
             for t in targets:
                 weight = ctx.model.get_parameter(t.param).detach()
                 # A finite sum means finite entries (cheap); a non-finite one may be an overflow.
