@@ -46,6 +46,9 @@ class SparsityReport:
     config: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     capture: str = ""
+    # compact=True: params/FLOPs before and after, channel groups removed or blocked (and why),
+    # and the new weight shapes; the layer records above describe the masks (before slicing)
+    compaction: dict | None = None
 
     # ------------------------------------------------------------------ totals
     @property
@@ -85,8 +88,11 @@ class SparsityReport:
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict:
-        return {"layers": [asdict(r) for r in self.layers], "totals": self.totals(),
-                "config": self.config, "versions": self.versions, "capture": self.capture}
+        d = {"layers": [asdict(r) for r in self.layers], "totals": self.totals(),
+             "config": self.config, "versions": self.versions, "capture": self.capture}
+        if self.compaction is not None:
+            d["compaction"] = self.compaction
+        return d
 
     def to_json(self, path: str | Path | None = None, indent: int | None = 2) -> str:
         text = json.dumps(self.to_dict(), indent=indent)
@@ -98,7 +104,8 @@ class SparsityReport:
     def from_dict(cls, d: dict) -> "SparsityReport":
         names = {f.name for f in fields(LayerReport)}
         layers = [LayerReport(**{k: v for k, v in r.items() if k in names}) for r in d.get("layers", [])]
-        return cls(layers, d.get("config", {}), d.get("versions", {}), d.get("capture", ""))
+        return cls(layers, d.get("config", {}), d.get("versions", {}), d.get("capture", ""),
+                   d.get("compaction"))
 
     @classmethod
     def from_json(cls, source: str | Path) -> "SparsityReport":
@@ -128,6 +135,13 @@ class SparsityReport:
                f"({t['skipped_layers']} skipped, {t['excluded_layers']} excluded); "
                f"sparsity {t['sparsity']:.4f} over {t['pruned_weights']:,} pruned-layer weights, "
                f"{t['overall_sparsity']:.4f} over all {t['prunable_weights']:,} prunable weights"]
+        c = self.compaction
+        if c is not None:
+            blocked = sum(g["blocked_units"] for g in c["groups"])
+            out.append(f"compacted: params {c['params_before']:,} -> {c['params_after']:,}, FLOPs "
+                       f"{c['flops_before']:,} -> {c['flops_after']:,}; "
+                       f"{sum(g['removed'] for g in c['groups'])} channel units removed, "
+                       f"{blocked} blocked")
         return "\n".join(out)
 
     def __repr__(self) -> str:

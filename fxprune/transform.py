@@ -13,7 +13,7 @@ from .passes import CAPTURE_PASSES, PRUNE_PASSES, AttachPass, PassManager, Prune
 
 def transform(model: nn.Module, config: Any = None, example_inputs: Any = None, *,
               inplace: bool = False, compact: bool | None = None, calibration: Any = None,
-              loss_fn: Any = None) -> nn.Module:
+              loss_fn: Any = None, progress: Any = None) -> nn.Module:
     """Prune ``model`` as ``config`` says and return the pruned model (same class).
 
     Args:
@@ -28,17 +28,19 @@ def transform(model: nn.Module, config: Any = None, example_inputs: Any = None, 
             ``compact`` key.
         calibration: an iterable of input batches, for data-aware criteria.
         loss_fn: ``loss_fn(model, batch) -> loss``, for gradient-based criteria.
+        progress: ``progress(stage, done, total)``, called per layer by the long passes (the CLI
+            passes a progress bar); None for silence.
 
     The report is available as ``fxprune.sparsity_report(pruned)``.
     """
     ctx = _context(model, config, example_inputs, inplace=inplace)
     ctx.config.warn_unused_schedule()
-    ctx.calibration, ctx.loss_fn = calibration, loss_fn
+    ctx.calibration, ctx.loss_fn, ctx.progress = calibration, loss_fn, progress
     ctx.compact = ctx.config.compact if compact is None else bool(compact)
     passes = [p() for p in (*CAPTURE_PASSES, *PRUNE_PASSES)]
-    if ctx.compact:
-        from .passes.compact import CompactPass  # issue 4: physical channel removal
-        passes.append(CompactPass())
+    if ctx.compact:  # issue 4: coupled channels are selected as one, then removed physically
+        from .passes.compact import compact_passes
+        passes = compact_passes(passes)
     PassManager(passes).run(ctx)
     return ctx.model
 

@@ -23,6 +23,8 @@ class Criterion:
     before any layer is scored. ``needs_gradients`` criteria score from loss gradients (``loss_fn``
     over the calibration batches in ``transform``, the training loop's gradients in ``Pruner``).
     ``one_shot_only`` criteria work in ``transform`` only, ``training_only`` ones in ``Pruner`` only.
+    ``zero_weights_score_zero``: the scores of zero weights are already +0.0, so the score pass
+    need not force them.
     """
 
     name: str = ""
@@ -30,6 +32,7 @@ class Criterion:
     needs_gradients: bool = False
     one_shot_only: bool = False
     training_only: bool = False
+    zero_weights_score_zero: bool = False
 
     def __init__(self, group=None):
         self.group = group

@@ -14,7 +14,7 @@ from fxprune.errors import FxPruneError
 from .errors import ExportError, ValidationError
 from .metadata import REPORT_KEY, VERSION_KEY
 from .results import ExportResult, format_checks
-from .validate import ort_latency, run_torch, split_inputs, validate_onnx
+from .validate import eval_mode, ort_latency, run_torch, split_inputs, validate_onnx
 
 
 def _output_path(path) -> Path:
@@ -77,9 +77,7 @@ def to_onnx(model: torch.nn.Module, example_inputs, path, *, dynamic_shapes=None
     if report is None:
         report = _default_report(model)
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         run_torch(model, args, kwargs)  # wrong example_inputs fail here, with a clear message
         try:
             program = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True,
@@ -107,8 +105,6 @@ def to_onnx(model: torch.nn.Module, example_inputs, path, *, dynamic_shapes=None
             return result
         result.checks = validate_onnx(path, model, example_inputs, report=report,
                                       rtol=rtol, atol=atol)
-    finally:
-        model.train(was_training)
     if not result.passed:
         failed = [c for c in result.checks if not c.passed]
         raise ValidationError(f"{path} failed {len(failed)} of {len(result.checks)} validation "

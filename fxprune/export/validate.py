@@ -13,10 +13,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,23 @@ from .errors import ExportError
 from .metadata import read_metadata, report_from_metadata
 from .results import Check
 from .sparsity import sparsity_checks
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode inside, the caller's mode restored after. A module loaded from a ``.pt2``
+    archive (``ExportedProgram.module()``) has its mode fixed at export and refuses
+    ``eval()``; it is used as it is."""
+    was_training = model.training
+    try:
+        model.eval()
+    except NotImplementedError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
 
 INPUTS_HELP = ("example_inputs must be what model.forward accepts: a tensor, a tuple of "
                "positional arguments, or a dict of keyword arguments")
@@ -166,11 +184,9 @@ def validate_onnx(path, model: torch.nn.Module, example_inputs, *, report=None,
         checks.append(Check("onnxruntime session", False, {"provider": "CPU"},
                             f"onnxruntime cannot load {path.name}: {str(e).strip()[:300]}"))
     if session is not None:
-        was_training = model.training
-        model.eval()
         runs = {"outputs: example inputs": (args, kwargs),
                 "outputs: random inputs": random_inputs(args, kwargs, seed)}
-        try:
+        with eval_mode(model):
             for name, (a, k) in runs.items():
                 try:
                     checks.append(_compare_outputs(name, session, model, a, k, rtol, atol))
@@ -179,8 +195,6 @@ def validate_onnx(path, model: torch.nn.Module, example_inputs, *, report=None,
                 except Exception as e:  # onnxruntime failed to run the graph
                     checks.append(Check(name, False, {}, f"onnxruntime run failed: "
                                         f"{type(e).__name__}: {str(e).strip()[:300]}"))
-        finally:
-            model.train(was_training)
     if report is not None:
         checks += sparsity_checks(onnx.load(str(path)), model, report)
     return checks

@@ -54,9 +54,17 @@ class PruneContext:
     scores: dict[str, Tensor] = field(default_factory=dict)       # param -> float32 view scores
     masks: dict[str, Tensor] = field(default_factory=dict)        # param -> keep mask (view, bool)
     criteria: dict[int, Any] = field(default_factory=dict)        # group index -> its Criterion
+    # compact (issue 4): the channel mask pass's CompactionPlan, sliced by the compact pass
+    compaction: Any = None
     # record
     report: Any = None
     timings: dict[str, float] = field(default_factory=dict)
+    # progress(stage, done, total): called per layer by the long passes; None for silence
+    progress: Any = None
+
+    def tick(self, stage: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(stage, done, total)
 
     def selected(self, group: GroupConfig | None = None) -> list[Target]:
         return [t for t in self.targets.values()

@@ -29,7 +29,7 @@ class RewritePass(Pass):
     def _mask(self, ctx: PruneContext, targets) -> None:
         model = ctx.model
         with torch.no_grad():
-            for t in targets:
+            for done, t in enumerate(targets, 1):
                 keep = ctx.masks[t.param]
                 weight = model.get_parameter(t.param)
                 weight.mul_(from_view_2d(keep, t.geometry).to(device=weight.device, dtype=weight.dtype))
@@ -38,6 +38,7 @@ class RewritePass(Pass):
                     for name in ([t.bias] if t.bias else []) + t.channel_followers:
                         _zero_channels(model, name, dead)
                 t.status = "pruned"
+                ctx.tick("rewrite", done, len(targets))
 
 
 def _zero_channels(model, name: str, dead: torch.Tensor) -> None:

@@ -19,6 +19,7 @@ class ScorePass(Pass):
     name = "score"
 
     def call(self, ctx: PruneContext) -> None:
+        done, total = 0, len(ctx.selected())
         for group in ctx.groups:
             targets = ctx.selected(group)
             if not targets:
@@ -48,3 +49,5 @@ class ScorePass(Pass):
                     raise WeightError(f"criterion {group.pruning_type!r} gave {t.param} scores that are "
                                       f"not finite and >= 0 (min {float(low)}, max {float(high)})")
                 ctx.scores[t.param] = scores
+                done += 1
+                ctx.tick("score", done, total)

@@ -1,0 +1,204 @@
+"""Channel groups: with ``compact=True``, output channels coupled across layers are selected as one.
+
+Runs in place of the mask pass. For every pruning group whose pattern removes output channels
+(``1xchannel``, ``Nxchannel``), the dependency analysis (:mod:`.dependency`) merges the channels
+that must go together (the convs feeding one residual add, the q/k/v rows of an attention head,
+a depthwise conv and its input, ...) into *classes*. Each class is one block: its score is the
+group's ``criterion_reduce_type`` over all the weights it masks (mean by default, so the score
+of a single row is the pattern's own row score), and its size is those weights. Classes are then
+selected like blocks of different sizes (SPEC §3): ``global`` walks one ranking over the group
+and takes each class that fits the weight budget ``floor(target * weights)``; ``local`` does the
+same per layer. ``max/min_sparsity_ratio_per_op`` hold for every member layer.
+
+A class is *blocked* (never pruned, reported with the reason) when the analysis did not
+understand an op on its path, or when it is also produced by a layer that is not pruned with an
+output-channel pattern in the same group. Other groups are masked as usual.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..config import budget, ceil_budget
+from ..errors import FxPruneError
+from .dependency import ChannelAnalysis
+from .mask import MaskPass
+
+NOT_COMPACTED = "not compacted: pattern {!r} does not remove output channels (use 1xchannel or Nxchannel)"
+
+
+@dataclass
+class ChannelClass:
+    root: int
+    order: int                                   # first appearance, breaks score ties
+    rows: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))  # param -> rows
+    weights: dict[str, int] = field(default_factory=lambda: defaultdict(int))      # param -> weights
+    score_sum: float = 0.0
+    score_max: float = 0.0
+    groups: set = field(default_factory=set)
+
+    @property
+    def size(self) -> int:
+        return sum(self.weights.values())
+
+    def score(self, reduce_type: str) -> float:
+        if reduce_type == "sum":
+            return self.score_sum
+        if reduce_type == "max":
+            return self.score_max
+        return self.score_sum / max(self.size, 1)
+
+
+@dataclass
+class CompactionPlan:
+    """What the mask pass decided, for the compact pass: the analysis, the removed classes."""
+
+    analysis: ChannelAnalysis
+    classes: dict[int, ChannelClass]              # candidate classes (with masked rows) by root
+    blocked: dict[int, str]                       # root -> why it cannot be removed
+    dead: set[int]                                # roots of removed classes
+    space: dict[int, int]                         # root -> space (classes sliced together)
+    notes: dict[str, str] = field(default_factory=dict)  # param -> why its layer is not compacted
+
+    def dead_mask(self, atoms: np.ndarray, spaces: set[int] | None = None) -> np.ndarray:
+        roots = self.analysis.roots(atoms)
+        dead = np.isin(roots, np.fromiter(self.dead, dtype=np.int64, count=len(self.dead)))
+        if spaces is not None:
+            dead &= np.isin(np.array([self.space.get(r, -1) for r in roots.ravel().tolist()],
+                                     dtype=np.int64).reshape(roots.shape), list(spaces))
+        return dead
+
+
+def output_dim(target) -> int:
+    """The dim of the weight that indexes output channels (the rows of the 2-D view)."""
+    return 1 if target.geometry.layout == "in_out" else 0
+
+
+def removes_output_channels(pattern) -> bool:
+    return bool(getattr(pattern, "prunes_output_channels", False) and getattr(pattern, "is_channel", False))
+
+
+class ChannelMaskPass(MaskPass):
+    """The mask pass of ``compact=True``: coupled output channels are selected jointly."""
+
+    name = "mask"
+
+    def requires(self, ctx) -> None:
+        super().requires(ctx)
+        if ctx.exported is None:
+            raise FxPruneError(
+                "compact=True needs example_inputs: compaction follows tensor shapes through the "
+                "graph, which only a capture with inputs records; pass example_inputs=(x,)")
+
+    def call(self, ctx) -> None:
+        channel = [g for g in ctx.groups if ctx.selected(g) and removes_output_channels(ctx.selected(g)[0].pattern)]
+        notes = {}
+        for group in ctx.groups:
+            targets = ctx.selected(group)
+            if not targets or group in channel:
+                continue
+            scores = {t.param: ctx.scores.pop(t.param) for t in targets}
+            ctx.masks.update(targets[0].pattern.get_masks(scores, {t.param: t.layout for t in targets}))
+            notes.update({t.param: NOT_COMPACTED.format(group.pattern) for t in targets})
+        analysis = ChannelAnalysis(ctx.graph_module, ctx.param_of_node).run()
+        plan = _plan(ctx, analysis, channel)
+        plan.notes = notes
+        for group in channel:
+            for t in ctx.selected(group):
+                keep = torch.ones(t.geometry.view_shape, dtype=torch.bool)
+                for root in plan.dead:
+                    rows = plan.classes[root].rows.get(t.param)
+                    if rows:
+                        keep[rows] = False
+                ctx.masks[t.param] = keep
+                ctx.scores.pop(t.param, None)
+        ctx.compaction = plan
+
+
+def _plan(ctx, an: ChannelAnalysis, groups) -> CompactionPlan:
+    members = [t for g in groups for t in ctx.selected(g)]
+    for t in members:  # Nxchannel: N consecutive rows are one block
+        n = t.pattern.block_rows
+        ax = an.axes.get((t.param, output_dim(t)))
+        if ax is not None and n > 1:
+            for block in ax.atoms.reshape(-1, n):
+                an.atoms.union_all(block)
+    an.finalize()
+    blocked = an.blocked_roots()
+    is_member = {(t.param, output_dim(t)) for t in members}
+    for (fqn, dim), ax in an.axes.items():  # channels also produced by a layer that is not pruned
+        if "source" in ax.roles and (fqn, dim) not in is_member:
+            t = ctx.targets.get(fqn)
+            why = f"{t.name}: {t.status}" if t is not None else f"{fqn} is not a prunable layer"
+            for r in np.unique(an.roots(ax.atoms)).tolist():
+                blocked.setdefault(r, f"coupled with {why}")
+    classes: dict[int, ChannelClass] = {}
+    for t in members:
+        ax = an.axes.get((t.param, output_dim(t)))
+        if ax is None:
+            continue  # its output is never used by an op the analysis follows
+        scores = ctx.scores[t.param].double()
+        sums, maxes = scores.sum(dim=1).tolist(), scores.amax(dim=1).tolist()
+        cols = scores.shape[1]
+        for row, root in enumerate(an.roots(ax.atoms).tolist()):
+            c = classes.get(root) or classes.setdefault(root, ChannelClass(root, len(classes)))
+            c.rows[t.param].append(row)
+            c.weights[t.param] += cols
+            c.score_sum += sums[row]
+            c.score_max = max(c.score_max, maxes[row])
+            c.groups.add(t.group.index)
+    for root, c in classes.items():
+        if len(c.groups) > 1:
+            blocked.setdefault(root, f"couples layers of pruning_configs {sorted(c.groups)}")
+    dead: set[int] = set()
+    for group in groups:
+        free = [c for c in classes.values() if root_ok(c, blocked) and c.groups == {group.index}]
+        dead |= _select(ctx.selected(group), free, group)
+    return CompactionPlan(an, classes, blocked, dead, an.spaces())
+
+
+def root_ok(c: ChannelClass, blocked) -> bool:
+    return c.root not in blocked
+
+
+def _select(targets, free: list[ChannelClass], group) -> set[int]:
+    """Roots of the classes to remove: lowest score first, whole classes, within the budget and
+    the per-layer ratios (skipping a class that does not fit and going on with smaller ones)."""
+    numel = {t.param: t.geometry.numel for t in targets}
+    hi = {p: budget(group.max_sparsity_ratio_per_op, n) for p, n in numel.items()}
+    lo = {p: ceil_budget(group.min_sparsity_ratio_per_op, n) for p, n in numel.items()}
+    ranked = sorted(free, key=lambda c: (c.score(group.criterion_reduce_type), c.order))
+    pruned: dict[str, int] = defaultdict(int)
+    chosen: set[int] = set()
+
+    def fits(c: ChannelClass) -> bool:
+        return all(pruned[p] + w <= hi[p] for p, w in c.weights.items())
+
+    def take(c: ChannelClass) -> None:
+        chosen.add(c.root)
+        for p, w in c.weights.items():
+            pruned[p] += w
+
+    for t in targets:  # min_sparsity_ratio_per_op first
+        for c in ranked:
+            if pruned[t.param] >= lo[t.param]:
+                break
+            if t.param in c.weights and c.root not in chosen and fits(c):
+                take(c)
+    if group.pruning_scope == "local":
+        for t in targets:
+            goal = budget(group.target_sparsity, numel[t.param])
+            for c in ranked:
+                w = c.weights.get(t.param)
+                if w and c.root not in chosen and pruned[t.param] + w <= goal and fits(c):
+                    take(c)
+        return chosen
+    left = budget(group.target_sparsity, sum(numel.values())) - sum(pruned.values())
+    for c in ranked:
+        if c.root not in chosen and c.size <= left and fits(c):
+            take(c)
+            left -= c.size
+    return chosen

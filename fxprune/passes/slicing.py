@@ -1,0 +1,159 @@
+"""Physical channel removal on the user's modules, with undo.
+
+Parameters and buffers are replaced by sliced copies (new ``nn.Parameter`` objects: the shapes
+change), on every module that holds them (tied weights stay tied), and the modules' size
+attributes follow (``in_features``, ``out_channels``, ``groups`` of a depthwise conv, BatchNorm
+``num_features``, GroupNorm ``num_groups``, attention head counts), so the model keeps its class
+and runs with its own ``forward``. Everything changed is recorded, so a slicing that fails
+verification can be undone exactly.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+from torch import nn
+
+HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
+HEAD_WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size")
+
+
+class Undo:
+    def __init__(self):
+        self.steps: list[tuple[object, str, str, object]] = []  # (owner, kind, name, old)
+
+    def set_tensor(self, module: nn.Module, name: str, kind: str, value) -> None:
+        store = module._parameters if kind == "param" else module._buffers
+        self.steps.append((module, kind, name, store[name]))
+        store[name] = value
+
+    def set_attr(self, module: nn.Module, name: str, value) -> None:
+        old = getattr(module, name)
+        if old != value:
+            self.steps.append((module, "attr", name, old))
+            setattr(module, name, value)
+
+    def restore(self) -> None:
+        for owner, kind, name, old in reversed(self.steps):
+            if kind == "attr":
+                setattr(owner, name, old)
+            else:
+                (owner._parameters if kind == "param" else owner._buffers)[name] = old
+        self.steps.clear()
+
+
+def holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
+    """id(tensor) -> every (module, attribute name, param/buffer) that holds it."""
+    out: dict[int, list] = defaultdict(list)
+    for module in model.modules():
+        for kind, store in (("param", module._parameters), ("buffer", module._buffers)):
+            for name, t in store.items():
+                if t is not None:
+                    out[id(t)].append((module, name, kind))
+    return out
+
+
+def cut_plan(plan, spaces: set[int]) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """fqn -> [(dim, kept indices)] for the dims that lose entries when ``spaces`` are compacted."""
+    cuts: dict[str, list] = defaultdict(list)
+    for (fqn, dim), ax in plan.analysis.axes.items():
+        dead = plan.dead_mask(ax.atoms, spaces)
+        if dead.any():
+            cuts[fqn].append((dim, np.flatnonzero(~dead)))
+    return cuts
+
+
+def slice_model(model: nn.Module, plan, spaces: set[int]) -> Undo:
+    """Remove the dead channels of ``spaces``; returns the Undo (raises on an empty dim)."""
+    undo = Undo()
+    held = holders(model)
+    touched: dict[int, nn.Module] = {}
+    try:
+        with torch.no_grad():
+            for fqn, cuts in cut_plan(plan, spaces).items():
+                old = _tensor(model, fqn)
+                new = old.detach()
+                for dim, keep in cuts:
+                    if keep.size == 0:
+                        raise RuntimeError(f"compaction would remove every entry of dim {dim} of {fqn}")
+                    new = new.index_select(dim, torch.as_tensor(keep, device=new.device))
+                new = new.contiguous()
+                if isinstance(old, nn.Parameter):
+                    new = nn.Parameter(new, requires_grad=old.requires_grad)
+                for module, name, kind in held[id(old)]:
+                    undo.set_tensor(module, name, kind, new)
+                    touched[id(module)] = module
+            for module in touched.values():
+                sync_sizes(module, undo)
+            _heads(model, plan, spaces, undo)
+            _norm_groups(model, plan, spaces, undo)
+    except Exception:
+        undo.restore()
+        raise
+    return undo
+
+
+def _tensor(model: nn.Module, fqn: str) -> torch.Tensor:
+    module_name, _, name = fqn.rpartition(".")
+    module = model.get_submodule(module_name)
+    t = module._parameters.get(name)
+    return t if t is not None else module._buffers[name]
+
+
+def sync_sizes(module: nn.Module, undo: Undo) -> None:
+    """Set a module's size attributes from its (sliced) tensors."""
+    w = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear):
+        undo.set_attr(module, "out_features", w.shape[0])
+        undo.set_attr(module, "in_features", w.shape[1])
+    elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        if module.groups > 1 and module.groups == module.in_channels:  # depthwise
+            mult = module.out_channels // module.in_channels
+            undo.set_attr(module, "groups", w.shape[0] // mult)
+        undo.set_attr(module, "in_channels", w.shape[1] * module.groups)
+        undo.set_attr(module, "out_channels", w.shape[0])
+    elif isinstance(module, nn.modules.batchnorm._NormBase):  # BatchNorm, InstanceNorm
+        t = w if w is not None else module.running_mean
+        if t is not None:
+            undo.set_attr(module, "num_features", t.shape[0])
+    elif isinstance(module, nn.GroupNorm) and w is not None:
+        undo.set_attr(module, "num_channels", w.shape[0])
+    elif type(module).__name__ == "Conv1D" and w is not None:  # Hugging Face: weight [nx, nf]
+        if hasattr(module, "nf"):
+            undo.set_attr(module, "nf", w.shape[1])
+        if hasattr(module, "nx"):
+            undo.set_attr(module, "nx", w.shape[0])
+
+
+def _kept_units(plan, atoms: np.ndarray, spaces) -> int:
+    """Rows of ``atoms`` [units, ...] that survive (a unit goes as a whole)."""
+    return int((~plan.dead_mask(atoms[:, 0], spaces)).sum())
+
+
+def _heads(model, plan, spaces, undo: Undo) -> None:
+    done = set()
+    for split in plan.analysis.head_splits:
+        heads, width = split.atoms.shape
+        kept = _kept_units(plan, split.atoms, spaces)
+        if kept == heads or split.module in done:
+            continue
+        done.add(split.module)
+        module = model.get_submodule(split.module)
+        for name in HEAD_COUNT_ATTRS:
+            if getattr(module, name, None) == heads:
+                undo.set_attr(module, name, kept)
+        for name in HEAD_WIDTH_ATTRS:
+            if getattr(module, name, None) == heads * width:
+                undo.set_attr(module, name, kept * width)
+
+
+def _norm_groups(model, plan, spaces, undo: Undo) -> None:
+    for norm in plan.analysis.norm_groups:
+        kept = _kept_units(plan, norm.atoms, spaces)
+        if kept != norm.num_groups and norm.module:
+            undo.set_attr(model.get_submodule(norm.module), "num_groups", kept)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,264 @@
+"""``fxprune.Pruner``: gradual pruning during training, with INC's schedule keys.
+
+    pruner = fxprune.Pruner(model, config, optimizer=opt)
+    for batch in loader:
+        loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()          # fxprune's optimizer hooks: gradient scores before, re-masking after
+        opt.zero_grad()
+        pruner.step()       # advance the schedule; prunes when it says so
+    model = pruner.finalize()   # plain model, masks baked in, report attached
+
+or INC's callbacks in an existing loop: ``on_step_begin(step)`` before the forward,
+``on_before_optimizer_step()`` after backward, ``on_after_optimizer_step()`` after the
+optimizer step.
+
+The layers, groups and patterns are chosen as by ``fxprune.transform`` (capture, discover and
+attach passes; the model is pruned in place, since it is being trained). At each pruning step of
+a group's :class:`~fxprune.schedule.Schedule`, its criterion scores the weights and its pattern
+turns the scores into masks (``get_masks``, global or local, exact counts) at the scheduled
+sparsity. Masks only grow: pruned weights score 0, live ones at least the smallest normal float,
+so a pruned block is pruned again first. Between pruning steps the masks are kept: gradients of
+pruned weights are masked (a tensor hook on each weight) and the weights are re-masked after
+every optimizer step (momentum or weight decay cannot revive them). ``pattern_lock`` groups lock
+the zeros the weights have when the Pruner is built. ``finalize()`` removes every hook and
+returns the model with the report (``fxprune.sparsity_report``); nothing is added to the model,
+so its ``state_dict`` loads into the original class.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import PruningConfig
+from .criteria import Criterion, get_criterion_class
+from .errors import ConfigError, FxPruneError, WeightError
+from .geometry import from_view_2d, to_view_2d
+from .passes import AttachPass, CapturePass, DiscoverPass, PassManager, PruneContext, RecordPass
+from .passes.rewrite import _zero_channels
+from .schedule import Schedule
+
+LIVE_FLOOR = torch.finfo(torch.float32).tiny   # lowest score of a weight that is not pruned
+
+
+@dataclass
+class _Group:
+    config: Any                      # GroupConfig
+    targets: list                    # the passes' Targets (selected)
+    criterion: Criterion
+    schedule: Schedule
+    pattern: Any
+    completed: int = 0               # INC's completed_pruned_cnt
+    sparsity: float = 0.0            # current sparsity of the group's weights
+    params: dict = field(default_factory=dict)
+
+    @property
+    def locked(self) -> bool:
+        return self.config.pruning_type == "pattern_lock"
+
+
+class Pruner:
+    """Gradual pruning of ``model`` during training (in place). See the module docstring."""
+
+    def __init__(self, model: nn.Module, config: Any = None, optimizer: torch.optim.Optimizer | None = None,
+                 example_inputs: Any = None):
+        if not isinstance(model, nn.Module):
+            raise FxPruneError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        ctx = PruneContext(model=model, config=PruningConfig.from_any(config),
+                           example_inputs=example_inputs)
+        PassManager([CapturePass(), DiscoverPass(), AttachPass()]).run(ctx)
+        ctx.graph_module = ctx.exported = None   # only the targets are needed from here on
+        self.model, self.ctx, self.optimizer = model, ctx, optimizer
+        self.groups = [self._group(g, ctx) for g in ctx.groups if ctx.selected(g)]
+        self.masks: dict[str, Tensor] = {}       # param -> keep-mask on the 2-D view (bool)
+        self._weight_masks: dict[str, Tensor] = {}  # param -> the mask in the weight's shape
+        self._handles: list = []
+        for g in self.groups:
+            for t in g.targets:
+                weight = model.get_parameter(t.param)
+                view = to_view_2d(weight.detach(), t.geometry)
+                self._set_mask(t, (view != 0) if g.locked else torch.ones_like(view, dtype=torch.bool))
+                if weight.requires_grad:
+                    self._handles.append(weight.register_hook(functools.partial(self._mask_grad, t.param)))
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.on_before_optimizer_step()))
+            self._handles.append(optimizer.register_step_post_hook(lambda *_: self.on_after_optimizer_step()))
+        self.global_step = 0
+        self._begun = self._observed = None
+        self._advanced = False
+        self._closed = False
+        self.on_step_begin(0)
+
+    def _group(self, group, ctx) -> _Group:
+        criterion = get_criterion_class(group.pruning_type, group.where)(group)
+        if criterion.one_shot_only:
+            raise ConfigError(
+                f"{group.where}: pruning_type {group.pruning_type!r} prunes in one shot from "
+                f"calibration data; use fxprune.transform(model, config, example_inputs, "
+                f"calibration=...) for it, or a training criterion (magnitude, snip_momentum, snip, "
+                f"gradient, pattern_lock) with the Pruner")
+        schedule = Schedule.from_group(group)
+        if criterion.needs_gradients and schedule.one_shot and schedule.start_step == 0:
+            raise ConfigError(
+                f"{group.where}: pruning_type {group.pruning_type!r} scores from gradients, which "
+                f"do not exist yet at step 0; set start_step (and end_step) >= 1")
+        targets = ctx.selected(group)
+        if hasattr(criterion, "bind"):
+            criterion.bind(targets)
+        g = _Group(group, targets, criterion, schedule, targets[0].pattern,
+                   completed=schedule.first_count)
+        g.params = {t.param: ctx.model.get_parameter(t.param) for t in targets}
+        return g
+
+    # ------------------------------------------------------------------ training-loop callbacks
+    def on_step_begin(self, step: int | None = None) -> None:
+        """Before the forward of a step: prune if the schedule says so (once per step).
+        ``step`` sets the step counter (the Pruner counts steps itself otherwise)."""
+        self._check_open()
+        self._advanced = False
+        if step is not None:
+            self.global_step = int(step)
+        if self._begun == self.global_step:
+            return
+        self._begun = self.global_step
+        for g in self.groups:
+            self._maybe_prune(g, self.global_step)
+
+    def on_before_optimizer_step(self) -> None:
+        """After backward, before ``optimizer.step()``: gradient criteria read the gradients."""
+        self._check_open()
+        if self._observed == self.global_step:
+            return
+        self._observed = self.global_step
+        for g in self.groups:
+            if g.criterion.needs_gradients and self.global_step <= g.schedule.end_step:
+                g.criterion.observe_gradients(g.params)
+
+    def on_after_optimizer_step(self) -> None:
+        """After ``optimizer.step()``: re-apply the masks and advance the step counter."""
+        self._check_open()
+        self.apply_masks()
+        if not self._advanced:
+            self.global_step += 1
+            self._advanced = True
+
+    def step(self) -> None:
+        """Once per training step, after ``optimizer.step()``: finish this step (masks re-applied,
+        counter advanced, unless the optimizer hooks or the callbacks did it already) and begin
+        the next one (prune when the schedule says so)."""
+        self._check_open()
+        if not self._advanced:
+            if self._observed != self.global_step and any(g.criterion.needs_gradients for g in self.groups):
+                if any(p.grad is None for g in self.groups for p in g.params.values()):
+                    raise FxPruneError(
+                        "gradient criteria need the gradients of each step: pass optimizer=... to "
+                        "fxprune.Pruner, or call pruner.on_before_optimizer_step() before "
+                        "optimizer.step() (or pruner.step() before optimizer.zero_grad())")
+                self.on_before_optimizer_step()
+            self.on_after_optimizer_step()
+        self.on_step_begin()
+
+    # ------------------------------------------------------------------ masks
+    def apply_masks(self) -> None:
+        """Zero the pruned weights (and, for output-channel patterns, their bias/BatchNorm entries)."""
+        with torch.no_grad():
+            for g in self.groups:
+                for t in g.targets:
+                    if t.param not in self._weight_masks:
+                        continue
+                    weight = g.params[t.param]
+                    weight.mul_(self._weight_masks[t.param])
+                    if getattr(t.pattern, "prunes_output_channels", False):
+                        dead = ~self.masks[t.param].any(dim=1)
+                        for name in ([t.bias] if t.bias else []) + t.channel_followers:
+                            _zero_channels(self.model, name, dead)
+
+    def sparsity(self) -> float:
+        """Current fraction of pruned weights over the selected layers."""
+        total = sum(m.numel() for m in self.masks.values())
+        return sum(int((~m).sum()) for m in self.masks.values()) / total if total else 0.0
+
+    def _set_mask(self, t, keep: Tensor) -> None:
+        self.masks[t.param] = keep
+        if bool(keep.all()):
+            self._weight_masks.pop(t.param, None)
+            return
+        weight = self.model.get_parameter(t.param)
+        self._weight_masks[t.param] = (from_view_2d(keep, t.geometry)
+                                       .to(device=weight.device, dtype=weight.dtype).contiguous())
+
+    def _mask_grad(self, param: str, grad: Tensor) -> Tensor:
+        mask = self._weight_masks.get(param)
+        return grad if mask is None else grad * mask
+
+    def _maybe_prune(self, g: _Group, step: int) -> None:
+        """INC's ``update_masks``: at a pruning step, prune to the scheduled sparsity."""
+        if g.locked or not g.schedule.is_pruning_step(step):
+            return
+        if g.sparsity > g.schedule.target_sparsity:
+            return
+        ratio = g.schedule.sparsity(g.completed)
+        g.completed += 1
+        if g.criterion.needs_gradients and not g.criterion.has_scores():
+            if ratio <= g.sparsity:
+                return
+            raise FxPruneError(
+                f"{g.config.where}: pruning step {step} needs gradient scores, but no gradients were "
+                f"observed yet: pass optimizer=... to fxprune.Pruner or call "
+                f"on_before_optimizer_step() after backward")
+        pattern = copy.copy(g.pattern)
+        pattern.target_sparsity = ratio
+        scores = {t.param: self._scores(g, t) for t in g.targets}
+        keep = pattern.get_masks(scores, {t.param: t.layout for t in g.targets})
+        for t in g.targets:
+            self._set_mask(t, keep[t.param].to(self.masks[t.param].device))
+        self.apply_masks()
+        masks = [self.masks[t.param] for t in g.targets]
+        g.sparsity = sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
+
+    def _scores(self, g: _Group, t) -> Tensor:
+        weight = g.params[t.param].detach()
+        if not bool(torch.isfinite(weight).all()):
+            raise WeightError(f"layer {t.name} ({t.param}) has NaN/inf weights at step "
+                              f"{self.global_step}; check the training (learning rate, loss)")
+        view = to_view_2d(weight, t.geometry)
+        s = g.criterion.view_scores(t.param, view).float()
+        low, high = (torch.aminmax(s) if s.numel() else (torch.tensor(0.0), torch.tensor(0.0)))
+        if not (low >= 0 and torch.isfinite(high)):
+            raise WeightError(f"criterion {g.config.pruning_type!r} gave {t.param} scores that are "
+                              f"not finite and >= 0 (min {float(low)}, max {float(high)})")
+        keep = self.masks[t.param].to(s.device)
+        return torch.where(keep, s.clamp_min(LIVE_FLOOR), torch.zeros((), device=s.device)).contiguous()
+
+    # ------------------------------------------------------------------ end
+    def finalize(self) -> nn.Module:
+        """Bake the masks in, remove every hook, attach the report; return the (same) model."""
+        self._check_open()
+        self.apply_masks()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for g in self.groups:
+            for t in g.targets:
+                t.status = "pruned"
+        RecordPass()(self.ctx)
+        for layer in self.ctx.report.layers:
+            if layer.criterion == "pattern_lock":
+                layer.requested_sparsity = layer.achieved_sparsity
+        self._closed = True
+        self._weight_masks.clear()
+        return self.model
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FxPruneError("this Pruner was finalized; build a new one to prune again")
+
+    def __repr__(self) -> str:
+        groups = ", ".join(f"{g.config.pruning_type}/{g.config.pattern}->{g.schedule.target_sparsity}"
+                           for g in self.groups)
+        return f"Pruner(step={self.global_step}, sparsity={self.sparsity():.4f}, groups=[{groups}])"
