@@ -28,7 +28,7 @@ from .capture import _tensors, split_inputs
 from .channel_groups import ChannelMaskPass
 from .context import PruneContext
 from .mask import MaskPass
-from .slicing import count_params, cut_plan, slice_model
+from .slicing import count_params, slice_model
 
 RTOL = 1e-4
 
