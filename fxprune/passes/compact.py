@@ -146,24 +146,18 @@ def _first_line(e: Exception) -> str:
 
 def summary(ctx, plan, failed, params_before, params_after, flops_before, flops_after,
             shapes_before) -> dict:
-    """The ``compaction`` entry of the report."""
-    spaces: dict[int, dict] = {}
+    """The ``compaction`` entry of the report: one record per space holding pruned layers."""
     names = {t.param: t.name for t in ctx.targets.values()}
-    for (fqn, dim), ax in plan.analysis.axes.items():
-        if "source" not in ax.roles:
-            continue
-        for root in np.unique(plan.analysis.roots(ax.atoms)).tolist():
-            s = spaces.setdefault(plan.space[root], {"layers": [], "roots": set()})
-            if names.get(fqn, fqn) not in s["layers"]:
-                s["layers"].append(names.get(fqn, fqn))
-            s["roots"].add(root)
+    spaces: dict[int, list[int]] = {}
+    for root in plan.classes:
+        spaces.setdefault(plan.space[root], []).append(root)
     groups = []
-    for sid, s in spaces.items():
-        roots = s["roots"]
+    for sid, roots in spaces.items():
+        layers = sorted({p for r in roots for p in plan.classes[r].rows}, key=list(names).index)
         blocked = Counter(plan.blocked[r] for r in roots if r in plan.blocked)
         removed = sum(r in plan.dead for r in roots)
-        entry = {"layers": s["layers"], "units": len(roots), "removed": removed if sid not in failed else 0,
-                 "blocked_units": sum(blocked.values()),
+        entry = {"layers": [names[p] for p in layers], "units": len(roots),
+                 "removed": 0 if sid in failed else removed, "blocked_units": sum(blocked.values()),
                  "blocked": [{"reason": why, "units": n} for why, n in blocked.most_common()]}
         if sid in failed:
             entry["blocked"].insert(0, {"reason": f"not compacted: {failed[sid]}", "units": removed})
@@ -173,5 +167,4 @@ def summary(ctx, plan, failed, params_before, params_after, flops_before, flops_
               for n, shape in shapes_before.items() if n in current and list(current[n].shape) != shape}
     return {"params_before": params_before, "params_after": params_after,
             "flops_before": flops_before, "flops_after": flops_after,
-            "verified": True, "groups": groups, "layers": layers,
-            "not_compacted": dict(plan.notes)}
+            "groups": groups, "layers": layers, "not_compacted": dict(plan.notes)}

@@ -19,8 +19,8 @@ class MaskPass(Pass):
             if not targets:
                 continue
             pattern = targets[0].pattern
-            scores = {t.param: ctx.scores[t.param] for t in targets}
+            # Scores are as large as the weights: hand them over, so the pattern frees each
+            # layer's as soon as it is done with them.
+            scores = {t.param: ctx.scores.pop(t.param) for t in targets}
             layouts = {t.param: t.layout for t in targets}
-            ctx.masks.update(pattern.get_masks(scores, layouts))
-            for t in targets:  # scores are as large as the weights: free them group by group
-                del ctx.scores[t.param]
+            ctx.masks.update(pattern.get_masks(scores, layouts, consume=True))

@@ -29,11 +29,8 @@ class ScorePass(Pass):
             ctx.criteria[group.index] = criterion  # the rewrite pass calls its update_weights
             for t in targets:
                 weight = ctx.model.get_parameter(t.param).detach()
-                # A finite sum means finite entries (cheap); a non-finite one may be an overflow.
-                if not torch.isfinite(weight.sum(dtype=torch.float32)) and not torch.isfinite(weight).all():
-                    bad = int((~torch.isfinite(weight)).sum())
-                    raise WeightError(f"layer {t.name} ({t.param}) has {bad} NaN/inf weight values; "
-                                      f"fix or re-initialise the weights before pruning")
+                if not criterion.zero_weights_score_zero:  # else |w| scores show NaN/inf below
+                    _check_finite(t, weight)
                 view = to_view_2d(weight, t.geometry)
                 scores = criterion.view_scores(t.param, view)
                 if scores.shape != view.shape or scores.dtype != torch.float32:
@@ -46,8 +43,18 @@ class ScorePass(Pass):
                     scores += 0.0  # -0.0 -> +0.0: selection compares the float bits as ints
                 low, high = torch.aminmax(scores)
                 if not (low >= 0 and torch.isfinite(high)):
+                    _check_finite(t, weight)
                     raise WeightError(f"criterion {group.pruning_type!r} gave {t.param} scores that are "
                                       f"not finite and >= 0 (min {float(low)}, max {float(high)})")
                 ctx.scores[t.param] = scores
                 done += 1
                 ctx.tick("score", done, total)
+
+
+def _check_finite(t, weight: torch.Tensor) -> None:
+    # A finite sum means finite entries (one cheap pass); a non-finite one may be an overflow.
+    if torch.isfinite(weight.sum(dtype=torch.float32)) or torch.isfinite(weight).all():
+        return
+    bad = int((~torch.isfinite(weight)).sum())
+    raise WeightError(f"layer {t.name} ({t.param}) has {bad} NaN/inf weight values; "
+                      f"fix or re-initialise the weights before pruning")

@@ -4,7 +4,7 @@ A pattern answers three questions about one layer, on its 2-D view ``[rows, cols
 
 1. ``block_layout(geom)``: how the view is cut into blocks (or why it cannot be: a skip reason);
 2. ``block_scores(view_scores, layout)``: one score per block (the reduce of its element scores);
-3. ``expand(pruned_blocks, view_scores, layout)``: the element mask of the chosen blocks.
+3. ``expand(pruned_blocks, layout, view_shape)``: the element mask of the chosen blocks.
 
 Masking (``get_masks``) is shared: ``global`` ranks the blocks of all layers of the group in one
 ranking, ``local`` ranks each layer by itself; both count the target in *weights*, not blocks,
@@ -110,10 +110,14 @@ class BasePattern:
             reduced = blocks.amax(dim=layout.reduce_dims)
         return reduced.reshape(-1)
 
-    def expand(self, pruned_blocks: Tensor, view_scores: Tensor, layout: BlockLayout) -> Tensor:
-        """Element-level pruned mask (view-shaped, bool) of the pruned blocks."""
-        return (pruned_blocks.reshape(layout.kept_shape).expand(layout.shape)
-                .reshape(view_scores.shape))
+    # Whether ``expand`` needs the element scores (N:M picks the lowest elements of a group);
+    # without it, the mask pass frees each layer's scores once its block scores exist.
+    expand_needs_scores: bool = False
+
+    def expand(self, pruned_blocks: Tensor, layout: BlockLayout, view_shape: tuple[int, int],
+               view_scores: Tensor | None = None) -> Tensor:
+        """Element-level pruned mask (``view_shape``, bool) of the pruned blocks."""
+        return pruned_blocks.reshape(layout.kept_shape).expand(layout.shape).reshape(view_shape)
 
     # ------------------------------------------------------------------ masks
     def block_bounds(self, layout: BlockLayout) -> tuple[int, int]:
@@ -123,15 +127,30 @@ class BasePattern:
         lo = min(-(-ceil_budget(self.min_sparsity_ratio_per_op, n) // layout.block_weights), hi)
         return lo, hi
 
-    def get_masks(self, scores: Mapping[str, Tensor], layouts: Mapping[str, BlockLayout]
-                  ) -> dict[str, Tensor]:
-        """Keep-masks (view-shaped, bool) for every layer in ``scores``, global or local."""
-        block_scores = {name: self.block_scores(s, layouts[name]) for name, s in scores.items()}
+    def get_masks(self, scores: Mapping[str, Tensor], layouts: Mapping[str, BlockLayout], *,
+                  consume: bool = False) -> dict[str, Tensor]:
+        """Keep-masks (view-shaped, bool) for every layer in ``scores``, global or local.
+
+        ``consume=True`` (the mask pass) lets the pattern pop each layer's element scores from
+        ``scores`` as soon as it is done with them: they are as large as the weights.
+        """
+        names = list(scores)
+        shapes = {name: tuple(scores[name].shape) for name in names}
+        block_scores = {}
+        for name in names:
+            block_scores[name] = self.block_scores(scores[name], layouts[name])
+            if consume and not self.expand_needs_scores:
+                del scores[name]
         if self.is_global:
             pruned = self.get_masks_global(block_scores, layouts)
         else:
             pruned = self.get_masks_local(block_scores, layouts)
-        return {name: ~self.expand(pruned[name], scores[name], layouts[name]) for name in scores}
+        del block_scores
+        masks = {}
+        for name in names:
+            view = (scores.pop(name) if consume else scores[name]) if self.expand_needs_scores else None
+            masks[name] = ~self.expand(pruned.pop(name), layouts[name], shapes[name], view)
+        return masks
 
     def get_masks_global(self, block_scores: Mapping[str, Tensor], layouts: Mapping[str, BlockLayout]
                          ) -> dict[str, Tensor]:

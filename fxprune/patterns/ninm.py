@@ -68,16 +68,22 @@ class NInMPattern(BasePattern):
             return smallest.sum(dim=1)
         return smallest.amax(dim=1)
 
-    def get_masks(self, scores, layouts):
+    expand_needs_scores = True
+
+    def get_masks(self, scores, layouts, *, consume=False):
         # At the full target N/M every group is pruned: no ranking, one sort per layer.
         full = Fraction(repr(self.target_sparsity)) == Fraction(self.n, self.m)
-        if full and self.max_sparsity_ratio_per_op >= self.n / self.m:
-            return {name: ~self.expand(torch.ones(layouts[name].num_blocks, dtype=torch.bool), s,
-                                       layouts[name]) for name, s in scores.items()}
-        return super().get_masks(scores, layouts)
+        if not (full and self.max_sparsity_ratio_per_op >= self.n / self.m):
+            return super().get_masks(scores, layouts, consume=consume)
+        masks = {}
+        for name in list(scores):
+            view = scores.pop(name) if consume else scores[name]
+            every_group = torch.ones(layouts[name].num_blocks, dtype=torch.bool)
+            masks[name] = ~self.expand(every_group, layouts[name], tuple(view.shape), view)
+        return masks
 
-    def expand(self, pruned_blocks: Tensor, view_scores: Tensor, layout: BlockLayout) -> Tensor:
+    def expand(self, pruned_blocks: Tensor, layout: BlockLayout, view_shape, view_scores=None) -> Tensor:
         _, index = self._n_smallest(view_scores, layout)
         pruned = torch.zeros(view_scores.numel() // self.m, self.m, dtype=torch.bool)
         pruned.scatter_(1, index, pruned_blocks.reshape(-1, 1).expand(-1, self.n).contiguous())
-        return pruned.reshape(view_scores.shape)
+        return pruned.reshape(view_shape)
