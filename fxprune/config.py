@@ -50,6 +50,9 @@ GLOBAL_DEFAULTS: dict[str, Any] = {
     "exclude_last_linear": True,
     # Physically remove pruned channels (channel patterns only).
     "compact": False,
+    # With compact: keep a multiple of this many channels in every compacted channel group
+    # (rounding the kept count up: dense kernels run fastest on multiples of 8 or 16).
+    "round_channels_to": 1,
 }
 
 ALL_KEYS = tuple(GROUP_DEFAULTS) + tuple(GLOBAL_DEFAULTS)
@@ -107,6 +110,7 @@ class PruningConfig:
     pruning_configs: list = field(default_factory=lambda: [{}])
     exclude_last_linear: bool = True
     compact: bool = False
+    round_channels_to: int = 1
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -120,10 +124,12 @@ class PruningConfig:
             cfg = cls.from_dict(load_config_file(config), source=str(config))
         elif isinstance(config, Mapping):
             cfg = cls.from_dict(config)
+        elif isinstance(config, list):  # INC's template: WeightPruningConfig([{group}, ...])
+            cfg = cls.from_dict({"pruning_configs": config})
         else:
             raise ConfigError(
-                f"config must be a dict, a YAML/JSON file path or fxprune.PruningConfig, "
-                f"got {type(config).__name__}")
+                f"config must be a dict, a list of pruning groups, a YAML/JSON file path or "
+                f"fxprune.PruningConfig, got {type(config).__name__}")
         cfg.validate()
         return cfg
 
@@ -175,6 +181,9 @@ class PruningConfig:
         for key in ("exclude_last_linear", "compact"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        r = self.round_channels_to
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ConfigError(f"round_channels_to must be an integer >= 1, got {r!r}")
         for group in self.groups():
             _validate_group(group)
 
@@ -263,6 +272,8 @@ def load_config_file(path: str | Path) -> dict:
                           f"{e}") from None
     if data is None:
         data = {}
+    if isinstance(data, list):  # a list of pruning groups, as INC's WeightPruningConfig takes
+        data = {"pruning_configs": data}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys, got {type(data).__name__}")
     # Accept INC 2.x style files that wrap the keys in a top-level `pruning:` / `WeightPruningConfig:`.

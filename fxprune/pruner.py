@@ -235,6 +235,31 @@ class Pruner:
         keep = self.masks[t.param].to(s.device)
         return torch.where(keep, s.clamp_min(LIVE_FLOOR), torch.zeros((), device=s.device)).contiguous()
 
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """The pruning state to save next to the model's and optimizer's: step counter, schedule
+        progress, masks and gradient-criterion scores (``snip_momentum``'s momentum)."""
+        return {"global_step": self.global_step,
+                "groups": [{"completed": g.completed, "sparsity": g.sparsity,
+                            "scores": {k: v.clone() for k, v in getattr(g.criterion, "scores", {}).items()}}
+                           for g in self.groups],
+                "masks": dict(self.masks)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict` (a Pruner built with the same model and config)."""
+        self._check_open()
+        if len(state["groups"]) != len(self.groups) or set(state["masks"]) != set(self.masks):
+            raise FxPruneError("this pruning state was saved for another model or config")
+        for g, saved in zip(self.groups, state["groups"]):
+            g.completed, g.sparsity = saved["completed"], saved["sparsity"]
+            if hasattr(g.criterion, "scores"):
+                g.criterion.scores = dict(saved["scores"])
+            for t in g.targets:
+                self._set_mask(t, state["masks"][t.param].to(self.masks[t.param].device))
+        self.global_step = state["global_step"]
+        self._begun = self.global_step      # the saved step had begun already
+        self.apply_masks()
+
     # ------------------------------------------------------------------ end
     def finalize(self) -> nn.Module:
         """Bake the masks in, remove every hook, attach the report; return the (same) model."""

@@ -80,6 +80,12 @@ class SparsityReport:
             "overall_sparsity": self.overall_sparsity,
         }
 
+    def weight_zeros(self, param: str) -> int:
+        """Zeros the model's weight ``param`` holds now: the recorded zeros, or, for a weight that
+        compaction sliced, the zeros left in the smaller weight (pruned channels are gone)."""
+        sliced = (self.compaction or {}).get("layers", {}).get(param)
+        return sliced["zeros_after"] if sliced is not None else self.layer(param).zeros
+
     def layer(self, name: str) -> LayerReport:
         for r in self.layers:
             if name in (r.name, r.param):
@@ -138,8 +144,9 @@ class SparsityReport:
         c = self.compaction
         if c is not None:
             blocked = sum(g["blocked_units"] for g in c["groups"])
-            out.append(f"compacted: params {c['params_before']:,} -> {c['params_after']:,}, FLOPs "
-                       f"{c['flops_before']:,} -> {c['flops_after']:,}; "
+            flops = (f", FLOPs {c['flops_before']:,} -> {c['flops_after']:,}"
+                     if c.get("flops_before") is not None else "")
+            out.append(f"compacted: params {c['params_before']:,} -> {c['params_after']:,}{flops}; "
                        f"{sum(g['removed'] for g in c['groups'])} channel units removed, "
                        f"{blocked} blocked")
         return "\n".join(out)

@@ -41,11 +41,11 @@ def kth_key(keys: Sequence[Tensor], k: int, excluded: Sequence[Tensor | None] | 
     live = [kk if ex is None else kk[~ex] for kk, ex in zip(keys, excluded)]
     high = sum(_histogram(kk >> 16) for kk in live)
     cum_high = high.cumsum(0)
-    hi = int(torch.searchsorted(cum_high, torch.tensor(k, dtype=cum_high.dtype)))
+    hi = int(torch.searchsorted(cum_high, k))  # a Python scalar: works whatever the device
     below = int(cum_high[hi - 1]) if hi > 0 else 0
     lows = [_histogram(kk[(kk >> 16) == hi] & 0xFFFF) for kk in live]
     cum_low = sum(lows).cumsum(0)
-    lo = int(torch.searchsorted(cum_low, torch.tensor(k - below, dtype=cum_low.dtype)))
+    lo = int(torch.searchsorted(cum_low, k - below))
     n_less = below + (int(cum_low[lo - 1]) if lo > 0 else 0)
     return (hi << 16) | lo, n_less, [int(h[lo]) for h in lows]
 
@@ -60,7 +60,7 @@ def prune_k_smallest(keys: Sequence[Tensor], k: int,
     """Boolean masks (True = pruned) of the ``k`` smallest non-excluded entries over all layers."""
     excluded = excluded or [None] * len(keys)
     if k <= 0:
-        return [torch.zeros(kk.shape, dtype=torch.bool) for kk in keys]
+        return [torch.zeros(kk.shape, dtype=torch.bool, device=kk.device) for kk in keys]
     threshold, n_less, n_equal = kth_key(keys, k, excluded)
     ties_left = k - n_less
     out = []
@@ -110,7 +110,7 @@ def select_global(scores: Sequence[Tensor], block_weights: Sequence[int], budget
             chosen = prune_k_smallest([keys[i] for i in free], k, [forced[i] for i in free])
         else:
             chosen = _prefix_by_weight([scores[i] for i in free], [block_weights[i] for i in free],
-                                       max(0, residual), [forced[i] for i in free])
+                                       max(0, residual), [forced[i] for i in free], capacity)
         over = [i for i, c, cap in zip(free, chosen, capacity) if int(c.sum()) > cap]
         if not over:
             break
@@ -125,20 +125,33 @@ def select_global(scores: Sequence[Tensor], block_weights: Sequence[int], budget
 
 
 def _prefix_by_weight(scores: Sequence[Tensor], block_weights: Sequence[int], budget: int,
-                      excluded: Sequence[Tensor | None]) -> list[Tensor]:
+                      excluded: Sequence[Tensor | None], capacity: Sequence[int]) -> list[Tensor]:
     """Blocks of differing sizes (channel patterns): walk the global score order and take blocks
-    while the running weight count fits in the budget. Block counts here are small (channels)."""
+    while the running weight count fits in the budget, passing over the blocks of a layer that
+    already holds ``capacity`` of them. Block counts here are small (channels)."""
     if not scores:
         return []
     flat = torch.cat([s.float() for s in scores])
-    weight = torch.cat([torch.full((s.numel(),), b, dtype=torch.int64)
+    device = flat.device
+    weight = torch.cat([torch.full((s.numel(),), b, dtype=torch.int64, device=device)
                         for s, b in zip(scores, block_weights)])
-    skip = torch.cat([torch.zeros(s.numel(), dtype=torch.bool) if ex is None else ex
+    skip = torch.cat([torch.zeros(s.numel(), dtype=torch.bool, device=device) if ex is None else ex
                       for s, ex in zip(scores, excluded)])
+    layer = torch.cat([torch.full((s.numel(),), i, dtype=torch.int64, device=device)
+                       for i, s in enumerate(scores)])
     order = torch.sort(flat, stable=True).indices
     order = order[~skip[order]]
+    # A full layer's later blocks must not end the walk: drop each block ranked past its
+    # layer's capacity (rank = position among the layer's own blocks in score order).
+    layer_in_order = layer[order]
+    by_layer = torch.sort(layer_in_order, stable=True).indices
+    per_layer = torch.bincount(layer_in_order, minlength=len(scores))
+    rank = torch.empty_like(by_layer)
+    rank[by_layer] = (torch.arange(by_layer.numel(), device=device)
+                      - (per_layer.cumsum(0) - per_layer)[layer_in_order[by_layer]])
+    order = order[rank < torch.tensor(capacity, dtype=torch.int64, device=device)[layer_in_order]]
     running = weight[order].cumsum(0)
     n_take = int((running <= budget).sum())  # cumsum is increasing: a prefix fits
-    pruned = torch.zeros(flat.numel(), dtype=torch.bool)
+    pruned = torch.zeros(flat.numel(), dtype=torch.bool, device=device)
     pruned[order[:n_take]] = True
     return list(pruned.split([s.numel() for s in scores]))

@@ -469,3 +469,16 @@ def test_compacted_model_exports_to_onnx(tmp_path):
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), pruned(x), rtol=1e-4, atol=1e-4)
+
+
+def test_round_channels_to_keeps_multiples():
+    torch.manual_seed(0)
+    model = randomize_bn(ResNet((1, 1, 1, 1), width=16, num_classes=10)).eval()
+    config = {**CHANNEL, "target_sparsity": 0.3, "round_channels_to": 8}
+    masked, compacted, report = masked_and_compacted(model, config, (torch.randn(2, 3, 32, 32),))
+    convs = [m for m in compacted.modules() if isinstance(m, nn.Conv2d)]
+    assert all(m.out_channels % 8 == 0 for m in convs)
+    assert any(m.out_channels < o.out_channels for m, o in zip(convs, (m for m in model.modules() if isinstance(m, nn.Conv2d))))
+    assert_same_function(masked, compacted, (torch.randn(2, 3, 32, 32),))
+    with pytest.raises(fxprune.ConfigError, match="round_channels_to"):
+        fxprune.transform(MLP(), {**CHANNEL, "round_channels_to": 0}, (torch.randn(2, 32),), compact=True)

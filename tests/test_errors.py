@@ -94,9 +94,12 @@ def test_config_file_errors(tmp_path, mlp):
     bad = tmp_path / "bad.yaml"
     bad.write_text("pattern: [4x1\n")
     _raises(mlp, str(bad), r"config file '.*bad.yaml' is not valid YAML")
-    listy = tmp_path / "list.json"
+    scalar = tmp_path / "scalar.json"
+    scalar.write_text("0.5")
+    _raises(mlp, str(scalar), r"must hold a mapping of keys, got float")
+    listy = tmp_path / "list.json"  # a list is INC's list of groups: each must be a dict
     listy.write_text("[1, 2]")
-    _raises(mlp, str(listy), r"must hold a mapping of keys, got list")
+    _raises(mlp, str(listy), r"pruning_configs\[0\] must be a dict of keys, got int")
 
 
 def test_config_files_yaml_and_json(tmp_path, mlp):
@@ -124,3 +127,27 @@ def test_schedule_keys_warn_in_one_shot(mlp):
 def test_sparsity_report_of_a_plain_model(mlp):
     with pytest.raises(fxprune.FxPruneError, match="carries no fxprune report"):
         fxprune.sparsity_report(mlp)
+
+
+def test_meta_weights_are_an_error_naming_the_layer():
+    with torch.device("meta"):
+        model = MLP()
+    _raises(model, {"pattern": "4x1"}, r"layer layers.0 \(layers.0.weight\) is on the meta device and has no "
+            r"values to prune; load the weights first", fxprune.WeightError)
+
+
+def test_selecting_only_the_last_linear_says_it_is_excluded_by_default(mlp):
+    _raises(mlp, {"op_names": ["layers.2"]}, r"selects no layer: .*; widen the selection\. layers.2 is the last "
+            r"linear layer, excluded by default; set exclude_last_linear: false to prune it", fxprune.ConfigError)
+
+
+def test_a_list_of_groups_is_incs_template(tmp_path, mlp):
+    groups = [{"op_names": ["layers.0"], "pattern": "4x1", "target_sparsity": 0.5},
+              {"op_names": ["layers.1"], "pattern": "1x1", "target_sparsity": 0.25}]
+    path = tmp_path / "groups.yaml"
+    path.write_text("- op_names: [layers.0]\n  pattern: 4x1\n  target_sparsity: 0.5\n"
+                    "- op_names: [layers.1]\n  pattern: 1x1\n  target_sparsity: 0.25\n")
+    for config in (groups, str(path)):
+        report = fxprune.sparsity_report(fxprune.transform(mlp, config))
+        assert [(r.group, r.pattern, r.zeros) for r in report.layers] == [(0, "4x1", 1024), (1, "1x1", 1024),
+                                                                          (None, None, 0)]

@@ -79,3 +79,27 @@ def test_select_global_caps_and_floors_equal_water_filling(weights):
         assert torch.equal(g, w)
     if len(set(weights)) == 1:  # uniform blocks: exactly budget // block weights
         assert sum(counts) == budget // weights[0]
+
+
+def test_a_full_layer_does_not_end_the_walk_of_differing_blocks():
+    # Layer 1 (5-weight blocks) scores lowest and reaches its cap of 2 blocks; its third block must
+    # be passed over, not end the walk: the last weight of the budget goes to layer 0.
+    scores = [torch.tensor([3.0, 0.5, 2.0]), torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0])]
+    got = select_global(scores, [1, 5], 14, [2, 1], [3, 2])
+    assert [g.nonzero().flatten().tolist() for g in got] == [[0, 1, 2], [1, 2]]
+    assert torch.equal(got[0], _water_fill(scores, [1, 5], 14, [2, 1], [3, 2])[0])
+
+
+def test_select_global_equals_water_filling_on_random_caps():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        n = int(torch.randint(1, 5, (1,), generator=gen))
+        sizes = torch.randint(1, 13, (n,), generator=gen).tolist()
+        weights = torch.randint(1, 7, (n,), generator=gen).tolist()
+        scores = [torch.randint(0, 4, (s,), generator=gen).float() for s in sizes]  # many ties
+        hi = [int(torch.randint(0, s + 1, (1,), generator=gen)) for s in sizes]
+        lo = [int(torch.randint(0, h + 1, (1,), generator=gen)) for h in hi]
+        budget = int(torch.randint(0, sum(s * w for s, w in zip(sizes, weights)) + 1, (1,), generator=gen))
+        got = select_global(scores, weights, budget, lo, hi)
+        for g, w in zip(got, _water_fill(scores, weights, budget, lo, hi)):
+            assert torch.equal(g, w)

@@ -238,3 +238,181 @@ def test_custom_pattern_from_the_registry_is_usable_from_a_config(mlp):
         assert fxprune.sparsity_report(pruned).layer("layers.1").pattern == "rows2"
     finally:
         fxprune.PATTERNS.pop("rows2")
+
+
+class SharedConvTwoNorms(nn.Module):
+    """One conv applied twice, each use into its own BatchNorm; plus a use beside a BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn_a, self.bn_b = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x, y):
+        a = self.bn_a(self.conv(x))
+        c = self.conv(y)
+        return self.head((a + self.bn_b(c) + c).mean((2, 3)))
+
+
+@pytest.mark.parametrize("use_export", [False, True])
+def test_channel_pruning_zeroes_every_batchnorm_the_channel_feeds(use_export):
+    model = SharedConvTwoNorms().eval()
+    with torch.no_grad():
+        for bn in (model.bn_a, model.bn_b):
+            bn.running_mean.uniform_(-1, 1)
+            bn.bias.uniform_(-1, 1)
+    x = torch.randn(2, 3, 6, 6)
+    pruned = fxprune.transform(model, {"target_sparsity": 0.5, "pattern": "1xchannel", "pruning_scope": "local"},
+                               example_inputs=(x, x) if use_export else None)
+    dead = (pruned.conv.weight.flatten(1) == 0).all(dim=1)
+    assert int(dead.sum()) == 4
+    for bn in (pruned.bn_a, pruned.bn_b):
+        assert (bn(pruned.conv(x))[:, dead] == 0).all()
+
+
+def test_weight_used_in_two_layouts_is_skipped():
+    class TwoLayouts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 8))
+            self.a = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.a(F.linear(x, self.w) + x @ self.w))
+
+    pruned = fxprune.transform(TwoLayouts(), {"target_sparsity": 0.5, "pattern": "1xchannel"})
+    report = fxprune.sparsity_report(pruned)
+    assert report.layer("w").status == ("skipped: used as a weight in two layouts (out_in and in_out), "
+                                        "so no block layout fits both")
+    assert _zeros(pruned.w) == 0 and report.layer("a").zeros == 32
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_empty_weight_is_skipped():
+    model = nn.Sequential(nn.Linear(4, 0), nn.Linear(0, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    report = fxprune.sparsity_report(fxprune.transform(model, {"target_sparsity": 0.5, "pattern": "1x1"}))
+    assert [r.status for r in report.layers[:3]] == ["skipped: the weight is empty"] * 2 + ["pruned"]
+    assert report.layer("2").zeros == 32
+
+
+def test_unreachable_target_warns_with_what_was_achieved():
+    model = MLP((16, 8, 8, 2))
+    with pytest.warns(UserWarning, match=r"pruning_configs\[0\] \(pattern '1x1', 2 layers\): achieved sparsity "
+                      r"0\.5000, target_sparsity 0\.9: max_sparsity_ratio_per_op 0\.5 lets each layer prune at "
+                      r"most that fraction in whole blocks \(96 of 192 weights\)"):
+        fxprune.transform(model, {"target_sparsity": 0.9, "pattern": "1x1", "max_sparsity_ratio_per_op": 0.5})
+    with pytest.warns(UserWarning, match=r"achieved sparsity 0\.5000, target_sparsity 0\.1: "
+                      r"min_sparsity_ratio_per_op 0\.5 makes every layer prune at least that fraction"):
+        fxprune.transform(model, {"target_sparsity": 0.1, "pattern": "1x1", "min_sparsity_ratio_per_op": 0.5,
+                                  "pruning_scope": "local"})
+    with pytest.warns(UserWarning, match=r"achieved sparsity 0\.0000, target_sparsity 0\.01: the target rounds "
+                      r"down to zero whole blocks"):
+        fxprune.transform(model, {"target_sparsity": 0.01, "pattern": "4x1"})
+
+
+def test_reachable_target_does_not_warn(mlp, recwarn):
+    fxprune.transform(mlp, {"target_sparsity": 0.9, "pattern": "4x1"})
+    fxprune.transform(mlp, {"target_sparsity": 0.0, "pattern": "4x1"})
+    assert [str(w.message) for w in recwarn] == []
+
+
+def test_bad_masks_from_a_user_pattern_leave_an_inplace_model_untouched():
+    @fxprune.register_pattern("qa_halfmask")
+    class HalfMask(fxprune.BasePattern):
+        def block_layout(self, geom):
+            return fxprune.BlockLayout(tuple(geom.view_shape), (), 1, "1x1")
+
+        def get_masks(self, scores, layouts):  # a float mask would scale the weights by 0.5
+            return {name: torch.full(s.shape, 0.5) for name, s in scores.items()}
+
+    model = MLP()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = {"pruning_configs": [{"op_names": ["layers.0"], "pattern": "1x1"},
+                                  {"op_names": ["layers.1"], "pattern": "qa_halfmask"}]}
+    try:
+        with pytest.raises(fxprune.FxPruneError, match=r"pattern 'qa_halfmask' \(HalfMask.get_masks\) gave Tensor "
+                           r"torch.float32 \(64, 64\) for layers.1.weight; expected a bool keep-mask of the 2-D "
+                           r"view's shape \(64, 64\)"):
+            fxprune.transform(model, config, inplace=True)
+    finally:
+        fxprune.PATTERNS.pop("qa_halfmask")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_user_pattern_overriding_get_masks_without_consume(mlp):
+    @fxprune.register_pattern("qa_firstrow")
+    class FirstRow(fxprune.BasePattern):
+        def block_layout(self, geom):
+            return fxprune.BlockLayout(tuple(geom.view_shape), (), 1, "1x1")
+
+        def get_masks(self, scores, layouts):  # the signature before `consume` existed
+            masks = {name: torch.ones(s.shape, dtype=torch.bool) for name, s in scores.items()}
+            for mask in masks.values():
+                mask[0] = False
+            return masks
+
+    try:
+        pruned = fxprune.transform(mlp, {"pattern": "qa_firstrow"})
+    finally:
+        fxprune.PATTERNS.pop("qa_firstrow")
+    assert [_zeros(layer.weight) for layer in pruned.layers] == [32, 64, 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("config", [{"pattern": "4x1"}, {"pattern": "1x1", "min_sparsity_ratio_per_op": 0.1},
+                                    {"pattern": "2:4", "target_sparsity": 0.5},
+                                    {"pattern": "2:4", "target_sparsity": 0.3},
+                                    {"pattern": "1xchannel"}, {"pattern": "channelx1", "pruning_scope": "local"}])
+def test_cuda_model_is_pruned_on_its_device_like_on_cpu(mlp, config):
+    config = {"target_sparsity": 0.6, **config}
+    on_cpu = fxprune.transform(mlp, config)
+    on_gpu = fxprune.transform(mlp.cuda(), config)
+    for a, b in zip(on_cpu.parameters(), on_gpu.parameters()):
+        assert b.is_cuda and torch.equal(a == 0, (b == 0).cpu())
+
+
+def test_symbolic_trace_warns_about_weights_hidden_in_leaf_modules():
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.proj = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.head(self.proj(self.enc(x)))
+
+    model, config = Encoder().eval(), {"target_sparsity": 0.5, "pattern": "4x1"}
+    with pytest.warns(UserWarning, match=r"torch.fx.symbolic_trace keeps enc \(TransformerEncoderLayer\) as one "
+                      r"opaque call: the linear/conv weights inside are not pruned; pass example_inputs"):
+        traced = fxprune.transform(model, config)
+    assert [r.name for r in fxprune.sparsity_report(traced).layers] == ["proj", "head"]
+    exported = fxprune.transform(model, config, example_inputs=(torch.randn(2, 5, 16),))
+    assert [r.name for r in fxprune.sparsity_report(exported).layers] == [
+        "enc.self_attn.in_proj_weight", "enc.self_attn.out_proj", "enc.linear1", "enc.linear2", "proj", "head"]
+
+
+@pytest.mark.parametrize("use_export", [False, True])
+def test_transposed_weight_arguments_are_discovered_with_the_flipped_layout(use_export):
+    class Transposed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 4))   # [in, out], used as F.linear(x, w.t())
+            self.v = nn.Parameter(torch.randn(6, 4))   # [out, in], used as addmm(b, x, v.t())
+            self.b = nn.Parameter(torch.randn(6))
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.head(torch.addmm(self.b, F.linear(x, self.w.t()), self.v.t()))
+
+    pruned = fxprune.transform(Transposed(), {"target_sparsity": 0.5, "pattern": "1xchannel", "pruning_scope": "local"},
+                               example_inputs=(torch.randn(2, 8),) if use_export else None)
+    report = fxprune.sparsity_report(pruned)
+    assert [(r.name, r.view_shape, r.status) for r in report.layers[:2]] == [
+        ("w", [4, 8], "pruned"), ("v", [6, 4], "pruned")]
+    assert int((pruned.w == 0).all(dim=0).sum()) == 2       # whole output columns of an [in, out] weight
+    dead = (pruned.v == 0).all(dim=1)
+    assert int(dead.sum()) == 3 and (pruned.b[dead] == 0).all()

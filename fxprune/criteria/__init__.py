@@ -3,6 +3,11 @@
 A criterion returns one float32 score per weight on the layer's 2-D view (finite, >= 0); lower
 scores are pruned first. Register a new one with ``@register_criterion(name)``; its name is the
 ``pruning_type`` config key.
+
+Built in: ``magnitude`` (|W|); with calibration data (``transform(..., calibration=...)``):
+``activation`` (Wanda), ``sparse_gpt`` (SparseGPT, also updates the kept weights); with
+``loss_fn`` too: ``gradient`` (|G|), ``snip`` (|W x G|), ``snip_momentum`` (INC's momentum
+form); for ``fxprune.Pruner`` only: ``pattern_lock``.
 """
 from __future__ import annotations
 

@@ -4,11 +4,12 @@
 - :func:`reusable`: calibration batches that can be iterated more than once;
 - :func:`run_batch`: ``model(*batch)`` for a tuple, ``model(**batch)`` for a dict, ``model(batch)``
   for a tensor (the same forms as ``example_inputs``);
-- :class:`WeightInputRecorder`: while the *eager* model runs, every ``linear`` / ``convNd`` /
-  ``addmm`` / ``matmul`` call whose weight is one of the selected parameters reports its input.
-  Calls are matched by parameter identity with a ``TorchFunctionMode``, so module calls
-  (``nn.Linear``, ``nn.ConvNd``, Hugging Face ``Conv1D``) and functional ones (``F.linear(x, W)``,
-  ``x @ W``, ``x @ W.t()``) are both seen, a tied weight collects the inputs of all its uses, and
+- :class:`WeightInputRecorder`: while the *eager* model runs, every ATen op that uses one of the
+  selected weights (``mm`` / ``addmm`` / ``bmm`` with it as ``mat2``, ``convolution``) reports its
+  input. The weight is matched by parameter identity (then followed through views and copies) with
+  a ``TorchDispatchMode``, so module calls (``nn.Linear``, ``nn.ConvNd``, Hugging Face ``Conv1D``),
+  functional ones (``F.linear(x, W)``, ``x @ W.t()``) and uses nested in Python functions
+  (``nn.MultiheadAttention``) are all seen, a tied weight collects the inputs of all its uses, and
   the batches may have any shape (the captured graph is not re-run, so a graph specialised to
   ``example_inputs``' shapes does not constrain calibration).
 """
@@ -21,16 +22,10 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import ConfigError, FxPruneError
 from ..passes.capture import split_inputs
-
-# op name -> (position, keyword) of the weight and of the input
-LINEAR_OPS = {"linear": ((1, "weight"), (0, "input")), "addmm": ((2, "mat2"), (1, "mat1")),
-              "matmul": ((1, "other"), (0, "input")), "__matmul__": ((1, "other"), (0, None)),
-              "mm": ((1, "mat2"), (0, "input"))}
-CONV_OPS = ("conv1d", "conv2d", "conv3d")
-TRANSPOSES = ("t", "transpose", "permute")
 
 
 def require_data(ctx, pruning_type: str, *, loss: bool = False) -> None:
@@ -47,9 +42,10 @@ def require_data(ctx, pruning_type: str, *, loss: bool = False) -> None:
             f"pruning_type {pruning_type!r} scores weights from loss gradients: pass "
             f"loss_fn=lambda model, batch: <scalar loss tensor> to fxprune.transform along with "
             f"calibration=...")
-    if not callable(getattr(ctx.calibration, "__iter__", None)):
+    if isinstance(ctx.calibration, (Tensor, dict)) or not callable(getattr(ctx.calibration, "__iter__", None)):
         raise ConfigError(f"calibration must be an iterable of batches (a list or a DataLoader), "
-                          f"got {type(ctx.calibration).__name__}")
+                          f"got {type(ctx.calibration).__name__}; wrap a single batch in a list: "
+                          f"calibration=[batch]")
 
 
 def reusable(calibration: Iterable) -> Sequence | Iterable:
@@ -90,10 +86,25 @@ class StopForward(Exception):
     """Raised by the recorder once every call a pass needs has been seen (skips the rest)."""
 
 
-class WeightInputRecorder(TorchFunctionMode):
-    """Reports the input of every call that uses one of ``targets``' weights to ``observe``.
+class _NoFusedFastPaths(TorchFunctionMode):
+    """Pass-through torch-function mode. While one is active ``has_torch_function`` is true, so
+    modules with fused inference fast paths (``nn.MultiheadAttention``,
+    ``nn.TransformerEncoderLayer``) take their decomposed path, whose ATen ops the recorder sees."""
 
-    With ``stop_after`` (param FQN -> calls per forward), the forward is cut short with
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class WeightInputRecorder(TorchDispatchMode):
+    """Reports the input of every ATen op that uses one of ``targets``' weights to ``observe``.
+
+    Works below autograd, on ATen ops, so uses nested in Python functions
+    (``F.multi_head_attention_forward``) are seen too. A weight is matched by identity, then
+    followed through views and copies (``W.t()``, expand, ``.to(dtype)``...): a linear use is the
+    weight (or such a derivative) as ``mat2`` of ``mm`` / ``addmm`` / ``bmm``, with the input
+    features in the last dim of ``mat1``; a conv use is ``aten.convolution``.
+
+    With ``stop_after`` (param FQN -> uses per forward), the forward is cut short with
     :class:`StopForward` once each of those weights has been used that many times.
     """
 
@@ -103,7 +114,7 @@ class WeightInputRecorder(TorchFunctionMode):
         self.by_id = {id(model.get_parameter(t.param)): t for t in targets}
         self.observe = observe
         self.stop_after = stop_after
-        self.derived: dict[int, tuple[Tensor, Any]] = {}   # transposed views of a weight
+        self.derived: dict[int, tuple[Tensor, Any]] = {}   # views / copies of a weight
         self.seen: dict[str, int] = {}
 
     def reset(self) -> None:
@@ -119,37 +130,39 @@ class WeightInputRecorder(TorchFunctionMode):
             t = t if tensor is w else None
         return t
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        call = None
-        if name in LINEAR_OPS:
-            (w_pos, w_key), (x_pos, x_key) = LINEAR_OPS[name]
-            t = self._target_of(_arg(args, kwargs, w_pos, w_key))
+        packet = func.overloadpacket
+        if packet in _LINEAR_USES:
+            w_pos, x_pos = _LINEAR_USES[packet]
+            t = self._target_of(args[w_pos]) if len(args) > w_pos else None
             if t is not None:
-                call = WeightCall(t, _arg(args, kwargs, x_pos, x_key))
-        elif name in CONV_OPS:
-            t = self._target_of(_arg(args, kwargs, 1, "weight"))
+                self._record(WeightCall(t, args[x_pos]))
+        elif packet in _CONV_USES and len(args) > 8 and not args[6]:   # not transposed
+            t = self._target_of(args[1])
             if t is not None:
-                call = WeightCall(t, _arg(args, kwargs, 0, "input"), conv={
-                    "stride": _arg(args, kwargs, 3, "stride", 1),
-                    "padding": _arg(args, kwargs, 4, "padding", 0),
-                    "dilation": _arg(args, kwargs, 5, "dilation", 1),
-                    "groups": _arg(args, kwargs, 6, "groups", 1)})
-        if call is not None:
-            self._record(call)
+                self._record(WeightCall(t, args[0], conv={
+                    "stride": args[3], "padding": args[4], "dilation": args[5], "groups": args[8]}))
         out = func(*args, **kwargs)
-        if name in TRANSPOSES and args and isinstance(args[0], Tensor) and id(args[0]) in self.by_id:
-            self.derived[id(out)] = (out, self.by_id[id(args[0])])
+        if packet in _FOLLOW and args and isinstance(out, Tensor):
+            t = self._target_of(args[0])
+            if t is not None:
+                self.derived[id(out)] = (out, t)
         return out
 
     def _record(self, call: WeightCall) -> None:
-        with torch.no_grad():
-            self.observe(call)
+        self.observe(call)
         param = call.target.param
         self.seen[param] = self.seen.get(param, 0) + 1
         if self.stop_after and all(self.seen.get(p, 0) >= n for p, n in self.stop_after.items()):
             raise StopForward
+
+
+_aten = torch.ops.aten
+_LINEAR_USES = {_aten.mm: (1, 0), _aten.addmm: (2, 1), _aten.bmm: (1, 0)}   # (weight, input) args
+_CONV_USES = (_aten.convolution, _aten._convolution)
+_FOLLOW = (_aten.t, _aten.transpose, _aten.permute, _aten.expand, _aten.view, _aten._unsafe_view,
+           _aten.reshape, _aten.alias, _aten.detach, _aten.clone, _aten._to_copy)
 
 
 def record_inputs(ctx, targets: Sequence, observe: Callable[[WeightCall], None], desc: str,
@@ -170,7 +183,7 @@ def record_inputs(ctx, targets: Sequence, observe: Callable[[WeightCall], None],
         for batch in progress(ctx.calibration if batches is None else batches, desc):
             recorder.reset()
             try:
-                with recorder:
+                with _NoFusedFastPaths(), recorder:
                     run_batch(model, batch)
             except StopForward:
                 pass
@@ -187,9 +200,3 @@ def record_inputs(ctx, targets: Sequence, observe: Callable[[WeightCall], None],
     recorder.reset()
 
 
-def _arg(args, kwargs, index: int, name: str | None, default=None):
-    if len(args) > index:
-        return args[index]
-    if name is not None and name in kwargs:
-        return kwargs[name]
-    return default

@@ -41,11 +41,12 @@ class AttachPass(Pass):
                 else:
                     chosen.append(t)
             if not chosen:
-                raise ConfigError(f"{group.where} selects no layer: {_summary(group, targets)}")
+                raise ConfigError(f"{group.where} selects no layer: {_summary(group, targets)}"
+                                  f"{_last_linear_hint(group, targets)}")
             pattern = get_pattern(group, {t.name: _owner(ctx, t) for t in chosen})
             for t in chosen:
                 t.group, t.pattern = group, pattern
-                layout = pattern.block_layout(t.geometry)
+                layout = pattern.block_layout(t.geometry) if t.geometry.numel else "the weight is empty"
                 if isinstance(layout, str):
                     t.status = f"skipped: {layout}"
                 else:
@@ -88,11 +89,21 @@ def _check_regexes(group, targets: list[Target]) -> None:
 def _summary(group, targets: list[Target]) -> str:
     free = [t for t in targets if t.status == "candidate"]
     if not free:
-        return "every prunable layer is already taken by an earlier group or excluded"
+        taken = "taken by an earlier group or " if group.index else ""
+        return f"every prunable layer is already {taken}excluded ({_names(targets)})"
     types = sorted({t.module_type for t in free})
     return (f"pruning_op_types {list(group.pruning_op_types)}, op_names {list(group.op_names)} and "
             f"excluded_op_names {list(group.excluded_op_names)} leave none of {len(free)} layers "
             f"(types {types}: {_names(free)}); widen the selection")
+
+
+def _last_linear_hint(group, targets: list[Target]) -> str:
+    # The group asked for the auto-excluded classifier: say so, or the error reads as a regex typo.
+    wanted = [t for t in targets if t.status == LAST_LINEAR and _rejection(group, t) is None]
+    if not wanted:
+        return ""
+    return (f". {wanted[0].name} is the last linear layer, excluded by default; set "
+            f"exclude_last_linear: false to prune it")
 
 
 def _names(targets: list[Target], limit: int = 8) -> str:

@@ -8,7 +8,10 @@ group's ``criterion_reduce_type`` over all the weights it masks (mean by default
 of a single row is the pattern's own row score), and its size is those weights. Classes are then
 selected like blocks of different sizes (SPEC §3): ``global`` walks one ranking over the group
 and takes each class that fits the weight budget ``floor(target * weights)``; ``local`` does the
-same per layer. ``max/min_sparsity_ratio_per_op`` hold for every member layer.
+same per layer. ``max/min_sparsity_ratio_per_op`` hold for every member layer. With
+``round_channels_to: m``, each space (the channels sliced together) then gets back its
+best-scoring removed classes until it keeps a multiple of m channels: fewer weights are pruned
+than asked, for kernels that run faster.
 
 A class is *blocked* (never pruned, reported with the reason) when the analysis did not
 understand an op on its path, or when it is also produced by a layer that is not pruned with an
@@ -103,16 +106,19 @@ class ChannelMaskPass(MaskPass):
             scores = {t.param: ctx.scores.pop(t.param) for t in targets}
             ctx.masks.update(targets[0].pattern.get_masks(scores, {t.param: t.layout for t in targets}))
             notes.update({t.param: NOT_COMPACTED.format(group.pattern) for t in targets})
-        analysis = ChannelAnalysis(ctx.graph_module, ctx.param_of_node).run()
-        plan = _plan(ctx, analysis, channel)
+        if not channel:
+            ctx.compaction = CompactionPlan(None, {}, {}, set(), {}, notes)
+            return
+        plan = _plan(ctx, ChannelAnalysis(ctx.graph_module, ctx.param_of_node).run(), channel)
         plan.notes = notes
+        dead_rows = defaultdict(list)
+        for root in plan.dead:
+            for param, rows in plan.classes[root].rows.items():
+                dead_rows[param].extend(rows)
         for group in channel:
             for t in ctx.selected(group):
                 keep = torch.ones(t.geometry.view_shape, dtype=torch.bool)
-                for root in plan.dead:
-                    rows = plan.classes[root].rows.get(t.param)
-                    if rows:
-                        keep[rows] = False
+                keep[torch.as_tensor(dead_rows[t.param], dtype=torch.long)] = False
                 ctx.masks[t.param] = keep
                 ctx.scores.pop(t.param, None)
         ctx.compaction = plan
@@ -132,7 +138,12 @@ def _plan(ctx, an: ChannelAnalysis, groups) -> CompactionPlan:
     for (fqn, dim), ax in an.axes.items():  # channels also produced by a layer that is not pruned
         if "source" in ax.roles and (fqn, dim) not in is_member:
             t = ctx.targets.get(fqn)
-            why = f"{t.name}: {t.status}" if t is not None else f"{fqn} is not a prunable layer"
+            if t is None:
+                why = f"{fqn}, which is not a prunable layer"
+            elif t.selected:
+                why = f"{t.name}, pruned with pattern {t.group.pattern!r} in pruning_configs[{t.group.index}]"
+            else:
+                why = f"{t.name} ({t.status})"
             for r in np.unique(an.roots(ax.atoms)).tolist():
                 blocked.setdefault(r, f"coupled with {why}")
     classes: dict[int, ChannelClass] = {}
@@ -155,13 +166,33 @@ def _plan(ctx, an: ChannelAnalysis, groups) -> CompactionPlan:
             blocked.setdefault(root, f"couples layers of pruning_configs {sorted(c.groups)}")
     dead: set[int] = set()
     for group in groups:
-        free = [c for c in classes.values() if root_ok(c, blocked) and c.groups == {group.index}]
+        free = [c for c in classes.values() if c.root not in blocked and c.groups == {group.index}]
         dead |= _select(ctx.selected(group), free, group)
-    return CompactionPlan(an, classes, blocked, dead, an.spaces())
+    space = an.spaces()
+    if ctx.config.round_channels_to > 1:
+        _round_up(classes, dead, space, ctx.config.round_channels_to,
+                  {g.index: g.criterion_reduce_type for g in groups})
+    return CompactionPlan(an, classes, blocked, dead, space)
 
 
-def root_ok(c: ChannelClass, blocked) -> bool:
-    return c.root not in blocked
+def _round_up(classes, dead: set[int], space, multiple: int, reduce_types) -> None:
+    """Give back the best-scoring removed classes of each space until its first layer keeps a
+    multiple of ``multiple`` channels (or all of them)."""
+    by_space = defaultdict(list)
+    for c in classes.values():
+        by_space[space[c.root]].append(c)
+    for members in by_space.values():
+        layer = next(iter(members[0].rows))
+        rows = {c.root: len(c.rows.get(layer, ())) for c in members}
+        total = sum(rows.values())
+        kept = total - sum(rows[c.root] for c in members if c.root in dead)
+        goal = min(total, -(-kept // multiple) * multiple)
+        removed = sorted((c for c in members if c.root in dead and rows[c.root]),
+                         key=lambda c: (c.score(reduce_types[next(iter(c.groups))]), c.order))
+        while kept < goal and removed:
+            c = removed.pop()
+            dead.discard(c.root)
+            kept += rows[c.root]
 
 
 def _select(targets, free: list[ChannelClass], group) -> set[int]:

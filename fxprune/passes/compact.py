@@ -28,7 +28,7 @@ from .capture import _tensors, split_inputs
 from .channel_groups import ChannelMaskPass
 from .context import PruneContext
 from .mask import MaskPass
-from .slicing import count_params, slice_model
+from .slicing import count_params, get_tensor, slice_model
 
 RTOL = 1e-4
 
@@ -48,6 +48,12 @@ class CompactPass(Pass):
 
     def call(self, ctx: PruneContext) -> None:
         plan, model = ctx.compaction, ctx.model
+        if plan.analysis is None:  # no group removes output channels: nothing to slice
+            n = count_params(model)
+            ctx.report.compaction = {"params_before": n, "params_after": n, "flops_before": None,
+                                     "flops_after": None, "groups": [], "layers": {},
+                                     "not_compacted": dict(plan.notes)}
+            return
         zero_removed(model, plan)
         args, kwargs = split_inputs(ctx.example_inputs)
         params_before = count_params(model)
@@ -55,16 +61,17 @@ class CompactPass(Pass):
         reference, flops_before = forward(model, args, kwargs, count_flops=True)
         spaces = sorted({plan.space[r] for r in plan.dead})
         failed: dict[int, str] = {}
-        why = _try(model, plan, set(spaces), args, kwargs, reference)
+        why, flops_after = _try(model, plan, set(spaces), args, kwargs, reference)
         if why is not None:  # find the spaces that break the model; keep the others
             for s in spaces:
-                reason = _try(model, plan, {s}, args, kwargs, reference, keep=False)
+                reason, _ = _try(model, plan, {s}, args, kwargs, reference, keep=False)
                 if reason is not None:
                     failed[s] = reason
             good = set(spaces) - set(failed)
-            if good and _try(model, plan, good, args, kwargs, reference) is not None:
+            why, flops_after = _try(model, plan, good, args, kwargs, reference)
+            if why is not None:
                 failed.update({s: why for s in good})
-        _, flops_after = forward(model, args, kwargs, count_flops=True)
+                flops_after = flops_before
         ctx.report.compaction = summary(ctx, plan, failed, params_before, count_params(model),
                                         flops_before, flops_after, shapes_before)
 
@@ -80,14 +87,8 @@ def zero_removed(model, plan) -> None:
                 continue
             dead = plan.dead_mask(ax.atoms)
             if dead.any():
-                t = _get(model, fqn)
+                t = get_tensor(model, fqn)
                 t.index_fill_(dim, torch.as_tensor(np.flatnonzero(dead), device=t.device), 0)
-
-
-def _get(model, fqn):
-    module_name, _, name = fqn.rpartition(".")
-    module = model.get_submodule(module_name)
-    return module._parameters.get(name) if name in module._parameters else module._buffers[name]
 
 
 def forward(model, args, kwargs, count_flops: bool = False):
@@ -105,21 +106,22 @@ def forward(model, args, kwargs, count_flops: bool = False):
         model.train(was_training)
 
 
-def _try(model, plan, spaces: set[int], args, kwargs, reference, keep: bool = True) -> str | None:
-    """Slice ``spaces``, check the outputs; None when they match (undone unless ``keep``),
-    else why not (undone)."""
+def _try(model, plan, spaces: set[int], args, kwargs, reference, keep: bool = True):
+    """Slice ``spaces`` and check the outputs: (None, FLOPs) when they match (undone unless
+    ``keep``), else (why not, None), undone."""
     try:
         undo = slice_model(model, plan, spaces)
     except Exception as e:
-        return f"slicing failed: {type(e).__name__}: {_first_line(e)}"
+        return f"slicing failed: {type(e).__name__}: {_first_line(e)}", None
+    flops = None
     try:
-        out, _ = forward(model, args, kwargs)
+        out, flops = forward(model, args, kwargs, count_flops=keep)
         why = _mismatch(out, reference)
     except Exception as e:
         why = f"the compacted model fails: {type(e).__name__}: {_first_line(e)}"
     if why is not None or not keep:
         undo.restore()
-    return why
+    return why, flops
 
 
 def _mismatch(out, reference) -> str | None:
@@ -133,7 +135,8 @@ def _mismatch(out, reference) -> str | None:
                 return f"output {i} differs"
             continue
         scale = float(b.abs().max()) if b.numel() else 0.0
-        if not torch.allclose(a.float(), b.float(), rtol=RTOL, atol=RTOL * max(scale, 1e-6)):
+        rtol = max(RTOL, 16 * torch.finfo(b.dtype).eps)  # fp16/bf16 sum in another order too
+        if not torch.allclose(a.float(), b.float(), rtol=rtol, atol=rtol * max(scale, 1e-6)):
             err = float((a.float() - b.float()).abs().max())
             return f"output {i} differs from the masked model's by {err:.3g} (max |output| {scale:.3g})"
     return None
@@ -163,7 +166,8 @@ def summary(ctx, plan, failed, params_before, params_after, flops_before, flops_
             entry["blocked"].insert(0, {"reason": f"not compacted: {failed[sid]}", "units": removed})
         groups.append(entry)
     current = dict(ctx.model.named_parameters())
-    layers = {n: {"shape_before": shape, "shape_after": list(current[n].shape)}
+    layers = {n: {"shape_before": shape, "shape_after": list(current[n].shape),
+                  "zeros_after": int(current[n].numel() - torch.count_nonzero(current[n]))}
               for n, shape in shapes_before.items() if n in current and list(current[n].shape) != shape}
     return {"params_before": params_before, "params_after": params_after,
             "flops_before": flops_before, "flops_after": flops_after,

@@ -154,6 +154,7 @@ class ChannelAnalysis:
         self.head_splits: list[HeadSplit] = []
         self.norm_groups: list[NormGroups] = []
         self.values: dict[fx.Node, object] = {}
+        self.dead_ends: dict[fx.Node, str] = {}     # node -> why its channels were dropped
         self._roots: np.ndarray | None = None
 
     # ------------------------------------------------------------------ building blocks

@@ -9,6 +9,7 @@ Recognised uses, in either capture (module calls, torch functions, ATen ops afte
 from __future__ import annotations
 
 import operator
+import warnings
 
 from torch import fx, nn
 
@@ -53,9 +54,12 @@ class DiscoverPass(Pass):
         self.ctx = ctx
         self.modules = dict(ctx.graph_module.named_modules()) if ctx.capture_method == "symbolic_trace" else {}
         self.canonical = canonical_names(ctx.model)
+        opaque = []
         for position, node in enumerate(ctx.graph_module.graph.nodes):
             use = self._weight_use(node)
             if use is None:
+                if node.op == "call_module" and _hides_weights(self.modules.get(node.target)):
+                    opaque.append(f"{node.target} ({type(self.modules[node.target]).__name__})")
                 continue
             param, layout, op, groups, bias, owner = use
             weight = ctx.model.get_parameter(param)
@@ -68,10 +72,21 @@ class DiscoverPass(Pass):
                 target = Target(param=param, name=module_name, module_type=owner or _kind_name(op),
                                 op=op, geometry=geom, bias=bias, aliases=aliases)
                 ctx.targets[param] = target
+            elif target.geometry != geom:  # e.g. F.linear(x, W) and x @ W: no one 2-D view to rank
+                target.status = (f"skipped: used as a weight in two layouts ({target.geometry.layout} "
+                                 f"and {geom.layout}), so no block layout fits both")
             target.nodes.append(node.name)
             target.position = position
-            if len(node.users) == 1:
-                target.channel_followers = self._bn_params(next(iter(node.users)))
+            # Every BatchNorm fed by any use of the weight (a shared conv, a branch beside the BN).
+            for user in node.users:
+                for name in self._bn_params(user, node):
+                    if name not in target.channel_followers:
+                        target.channel_followers.append(name)
+        if opaque:
+            warnings.warn(
+                f"torch.fx.symbolic_trace keeps {', '.join(sorted(set(opaque))[:5])} as one opaque call: "
+                f"the linear/conv weights inside are not pruned; pass example_inputs=(...) to capture "
+                f"with torch.export, which sees them", stacklevel=2)
 
     # ------------------------------------------------------------------ recognising uses
     def _param(self, arg) -> str | None:
@@ -80,6 +95,13 @@ class DiscoverPass(Pass):
             if name is not None and _is_parameter(self.ctx.model, name):
                 return name
         return None
+
+    def _weight_param(self, arg, layout: str) -> tuple[str | None, str]:
+        """The parameter behind a weight argument, and its layout (flipped when it is ``W.t()``)."""
+        param = self._param(arg)
+        if param is None and isinstance(arg, fx.Node) and _is_transpose(arg):
+            param, layout = self._param(arg.args[0]), "in_out" if layout == "out_in" else "out_in"
+        return param, layout
 
     def _owner_type(self, param: str, op: str) -> str | None:
         """Class name of the module owning ``param`` when that module *is* the op (nn.Linear...)."""
@@ -99,7 +121,8 @@ class DiscoverPass(Pass):
             return None
         name = op_name(node)
         if name == "linear":
-            param, layout, op, groups, bias = self._param(_arg(node, 1, "weight")), "out_in", "linear", 1, _arg(node, 2, "bias")
+            param, layout = self._weight_param(_arg(node, 1, "weight"), "out_in")
+            op, groups, bias = "linear", 1, _arg(node, 2, "bias")
         elif name in ("conv1d", "conv2d", "conv3d"):
             param, layout, op = self._param(_arg(node, 1, "weight")), "conv", name
             groups, bias = _arg(node, 6, "groups", 1), _arg(node, 2, "bias")
@@ -109,12 +132,10 @@ class DiscoverPass(Pass):
             param, layout, groups, bias = self._param(_arg(node, 1, "weight")), "conv", _arg(node, 8, "groups", 1), _arg(node, 2, "bias")
             op = None
         elif name == "addmm":
-            param, layout, op, groups, bias = self._param(_arg(node, 2, "mat2")), "in_out", "linear", 1, _arg(node, 0, "input")
+            param, layout = self._weight_param(_arg(node, 2, "mat2"), "in_out")
+            op, groups, bias = "linear", 1, _arg(node, 0, "input")
         elif name in ("mm", "matmul"):
-            other = _arg(node, 1, "other" if name == "matmul" else "mat2")
-            param, layout = self._param(other), "in_out"
-            if param is None and isinstance(other, fx.Node) and _is_transpose(other):
-                param, layout = self._param(other.args[0]), "out_in"
+            param, layout = self._weight_param(_arg(node, 1, "other" if name == "matmul" else "mat2"), "in_out")
             op, groups, bias = "linear", 1, None
         else:
             return None
@@ -143,8 +164,10 @@ class DiscoverPass(Pass):
         bias = self.canonical.get(prefix + "bias") if getattr(module, "bias", None) is not None else None
         return param, layout, op, groups, bias, type(module).__name__
 
-    def _bn_params(self, user: fx.Node) -> list[str]:
-        """Parameter/buffer names of a per-channel BatchNorm consuming the weight op's output."""
+    def _bn_params(self, user: fx.Node, output: fx.Node) -> list[str]:
+        """Parameter/buffer names of a per-channel BatchNorm normalizing ``output``."""
+        if not user.args or user.args[0] is not output:
+            return []
         if user.op == "call_module":
             bn = self.modules.get(user.target)
             if isinstance(bn, nn.modules.batchnorm._BatchNorm):
@@ -174,6 +197,14 @@ class DiscoverPass(Pass):
                 f"found no prunable weights in {type(ctx.model).__name__}: fxprune prunes the weights "
                 f"of linear and convolution layers (nn.Linear, nn.ConvNd, HF Conv1D, F.linear, "
                 f"F.convNd, x @ W) and the captured graph has none")
+
+
+def _hides_weights(module) -> bool:
+    """A leaf module call (nn.MultiheadAttention, nn.TransformerEncoderLayer...) that holds linear
+    or convolution layers symbolic_trace cannot see into."""
+    return module is not None and any(
+        isinstance(m, nn.Linear) or getattr(m, "in_proj_weight", None) is not None
+        or (isinstance(m, nn.modules.conv._ConvNd) and not m.transposed) for m in module.modules())
 
 
 def _kind_name(op: str) -> str:

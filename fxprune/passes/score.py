@@ -20,6 +20,11 @@ class ScorePass(Pass):
 
     def call(self, ctx: PruneContext) -> None:
         done, total = 0, len(ctx.selected())
+        for t in ctx.selected():
+            if ctx.model.get_parameter(t.param).is_meta:  # no values: nothing to rank
+                raise WeightError(f"layer {t.name} ({t.param}) is on the meta device and has no values "
+                                  f"to prune; load the weights first (e.g. model.to_empty(device='cpu') "
+                                  f"then load_state_dict)")
         for group in ctx.groups:
             targets = ctx.selected(group)
             if not targets:

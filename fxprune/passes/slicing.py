@@ -72,7 +72,7 @@ def slice_model(model: nn.Module, plan, spaces: set[int]) -> Undo:
     try:
         with torch.no_grad():
             for fqn, cuts in cut_plan(plan, spaces).items():
-                old = _tensor(model, fqn)
+                old = get_tensor(model, fqn)
                 new = old.detach()
                 for dim, keep in cuts:
                     if keep.size == 0:
@@ -94,7 +94,7 @@ def slice_model(model: nn.Module, plan, spaces: set[int]) -> Undo:
     return undo
 
 
-def _tensor(model: nn.Module, fqn: str) -> torch.Tensor:
+def get_tensor(model: nn.Module, fqn: str) -> torch.Tensor:
     module_name, _, name = fqn.rpartition(".")
     module = model.get_submodule(module_name)
     t = module._parameters.get(name)

@@ -78,12 +78,13 @@ class NInMPattern(BasePattern):
         masks = {}
         for name in list(scores):
             view = scores.pop(name) if consume else scores[name]
-            every_group = torch.ones(layouts[name].num_blocks, dtype=torch.bool)
+            every_group = torch.ones(layouts[name].num_blocks, dtype=torch.bool, device=view.device)
             masks[name] = ~self.expand(every_group, layouts[name], tuple(view.shape), view)
         return masks
 
     def expand(self, pruned_blocks: Tensor, layout: BlockLayout, view_shape, view_scores=None) -> Tensor:
         _, index = self._n_smallest(view_scores, layout)
-        pruned = torch.zeros(view_scores.numel() // self.m, self.m, dtype=torch.bool)
+        pruned = torch.zeros(view_scores.numel() // self.m, self.m, dtype=torch.bool,
+                             device=view_scores.device)
         pruned.scatter_(1, index, pruned_blocks.reshape(-1, 1).expand(-1, self.n).contiguous())
         return pruned.reshape(view_shape)

@@ -1,0 +1,225 @@
+"""Compaction speed: ONNX Runtime CPU latency of dense vs compacted models (issue 4).
+
+    python bench/compact_speed.py                       # ResNet-50 (batch 1, 8), BERT-base FFN (seq 128)
+    python bench/compact_speed.py --models resnet50 --runs 20 --sparsities 0.5
+
+For each model and channel sparsity (``1xchannel``, ``pruning_scope: local``: every pruned layer
+loses that fraction of its output channels; ``--round 16`` adds variants with
+``round_channels_to: 16``), prune with ``fxprune.transform(..., compact=True)``, export with
+``torch.onnx.export(dynamo=True)``, and time ONNX Runtime CPU inferences: the median of ``runs``
+after ``warmup``, every variant timed once per round, rounds interleaved, so load from other
+processes hits all alike; ``--threads`` intra-op threads, 1 by default. Parameters are counted
+on the model, FLOPs with ``torch.utils.flop_counter`` (per forward). The figure to watch is
+``speedup / FLOP cut``: how much of the FLOP reduction becomes latency (issue 4 asks >= 0.7).
+
+Models are built here (random weights, never downloaded): ResNet-50 (torchvision's layout), and
+BERT-base (``BertConfig()`` defaults: 12 layers, hidden 768, FFN 3072) with only the FFN
+intermediate channels pruned (``op_names: intermediate.dense``).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import fxprune
+
+
+# ---------------------------------------------------------------------- ResNet-50
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin, width, stride=1):
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return self.relu(out)
+
+
+class ResNet50(nn.Module):
+    def __init__(self, layers=(3, 4, 6, 3), width=64, num_classes=1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1, self.relu = nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin, stages = width, []
+        for i, n in enumerate(layers):
+            blocks = []
+            for j in range(n):
+                blocks.append(Bottleneck(cin, width * 2 ** i, stride=2 if i > 0 and j == 0 else 1))
+                cin = width * 2 ** i * Bottleneck.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _randomize_bn(model):
+    """Trained-looking BatchNorm statistics, so magnitudes are not all equal."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+def resnet50_case():
+    torch.manual_seed(0)
+    model = _randomize_bn(ResNet50()).eval()
+    return model, {}, (lambda b: (torch.randn(b, 3, 224, 224),))
+
+
+def bert_case():
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    model = BertModel(BertConfig()).eval()
+    return model, {"op_names": ["intermediate.dense"]}, (lambda b: (torch.randint(0, 30522, (b, 128)),))
+
+
+CASES = {"resnet50": (resnet50_case, (1, 8)), "bert-base-ffn": (bert_case, (1,))}
+
+
+# ---------------------------------------------------------------------- export and timing
+def export(model, inputs, path: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, inputs, str(path), dynamo=True, verbose=False)
+    return path
+
+
+def latencies_ms(paths, inputs, runs: int, warmup: int, threads: int) -> list[float]:
+    """Median latency of each model, timed in interleaved rounds (one run of each model per
+    round), so load from other processes hits every model alike."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sessions = [ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for p in paths]
+    feeds = [{i.name: t.numpy() for i, t in zip(s.get_inputs(), inputs)} for s in sessions]
+    times = [[] for _ in sessions]
+    for round_ in range(warmup + runs):
+        for s, f, t in zip(sessions, feeds, times):
+            start = time.perf_counter()
+            s.run(None, f)
+            if round_ >= warmup:
+                t.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
+def count(model, inputs) -> tuple[int, int]:
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    return sum(p.numel() for p in model.parameters()), int(counter.get_total_flops())
+
+
+def run_case(name, sparsities, rounds, runs, warmup, threads, workdir: Path, log):
+    make, batches = CASES[name]
+    model, extra, inputs_for = make()
+    rows = []
+    variants = [("dense", model, None)]
+    for s in sparsities:
+        for r in rounds:
+            cfg = {"pattern": "1xchannel", "target_sparsity": s, "pruning_scope": "local",
+                   "round_channels_to": r, **extra}
+            label = f"{s:.0%}" + (f" (x{r})" if r > 1 else "")
+            start = time.perf_counter()
+            pruned = fxprune.transform(model, cfg, inputs_for(1), compact=True).eval()
+            log(f"{name}: pruned and compacted at {label} in {time.perf_counter() - start:.1f}s")
+            log(f"  {str(fxprune.sparsity_report(pruned)).splitlines()[-1]}")
+            variants.append((label, pruned, None))
+    counts = [count(m, inputs_for(1)) for _, m, _ in variants]  # FLOPs are linear in the batch
+    for batch in batches:
+        inputs = inputs_for(batch)
+        paths = []
+        for s, m, _ in variants:
+            start = time.perf_counter()
+            paths.append(export(m, inputs, workdir / f"{name}_{len(paths)}_b{batch}.onnx"))
+            log(f"{name} b{batch} {s}: exported in {time.perf_counter() - start:.1f}s")
+        times = latencies_ms(paths, inputs, runs, warmup, threads)
+        (base_params, base_flops), base_ms = counts[0], times[0]
+        for (s, _, _), (params, flops), ms in zip(variants, counts, times):
+            flops *= batch
+            rows.append({"model": name, "batch": batch, "sparsity": s, "params": params,
+                         "flops": flops, "ms": ms, "speedup": base_ms / ms,
+                         "flop_cut": base_flops * batch / flops, "param_cut": base_params / params})
+            log(f"{name} b{batch} {s}: {ms:.1f} ms, {flops / 1e9:.2f} GFLOPs, {params / 1e6:.2f} M params")
+        for path in paths:
+            path.unlink(missing_ok=True)
+            Path(str(path) + ".data").unlink(missing_ok=True)
+    return rows
+
+
+def table(rows) -> str:
+    head = ("model", "batch", "channel sparsity", "params (M)", "GFLOPs", "ORT latency (ms)",
+            "speedup", "FLOP cut", "speedup / FLOP cut")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        dense = r["sparsity"] == "dense"
+        lines.append("| " + " | ".join([
+            r["model"], str(r["batch"]), r["sparsity"],
+            f"{r['params'] / 1e6:.2f}", f"{r['flops'] / 1e9:.2f}", f"{r['ms']:.1f}",
+            f"{r['speedup']:.2f}x", f"{r['flop_cut']:.2f}x",
+            "-" if dense else f"{r['speedup'] / r['flop_cut']:.2f}"]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--sparsities", nargs="+", type=float, default=[0.3, 0.5, 0.7])
+    ap.add_argument("--round", nargs="+", type=int, default=[1, 16], dest="rounds",
+                    help="round_channels_to values to compare (1: exact channel counts)")
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="ORT intra-op threads (1 by default: steadiest on a shared machine)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    args = ap.parse_args(argv)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    import onnxruntime
+    log(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {args.threads} threads, "
+        f"{args.runs} runs (median) after {args.warmup} warmup")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fxprune_compact_") as tmp:
+        for name in args.models:
+            rows += run_case(name, args.sparsities, args.rounds, args.runs, args.warmup, args.threads,
+                             Path(tmp), log)
+    text = table(rows)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

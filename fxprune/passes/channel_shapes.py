@@ -1,0 +1,263 @@
+"""Channel-analysis rules for layout ops: pooling, padding, reductions, reshape, transpose,
+expand, indexing, cat/stack/split (see :mod:`.channel_ops` for the rule interface)."""
+from __future__ import annotations
+
+import numpy as np
+from torch import fx
+
+from .channel_ops import _keep, _nonzero_reason, arg, rule, unknown_op
+from .dependency import Chan, HeadSplit, ParamRef, module_of, op_name, shape_of, where
+
+
+_POOLS = ("max_pool", "avg_pool", "adaptive_avg_pool", "_adaptive_avg_pool", "adaptive_max_pool",
+          "upsample_nearest", "_upsample_nearest_exact", "reflection_pad", "replicate_pad")
+SPATIAL = {f"{p}{k}d": k for k in (1, 2, 3) for p in _POOLS}
+SPATIAL.update({f"max_pool{k}d_with_indices": k for k in (1, 2, 3)})
+SPATIAL.update({"upsample_bilinear2d": 2, "upsample_bicubic2d": 2, "upsample_linear1d": 1,
+                "upsample_trilinear3d": 3, "_upsample_bilinear2d_aa": 2})
+_TWO_OUTPUTS = tuple(n for n in SPATIAL if n.endswith("_with_indices") or n.startswith("adaptive_max"))
+
+
+@rule(*SPATIAL)
+def _spatial(an, node):
+    xv = an.value(node.args[0])
+    name = op_name(node)
+    if not isinstance(xv, Chan):
+        return None
+    n = len(shape_of(node.args[0]))
+    if any(d >= n - SPATIAL[name] for d in xv.dims):
+        return unknown_op(an, node, "acts on the channel dim")
+    out = _keep(xv)
+    return [out, None] if name in _TWO_OUTPUTS else out
+
+
+@rule("constant_pad_nd", "pad")
+def _pad(an, node):
+    xv = an.value(node.args[0])
+    if not isinstance(xv, Chan):
+        return None
+    n = len(shape_of(node.args[0]))
+    padded = len(node.args[1]) // 2
+    if any(d >= n - padded for d in xv.dims):
+        return unknown_op(an, node, "pads the channel dim")
+    value = arg(node, 2, "value", 0) if op_name(node) == "constant_pad_nd" else arg(node, 3, "value", 0)
+    return _keep(xv) if not value else _keep(xv, False, where(node))
+
+
+@rule("mean", "sum", "amax", "amin", "max", "min")
+def _reduce(an, node):
+    xv = an.value(node.args[0])
+    name, overload = op_name(node), getattr(node.target, "_overloadname", "")
+    if not isinstance(xv, Chan) or overload == "other":
+        return unknown_op(an, node)
+    n = len(shape_of(node.args[0]))
+    dims = arg(node, 1, "dim", None)
+    if dims is None or overload == "default":
+        dims = list(range(n))
+    dims = {int(d) % n for d in (dims if isinstance(dims, (list, tuple)) else [dims])} or set(range(n))
+    keepdim = bool(arg(node, 2, "keepdim", False))
+    tuple_out = name in ("max", "min") and overload == "dim"
+    if not dims & set(xv.dims):
+        new = [d if keepdim else d - sum(r < d for r in dims) for d in xv.dims]
+        out = _keep(xv, dims=new)
+    elif set(xv.dims) <= dims and name == "sum":
+        if not xv.zero:
+            an.block(xv, _nonzero_reason(xv, node))
+        out = None  # pruned channels add nothing to the sum
+    else:
+        return unknown_op(an, node, "reduces over the channel dim")
+    return [out, None] if tuple_out else out
+
+
+# ---------------------------------------------------------------------- shape ops
+def _chunks(src, dst):
+    """Group the non-unit dims of a reshape into minimal chunks of equal size:
+    [(src dims, dst dims), ...]."""
+    a = [i for i, s in enumerate(src) if s != 1]
+    b = [j for j, s in enumerate(dst) if s != 1]
+    out, x, y = [], 0, 0
+    while x < len(a) and y < len(b):
+        ins, outs = [a[x]], [b[y]]
+        pa, pb = src[a[x]], dst[b[y]]
+        while pa != pb:
+            if pa < pb:
+                x += 1
+                ins.append(a[x])
+                pa *= src[a[x]]
+            else:
+                y += 1
+                outs.append(b[y])
+                pb *= dst[b[y]]
+        out.append((ins, outs))
+        x, y = x + 1, y + 1
+    return out
+
+
+@rule("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze",
+      "view_as", "reshape_as")
+def _reshape(an, node):
+    xv = an.value(node.args[0])
+    src, dst = shape_of(node.args[0]), shape_of(node)
+    if isinstance(xv, ParamRef):
+        return _reshape_param(an, node, xv, src, dst)
+    if not isinstance(xv, Chan):
+        return None
+    if any(src[d] == 1 for d in xv.dims):
+        return unknown_op(an, node, "reshapes a single channel")
+    hit = [(i, o) for i, o in _chunks(src, dst) if set(i) & set(xv.dims)]
+    if all(len(i) == 1 and len(o) == 1 for i, o in hit):  # the channel dims only move
+        move = {i[0]: o[0] for i, o in hit}
+        return _keep(xv, dims=[move[d] for d in xv.dims])
+    if len(hit) != 1:
+        return unknown_op(an, node, "merges channel dims with other dims in a way it cannot follow")
+    ins, outs = hit[0]
+    ordered = sorted(xv.dims)
+    arr = np.transpose(xv.atoms, [xv.dims.index(d) for d in ordered])
+    arr = arr.reshape([src[d] if d in xv.dims else 1 for d in ins])
+    arr = np.broadcast_to(arr, [src[d] for d in ins]).reshape([dst[o] for o in outs])
+    carrying = [j for j in range(arr.ndim) if (arr != np.take(arr, [0], axis=j)).any()]
+    sub = arr[tuple(slice(None) if j in carrying else 0 for j in range(arr.ndim))].copy()
+    new_dims = [outs[j] for j in carrying]
+    if len(carrying) > len(xv.dims):  # channels split into (heads, head_dim) or the like
+        spec = node.args[1] if op_name(node) in ("view", "reshape", "_unsafe_view") else None
+        free = [k for k, d in enumerate(new_dims) if spec is not None and spec[d] == -1]
+        shrink = free[0] if len(free) == 1 else 0
+        units = np.moveaxis(sub, shrink, 0).reshape(sub.shape[shrink], -1)
+        for row in units:  # only whole units along the fixed axes can go
+            an.atoms.union_all(row)
+        if len(carrying) == 2:
+            an.head_splits.append(HeadSplit(module_of(node), np.moveaxis(sub, shrink, 0)))
+    return Chan(tuple(new_dims), sub, xv.zero, xv.why)
+
+
+def _reshape_param(an, node, ref: ParamRef, src, dst):
+    """A parameter reshaped only by adding or removing unit dims (``b.view(1, -1, 1, 1)``)."""
+    if [s for s in src if s != 1] != [s for s in dst if s != 1]:
+        return unknown_op(an, node, "reshapes a parameter")
+    real = iter([p for p, s in zip(ref.perm, src) if s != 1])
+    perm = tuple(next(real) if s != 1 else -1 for s in dst)
+    return ParamRef(ref.fqn, perm, tuple(dst))
+
+
+@rule("transpose", "permute", "t", "swapaxes", "swapdims", "numpy_T", "movedim")
+def _permute(an, node):
+    xv = an.value(node.args[0])
+    n = len(shape_of(node.args[0]))
+    name = op_name(node)
+    if name == "permute":
+        perm = [int(d) % n for d in node.args[1]]
+    elif name == "movedim":
+        return unknown_op(an, node)
+    elif name in ("t", "numpy_T"):
+        perm = list(range(n))[::-1]
+    else:
+        d0, d1 = int(node.args[1]) % n, int(node.args[2]) % n
+        perm = list(range(n))
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+    if isinstance(xv, ParamRef):
+        return ParamRef(xv.fqn, tuple(xv.perm[p] for p in perm), tuple(xv.shape[p] for p in perm))
+    if not isinstance(xv, Chan):
+        return None
+    return _keep(xv, dims=[perm.index(d) for d in xv.dims])
+
+
+@rule("expand", "expand_as", "repeat")
+def _expand(an, node):
+    xv = an.value(node.args[0])
+    if not isinstance(xv, Chan):
+        return unknown_op(an, node) if isinstance(xv, ParamRef) else None
+    shift = len(shape_of(node)) - len(shape_of(node.args[0]))
+    dims = [d + shift for d in xv.dims]
+    if tuple(shape_of(node)[d] for d in dims) != xv.atoms.shape:
+        return unknown_op(an, node, "repeats the channels")
+    return _keep(xv, dims=dims)
+
+
+@rule("select", "slice", "narrow", "index_select")
+def _index(an, node):
+    xv = an.value(node.args[0])
+    if not isinstance(xv, Chan):
+        return unknown_op(an, node) if isinstance(xv, ParamRef) else None
+    src = shape_of(node.args[0])
+    dim = int(arg(node, 1, "dim", 0)) % len(src)
+    name = op_name(node)
+    if dim in xv.dims:
+        if name == "slice" and shape_of(node)[dim] == src[dim] and arg(node, 4, "step", 1) == 1:
+            return _keep(xv)  # x[:, :] -- the whole dim
+        return unknown_op(an, node, "indexes the channel dim")
+    if name == "select":
+        return _keep(xv, dims=[d - (d > dim) for d in xv.dims])
+    return _keep(xv)
+
+
+@rule("cat", "concat", "concatenate")
+def _cat(an, node):
+    tensors = list(node.args[0])
+    vals = [an.value(t) for t in tensors]
+    n = len(shape_of(node))
+    dim = int(arg(node, 1, "dim", 0)) % n
+    chans = [v for v in vals if isinstance(v, Chan)]
+    if not chans:
+        return unknown_op(an, node) if any(isinstance(v, ParamRef) for v in vals) else None
+    if all(c.dims == (dim,) for c in chans):  # along the channels: offsets
+        parts, zero = [], all(c.zero for c in chans)
+        for t, v in zip(tensors, vals):
+            if isinstance(v, Chan):
+                parts.append(v.atoms)
+            else:
+                fresh = an.atoms.new(shape_of(t)[dim])
+                an.block(fresh, f"{where(node)}: concatenated with {t.name}, which no prunable layer produces")
+                parts.append(fresh)
+        why = next((c.why for c in chans if not c.zero), "")
+        return Chan((dim,), np.concatenate(parts), zero, why)
+    first = chans[0]
+    if len(chans) == len(vals) and all(c.dims == first.dims and c.atoms.shape == first.atoms.shape
+                                       and dim not in c.dims for c in chans):
+        for c in chans[1:]:
+            an.atoms.union_arrays(first.atoms, c.atoms)
+        return _keep(first, all(c.zero for c in chans), next((c.why for c in chans if c.why), ""))
+    return unknown_op(an, node, "concatenates tensors whose channels do not line up")
+
+
+@rule("stack")
+def _stack(an, node):
+    vals = [an.value(t) for t in node.args[0]]
+    n = len(shape_of(node))
+    dim = int(arg(node, 1, "dim", 0)) % n
+    first = vals[0]
+    if not all(isinstance(v, Chan) and v.dims == first.dims and v.atoms.shape == first.atoms.shape
+               for v in vals):
+        return unknown_op(an, node, "stacks tensors whose channels do not line up")
+    for v in vals[1:]:
+        an.atoms.union_arrays(first.atoms, v.atoms)
+    return _keep(first, all(v.zero for v in vals), dims=[d + (d >= dim) for d in first.dims])
+
+
+@rule("split", "split_with_sizes", "chunk", "unbind")
+def _split(an, node):
+    xv = an.value(node.args[0])
+    pieces = [shape_of(v) for v in node.meta.get("val", [])]
+    if not isinstance(xv, Chan):
+        return unknown_op(an, node) if isinstance(xv, ParamRef) else [None] * len(pieces)
+    src = shape_of(node.args[0])
+    name = op_name(node)
+    dim = int(arg(node, 1 if name == "unbind" else 2, "dim", 0)) % len(src)
+    if dim not in xv.dims:
+        if name == "unbind":
+            return [_keep(xv, dims=[d - (d > dim) for d in xv.dims]) for _ in pieces]
+        return [_keep(xv) for _ in pieces]
+    sizes = [p[dim] for p in pieces]
+    if name == "unbind" or len(xv.dims) != 1 or len(set(sizes)) != 1:
+        return unknown_op(an, node, "splits the channels unevenly")
+    parts = np.split(xv.atoms, len(sizes))
+    for p in parts[1:]:  # equal pieces stay equal: channel j goes from every piece or none
+        an.atoms.union_arrays(parts[0], p)
+    return [_keep(xv, atoms=p) for p in parts]
+
+
+@rule("getitem")
+def _getitem(an, node):
+    seq = an.value(node.args[0])
+    if isinstance(seq, (list, tuple)) and isinstance(node.args[1], int) and node.args[1] < len(seq):
+        return seq[node.args[1]]
+    return None
