@@ -34,6 +34,7 @@ class LayerReport:
     zeros: int
     status: str                 # "pruned", "skipped: <reason>" or "excluded: <reason>"
     group: int | None = None
+    aliases: list[str] = field(default_factory=list)  # other module names of a tied weight
 
     @property
     def pruned(self) -> bool:
@@ -88,7 +89,7 @@ class SparsityReport:
 
     def layer(self, name: str) -> LayerReport:
         for r in self.layers:
-            if name in (r.name, r.param):
+            if name in (r.name, r.param) or name in r.aliases:
                 return r
         raise KeyError(f"no layer {name!r} in the report; layers: {[r.name for r in self.layers][:20]}")
 

@@ -77,6 +77,7 @@ def test_hf_model_kwargs_inputs_tied_lm_head_and_save_pretrained(tmp_path):
     report = fxprune.sparsity_report(pruned)
     # lm_head is tied to the token embedding: one target, found through its alias, pruned once
     assert [r.name for r in report.pruned_layers] == ["transformer.wte"]
+    assert report.layer("lm_head") is report.layer("transformer.wte")
     assert pruned.lm_head.weight is pruned.transformer.wte.weight
     assert int((pruned.lm_head.weight == 0).sum()) == 100 * 64 // 2
     pruned.save_pretrained(tmp_path)

@@ -110,6 +110,10 @@ class ChannelMaskPass(MaskPass):
             ctx.compaction = CompactionPlan(None, {}, {}, set(), {}, notes)
             return
         plan = _plan(ctx, ChannelAnalysis(ctx.graph_module, ctx.param_of_node).run(), channel)
+        for group in channel:
+            for t in ctx.selected(group):
+                if (t.param, output_dim(t)) not in plan.analysis.axes:
+                    notes[t.param] = "not compacted: no op the channel analysis follows uses its output"
         plan.notes = notes
         dead_rows = defaultdict(list)
         for root in plan.dead:

@@ -14,8 +14,7 @@ from typing import Callable
 import numpy as np
 from torch import fx
 
-from .dependency import (Chan, ChannelAnalysis, HeadSplit, NormGroups, ParamRef, module_of, op_name,
-                         shape_of, where)
+from .dependency import Chan, ChannelAnalysis, NormGroups, ParamRef, op_name, shape_of, where
 
 Rule = Callable[[ChannelAnalysis, fx.Node], object]
 RULES: dict[str, Rule] = {}

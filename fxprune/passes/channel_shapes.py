@@ -3,7 +3,6 @@ expand, indexing, cat/stack/split (see :mod:`.channel_ops` for the rule interfac
 from __future__ import annotations
 
 import numpy as np
-from torch import fx
 
 from .channel_ops import _keep, _nonzero_reason, arg, rule, unknown_op
 from .dependency import Chan, HeadSplit, ParamRef, module_of, op_name, shape_of, where

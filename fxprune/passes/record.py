@@ -27,7 +27,8 @@ class RecordPass(Pass):
                 scope=g.pruning_scope if g else None, criterion=g.pruning_type if g else None,
                 requested_sparsity=float(g.target_sparsity) if g else 0.0,
                 achieved_sparsity=zeros / numel if numel else 0.0,
-                numel=numel, zeros=zeros, status=t.status, group=g.index if g else None))
+                numel=numel, zeros=zeros, status=t.status, group=g.index if g else None,
+                aliases=list(t.aliases)))
         ctx.report = SparsityReport(
             layers=layers, config=ctx.config.to_dict(),
             versions={"fxprune": __version__, "torch": torch.__version__},
