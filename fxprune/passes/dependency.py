@@ -176,7 +176,12 @@ class ChannelAnalysis:
     def bind(self, ref, view_dim: int, atoms: np.ndarray, role: str) -> None:
         """Tie dim ``view_dim`` of parameter view ``ref`` to ``atoms``."""
         dim = ref.perm[view_dim]
-        self.atoms.union_arrays(self.axis(ref.fqn, dim, atoms.size, role), atoms)
+        axis = self.axis(ref.fqn, dim, ref.shape[view_dim], role)
+        if axis.size != atoms.size:  # not one entry per channel: never slice it
+            self.blocks += [(axis, f"{ref.fqn} dim {dim} does not line up with the channels"),
+                            (atoms, f"{ref.fqn} dim {dim} does not line up with the channels")]
+            return
+        self.atoms.union_arrays(axis, atoms)
 
     def block(self, value, reason: str) -> None:
         """Mark every atom in ``value`` (a Chan, list of them, atom array) unprunable."""
@@ -213,7 +218,10 @@ class ChannelAnalysis:
                 continue  # nothing channel-related flows through this node
             name = op_name(node)
             rule = RULES.get(name) or (RULES.get(name[:-1]) if name.endswith("_") else None)
-            out = rule(self, node) if rule else unknown_op(self, node)
+            try:
+                out = rule(self, node) if rule else unknown_op(self, node)
+            except Exception as e:  # a rule that trips on an unusual graph blocks, never fails
+                out = unknown_op(self, node, f"the channel analysis failed here ({type(e).__name__}: {e})")
             self.values[node] = out
             if is_mutating(node) and isinstance(out, Chan) and node.args and isinstance(node.args[0], fx.Node):
                 self.values[node.args[0]] = out  # in-place: later readers of the input see this
