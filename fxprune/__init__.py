@@ -7,6 +7,7 @@ from ._version import __version__
 from .config import PruningConfig
 from .errors import CaptureError, ConfigError, FxPruneError, WeightError
 from .patterns import BasePattern, BlockLayout
+from .pruner import Pruner
 from .registry import PATTERNS, get_pattern, register_pattern
 from .report import LayerReport, SparsityReport, sparsity_report
 from .transform import capture, transform
@@ -14,5 +15,5 @@ from .transform import capture, transform
 __all__ = [
     "__version__", "transform", "capture", "sparsity_report", "SparsityReport", "LayerReport",
     "PruningConfig", "register_pattern", "get_pattern", "PATTERNS", "BasePattern", "BlockLayout",
-    "FxPruneError", "ConfigError", "CaptureError", "WeightError",
+    "FxPruneError", "ConfigError", "CaptureError", "WeightError", "Pruner",
 ]

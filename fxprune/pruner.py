@@ -9,7 +9,7 @@
         pruner.step()       # advance the schedule; prunes when it says so
     model = pruner.finalize()   # plain model, masks baked in, report attached
 
-or INC's callbacks in an existing loop: ``on_step_begin(step)`` before the forward,
+or INC's callbacks in an existing loop: ``on_step_begin()`` before the forward,
 ``on_before_optimizer_step()`` after backward, ``on_after_optimizer_step()`` after the
 optimizer step.
 
@@ -116,13 +116,14 @@ class Pruner:
         return g
 
     # ------------------------------------------------------------------ training-loop callbacks
-    def on_step_begin(self, step: int | None = None) -> None:
+    def on_step_begin(self, local_step: int | None = None) -> None:
         """Before the forward of a step: prune if the schedule says so (once per step).
-        ``step`` sets the step counter (the Pruner counts steps itself otherwise)."""
+
+        As in INC, ``local_step`` (often the step inside the epoch) is accepted and not used: the
+        Pruner counts steps itself (``global_step``, advanced by ``on_after_optimizer_step``), so
+        a loop that restarts its step index every epoch keeps one schedule."""
         self._check_open()
         self._advanced = False
-        if step is not None:
-            self.global_step = int(step)
         if self._begun == self.global_step:
             return
         self._begun = self.global_step
@@ -153,8 +154,10 @@ class Pruner:
         the next one (prune when the schedule says so)."""
         self._check_open()
         if not self._advanced:
-            if self._observed != self.global_step and any(g.criterion.needs_gradients for g in self.groups):
-                if any(p.grad is None for g in self.groups for p in g.params.values()):
+            scoring = [g for g in self.groups
+                       if g.criterion.needs_gradients and self.global_step <= g.schedule.end_step]
+            if scoring and self._observed != self.global_step:
+                if any(p.grad is None for g in scoring for p in g.params.values()):
                     raise FxPruneError(
                         "gradient criteria need the gradients of each step: pass optimizer=... to "
                         "fxprune.Pruner, or call pruner.on_before_optimizer_step() before "

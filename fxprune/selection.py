@@ -6,10 +6,16 @@ index inside the layer): the lowest index is pruned first, which makes counts ex
 reproducible bit for bit.
 
 Speed: a global 1x1 ranking of BERT-base has 86M scores. ``torch.kthvalue`` or a sort over them
-takes seconds; instead the k-th smallest is found with a two-pass radix select on the float bits
-(a non-negative IEEE float orders like its int32 bit pattern): a 65536-bin histogram of the high
-16 bits, then one of the low 16 bits inside the chosen bin. Each pass works layer by layer, so
-memory stays at one layer's temporaries.
+takes seconds. Instead (a non-negative IEEE float orders like its int32 bit pattern):
+
+1. a seeded random sample of the keys brackets the k-th smallest between two sample keys, with
+   a margin of several standard deviations; one vectorised pass counts the keys below the
+   bracket and gathers the few inside it, where a small ``kthvalue`` finds the exact key;
+2. if the bracket missed (rare, or on few keys), an exact two-pass radix select: a 65536-bin
+   histogram of the high 16 bits, then one of the low 16 bits inside the chosen bin.
+
+Either way the result is exact; the sample only decides how fast. Passes work layer by layer,
+so memory stays at one layer's temporaries.
 """
 from __future__ import annotations
 
@@ -30,15 +36,51 @@ def _histogram(values: Tensor) -> Tensor:
     return torch.bincount(values, minlength=_BINS)
 
 
-def kth_key(keys: Sequence[Tensor], k: int, excluded: Sequence[Tensor | None] | None = None
-            ) -> tuple[int, int, list[int]]:
-    """Radix select over all layers' keys (>= 0, non-negative float bits).
-
-    Returns the key of the k-th smallest (1-based) non-excluded entry, how many non-excluded
-    entries are strictly smaller, and how many equal it in each layer.
-    """
+def kth_key(keys: Sequence[Tensor], k: int, excluded: Sequence[Tensor | None] | None = None,
+            *, sample: bool = True) -> tuple[int, int, list[int]]:
+    """The key of the k-th smallest (1-based) non-excluded entry over all layers' keys (>= 0,
+    non-negative float bits), how many non-excluded entries are strictly smaller, and how many
+    equal it in each layer. ``sample=False`` forces the radix select."""
     excluded = excluded or [None] * len(keys)
     live = [kk if ex is None else kk[~ex] for kk, ex in zip(keys, excluded)]
+    found = _bracket_select(live, k) if sample else None
+    return found if found is not None else _radix_select(live, k)
+
+
+_SAMPLE = 1 << 16        # keys drawn to bracket the k-th
+_MIN_FOR_SAMPLING = 1 << 20
+_MARGIN_SD = 5.0         # bracket half-width, in binomial standard deviations of the sample rank
+
+
+def _bracket_select(live: Sequence[Tensor], k: int) -> tuple[int, int, list[int]] | None:
+    sizes = [kk.numel() for kk in live]
+    total = sum(sizes)
+    if total < _MIN_FOR_SAMPLING:
+        return None
+    gen = torch.Generator().manual_seed(0)  # reproducible speed; the result is exact anyway
+    picks = [kk[torch.randint(0, n, (max(1, _SAMPLE * n // total),), generator=gen).to(kk.device)]
+             for kk, n in zip(live, sizes) if n]
+    sample = torch.sort(torch.cat(picks)).values
+    m = sample.numel()
+    q = k / total
+    half = _MARGIN_SD * (m * q * (1 - q)) ** 0.5 + 2
+    lo_rank, hi_rank = int(q * m - half), int(q * m + half)
+    low = int(sample[lo_rank]) if lo_rank >= 0 else None
+    high = int(sample[hi_rank]) if hi_rank < m else None
+    below, inside = 0, []
+    for kk in live:  # one full pass per layer; the second compare runs on the small window
+        window = kk if low is None else kk[kk >= low]
+        below += kk.numel() - window.numel()
+        inside.append(window if high is None else window[window <= high])
+    n_inside = sum(w.numel() for w in inside)
+    if not below < k <= below + n_inside:
+        return None  # the k-th lies outside the bracket: fall back to the radix select
+    threshold = int(torch.kthvalue(torch.cat(inside).cpu(), k - below).values)
+    n_less = below + sum(int(torch.count_nonzero(w < threshold)) for w in inside)
+    return threshold, n_less, [int(torch.count_nonzero(w == threshold)) for w in inside]
+
+
+def _radix_select(live: Sequence[Tensor], k: int) -> tuple[int, int, list[int]]:
     high = sum(_histogram(kk >> 16) for kk in live)
     cum_high = high.cumsum(0)
     hi = int(torch.searchsorted(cum_high, k))  # a Python scalar: works whatever the device

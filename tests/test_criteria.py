@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune
-from conftest import MLP, SmallCNN
+from conftest import MLP
 from fxprune.criteria import CRITERIA, SparseGPTCriterion
 from fxprune.criteria.features import conv_patches
 from fxprune.errors import ConfigError, FxPruneError
