@@ -197,7 +197,7 @@ def cmd_prune(args) -> int:
 
 def _save_pt2(model, inputs, path, report) -> None:
     import torch
-    from .passes.capture import split_inputs
+    from .inputs import split_inputs
 
     args, kwargs = split_inputs(inputs)
     try:

@@ -282,7 +282,7 @@ def test_progress_bar_only_on_a_tty(mlp, capsys, monkeypatch):
     calib = [torch.randn(2, 32) for _ in range(3)]
     fxprune.transform(mlp, {"pruning_type": "activation"}, calibration=calib)
     assert capsys.readouterr().err == ""                   # not a TTY: silent
-    import fxprune.criteria.progress as progress
+    import fxprune.progress as progress
     monkeypatch.setattr(progress, "_isatty", lambda: True)
     monkeypatch.setitem(__import__("sys").modules, "tqdm", None)  # the built-in bar
     fxprune.transform(mlp, {"pruning_type": "activation"}, calibration=calib)

@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import ConfigError, FxPruneError
-from ..passes.capture import split_inputs
+from ..inputs import split_inputs
 
 
 def require_data(ctx, pruning_type: str, *, loss: bool = False) -> None:
@@ -172,7 +172,7 @@ def record_inputs(ctx, targets: Sequence, observe: Callable[[WeightCall], None],
     Runs in eval mode without gradients. Raises when a target's weight was never used (the
     calibration did not reach it), naming the layer.
     """
-    from .progress import progress
+    from ..progress import progress
 
     model = ctx.model
     stop_after = {t.param: max(1, len(t.nodes)) for t in targets} if stop_early else None

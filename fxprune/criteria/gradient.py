@@ -23,7 +23,7 @@ from ..errors import FxPruneError
 from ..geometry import to_view_2d
 from .base import Criterion
 from .calibration import eval_mode, require_data
-from .progress import progress
+from ..progress import progress
 
 
 class GradientCriterion(Criterion):

@@ -25,6 +25,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from ..inputs import INPUTS_HELP, split_inputs as _split_inputs
 from .errors import ExportError
 from .metadata import read_metadata, report_from_metadata
 from .results import Check
@@ -47,19 +48,9 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-INPUTS_HELP = ("example_inputs must be what model.forward accepts: a tensor, a tuple of "
-               "positional arguments, or a dict of keyword arguments")
-
-
 def split_inputs(example_inputs) -> tuple[tuple, dict]:
-    """``example_inputs`` as (positional args, keyword args)."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    if isinstance(example_inputs, Mapping):
-        return (), dict(example_inputs)
-    raise ExportError(f"example_inputs is a {type(example_inputs).__name__}; {INPUTS_HELP}")
+    """``example_inputs`` as (positional args, keyword args); ExportError for anything else."""
+    return _split_inputs(example_inputs, ExportError)
 
 
 def run_torch(model: torch.nn.Module, args: tuple, kwargs: dict):

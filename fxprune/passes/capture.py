@@ -10,6 +10,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import CaptureError
+from ..inputs import output_tensors, split_inputs
 from .base import Pass
 from .context import PruneContext
 
@@ -63,15 +64,6 @@ class CapturePass(Pass):
         assert ctx.graph_module is not None
 
 
-def split_inputs(example_inputs) -> tuple[tuple, dict]:
-    """example_inputs as (args, kwargs): a tuple of args, a dict of kwargs, or one tensor."""
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    return (example_inputs,), {}
-
-
 class _TensorOutputs(nn.Module):
     """Capture wrapper: returns only the tensors of the model's output.
 
@@ -85,18 +77,7 @@ class _TensorOutputs(nn.Module):
         self.model = model
 
     def forward(self, *args, **kwargs):
-        return tuple(_tensors(self.model(*args, **kwargs)))
-
-
-def _tensors(out):
-    if isinstance(out, torch.Tensor):
-        yield out
-    elif isinstance(out, dict):  # includes Hugging Face ModelOutput
-        for v in out.values():
-            yield from _tensors(v)
-    elif isinstance(out, (tuple, list)):
-        for v in out:
-            yield from _tensors(v)
+        return tuple(output_tensors(self.model(*args, **kwargs)))
 
 
 def _first_line(e: Exception) -> str:

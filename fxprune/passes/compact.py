@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import FxPruneError
 from .base import Pass
-from .capture import _tensors, split_inputs
+from ..inputs import output_tensors, split_inputs
 from .channel_groups import ChannelMaskPass
 from .context import PruneContext
 from .mask import MaskPass
@@ -100,8 +100,8 @@ def forward(model, args, kwargs, count_flops: bool = False):
             if count_flops:
                 with FlopCounterMode(display=False) as counter:
                     out = model(*args, **kwargs)
-                return [t.detach() for t in _tensors(out)], int(counter.get_total_flops())
-            return [t.detach() for t in _tensors(model(*args, **kwargs))], None
+                return [t.detach() for t in output_tensors(out)], int(counter.get_total_flops())
+            return [t.detach() for t in output_tensors(model(*args, **kwargs))], None
     finally:
         model.train(was_training)
 
