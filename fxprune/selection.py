@@ -15,11 +15,13 @@ takes seconds. Instead (a non-negative IEEE float orders like its int32 bit patt
    histogram of the high 16 bits, then one of the low 16 bits inside the chosen bin.
 
 Either way the result is exact; the sample only decides how fast. Passes work layer by layer,
-so memory stays at one layer's temporaries.
+so memory stays at one layer's temporaries. Scores may be :class:`LazyScores`, recomputed at each
+pass instead of held for every layer at once (magnitude: |w| is cheaper to recompute than to keep).
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Callable, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -27,8 +29,42 @@ from torch import Tensor
 _BINS = 1 << 16
 
 
-def keys_of(scores: Tensor) -> Tensor:
+class LazyScores:
+    """Scores computed on demand. ``compute()`` returns the tensor (of ``shape``); ``sample(idx)``
+    returns a random-sample-worthy subset of its values cheaply (any order is fine)."""
+
+    def __init__(self, compute: Callable[[], Tensor], shape, device=None,
+                 sample: Callable[[Tensor], Tensor] | None = None):
+        self.compute, self.shape = compute, tuple(shape)
+        self.device = torch.device("cpu") if device is None else device
+        self._sample = sample
+
+    def __call__(self) -> Tensor:
+        return self.compute()
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def sample(self, index: Tensor) -> Tensor:
+        return self._sample(index) if self._sample is not None else self.compute().reshape(-1)[index]
+
+    def map(self, fn: Callable[[Tensor], Tensor], shape=None) -> "LazyScores":
+        sample = (lambda index: fn(self.sample(index))) if self._sample is not None else None
+        return LazyScores(lambda: fn(self.compute()), self.shape if shape is None else shape,
+                          self.device, sample)
+
+
+Scores = Union[Tensor, LazyScores]
+
+
+def materialize(scores: Scores) -> Tensor:
+    return scores() if isinstance(scores, LazyScores) else scores
+
+
+def keys_of(scores: Scores) -> Scores:
     """int32 keys ordered like the (non-negative, finite) float32 scores; a view, no copy."""
+    if isinstance(scores, LazyScores):
+        return scores.map(lambda t: t.view(torch.int32))
     return scores.view(torch.int32)
 
 
@@ -42,7 +78,7 @@ def kth_key(keys: Sequence[Tensor], k: int, excluded: Sequence[Tensor | None] | 
     non-negative float bits), how many non-excluded entries are strictly smaller, and how many
     equal it in each layer. ``sample=False`` forces the radix select."""
     excluded = excluded or [None] * len(keys)
-    live = [kk if ex is None else kk[~ex] for kk, ex in zip(keys, excluded)]
+    live = [kk if ex is None else materialize(kk)[~ex] for kk, ex in zip(keys, excluded)]
     found = _bracket_select(live, k) if sample else None
     return found if found is not None else _radix_select(live, k)
 
@@ -58,7 +94,7 @@ def _bracket_select(live: Sequence[Tensor], k: int) -> tuple[int, int, list[int]
     if total < _MIN_FOR_SAMPLING:
         return None
     gen = torch.Generator().manual_seed(0)  # reproducible speed; the result is exact anyway
-    picks = [kk[torch.randint(0, n, (max(1, _SAMPLE * n // total),), generator=gen).to(kk.device)]
+    picks = [_sample(kk, torch.randint(0, n, (max(1, _SAMPLE * n // total),), generator=gen))
              for kk, n in zip(live, sizes) if n]
     sample = torch.sort(torch.cat(picks)).values
     m = sample.numel()
@@ -69,6 +105,7 @@ def _bracket_select(live: Sequence[Tensor], k: int) -> tuple[int, int, list[int]
     high = int(sample[hi_rank]) if hi_rank < m else None
     below, inside = 0, []
     for kk in live:  # one full pass per layer; the second compare runs on the small window
+        kk = materialize(kk)
         window = kk if low is None else kk[kk >= low]
         below += kk.numel() - window.numel()
         inside.append(window if high is None else window[window <= high])
@@ -80,12 +117,21 @@ def _bracket_select(live: Sequence[Tensor], k: int) -> tuple[int, int, list[int]
     return threshold, n_less, [int(torch.count_nonzero(w == threshold)) for w in inside]
 
 
-def _radix_select(live: Sequence[Tensor], k: int) -> tuple[int, int, list[int]]:
-    high = sum(_histogram(kk >> 16) for kk in live)
+def _sample(kk: Scores, index: Tensor) -> Tensor:
+    if isinstance(kk, LazyScores):
+        return kk.sample(index.to(kk.device))
+    return kk[index.to(kk.device)]
+
+
+def _radix_select(live: Sequence[Scores], k: int) -> tuple[int, int, list[int]]:
+    high = sum(_histogram(materialize(kk) >> 16) for kk in live)
     cum_high = high.cumsum(0)
     hi = int(torch.searchsorted(cum_high, k))  # a Python scalar: works whatever the device
     below = int(cum_high[hi - 1]) if hi > 0 else 0
-    lows = [_histogram(kk[(kk >> 16) == hi] & 0xFFFF) for kk in live]
+    lows = []
+    for kk in live:
+        kk = materialize(kk)
+        lows.append(_histogram(kk[(kk >> 16) == hi] & 0xFFFF))
     cum_low = sum(lows).cumsum(0)
     lo = int(torch.searchsorted(cum_low, k - below))
     n_less = below + (int(cum_low[lo - 1]) if lo > 0 else 0)
@@ -107,6 +153,7 @@ def prune_k_smallest(keys: Sequence[Tensor], k: int,
     ties_left = k - n_less
     out = []
     for kk, ex, equal_here in zip(keys, excluded, n_equal):
+        kk = materialize(kk)
         take = min(ties_left, equal_here)
         ties_left -= take
         if take == equal_here:  # the usual case: every tie at the threshold (often one) is taken
@@ -122,12 +169,12 @@ def prune_k_smallest(keys: Sequence[Tensor], k: int,
     return out
 
 
-def select_local(scores: Tensor, k: int) -> Tensor:
+def select_local(scores: Scores, k: int) -> Tensor:
     """Pruned mask of the ``k`` lowest entries of one layer's block scores."""
     return prune_k_smallest([keys_of(scores)], k)[0]
 
 
-def select_global(scores: Sequence[Tensor], block_weights: Sequence[int], budget: int,
+def select_global(scores: Sequence[Scores], block_weights: Sequence[int], budget: int,
                   min_blocks: Sequence[int], max_blocks: Sequence[int]) -> list[Tensor]:
     """One ranking over all layers, pruning up to ``budget`` weights in whole blocks.
 
@@ -173,6 +220,7 @@ def _prefix_by_weight(scores: Sequence[Tensor], block_weights: Sequence[int], bu
     already holds ``capacity`` of them. Block counts here are small (channels)."""
     if not scores:
         return []
+    scores = [materialize(s) for s in scores]
     flat = torch.cat([s.float() for s in scores])
     device = flat.device
     weight = torch.cat([torch.full((s.numel(),), b, dtype=torch.int64, device=device)

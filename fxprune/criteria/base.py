@@ -43,6 +43,11 @@ class Criterion:
     def observe_gradients(self, params: Mapping[str, nn.Parameter]) -> None:
         """Training time: read ``param.grad`` of the selected weights (gradient criteria)."""
 
+    def lazy_scores(self, param_name: str, weight: Tensor, geometry):
+        """Scores that can be recomputed cheaply from the weight alone, as a
+        :class:`~fxprune.selection.LazyScores`; ``None`` (the default) to compute them once."""
+        return None
+
     def view_scores(self, param_name: str, weight_view: Tensor) -> Tensor:
         """float32 scores shaped like ``weight_view`` (finite, >= 0)."""
         raise NotImplementedError

@@ -34,6 +34,14 @@ class ScorePass(Pass):
             ctx.criteria[group.index] = criterion  # the rewrite pass calls its update_weights
             for t in targets:
                 weight = ctx.model.get_parameter(t.param).detach()
+                # Compaction reads every layer's scores at once: it gets real tensors.
+                lazy = None if ctx.compact else criterion.lazy_scores(t.param, weight, t.geometry)
+                if lazy is not None:  # recomputed when needed (|w|): not held for every layer
+                    _check_finite(t, weight)
+                    ctx.scores[t.param] = lazy
+                    done += 1
+                    ctx.tick("score", done, total)
+                    continue
                 if not criterion.zero_weights_score_zero:  # else |w| scores show NaN/inf below
                     _check_finite(t, weight)
                 view = to_view_2d(weight, t.geometry)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..config import GroupConfig, budget, ceil_budget
 from ..geometry import WeightGeometry
-from ..selection import select_global, select_local
+from ..selection import LazyScores, materialize, select_global, select_local
 
 
 @dataclass(frozen=True)
@@ -127,9 +127,11 @@ class BasePattern:
         lo = min(-(-ceil_budget(self.min_sparsity_ratio_per_op, n) // layout.block_weights), hi)
         return lo, hi
 
-    def get_masks(self, scores: Mapping[str, Tensor], layouts: Mapping[str, BlockLayout], *,
-                  consume: bool = False) -> dict[str, Tensor]:
+    def get_masks(self, scores: Mapping[str, Tensor | LazyScores], layouts: Mapping[str, BlockLayout],
+                  *, consume: bool = False) -> dict[str, Tensor]:
         """Keep-masks (view-shaped, bool) for every layer in ``scores``, global or local.
+
+        A score may be a :class:`~fxprune.selection.LazyScores`, recomputed when needed.
 
         ``consume=True`` (the mask pass) lets the pattern pop each layer's element scores from
         ``scores`` as soon as it is done with them: they are as large as the weights.
@@ -138,7 +140,11 @@ class BasePattern:
         shapes = {name: tuple(scores[name].shape) for name in names}
         block_scores = {}
         for name in names:
-            block_scores[name] = self.block_scores(scores[name], layouts[name])
+            layout, source = layouts[name], scores[name]
+            if isinstance(source, LazyScores) and self._blocks_are_elements(layout):
+                block_scores[name] = source.map(lambda t: t.reshape(-1), (layout.num_blocks,))
+            else:  # block scores are a fraction of the element scores: keep those
+                block_scores[name] = self.block_scores(materialize(source), layout)
             if consume and not self.expand_needs_scores:
                 del scores[name]
         if self.is_global:
@@ -149,8 +155,14 @@ class BasePattern:
         masks = {}
         for name in names:
             view = (scores.pop(name) if consume else scores[name]) if self.expand_needs_scores else None
+            view = None if view is None else materialize(view)
             masks[name] = ~self.expand(pruned.pop(name), layouts[name], shapes[name], view)
         return masks
+
+    def _blocks_are_elements(self, layout: BlockLayout) -> bool:
+        """1x1 blocks scored by the base reduce: the block scores are the element scores."""
+        return (type(self).block_scores is BasePattern.block_scores
+                and all(layout.shape[d] == 1 for d in layout.reduce_dims))
 
     def get_masks_global(self, block_scores: Mapping[str, Tensor], layouts: Mapping[str, BlockLayout]
                          ) -> dict[str, Tensor]:

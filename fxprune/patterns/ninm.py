@@ -17,6 +17,7 @@ from ..config import GroupConfig
 from ..errors import ConfigError
 from ..geometry import WeightGeometry
 from ..registry import register_pattern
+from ..selection import materialize
 from .base import BasePattern, BlockLayout
 
 _NINM = re.compile(r"^(\d+):(\d+)$")
@@ -77,7 +78,7 @@ class NInMPattern(BasePattern):
             return super().get_masks(scores, layouts, consume=consume)
         masks = {}
         for name in list(scores):
-            view = scores.pop(name) if consume else scores[name]
+            view = materialize(scores.pop(name) if consume else scores[name])
             every_group = torch.ones(layouts[name].num_blocks, dtype=torch.bool, device=view.device)
             masks[name] = ~self.expand(every_group, layouts[name], tuple(view.shape), view)
         return masks
