@@ -416,3 +416,15 @@ def test_transposed_weight_arguments_are_discovered_with_the_flipped_layout(use_
     assert int((pruned.w == 0).all(dim=0).sum()) == 2       # whole output columns of an [in, out] weight
     dead = (pruned.v == 0).all(dim=1)
     assert int(dead.sum()) == 3 and (pruned.b[dead] == 0).all()
+
+
+@pytest.mark.parametrize("pattern", ["1x1", "4x1", "2:4", "1xchannel"])
+def test_recomputed_magnitude_scores_give_the_masks_of_stored_scores(cnn, monkeypatch, pattern):
+    from fxprune.criteria import MagnitudeCriterion
+
+    config = {"target_sparsity": 0.5, "pattern": pattern, "min_sparsity_ratio_per_op": 0.1}
+    lazy = fxprune.transform(cnn, config)
+    monkeypatch.setattr(MagnitudeCriterion, "lazy_scores", lambda self, *a: None)
+    stored = fxprune.transform(cnn, config)
+    for (name, p), (_, q) in zip(lazy.named_parameters(), stored.named_parameters()):
+        assert torch.equal(p, q), name
