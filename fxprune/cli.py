@@ -6,7 +6,7 @@
 
 MODEL is a ``torch.export`` archive (``.pt2``), ``pkg.module:factory`` (a callable returning an
 ``nn.Module`` or ``(module, example_inputs)``), or a built-in example (``mlp``, ``resnet``,
-``bert-tiny``). Exit codes: 0 ok, 1 validation failed, 2 bad usage, config, model or file,
+``resnet50``, ``bert-tiny``). Exit codes: 0 ok, 1 validation failed, 2 bad usage, config, model or file,
 3 internal error. Errors are one line and the fix; ``--debug`` shows the traceback.
 """
 from __future__ import annotations
@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="'float32[1,3,224,224]', 'int64[1,128]{0,30522}' (';' between inputs) or a .pt file")
     parser = argparse.ArgumentParser(prog="fxprune", description="A pruning compiler for PyTorch.",
                                      epilog="MODEL: a .pt2 torch.export archive, pkg.module:factory, "
-                                            "or a built-in example (mlp, resnet, bert-tiny)")
+                                            "or a built-in example (mlp, resnet, resnet50, bert-tiny)")
     from ._version import __version__
     parser.add_argument("--version", action="version", version=f"fxprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,inspect,validate}")

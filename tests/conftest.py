@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from fxprune import examples
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -14,17 +16,11 @@ def pytest_configure(config):
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
 
 
-class MLP(nn.Module):
-    def __init__(self, sizes=(32, 64, 64, 10)):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+class MLP(examples.MLP):
+    """The example MLP, small: 32 -> 64 -> 64 -> 10."""
 
-    def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = torch.relu(x)
-        return x
+    def __init__(self, sizes=(32, 64, 64, 10)):
+        super().__init__(sizes)
 
 
 class SmallCNN(nn.Module):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune
+from fxprune.examples import ResNet
 from fxprune.passes import CAPTURE_PASSES, PRUNE_PASSES, PassManager
 from fxprune.passes.compact import compact_passes, zero_removed
 from fxprune.transform import _context
@@ -80,55 +81,6 @@ class PlainCNN(nn.Module):
         x = F.max_pool2d(F.relu(self.bn2(self.c2(x))), 2)
         x = F.adaptive_avg_pool2d(F.relu(self.c3(x)), 2)
         return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
-
-
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, cin, width, stride=1):
-        super().__init__()
-        cout = width * self.expansion
-        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        out += identity
-        return self.relu(out)
-
-
-class ResNet(nn.Module):
-    """ResNet-50's definition (torchvision layout), with a width and depth knob."""
-
-    def __init__(self, layers=(3, 4, 6, 3), width=64, num_classes=1000):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-        self.bn1, self.relu = nn.BatchNorm2d(width), nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        cin, stages = width, []
-        for i, n in enumerate(layers):
-            blocks = []
-            for j in range(n):
-                blocks.append(Bottleneck(cin, width * 2 ** i, stride=2 if i > 0 and j == 0 else 1))
-                cin = width * 2 ** i * Bottleneck.expansion
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 class DenseBlock(nn.Module):
