@@ -6,12 +6,12 @@ from fxprune.examples import EXAMPLES
 
 torch.manual_seed(0)
 RUNS = [
-    ("resnet", {"target_sparsity": 0.8, "pattern": "4x1"}, {}),
-    ("bert-tiny", {"target_sparsity": 0.5, "pattern": "2:4"}, {}),
-    ("resnet", {"target_sparsity": 0.5, "pattern": "1xchannel", "pruning_scope": "local", "compact": True}, {}),
+    ("resnet", {"target_sparsity": 0.8, "pattern": "4x1"}),
+    ("bert-tiny", {"target_sparsity": 0.5, "pattern": "2:4"}),
+    ("resnet", {"target_sparsity": 0.5, "pattern": "1xchannel", "pruning_scope": "local", "compact": True}),
 ]
 first = lambda out: out if isinstance(out, torch.Tensor) else out[0]
-for name, config, _ in RUNS:
+for name, config in RUNS:
     model, inputs = EXAMPLES[name]()
     # torch.export capture for the HF model and for compaction; symbolic_trace for the plain CNN
     capture_inputs = inputs if name == "bert-tiny" or config.get("compact") else None

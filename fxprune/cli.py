@@ -212,8 +212,12 @@ def _save_pt2(model, inputs, path, report) -> None:
 def _result_dict(result) -> dict:
     return {"path": str(result.path), "data_path": str(result.data_path) if result.data_path else None,
             "size": result.size, "passed": result.passed, "latency_ms": result.latency_ms,
-            "checks": [{"name": c.name, "passed": c.passed, "figures": c.figures, "message": c.message}
-                       for c in result.checks]}
+            "checks": _checks_list(result.checks)}
+
+
+def _checks_list(checks) -> list[dict]:
+    return [{"name": c.name, "passed": c.passed, "figures": c.figures, "message": c.message}
+            for c in checks]
 
 
 def cmd_inspect(args) -> int:
@@ -227,7 +231,7 @@ def cmd_inspect(args) -> int:
     for t in targets:
         fits, not_fits = [], {}
         for name in INSPECT_PATTERNS:
-            target = 0.5 if name in ("2:4", "4:8") else 0.25 if name == "1:4" else 0.5
+            target = 0.25 if name == "1:4" else 0.5
             pattern = fxprune.get_pattern(PruningConfig.from_any(
                 {"pattern": name, "target_sparsity": target}).groups()[0])
             layout = pattern.block_layout(t.geometry)
@@ -249,8 +253,7 @@ def cmd_inspect(args) -> int:
     widths = [max(len(x) for x in col) for col in zip(head, *table)]
     for row in (head, *table):
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-    reasons = {(name, why) for r in rows for name, why in r["does_not_fit"].items()}
-    if reasons:
+    if any(r["does_not_fit"] for r in rows):
         print("\npatterns that do not fit some layers:")
         for r in rows:
             for name, why in r["does_not_fit"].items():
@@ -272,8 +275,7 @@ def cmd_validate(args) -> int:
     passed = all(c.passed for c in checks)
     if args.json:
         print(json.dumps({"onnx": str(onnx_path), "model": source, "passed": passed,
-                          "checks": [{"name": c.name, "passed": c.passed, "figures": c.figures,
-                                      "message": c.message} for c in checks]}, indent=2))
+                          "checks": _checks_list(checks)}, indent=2))
     elif not args.quiet:
         print(f"validation of {onnx_path} against {source}: {'passed' if passed else 'FAILED'}")
         print(format_checks(checks))

@@ -81,10 +81,6 @@ class GroupConfig:
     def where(self) -> str:
         return f"pruning_configs[{self.index}]"
 
-    def as_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("index", "schedule")}
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()} | dict(self.schedule)
-
 
 @dataclass
 class PruningConfig:
@@ -96,21 +92,21 @@ class PruningConfig:
     pruning_scope: str = GROUP_DEFAULTS["pruning_scope"]
     op_names: list = field(default_factory=list)
     excluded_op_names: list = field(default_factory=list)
-    pruning_op_types: list = field(default_factory=lambda: ["Conv", "Linear"])
+    pruning_op_types: list = field(default_factory=lambda: list(GROUP_DEFAULTS["pruning_op_types"]))
     max_sparsity_ratio_per_op: float = GROUP_DEFAULTS["max_sparsity_ratio_per_op"]
     min_sparsity_ratio_per_op: float = GROUP_DEFAULTS["min_sparsity_ratio_per_op"]
     criterion_reduce_type: str = GROUP_DEFAULTS["criterion_reduce_type"]
-    start_step: int = 0
-    end_step: int = 0
-    pruning_frequency: int = 1
-    sparsity_decay_type: str = "exp"
-    reg_type: Any = None
-    resume_from_pruned_checkpoint: bool = False
-    low_memory_usage: bool = False
-    pruning_configs: list = field(default_factory=lambda: [{}])
-    exclude_last_linear: bool = True
-    compact: bool = False
-    round_channels_to: int = 1
+    start_step: int = GROUP_DEFAULTS["start_step"]
+    end_step: int = GROUP_DEFAULTS["end_step"]
+    pruning_frequency: int = GROUP_DEFAULTS["pruning_frequency"]
+    sparsity_decay_type: str = GROUP_DEFAULTS["sparsity_decay_type"]
+    reg_type: Any = GROUP_DEFAULTS["reg_type"]
+    resume_from_pruned_checkpoint: bool = GROUP_DEFAULTS["resume_from_pruned_checkpoint"]
+    low_memory_usage: bool = GROUP_DEFAULTS["low_memory_usage"]
+    pruning_configs: list = field(default_factory=lambda: copy.deepcopy(GLOBAL_DEFAULTS["pruning_configs"]))
+    exclude_last_linear: bool = GLOBAL_DEFAULTS["exclude_last_linear"]
+    compact: bool = GLOBAL_DEFAULTS["compact"]
+    round_channels_to: int = GLOBAL_DEFAULTS["round_channels_to"]
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -283,14 +279,19 @@ def load_config_file(path: str | Path) -> dict:
     return data
 
 
-def budget(target: float, total: int) -> int:
-    """floor(target * total), computed on the decimal value the user wrote.
+def decimal_fraction(value: float) -> Fraction:
+    """``value`` as the decimal the user wrote: the shortest decimal repr of the float, exactly.
 
     ``0.29 * 100`` is 28.999... in binary floating point; a user who asks for 29 % of 100 weights
-    means 29, so the fraction is taken from the shortest decimal repr of the float.
+    means 29.
     """
-    return math.floor(Fraction(repr(float(target))) * total)
+    return Fraction(repr(float(value)))
+
+
+def budget(target: float, total: int) -> int:
+    """floor(target * total), computed on the decimal value the user wrote."""
+    return math.floor(decimal_fraction(target) * total)
 
 
 def ceil_budget(target: float, total: int) -> int:
-    return math.ceil(Fraction(repr(float(target))) * total)
+    return math.ceil(decimal_fraction(target) * total)

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-LAYOUTS = ("out_in", "in_out", "conv")
-
 
 @dataclass(frozen=True)
 class WeightGeometry:

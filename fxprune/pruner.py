@@ -40,7 +40,7 @@ from .criteria import Criterion, get_criterion_class
 from .errors import ConfigError, FxPruneError, WeightError
 from .geometry import from_view_2d, to_view_2d
 from .passes import AttachPass, CapturePass, DiscoverPass, PassManager, PruneContext, RecordPass
-from .passes.rewrite import _zero_channels
+from .passes.rewrite import zero_pruned_channels
 from .schedule import Schedule
 
 LIVE_FLOOR = torch.finfo(torch.float32).tiny   # lowest score of a weight that is not pruned
@@ -176,10 +176,7 @@ class Pruner:
                         continue
                     weight = g.params[t.param]
                     weight.mul_(self._weight_masks[t.param])
-                    if getattr(t.pattern, "prunes_output_channels", False):
-                        dead = ~self.masks[t.param].any(dim=1)
-                        for name in ([t.bias] if t.bias else []) + t.channel_followers:
-                            _zero_channels(self.model, name, dead)
+                    zero_pruned_channels(self.model, t, self.masks[t.param])
 
     def sparsity(self) -> float:
         """Current fraction of pruned weights over the selected layers."""

@@ -19,7 +19,8 @@ def transform(model: nn.Module, config: Any = None, example_inputs: Any = None, 
     Args:
         model: any ``nn.Module``.
         config: a dict, a YAML/JSON file path or a :class:`PruningConfig` (INC's key names).
-        example_inputs: a tuple of inputs. Given, the model is captured with
+        example_inputs: a tuple of positional inputs or a dict of keyword inputs. Given, the model
+            is captured with
             ``torch.export.export(strict=False)`` (needed for Hugging Face models); otherwise with
             ``torch.fx.symbolic_trace``.
         inplace: prune ``model`` itself instead of a copy. By default the caller's model is never

@@ -26,7 +26,7 @@ from .features import conv_input, linear_features
 class ActivationCriterion(Criterion):
     needs_data = True
     one_shot_only = True
-    zero_weights_score_zero = True   # |0| x norm, 0^2 / d^2
+    zero_weights_score_zero = True   # |0| x norm
 
     def __init__(self, group=None):
         super().__init__(group)

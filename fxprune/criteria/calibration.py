@@ -198,5 +198,3 @@ def record_inputs(ctx, targets: Sequence, observe: Callable[[WeightCall], None],
             f"as the weight of a linear/conv/matmul call in the eager forward; check that the "
             f"batches reach these layers")
     recorder.reset()
-
-

@@ -21,9 +21,9 @@ from torch import Tensor, nn
 
 from ..errors import FxPruneError
 from ..geometry import to_view_2d
+from ..progress import progress
 from .base import Criterion
 from .calibration import eval_mode, require_data
-from ..progress import progress
 
 
 class GradientCriterion(Criterion):

@@ -36,7 +36,7 @@ from .features import accumulate_hessian, group_of_rows, iter_conv_patches, line
 class SparseGPTCriterion(Criterion):
     needs_data = True
     one_shot_only = True
-    zero_weights_score_zero = True   # |0| x norm, 0^2 / d^2
+    zero_weights_score_zero = True   # 0^2 / d^2
     percdamp = 0.01               # dampening: percdamp x mean(diag(H)) added to the diagonal
     blocksize = 128               # lazy-batch width of the OBS update
     max_hessian_bytes = 1 << 30   # Hessians held at once (one calibration pass per chunk)

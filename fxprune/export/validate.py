@@ -31,6 +31,7 @@ from .metadata import read_metadata, report_from_metadata
 from .results import Check
 from .sparsity import sparsity_checks
 
+
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode inside, the caller's mode restored after. A module loaded from a ``.pt2``

@@ -87,8 +87,6 @@ def removes_output_channels(pattern) -> bool:
 class ChannelMaskPass(MaskPass):
     """The mask pass of ``compact=True``: coupled output channels are selected jointly."""
 
-    name = "mask"
-
     def requires(self, ctx) -> None:
         super().requires(ctx)
         if ctx.exported is None:

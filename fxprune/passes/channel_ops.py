@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 from torch import fx
 
-from .dependency import Chan, ChannelAnalysis, NormGroups, ParamRef, op_name, shape_of, where
+from .dependency import Chan, ChannelAnalysis, NormGroups, ParamRef, arg, op_name, shape_of, where
 
 Rule = Callable[[ChannelAnalysis, fx.Node], object]
 RULES: dict[str, Rule] = {}
@@ -26,12 +26,6 @@ def rule(*names: str):
             RULES[name] = fn
         return fn
     return register
-
-
-def arg(node: fx.Node, index: int, name: str, default=None):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
 
 
 def unknown_op(an: ChannelAnalysis, node: fx.Node, why: str = "not understood by the channel analysis"):
@@ -86,7 +80,7 @@ def _bounded(an, node):
     if not isinstance(x, Chan):
         return unknown_op(an, node)
     name = op_name(node).rstrip("_")
-    rest = [a for a in node.args[1:3]]
+    rest = list(node.args[1:3])
     if any(isinstance(a, fx.Node) for a in rest):
         return unknown_op(an, node, "bounds or exponent are tensors")
     if name == "pow":

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .channel_ops import _keep, _nonzero_reason, arg, rule, unknown_op
-from .dependency import Chan, HeadSplit, ParamRef, module_of, op_name, shape_of, where
+from .channel_ops import _keep, _nonzero_reason, rule, unknown_op
+from .dependency import Chan, HeadSplit, ParamRef, arg, module_of, op_name, shape_of, where
 
 
 _POOLS = ("max_pool", "avg_pool", "adaptive_avg_pool", "_adaptive_avg_pool", "adaptive_max_pool",

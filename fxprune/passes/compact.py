@@ -23,8 +23,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import FxPruneError
-from .base import Pass
 from ..inputs import output_tensors, split_inputs
+from .base import Pass
 from .channel_groups import ChannelMaskPass
 from .context import PruneContext
 from .mask import MaskPass

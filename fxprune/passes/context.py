@@ -51,7 +51,8 @@ class PruneContext:
     targets: dict[str, Target] = field(default_factory=dict)      # by param FQN, graph order
     groups: list[GroupConfig] = field(default_factory=list)
     # score / mask
-    scores: dict[str, Tensor] = field(default_factory=dict)       # param -> float32 view scores
+    scores: dict[str, Any] = field(default_factory=dict)          # param -> float32 view scores
+                                                                  # (a Tensor or a LazyScores)
     masks: dict[str, Tensor] = field(default_factory=dict)        # param -> keep mask (view, bool)
     criteria: dict[int, Any] = field(default_factory=dict)        # group index -> its Criterion
     # compact (issue 4): the channel mask pass's CompactionPlan, sliced by the compact pass

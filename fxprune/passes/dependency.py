@@ -111,8 +111,14 @@ def op_name(node: fx.Node) -> str:
     if node.target is operator.getitem:
         return "getitem"
     packet = getattr(node.target, "overloadpacket", None)
-    name = packet.__name__ if packet is not None else getattr(node.target, "__name__", str(node.target))
-    return name
+    return packet.__name__ if packet is not None else getattr(node.target, "__name__", str(node.target))
+
+
+def arg(node: fx.Node, index: int, name: str, default=None):
+    """Argument ``index`` of ``node``, positional or keyword ``name``."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
 
 
 def is_mutating(node: fx.Node) -> bool:

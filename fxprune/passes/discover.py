@@ -18,9 +18,9 @@ from ..geometry import WeightGeometry
 from .base import Pass
 from .capture import canonical_names
 from .context import PruneContext, Target
+from .dependency import arg as _arg
 
-_BN_ARGS = {  # op name -> positions of (weight, bias, running_mean)
-    "batch_norm": None,  # resolved below: F.batch_norm and aten.batch_norm differ
+_BN_ARGS = {  # op name -> positions of (weight, bias, running_mean); batch_norm: see _bn_params
     "_native_batch_norm_legit_no_training": (1, 2, 3),
     "_native_batch_norm_legit": (1, 2, 3),
 }
@@ -35,12 +35,6 @@ def op_name(node: fx.Node) -> str:
     if packet is not None:
         return packet.__name__
     return getattr(target, "__name__", str(target))
-
-
-def _arg(node: fx.Node, index: int, name: str, default=None):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
 
 
 class DiscoverPass(Pass):
@@ -212,9 +206,12 @@ def _kind_name(op: str) -> str:
 
 
 def _is_transpose(node: fx.Node) -> bool:
-    name = op_name(node) if node.op in ("call_function", "call_method") else ""
     if node.op == "call_method":
         name = node.target
+    elif node.op == "call_function":
+        name = op_name(node)
+    else:
+        name = ""
     if name in ("t", "numpy_T"):
         return True
     if name == "transpose":

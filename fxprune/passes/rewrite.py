@@ -33,12 +33,18 @@ class RewritePass(Pass):
                 keep = ctx.masks[t.param]
                 weight = model.get_parameter(t.param)
                 weight.mul_(from_view_2d(keep, t.geometry).to(device=weight.device, dtype=weight.dtype))
-                if getattr(t.pattern, "prunes_output_channels", False):
-                    dead = ~keep.any(dim=1)  # rows of the view are output channels
-                    for name in ([t.bias] if t.bias else []) + t.channel_followers:
-                        _zero_channels(model, name, dead)
+                zero_pruned_channels(model, t, keep)
                 t.status = "pruned"
                 ctx.tick("rewrite", done, len(targets))
+
+
+def zero_pruned_channels(model, t, keep: torch.Tensor) -> None:
+    """Output-channel patterns: zero the bias and BatchNorm entries of the channels that ``keep``
+    (the view's keep-mask) prunes whole; other patterns: nothing."""
+    if getattr(t.pattern, "prunes_output_channels", False):
+        dead = ~keep.any(dim=1)  # rows of the view are output channels
+        for name in ([t.bias] if t.bias else []) + t.channel_followers:
+            _zero_channels(model, name, dead)
 
 
 def _zero_channels(model, name: str, dead: torch.Tensor) -> None:

@@ -39,29 +39,33 @@ class ScorePass(Pass):
                 if lazy is not None:  # recomputed when needed (|w|): not held for every layer
                     _check_finite(t, weight)
                     ctx.scores[t.param] = lazy
-                    done += 1
-                    ctx.tick("score", done, total)
-                    continue
-                if not criterion.zero_weights_score_zero:  # else |w| scores show NaN/inf below
-                    _check_finite(t, weight)
-                view = to_view_2d(weight, t.geometry)
-                scores = criterion.view_scores(t.param, view)
-                if scores.shape != view.shape or scores.dtype != torch.float32:
-                    raise WeightError(f"criterion {group.pruning_type!r} returned scores of shape "
-                                      f"{tuple(scores.shape)} / {scores.dtype} for {t.param}; expected "
-                                      f"{tuple(view.shape)} / torch.float32")
-                scores = scores.contiguous()
-                if not criterion.zero_weights_score_zero:
-                    scores.masked_fill_(view == 0, 0.0)
-                    scores += 0.0  # -0.0 -> +0.0: selection compares the float bits as ints
-                low, high = torch.aminmax(scores)
-                if not (low >= 0 and torch.isfinite(high)):
-                    _check_finite(t, weight)
-                    raise WeightError(f"criterion {group.pruning_type!r} gave {t.param} scores that are "
-                                      f"not finite and >= 0 (min {float(low)}, max {float(high)})")
-                ctx.scores[t.param] = scores
+                else:
+                    ctx.scores[t.param] = _view_scores(criterion, group, t, weight)
                 done += 1
                 ctx.tick("score", done, total)
+
+
+def _view_scores(criterion, group, t, weight: torch.Tensor) -> torch.Tensor:
+    """The criterion's scores of one layer, checked: view-shaped float32, finite, >= 0, and +0.0
+    where the weight is zero."""
+    if not criterion.zero_weights_score_zero:  # else |w| scores show NaN/inf below
+        _check_finite(t, weight)
+    view = to_view_2d(weight, t.geometry)
+    scores = criterion.view_scores(t.param, view)
+    if scores.shape != view.shape or scores.dtype != torch.float32:
+        raise WeightError(f"criterion {group.pruning_type!r} returned scores of shape "
+                          f"{tuple(scores.shape)} / {scores.dtype} for {t.param}; expected "
+                          f"{tuple(view.shape)} / torch.float32")
+    scores = scores.contiguous()
+    if not criterion.zero_weights_score_zero:
+        scores.masked_fill_(view == 0, 0.0)
+        scores += 0.0  # -0.0 -> +0.0: selection compares the float bits as ints
+    low, high = torch.aminmax(scores)
+    if not (low >= 0 and torch.isfinite(high)):
+        _check_finite(t, weight)
+        raise WeightError(f"criterion {group.pruning_type!r} gave {t.param} scores that are "
+                          f"not finite and >= 0 (min {float(low)}, max {float(high)})")
+    return scores
 
 
 def _check_finite(t, weight: torch.Tensor) -> None:

@@ -4,7 +4,8 @@ A pattern answers three questions about one layer, on its 2-D view ``[rows, cols
 
 1. ``block_layout(geom)``: how the view is cut into blocks (or why it cannot be: a skip reason);
 2. ``block_scores(view_scores, layout)``: one score per block (the reduce of its element scores);
-3. ``expand(pruned_blocks, layout, view_shape)``: the element mask of the chosen blocks.
+3. ``expand(pruned_blocks, layout, view_shape, view_scores=None)``: the element mask of the
+   chosen blocks (``view_scores`` only for a pattern with ``expand_needs_scores``, e.g. N:M).
 
 Masking (``get_masks``) is shared: ``global`` ranks the blocks of all layers of the group in one
 ranking, ``local`` ranks each layer by itself; both count the target in *weights*, not blocks,
@@ -88,11 +89,6 @@ class BasePattern:
     def check_config(cls, group: GroupConfig) -> None:
         """Raise ConfigError for a config this pattern cannot honour (e.g. 2:4 above 50 %)."""
 
-    @property
-    def max_target(self) -> float:
-        """Largest sparsity this pattern can reach on a layer."""
-        return 1.0
-
     def block_layout(self, geom: WeightGeometry) -> BlockLayout | str:
         """The layer's block layout, or a string saying why the pattern does not fit it."""
         raise NotImplementedError
@@ -101,14 +97,15 @@ class BasePattern:
         """1-D float32 block scores: ``criterion_reduce_type`` over each block's element scores."""
         if all(layout.shape[d] == 1 for d in layout.reduce_dims):
             return view_scores.reshape(-1)  # 1x1 blocks: the element scores themselves, no copy
-        blocks = view_scores.reshape(layout.shape)
+        return self._reduce(view_scores.reshape(layout.shape), layout.reduce_dims).reshape(-1)
+
+    def _reduce(self, scores: Tensor, dims: tuple[int, ...]) -> Tensor:
+        """``criterion_reduce_type`` (mean / sum / max) of ``scores`` over ``dims``."""
         if self.reduce_type == "mean":
-            reduced = blocks.mean(dim=layout.reduce_dims)
-        elif self.reduce_type == "sum":
-            reduced = blocks.sum(dim=layout.reduce_dims)
-        else:
-            reduced = blocks.amax(dim=layout.reduce_dims)
-        return reduced.reshape(-1)
+            return scores.mean(dim=dims)
+        if self.reduce_type == "sum":
+            return scores.sum(dim=dims)
+        return scores.amax(dim=dims)
 
     # Whether ``expand`` needs the element scores (N:M picks the lowest elements of a group);
     # without it, the mask pass frees each layer's scores once its block scores exist.

@@ -13,7 +13,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from ..config import GroupConfig
+from ..config import GroupConfig, decimal_fraction
 from ..errors import ConfigError
 from ..geometry import WeightGeometry
 from ..registry import register_pattern
@@ -35,7 +35,7 @@ class NInMPattern(BasePattern):
         if not 1 <= n < m:
             raise ConfigError(f"{group.where}: pattern {group.pattern!r} needs 1 <= N < M "
                               f"(N of every M weights are pruned)")
-        if Fraction(repr(float(group.target_sparsity))) > Fraction(n, m):
+        if decimal_fraction(group.target_sparsity) > Fraction(n, m):
             raise ConfigError(
                 f"{group.where}: target_sparsity {group.target_sparsity} is above what pattern "
                 f"{group.pattern!r} can reach ({n}/{m} = {n / m:g}); lower target_sparsity to at "
@@ -45,35 +45,27 @@ class NInMPattern(BasePattern):
         super().__init__(config, modules)
         self.n, self.m = (int(v) for v in _NINM.match(self.pattern).groups())
 
-    @property
-    def max_target(self) -> float:
-        return self.n / self.m
-
     def block_layout(self, geom: WeightGeometry) -> BlockLayout | str:
         rows, cols = geom.view_shape
         if cols % self.m:
             return f"{cols} columns are not divisible by M={self.m}"
         return BlockLayout((rows, cols // self.m, self.m), (2,), self.n, self.pattern)
 
-    def _n_smallest(self, view_scores: Tensor, layout: BlockLayout) -> tuple[Tensor, Tensor]:
+    def _n_smallest(self, view_scores: Tensor) -> tuple[Tensor, Tensor]:
         # A stable sort breaks ties inside a group by the lowest column, as everywhere else.
         groups = view_scores.reshape(-1, self.m)
         values, index = torch.sort(groups, dim=1, stable=True)
         return values[:, : self.n], index[:, : self.n]
 
     def block_scores(self, view_scores: Tensor, layout: BlockLayout) -> Tensor:
-        smallest, _ = self._n_smallest(view_scores, layout)
-        if self.reduce_type == "mean":
-            return smallest.mean(dim=1)
-        if self.reduce_type == "sum":
-            return smallest.sum(dim=1)
-        return smallest.amax(dim=1)
+        smallest, _ = self._n_smallest(view_scores)
+        return self._reduce(smallest, (1,))
 
     expand_needs_scores = True
 
     def get_masks(self, scores, layouts, *, consume=False):
         # At the full target N/M every group is pruned: no ranking, one sort per layer.
-        full = Fraction(repr(self.target_sparsity)) == Fraction(self.n, self.m)
+        full = decimal_fraction(self.target_sparsity) == Fraction(self.n, self.m)
         if not (full and self.max_sparsity_ratio_per_op >= self.n / self.m):
             return super().get_masks(scores, layouts, consume=consume)
         masks = {}
@@ -84,7 +76,7 @@ class NInMPattern(BasePattern):
         return masks
 
     def expand(self, pruned_blocks: Tensor, layout: BlockLayout, view_shape, view_scores=None) -> Tensor:
-        _, index = self._n_smallest(view_scores, layout)
+        _, index = self._n_smallest(view_scores)
         pruned = torch.zeros(view_scores.numel() // self.m, self.m, dtype=torch.bool,
                              device=view_scores.device)
         pruned.scatter_(1, index, pruned_blocks.reshape(-1, 1).expand(-1, self.n).contiguous())
