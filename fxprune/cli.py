@@ -7,7 +7,7 @@
 MODEL is a ``torch.export`` archive (``.pt2``), ``pkg.module:factory`` (a callable returning an
 ``nn.Module`` or ``(module, example_inputs)``), or a built-in example (``mlp``, ``resnet``,
 ``resnet50``, ``bert-tiny``). Exit codes: 0 ok, 1 validation failed, 2 bad usage, config, model or file,
-3 internal error. Errors are one line and the fix; ``--debug`` shows the traceback.
+3 internal error, 130 interrupted. Errors are one line and the fix; ``--debug`` shows the traceback.
 """
 from __future__ import annotations
 
