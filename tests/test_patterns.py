@@ -177,3 +177,20 @@ def test_registry_lists_patterns_for_unknown_names():
     with pytest.raises(fxprune.ConfigError, match=r"unknown pattern '3y3'.*NxM.*N:M"):
         _pattern(pattern="3y3")
     assert {"NxM", "N:M"} <= set(fxprune.PATTERNS)
+
+
+@pytest.mark.parametrize("pattern,n,m", [("2:4", 2, 4), ("4:8", 4, 8), ("4:16", 4, 16)])
+def test_n_in_m_ties_go_to_the_lowest_column_and_counts_are_exact(pattern, n, m):
+    w = torch.ones(4, 32)
+    w[:, 1::m] = 0.5  # one clear lowest per group, the rest tie
+    keep = _masks(_pattern(pattern=pattern, target_sparsity=n / m), {"w": w})["w"]
+    pruned = (~keep).reshape(-1, m)
+    expected = torch.zeros(m, dtype=torch.bool)
+    expected[1] = True
+    expected[[c for c in range(m) if c != 1][: n - 1]] = True
+    assert (pruned == expected).all()
+    w = torch.randn(8, 64)
+    keep = _masks(_pattern(pattern=pattern, target_sparsity=n / m), {"w": w})["w"]
+    groups, pruned = w.abs().reshape(-1, m), (~keep).reshape(-1, m)
+    assert (pruned.sum(1) == n).all()
+    assert torch.equal(pruned, groups <= groups.sort(dim=1).values[:, n - 1: n])
