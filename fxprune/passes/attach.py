@@ -15,7 +15,7 @@ from ..registry import get_pattern
 from .base import Pass
 from .context import PruneContext, Target
 
-LAST_LINEAR = "excluded: last linear layer (classifier / lm_head); set exclude_last_linear: false to prune it"
+LAST_LINEAR = "excluded: last linear layer (exclude_last_linear: false prunes it)"
 
 
 class AttachPass(Pass):
