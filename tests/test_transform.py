@@ -349,7 +349,8 @@ def test_user_pattern_overriding_get_masks_without_consume(mlp):
             return fxprune.BlockLayout(tuple(geom.view_shape), (), 1, "1x1")
 
         def get_masks(self, scores, layouts):  # the signature before `consume` existed
-            masks = {name: torch.ones(s.shape, dtype=torch.bool) for name, s in scores.items()}
+            # plain tensors, not LazyScores: tensor methods work
+            masks = {name: torch.ones_like(s.abs(), dtype=torch.bool) for name, s in scores.items()}
             for mask in masks.values():
                 mask[0] = False
             return masks

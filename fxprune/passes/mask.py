@@ -13,6 +13,7 @@ import torch
 
 from ..config import budget
 from ..errors import FxPruneError
+from ..selection import materialize
 from .base import Pass
 from .context import PruneContext
 
@@ -35,10 +36,12 @@ class MaskPass(Pass):
             # layer's as soon as it is done with them.
             scores = {t.param: ctx.scores.pop(t.param) for t in targets}
             layouts = {t.param: t.layout for t in targets}
-            # A user pattern may override get_masks(scores, layouts) without `consume`.
-            consume = "consume" in inspect.signature(pattern.get_masks).parameters
-            masks = (pattern.get_masks(scores, layouts, consume=True) if consume
-                     else pattern.get_masks(scores, layouts))
+            # A user pattern may override get_masks(scores, layouts) from before `consume` and
+            # LazyScores existed: it gets plain tensors.
+            if "consume" in inspect.signature(pattern.get_masks).parameters:
+                masks = pattern.get_masks(scores, layouts, consume=True)
+            else:
+                masks = pattern.get_masks({p: materialize(s) for p, s in scores.items()}, layouts)
             for t in targets:
                 _check_mask(pattern, t, masks.get(t.param))
             ctx.masks.update({t.param: masks[t.param] for t in targets})

@@ -157,8 +157,11 @@ class BasePattern:
         return masks
 
     def _blocks_are_elements(self, layout: BlockLayout) -> bool:
-        """1x1 blocks scored by the base reduce: the block scores are the element scores."""
-        return (type(self).block_scores is BasePattern.block_scores
+        """1x1 blocks scored by the base reduce: the block scores are the element scores, and may
+        stay lazy as long as the base selection (which knows LazyScores) ranks them."""
+        cls = type(self)
+        return (all(getattr(cls, m) is getattr(BasePattern, m)
+                    for m in ("block_scores", "get_masks_global", "get_masks_local"))
                 and all(layout.shape[d] == 1 for d in layout.reduce_dims))
 
     def get_masks_global(self, block_scores: Mapping[str, Tensor], layouts: Mapping[str, BlockLayout]
