@@ -12,7 +12,8 @@ from typing import Sequence
 
 import torch
 
-from ..criteria import Criterion, get_criterion_class
+from ..criteria import Criterion
+from ..registry import get_criterion_class
 from ..errors import WeightError
 from ..geometry import to_view_2d
 from ..selection import Scores
