@@ -11,7 +11,8 @@ from torch import nn
 import fxprune
 from fxprune.examples import ResNet
 from fxprune.passes import CAPTURE_PASSES, PRUNE_PASSES, PassManager
-from fxprune.passes.compact import compact_passes, zero_removed
+from fxprune.compaction import zero_removed
+from fxprune.passes.compact import compact_passes
 from fxprune.transform import _context
 
 
