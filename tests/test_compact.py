@@ -1,4 +1,4 @@
-"""Compaction (issue 4): channel-pruned models physically shrink and compute what the masked
+"""Compaction (docs/design.md, "Compaction"; docs/compact.md): channel-pruned models physically shrink and compute what the masked
 model computes; coupled channels (residual adds, concat, depthwise, attention heads) go together;
 what cannot be compacted is reported with the op that blocked it."""
 import copy
