@@ -1,5 +1,6 @@
 """Channel masks do not depend on ``compact``, and ``fxprune.compact`` removes the channels of an
 already-pruned model (from ``transform`` or ``Pruner.finalize()``) with the same equality check."""
+import pytest
 import torch
 from torch import nn
 
@@ -60,3 +61,14 @@ def test_compact_of_a_dense_model_removes_nothing_and_needs_inputs():
         assert "needs example_inputs" in str(e)
     else:
         raise AssertionError("no error without example inputs")
+
+
+def test_blocked_channels_are_kept_with_a_warning_that_names_the_op():
+    from test_compact import LayerNormMLP
+
+    x = (torch.randn(2, 16),)
+    with pytest.warns(UserWarning, match=r"pruning_configs\[0\] \(pattern '1xchannel', 2 layers\): achieved sparsity "
+                      r"0\.3333, target_sparsity 0\.5: 32 of 64 coupled channel units cannot be removed exactly "
+                      r"and are kept \(e\.g\. layer_norm \(norm\): normalizes over the channel dim"):
+        pruned = fxprune.transform(LayerNormMLP(), CHANNEL, x)
+    assert int((pruned.fc1.weight == 0).all(1).sum()) == 0 and int((pruned.fc2.weight == 0).all(1).sum()) == 16
