@@ -374,15 +374,79 @@ def test_groupnorm_removes_whole_groups_exactly():
     assert_same_function(masked, compacted, (torch.randn(2, 3, 8, 8),))
 
 
-def test_grouped_conv_blocks():
+class ResNeXtBlock(nn.Module):
+    """ResNeXt-style bottleneck: 1x1 reduce, 3x3 grouped (4 groups of 4), 1x1 expand, residual;
+    with ``second``, another grouped 3x3 follows the first (the same 4 groups)."""
+
+    def __init__(self, second=False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1, self.bn1 = nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16)
+        self.conv2b = nn.Conv2d(16, 16, 3, padding=1, groups=4) if second else None
+        self.conv3, self.bn3 = nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(h)))
+        if self.conv2b is not None:
+            h = F.relu(self.conv2b(h))
+        return self.fc(F.relu(x + self.bn3(self.conv3(h))).mean((2, 3)))
+
+
+def _zero_groups(weight, groups):
+    """Per group of a masked conv weight's output rows: whether the whole group is zero."""
+    return (weight.detach().reshape(groups, -1) == 0).all(dim=1)
+
+
+def test_grouped_conv_removes_whole_groups_with_their_inputs():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(),
-                          nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8 * 4 * 4, 2))
-    masked, compacted, report = masked_and_compacted(model, CHANNEL, (torch.randn(2, 3, 6, 6),))
-    assert compacted[0].out_channels == 8 and compacted[2].out_channels == 8
-    assert compacted[4].out_channels == 4
-    assert any("grouped convolution (groups=2)" in r for r in _blocked(report))
-    assert_same_function(masked, compacted, (torch.randn(2, 3, 6, 6),))
+    model = randomize_bn(ResNeXtBlock()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    masked, compacted, report = masked_and_compacted(model, CHANNEL, (x,))
+    # one class per group: conv1's 4 rows feeding the group and conv2's 4 rows; local 50 % of
+    # conv1's 16 rows removes 2 of the 4 groups
+    gone = _zero_groups(masked.conv1.weight, 4)
+    assert int(gone.sum()) == 2 and torch.equal(gone, _zero_groups(masked.conv2.weight, 4))
+    conv2 = compacted.conv2
+    assert conv2.groups == 2 and conv2.in_channels == conv2.out_channels == 8
+    assert conv2.weight.shape == (8, 4, 3, 3)
+    assert compacted.conv1.out_channels == compacted.bn1.num_features == 8
+    assert compacted.bn2.num_features == compacted.conv3.in_channels == 8
+    group = next(g for g in report.compaction["groups"] if "conv2" in g["layers"])
+    assert set(group["layers"]) == {"conv1", "conv2"}
+    assert group["units"] == 4 and group["removed"] == 2 and group["blocked_units"] == 0
+    assert_same_function(masked, compacted, (torch.randn(2, 3, 8, 8),))
+
+
+def test_following_grouped_conv_input_sliced_with_the_groups():
+    torch.manual_seed(0)
+    model = randomize_bn(ResNeXtBlock(second=True)).eval()
+    masked, compacted, report = masked_and_compacted(model, CHANNEL, (torch.randn(2, 3, 8, 8),))
+    gone = _zero_groups(masked.conv1.weight, 4)
+    assert int(gone.sum()) == 2
+    assert torch.equal(gone, _zero_groups(masked.conv2.weight, 4))
+    assert torch.equal(gone, _zero_groups(masked.conv2b.weight, 4))
+    for conv in (compacted.conv2, compacted.conv2b):
+        assert conv.groups == 2 and conv.in_channels == conv.out_channels == 8
+        assert conv.weight.shape == (8, 4, 3, 3)
+    assert compacted.conv3.in_channels == 8
+    assert_same_function(masked, compacted, (torch.randn(2, 3, 8, 8),))
+
+
+def test_grouped_conv_on_the_model_input_blocks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 2))
+    x = torch.randn(2, 4, 6, 6)
+    masked, compacted, report = masked_and_compacted(model, CHANNEL, (x,))
+    assert compacted[0].out_channels == 8 and compacted[0].groups == 2
+    assert compacted[2].out_channels == 4
+    assert any("grouped (groups=2) convolution whose input channels cannot be removed" in r
+               for r in _blocked(report))
+    assert_same_function(masked, compacted, (torch.randn(2, 4, 6, 6),))
 
 
 def test_non_channel_pattern_is_left_alone():

@@ -88,8 +88,8 @@ CASES = [
     ("group_norm: whole groups", Conv(lambda m, c: m.mid(c), nn.GroupNorm(4, 8)), IMG, "conv.weight", 4, None),
     ("depthwise conv follows", Conv(lambda m, c: m.mid(c), nn.Conv2d(8, 8, 3, padding=1, groups=8)), IMG,
      "conv.weight", 8, None),
-    ("grouped conv", Conv(lambda m, c: m.mid(c), nn.Conv2d(8, 8, 3, padding=1, groups=2)), IMG, "conv.weight", 8,
-     "grouped convolution (groups=2)"),
+    ("grouped conv: whole groups", Conv(lambda m, c: m.mid(c), nn.Conv2d(8, 8, 3, padding=1, groups=2)), IMG,
+     "conv.weight", 2, None),
     ("max_pool2d", Conv(lambda m, c: F.max_pool2d(c, 2)), IMG, "conv.weight", 8, None),
     ("adaptive_avg_pool2d", Conv(lambda m, c: F.adaptive_avg_pool2d(c, 2)), IMG, "conv.weight", 8, None),
     ("interpolate", Conv(lambda m, c: F.interpolate(c, scale_factor=2.0)), IMG, "conv.weight", 8, None),
@@ -134,6 +134,28 @@ def test_norm_and_depthwise_bind_their_tensors():
     assert np.array_equal(roots(an, "mid.weight"), roots(an, "conv.weight"))
     an = analyse(Conv(lambda m, c: m.mid(c), nn.GroupNorm(4, 8)), IMG)
     assert len(an.norm_groups) == 1 and an.norm_groups[0].num_groups == 4
+
+
+def test_grouped_conv_couples_each_group_inputs_with_outputs():
+    # 8 -> 12 channels in 4 groups: group g reads input channels 2g, 2g+1 and writes 3g..3g+2
+    model = Conv(lambda m, c: m.mid(c), nn.Conv2d(8, 12, 3, padding=1, groups=4))
+    model.out = nn.Conv2d(12, 4, 1)
+    an = analyse(model, IMG)
+    producer, grouped = roots(an, "conv.weight"), roots(an, "mid.weight")
+    assert np.array_equal(grouped, np.repeat(producer[::2], 3))
+    assert np.array_equal(producer, np.repeat(producer[::2], 2)) and len(np.unique(producer)) == 4
+    assert ("mid.weight", 1) not in an.axes        # the in-group dim keeps its size: never cut
+    assert blocked(an, "conv.weight") == set()
+    (conv,) = an.conv_groups
+    assert conv.module == "mid" and conv.num_groups == 4 and conv.atoms.shape == (4, 2 + 3)
+
+
+def test_grouped_conv_on_the_model_input_is_blocked():
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    an = analyse(model, torch.randn(2, 4, 6, 6))
+    assert blocked(an, "0.weight") == {
+        "conv2d (0): grouped (groups=2) convolution whose input channels cannot be removed"}
+    assert an.conv_groups == []
 
 
 class Attention(nn.Module):

@@ -21,9 +21,9 @@ from torch import fx
 from ..aten import is_mutating, op_name, shape_of
 from . import layout, ops  # noqa: F401  (register the built-in rules)
 from .rules import find_rule, unknown_op
-from .values import AtomSet, Axis, Chan, HeadSplit, NormGroups, ParamRef
+from .values import AtomSet, Axis, Chan, ConvGroups, HeadSplit, NormGroups, ParamRef
 
-__all__ = ["ChannelAnalysis", "AtomSet", "Axis", "Chan", "HeadSplit", "NormGroups", "ParamRef"]
+__all__ = ["ChannelAnalysis", "AtomSet", "Axis", "Chan", "ConvGroups", "HeadSplit", "NormGroups", "ParamRef"]
 
 
 class ChannelAnalysis:
@@ -38,6 +38,7 @@ class ChannelAnalysis:
         self.param_blocks: dict[str, str] = {}     # param used by an op the analysis does not know
         self.head_splits: list[HeadSplit] = []
         self.norm_groups: list[NormGroups] = []
+        self.conv_groups: list[ConvGroups] = []
         self.values: dict[fx.Node, object] = {}
         self.dead_ends: dict[fx.Node, str] = {}     # node -> why its channels were dropped
         self._roots: np.ndarray | None = None

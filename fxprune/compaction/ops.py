@@ -10,7 +10,7 @@ from torch import fx
 
 from ..aten import BATCH_NORM_ARGS, BATCH_NORM_TUPLE_OPS, CONV_ND_ARGS, CONVOLUTION_ARGS, GENERAL_CONVOLUTIONS, arg, named_arg, op_name, shape_of
 from .rules import keep, nonzero_reason, register_rule, unknown_op, where
-from .values import Chan, NormGroups, ParamRef
+from .values import Chan, ConvGroups, NormGroups, ParamRef
 
 # ---------------------------------------------------------------------- elementwise
 PASS_THROUGH = ("clone", "contiguous", "alias", "detach", "lift_fresh_copy", "_to_copy", "to",
@@ -227,19 +227,20 @@ def _conv(an, node):
                 an.bind(wref, 1, xv.atoms, "slice")
             else:
                 an.block(xv, nonzero_reason(xv, node))
-    elif groups == cin and wref.shape[1] == 1:
-        # depthwise: output channel c*m+j reads input channel c only; they go together
+    else:
+        # grouped (depthwise: one input channel per group): output channel o reads only the input
+        # channels of its group o // (cout / groups), so a group goes whole, inputs and outputs
+        # together, and ``groups`` drops by one; the weight's in-group dim is never cut
         role = "slice" if chan_in and xv.zero else "source"
         out = an.axis(wref.fqn, 0, cout, role)
-        if chan_in:
-            an.atoms.union_arrays(np.repeat(xv.atoms, cout // cin), out)
+        if chan_in and cin % groups == 0 and cout % groups == 0:
+            per_group = np.concatenate([xv.atoms.reshape(groups, -1), out.reshape(groups, -1)], axis=1)
+            for row in per_group:
+                an.atoms.union_all(row)
+            an.conv_groups.append(ConvGroups(wref.fqn.rpartition(".")[0], groups, per_group))
         else:
-            an.block(out, f"{where(node)}: depthwise convolution whose input channels cannot be removed")
-    else:
-        out = an.axis(wref.fqn, 0, cout, "source")
-        reason = f"{where(node)}: grouped convolution (groups={groups}) keeps equal groups"
-        an.block(out, reason)
-        an.block(xv, reason)
+            kind = "depthwise" if wref.shape[1] == 1 else f"grouped (groups={groups})"
+            an.block(out, f"{where(node)}: {kind} convolution whose input channels cannot be removed")
     _bias(an, node, b, out)
     return Chan((cdim,), out)
 

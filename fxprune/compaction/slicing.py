@@ -2,7 +2,7 @@
 
 Parameters and buffers are replaced by sliced copies (new ``nn.Parameter`` objects: the shapes
 change), on every module that holds them (tied weights stay tied), and the modules' size
-attributes follow (``in_features``, ``out_channels``, ``groups`` of a depthwise conv, BatchNorm
+attributes follow (``in_features``, ``out_channels``, ``groups`` of a grouped or depthwise conv, BatchNorm
 ``num_features``, GroupNorm ``num_groups``, attention head counts), so the model keeps its class
 and runs with its own ``forward``. Everything changed is recorded, so a slicing that fails
 verification can be undone exactly.
@@ -86,6 +86,7 @@ def slice_model(model: nn.Module, plan, spaces: set[int]) -> Undo:
                 for module, name, kind in held[id(old)]:
                     undo.set_tensor(module, name, kind, new)
                     touched[id(module)] = module
+            _conv_groups(model, plan, spaces, undo)  # before sync_sizes: in_channels reads groups
             for module in touched.values():
                 sync_sizes(module, undo)
             _heads(model, plan, spaces, undo)
@@ -110,9 +111,6 @@ def sync_sizes(module: nn.Module, undo: Undo) -> None:
         undo.set_attr(module, "out_features", w.shape[0])
         undo.set_attr(module, "in_features", w.shape[1])
     elif is_conv(module):
-        if module.groups > 1 and module.groups == module.in_channels:  # depthwise
-            mult = module.out_channels // module.in_channels
-            undo.set_attr(module, "groups", w.shape[0] // mult)
         undo.set_attr(module, "in_channels", w.shape[1] * module.groups)
         undo.set_attr(module, "out_channels", w.shape[0])
     elif isinstance(module, nn.modules.batchnorm._NormBase):  # BatchNorm, InstanceNorm
@@ -148,6 +146,20 @@ def _heads(model, plan, spaces, undo: Undo) -> None:
         for name in HEAD_WIDTH_ATTRS:
             if getattr(module, name, None) == heads * width:
                 undo.set_attr(module, name, kept * width)
+
+
+def _conv_groups(model, plan, spaces, undo: Undo) -> None:
+    done = set()
+    for conv in plan.analysis.conv_groups:
+        kept = _kept_units(plan, conv.atoms, spaces)
+        if kept == conv.num_groups or conv.module in done:
+            continue
+        done.add(conv.module)
+        module = model.get_submodule(conv.module)
+        if not is_conv(module) or module.groups != conv.num_groups:
+            raise RuntimeError(f"{conv.module} is not a convolution module with groups={conv.num_groups}; "
+                               f"its groups cannot be rewritten")
+        undo.set_attr(module, "groups", kept)
 
 
 def _norm_groups(model, plan, spaces, undo: Undo) -> None:

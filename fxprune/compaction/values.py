@@ -90,3 +90,13 @@ class NormGroups:
     module: str
     num_groups: int
     atoms: np.ndarray          # [num_groups, channels_per_group]
+
+
+@dataclass
+class ConvGroups:
+    """A grouped convolution whose groups go whole: ``atoms[g]`` holds group g's input and output
+    channels (one class); the module's ``groups`` becomes the number of groups kept."""
+
+    module: str
+    num_groups: int
+    atoms: np.ndarray          # [num_groups, in_per_group + out_per_group]
