@@ -449,6 +449,33 @@ def test_grouped_conv_on_the_model_input_blocks():
     assert_same_function(masked, compacted, (torch.randn(2, 4, 6, 6),))
 
 
+class NormScaled(nn.Module):
+    """Norms the channel analysis follows: a per-channel spatial L2 norm (GRN's first half) and
+    an L2 normalisation over the channels (x / ||x||)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 1)
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        h = h * torch.linalg.vector_norm(h, ord=2, dim=(2, 3), keepdim=True)
+        z = F.relu(self.fc1(self.c2(h).mean((2, 3))))
+        return self.fc2(z / (torch.linalg.vector_norm(z, dim=-1, keepdim=True) + 1e-3))
+
+
+def test_norms_over_and_per_channel_compact_exactly():
+    torch.manual_seed(0)
+    model = NormScaled().eval()
+    masked, compacted, report = masked_and_compacted(model, CHANNEL, (torch.randn(2, 3, 8, 8),))
+    assert compacted.c1.out_channels == compacted.c2.in_channels == 8
+    assert compacted.fc1.out_features == compacted.fc2.in_features == 16
+    groups = [g for g in report.compaction["groups"] if {"c1", "fc1"} & set(g["layers"])]
+    assert len(groups) == 2 and all(g["blocked_units"] == 0 and g["removed"] > 0 for g in groups)
+    assert_same_function(masked, compacted, (torch.randn(2, 3, 8, 8),))
+
+
 def test_non_channel_pattern_is_left_alone():
     torch.manual_seed(0)
     model = MLP()

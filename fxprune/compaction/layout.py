@@ -64,9 +64,51 @@ def _reduce(an, node):
         if not xv.zero:
             an.block(xv, nonzero_reason(xv, node))
         out = None  # pruned channels add nothing to the sum
+    elif name == "mean":
+        return unknown_op(an, node, "reduces over the channel dim (a mean: removing channels "
+                                    "changes its divisor)")
     else:
         return unknown_op(an, node, "reduces over the channel dim")
     return [out, None] if tuple_out else out
+
+
+# Norms over dims: (input, ord, dim, keepdim) in every overload; the default order by op.
+NORM_DEFAULT_ORD = {"linalg_vector_norm": 2, "norm": 2, "linalg_norm": None, "linalg_matrix_norm": "fro"}
+# Orders whose norm is the same with zero entries left out (absent entries add nothing to a sum of
+# |x|^p, p >= 0, nor to a max, nor change the nonzero singular values of a matrix): removing
+# pruned channels, which are zero, leaves these norms exact.
+ZERO_BLIND_MATRIX_ORD = ("fro", "nuc", 1, 2, float("inf"), None)
+
+
+def _zero_blind_vector(order) -> bool:
+    return order is None or (isinstance(order, (int, float)) and not isinstance(order, bool) and order >= 0)
+
+
+@register_rule(*NORM_DEFAULT_ORD)
+def _norm(an, node):
+    xv = an.value(node.args[0])
+    name = op_name(node)
+    if not isinstance(xv, Chan):
+        return unknown_op(an, node)
+    n = len(shape_of(node.args[0]))
+    order = arg(node, 1, "ord" if name != "norm" else "p", NORM_DEFAULT_ORD[name])
+    dims = arg(node, 2, "dim", [-2, -1] if name == "linalg_matrix_norm" else None)
+    dims = set(range(n)) if dims is None or dims == [] else {
+        int(d) % n for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+    keepdim = bool(arg(node, 3, "keepdim", False))
+    matrix = name == "linalg_matrix_norm" or (name == "linalg_norm" and (isinstance(order, str) or len(dims) == 2))
+    exact = order in ZERO_BLIND_MATRIX_ORD if matrix else _zero_blind_vector(order)
+    if not dims & set(xv.dims):  # a norm per channel: zero channels have norm zero
+        new = [d if keepdim else d - sum(r < d for r in dims) for d in xv.dims]
+        return keep(xv, None if exact else False, "" if exact else where(node), dims=new)
+    if not exact:
+        return unknown_op(an, node, f"a norm of order {order!r} over the channel dim changes "
+                                    f"when zero channels are removed")
+    if not set(xv.dims) <= dims:
+        return unknown_op(an, node, "reduces over part of the channel dims")
+    if not xv.zero:
+        an.block(xv, nonzero_reason(xv, node))
+    return None  # pruned channels, zero, add nothing to the norm
 
 
 # ---------------------------------------------------------------------- shape ops
