@@ -9,7 +9,7 @@ loses that fraction of its output channels; ``--round 16`` adds variants with
 ``torch.onnx.export(dynamo=True)``, and time ONNX Runtime CPU inferences: the median of ``runs``
 after ``warmup``, every variant timed once per round, rounds interleaved, so load from other
 processes hits all alike; ``--threads`` intra-op threads, 1 by default. Parameters are counted
-on the model, FLOPs with ``torch.utils.flop_counter`` (per forward). The figure to watch is
+on the model, FLOPs with ``fxprune.flops.flop_counter`` (per forward, fused attention included). The figure to watch is
 ``speedup / FLOP cut``: how much of the FLOP reduction becomes latency (the target is >= 0.7).
 
 Models are built here (random weights, never downloaded): ResNet-50 (torchvision's layout), and
@@ -89,8 +89,8 @@ def latencies_ms(paths, inputs, runs: int, warmup: int, threads: int) -> list[fl
 
 
 def count(model, inputs) -> tuple[int, int]:
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    from fxprune.flops import flop_counter
+    with torch.no_grad(), flop_counter() as counter:
         model(*inputs)
     return sum(p.numel() for p in model.parameters()), int(counter.get_total_flops())
 

@@ -19,8 +19,8 @@ from collections import Counter
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from ..flops import flop_counter
 from ..inputs import output_tensors, split_inputs
 from .slicing import count_params, get_tensor, slice_model
 
@@ -77,7 +77,7 @@ def forward(model, args, kwargs, count_flops: bool = False):
     try:
         with torch.no_grad():
             if count_flops:
-                with FlopCounterMode(display=False) as counter:
+                with flop_counter() as counter:
                     out = model(*args, **kwargs)
                 return [t.detach() for t in output_tensors(out)], int(counter.get_total_flops())
             return [t.detach() for t in output_tensors(model(*args, **kwargs))], None

@@ -1,0 +1,98 @@
+"""The FLOP count of the compaction report (fxprune/flops.py; docs/design.md, "Compaction"):
+fused attention kernels count what they compute, the same as the unfused path and as the formula
+written out here."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxprune
+from fxprune.flops import flop_counter
+
+B, L, E, H, FFN = 2, 5, 32, 4, 64
+
+
+def attention_flops(lengths, e=E):
+    """In-projection (q, k, v), q @ k^T and probs @ v, out-projection: 2 FLOPs per multiply-add."""
+    return sum(2 * n * e * 3 * e + 2 * 2 * n * n * e + 2 * n * e * e for n in lengths)
+
+
+def ffn_flops(lengths, e=E, hidden=FFN):
+    return sum(2 * 2 * n * e * hidden for n in lengths)
+
+
+def count(fn):
+    with torch.no_grad(), flop_counter() as counter:
+        fn()
+    return counter.get_total_flops(), {str(k) for k in counter.get_flop_counts()["Global"]}
+
+
+@pytest.fixture
+def fastpath():
+    """Run with and without the fast path of nn.MultiheadAttention / TransformerEncoderLayer."""
+    def run(enabled, fn):
+        before = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(enabled)
+        try:
+            return count(fn)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(before)
+    return run
+
+
+def test_multihead_attention_fast_path_counts_what_it_computes(fastpath):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, H, batch_first=True).eval()
+    x = torch.randn(B, L, E)
+    fast, ops = fastpath(True, lambda: mha(x, x, x, need_weights=False))
+    assert ops == {"aten._native_multi_head_attention"}          # the fused kernel ran
+    slow, _ = fastpath(False, lambda: mha(x, x, x, need_weights=False))
+    assert fast == slow == attention_flops([L] * B) == 88320
+
+
+def test_encoder_layer_fast_path_and_nested_sequences(fastpath):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, FFN, batch_first=True).eval()
+    x = torch.randn(B, L, E)
+    fast, ops = fastpath(True, lambda: layer(x))
+    assert ops == {"aten._transformer_encoder_layer_fwd"}
+    slow, _ = fastpath(False, lambda: layer(x))
+    assert fast == slow == attention_flops([L] * B) + ffn_flops([L] * B)
+    # padded batch: the encoder runs nested tensors, each sequence at its own length (5 and 3)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    nested, ops = fastpath(True, lambda: encoder(x, src_key_padding_mask=pad))
+    assert ops == {"aten._transformer_encoder_layer_fwd"}
+    assert nested == 2 * (attention_flops([5, 3]) + ffn_flops([5, 3]))
+
+
+def test_sdpa_on_cpu_is_counted():
+    q, k, v = (torch.randn(B, H, L, E // H) for _ in range(3))
+    flops, _ = count(lambda: F.scaled_dot_product_attention(q, k, v))
+    assert flops == 2 * 2 * B * H * L * L * (E // H)
+
+
+class ViTBlock(nn.Module):
+    """A ViT encoder block as torchvision writes it: LayerNorm, nn.MultiheadAttention, MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(E), nn.LayerNorm(E)
+        self.attn = nn.MultiheadAttention(E, H, batch_first=True)
+        self.fc1, self.fc2 = nn.Linear(E, FFN), nn.Linear(FFN, E)
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+def test_compaction_report_counts_multihead_attention():
+    torch.manual_seed(0)
+    x = torch.randn(B, L, E)
+    pruned = fxprune.transform(ViTBlock().eval(), {"pattern": "1xchannel", "target_sparsity": 0.5,
+                                                   "op_names": ["fc1"]}, (x,), compact=True)
+    c = fxprune.sparsity_report(pruned).compaction
+    assert pruned.fc1.out_features == FFN // 2
+    assert c["flops_before"] == attention_flops([L] * B) + ffn_flops([L] * B)
+    assert c["flops_after"] == attention_flops([L] * B) + ffn_flops([L] * B, hidden=FFN // 2)
