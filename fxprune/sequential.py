@@ -15,7 +15,8 @@ every cached input, with the caller's hooks installed) and changes the block's w
 block is first used and right after its outputs are computed, so a checkpoint streamer can
 materialise one block's weights from disk and release them afterwards; the part of the model
 before the first block (embeddings, rotary embeddings, mask construction) runs with only its own
-weights loaded, since the capture stops as the first block is called.
+weights loaded: during the capture the first block is replaced by a stand-in that keeps its
+inputs and stops the forward (the real block, and any hook on it, is not called).
 
 Assumptions (those of the peers): every block receives the same extra inputs (attention mask,
 position ids and embeddings), captured once at the first block; a block returns its hidden states
@@ -177,6 +178,26 @@ class _StopAtBlock(Exception):
     pass
 
 
+class _FirstBlockCatcher(nn.Module):
+    """Stands in for the first block during the capture: keeps its inputs and stops the forward.
+    Attributes the model reads from its blocks (``attention_type``...) come from the real one."""
+
+    def __init__(self, block: nn.Module, runner: "BlockSequentialRunner"):
+        super().__init__()
+        object.__setattr__(self, "block", block)     # not a submodule: parameters unchanged
+        object.__setattr__(self, "runner", runner)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "block"), name)
+
+    def forward(self, *args, **kwargs):
+        self.runner.keep_block_inputs(args, kwargs)
+        raise _StopAtBlock
+
+
 @dataclass
 class BlockCall:
     """How one batch calls the blocks: the positional / keyword inputs besides the hidden states."""
@@ -296,24 +317,8 @@ class BlockSequentialRunner:
         """Run each batch up to the first block; keep its hidden states and the other inputs."""
         from .criteria.calibration import run_batch
 
-        first = self.blocks.modules[0]
-
-        def stop(module, args, kwargs):
-            hidden_pos: int | str
-            if args:
-                hidden, hidden_pos, rest = args[0], 0, tuple(args[1:])
-            elif "hidden_states" in kwargs:
-                hidden, hidden_pos, rest = kwargs["hidden_states"], "hidden_states", ()
-            else:
-                raise FxPruneError(f"block {self.blocks.block_name(0)} was called without a "
-                                   f"positional input or hidden_states=...; block-sequential "
-                                   f"calibration cannot find its hidden states")
-            kw = {k: v for k, v in kwargs.items() if k != hidden_pos}
-            self.inputs.append(hidden)
-            self.calls.append(BlockCall(hidden_pos, rest, _strip_cache(kw)))
-            raise _StopAtBlock
-
-        handle = first.register_forward_pre_hook(stop, with_kwargs=True)
+        catcher = _FirstBlockCatcher(self.blocks.modules[0], self)
+        self.blocks.modules[0] = catcher    # the real block is not called (nor its hooks)
         try:
             for batch in self.calibration:
                 try:
@@ -325,7 +330,7 @@ class BlockSequentialRunner:
                                        f"first block {self.blocks.block_name(0)}")
                 self.stats.batches += 1
         finally:
-            handle.remove()
+            self.blocks.modules[0] = catcher.block
         if not self.stats.batches:
             raise ConfigError("calibration is empty: pass at least one batch")
         if self.batch_tokens > 0 and len(self.calls) > 1:
@@ -340,6 +345,21 @@ class BlockSequentialRunner:
             del hidden, merged
         self.stats.block_batches = len(self.calls)
         self._note_cache()
+
+    def keep_block_inputs(self, args: tuple, kwargs: dict) -> None:
+        """The first block's call for one batch: keep its hidden states and other inputs."""
+        hidden_pos: int | str
+        if args:
+            hidden, hidden_pos, rest = args[0], 0, tuple(args[1:])
+        elif "hidden_states" in kwargs:
+            hidden, hidden_pos, rest = kwargs["hidden_states"], "hidden_states", ()
+        else:
+            raise FxPruneError(f"block {self.blocks.block_name(0)} was called without a "
+                               f"positional input or hidden_states=...; block-sequential "
+                               f"calibration cannot find its hidden states")
+        kw = {k: v for k, v in kwargs.items() if k != hidden_pos}
+        self.inputs.append(hidden)
+        self.calls.append(BlockCall(hidden_pos, rest, _strip_cache(kw)))
 
     def _note_cache(self) -> None:
         self.stats.peak_cached_bytes = max(self.stats.peak_cached_bytes, self.budget.used)

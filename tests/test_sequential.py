@@ -53,10 +53,12 @@ def test_finds_decoder_layers_not_bare_linear_lists():
     assert find_blocks(mlp) is None     # the model may do anything between bare layers
 
 
-def test_activation_dense_propagation_equals_whole_model_masks():
+@pytest.mark.parametrize("batch_tokens", [0, 4096])   # batches as given / merged into one
+def test_activation_dense_propagation_equals_whole_model_masks(batch_tokens):
     model, calib = _llama(3), _calib()
     whole = _prune(model, _cfg("activation", block_sequential=False), calib)
-    seq = _prune(model, _cfg("activation", block_sequential=True, block_propagation="dense"), calib)
+    seq = _prune(model, _cfg("activation", block_sequential=True, block_propagation="dense",
+                             block_batch_tokens=batch_tokens), calib)
     assert seq is not whole
     w, s = _weights(whole), _weights(seq)
     pruned = [n for n in w if ".layers." in n and n.endswith("proj.weight")]
