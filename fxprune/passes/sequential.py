@@ -241,7 +241,8 @@ def _apply_masks(ctx, targets, masks) -> None:
             weight = ctx.model.get_parameter(t.param)
             weight.mul_(from_view_2d(keep, t.geometry).to(device=weight.device, dtype=weight.dtype))
             zero_pruned_channels(ctx.model, t, keep)
-            ctx.masks[t.param] = keep
+            # not kept in ctx.masks: nothing after the rewrite needs them, and for a large model
+            # they would be one byte per weight of the whole model
 
 
 # ---------------------------------------------------------------------------- input statistics
