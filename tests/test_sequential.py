@@ -67,6 +67,20 @@ def test_activation_dense_propagation_equals_whole_model_masks(batch_tokens):
         assert torch.equal(w[n], s[n]), n        # same masks, kept weights untouched
 
 
+def test_gpt2_conv1d_blocks_dense_propagation_equals_whole_model():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)
+    model, calib = transformers.GPT2LMHeadModel(cfg).eval(), _calib()
+    assert find_blocks(model).name == "transformer.h"
+    whole = _weights(_prune(model, _cfg("activation", "2:4", block_sequential=False), calib))
+    seq = _weights(_prune(model, _cfg("activation", "2:4", block_sequential=True,
+                                      block_propagation="dense"), calib))
+    conv1d = [n for n in whole if ".h." in n and n.endswith("weight") and whole[n].dim() == 2]
+    assert len(conv1d) == 8
+    for n in whole:
+        assert torch.equal(whole[n], seq[n]), n
+
+
 def test_activation_pruned_propagation_equals_whole_model_on_the_pruned_prefix():
     """With the peers' propagation, block i is scored on the outputs of the already pruned blocks
     0..i-1: the whole-model path on the model whose earlier blocks carry the block-sequential
