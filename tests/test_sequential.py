@@ -133,13 +133,16 @@ def test_block_forwards_are_linear_in_depth(layers, propagation, batch_tokens, b
         layer.register_forward_hook(
             lambda m, a, o: (traced if isinstance(o, FakeTensor) else calls).append(m))
     cfg = _cfg("sparse_gpt", "2:4", block_propagation=propagation, block_batch_tokens=batch_tokens)
-    fxprune.transform(model, cfg, EXAMPLE, calibration=calib, inplace=True)
+    out = fxprune.transform(model, cfg, EXAMPLE, calibration=calib, inplace=True)
     # per block and block batch: one forward to record, one to propagate (pruned propagation;
     # the last block's outputs are not needed); dense propagation keeps the recording's outputs
     per_block = 2 if propagation == "pruned" else 1
     expected = per_block * layers * block_batches - (block_batches if per_block == 2 else 0)
     assert len(calls) == expected
     assert len(traced) == layers
+    info = fxprune.sparsity_report(out).calibration    # the report says the same
+    assert (info["block_forwards"], info["block_batches"], info["batches"]) == (expected, block_batches, 3)
+    assert info["blocks"] == "model.layers" and info["block_sequential"] == [0]
 
 
 def test_batches_of_other_lengths_are_not_merged():
@@ -220,7 +223,9 @@ def test_block_sequential_true_without_blocks_is_a_config_error(mlp):
 def test_global_scope_stays_on_the_whole_model_path():
     model, calib = _llama(2), _calib()
     cfg = {**_cfg("activation"), "pruning_scope": "global"}
-    a = _weights(_prune(model, {**cfg, "block_sequential": "auto"}, calib))
+    auto = _prune(model, {**cfg, "block_sequential": "auto"}, calib)
+    assert "global scope" in fxprune.sparsity_report(auto).calibration["whole_model"]["0"]
+    a = _weights(auto)
     b = _weights(_prune(model, {**cfg, "block_sequential": False}, calib))
     assert all(torch.equal(a[n], b[n]) for n in a)
     with pytest.raises(ConfigError, match="global scope"):

@@ -35,5 +35,6 @@ class RecordPass(Pass):
         ctx.report = SparsityReport(
             layers=layers, config=ctx.config.to_dict(),
             versions={"fxprune": __version__, "torch": torch.__version__},
-            capture=ctx.capture_method)
+            capture=ctx.capture_method,
+            calibration=ctx.block_plan.summary() if ctx.block_plan is not None else None)
         attach_report(ctx.model, ctx.report)
