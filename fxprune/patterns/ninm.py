@@ -76,10 +76,16 @@ class NInMPattern(BasePattern):
 
     expand_needs_scores = True
 
-    def get_masks(self, scores, layouts, *, consume=False):
-        # At the full target N/M every group is pruned: no ranking, one sort per layer.
+    def _every_group(self) -> bool:
+        """At the full target N/M every group is pruned: no ranking, one sort per layer."""
         full = decimal_fraction(self.target_sparsity) == Fraction(self.n, self.m)
-        if not (full and self.max_sparsity_ratio_per_op >= self.n / self.m):
+        return full and self.max_sparsity_ratio_per_op >= self.n / self.m
+
+    def layers_are_independent(self) -> bool:
+        return self._every_group() or super().layers_are_independent()
+
+    def get_masks(self, scores, layouts, *, consume=False):
+        if not self._every_group():
             return super().get_masks(scores, layouts, consume=consume)
         masks = {}
         for name in list(scores):
