@@ -4,6 +4,7 @@
     print(fxprune.sparsity_report(pruned))
 """
 from ._version import __version__
+from .checkpoint import prune_checkpoint
 from .config import PruningConfig
 from .errors import CaptureError, ConfigError, FxPruneError, WeightError
 from .patterns import BasePattern, BlockLayout
@@ -15,5 +16,5 @@ from .transform import capture, transform
 __all__ = [
     "__version__", "transform", "capture", "sparsity_report", "SparsityReport", "LayerReport",
     "PruningConfig", "register_pattern", "get_pattern", "PATTERNS", "BasePattern", "BlockLayout",
-    "FxPruneError", "ConfigError", "CaptureError", "WeightError", "Pruner",
+    "FxPruneError", "ConfigError", "CaptureError", "WeightError", "Pruner", "prune_checkpoint",
 ]
