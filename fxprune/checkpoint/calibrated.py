@@ -38,9 +38,9 @@ def load_calibration(calibration: Any, hf_config, groups) -> list[torch.Tensor]:
         raise CheckpointError(f"{where} holds {type(calibration).__name__}; expected a [N, seq] "
                               f"tensor of token ids or a non-empty list of them")
     vocab = getattr(hf_config, "vocab_size", None)
-    max_len = next((getattr(hf_config, k) for k in _MAX_LEN_KEYS
-                    if isinstance(getattr(hf_config, k, None), int)), None)
-    max_key = next((k for k in _MAX_LEN_KEYS if isinstance(getattr(hf_config, k, None), int)), None)
+    saved = hf_config.to_dict()  # the keys as config.json spells them (GPT-2: n_positions)
+    max_key = next((k for k in _MAX_LEN_KEYS if isinstance(saved.get(k), int)), None)
+    max_len = saved[max_key] if max_key else None
     out = []
     for i, ids in enumerate(batches):
         item = f"{where}, batch {i}"
