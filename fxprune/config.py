@@ -53,6 +53,17 @@ GLOBAL_DEFAULTS: dict[str, Any] = {
     # With compact: keep a multiple of this many channels in every compacted channel group
     # (rounding the kept count up: dense kernels run fastest on multiples of 8 or 16).
     "round_channels_to": 1,
+    # Calibration of the data-aware criteria (activation, sparse_gpt) on models made of repeated
+    # blocks (decoder layers): "auto" runs it block by block when the model has such blocks and
+    # the group allows it, true requires it, false always uses the whole-model path.
+    "block_sequential": "auto",
+    # Where block i+1's calibration inputs come from: "pruned" (block i after pruning, as SparseGPT,
+    # Wanda and llm-compressor do) or "dense" (block i before pruning: the whole-model statistics).
+    "block_propagation": "pruned",
+    # The ModuleList of repeated blocks (e.g. "model.layers"); null finds the largest one.
+    "block_list": None,
+    # RAM for the cached hidden states between blocks, in MiB; beyond it they spill to temp files.
+    "activation_cache_mb": 1024,
 }
 
 ALL_KEYS = tuple(GROUP_DEFAULTS) + tuple(GLOBAL_DEFAULTS)
@@ -107,6 +118,10 @@ class PruningConfig:
     exclude_last_linear: bool = GLOBAL_DEFAULTS["exclude_last_linear"]
     compact: bool = GLOBAL_DEFAULTS["compact"]
     round_channels_to: int = GLOBAL_DEFAULTS["round_channels_to"]
+    block_sequential: Any = GLOBAL_DEFAULTS["block_sequential"]
+    block_propagation: str = GLOBAL_DEFAULTS["block_propagation"]
+    block_list: Any = GLOBAL_DEFAULTS["block_list"]
+    activation_cache_mb: float = GLOBAL_DEFAULTS["activation_cache_mb"]
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -180,6 +195,18 @@ class PruningConfig:
         r = self.round_channels_to
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ConfigError(f"round_channels_to must be an integer >= 1, got {r!r}")
+        if self.block_sequential not in ("auto", True, False):
+            raise ConfigError(f"block_sequential must be 'auto', true or false, got "
+                              f"{self.block_sequential!r}")
+        if self.block_propagation not in ("pruned", "dense"):
+            raise ConfigError(f"block_propagation must be 'pruned' or 'dense', got "
+                              f"{self.block_propagation!r}")
+        if self.block_list is not None and not isinstance(self.block_list, str):
+            raise ConfigError(f"block_list must be the name of a ModuleList (e.g. 'model.layers') "
+                              f"or null, got {self.block_list!r}")
+        mb = self.activation_cache_mb
+        if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not mb >= 0:
+            raise ConfigError(f"activation_cache_mb must be a number >= 0 (MiB), got {mb!r}")
         for group in self.groups():
             _validate_group(group)
 

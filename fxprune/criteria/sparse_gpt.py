@@ -23,6 +23,8 @@ are iterated several times, so a one-shot iterator is kept as a list.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -165,25 +167,83 @@ def obs_prune(W: Tensor, pruned: Tensor, U: Tensor, blocksize: int = 128) -> Ten
     ``blocksize`` columns the update is applied column by column, to the later blocks in one
     matrix product. Returns a new tensor; pruned weights are exactly zero.
     """
+    return sparsegpt_prune(W, U, blocksize, fixed=pruned)[0]
+
+
+def sparsegpt_prune(W: Tensor, U: Tensor, blocksize: int = 128, *, fixed: Tensor | None = None,
+                    counts: list[int] | None = None, rows: list[int] | None = None,
+                    n_of_m: tuple[int, int, Callable[[Tensor], Tensor]] | None = None
+                    ) -> tuple[Tensor, Tensor]:
+    """SparseGPT on ``W`` (``[rows, cols]`` float32, the rows of one or more layers that share
+    the inverse-Hessian factor ``U``): returns the updated weights and the pruned mask.
+
+    The mask is either ``fixed`` (chosen beforehand) or chosen *adaptively*, as the paper does:
+    each block of ``blocksize`` columns picks its mask on the weights already updated by the
+    earlier blocks, by the saliency ``w^2 / U_jj^2``:
+
+    - unstructured (``counts``: pruned weights per layer, ``rows``: the layers' row counts): a
+      block prunes the lowest saliencies of each layer, ``floor(k * c1 / cols) - floor(k * c0 /
+      cols)`` of them for columns ``[c0, c1)``, so the layer prunes exactly ``k`` in all (the last,
+      partial block gets its proportional share); ties go to the lowest index;
+    - N:M (``n_of_m = (n, m, n_smallest)``): at every ``m``-th column, ``n_smallest`` of the next
+      ``m`` columns' saliencies (per row) is pruned; ``blocksize`` is rounded down to a multiple
+      of ``m`` so that no group straddles two blocks.
+    """
     W = W.clone()
-    cols = W.shape[1]
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        P1 = pruned[:, i1:i2]
-        U1 = U[i1:i2, i1:i2]
-        err = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            if not bool(P1[:, i].any()):
-                continue
-            e = torch.where(P1[:, i], W1[:, i], 0.0) / U1[i, i]
-            W1[:, i:] -= e.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+    n_rows, cols = W.shape
+    adaptive_nm = n_of_m is not None
+    if adaptive_nm:
+        n, m, n_smallest = n_of_m
+        blocksize = max(m, blocksize - blocksize % m)
+    if fixed is None and not adaptive_nm:
+        rows = [n_rows] if rows is None else rows
+        if counts is None or len(counts) != len(rows) or sum(rows) != n_rows:
+            raise ValueError("sparsegpt_prune needs fixed=, n_of_m= or counts= with rows=")
+    pruned_all = torch.zeros(W.shape, dtype=torch.bool, device=W.device)
+    diag = U.diagonal()
+    for c0 in range(0, cols, blocksize):
+        c1 = min(c0 + blocksize, cols)
+        W1 = W[:, c0:c1]            # a view: updated in place
+        U1 = U[c0:c1, c0:c1]
+        d1 = diag[c0:c1]
+        if fixed is not None:
+            P1 = fixed[:, c0:c1]
+        elif adaptive_nm:
+            P1 = torch.zeros(W1.shape, dtype=torch.bool, device=W.device)
+        else:
+            P1 = _block_mask(W1, d1, counts, rows, c0, c1, cols)
+        err = torch.empty_like(W1)
+        for i in range(c1 - c0):
+            if adaptive_nm and i % m == 0:
+                sal = W1[:, i:i + m].pow(2) / d1[i:i + m].pow(2)
+                P1[:, i:i + m] = n_smallest(sal.contiguous() + 0.0).reshape(n_rows, m)
+            w = W1[:, i]
+            e = torch.where(P1[:, i], w, 0.0).div_(d1[i])
+            # w_j -= e * U_ij for j >= i: the pruned w_i becomes exactly 0 (U_ii / U_ii = 1)
+            W1[:, i:].addr_(e, U1[i, i:], alpha=-1.0)
             err[:, i] = e
         W1.masked_fill_(P1, 0.0)
-        W[:, i1:i2] = W1
-        if i2 < cols:
-            W[:, i2:] -= err @ U[i1:i2, i2:]
-    return W
+        pruned_all[:, c0:c1] = P1
+        if c1 < cols:
+            W[:, c1:].addmm_(err, U[c0:c1, c1:], alpha=-1.0)
+    return W, pruned_all
+
+
+def _block_mask(W1: Tensor, d1: Tensor, counts: list[int], rows: list[int], c0: int, c1: int,
+                cols: int) -> Tensor:
+    """Unstructured adaptive mask of one column block: per layer (row range), its share of the
+    layer's count, on the lowest saliencies (exact: ties by index)."""
+    from ..selection import select_local
+
+    sal = W1.pow(2) / d1.pow(2).unsqueeze(0)
+    out = torch.empty(W1.shape, dtype=torch.bool, device=W1.device)
+    r0 = 0
+    for k, r in zip(counts, rows):
+        share = (k * c1) // cols - (k * c0) // cols
+        block = sal[r0:r0 + r].contiguous() + 0.0     # -0.0 -> +0.0: keys compare as int bits
+        out[r0:r0 + r] = select_local(block.reshape(-1), share).reshape(r, c1 - c0)
+        r0 += r
+    return out
 
 
 def _groups(t) -> int:
@@ -195,4 +255,4 @@ def _hessian_bytes(t) -> int:
     return 4 * _groups(t) * cols * cols
 
 
-__all__ = ["SparseGPTCriterion", "inverse_hessian_factor", "obs_prune"]
+__all__ = ["SparseGPTCriterion", "inverse_hessian_factor", "obs_prune", "sparsegpt_prune"]

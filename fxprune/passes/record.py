@@ -16,8 +16,12 @@ class RecordPass(Pass):
         layers = []
         for t in ctx.targets.values():
             weight = ctx.model.get_parameter(t.param).detach()
-            layers.append(layer_report(t, weight.numel() - int(torch.count_nonzero(weight)),
-                                       weight.numel()))
+            numel = weight.numel()
+            if t.param in ctx.zero_counts:   # counted when pruned (the weight may be released)
+                zeros = ctx.zero_counts[t.param]
+            else:
+                zeros = numel - int(torch.count_nonzero(weight))
+            layers.append(layer_report(t, zeros, numel))
         ctx.report = build_report(ctx, layers)
         attach_report(ctx.model, ctx.report)
 
