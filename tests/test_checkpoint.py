@@ -253,3 +253,33 @@ def test_calibration_the_model_rejects(checkpoints, tmp_path):
 def test_training_criteria_are_refused(checkpoints, tmp_path):
     _fails(checkpoints["llama"], tmp_path, r"pruning_type 'snip_momentum' is not available for checkpoints",
            config={"target_sparsity": 0.5, "pattern": "2:4", "pruning_type": "snip_momentum"})
+
+
+# ---------------------------------------------------------------------- data-aware criteria
+@pytest.mark.parametrize("model,criterion,pattern", [("llama", "activation", "2:4"), ("gpt2", "activation", "1x1"),
+                                                     ("llama", "sparse_gpt", "2:4")])
+def test_calibrated_checkpoint_equals_in_memory_block_sequential(checkpoints, tmp_path, model, criterion, pattern):
+    config = {"target_sparsity": 0.5, "pattern": pattern, "pruning_type": criterion, "pruning_scope": "local"}
+    torch.manual_seed(1)
+    ids = torch.randint(0, VOCAB, (6, 16))
+    torch.save(ids, tmp_path / "ids.pt")
+    ticks = []
+    report = fxprune.prune_checkpoint(checkpoints[model], config, tmp_path / "out",
+                                      calibration=tmp_path / "ids.pt", progress=lambda *a: ticks.append(a))
+    assert ticks == [("blocks", 1, 2), ("blocks", 2, 2)]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(checkpoints[model]).eval()
+    expected = fxprune.transform(loaded, config, example_inputs=(ids[:1, :8],), calibration=[ids])
+    _assert_same_weights(expected, tmp_path / "out")
+    assert [(r.param, r.status, r.zeros) for r in report.layers] == \
+           [(r.param, r.status, r.zeros) for r in fxprune.sparsity_report(expected).layers]
+
+
+def test_calibrated_checkpoint_needs_block_local_groups(checkpoints, tmp_path):
+    ids = torch.randint(0, VOCAB, (2, 8))
+    _fails(checkpoints["llama"], tmp_path, r"pruning_configs\[0\]: global scope ranks all layers at once; use local",
+           config={"target_sparsity": 0.5, "pattern": "2:4", "pruning_type": "activation"}, calibration=ids)
+    _fails(checkpoints["llama"], tmp_path, r"mixes 'magnitude' with data-aware groups", calibration=ids,
+           config={"pruning_configs": [
+               {"op_names": ["mlp"], "target_sparsity": 0.5, "pattern": "2:4"},
+               {"op_names": ["self_attn"], "target_sparsity": 0.5, "pattern": "2:4", "pruning_type": "activation",
+                "pruning_scope": "local"}]})

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
 from .shards import CheckpointError
@@ -62,5 +63,82 @@ def load_calibration(calibration: Any, hf_config, groups) -> list[torch.Tensor]:
     return out
 
 
+def check_block_sequential(job) -> None:
+    """Every data-aware group must run block by block (a checkpoint is never whole in memory), and
+    the config may not mix them with magnitude groups (those stream layer by layer separately)."""
+    from ..passes.sequential import plan
+
+    if job.plain_groups:
+        g = job.plain_groups[0]
+        raise ConfigError(f"{g.where}: a checkpoint config mixes {g.pruning_type!r} with data-aware "
+                          f"groups; prune a checkpoint with one kind per run (e.g. magnitude "
+                          f"first, then activation/sparse_gpt on its output)")
+    block_plan = plan(job.ctx)
+    if block_plan.blocks is None or block_plan.whole_model:
+        why = "; ".join(f"pruning_configs[{i}]: {r}" for i, r in block_plan.whole_model.items())
+        raise ConfigError(f"on a checkpoint, activation/sparse_gpt run one decoder block at a time, "
+                          f"and {why or 'no group can'}; use local scope on the layers inside the "
+                          f"blocks (lm_head stays dense)")
+    job.block_plan = block_plan
+
+
 def prune_calibrated(job) -> None:
-    raise ConfigError("data-aware criteria on checkpoints are not available yet")
+    """The block-sequential pass over the skeleton: each block's weights are read from the shards
+    just before it runs, and written to the output and released right after it is pruned. The
+    parameters outside the blocks (embeddings, final norm, lm_head) are loaded for the whole run."""
+    from ..passes.sequential import BlockSequentialPass
+
+    ctx, blocks = job.ctx, job.block_plan.blocks
+    in_blocks = {id(p) for p in blocks.modules.parameters()}
+    _load(job, ctx.model, "", skip=in_blocks)
+    targets_of: dict[int, list] = {}
+    for t in ctx.selected():
+        targets_of.setdefault(blocks.index_of(t.param), []).append(t)
+
+    def on_block_start(index: int, name: str, block: nn.Module) -> None:
+        _load(job, block, name + ".")
+
+    def on_block_end(index: int, name: str, block: nn.Module) -> None:
+        for t in targets_of.get(index, []):
+            job.write_block_target(t, ctx.model.get_parameter(t.param).detach(), ctx.masks.pop(t.param, None))
+        _release(block)
+
+    ctx.calibration = job.calibration
+    ctx.on_block_start, ctx.on_block_end = on_block_start, on_block_end
+    ctx.progress = job.progress
+    try:
+        BlockSequentialPass()(ctx)
+    finally:
+        _release(ctx.model)
+
+
+def _load(job, module: nn.Module, prefix: str, skip=frozenset()) -> None:
+    """Read ``module``'s parameters (and saved buffers) from the shards; tied ones once."""
+    loaded: dict[int, nn.Parameter] = {}
+    for owner_name, owner in module.named_modules(prefix=prefix.rstrip(".")):
+        for attr, p in list(owner._parameters.items()):
+            if p is None or id(p) in skip:
+                continue
+            if id(p) in loaded:
+                owner._parameters[attr] = loaded[id(p)]
+                continue
+            full = f"{owner_name}.{attr}" if owner_name else attr
+            key = job.keys.find([full, *job.aliases_of(full)])
+            if key is None:
+                raise CheckpointError(f"{job.src}: the shards hold no tensor {full!r}, which the "
+                                      f"model of config.json has")
+            value = nn.Parameter(job.shards.read(key), requires_grad=False)
+            loaded[id(p)] = owner._parameters[attr] = value
+        for attr, b in list(owner._buffers.items()):
+            full = f"{owner_name}.{attr}" if owner_name else attr
+            key = job.keys.find([full]) if b is not None else None
+            if key is not None:
+                owner._buffers[attr] = job.shards.read(key)
+
+
+def _release(module: nn.Module) -> None:
+    """Back to the meta device: the values are in the output shards now."""
+    for owner in module.modules():
+        for attr, p in list(owner._parameters.items()):
+            if p is not None and not p.is_meta:
+                owner._parameters[attr] = nn.Parameter(p.to("meta"), requires_grad=False)

@@ -109,6 +109,10 @@ class _Job:
         PassManager([CapturePass(), DiscoverPass(), AttachPass()]).run(self.ctx)
         self.ctx.graph_module = self.ctx.exported = None   # only the targets are needed
         self.keys = KeyMap(self.shards, getattr(self.model, "base_model_prefix", ""))
+        self._names: dict[int, list[str]] = {}   # every name of each (tied) parameter
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            self._names.setdefault(id(p), []).append(name)
+        self._names_of = {n: names for names in self._names.values() for n in names}
         self.key_of: dict[str, str] = {}
         for t in self.ctx.targets.values():
             key = self.keys.find([t.param, *(a + ".weight" for a in t.aliases)])
@@ -140,7 +144,8 @@ class _Job:
             (self.data_groups if kind.needs_data else self.plain_groups).append(group)
         self.calibration = None
         if self.data_groups:
-            from .calibrated import load_calibration
+            from .calibrated import check_block_sequential, load_calibration
+            check_block_sequential(self)
             self.calibration = load_calibration(calibration, self.hf_config, self.data_groups)
         elif calibration is not None:
             raise ConfigError("calibration was given but no pruning group uses a data-aware "
@@ -167,6 +172,22 @@ class _Job:
         self.report = build_report(self.ctx, layers)
         self.report.capture = "meta skeleton, torch.export"
         self.report.to_json(out / REPORT_FILE)
+
+    def aliases_of(self, name: str) -> list[str]:
+        """The other names of a tied parameter (GPT-2's ``lm_head.weight`` for ``transformer.wte.weight``)."""
+        return [n for n in self._names_of.get(name, []) if n != name]
+
+    def write_block_target(self, t, weight: torch.Tensor, keep: torch.Tensor | None) -> None:
+        """A target the block-sequential pass pruned in the model: write it (and, for
+        output-channel patterns, the bias/BatchNorm entries it zeroed) into the output shards."""
+        self.writer.write(self.key_of[t.param], weight)
+        self.zeros[t.param] = _count_zeros(weight)
+        if getattr(t.pattern, "prunes_output_channels", False):
+            for name in ([t.bias] if t.bias else []) + t.channel_followers:
+                key = self.keys.find([name])
+                if key is not None:
+                    module_name, _, attr = name.rpartition(".")
+                    self.writer.write(key, getattr(self.model.get_submodule(module_name), attr).detach())
 
     def read_weight(self, t) -> torch.Tensor:
         return self.shards.read(self.key_of[t.param])
