@@ -283,3 +283,43 @@ def test_calibrated_checkpoint_needs_block_local_groups(checkpoints, tmp_path):
                {"op_names": ["mlp"], "target_sparsity": 0.5, "pattern": "2:4"},
                {"op_names": ["self_attn"], "target_sparsity": 0.5, "pattern": "2:4", "pruning_type": "activation",
                 "pruning_scope": "local"}]})
+
+
+# ---------------------------------------------------------------------- compressed-tensors
+@pytest.mark.parametrize("pattern,structure", [("2:4", "2:4"), ("1x1", "unstructured")])
+def test_compressed_tensors_round_trip(checkpoints, tmp_path, pattern, structure):
+    ct = pytest.importorskip("compressed_tensors")
+    from compressed_tensors.config import SparsityCompressionConfig
+
+    config = {"target_sparsity": 0.5, "pattern": pattern, "pruning_scope": "local"}
+    src = checkpoints["llama"]
+    report = fxprune.prune_checkpoint(src, config, tmp_path / "plain")
+    assert main(["prune", str(src), "--config", _yaml(tmp_path, config),
+                 "--out", str(tmp_path / "ct"), "--format", "compressed-tensors", "--quiet"]) == 0
+    saved = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "compressed-tensors" and saved["version"] == ct.__version__
+    sparsity = SparsityCompressionConfig.load_from_registry(saved["sparsity_config"]["format"],
+                                                           **saved["sparsity_config"])
+    assert sparsity.sparsity_structure == structure and sparsity.ignore == ["lm_head"]
+    assert sparsity.global_sparsity == pytest.approx(report.sparsity, abs=1e-6)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    assert type(model.hf_quantizer).__name__ == "CompressedTensorsHfQuantizer"
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain").state_dict()
+    got = model.state_dict()
+    assert set(got) == set(plain)
+    for key, value in plain.items():
+        assert torch.equal(got[key].view(torch.uint8), value.view(torch.uint8)), key
+
+
+def _yaml(tmp_path, config):
+    import yaml
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_compressed_tensors_missing_package_is_one_line(checkpoints, tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)
+    _fails(checkpoints["llama"], tmp_path, r"needs the compressed-tensors package .*pip install 'fxprune\[compressed-tensors\]'",
+           format="compressed-tensors")

@@ -80,7 +80,7 @@ def prune_checkpoint(src_dir: str | os.PathLike, config: Any, out_dir: str | os.
     job = _Job(src, config, calibration, progress)
     if format == "compressed-tensors":
         from .compressed import check_available
-        check_available()
+        check_available(job.hf_config)
     tmp = _make_temp_dir(out, src)
     try:
         job.run(tmp)
