@@ -21,7 +21,6 @@ layer order). Data-aware criteria run block by block (:mod:`.calibrated`).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,6 +39,7 @@ from ..passes.score import _view_scores
 from ..patterns.base import BasePattern
 from ..report import SparsityReport
 from ..selection import LazyScores
+from ..sequential import find_blocks
 from .shards import PRUNABLE_DTYPES, CheckpointError, ShardSet, ShardWriter
 from .skeleton import CONFIG_FILE, KeyMap, build_skeleton, example_inputs, load_config
 
@@ -47,7 +47,6 @@ REPORT_FILE = "fxprune_report.json"
 FORMATS = ("safetensors", "compressed-tensors")
 # Weights in other formats would be the unpruned model again; not copied.
 _OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".safetensors")
-_BLOCK = re.compile(r"^(.*?\.\d+)\.")   # "model.layers.3.mlp.up_proj" -> "model.layers.3"
 
 Progress = Callable[[str, int, int], None]
 
@@ -157,8 +156,7 @@ class _Job:
         self.writer = ShardWriter(self.shards, out)
         _copy_side_files(self.src, out, self.shards)
         self.zeros: dict[str, int] = {}
-        blocks = _blocks([t.name for t in self.ctx.selected()])
-        self._ticker = _BlockTicker(blocks, self.progress)
+        self._ticker = _BlockTicker(self.ctx.selected(), find_blocks(self.model), self.progress)
         for group in self.plain_groups:
             self._prune_streaming(group)
         if self.data_groups:
@@ -261,30 +259,26 @@ def _count_zeros(t: torch.Tensor) -> int:
     return t.numel() - int(torch.count_nonzero(t))
 
 
-def _blocks(names: list[str]) -> dict[str, list[str]]:
-    """Layer names grouped by decoder block ("model.layers.3"), in order; others alone."""
-    out: dict[str, list[str]] = {}
-    for name in names:
-        m = _BLOCK.match(name)
-        out.setdefault(m.group(1) if m else name, []).append(name)
-    return out
-
-
 class _BlockTicker:
-    """``progress("prune", blocks done, blocks)`` each time the last layer of a block is written."""
+    """``progress("prune", blocks done, blocks)`` each time the last layer of a decoder block is
+    written (layers outside the blocks, such as a pruned ``lm_head``, count as one more step)."""
 
-    def __init__(self, blocks: dict[str, list[str]], progress: Progress | None):
+    def __init__(self, targets, blocks, progress: Progress | None):
         self.progress = progress
-        self.left = {b: set(names) for b, names in blocks.items()}
-        self.block_of = {n: b for b, names in blocks.items() for n in names}
-        self.total, self.finished = len(blocks), 0
+        self.block_of = {t.name: (blocks.index_of(t.param) if blocks is not None else None)
+                         for t in targets}
+        self.left: dict = {}
+        for name, block in self.block_of.items():
+            self.left.setdefault(block, set()).add(name)
+        self.total, self.finished = len(self.left), 0
 
     def done(self, name: str) -> None:
-        block = self.block_of.get(name)
-        if block is None:
+        block = self.block_of.get(name, "?")
+        if block not in self.left:
             return
         self.left[block].discard(name)
         if not self.left[block]:
+            del self.left[block]
             self.finished += 1
             if self.progress is not None:
                 self.progress("prune", self.finished, self.total)
