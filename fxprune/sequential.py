@@ -68,10 +68,26 @@ def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _is_block(module: nn.Module) -> bool:
+    """A container of layers (a decoder layer), not a layer: no weights of its own, and at least
+    two sub-modules with a matrix weight. A ``ModuleList`` of bare ``nn.Linear`` is not a stack of
+    blocks: the model may apply anything between them."""
+    if any(True for _ in module.parameters(recurse=False)):
+        return False
+    layers = sum(1 for m in module.modules() if m is not module
+                 and isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() >= 2)
+    return layers >= 2
+
+
 def find_blocks(model: nn.Module, name: str | None = None) -> BlockList | None:
-    """The model's repeated blocks: the ``ModuleList`` of at least two modules of one class that
-    holds the most parameters (meta parameters count: a skeleton works). ``name`` forces one
-    (a clear error if it is not such a list). None when the model has none."""
+    """The model's repeated blocks: the ``ModuleList`` of at least two modules of one class, each
+    a container of at least two weight layers, that holds the most parameters (meta parameters
+    count: a skeleton works). ``name`` forces one (a clear error if it is not a ``ModuleList``).
+    None when the model has none.
+
+    Block-sequential calibration assumes the blocks run in order, each on the previous block's
+    output (as decoder layers do); a model that transforms the hidden states between its blocks
+    needs ``block_sequential: false``."""
     if name is not None:
         try:
             found = model.get_submodule(name)
@@ -84,7 +100,8 @@ def find_blocks(model: nn.Module, name: str | None = None) -> BlockList | None:
         return BlockList(name, found)
     best, best_size = None, 0
     for mod_name, m in model.named_modules():
-        if not isinstance(m, nn.ModuleList) or len(m) < 2 or len({type(c) for c in m}) != 1:
+        if (not isinstance(m, nn.ModuleList) or len(m) < 2 or len({type(c) for c in m}) != 1
+                or not _is_block(m[0])):
             continue
         size = _numel(m)
         if size > best_size:

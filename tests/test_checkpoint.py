@@ -238,7 +238,7 @@ def test_failure_while_writing_leaves_nothing(checkpoints, tmp_path, monkeypatch
 
 
 def test_calibration_the_model_rejects(checkpoints, tmp_path):
-    wanda = {"target_sparsity": 0.5, "pattern": "2:4", "pruning_type": "activation"}
+    wanda = {"target_sparsity": 0.5, "pattern": "2:4", "pruning_type": "activation", "pruning_scope": "local"}
     _fails(checkpoints["gpt2"], tmp_path, r"scores from calibration data; pass calibration", config=wanda)
     too_long = tmp_path / "ids.pt"
     torch.save(torch.randint(0, VOCAB, (2, 40)), too_long)

@@ -33,7 +33,7 @@ from ..criteria import get_criterion_class
 from ..errors import ConfigError, FxPruneError
 from ..geometry import from_view_2d, to_view_2d
 from ..passes import AttachPass, CapturePass, DiscoverPass, PassManager, PruneContext
-from ..passes.mask import _check_mask
+from ..passes.mask import check_mask, mask_group
 from ..passes.record import build_report, layer_report
 from ..passes.score import _view_scores
 from ..patterns.base import BasePattern
@@ -49,6 +49,7 @@ FORMATS = ("safetensors", "compressed-tensors")
 _OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".safetensors")
 
 Progress = Callable[[str, int, int], None]
+_FIX_WEIGHTS = "fix the checkpoint's weights (or exclude the layer with excluded_op_names)"
 
 
 def prune_checkpoint(src_dir: str | os.PathLike, config: Any, out_dir: str | os.PathLike, *,
@@ -217,13 +218,12 @@ class _Job:
 
         def scores_of(t):
             weight = self.read_weight(t)
-            return weight, _view_scores(criterion, group, t, weight)
+            return weight, _view_scores(criterion, t, weight, f" in {self.src}", _FIX_WEIGHTS)
 
         if pattern.layers_are_independent():
-            for t in targets:  # the pattern's own masking, on one layer at a time
+            for t in targets:  # the mask pass's path, on one layer at a time
                 weight, scores = scores_of(t)
-                keep = pattern.get_masks({t.param: scores}, {t.param: t.layout}, consume=True)[t.param]
-                _check_mask(pattern, t, keep)
+                keep = mask_group(group, [t], {t.param: scores}, warn=False)[t.param]
                 self.write_pruned(t, weight, keep)
         elif _ranks_with_plans(pattern):
             lazy = {t.param: LazyScores(lambda t=t: pattern.block_scores(scores_of(t)[1], t.layout),
@@ -235,15 +235,13 @@ class _Job:
                 pruned = plans.pop(t.param).pruned(pattern.block_scores(scores, t.layout))
                 view = scores if pattern.expand_needs_scores else None
                 keep = ~pattern.expand(pruned, t.layout, tuple(t.geometry.view_shape), view)
-                _check_mask(pattern, t, keep)
+                check_mask(pattern, t, keep)
                 self.write_pruned(t, weight, keep)
         else:
             # A pattern with its own global ranking gets every layer's scores at once, as in memory
             # (float32 scores of the whole group are held).
-            scores = {t.param: scores_of(t)[1] for t in targets}
-            masks = pattern.get_masks(scores, {t.param: t.layout for t in targets})
+            masks = mask_group(group, targets, {t.param: scores_of(t)[1] for t in targets})
             for t in targets:
-                _check_mask(pattern, t, masks.get(t.param))
                 self.write_pruned(t, self.read_weight(t), masks.pop(t.param))
 
 

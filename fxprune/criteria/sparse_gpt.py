@@ -30,11 +30,12 @@ from torch import Tensor
 
 from ..errors import WeightError
 from ..geometry import from_view_2d, to_view_2d
-from .base import Criterion
+from .base import Criterion, register_criterion
 from .calibration import WeightCall, record_inputs, require_data, reusable
 from .features import accumulate_hessian, group_of_rows, iter_conv_patches, linear_features
 
 
+@register_criterion("sparse_gpt")
 class SparseGPTCriterion(Criterion):
     needs_data = True
     one_shot_only = True
@@ -146,13 +147,18 @@ def inverse_hessian_factor(H: Tensor, percdamp: float, name: str = "") -> Tensor
         H[g, idx[dead], idx[dead]] = 1.0
     mean_diag = H[:, idx, idx].mean(dim=1, keepdim=True)
     damp = percdamp
+    flip = torch.arange(cols - 1, -1, -1, device=H.device)
+    eye = torch.eye(cols, dtype=H.dtype, device=H.device)
     for _ in range(5):
         Hd = H.clone()
         Hd[:, idx, idx] += damp * mean_diag
-        L, info = torch.linalg.cholesky_ex(Hd)
+        # With J the reversal, J H J = M M^T gives H^-1 = A^T A for the upper A = J M^-1 J:
+        # the upper factor of H^-1 from one Cholesky and one triangular solve.
+        M, info = torch.linalg.cholesky_ex(Hd[:, flip][:, :, flip])
         if int(info.abs().sum()) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info.abs().sum()) == 0 and bool(torch.isfinite(U).all()):
+            Minv = torch.linalg.solve_triangular(M, eye.expand_as(M), upper=False)
+            U = Minv[:, flip][:, :, flip]
+            if bool(torch.isfinite(U).all()):
                 return U
         damp *= 10
     raise WeightError(f"sparse_gpt: the Hessian of {name} is not positive definite even with "
@@ -188,8 +194,10 @@ def sparsegpt_prune(W: Tensor, U: Tensor, blocksize: int = 128, *, fixed: Tensor
     - N:M (``n_of_m = (n, m, n_smallest)``): at every ``m``-th column, ``n_smallest`` of the next
       ``m`` columns' saliencies (per row) is pruned; ``blocksize`` is rounded down to a multiple
       of ``m`` so that no group straddles two blocks.
+
+    The work is done on ``W`` transposed (columns contiguous), where the column-by-column rank-1
+    updates run on contiguous memory (about 100x faster on CPU than on a column slice).
     """
-    W = W.clone()
     n_rows, cols = W.shape
     adaptive_nm = n_of_m is not None
     if adaptive_nm:
@@ -199,51 +207,50 @@ def sparsegpt_prune(W: Tensor, U: Tensor, blocksize: int = 128, *, fixed: Tensor
         rows = [n_rows] if rows is None else rows
         if counts is None or len(counts) != len(rows) or sum(rows) != n_rows:
             raise ValueError("sparsegpt_prune needs fixed=, n_of_m= or counts= with rows=")
-    pruned_all = torch.zeros(W.shape, dtype=torch.bool, device=W.device)
+    WT = W.t().contiguous()                                   # [cols, rows]
+    prunedT = torch.empty(WT.shape, dtype=torch.bool, device=W.device)
     diag = U.diagonal()
     for c0 in range(0, cols, blocksize):
         c1 = min(c0 + blocksize, cols)
-        W1 = W[:, c0:c1]            # a view: updated in place
+        W1 = WT[c0:c1]                                        # contiguous view, updated in place
         U1 = U[c0:c1, c0:c1]
         d1 = diag[c0:c1]
+        P1 = prunedT[c0:c1]
         if fixed is not None:
-            P1 = fixed[:, c0:c1]
-        elif adaptive_nm:
-            P1 = torch.zeros(W1.shape, dtype=torch.bool, device=W.device)
-        else:
-            P1 = _block_mask(W1, d1, counts, rows, c0, c1, cols)
+            P1.copy_(fixed[:, c0:c1].t())
+        elif not adaptive_nm:
+            P1.copy_(_block_mask(W1, d1, counts, rows, c0, c1, cols))
         err = torch.empty_like(W1)
         for i in range(c1 - c0):
             if adaptive_nm and i % m == 0:
-                sal = W1[:, i:i + m].pow(2) / d1[i:i + m].pow(2)
-                P1[:, i:i + m] = n_smallest(sal.contiguous() + 0.0).reshape(n_rows, m)
-            w = W1[:, i]
-            e = torch.where(P1[:, i], w, 0.0).div_(d1[i])
-            # w_j -= e * U_ij for j >= i: the pruned w_i becomes exactly 0 (U_ii / U_ii = 1)
-            W1[:, i:].addr_(e, U1[i, i:], alpha=-1.0)
-            err[:, i] = e
+                sal = W1[i:i + m].t().pow(2) / d1[i:i + m].pow(2)    # [rows, m]
+                P1[i:i + m] = n_smallest(sal.contiguous()).reshape(n_rows, m).t()
+            e = torch.where(P1[i], W1[i], 0.0).div_(d1[i])
+            # w_j -= e * U_ij for j >= i: the pruned w_i goes to 0 (U_ii / U_ii = 1)
+            W1[i:].addmm_(U1[i, i:].unsqueeze(1), e.unsqueeze(0), alpha=-1.0)  # addr_ is slow
+            err[i] = e
         W1.masked_fill_(P1, 0.0)
-        pruned_all[:, c0:c1] = P1
         if c1 < cols:
-            W[:, c1:].addmm_(err, U[c0:c1, c1:], alpha=-1.0)
-    return W, pruned_all
+            WT[c1:].addmm_(U[c0:c1, c1:].t(), err, alpha=-1.0)
+    return WT.t().contiguous(), prunedT.t().contiguous()
 
 
 def _block_mask(W1: Tensor, d1: Tensor, counts: list[int], rows: list[int], c0: int, c1: int,
                 cols: int) -> Tensor:
-    """Unstructured adaptive mask of one column block: per layer (row range), its share of the
-    layer's count, on the lowest saliencies (exact: ties by index)."""
+    """Unstructured adaptive mask of one column block (``W1`` transposed: ``[c1 - c0, rows]``):
+    per layer (row range), its share of the layer's count on the lowest saliencies, exactly
+    (ties to the lowest index of the layer's ``[rows, c1 - c0]`` block)."""
     from ..selection import select_local
 
-    sal = W1.pow(2) / d1.pow(2).unsqueeze(0)
-    out = torch.empty(W1.shape, dtype=torch.bool, device=W1.device)
+    sal = W1.t().pow(2) / d1.pow(2).unsqueeze(0)           # [rows, c1 - c0]
+    out = torch.empty(sal.shape, dtype=torch.bool, device=W1.device)
     r0 = 0
     for k, r in zip(counts, rows):
         share = (k * c1) // cols - (k * c0) // cols
-        block = sal[r0:r0 + r].contiguous() + 0.0     # -0.0 -> +0.0: keys compare as int bits
+        block = sal[r0:r0 + r].contiguous()
         out[r0:r0 + r] = select_local(block.reshape(-1), share).reshape(r, c1 - c0)
         r0 += r
-    return out
+    return out.t()
 
 
 def _groups(t) -> int:

@@ -17,7 +17,6 @@ gradient criteria need the loss at the model's output, convolutions and layers o
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from dataclasses import dataclass, field
 
@@ -28,16 +27,15 @@ from ..criteria import ActivationCriterion, SparseGPTCriterion, get_criterion_cl
 from ..criteria.calibration import WeightInputRecorder, _NoFusedFastPaths, require_data, reusable
 from ..criteria.features import linear_features
 from ..criteria.sparse_gpt import inverse_hessian_factor, sparsegpt_prune
-from ..config import budget
 from ..errors import ConfigError, WeightError
 from ..geometry import from_view_2d, to_view_2d
-from ..selection import materialize
+from ..selection import budget
 from ..sequential import BlockList, BlockSequentialRunner, BlockStep, RunStats, find_blocks
 from .base import Pass
 from .context import PruneContext
-from .mask import _check_mask
+from .mask import check_mask, mask_group
 from .rewrite import zero_pruned_channels
-from .score import _check_finite, _view_scores
+from .score import check_finite, check_not_meta, score_targets
 
 log = logging.getLogger("fxprune")
 
@@ -141,13 +139,9 @@ def prune_block(ctx: PruneContext, p: BlockPlan, step: BlockStep) -> None:
     if not targets:
         return
     model = ctx.model
+    check_not_meta(model, targets)      # a streaming caller loads them in on_block_start
     for t in targets:
-        w = model.get_parameter(t.param)
-        if w.is_meta:
-            raise WeightError(f"layer {t.name} ({t.param}) is on the meta device when block "
-                              f"{step.name} is pruned; load the block's weights first (in "
-                              f"on_block_start) ")
-        _check_finite(t, w.detach())
+        check_finite(t, model.get_parameter(t.param).detach())
     stats = BlockInputStats(model, targets)
     with stats.installed():
         step.record(context=stats.context, on_batch=stats.new_batch)
@@ -174,9 +168,7 @@ def _activation(ctx, group, targets, stats: "BlockInputStats") -> None:
     criterion = get_criterion_class(group.pruning_type)(group)
     criterion.geometry = {t.param: t.geometry for t in targets}
     criterion.sumsq = {t.param: stats.sumsq(t) for t in targets}
-    scores = {t.param: _view_scores(criterion, group, t, ctx.model.get_parameter(t.param).detach())
-              for t in targets}
-    masks = group_masks(group, targets, scores)
+    masks = mask_group(group, targets, score_targets(ctx.model, targets, criterion))
     _apply_masks(ctx, targets, masks)
 
 
@@ -200,9 +192,7 @@ def _sparse_gpt(ctx, group, targets, stats: "BlockInputStats") -> None:
             new, pruned = sparsegpt_prune(W, u, criterion.blocksize, counts=counts, rows=rows)
         else:  # fixed mask: SparseGPT's saliency through the pattern, then the OBS update
             criterion.diag = {t.param: u.diagonal().unsqueeze(0) for t in shared}
-            scores = {t.param: _view_scores(criterion, group, t, w.detach())
-                      for t, w in zip(shared, weights)}
-            masks = group_masks(group, shared, scores)
+            masks = mask_group(group, shared, score_targets(ctx.model, shared, criterion))
             fixed = torch.cat([~masks[t.param] for t in shared])
             new, pruned = sparsegpt_prune(W, u, criterion.blocksize, fixed=fixed)
         if not bool(torch.isfinite(new).all()):
@@ -211,7 +201,7 @@ def _sparse_gpt(ctx, group, targets, stats: "BlockInputStats") -> None:
         masks = {}
         for t, w, part, gone in zip(shared, weights, new.split(rows), pruned.split(rows)):
             masks[t.param] = ~gone
-            _check_mask(pattern, t, masks[t.param])
+            check_mask(pattern, t, masks[t.param])
             with torch.no_grad():
                 w.copy_(from_view_2d(part, t.geometry).to(dtype=w.dtype))
         _apply_masks(ctx, shared, masks)
@@ -223,7 +213,7 @@ def adaptive_mode(pattern) -> str | None:
     from the pattern (NxM blocks, channels, N:M below N/M where only some groups are pruned)."""
     from fractions import Fraction
 
-    from ..config import decimal_fraction
+    from ..selection import decimal_fraction
     from ..patterns.ninm import NInMPattern
     from ..patterns.nxm import NxMPattern
 
@@ -241,20 +231,6 @@ def _local_count(pattern, t) -> int:
     """The layer's pruned-weight count, as the local selection computes it (1x1 blocks)."""
     lo, hi = pattern.block_bounds(t.layout)
     return min(max(budget(pattern.target_sparsity, t.layout.numel), lo), hi)
-
-
-def group_masks(group, targets, scores: dict) -> dict[str, Tensor]:
-    """Keep-masks of ``targets`` from their view scores with the group's pattern (the mask pass's
-    path, on the block's layers only; local scope, so each layer's mask is its own)."""
-    pattern = targets[0].pattern
-    layouts = {t.param: t.layout for t in targets}
-    if "consume" in inspect.signature(pattern.get_masks).parameters:
-        masks = pattern.get_masks(scores, layouts, consume=True)
-    else:
-        masks = pattern.get_masks({k: materialize(v) for k, v in scores.items()}, layouts)
-    for t in targets:
-        _check_mask(pattern, t, masks.get(t.param))
-    return masks
 
 
 def _apply_masks(ctx, targets, masks) -> None:

@@ -13,12 +13,11 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from ..config import GroupConfig, decimal_fraction
+from ..config import GroupConfig
 from ..errors import ConfigError
 from ..geometry import WeightGeometry
-from ..registry import register_pattern
-from ..selection import materialize
-from .base import BasePattern, BlockLayout
+from ..selection import decimal_fraction, materialize
+from .base import BasePattern, BlockLayout, register_pattern
 
 _NINM = re.compile(r"^(\d+):(\d+)$")
 
@@ -76,17 +75,18 @@ class NInMPattern(BasePattern):
 
     expand_needs_scores = True
 
-    def _every_group(self) -> bool:
+    def _every_group(self, target_sparsity=None) -> bool:
         """At the full target N/M every group is pruned: no ranking, one sort per layer."""
-        full = decimal_fraction(self.target_sparsity) == Fraction(self.n, self.m)
+        target = self.target_sparsity if target_sparsity is None else target_sparsity
+        full = decimal_fraction(target) == Fraction(self.n, self.m)
         return full and self.max_sparsity_ratio_per_op >= self.n / self.m
 
     def layers_are_independent(self) -> bool:
         return self._every_group() or super().layers_are_independent()
 
-    def get_masks(self, scores, layouts, *, consume=False):
-        if not self._every_group():
-            return super().get_masks(scores, layouts, consume=consume)
+    def get_masks(self, scores, layouts, *, consume=False, target_sparsity=None):
+        if not self._every_group(target_sparsity):
+            return super().get_masks(scores, layouts, consume=consume, target_sparsity=target_sparsity)
         masks = {}
         for name in list(scores):
             view = materialize(scores.pop(name) if consume else scores[name])
