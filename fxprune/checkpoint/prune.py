@@ -154,7 +154,7 @@ class _Job:
 
     # ------------------------------------------------------------------ writing
     def run(self, out: Path) -> None:
-        self.writer = ShardWriter(self.shards, out)
+        self.writer = ShardWriter(self.shards, out, {self.key_of[t.param] for t in self.ctx.selected()})
         _copy_side_files(self.src, out, self.shards)
         self.zeros: dict[str, int] = {}
         self._ticker = _BlockTicker(self.ctx.selected(), find_blocks(self.model), self.progress)
@@ -163,6 +163,7 @@ class _Job:
         if self.data_groups:
             from .calibrated import prune_calibrated
             prune_calibrated(self)
+        self.writer.finish()
         layers = []
         for t in self.ctx.targets.values():
             if t.param not in self.zeros:
