@@ -40,7 +40,7 @@ from ..patterns.base import BasePattern
 from ..report import SparsityReport
 from ..selection import LazyScores
 from ..sequential import find_blocks
-from .shards import PRUNABLE_DTYPES, CheckpointError, ShardSet, ShardWriter
+from .shards import PRUNABLE_DTYPES, CheckpointError, ShardSet, ShardWriter, return_freed_memory
 from .skeleton import CONFIG_FILE, KeyMap, build_skeleton, example_inputs, load_config
 
 REPORT_FILE = "fxprune_report.json"
@@ -211,6 +211,8 @@ class _Job:
                     self.writer.write(key, tensor)
         t.status = "pruned"
         self._ticker.done(t.name)
+        del weight, keep
+        return_freed_memory()
 
     def _prune_streaming(self, group) -> None:
         targets = self.ctx.selected(group)

@@ -127,6 +127,7 @@ class BlockSequentialPass(Pass):
             ctx.model, p.blocks, reusable(ctx.calibration),
             propagation=ctx.config.block_propagation,
             cache_bytes=int(ctx.config.activation_cache_mb * (1 << 20)),
+            batch_tokens=ctx.config.block_batch_tokens,
             on_block_start=ctx.on_block_start, on_block_end=ctx.on_block_end,
             progress=ctx.tick if ctx.progress is not None else None)
         p.stats = runner.run(lambda step: prune_block(ctx, p, step))
