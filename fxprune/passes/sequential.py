@@ -123,8 +123,11 @@ class BlockSequentialPass(Pass):
             return
         require_data(ctx, p.groups[0].pruning_type)
         log.info("fxprune: %s", p.describe())
+        calibration = reusable(ctx.calibration)
+        if ctx.distributed is not None:     # data-parallel: this rank's share of the batches
+            calibration = ctx.distributed.calibration_share(calibration)
         runner = BlockSequentialRunner(
-            ctx.model, p.blocks, reusable(ctx.calibration),
+            ctx.model, p.blocks, calibration,
             propagation=ctx.config.block_propagation,
             cache_bytes=int(ctx.config.activation_cache_mb * (1 << 20)),
             on_block_start=ctx.on_block_start, on_block_end=ctx.on_block_end,
@@ -142,10 +145,13 @@ def prune_block(ctx: PruneContext, p: BlockPlan, step: BlockStep) -> None:
     check_not_meta(model, targets)      # a streaming caller loads them in on_block_start
     for t in targets:
         check_finite(t, model.get_parameter(t.param).detach())
-    stats = BlockInputStats(model, targets)
+    dist = ctx.distributed
+    stats = BlockInputStats(model, targets) if dist is None else dist.block_input_stats(model, targets)
     with stats.installed():
         step.record(context=stats.context, on_batch=stats.new_batch)
     stats.check_complete(step.name)
+    if dist is not None:                # data-parallel: sum the statistics of every rank's batches
+        dist.reduce_block_stats(stats, step.name)
     for group in p.groups:
         group_targets = [t for t in targets if t.group is group]
         if not group_targets:
@@ -340,8 +346,7 @@ class BlockInputStats:
         feats = self._features(t, x)
         want_sumsq, want_hessian = self._needs(stat)
         if want_sumsq:
-            s = feats.pow(2).sum(dim=0)
-            stat.sumsq = s if stat.sumsq is None else stat.sumsq + s
+            self.add_sumsq(stat, feats.pow(2).sum(dim=0))
         if want_hessian:
             if stat.hessian is None:
                 stat.hessian = torch.zeros(feats.shape[1], feats.shape[1], dtype=torch.float32,
@@ -349,12 +354,17 @@ class BlockInputStats:
             stat.hessian.addmm_(feats.T, feats)
         stat.count += feats.shape[0]
 
+    def add_sumsq(self, stat: _InputStat, s: Tensor) -> None:
+        """One batch's sum of squares into the running sum (data-parallel calibration keeps each
+        contribution too, to sum all ranks' in the single-process order)."""
+        stat.sumsq = s if stat.sumsq is None else stat.sumsq + s
+
     def _fill_missing(self, stat: _InputStat, t, x: Tensor) -> None:
         """A layer joining a shared input in the first batch may need what the others did not."""
         feats = None
         if t.param in self.need_sumsq and stat.sumsq is None:
             feats = self._features(t, x)
-            stat.sumsq = feats.pow(2).sum(dim=0)
+            self.add_sumsq(stat, feats.pow(2).sum(dim=0))
         if t.param in self.need_hessian and stat.hessian is None:
             feats = self._features(t, x) if feats is None else feats
             stat.hessian = feats.T @ feats
