@@ -199,6 +199,22 @@ class Distributed:
     def block_input_stats(self, model, targets):
         return _RankInputStats(model, targets, self)
 
+    def split_sparse_gpt(self, shared_groups: Sequence[list], solve: Callable) -> list:
+        """The SparseGPT solves of one block (one per group of layers sharing an input; ``solve``
+        returns the stacked updated float32 views and their pruned mask), divided among the
+        ranks by FLOPs and broadcast."""
+        def shapes(shared):
+            rows = sum(t.geometry.view_shape[0] for t in shared)
+            cols = shared[0].geometry.view_shape[1]
+            return [((rows, cols), torch.float32), ((rows, cols), torch.bool)]
+
+        def cost(shared):
+            (rows, cols), _ = shapes(shared)[0]
+            return sparse_gpt_cost(rows, cols)
+
+        name = shared_groups[0][0].name if shared_groups else ""
+        return self.split_work(shared_groups, cost, solve, shapes, f"the sparse_gpt solve near {name}")
+
     def reduce_block_stats(self, stats, block_name: str) -> None:
         """Sum one block's input statistics over the ranks (every rank ends with the same)."""
         self.check(f"block {block_name}")

@@ -63,14 +63,20 @@ def _worker(rank, world, init, out_dir):
     model, calib = _llama(), _calib()
     calls = [0]     # forwards of decoder block 0 (the hook travels with transform's copy)
     model.model.layers[0].register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    solves = [0]    # SparseGPT solves this rank computed
+    import fxprune.passes.sequential as seq
+    solve = seq.sparsegpt_prune
+    seq.sparsegpt_prune = lambda *a, **k: (solves.__setitem__(0, solves[0] + 1), solve(*a, **k))[1]
     results, forwards = {}, {}
     for name, cfg in CASES.items():
-        calls[0] = 0
+        calls[0] = solves[0] = 0
         ref = fxprune.transform(model, cfg, EXAMPLE, calibration=calib, group=alone[rank])
-        alone_calls, calls[0] = calls[0], 0
+        alone_counts = (calls[0], solves[0])
+        calls[0] = solves[0] = 0
         par = fxprune.transform(model, cfg, EXAMPLE, calibration=calib)
         results[name] = (_weights(ref), _weights(par))
-        forwards[name] = (alone_calls, calls[0])
+        forwards[name] = (alone_counts, (calls[0], solves[0]))
+    seq.sparsegpt_prune = solve
     torch.save((results, forwards), os.path.join(out_dir, f"transform.{rank}.pt"))
 
     # rank 1's share (batch 1) holds a token id past the vocabulary: it fails in its embedding
@@ -135,12 +141,22 @@ def test_sparse_gpt_same_masks_weights_within_tolerance(runs, case):
 def test_each_rank_runs_only_its_share_of_the_calibration(runs):
     """5 batches: rank 0 takes 3, rank 1 takes 2; a block runs twice per batch (record, then the
     pruned block for the next block's inputs). Magnitude needs no calibration forward."""
-    for rank, (_, forwards) in enumerate(runs["transform"]):
+    for rank, (_, counts) in enumerate(runs["transform"]):
         mine = 3 if rank == 0 else 2
+        forwards = {case: (alone[0], par[0]) for case, (alone, par) in counts.items()}
         capture = forwards["magnitude_global"]      # the graph capture's call, no calibration
         assert capture[0] == capture[1] <= 1
         for case in ("wanda_1x1", "sparse_gpt_2of4"):
             assert forwards[case] == (capture[0] + 2 * 5, capture[0] + 2 * mine)
+
+
+def test_sparse_gpt_solves_are_split_between_the_ranks(runs):
+    """Per block 4 solves (q/k/v share one input, gate/up one, o, down); by FLOPs each rank
+    takes two of them (down + o, gate/up + q/k/v)."""
+    for _, counts in runs["transform"]:
+        for case in ("sparse_gpt_1x1", "sparse_gpt_2of4"):
+            assert (counts[case][0][1], counts[case][1][1]) == (8, 4)
+        assert counts["wanda_1x1"][1][1] == 0
 
 
 def test_a_failing_rank_stops_every_rank_with_its_message(runs):

@@ -182,28 +182,18 @@ def _sparse_gpt(ctx, group, targets, stats: "BlockInputStats") -> None:
     criterion = get_criterion_class(group.pruning_type)(group)
     pattern = targets[0].pattern
     adaptive = adaptive_mode(pattern)
-    for shared in stats.shared_groups(targets):        # layers with one input: one factor
-        lead = shared[0]
-        u = inverse_hessian_factor(stats.hessian(lead).unsqueeze(0), criterion.percdamp,
-                                   lead.name)[0]
+    shared_groups = stats.shared_groups(targets)       # layers with one input: one factor
+
+    def solve(shared):
+        return _sparse_gpt_solve(ctx, group, shared, stats, criterion, pattern, adaptive)
+
+    if ctx.distributed is None:
+        results = [solve(shared) for shared in shared_groups]
+    else:                   # each solve on one rank, the results broadcast to all
+        results = ctx.distributed.split_sparse_gpt(shared_groups, solve)
+    for shared, (new, pruned) in zip(shared_groups, results):
         weights = [ctx.model.get_parameter(t.param) for t in shared]
-        views = [to_view_2d(w.detach(), t.geometry).float() for w, t in zip(weights, shared)]
-        rows = [v.shape[0] for v in views]
-        W = torch.cat(views) if len(views) > 1 else views[0]
-        if adaptive == "n_of_m":
-            new, pruned = sparsegpt_prune(W, u, criterion.blocksize,
-                                          n_of_m=(pattern.n, pattern.m, pattern._n_smallest))
-        elif adaptive == "unstructured":
-            counts = [_local_count(pattern, t) for t in shared]
-            new, pruned = sparsegpt_prune(W, u, criterion.blocksize, counts=counts, rows=rows)
-        else:  # fixed mask: SparseGPT's saliency through the pattern, then the OBS update
-            criterion.diag = {t.param: u.diagonal().unsqueeze(0) for t in shared}
-            masks = mask_group(group, shared, score_targets(ctx.model, shared, criterion))
-            fixed = torch.cat([~masks[t.param] for t in shared])
-            new, pruned = sparsegpt_prune(W, u, criterion.blocksize, fixed=fixed)
-        if not bool(torch.isfinite(new).all()):
-            raise WeightError(f"sparse_gpt produced non-finite weights for {lead.name}; raise "
-                              f"SparseGPTCriterion.percdamp or check the calibration data")
+        rows = [t.geometry.view_shape[0] for t in shared]
         masks = {}
         for t, w, part, gone in zip(shared, weights, new.split(rows), pruned.split(rows)):
             masks[t.param] = ~gone
@@ -211,6 +201,32 @@ def _sparse_gpt(ctx, group, targets, stats: "BlockInputStats") -> None:
             with torch.no_grad():
                 w.copy_(from_view_2d(part, t.geometry).to(dtype=w.dtype))
         _apply_masks(ctx, shared, masks)
+
+
+def _sparse_gpt_solve(ctx, group, shared, stats, criterion, pattern, adaptive) -> tuple[Tensor, Tensor]:
+    """The updated float32 2-D views of layers sharing one input, stacked, and their pruned mask."""
+    lead = shared[0]
+    u = inverse_hessian_factor(stats.hessian(lead).unsqueeze(0), criterion.percdamp,
+                               lead.name)[0]
+    weights = [ctx.model.get_parameter(t.param) for t in shared]
+    views = [to_view_2d(w.detach(), t.geometry).float() for w, t in zip(weights, shared)]
+    rows = [v.shape[0] for v in views]
+    W = torch.cat(views) if len(views) > 1 else views[0]
+    if adaptive == "n_of_m":
+        new, pruned = sparsegpt_prune(W, u, criterion.blocksize,
+                                      n_of_m=(pattern.n, pattern.m, pattern._n_smallest))
+    elif adaptive == "unstructured":
+        counts = [_local_count(pattern, t) for t in shared]
+        new, pruned = sparsegpt_prune(W, u, criterion.blocksize, counts=counts, rows=rows)
+    else:  # fixed mask: SparseGPT's saliency through the pattern, then the OBS update
+        criterion.diag = {t.param: u.diagonal().unsqueeze(0) for t in shared}
+        masks = mask_group(group, shared, score_targets(ctx.model, shared, criterion))
+        fixed = torch.cat([~masks[t.param] for t in shared])
+        new, pruned = sparsegpt_prune(W, u, criterion.blocksize, fixed=fixed)
+    if not bool(torch.isfinite(new).all()):
+        raise WeightError(f"sparse_gpt produced non-finite weights for {lead.name}; raise "
+                          f"SparseGPTCriterion.percdamp or check the calibration data")
+    return new, pruned
 
 
 def adaptive_mode(pattern) -> str | None:
