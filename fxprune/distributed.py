@@ -4,9 +4,10 @@ Every rank runs the same call (``fxprune.transform``, ``fxprune.prune_checkpoint
 ``torchrun``) on the same model and config; a :class:`Distributed` wraps the process group and
 holds the few collective steps fxprune needs. What is split and what is replicated:
 
-- block-sequential calibration (``activation`` = Wanda, ``sparse_gpt``): each rank takes its share
-  of the calibration batches (batch ``i`` goes to rank ``i % world``) and carries only their hidden
-  states from block to block. After each block's dense forward, the statistics are summed over the
+- block-sequential calibration (``activation`` = Wanda, ``sparse_gpt``): the calibration batches
+  are run up to the first block and merged into block batches on every rank (that part is cheap
+  and makes the same block batches as one process); then each rank keeps block batch ``i`` when
+  ``i % world == rank`` and carries only those hidden states from block to block. After each block's dense forward, the statistics are summed over the
   ranks before any mask is chosen: Wanda's per-feature sums of squares are gathered per batch and
   added up in the single-process batch order (so masks are bit-identical to one process),
   SparseGPT's Hessians and sample counts are all-reduced (float32 sums in another order: weights
@@ -120,27 +121,18 @@ class Distributed:
         return out
 
     # ------------------------------------------------------------------ calibration
-    def calibration_share(self, batches: Iterable, *, presharded: bool = False) -> list:
-        """This rank's batches: every ``world``-th of the (identical on every rank) calibration,
-        or, ``presharded``, all of the rank's own (a ``DistributedSampler`` loader). Records each
-        batch's global index (single-process order) for the ordered reductions."""
-        if presharded:
-            mine = list(batches)
-            counts = self.all_gather_objects(len(mine))
-            start = sum(counts[:self.rank])
-            self.batch_index = list(range(start, start + len(mine)))
-            total = sum(counts)
-        else:
-            mine, self.batch_index, total = [], [], 0
-            for i, batch in enumerate(batches):
-                total += 1
-                if i % self.world == self.rank:
-                    mine.append(batch)
-                    self.batch_index.append(i)
-        if total < self.world or not mine:
-            raise ConfigError(f"calibration has {total} batch(es) for {self.world} ranks; each rank "
-                              f"needs at least one: split it into at least {self.world} batches")
-        return mine
+    def block_batch_share(self, n: int) -> list[int]:
+        """This rank's block batches (calibration batches merged as one process merges them,
+        ``block_batch_tokens``): every ``world``-th, from its rank on. Records their indices, the
+        single-process order of the ordered reductions."""
+        if n < self.world:
+            raise ConfigError(
+                f"the calibration makes {n} block batch(es) for {self.world} ranks (batches are "
+                f"merged up to block_batch_tokens tokens); each rank needs at least one: pass at "
+                f"least {self.world} calibration batches and set block_batch_tokens to at most "
+                f"the tokens of one batch")
+        self.batch_index = list(range(self.rank, n, self.world))
+        return self.batch_index
 
     # ------------------------------------------------------------------ collectives
     def all_gather_objects(self, obj: Any) -> list:

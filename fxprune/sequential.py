@@ -15,7 +15,8 @@ every cached input, with the caller's hooks installed) and changes the block's w
 block is first used and right after its outputs are computed, so a checkpoint streamer can
 materialise one block's weights from disk and release them afterwards; the part of the model
 before the first block (embeddings, rotary embeddings, mask construction) runs with only its own
-weights loaded, since the capture stops as the first block is called.
+weights loaded: during the capture the first block is replaced by a stand-in that keeps its
+inputs and stops the forward (the real block, and any hook on it, is not called).
 
 Assumptions (those of the peers): every block receives the same extra inputs (attention mask,
 position ids and embeddings), captured once at the first block; a block returns its hidden states
@@ -39,6 +40,7 @@ from .errors import ConfigError, FxPruneError
 BlockHook = Callable[[int, str, nn.Module], None]
 
 DEFAULT_CACHE_BYTES = 1 << 30   # RAM for cached hidden states (inputs + outputs of one block)
+DEFAULT_BATCH_TOKENS = 4096     # calibration batches are merged into block batches of this size
 
 
 # ---------------------------------------------------------------------------- block detection
@@ -176,6 +178,26 @@ class _StopAtBlock(Exception):
     pass
 
 
+class _FirstBlockCatcher(nn.Module):
+    """Stands in for the first block during the capture: keeps its inputs and stops the forward.
+    Attributes the model reads from its blocks (``attention_type``...) come from the real one."""
+
+    def __init__(self, block: nn.Module, runner: "BlockSequentialRunner"):
+        super().__init__()
+        object.__setattr__(self, "block", block)     # not a submodule: parameters unchanged
+        object.__setattr__(self, "runner", runner)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "block"), name)
+
+    def forward(self, *args, **kwargs):
+        self.runner.keep_block_inputs(args, kwargs)
+        raise _StopAtBlock
+
+
 @dataclass
 class BlockCall:
     """How one batch calls the blocks: the positional / keyword inputs besides the hidden states."""
@@ -219,7 +241,8 @@ def hidden_of(out) -> Tensor:
 class RunStats:
     """What the runner did, in load-independent units."""
 
-    batches: int = 0
+    batches: int = 0                 # calibration batches
+    block_batches: int = 0           # after merging (each block runs once per block batch)
     block_forwards: int = 0          # completed forwards of a block
     spilled: int = 0                 # hidden-state tensors written to disk (all blocks)
     peak_cached_bytes: int = 0
@@ -265,21 +288,30 @@ class BlockSequentialRunner:
             path's, at one block forward per batch).
         cache_bytes: RAM for the cached hidden states (one block's inputs and outputs together);
             the rest is spilled to files under ``spill_dir`` (default: the system temp dir).
+        batch_tokens: consecutive calibration batches are concatenated into one block batch of
+            up to this many tokens (rows of the hidden states) when their other inputs allow it
+            (see :func:`merge_calls`); 0 keeps the batches as given.
         on_block_start / on_block_end: ``hook(index, name, block)``, see the module docstring.
         progress: ``progress(stage, done, total)`` once per block.
+        keep_batches: ``keep_batches(n) -> indices``: the block batches (after merging, out of
+            ``n``) this process keeps and runs; the others are dropped after the capture
+            (data-parallel calibration: each rank carries its share).
     """
 
     def __init__(self, model: nn.Module, blocks: BlockList, calibration: Iterable, *,
                  propagation: str = "pruned", cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 spill_dir: str | None = None, on_block_start: BlockHook | None = None,
-                 on_block_end: BlockHook | None = None, progress: Callable | None = None):
+                 batch_tokens: int = DEFAULT_BATCH_TOKENS, spill_dir: str | None = None, on_block_start: BlockHook | None = None,
+                 on_block_end: BlockHook | None = None, progress: Callable | None = None,
+                 keep_batches: Callable[[int], list[int]] | None = None):
         if propagation not in ("pruned", "dense"):
             raise ConfigError(f"block_propagation must be 'pruned' or 'dense', got {propagation!r}")
         self.model, self.blocks, self.calibration = model, blocks, calibration
         self.propagation = propagation
+        self.batch_tokens = int(batch_tokens)
         self.budget = _Budget(cache_bytes, spill_dir)
         self.on_block_start, self.on_block_end = on_block_start, on_block_end
         self.progress = progress
+        self.keep_batches = keep_batches
         self.inputs = ActivationCache(self.budget)
         self.outputs = ActivationCache(self.budget)
         self.calls: list[BlockCall] = []
@@ -290,24 +322,8 @@ class BlockSequentialRunner:
         """Run each batch up to the first block; keep its hidden states and the other inputs."""
         from .criteria.calibration import run_batch
 
-        first = self.blocks.modules[0]
-
-        def stop(module, args, kwargs):
-            hidden_pos: int | str
-            if args:
-                hidden, hidden_pos, rest = args[0], 0, tuple(args[1:])
-            elif "hidden_states" in kwargs:
-                hidden, hidden_pos, rest = kwargs["hidden_states"], "hidden_states", ()
-            else:
-                raise FxPruneError(f"block {self.blocks.block_name(0)} was called without a "
-                                   f"positional input or hidden_states=...; block-sequential "
-                                   f"calibration cannot find its hidden states")
-            kw = {k: v for k, v in kwargs.items() if k != hidden_pos}
-            self.inputs.append(hidden)
-            self.calls.append(BlockCall(hidden_pos, rest, _strip_cache(kw)))
-            raise _StopAtBlock
-
-        handle = first.register_forward_pre_hook(stop, with_kwargs=True)
+        catcher = _FirstBlockCatcher(self.blocks.modules[0], self)
+        self.blocks.modules[0] = catcher    # the real block is not called (nor its hooks)
         try:
             for batch in self.calibration:
                 try:
@@ -319,10 +335,43 @@ class BlockSequentialRunner:
                                        f"first block {self.blocks.block_name(0)}")
                 self.stats.batches += 1
         finally:
-            handle.remove()
+            self.blocks.modules[0] = catcher.block
         if not self.stats.batches:
             raise ConfigError("calibration is empty: pass at least one batch")
+        if self.batch_tokens > 0 and len(self.calls) > 1:
+            hidden = [self.inputs[b] for b in range(len(self.inputs))]
+            merged = merge_calls(self.calls, hidden, self.batch_tokens)
+            if len(merged) < len(self.calls):
+                self.inputs.clear()
+                self.calls = []
+                for call, h in merged:
+                    self.calls.append(call)
+                    self.inputs.append(h)
+            del hidden, merged
+        if self.keep_batches is not None:
+            kept = [(self.calls[b], self.inputs[b]) for b in self.keep_batches(len(self.calls))]
+            self.inputs.clear()
+            self.calls = [call for call, _ in kept]
+            for _, h in kept:
+                self.inputs.append(h)
+            del kept
+        self.stats.block_batches = len(self.calls)
         self._note_cache()
+
+    def keep_block_inputs(self, args: tuple, kwargs: dict) -> None:
+        """The first block's call for one batch: keep its hidden states and other inputs."""
+        hidden_pos: int | str
+        if args:
+            hidden, hidden_pos, rest = args[0], 0, tuple(args[1:])
+        elif "hidden_states" in kwargs:
+            hidden, hidden_pos, rest = kwargs["hidden_states"], "hidden_states", ()
+        else:
+            raise FxPruneError(f"block {self.blocks.block_name(0)} was called without a "
+                               f"positional input or hidden_states=...; block-sequential "
+                               f"calibration cannot find its hidden states")
+        kw = {k: v for k, v in kwargs.items() if k != hidden_pos}
+        self.inputs.append(hidden)
+        self.calls.append(BlockCall(hidden_pos, rest, _strip_cache(kw)))
 
     def _note_cache(self) -> None:
         self.stats.peak_cached_bytes = max(self.stats.peak_cached_bytes, self.budget.used)
@@ -373,10 +422,97 @@ class BlockSequentialRunner:
         self.inputs, self.outputs = self.outputs, self.inputs
 
 
+def _same(a, b) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b)))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b) and type(a) is type(b)
+    except Exception:
+        return a is b
+
+
+def _merge_value(values: list, batch_sizes: list[int]):
+    """One extra input for a merged block batch: the value when every batch has the same one
+    (broadcast over the merged batch, e.g. rotary embeddings of one sequence length), else the
+    batches' values concatenated along dim 0 when that is their batch dim; None if neither."""
+    first = values[0]
+    if all(_same(first, v) for v in values[1:]):
+        return first, True
+    if isinstance(first, (tuple, list)) and all(isinstance(v, type(first)) and len(v) == len(first)
+                                                for v in values):
+        parts = [_merge_value([v[i] for v in values], batch_sizes) for i in range(len(first))]
+        if all(ok for _, ok in parts):
+            return type(first)(p for p, _ in parts), True
+        return None, False
+    if (all(isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == n and v.shape[1:] == first.shape[1:]
+            for v, n in zip(values, batch_sizes))):
+        return torch.cat(values), True
+    return None, False
+
+
+def _merge_group(calls: list[BlockCall], hidden: list[Tensor]):
+    sizes = [h.shape[0] for h in hidden]
+    args, kwargs = [], {}
+    for i in range(len(calls[0].args)):
+        v, ok = _merge_value([c.args[i] for c in calls], sizes)
+        if not ok:
+            return None
+        args.append(v)
+    for k in calls[0].kwargs:
+        v, ok = _merge_value([c.kwargs[k] for c in calls], sizes)
+        if not ok:
+            return None
+        kwargs[k] = v
+    return BlockCall(calls[0].hidden_pos, tuple(args), kwargs), torch.cat(hidden)
+
+
+def merge_calls(calls: list[BlockCall], hidden: list[Tensor], max_tokens: int
+                ) -> list[tuple[BlockCall, Tensor]]:
+    """Concatenate consecutive calibration batches into block batches of at most ``max_tokens``
+    rows of hidden states (batch x sequence), so each block runs a few large forwards instead of
+    many small ones. Batches join when their hidden states differ only in the batch dim, they
+    pass the same kinds of extra inputs, and each extra input is either the same in every batch
+    or has that batch's size in dim 0 (then it is concatenated too)."""
+    def tokens(h: Tensor) -> int:
+        return h.numel() // max(1, h.shape[-1])
+
+    def compatible(a: int, b: int) -> bool:
+        ca, cb, ha, hb = calls[a], calls[b], hidden[a], hidden[b]
+        return (ca.hidden_pos == cb.hidden_pos and len(ca.args) == len(cb.args)
+                and ca.kwargs.keys() == cb.kwargs.keys() and ha.dim() >= 2
+                and ha.shape[1:] == hb.shape[1:] and ha.dtype == hb.dtype)
+
+    out: list[tuple[BlockCall, Tensor]] = []
+    group: list[int] = []
+
+    def flush() -> None:
+        if len(group) == 1:
+            out.append((calls[group[0]], hidden[group[0]]))
+        elif group:
+            merged = _merge_group([calls[i] for i in group], [hidden[i] for i in group])
+            if merged is None:  # the extra inputs do not merge: keep the batches as they are
+                out.extend((calls[i], hidden[i]) for i in group)
+            else:
+                out.append(merged)
+        group.clear()
+
+    for b in range(len(calls)):
+        if group and (not compatible(group[0], b)
+                      or sum(tokens(hidden[i]) for i in group) + tokens(hidden[b]) > max_tokens):
+            flush()
+        group.append(b)
+    flush()
+    return out
+
+
 def iter_blocks(blocks: BlockList) -> Iterator[tuple[int, str, nn.Module]]:
     for i, m in enumerate(blocks.modules):
         yield i, blocks.block_name(i), m
 
 
 __all__ = ["ActivationCache", "BlockCall", "BlockHook", "BlockList", "BlockSequentialRunner",
-           "BlockStep", "DEFAULT_CACHE_BYTES", "RunStats", "find_blocks", "hidden_of", "iter_blocks"]
+           "BlockStep", "DEFAULT_BATCH_TOKENS", "DEFAULT_CACHE_BYTES", "RunStats", "find_blocks",
+           "hidden_of", "iter_blocks", "merge_calls"]

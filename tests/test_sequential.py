@@ -53,10 +53,12 @@ def test_finds_decoder_layers_not_bare_linear_lists():
     assert find_blocks(mlp) is None     # the model may do anything between bare layers
 
 
-def test_activation_dense_propagation_equals_whole_model_masks():
+@pytest.mark.parametrize("batch_tokens", [0, 4096])   # batches as given / merged into one
+def test_activation_dense_propagation_equals_whole_model_masks(batch_tokens):
     model, calib = _llama(3), _calib()
     whole = _prune(model, _cfg("activation", block_sequential=False), calib)
-    seq = _prune(model, _cfg("activation", block_sequential=True, block_propagation="dense"), calib)
+    seq = _prune(model, _cfg("activation", block_sequential=True, block_propagation="dense",
+                             block_batch_tokens=batch_tokens), calib)
     assert seq is not whole
     w, s = _weights(whole), _weights(seq)
     pruned = [n for n in w if ".layers." in n and n.endswith("proj.weight")]
@@ -104,21 +106,38 @@ def test_magnitude_groups_equal_the_whole_model_path_beside_a_block_group():
     assert sum(int((seq[n] == 0).sum()) for n in attn) == sum(seq[n].numel() for n in attn) // 2
 
 
-@pytest.mark.parametrize("layers", [2, 4])
-@pytest.mark.parametrize("propagation,per_block", [("pruned", 2), ("dense", 1)])
-def test_block_forwards_are_linear_in_depth(layers, propagation, per_block):
-    model, calib = _llama(layers), _calib(3)
+@pytest.mark.parametrize("layers,propagation,batch_tokens,block_batches", [
+    (2, "pruned", 0, 3), (4, "pruned", 0, 3),        # the 3 batches as given
+    (2, "pruned", 4096, 1), (4, "pruned", 4096, 1),  # merged into one block batch
+    (4, "pruned", 48, 2),                            # 24 tokens each: 2 + 1
+    (2, "dense", 0, 3), (4, "dense", 0, 3)])
+def test_block_forwards_are_linear_in_depth(layers, propagation, batch_tokens, block_batches):
     from torch._subclasses.fake_tensor import FakeTensor
+    model, calib = _llama(layers), _calib(3)
     calls, traced = [], []
     for layer in model.model.layers:   # graph capture traces each block once, on fake tensors
         layer.register_forward_hook(
             lambda m, a, o: (traced if isinstance(o, FakeTensor) else calls).append(m))
-    fxprune.transform(model, _cfg("sparse_gpt", "2:4", block_propagation=propagation), EXAMPLE,
-                      calibration=calib, inplace=True)
-    # the last block's outputs are not needed: no propagation forward after it
-    expected = per_block * layers * len(calib) - (len(calib) if per_block == 2 else 0)
+    cfg = _cfg("sparse_gpt", "2:4", block_propagation=propagation, block_batch_tokens=batch_tokens)
+    fxprune.transform(model, cfg, EXAMPLE, calibration=calib, inplace=True)
+    # per block and block batch: one forward to record, one to propagate (pruned propagation;
+    # the last block's outputs are not needed); dense propagation keeps the recording's outputs
+    per_block = 2 if propagation == "pruned" else 1
+    expected = per_block * layers * block_batches - (block_batches if per_block == 2 else 0)
     assert len(calls) == expected
     assert len(traced) == layers
+
+
+def test_batches_of_other_lengths_are_not_merged():
+    from fxprune.sequential import BlockCall, merge_calls
+    h = [torch.zeros(1, 8, 4), torch.zeros(2, 8, 4), torch.zeros(1, 6, 4), torch.zeros(1, 6, 4)]
+    rope = [torch.ones(1, 8, 2), torch.ones(1, 8, 2), torch.ones(1, 6, 2), torch.full((1, 6, 2), 2.0)]
+    calls = [BlockCall(0, (), {"position_embeddings": (r, r), "use_cache": False}) for r in rope]
+    merged = merge_calls(calls, h, 4096)
+    # 0+1 merge (same rotary: kept once); 2 differs in length; 2+3 differ in rotary with batch 1: concatenated
+    assert [tuple(m[1].shape) for m in merged] == [(3, 8, 4), (2, 6, 4)]
+    assert merged[0][0].kwargs["position_embeddings"][0].shape == (1, 8, 2)
+    assert merged[1][0].kwargs["position_embeddings"][0].shape == (2, 6, 2)
 
 
 def test_shared_inputs_get_one_hessian(monkeypatch):

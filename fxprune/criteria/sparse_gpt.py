@@ -220,15 +220,18 @@ def sparsegpt_prune(W: Tensor, U: Tensor, blocksize: int = 128, *, fixed: Tensor
             P1.copy_(fixed[:, c0:c1].t())
         elif not adaptive_nm:
             P1.copy_(_block_mask(W1, d1, counts, rows, c0, c1, cols))
+        # e_i = w_i / U_ii where pruned, 0 where kept: one multiply per column
+        scale = P1 / d1.unsqueeze(1) if not adaptive_nm else torch.empty_like(W1)
         err = torch.empty_like(W1)
         for i in range(c1 - c0):
             if adaptive_nm and i % m == 0:
-                sal = W1[i:i + m].t().pow(2) / d1[i:i + m].pow(2)    # [rows, m]
+                sal = (W1[i:i + m] / d1[i:i + m].unsqueeze(1)).pow_(2).t()   # [rows, m]
                 P1[i:i + m] = n_smallest(sal.contiguous()).reshape(n_rows, m).t()
-            e = torch.where(P1[i], W1[i], 0.0).div_(d1[i])
-            # w_j -= e * U_ij for j >= i: the pruned w_i goes to 0 (U_ii / U_ii = 1)
-            W1[i:].addmm_(U1[i, i:].unsqueeze(1), e.unsqueeze(0), alpha=-1.0)  # addr_ is slow
-            err[i] = e
+                torch.div(P1[i:i + m], d1[i:i + m].unsqueeze(1), out=scale[i:i + m])
+            e = torch.mul(W1[i], scale[i], out=err[i])
+            # w_j -= e * U_ij for j >= i: the pruned w_i goes to 0 (U_ii / U_ii = 1); addmm_ on
+            # the outer product is much faster on CPU than addr_
+            W1[i:].addmm_(U1[i, i:].unsqueeze(1), e.unsqueeze(0), alpha=-1.0)
         W1.masked_fill_(P1, 0.0)
         if c1 < cols:
             WT[c1:].addmm_(U[c0:c1, c1:].t(), err, alpha=-1.0)

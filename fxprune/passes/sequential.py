@@ -123,15 +123,15 @@ class BlockSequentialPass(Pass):
             return
         require_data(ctx, p.groups[0].pruning_type)
         log.info("fxprune: %s", p.describe())
-        calibration = reusable(ctx.calibration)
-        if ctx.distributed is not None:     # data-parallel: this rank's share of the batches
-            calibration = ctx.distributed.calibration_share(calibration)
         runner = BlockSequentialRunner(
-            ctx.model, p.blocks, calibration,
+            ctx.model, p.blocks, reusable(ctx.calibration),
             propagation=ctx.config.block_propagation,
             cache_bytes=int(ctx.config.activation_cache_mb * (1 << 20)),
+            batch_tokens=ctx.config.block_batch_tokens,
             on_block_start=ctx.on_block_start, on_block_end=ctx.on_block_end,
-            progress=ctx.tick if ctx.progress is not None else None)
+            progress=ctx.tick if ctx.progress is not None else None,
+            # data-parallel: this rank's share of the block batches
+            keep_batches=ctx.distributed.block_batch_share if ctx.distributed is not None else None)
         p.stats = runner.run(lambda step: prune_block(ctx, p, step))
 
 
