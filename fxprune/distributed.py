@@ -89,8 +89,7 @@ class Distributed:
                 f"process group's timeout") from None
         failed = [(r, s) for r, s in enumerate(statuses) if s is not None]
         if failed:
-            text = "; ".join(f"rank {r} failed: {s}" for r, s in failed)
-            raise DistributedError(text if error is None else text)
+            raise DistributedError("; ".join(f"rank {r} failed: {s}" for r, s in failed))
 
     @contextlib.contextmanager
     def guard(self, stage: str = "the end"):
@@ -101,9 +100,8 @@ class Distributed:
         except DistributedError:
             raise
         except Exception as e:
-            with contextlib.suppress(DistributedError):
-                self.check(stage, f"{type(e).__name__}: {_one_line(e)}"
-                           if not isinstance(e, FxPruneError) else _one_line(e))
+            with contextlib.suppress(DistributedError):   # this rank raises its own error
+                self.check(stage, _describe(e))
             raise
         self.check(stage)
 
@@ -114,8 +112,8 @@ class Distributed:
         except DistributedError:
             raise
         except Exception as e:
-            msg = _one_line(e) if isinstance(e, FxPruneError) else f"{type(e).__name__}: {_one_line(e)}"
-            self.check(stage, msg)
+            with contextlib.suppress(DistributedError):   # this rank raises its own error
+                self.check(stage, _describe(e))
             raise
         self.check(stage)
         return out
@@ -228,6 +226,11 @@ def assign(costs: Sequence[float], world: int) -> list[int]:
 def sparse_gpt_cost(rows: int, cols: int) -> float:
     """FLOPs of one SparseGPT solve: the Cholesky factor (cols^3) and the OBS updates (rows*cols^2)."""
     return float(cols) ** 3 / 3 + float(rows) * float(cols) ** 2
+
+
+def _describe(e: BaseException) -> str:
+    """One line for the other ranks: fxprune's own messages as they are, others with their type."""
+    return _one_line(e) if isinstance(e, FxPruneError) else f"{type(e).__name__}: {_one_line(e)}"
 
 
 def _one_line(e: BaseException) -> str:

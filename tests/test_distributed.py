@@ -90,7 +90,33 @@ def _worker(rank, world, init, out_dir):
     except Exception as e:
         error = (type(e).__name__, str(e))
     torch.save((error, time.monotonic() - start), os.path.join(out_dir, f"error.{rank}.pt"))
+
+    # checkpoints: each case pruned by one process (per rank, its own output) and by both ranks
+    src = os.path.join(out_dir, "llama")
+    errors = {}
+    for name, cfg in CHECKPOINT_CASES.items():
+        calibration = os.path.join(out_dir, "ids.pt") if cfg["pruning_type"] != "magnitude" else None
+        fxprune.prune_checkpoint(src, cfg, os.path.join(out_dir, f"{name}.alone{rank}"),
+                                 calibration=calibration, group=alone[rank])
+        fxprune.prune_checkpoint(src, cfg, os.path.join(out_dir, f"{name}.both"), calibration=calibration)
+    try:    # exists: rank 0 finds it, both stop
+        fxprune.prune_checkpoint(src, CHECKPOINT_CASES["magnitude_global_1x1"],
+                                 os.path.join(out_dir, "magnitude_local_2of4.both"))
+    except Exception as e:
+        errors["exists"] = (type(e).__name__, str(e))
+    torch.save(errors, os.path.join(out_dir, f"checkpoint_errors.{rank}.pt"))
     dist.destroy_process_group()
+
+
+CHECKPOINT_CASES = {
+    "magnitude_global_1x1": {"pruning_type": "magnitude", "pattern": "1x1", "target_sparsity": 0.6,
+                             "pruning_scope": "global"},
+    "magnitude_global_4x1": {"pruning_type": "magnitude", "pattern": "4x1", "target_sparsity": 0.5,
+                             "pruning_scope": "global", "max_sparsity_ratio_per_op": 0.7},
+    "magnitude_local_2of4": {"pruning_type": "magnitude", "pattern": "2:4", "target_sparsity": 0.5},
+    "wanda_2of4": {"pruning_type": "activation", "pattern": "2:4", "target_sparsity": 0.5,
+                   "pruning_scope": "local", "block_batch_tokens": 24},
+}
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +124,18 @@ def runs(tmp_path_factory):
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("dist")
+    model = _llama()
+    with torch.no_grad():   # ties across layers: the global tie split must match too
+        model.model.layers[0].mlp.up_proj.weight[:2] = 0.01
+        model.model.layers[1].mlp.up_proj.weight[:2] = 0.01
+    model.save_pretrained(out / "llama", max_shard_size="20KB")
+    torch.save(_calib(), out / "ids.pt")
     init = f"file://{out / 'store'}"
     mp.spawn(_worker, args=(WORLD, init, str(out)), nprocs=WORLD)
-    return {part: [torch.load(out / f"{part}.{r}.pt") for r in range(WORLD)]
-            for part in ("transform", "error")}
+    runs = {part: [torch.load(out / f"{part}.{r}.pt") for r in range(WORLD)]
+            for part in ("transform", "error", "checkpoint_errors")}
+    runs["dir"] = out
+    return runs
 
 
 def _assert_same(a, b):
@@ -172,3 +206,38 @@ def test_a_failing_rank_stops_every_rank_with_its_message(runs):
             assert kind == "DistributedError"
             assert message.startswith("rank 1 failed: IndexError: index out of range")
         assert seconds < TIMEOUT_S      # reported at the next collective step, not by the timeout
+
+
+def _tensors(directory):
+    from safetensors.torch import load_file
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINT_CASES))
+def test_sharded_checkpoint_is_bit_identical_to_one_process(runs, case):
+    out = runs["dir"]
+    shards = sorted(p.name for p in (out / "llama").glob("*.safetensors"))
+    assert len(shards) >= 4
+    both = out / f"{case}.both"
+    for rank in range(WORLD):
+        alone = out / f"{case}.alone{rank}"
+        assert sorted(p.name for p in alone.glob("*.safetensors")) == shards
+        assert sorted(p.name for p in both.iterdir()) == sorted(p.name for p in alone.iterdir())
+        a, b = _tensors(alone), _tensors(both)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+        assert (both / "fxprune_report.json").read_text() == (alone / "fxprune_report.json").read_text()
+    dense = _tensors(out / "llama")
+    zeros = sum(int((t == 0).sum()) - int((dense[k] == 0).sum()) for k, t in _tensors(both).items())
+    assert zeros > 0
+    assert not [p for p in out.iterdir() if ".partial-" in p.name]     # no leftovers
+
+
+def test_sharded_checkpoint_error_stops_both_ranks(runs):
+    (kind0, msg0), (kind1, msg1) = (r["exists"] for r in runs["checkpoint_errors"])
+    assert kind0 == "CheckpointError" and "exists" in msg0
+    assert kind1 == "DistributedError" and msg1.startswith("rank 0 failed: output directory")

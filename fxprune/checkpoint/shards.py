@@ -139,11 +139,14 @@ def _read_header(path: Path) -> list[TensorEntry]:
 class ShardWriter:
     """The output shards: copies of the source's, with pruned tensors written over their bytes."""
 
-    def __init__(self, shards: ShardSet, out_dir: Path):
+    def __init__(self, shards: ShardSet, out_dir: Path, files=None, index: bool = True):
+        """``files``: the shard files to write (default all; one rank's share when several
+        processes write); ``index``: whether to copy the index file too."""
         self.shards, self.out_dir = shards, out_dir
         for path in shards.files:
-            shutil.copyfile(path, out_dir / path.name)
-        if shards.index_file is not None:
+            if files is None or path in files:
+                shutil.copyfile(path, out_dir / path.name)
+        if index and shards.index_file is not None:
             shutil.copyfile(shards.index_file, out_dir / shards.index_file.name)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
