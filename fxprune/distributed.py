@@ -211,6 +211,31 @@ class Distributed:
         stats.reduce()
 
 
+def init_from_env(timeout_s: float) -> bool:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment): initialise the default process
+    group (NCCL when CUDA is available, else gloo) with a ``timeout_s`` collective timeout.
+    Returns whether it did (the caller then destroys it at the end)."""
+    import datetime
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    dist = _dist()
+    if dist.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return True
+
+
+def rank() -> int:
+    """This process's rank in the default process group (0 without one)."""
+    dist = _dist()
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def assign(costs: Sequence[float], world: int) -> list[int]:
     """Owner rank of each item: largest first, each to the least loaded rank (ties: lowest rank);
     deterministic, so every rank computes the same assignment."""
@@ -304,4 +329,4 @@ def _RankInputStats(model, targets, d):
     return _RANK_STATS(model, targets, d)
 
 
-__all__ = ["Distributed", "DistributedError", "assign", "resolve", "sparse_gpt_cost"]
+__all__ = ["Distributed", "DistributedError", "assign", "init_from_env", "rank", "resolve", "sparse_gpt_cost"]
