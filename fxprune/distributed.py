@@ -100,8 +100,7 @@ class Distributed:
         except DistributedError:
             raise
         except Exception as e:
-            with contextlib.suppress(DistributedError):   # this rank raises its own error
-                self.check(stage, _describe(e))
+            self._report(stage, e)
             raise
         self.check(stage)
 
@@ -112,11 +111,22 @@ class Distributed:
         except DistributedError:
             raise
         except Exception as e:
-            with contextlib.suppress(DistributedError):   # this rank raises its own error
-                self.check(stage, _describe(e))
+            self._report(stage, e)
             raise
         self.check(stage)
         return out
+
+    def _report(self, stage: str, e: BaseException) -> None:
+        """This rank's error, at the status exchange the other ranks are waiting in (once: an
+        error already reported by an inner step is not reported again)."""
+        if getattr(e, "_fxprune_reported", False):
+            return
+        try:
+            e._fxprune_reported = True
+        except AttributeError:
+            pass
+        with contextlib.suppress(DistributedError):   # this rank raises its own error
+            self.check(stage, _describe(e))
 
     # ------------------------------------------------------------------ calibration
     def block_batch_share(self, n: int) -> list[int]:
