@@ -73,8 +73,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("model,case", [("llama", c) for c in CASES] + [
-    ("gpt2", "2:4 local"), ("gpt2", "unstructured global"), ("gpt2", "4x1 global, capped, last linear too")])
+@pytest.mark.parametrize("model,case", [("llama", c) for c in CASES if c != "unstructured local"] + [
+    ("gpt2", "unstructured local"), ("gpt2", "4x1 global, capped, last linear too")])
 def test_checkpoint_equals_in_memory_transform(checkpoints, tmp_path, model, case):
     src, config = checkpoints[model], CASES[case]
     report = fxprune.prune_checkpoint(src, config, tmp_path / "out")

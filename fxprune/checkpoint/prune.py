@@ -40,7 +40,7 @@ from ..patterns.base import BasePattern
 from ..report import SparsityReport
 from ..selection import LazyScores
 from ..sequential import find_blocks
-from .shards import PRUNABLE_DTYPES, CheckpointError, ShardSet, ShardWriter
+from .shards import PRUNABLE_DTYPES, CheckpointError, ShardSet, ShardWriter, return_freed_memory
 from .skeleton import CONFIG_FILE, KeyMap, build_skeleton, example_inputs, load_config
 
 REPORT_FILE = "fxprune_report.json"
@@ -186,7 +186,9 @@ class _Job:
         return self.own_files is None or self.shards.entries[self.key_of[t.param]].file in self.own_files
 
     def run(self, out: Path) -> None:
-        self.writer = ShardWriter(self.shards, out, files=self.own_files, index=self.rank0)
+        self.writer = ShardWriter(self.shards, out,
+                                  {self.key_of[t.param] for t in self.ctx.selected() if self.owns(t)},
+                                  files=self.own_files, index=self.rank0)
         if self.rank0:
             _copy_side_files(self.src, out, self.shards)
         self.zeros: dict[str, int] = {}
@@ -197,6 +199,7 @@ class _Job:
         if self.data_groups:
             from .calibrated import prune_calibrated
             prune_calibrated(self)
+        self.writer.finish()
 
         def count_the_rest():
             for t in self.ctx.targets.values():
@@ -257,6 +260,8 @@ class _Job:
                     tensor[dead] = 0
                     self.writer.write(key, tensor)
         self._ticker.done(t.name)
+        del weight, keep
+        return_freed_memory()
 
     def _prune_streaming(self, group) -> None:
         targets = self.ctx.selected(group)

@@ -12,6 +12,7 @@ memory) and each pruned weight is written over its own byte range.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from dataclasses import dataclass
@@ -137,15 +138,32 @@ def _read_header(path: Path) -> list[TensorEntry]:
 
 
 class ShardWriter:
-    """The output shards: copies of the source's, with pruned tensors written over their bytes."""
+    """The output shards: the source's bytes, with pruned tensors written over their own ranges.
 
-    def __init__(self, shards: ShardSet, out_dir: Path, files=None, index: bool = True):
-        """``files``: the shard files to write (default all; one rank's share when several
-        processes write); ``index``: whether to copy the index file too."""
+    Each output shard is laid out like its source (same header, same offsets). The header and
+    every tensor that will not be rewritten are copied by the kernel (``copy_file_range``); the
+    ranges of the tensors in ``rewritten`` are left as holes until :meth:`write` fills them.
+    ``files``: the shard files to write (default all; one rank's share when several processes
+    write); ``index``: whether to copy the index file too."""
+
+    def __init__(self, shards: ShardSet, out_dir: Path, rewritten: set[str] = frozenset(),
+                 files=None, index: bool = True):
         self.shards, self.out_dir = shards, out_dir
+        self.pending = set(rewritten)
+        by_file: dict[Path, list[TensorEntry]] = {}
+        for entry in shards.entries.values():
+            by_file.setdefault(entry.file, []).append(entry)
         for path in shards.files:
-            if files is None or path in files:
-                shutil.copyfile(path, out_dir / path.name)
+            if files is not None and path not in files:
+                continue
+            keep = sorted((e for e in by_file.get(path, []) if e.key not in rewritten),
+                          key=lambda e: e.begin)
+            first = min((e.begin for e in by_file.get(path, [])), default=path.stat().st_size)
+            with open(path, "rb") as src, open(out_dir / path.name, "wb") as dst:
+                ranges = [(0, first)] + [(e.begin, e.end) for e in keep]
+                for begin, end in ranges:
+                    _copy_range(src, dst, begin, end)
+                dst.truncate(path.stat().st_size)
         if index and shards.index_file is not None:
             shutil.copyfile(shards.index_file, out_dir / shards.index_file.name)
 
@@ -158,3 +176,45 @@ class ShardWriter:
         with open(self.out_dir / entry.file.name, "r+b") as f:
             f.seek(entry.begin)
             f.write(data.numpy().data)
+        self.pending.discard(key)
+
+    def finish(self) -> None:
+        """Every tensor announced as rewritten was written (else its bytes would be a hole)."""
+        if self.pending:
+            raise FxPruneError(f"internal: {len(self.pending)} pruned tensors were never written, "
+                               f"e.g. {sorted(self.pending)[:3]}")
+
+
+def _copy_range(src, dst, begin: int, end: int) -> None:
+    """Bytes [begin, end) of ``src`` to the same offsets of ``dst``, without passing through Python."""
+    while begin < end:
+        try:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), end - begin, begin, begin)
+        except (AttributeError, OSError):  # no copy_file_range (platform, file system): copy in chunks
+            src.seek(begin)
+            dst.seek(begin)
+            n = dst.write(src.read(min(end - begin, 64 << 20)))
+        if n <= 0:
+            raise CheckpointError(f"{Path(src.name).name} ended early while copying it")
+        begin += n
+
+
+def return_freed_memory() -> None:
+    """Give the memory of freed weights back to the system now (glibc's ``malloc_trim``).
+
+    A weight of a few MB to tens of MB is freed into malloc's heaps, which glibc keeps; across the
+    per-thread arenas, reading one block after another then fragments them and the process's
+    resident memory creeps up block by block (+1 GB over 32 blocks of a 7 GB model, measured)
+    although nothing is held. No-op where there is no glibc."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
