@@ -241,3 +241,15 @@ def test_sharded_checkpoint_error_stops_both_ranks(runs):
     (kind0, msg0), (kind1, msg1) = (r["exists"] for r in runs["checkpoint_errors"])
     assert kind0 == "CheckpointError" and "exists" in msg0
     assert kind1 == "DistributedError" and msg1.startswith("rank 0 failed: output directory")
+
+
+def test_work_assignment_is_balanced_and_deterministic():
+    from fxprune.distributed import assign, sparse_gpt_cost
+    # a Llama block of the bench size: q/k/v, o, gate/up, down
+    costs = [sparse_gpt_cost(1536, 512), sparse_gpt_cost(512, 512), sparse_gpt_cost(2752, 512),
+             sparse_gpt_cost(512, 1376)]
+    owner = assign(costs, 2)
+    assert owner == [1, 1, 1, 0]            # down alone on rank 0, the three others on rank 1
+    assert assign(costs, 2) == owner
+    assert assign(costs, 1) == [0, 0, 0, 0]
+    assert sorted(assign([1.0] * 5, 3)) == [0, 0, 1, 1, 2]
