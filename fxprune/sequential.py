@@ -29,7 +29,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -40,7 +40,7 @@ from .errors import ConfigError, FxPruneError
 BlockHook = Callable[[int, str, nn.Module], None]
 
 DEFAULT_CACHE_BYTES = 1 << 30   # RAM for cached hidden states (inputs + outputs of one block)
-DEFAULT_BATCH_TOKENS = 4096     # calibration batches are merged into block batches of this size
+DEFAULT_BATCH_TOKENS = 2048     # calibration batches are merged into block batches of this size
 
 
 # ---------------------------------------------------------------------------- block detection

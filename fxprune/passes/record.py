@@ -44,4 +44,5 @@ def layer_report(t, zeros: int, numel: int) -> LayerReport:
 def build_report(ctx: PruneContext, layers: list[LayerReport]) -> SparsityReport:
     return SparsityReport(layers=layers, config=ctx.config.to_dict(),
                           versions={"fxprune": __version__, "torch": torch.__version__},
-                          capture=ctx.capture_method)
+                          capture=ctx.capture_method,
+                          calibration=ctx.block_plan.summary() if ctx.block_plan is not None else None)
