@@ -215,6 +215,14 @@ class Distributed:
         name = shared_groups[0][0].name if shared_groups else ""
         return self.split_work(shared_groups, cost, solve, shapes, f"the sparse_gpt solve near {name}")
 
+    def total_stats(self, stats) -> None:
+        """A block-sequential run's counts (``RunStats``) summed over the ranks, in place: block
+        batches, block forwards and spilled tensors (every rank captured every batch)."""
+        self.check("the end of the block-sequential calibration")
+        (total,) = self.all_reduce_sum([torch.tensor(
+            [stats.block_batches, stats.block_forwards, stats.spilled], dtype=torch.int64)])
+        stats.block_batches, stats.block_forwards, stats.spilled = (int(x) for x in total.tolist())
+
     def reduce_block_stats(self, stats, block_name: str) -> None:
         """Sum one block's input statistics over the ranks (every rank ends with the same)."""
         self.check(f"block {block_name}")

@@ -147,6 +147,8 @@ class BlockSequentialPass(Pass):
             # data-parallel: this rank's share of the block batches
             keep_batches=ctx.distributed.block_batch_share if ctx.distributed is not None else None)
         p.stats = runner.run(lambda step: prune_block(ctx, p, step))
+        if ctx.distributed is not None:     # the report counts every rank's share of the work
+            ctx.distributed.total_stats(p.stats)
 
 
 # ---------------------------------------------------------------------------- per block
