@@ -15,6 +15,5 @@ CAPTURE_PASSES = (CapturePass, DiscoverPass)
 PRUNE_PASSES = (AttachPass, BlockSequentialPass, ScorePass, MaskPass, RewritePass, RecordPass)
 
 __all__ = ["AttachPass", "BlockSequentialPass", "CapturePass", "DiscoverPass", "MaskPass", "Pass",
-           "PassManager", "PruneContext", "RecordPass", "RewritePass", "ScorePass", "Target", "mask_group",
-           "score_targets",
-           "CAPTURE_PASSES", "PRUNE_PASSES"]
+           "PassManager", "PruneContext", "RecordPass", "RewritePass", "ScorePass", "Target",
+           "mask_group", "score_targets", "CAPTURE_PASSES", "PRUNE_PASSES"]
