@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .shards import CheckpointError, return_freed_memory
+from .shards import CheckpointError
 
 # config keys that bound the sequence length, by model family
 _MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -101,8 +101,7 @@ def prune_calibrated(job) -> None:
     def on_block_end(index: int, name: str, block: nn.Module) -> None:
         for t in targets_of.get(index, []):
             job.write_block_target(t, ctx.model.get_parameter(t.param).detach(), ctx.masks.pop(t.param, None))
-        _release(block)
-        return_freed_memory()
+        _release(block)   # the runner then hands the freed memory back (release_free_memory)
 
     ctx.calibration = job.calibration
     ctx.on_block_start, ctx.on_block_end = on_block_start, on_block_end

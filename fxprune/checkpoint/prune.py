@@ -39,8 +39,8 @@ from ..passes.score import _view_scores
 from ..patterns.base import BasePattern
 from ..report import SparsityReport
 from ..selection import LazyScores
-from ..sequential import find_blocks
-from .shards import PRUNABLE_DTYPES, CheckpointError, ShardSet, ShardWriter, return_freed_memory
+from ..sequential import find_blocks, release_free_memory
+from .shards import PRUNABLE_DTYPES, CheckpointError, ShardSet, ShardWriter
 from .skeleton import CONFIG_FILE, KeyMap, build_skeleton, example_inputs, load_config
 
 REPORT_FILE = "fxprune_report.json"
@@ -261,7 +261,7 @@ class _Job:
                     self.writer.write(key, tensor)
         self._ticker.done(t.name)
         del weight, keep
-        return_freed_memory()
+        release_free_memory()
 
     def _prune_streaming(self, group) -> None:
         targets = self.ctx.selected(group)

@@ -197,24 +197,3 @@ def _copy_range(src, dst, begin: int, end: int) -> None:
         if n <= 0:
             raise CheckpointError(f"{Path(src.name).name} ended early while copying it")
         begin += n
-
-
-def return_freed_memory() -> None:
-    """Give the memory of freed weights back to the system now (glibc's ``malloc_trim``).
-
-    A weight of a few MB to tens of MB is freed into malloc's heaps, which glibc keeps; across the
-    per-thread arenas, reading one block after another then fragments them and the process's
-    resident memory creeps up block by block (+1 GB over 32 blocks of a 7 GB model, measured)
-    although nothing is held. No-op where there is no glibc."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            import ctypes
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM = None
