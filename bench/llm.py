@@ -308,7 +308,7 @@ def run_job(python: str, job: dict, logs: Path) -> dict:
     logs.mkdir(parents=True, exist_ok=True)
     name = f"{job['model']}-{job['method']}-{job['tool']}".replace(" ", "_").replace("%", "pct")
     errfile = logs / f"{name}.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
+    env = {**os.environ, "PYTHONPATH": job["fxprune_path"], "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(job["threads"]), "MKL_NUM_THREADS": str(job["threads"])}
     start = time.time()
     with open(errfile, "w") as err:
@@ -345,6 +345,7 @@ class Runner:
             for tool in (order if rep % 2 == 0 else order[::-1]):
                 job = {"tool": tool, "method": method, "model": model_label,
                        "model_dir": str(model_dir), "threads": self.args.threads,
+                       "fxprune_path": self.args.fxprune_path,
                        "fx_calib_batch": self.args.fx_calib_batch, "pattern_check": pattern}
                 if save:
                     job["save"] = str(self.cache / "out" / f"{model_label}-{tool}-{rep}.safetensors")
@@ -436,6 +437,7 @@ def profile(runner: Runner, cases: list[tuple[str, Path, str]], top: int = 25) -
         pattern = METHODS[method][1] if ":" in METHODS[method][1] else None
         job = {"tool": "fxprune", "method": method, "model": label, "model_dir": str(model_dir),
                "threads": runner.args.threads, "fx_calib_batch": runner.args.fx_calib_batch,
+               "fxprune_path": runner.args.fxprune_path,
                "pattern_check": pattern, "profile": str(prof)}
         r = run_job(sys.executable, job, runner.logs)
         out.append(f"## {label} {method}: {r['seconds']:.2f}s under cProfile, +{r['peak_mb']:.0f} MB, "
@@ -481,6 +483,9 @@ def main(argv=None) -> None:
     ap.add_argument("--peer-python", help="interpreter with llmcompressor installed "
                                           "(default $FXPRUNE_BENCH_PEER_PYTHON, .venv-llmc)")
     ap.add_argument("--no-peer", action="store_true", help="fxprune only")
+    ap.add_argument("--fxprune-path", default=str(REPO),
+                    help="the source tree whose fxprune the workers import (default: this one), "
+                         "e.g. an export of another branch to compare with")
     ap.add_argument("--profile", action="store_true",
                     help="run fxprune once per case under cProfile and print the top functions")
     ap.add_argument("--markdown", help="also write the tables to this file")
@@ -492,7 +497,8 @@ def main(argv=None) -> None:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
     args.reps = args.reps or (1 if args.quick else 2)
-    sys.path[:0] = [str(REPO), str(BENCH_DIR)]   # this checkout's fxprune, as in the workers
+    args.fxprune_path = str(Path(args.fxprune_path).resolve())
+    sys.path[:0] = [args.fxprune_path, str(BENCH_DIR)]   # the workers' fxprune
     import torch
     torch.set_num_threads(args.threads)
     import warnings
