@@ -22,10 +22,11 @@ from torch import Tensor, nn
 from ..errors import FxPruneError
 from ..geometry import to_view_2d
 from ..progress import progress
-from .base import Criterion
+from .base import Criterion, register_criterion
 from .calibration import eval_mode, require_data
 
 
+@register_criterion("gradient")
 class GradientCriterion(Criterion):
     """``gradient``: |G|. Subclasses change :meth:`_update` (and ``per_batch``)."""
 
@@ -89,7 +90,14 @@ class GradientCriterion(Criterion):
     def has_scores(self) -> bool:
         return bool(self.scores)
 
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: v.clone() for k, v in self.scores.items()}
 
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        self.scores = dict(state)
+
+
+@register_criterion("snip")
 class SnipCriterion(GradientCriterion):
     """``snip``: |W x G|."""
 
@@ -97,6 +105,7 @@ class SnipCriterion(GradientCriterion):
         return (w * g).abs()
 
 
+@register_criterion("snip_momentum")
 class SnipMomentumCriterion(GradientCriterion):
     """``snip_momentum``: ``score = alpha * score + beta * |W x G|`` (INC: alpha 0.9, beta 1.0)."""
 

@@ -1,4 +1,4 @@
-"""The pass pipeline (SPEC §1): capture, discover, attach, score, mask, rewrite, record (and, with
+"""The pass pipeline (SPEC §1): capture, discover, attach, block_sequential, score, mask, rewrite, record (and, with
 ``compact=True``, the passes of :mod:`.compact`)."""
 from .attach import AttachPass
 from .base import Pass, PassManager
@@ -9,10 +9,11 @@ from .mask import MaskPass
 from .record import RecordPass
 from .rewrite import RewritePass
 from .score import ScorePass
+from .sequential import BlockSequentialPass
 
 CAPTURE_PASSES = (CapturePass, DiscoverPass)
-PRUNE_PASSES = (AttachPass, ScorePass, MaskPass, RewritePass, RecordPass)
+PRUNE_PASSES = (AttachPass, BlockSequentialPass, ScorePass, MaskPass, RewritePass, RecordPass)
 
-__all__ = ["AttachPass", "CapturePass", "DiscoverPass", "MaskPass", "Pass", "PassManager",
+__all__ = ["AttachPass", "BlockSequentialPass", "CapturePass", "DiscoverPass", "MaskPass", "Pass", "PassManager",
            "PruneContext", "RecordPass", "RewritePass", "ScorePass", "Target",
            "CAPTURE_PASSES", "PRUNE_PASSES"]

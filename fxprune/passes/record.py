@@ -17,7 +17,10 @@ class RecordPass(Pass):
         for t in ctx.targets.values():
             weight = ctx.model.get_parameter(t.param).detach()
             numel = weight.numel()
-            zeros = numel - int(torch.count_nonzero(weight))
+            if t.param in ctx.zero_counts:   # counted when pruned (the weight may be released)
+                zeros = ctx.zero_counts[t.param]
+            else:
+                zeros = numel - int(torch.count_nonzero(weight))
             g = t.group
             layers.append(LayerReport(
                 name=t.name, param=t.param, module_type=t.module_type,

@@ -14,16 +14,18 @@ torch.ao: ``weight.mul_(mask)``.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 from torch import Tensor
 
-from ..config import GroupConfig, budget, ceil_budget
+from ..config import GroupConfig, PruningConfig
+from ..errors import ConfigError, FxPruneError
 from ..geometry import WeightGeometry
-from ..selection import LazyScores, materialize, select_global, select_local
+from ..selection import LazyScores, budget, ceil_budget, materialize, select_global, select_local
 
 
 @dataclass(frozen=True)
@@ -56,15 +58,33 @@ class BlockLayout:
 class BasePattern:
     """Base of every pattern; subclass it and decorate with ``@fxprune.register_pattern(name)``.
 
-    A subclass implements ``block_layout`` (and, for blocks that are not a plain reshape,
-    ``block_scores`` / ``expand``). ``matches`` and ``check_config`` are optional hooks.
+    The contract, what fxprune calls and reads:
+
+    - ``block_layout(geom)`` (required): the layer's :class:`BlockLayout`, or a string saying why
+      the pattern does not fit the layer (the layer is then skipped and reported).
+    - ``block_scores`` / ``expand``: override for blocks that are not a plain reshape of the view
+      (N:M); ``expand_needs_scores`` when ``expand`` needs the element scores.
+    - ``get_masks(scores, layouts, *, consume=False, target_sparsity=None)``: keep-masks (bool,
+      view-shaped) for all layers of a group; the base version ranks the blocks (global or local)
+      through ``get_masks_global`` / ``get_masks_local``. An override that does not take
+      ``target_sparsity`` works with ``fxprune.transform`` but not with ``fxprune.Pruner``.
+    - ``matches(pattern)`` / ``check_config(group)``: optional class hooks (which strings a family
+      takes; a ConfigError for a config the pattern cannot honour).
+    - Channel capabilities, for channel zeroing and compaction: a pattern whose blocks are whole
+      output channels (whole rows of the 2-D view) sets ``prunes_output_channels = True``, and
+      ``output_channel_block`` to the number of consecutive output channels one block holds.
+      Then a pruned channel's bias and BatchNorm entries are zeroed with it; with example inputs
+      its masks come from the coupled channel classes of :mod:`fxprune.compaction` (channels
+      tied by a residual add, attention heads... selected as one), and ``compact=True`` removes
+      them. A user pattern opts in by setting these two attributes.
     """
 
     registered_name: str = ""
+    prunes_output_channels: bool = False
+    output_channel_block: int = 1
 
     def __init__(self, config: GroupConfig | Mapping[str, Any], modules: Mapping[str, Any] | None = None):
         if not isinstance(config, GroupConfig):
-            from ..config import PruningConfig
             config = PruningConfig.from_any(dict(config)).groups()[0]
         self.config = config
         self.pattern = config.pattern
@@ -125,14 +145,16 @@ class BasePattern:
         return lo, hi
 
     def get_masks(self, scores: Mapping[str, Tensor | LazyScores], layouts: Mapping[str, BlockLayout],
-                  *, consume: bool = False) -> dict[str, Tensor]:
+                  *, consume: bool = False, target_sparsity: float | None = None) -> dict[str, Tensor]:
         """Keep-masks (view-shaped, bool) for every layer in ``scores``, global or local.
 
         A score may be a :class:`~fxprune.selection.LazyScores`, recomputed when needed.
 
         ``consume=True`` (the mask pass) lets the pattern pop each layer's element scores from
         ``scores`` as soon as it is done with them: they are as large as the weights.
+        ``target_sparsity`` overrides the config's (the Pruner's scheduled sparsity).
         """
+        target = self.target_sparsity if target_sparsity is None else float(target_sparsity)
         names = list(scores)
         shapes = {name: tuple(scores[name].shape) for name in names}
         block_scores = {}
@@ -144,10 +166,16 @@ class BasePattern:
                 block_scores[name] = self.block_scores(materialize(source), layout)
             if consume and not self.expand_needs_scores:
                 del scores[name]
-        if self.is_global:
-            pruned = self.get_masks_global(block_scores, layouts)
+        select = self.get_masks_global if self.is_global else self.get_masks_local
+        if target != self.target_sparsity:
+            if "target_sparsity" not in inspect.signature(select).parameters:
+                raise FxPruneError(
+                    f"pattern {self.pattern!r} ({type(self).__name__}.{select.__name__}) does not take "
+                    f"target_sparsity=, which pruning at a sparsity other than the config's "
+                    f"(fxprune.Pruner's schedule) needs; add `target_sparsity=None` to its signature")
+            pruned = select(block_scores, layouts, target_sparsity=target)
         else:
-            pruned = self.get_masks_local(block_scores, layouts)
+            pruned = select(block_scores, layouts)
         del block_scores
         masks = {}
         for name in names:
@@ -164,25 +192,67 @@ class BasePattern:
                     for m in ("block_scores", "get_masks_global", "get_masks_local"))
                 and all(layout.shape[d] == 1 for d in layout.reduce_dims))
 
-    def get_masks_global(self, block_scores: Mapping[str, Tensor], layouts: Mapping[str, BlockLayout]
-                         ) -> dict[str, Tensor]:
+    def get_masks_global(self, block_scores: Mapping[str, Tensor], layouts: Mapping[str, BlockLayout],
+                         target_sparsity: float | None = None) -> dict[str, Tensor]:
         """Pruned-block masks from one ranking over all layers of the group."""
+        target = self.target_sparsity if target_sparsity is None else target_sparsity
         names = list(block_scores)
         bounds = [self.block_bounds(layouts[n]) for n in names]
         total = sum(layouts[n].numel for n in names)
         chosen = select_global([block_scores[n] for n in names],
                                [layouts[n].block_weights for n in names],
-                               budget(self.target_sparsity, total),
+                               budget(target, total),
                                [lo for lo, _ in bounds], [hi for _, hi in bounds])
         return dict(zip(names, chosen))
 
-    def get_masks_local(self, block_scores: Mapping[str, Tensor], layouts: Mapping[str, BlockLayout]
-                        ) -> dict[str, Tensor]:
+    def get_masks_local(self, block_scores: Mapping[str, Tensor], layouts: Mapping[str, BlockLayout],
+                        target_sparsity: float | None = None) -> dict[str, Tensor]:
         """Pruned-block masks with every layer reaching the target by itself."""
+        target = self.target_sparsity if target_sparsity is None else target_sparsity
         out = {}
         for name, s in block_scores.items():
             layout = layouts[name]
             lo, hi = self.block_bounds(layout)
-            k = budget(self.target_sparsity, layout.numel) // layout.block_weights
+            k = budget(target, layout.numel) // layout.block_weights
             out[name] = select_local(s, min(max(k, lo), hi))
         return out
+
+
+# ---------------------------------------------------------------------- the registry
+PATTERNS: dict[str, type[BasePattern]] = {}
+
+T = TypeVar("T", bound=type)
+
+
+def register_pattern(name: str) -> Callable[[T], T]:
+    """Class decorator: make a :class:`BasePattern` subclass usable as ``pattern: name``.
+
+    A registered name is either an exact pattern string (``"myblock"``) or a family that parses
+    many strings (``"NxM"`` takes ``"4x1"``, ``"1xchannel"``...; ``"N:M"`` takes ``"2:4"``); a
+    family class says which strings it takes through its ``matches`` classmethod.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError("register_pattern needs a non-empty pattern name, e.g. @register_pattern('myblock')")
+
+    def decorate(cls: T) -> T:
+        if not (isinstance(cls, type) and issubclass(cls, BasePattern)):
+            raise TypeError(f"@register_pattern({name!r}) must decorate a subclass of fxprune.BasePattern")
+        cls.registered_name = name
+        PATTERNS[name] = cls
+        return cls
+
+    return decorate
+
+
+def get_pattern_class(pattern: str, where: str = "config") -> type[BasePattern]:
+    """The class registered for ``pattern``: an exact name first, then the families."""
+    if not isinstance(pattern, str):
+        raise ConfigError(f"{where}: pattern must be a string such as '4x1' or '2:4', got {pattern!r}")
+    if pattern in PATTERNS and PATTERNS[pattern].matches(pattern):
+        return PATTERNS[pattern]
+    for cls in reversed(list(PATTERNS.values())):  # user registrations win over built-ins
+        if cls.matches(pattern):
+            return cls
+    raise ConfigError(f"{where}: unknown pattern {pattern!r}; registered patterns: "
+                      f"{', '.join(PATTERNS)} (e.g. '4x1', '1x1', '1xchannel', 'channelx1', '2:4'); "
+                      f"register your own with @fxprune.register_pattern(name)")

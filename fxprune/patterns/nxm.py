@@ -14,8 +14,7 @@ import re
 from ..config import GroupConfig
 from ..errors import ConfigError
 from ..geometry import WeightGeometry
-from ..registry import register_pattern
-from .base import BasePattern, BlockLayout
+from .base import BasePattern, BlockLayout, register_pattern
 
 _NXM = re.compile(r"^(\d+|channel)x(\d+|channel)$")
 
@@ -48,6 +47,11 @@ class NxMPattern(BasePattern):
     def prunes_output_channels(self) -> bool:
         """``Nxchannel``: whole output channels (rows) are pruned."""
         return self.block_cols is None
+
+    @property
+    def output_channel_block(self) -> int:
+        """``Nxchannel``: N consecutive output channels are one block."""
+        return self.block_rows if self.prunes_output_channels else 1
 
     def block_layout(self, geom: WeightGeometry) -> BlockLayout | str:
         rows, cols = geom.view_shape
