@@ -80,7 +80,8 @@ METHODS = {
     "Wanda 2:4": ("activation", "2:4", "WandaPruningModifier", "2:4"),
 }
 DEPTH_METHODS = ["SparseGPT 2:4", "Wanda 2:4"]
-TOOLS = ("fxprune", "llm-compressor")
+PEER = "llm-compressor"
+BASELINE = "fxprune (baseline)"
 
 
 def log(msg: str) -> None:
@@ -97,7 +98,7 @@ def worker(job: dict) -> dict:
     sys.path.insert(0, str(BENCH_DIR))
     from measure import Phase, proc_status
 
-    prune = _fxprune_runner(job) if job["tool"] == "fxprune" else _peer_runner(job)
+    prune = _peer_runner(job) if job["tool"] == PEER else _fxprune_runner(job)
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -304,9 +305,13 @@ def peer_python(args) -> tuple[str | None, str]:
     return exe, res.stdout.strip()
 
 
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-._" else "_" for c in name.replace("%", "pct"))
+
+
 def run_job(python: str, job: dict, logs: Path) -> dict:
     logs.mkdir(parents=True, exist_ok=True)
-    name = f"{job['model']}-{job['method']}-{job['tool']}".replace(" ", "_").replace("%", "pct")
+    name = _slug(f"{job['model']}-{job['method']}-{job['tool']}")
     errfile = logs / f"{name}.log"
     env = {**os.environ, "PYTHONPATH": job["fxprune_path"], "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(job["threads"]), "MKL_NUM_THREADS": str(job["threads"])}
@@ -329,29 +334,35 @@ class Runner:
         self.args, self.peer, self.cache = args, peer, cache
         self.logs = cache / "logs"
 
-    def pythons(self) -> dict:
-        tools = {"fxprune": sys.executable}
+    def tools(self) -> dict:
+        """tool -> (interpreter, fxprune source tree)."""
+        tools = {"fxprune": (sys.executable, self.args.fxprune_path)}
+        if self.args.baseline_path:
+            tools[BASELINE] = (sys.executable, self.args.baseline_path)
         if self.peer:
-            tools["llm-compressor"] = self.peer
+            tools[PEER] = (self.peer, self.args.fxprune_path)
         return tools
 
     def alternate(self, model_label: str, model_dir: Path, method: str, save: bool) -> dict:
-        """``reps`` runs of each tool, alternating; results[tool] is a list of run dicts."""
-        pythons = self.pythons()
-        order = list(pythons)
+        """``reps`` runs of each tool, alternating (the order turns by one tool per repetition);
+        results[tool] is a list of run dicts."""
+        tools = self.tools()
+        order = list(tools)
         results = {tool: [] for tool in order}
         pattern = METHODS[method][1] if ":" in METHODS[method][1] else None
         for rep in range(self.args.reps):
-            for tool in (order if rep % 2 == 0 else order[::-1]):
+            shift = rep % len(order)
+            for tool in order[shift:] + order[:shift]:
                 job = {"tool": tool, "method": method, "model": model_label,
                        "model_dir": str(model_dir), "threads": self.args.threads,
-                       "fxprune_path": self.args.fxprune_path,
+                       "fxprune_path": tools[tool][1],
                        "fx_calib_batch": self.args.fx_calib_batch, "pattern_check": pattern}
                 if save:
-                    job["save"] = str(self.cache / "out" / f"{model_label}-{tool}-{rep}.safetensors")
+                    job["save"] = str(self.cache / "out" / _slug(f"{model_label}-{tool}-{rep}.safetensors"))
                     Path(job["save"]).parent.mkdir(parents=True, exist_ok=True)
-                r = run_job(pythons[tool], job, self.logs)
-                log(f"  {model_label:>10} {method:14} {tool:15} {r['seconds']:7.2f}s "
+                r = run_job(tools[tool][0], job, self.logs)
+                r["time"] = r["cpu_s"] if self.args.time == "cpu" else r["seconds"]
+                log(f"  {model_label:>10} {method:14} {tool:18} {r['seconds']:7.2f}s "
                     f"(cpu {r['cpu_s']:6.1f}s)  +{r['peak_mb']:5.0f} MB  {r['forwards']:5d} block "
                     f"fwd (+{r['traced_forwards']} traced)  sparsity {r['sparsity']:.3f}")
                 if save:
@@ -375,19 +386,19 @@ def _markdown(head, rows) -> str:
     return "\n".join(out + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
-def trained_table(results: dict, dense_ppl: float) -> str:
-    head = ["method", "tool", "time s", "peak RSS MB", "block fwd", "ppl", "sparsity",
+def trained_table(results: dict, dense_ppl: float, basis: str) -> str:
+    head = ["method", "tool", f"{basis} s", "peak RSS MB", "block fwd", "ppl", "sparsity",
             "time / peer (<= 0.5)", "RSS <= peer", "ppl <= peer"]
     rows = [["dense", "", "", "", "", f"{dense_ppl:.3f}", "0", "", "", ""]]
     for method, per_tool in results.items():
-        fx, peer = per_tool["fxprune"], per_tool.get("llm-compressor")
+        fx, peer = per_tool["fxprune"], per_tool.get(PEER)
         for tool, runs in per_tool.items():
-            cells = [method, tool, _span([r["seconds"] for r in runs], "{:.2f}"),
+            cells = [method, tool, _span([r["time"] for r in runs], "{:.2f}"),
                      _span([r["peak_mb"] for r in runs], "{:.0f}"),
                      _span([r["forwards"] for r in runs], "{:d}"),
                      _span([r["ppl"] for r in runs], "{:.3f}"), _sparsity_cell(runs)]
             if tool == "fxprune" and peer:
-                ratio = min(r["seconds"] for r in fx) / min(r["seconds"] for r in peer)
+                ratio = min(r["time"] for r in fx) / min(r["time"] for r in peer)
                 rss_ok = min(r["peak_mb"] for r in fx) <= min(r["peak_mb"] for r in peer)
                 ppl_ok = max(r["ppl"] for r in fx) <= min(r["ppl"] for r in peer)
                 cells += [f"{ratio:.2f} {_verdict(ratio <= 0.5)}", _verdict(rss_ok), _verdict(ppl_ok)]
@@ -406,9 +417,9 @@ def _sparsity_cell(runs: list[dict]) -> str:
     return cell
 
 
-def depth_table(results: dict, depths: tuple[int, int]) -> str:
+def depth_table(results: dict, depths: tuple[int, int], basis: str) -> str:
     shallow, deep = depths
-    head = ["method", "tool", *(f"{b} blocks: s, +MB, fwd" for b in depths),
+    head = ["method", "tool", *(f"{b} blocks: {basis} s, +MB, fwd" for b in depths),
             f"time {deep}/{shallow} (<= 4.5)"]
     rows = []
     for method, per_depth in results.items():
@@ -416,12 +427,12 @@ def depth_table(results: dict, depths: tuple[int, int]) -> str:
             cells = [method, tool]
             for b in depths:
                 runs = per_depth[b][tool]
-                cells.append(f"{_span([r['seconds'] for r in runs], '{:.2f}')} s, "
+                cells.append(f"{_span([r['time'] for r in runs], '{:.2f}')} s, "
                              f"+{_span([r['peak_mb'] for r in runs], '{:.0f}')}, "
                              f"{_span([r['forwards'] for r in runs], '{:d}')}")
-            ratio = (min(r["seconds"] for r in per_depth[deep][tool]) /
-                     min(r["seconds"] for r in per_depth[shallow][tool]))
-            cells.append(f"{ratio:.2f}" + (f" {_verdict(ratio <= 4.5)}" if tool == "fxprune" else ""))
+            ratio = (min(r["time"] for r in per_depth[deep][tool]) /
+                     min(r["time"] for r in per_depth[shallow][tool]))
+            cells.append(f"{ratio:.2f}" + (f" {_verdict(ratio <= 4.5)}" if tool != PEER else ""))
             rows.append(cells)
     return _markdown(head, rows)
 
@@ -432,7 +443,7 @@ def profile(runner: Runner, cases: list[tuple[str, Path, str]], top: int = 25) -
 
     out = []
     for label, model_dir, method in cases:
-        prof = runner.cache / "profiles" / f"{label}-{method}.prof".replace(" ", "_").replace("%", "pct")
+        prof = runner.cache / "profiles" / _slug(f"{label}-{method}.prof")
         prof.parent.mkdir(parents=True, exist_ok=True)
         pattern = METHODS[method][1] if ":" in METHODS[method][1] else None
         job = {"tool": "fxprune", "method": method, "model": label, "model_dir": str(model_dir),
@@ -483,6 +494,12 @@ def main(argv=None) -> None:
     ap.add_argument("--peer-python", help="interpreter with llmcompressor installed "
                                           "(default $FXPRUNE_BENCH_PEER_PYTHON, .venv-llmc)")
     ap.add_argument("--no-peer", action="store_true", help="fxprune only")
+    ap.add_argument("--baseline-path", help="also run the fxprune of this source tree (e.g. an "
+                                            "export of main), as a third tool in the alternation")
+    ap.add_argument("--time", choices=["wall", "cpu"], default="wall",
+                    help="what the tables and ratios compare: wall time of the pruning call, or "
+                         "its CPU time (all threads; on a loaded machine with --threads 1 it is "
+                         "what the call would take alone on one core)")
     ap.add_argument("--fxprune-path", default=str(REPO),
                     help="the source tree whose fxprune the workers import (default: this one), "
                          "e.g. an export of another branch to compare with")
@@ -498,6 +515,9 @@ def main(argv=None) -> None:
         return
     args.reps = args.reps or (1 if args.quick else 2)
     args.fxprune_path = str(Path(args.fxprune_path).resolve())
+    if args.baseline_path:
+        args.baseline_path = str(Path(args.baseline_path).resolve())
+    basis = {"wall": "wall", "cpu": "CPU"}[args.time]
     sys.path[:0] = [args.fxprune_path, str(BENCH_DIR)]   # the workers' fxprune
     import torch
     torch.set_num_threads(args.threads)
@@ -538,7 +558,7 @@ def main(argv=None) -> None:
                         f"{TRAINED['hidden_size']}, FFN {TRAINED['intermediate_size']}, byte "
                         f"vocabulary), {CALIB_SEQUENCES} x {SEQ} calibration, local scope, "
                         f"{args.threads} threads, {args.reps} alternating run(s) per tool\n\n"
-                        + trained_table(results, dense_ppl))
+                        + trained_table(results, dense_ppl, basis))
     if depth_dirs:
         results = {}
         for method in [m for m in methods if m in DEPTH_METHODS]:
@@ -548,10 +568,12 @@ def main(argv=None) -> None:
             sections.append(f"### Depth: random-init Llama (hidden 512, FFN 1376, 8 heads, vocab "
                             f"8000), 2:4 at 0.5, {CALIB_SEQUENCES} x {SEQ} random ids, "
                             f"{args.threads} threads, {args.reps} alternating run(s) per tool\n\n"
-                            + depth_table(results, depths))
+                            + depth_table(results, depths, basis))
     text = "\n\n".join(sections)
-    text += (f"\n\nTimes: min-max over the runs (ratios use the fastest run of each); peak RSS "
-             f"above the loaded model. {versions(peer_info if peer else None)}. "
+    text += (f"\n\nTimes: {basis} time of the pruning call, min-max over the runs (ratios use "
+             f"the fastest run of each); peak RSS above the loaded model."
+             + (f" Baseline: the fxprune of {args.baseline_path}." if args.baseline_path else "")
+             + f" {versions(peer_info if peer else None)}. "
              f"Total {time.time() - start:.0f}s.")
     print(text)
     if args.markdown:
