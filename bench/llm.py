@@ -473,7 +473,7 @@ def versions(peer_versions: str | None) -> str:
     line = (f"fxprune {fxprune.__version__} ({Path(fxprune.__file__).parent}), torch {torch.__version__}, "
             f"transformers {transformers.__version__}")
     try:
-        line += f", {md.version('safetensors')} safetensors"
+        line += f", safetensors {md.version('safetensors')}"
     except md.PackageNotFoundError:
         pass
     return line + (f"; peer: {peer_versions}" if peer_versions else "")
