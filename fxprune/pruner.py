@@ -18,7 +18,9 @@ attach passes; the model is pruned in place, since it is being trained). At each
 a group's :class:`~fxprune.schedule.Schedule`, its criterion scores the weights and its pattern
 turns the scores into masks at the scheduled sparsity, through the same score and mask path as
 ``fxprune.transform`` (``score_targets``, ``mask_group``: global or local, exact counts, the same
-checks; the target-missed warning at the last pruning step). Masks only grow: pruned weights score 0, live ones at least the smallest normal float,
+checks; the target-missed warning at the last pruning step). Built with ``example_inputs``, a
+group whose pattern removes output channels selects coupled channel classes instead, as
+``transform`` does, so ``fxprune.compact(model, example_inputs)`` can remove them afterwards. Masks only grow: pruned weights score 0, live ones at least the smallest normal float,
 so a pruned block is pruned again first. Between pruning steps the masks are kept: gradients of
 pruned weights are masked (a tensor hook on each weight) and the weights are re-masked after
 every optimizer step (momentum or weight decay cannot revive them). ``pattern_lock`` groups lock
@@ -41,6 +43,7 @@ from .registry import get_criterion_class
 from .errors import ConfigError, FxPruneError
 from .geometry import from_view_2d, to_view_2d
 from .passes import AttachPass, CapturePass, DiscoverPass, PassManager, PruneContext, RecordPass
+from .compaction import ChannelAnalysis, joint_selection, plan_from_masks, select_classes, zero_removed
 from .passes.mask import mask_group
 from .passes.rewrite import zero_pruned_channels
 from .passes.score import score_targets
@@ -59,6 +62,7 @@ class _Group:
     completed: int = 0               # INC's completed_pruned_cnt
     sparsity: float = 0.0            # current sparsity of the group's weights
     params: dict = field(default_factory=dict)
+    plan: Any = None                 # coupled channel classes: the CompactionPlan of the last step
 
     @property
     def locked(self) -> bool:
@@ -75,7 +79,11 @@ class Pruner:
         ctx = PruneContext(model=model, config=PruningConfig.from_any(config),
                            example_inputs=example_inputs)
         PassManager([CapturePass(), DiscoverPass(), AttachPass()]).run(ctx)
-        ctx.graph_module = ctx.exported = None   # only the targets are needed from here on
+        # With example inputs, output-channel groups select coupled channel classes, as transform
+        # does: the channel analysis is kept, the rest of the graph is not needed any more.
+        joint = [g for g in ctx.groups if ctx.selected(g) and joint_selection(ctx, ctx.selected(g)[0].pattern)]
+        self._analysis = ChannelAnalysis(ctx.graph_module, ctx.param_of_node).run() if joint else None
+        ctx.graph_module = ctx.exported = None
         self.model, self.ctx, self.optimizer = model, ctx, optimizer
         self.groups = [self._group(g, ctx) for g in ctx.groups if ctx.selected(g)]
         self.masks: dict[str, Tensor] = {}       # param -> keep-mask on the 2-D view (bool)
@@ -179,6 +187,8 @@ class Pruner:
                     weight = g.params[t.param]
                     weight.mul_(self._weight_masks[t.param])
                     zero_pruned_channels(self.model, t, self.masks[t.param])
+                if g.plan is not None:
+                    zero_removed(self.model, g.plan)
 
     def sparsity(self) -> float:
         """Current fraction of pruned weights over the selected layers."""
@@ -219,7 +229,16 @@ class Pruner:
         # The target-missed warning once, at the last pruning step: earlier steps of a schedule
         # legitimately round down to fewer whole blocks.
         last = step == g.schedule.pruning_steps()[-1]
-        keep = mask_group(g.config, g.targets, scores, target_sparsity=ratio, warn=last)
+        if self._analysis is not None and g.pattern.prunes_output_channels:
+            g.plan = select_classes(self.ctx, self._analysis, [g.config], scores, target_sparsity=ratio,
+                                    warn=last)
+            dead = g.plan.dead_rows()
+            keep = {}
+            for t in g.targets:
+                keep[t.param] = torch.ones(t.geometry.view_shape, dtype=torch.bool)
+                keep[t.param][torch.as_tensor(dead[t.param], dtype=torch.long)] = False
+        else:
+            keep = mask_group(g.config, g.targets, scores, target_sparsity=ratio, warn=last)
         for t in g.targets:
             self._set_mask(t, keep[t.param].to(self.masks[t.param].device))
         self.apply_masks()
@@ -251,6 +270,8 @@ class Pruner:
             g.criterion.load_state_dict(saved["scores"])
             for t in g.targets:
                 self._set_mask(t, state["masks"][t.param].to(self.masks[t.param].device))
+            if self._analysis is not None and g.pattern.prunes_output_channels:
+                g.plan = plan_from_masks(self.ctx, self._analysis, [g.config], self.masks)
         self.global_step = state["global_step"]
         self._begun = self.global_step      # the saved step had begun already
         self.apply_masks()

@@ -1,4 +1,4 @@
-"""Sparsity metadata (SPEC §5): one record per prunable target, totals, config and versions.
+"""Sparsity metadata (docs/design.md, "Metadata"): one record per prunable target, totals, config and versions.
 
 Reach it from a pruned model with :func:`fxprune.sparsity_report`; it serializes to JSON and is
 embedded in exported ONNX models.
@@ -50,6 +50,9 @@ class SparsityReport:
     # compact=True: params/FLOPs before and after, channel groups removed or blocked (and why),
     # and the new weight shapes; the layer records above describe the masks (before slicing)
     compaction: dict | None = None
+    # data-aware criteria: how they were calibrated (block-sequential or whole-model, and why;
+    # block count, block batches, block forwards, spilled hidden states)
+    calibration: dict | None = None
 
     # ------------------------------------------------------------------ totals
     @property
@@ -99,6 +102,8 @@ class SparsityReport:
              "config": self.config, "versions": self.versions, "capture": self.capture}
         if self.compaction is not None:
             d["compaction"] = self.compaction
+        if self.calibration is not None:
+            d["calibration"] = self.calibration
         return d
 
     def to_json(self, path: str | Path | None = None, indent: int | None = 2) -> str:
@@ -112,7 +117,7 @@ class SparsityReport:
         names = {f.name for f in fields(LayerReport)}
         layers = [LayerReport(**{k: v for k, v in r.items() if k in names}) for r in d.get("layers", [])]
         return cls(layers, d.get("config", {}), d.get("versions", {}), d.get("capture", ""),
-                   d.get("compaction"))
+                   d.get("compaction"), d.get("calibration"))
 
     @classmethod
     def from_json(cls, source: str | Path) -> "SparsityReport":

@@ -26,10 +26,12 @@ position ids and embeddings), captured once at the first block; a block returns 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -40,7 +42,7 @@ from .errors import ConfigError, FxPruneError
 BlockHook = Callable[[int, str, nn.Module], None]
 
 DEFAULT_CACHE_BYTES = 1 << 30   # RAM for cached hidden states (inputs + outputs of one block)
-DEFAULT_BATCH_TOKENS = 4096     # calibration batches are merged into block batches of this size
+DEFAULT_BATCH_TOKENS = 2048     # calibration batches are merged into block batches of this size
 
 
 # ---------------------------------------------------------------------------- block detection
@@ -384,6 +386,7 @@ class BlockSequentialRunner:
                     self._swap()
                     if self.on_block_end is not None:
                         self.on_block_end(i, name, block)
+                    release_free_memory()
                     if self.progress is not None:
                         self.progress("blocks", i + 1, n)
         finally:
@@ -494,6 +497,24 @@ def merge_calls(calls: list[BlockCall], hidden: list[Tensor], max_tokens: int
         group.append(b)
     flush()
     return out
+
+
+_malloc_trim = None
+
+
+def release_free_memory() -> None:
+    """Give the heap's free memory back to the system (glibc only; elsewhere nothing). After large
+    frees glibc raises its mmap threshold, so the next block's multi-MB temporaries come from the
+    heap and stay mapped once freed: without a trim between blocks, resident memory creeps up with
+    depth although nothing is alive."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        _malloc_trim = False
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+    if _malloc_trim:
+        _malloc_trim(0)
 
 
 def iter_blocks(blocks: BlockList) -> Iterator[tuple[int, str, nn.Module]]:

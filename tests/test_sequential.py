@@ -67,6 +67,20 @@ def test_activation_dense_propagation_equals_whole_model_masks(batch_tokens):
         assert torch.equal(w[n], s[n]), n        # same masks, kept weights untouched
 
 
+def test_gpt2_conv1d_blocks_dense_propagation_equals_whole_model():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)
+    model, calib = transformers.GPT2LMHeadModel(cfg).eval(), _calib()
+    assert find_blocks(model).name == "transformer.h"
+    whole = _weights(_prune(model, _cfg("activation", "2:4", block_sequential=False), calib))
+    seq = _weights(_prune(model, _cfg("activation", "2:4", block_sequential=True,
+                                      block_propagation="dense"), calib))
+    conv1d = [n for n in whole if ".h." in n and n.endswith("weight") and whole[n].dim() == 2]
+    assert len(conv1d) == 8
+    for n in whole:
+        assert torch.equal(whole[n], seq[n]), n
+
+
 def test_activation_pruned_propagation_equals_whole_model_on_the_pruned_prefix():
     """With the peers' propagation, block i is scored on the outputs of the already pruned blocks
     0..i-1: the whole-model path on the model whose earlier blocks carry the block-sequential
@@ -119,13 +133,16 @@ def test_block_forwards_are_linear_in_depth(layers, propagation, batch_tokens, b
         layer.register_forward_hook(
             lambda m, a, o: (traced if isinstance(o, FakeTensor) else calls).append(m))
     cfg = _cfg("sparse_gpt", "2:4", block_propagation=propagation, block_batch_tokens=batch_tokens)
-    fxprune.transform(model, cfg, EXAMPLE, calibration=calib, inplace=True)
+    out = fxprune.transform(model, cfg, EXAMPLE, calibration=calib, inplace=True)
     # per block and block batch: one forward to record, one to propagate (pruned propagation;
     # the last block's outputs are not needed); dense propagation keeps the recording's outputs
     per_block = 2 if propagation == "pruned" else 1
     expected = per_block * layers * block_batches - (block_batches if per_block == 2 else 0)
     assert len(calls) == expected
     assert len(traced) == layers
+    info = fxprune.sparsity_report(out).calibration    # the report says the same
+    assert (info["block_forwards"], info["block_batches"], info["batches"]) == (expected, block_batches, 3)
+    assert info["blocks"] == "model.layers" and info["block_sequential"] == [0]
 
 
 def test_batches_of_other_lengths_are_not_merged():
@@ -206,7 +223,9 @@ def test_block_sequential_true_without_blocks_is_a_config_error(mlp):
 def test_global_scope_stays_on_the_whole_model_path():
     model, calib = _llama(2), _calib()
     cfg = {**_cfg("activation"), "pruning_scope": "global"}
-    a = _weights(_prune(model, {**cfg, "block_sequential": "auto"}, calib))
+    auto = _prune(model, {**cfg, "block_sequential": "auto"}, calib)
+    assert "global scope" in fxprune.sparsity_report(auto).calibration["whole_model"]["0"]
+    a = _weights(auto)
     b = _weights(_prune(model, {**cfg, "block_sequential": False}, calib))
     assert all(torch.equal(a[n], b[n]) for n in a)
     with pytest.raises(ConfigError, match="global scope"):

@@ -16,11 +16,12 @@ The class flags (``needs_data``, ``needs_gradients``, ``one_shot_only``, ``train
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, TypeVar
+from typing import Callable, Mapping
 
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..registration import Registry, T
 
 
 class Criterion:
@@ -79,23 +80,12 @@ class Criterion:
 
 
 # ---------------------------------------------------------------------- the registry
-CRITERIA: dict[str, type[Criterion]] = {}
-
-T = TypeVar("T", bound=type)
+CRITERIA = Registry(Criterion, "register_criterion", "name", "mine")
 
 
 def register_criterion(name: str) -> Callable[[T], T]:
     """Class decorator: make a :class:`Criterion` subclass usable as ``pruning_type: name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError("register_criterion needs a non-empty name, e.g. @register_criterion('mine')")
-
-    def decorate(cls: T) -> T:
-        if not (isinstance(cls, type) and issubclass(cls, Criterion)):
-            raise TypeError(f"@register_criterion({name!r}) must decorate a subclass of fxprune.Criterion")
-        cls.name = name
-        CRITERIA[name] = cls
-        return cls
-    return decorate
+    return CRITERIA.decorator(name)
 
 
 def get_criterion_class(name: str, where: str = "config") -> type[Criterion]:

@@ -1,19 +1,19 @@
-"""The pass pipeline (SPEC §1): capture, discover, attach, block_sequential, score, mask, rewrite, record (and, with
-``compact=True``, the passes of :mod:`.compact`)."""
+"""The pass pipeline (docs/design.md, "Pipeline"): capture, discover, attach, block_sequential,
+score, mask, rewrite, record (and, with ``compact=True``, the compact pass of :mod:`.compact`)."""
 from .attach import AttachPass
 from .base import Pass, PassManager
 from .capture import CapturePass
 from .context import PruneContext, Target
 from .discover import DiscoverPass
-from .mask import MaskPass
+from .mask import MaskPass, mask_group
 from .record import RecordPass
 from .rewrite import RewritePass
-from .score import ScorePass
+from .score import ScorePass, score_targets
 from .sequential import BlockSequentialPass
 
 CAPTURE_PASSES = (CapturePass, DiscoverPass)
 PRUNE_PASSES = (AttachPass, BlockSequentialPass, ScorePass, MaskPass, RewritePass, RecordPass)
 
-__all__ = ["AttachPass", "BlockSequentialPass", "CapturePass", "DiscoverPass", "MaskPass", "Pass", "PassManager",
-           "PruneContext", "RecordPass", "RewritePass", "ScorePass", "Target",
-           "CAPTURE_PASSES", "PRUNE_PASSES"]
+__all__ = ["AttachPass", "BlockSequentialPass", "CapturePass", "DiscoverPass", "MaskPass", "Pass",
+           "PassManager", "PruneContext", "RecordPass", "RewritePass", "ScorePass", "Target",
+           "mask_group", "score_targets", "CAPTURE_PASSES", "PRUNE_PASSES"]

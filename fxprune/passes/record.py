@@ -1,4 +1,4 @@
-"""record: the sparsity report (SPEC §5), counted from the rewritten weights, attached to the model."""
+"""record: the sparsity report (docs/design.md, "Metadata"), counted from the rewritten weights, attached to the model."""
 from __future__ import annotations
 
 import torch
@@ -35,5 +35,6 @@ class RecordPass(Pass):
         ctx.report = SparsityReport(
             layers=layers, config=ctx.config.to_dict(),
             versions={"fxprune": __version__, "torch": torch.__version__},
-            capture=ctx.capture_method)
+            capture=ctx.capture_method,
+            calibration=ctx.block_plan.summary() if ctx.block_plan is not None else None)
         attach_report(ctx.model, ctx.report)

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from ..compaction import joint_selection
 from ..criteria import Criterion
 from ..registry import get_criterion_class
 from ..errors import WeightError
@@ -36,7 +37,8 @@ class ScorePass(Pass):
             criterion = get_criterion_class(group.pruning_type, group.where)(group)
             criterion.prepare(ctx)
             ctx.criteria[group.index] = criterion  # the rewrite pass calls its update_weights
-            lazy = not ctx.compact  # compaction reads every layer's scores at once
+            # joint channel selection reads every layer's scores at once: real tensors
+            lazy = not joint_selection(ctx, targets[0].pattern)
             for t in targets:
                 ctx.scores.update(score_targets(ctx.model, [t], criterion, lazy=lazy))
                 done += 1

@@ -53,6 +53,20 @@ class BlockPlan:
     whole_model: dict[int, str] = field(default_factory=dict)   # group index -> reason
     stats: RunStats | None = None
 
+    def summary(self) -> dict | None:
+        """For the sparsity report: the path taken and, block-sequentially, what it ran."""
+        if self.blocks is None and not self.whole_model:
+            return None
+        out = {"description": self.describe(), "block_sequential": [g.index for g in self.groups],
+               "whole_model": {str(i): r for i, r in self.whole_model.items()}}
+        if self.blocks is not None and self.groups:
+            out["blocks"] = self.blocks.name
+            out["num_blocks"] = len(self.blocks)
+        if self.stats is not None:
+            out.update(batches=self.stats.batches, block_batches=self.stats.block_batches,
+                       block_forwards=self.stats.block_forwards, spilled=self.stats.spilled)
+        return out
+
     def describe(self) -> str:
         if self.blocks is None or not self.groups:
             why = "; ".join(f"pruning_configs[{i}]: {r}" for i, r in self.whole_model.items())
@@ -241,7 +255,8 @@ def _apply_masks(ctx, targets, masks) -> None:
             weight = ctx.model.get_parameter(t.param)
             weight.mul_(from_view_2d(keep, t.geometry).to(device=weight.device, dtype=weight.dtype))
             zero_pruned_channels(ctx.model, t, keep)
-            ctx.masks[t.param] = keep
+            # not kept in ctx.masks: nothing after the rewrite needs them, and for a large model
+            # they would be one byte per weight of the whole model
 
 
 # ---------------------------------------------------------------------------- input statistics

@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -25,6 +25,7 @@ from torch import Tensor
 from ..config import GroupConfig, PruningConfig
 from ..errors import ConfigError, FxPruneError
 from ..geometry import WeightGeometry
+from ..registration import Registry, T
 from ..selection import LazyScores, budget, ceil_budget, materialize, select_global, select_local
 
 
@@ -219,9 +220,7 @@ class BasePattern:
 
 
 # ---------------------------------------------------------------------- the registry
-PATTERNS: dict[str, type[BasePattern]] = {}
-
-T = TypeVar("T", bound=type)
+PATTERNS = Registry(BasePattern, "register_pattern", "registered_name", "myblock")
 
 
 def register_pattern(name: str) -> Callable[[T], T]:
@@ -231,17 +230,7 @@ def register_pattern(name: str) -> Callable[[T], T]:
     many strings (``"NxM"`` takes ``"4x1"``, ``"1xchannel"``...; ``"N:M"`` takes ``"2:4"``); a
     family class says which strings it takes through its ``matches`` classmethod.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError("register_pattern needs a non-empty pattern name, e.g. @register_pattern('myblock')")
-
-    def decorate(cls: T) -> T:
-        if not (isinstance(cls, type) and issubclass(cls, BasePattern)):
-            raise TypeError(f"@register_pattern({name!r}) must decorate a subclass of fxprune.BasePattern")
-        cls.registered_name = name
-        PATTERNS[name] = cls
-        return cls
-
-    return decorate
+    return PATTERNS.decorator(name)
 
 
 def get_pattern_class(pattern: str, where: str = "config") -> type[BasePattern]:

@@ -1,0 +1,322 @@
+"""Channel plans: which coupled output channels are removed together.
+
+For every pruning group whose pattern removes output channels (``prunes_output_channels``:
+``1xchannel``, ``Nxchannel``, a user pattern that opts in), the channel analysis
+(:mod:`.analysis`) merges the channels that must go together (the convs feeding one residual
+add, the q/k/v rows of an attention head, a depthwise conv and its input, ...) into *classes*.
+Each class is one block: its score is the group's ``criterion_reduce_type`` over all the weights
+it masks (mean by default, so the score of a single row is the pattern's own row score), and its
+size is those weights. Classes are then selected like blocks of different sizes (see
+docs/design.md, "Patterns"): ``global`` walks one ranking over the group and takes each class
+that fits the weight budget ``floor(target * weights)``; ``local`` does the same per layer.
+``max/min_sparsity_ratio_per_op`` hold for every member layer. With ``round_channels_to: m``,
+each space (the channels sliced together) then gets back its best-scoring removed classes until
+it keeps a multiple of m channels: fewer weights are pruned than asked, for kernels that run
+faster.
+
+A class is *blocked* (never pruned, reported with the reason) when the analysis did not
+understand an op on its path, or when it is also produced by a layer that is not pruned with an
+output-channel pattern in the same group.
+
+:func:`plan_channels` is the mask step of a graph captured with example inputs (``compact`` or
+not, so masks do not depend on it); :func:`plan_zero_channels` finds the removable channels of
+an already-pruned model (``fxprune.compact``).
+"""
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..selection import budget, ceil_budget
+from .analysis import ChannelAnalysis
+from .slicing import get_tensor
+
+NOT_COMPACTED = "not compacted: pattern {!r} does not remove output channels (use 1xchannel or Nxchannel)"
+NO_USE = "not compacted: no op the channel analysis follows uses its output"
+
+
+@dataclass
+class ChannelClass:
+    root: int
+    order: int                                   # first appearance, breaks score ties
+    rows: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))  # param -> rows
+    weights: dict[str, int] = field(default_factory=lambda: defaultdict(int))      # param -> weights
+    score_sum: float = 0.0
+    score_max: float = 0.0
+    groups: set = field(default_factory=set)
+
+    @property
+    def size(self) -> int:
+        return sum(self.weights.values())
+
+    def score(self, reduce_type: str) -> float:
+        if reduce_type == "sum":
+            return self.score_sum
+        if reduce_type == "max":
+            return self.score_max
+        return self.score_sum / max(self.size, 1)
+
+
+@dataclass
+class CompactionPlan:
+    """What the mask pass decided, for the compact pass: the analysis, the removed classes."""
+
+    analysis: ChannelAnalysis
+    classes: dict[int, ChannelClass]              # candidate classes (with masked rows) by root
+    blocked: dict[int, str]                       # root -> why it cannot be removed
+    dead: set[int]                                # roots of removed classes
+    space: dict[int, int]                         # root -> space (classes sliced together)
+    notes: dict[str, str] = field(default_factory=dict)  # param -> why its layer is not compacted
+
+    def dead_rows(self) -> dict[str, list[int]]:
+        """param -> the output channels (rows of its 2-D view) the removed classes hold."""
+        rows: dict[str, list[int]] = defaultdict(list)
+        for root in self.dead:
+            for param, r in self.classes[root].rows.items():
+                rows[param].extend(r)
+        return rows
+
+    def dead_mask(self, atoms: np.ndarray, spaces: set[int] | None = None) -> np.ndarray:
+        roots = self.analysis.roots(atoms)
+        dead = np.isin(roots, np.fromiter(self.dead, dtype=np.int64, count=len(self.dead)))
+        if spaces is not None:
+            dead &= np.isin(np.array([self.space.get(r, -1) for r in roots.ravel().tolist()],
+                                     dtype=np.int64).reshape(roots.shape), list(spaces))
+        return dead
+
+
+def output_dim(target) -> int:
+    """The dim of the weight that indexes output channels (the rows of the 2-D view)."""
+    return 1 if target.geometry.layout == "in_out" else 0
+
+
+def joint_selection(ctx, pattern) -> bool:
+    """Whether a group's masks come from the coupled channel classes: its pattern removes whole
+    output channels and the graph was captured with example inputs (so shapes are known)."""
+    return bool(pattern.prunes_output_channels) and ctx.exported is not None
+
+
+def plan_channels(ctx, groups) -> CompactionPlan:
+    """Select the channel classes of ``groups`` (their patterns remove output channels) from
+    ``ctx.scores`` (popped) and write their keep-masks into ``ctx.masks``. The plan's notes say
+    why the other selected layers are not compacted."""
+    notes = {t.param: NOT_COMPACTED.format(g.pattern)
+             for g in ctx.groups if g not in groups for t in ctx.selected(g)}
+    if not groups:
+        return CompactionPlan(None, {}, {}, set(), {}, notes)
+    plan = select_classes(ctx, ChannelAnalysis(ctx.graph_module, ctx.param_of_node).run(), groups, ctx.scores)
+    members = [t for g in groups for t in ctx.selected(g)]
+    notes.update({t.param: NO_USE for t in members if (t.param, output_dim(t)) not in plan.analysis.axes})
+    plan.notes = notes
+    dead_rows = plan.dead_rows()
+    for t in members:
+        keep = torch.ones(t.geometry.view_shape, dtype=torch.bool)
+        keep[torch.as_tensor(dead_rows[t.param], dtype=torch.long)] = False
+        ctx.masks[t.param] = keep
+        ctx.scores.pop(t.param, None)
+    return plan
+
+
+def plan_zero_channels(model, targets, an: ChannelAnalysis) -> CompactionPlan:
+    """The plan of an already-pruned model: every class none of whose channels carries anything
+    (all its rows of every layer are zero, and its bias / norm entries too) is removed."""
+    an.finalize()
+    members = list(targets)
+    blocked = _blocked(an, members, {t.param: t for t in members})
+    classes = _classes(an, members, scores=None)
+    dead = set()
+    zero_entry: dict[int, bool] = defaultdict(lambda: True)
+    with torch.no_grad():
+        for (fqn, dim), ax in an.axes.items():
+            if not ax.roles & {"source", "zero"}:
+                continue
+            tensor = get_tensor(model, fqn)
+            if tensor.dim() == 0 or tensor.shape[dim] != ax.atoms.size:
+                continue
+            nonzero = (tensor.detach().movedim(dim, 0).reshape(ax.atoms.size, -1) != 0).any(dim=1)
+            for root, live in zip(an.roots(ax.atoms).tolist(), nonzero.tolist()):
+                if live:
+                    zero_entry[root] = False
+    for root in classes:
+        if root not in blocked and zero_entry[root]:
+            dead.add(root)
+    notes = {t.param: NO_USE for t in members if (t.param, output_dim(t)) not in an.axes}
+    return CompactionPlan(an, classes, blocked, dead, an.spaces(), notes)
+
+
+def select_classes(ctx, an: ChannelAnalysis, groups, scores, *, target_sparsity: float | None = None,
+                   warn: bool = True) -> CompactionPlan:
+    """The plan of ``groups`` (of ``ctx``, patterns that remove output channels): their coupled
+    classes, ranked by ``scores`` (param -> view scores) and selected at each group's target, or
+    at ``target_sparsity`` (the Pruner's scheduled sparsity). ``an`` may be reused across calls."""
+    blocked, classes = _group_classes(ctx, an, groups, scores)
+    dead: set[int] = set()
+    for group in groups:
+        free = [c for c in classes.values() if c.root not in blocked and c.groups == {group.index}]
+        target = group.target_sparsity if target_sparsity is None else target_sparsity
+        dead |= _select(ctx.selected(group), free, group, target)
+    space = an.spaces()
+    if ctx.config.round_channels_to > 1:
+        _round_up(classes, dead, space, ctx.config.round_channels_to,
+                  {g.index: g.criterion_reduce_type for g in groups})
+    for group in groups if warn else ():
+        target = group.target_sparsity if target_sparsity is None else target_sparsity
+        _warn_if_blocked(group, ctx.selected(group), classes, blocked, dead, target)
+    return CompactionPlan(an, classes, blocked, dead, space)
+
+
+def plan_from_masks(ctx, an: ChannelAnalysis, groups, masks) -> CompactionPlan:
+    """The plan whose removed classes are those every row of which ``masks`` (param -> keep-mask
+    on the view) prunes: a Pruner resumed from its saved masks."""
+    blocked, classes = _group_classes(ctx, an, groups, None)
+    dead = {root for root, c in classes.items() if root not in blocked
+            and not any(bool(masks[p][rows].any()) for p, rows in c.rows.items())}
+    return CompactionPlan(an, classes, blocked, dead, an.spaces())
+
+
+def _group_classes(ctx, an: ChannelAnalysis, groups, scores):
+    """(blocked roots -> why, classes) of the output channels of ``groups``' selected targets."""
+    members = [t for g in groups for t in ctx.selected(g)]
+    for t in members:  # Nxchannel: N consecutive rows are one block
+        n = t.pattern.output_channel_block
+        ax = an.axes.get((t.param, output_dim(t)))
+        if ax is not None and n > 1:
+            for block in ax.atoms.reshape(-1, n):
+                an.atoms.union_all(block)
+    an.finalize()
+    blocked = _blocked(an, members, ctx.targets)
+    classes = _classes(an, members, scores=scores)
+    for root, c in classes.items():
+        if len(c.groups) > 1:
+            blocked.setdefault(root, f"couples layers of pruning_configs {sorted(c.groups)}")
+    return blocked, classes
+
+
+def _warn_if_blocked(group, targets, classes, blocked, dead, target: float) -> None:
+    """The target-missed warning of channel classes: blocked classes are kept, so a group whose
+    target needs them falls short; say by how much and why (whole classes alone round a count
+    down by less than one class, which is not warned about)."""
+    mine = [c for c in classes.values() if group.index in c.groups]
+    stuck = [c for c in mine if c.root in blocked]
+    if not stuck:
+        return
+    numel = {t.param: t.geometry.numel for t in targets}
+    if group.pruning_scope == "local":
+        wanted = sum(budget(target, n) for n in numel.values())
+    else:
+        wanted = budget(target, sum(numel.values()))
+    pruned = sum(c.size for c in mine if c.root in dead)
+    if wanted - pruned <= max(c.size for c in mine):
+        return
+    total = sum(numel.values())
+    warnings.warn(
+        f"{group.where} (pattern {group.pattern!r}, {len(targets)} layers): achieved sparsity "
+        f"{pruned / total:.4f}, target_sparsity {target:g}: {len(stuck)} of {len(mine)} "
+        f"coupled channel units cannot be removed exactly and are kept (e.g. {blocked[stuck[0].root]}); "
+        f"with compact=True the report's compaction entry lists every reason", stacklevel=4)
+
+
+def _blocked(an: ChannelAnalysis, members, targets) -> dict[int, str]:
+    """Classes the analysis blocked, and those also produced by a layer that is not a member."""
+    blocked = an.blocked_roots()
+    is_member = {(t.param, output_dim(t)) for t in members}
+    for (fqn, dim), ax in an.axes.items():  # channels also produced by a layer that is not pruned
+        if "source" in ax.roles and (fqn, dim) not in is_member:
+            t = targets.get(fqn)
+            if t is None:
+                why = f"{fqn}, which is not a prunable layer"
+            elif t.selected:
+                why = f"{t.name}, pruned with pattern {t.group.pattern!r} in pruning_configs[{t.group.index}]"
+            else:
+                why = f"{t.name} ({t.status})"
+            for r in np.unique(an.roots(ax.atoms)).tolist():
+                blocked.setdefault(r, f"coupled with {why}")
+    return blocked
+
+
+def _classes(an: ChannelAnalysis, members, scores) -> dict[int, ChannelClass]:
+    """The classes holding the members' output channels; with ``scores`` (param -> view
+    scores), each class's score sum and max."""
+    classes: dict[int, ChannelClass] = {}
+    for t in members:
+        ax = an.axes.get((t.param, output_dim(t)))
+        if ax is None:
+            continue  # its output is never used by an op the analysis follows
+        cols = t.geometry.view_shape[1]
+        if scores is not None:
+            s = scores[t.param].double()
+            sums, maxes = s.sum(dim=1).tolist(), s.amax(dim=1).tolist()
+        for row, root in enumerate(an.roots(ax.atoms).tolist()):
+            c = classes.get(root) or classes.setdefault(root, ChannelClass(root, len(classes)))
+            c.rows[t.param].append(row)
+            c.weights[t.param] += cols
+            if scores is not None:
+                c.score_sum += sums[row]
+                c.score_max = max(c.score_max, maxes[row])
+            if t.group is not None:
+                c.groups.add(t.group.index)
+    return classes
+
+
+def _round_up(classes, dead: set[int], space, multiple: int, reduce_types) -> None:
+    """Give back the best-scoring removed classes of each space until its first layer keeps a
+    multiple of ``multiple`` channels (or all of them)."""
+    by_space = defaultdict(list)
+    for c in classes.values():
+        by_space[space[c.root]].append(c)
+    for members in by_space.values():
+        layer = next(iter(members[0].rows))
+        rows = {c.root: len(c.rows.get(layer, ())) for c in members}
+        total = sum(rows.values())
+        kept = total - sum(rows[c.root] for c in members if c.root in dead)
+        goal = min(total, -(-kept // multiple) * multiple)
+        removed = sorted((c for c in members if c.root in dead and rows[c.root]),
+                         key=lambda c: (c.score(reduce_types[next(iter(c.groups))]), c.order))
+        while kept < goal and removed:
+            c = removed.pop()
+            dead.discard(c.root)
+            kept += rows[c.root]
+
+
+def _select(targets, free: list[ChannelClass], group, target: float) -> set[int]:
+    """Roots of the classes to remove: lowest score first, whole classes, within the budget and
+    the per-layer ratios (skipping a class that does not fit and going on with smaller ones)."""
+    numel = {t.param: t.geometry.numel for t in targets}
+    hi = {p: budget(group.max_sparsity_ratio_per_op, n) for p, n in numel.items()}
+    lo = {p: ceil_budget(group.min_sparsity_ratio_per_op, n) for p, n in numel.items()}
+    ranked = sorted(free, key=lambda c: (c.score(group.criterion_reduce_type), c.order))
+    pruned: dict[str, int] = defaultdict(int)
+    chosen: set[int] = set()
+
+    def fits(c: ChannelClass) -> bool:
+        return all(pruned[p] + w <= hi[p] for p, w in c.weights.items())
+
+    def take(c: ChannelClass) -> None:
+        chosen.add(c.root)
+        for p, w in c.weights.items():
+            pruned[p] += w
+
+    for t in targets:  # min_sparsity_ratio_per_op first
+        for c in ranked:
+            if pruned[t.param] >= lo[t.param]:
+                break
+            if t.param in c.weights and c.root not in chosen and fits(c):
+                take(c)
+    if group.pruning_scope == "local":
+        for t in targets:
+            goal = budget(target, numel[t.param])
+            for c in ranked:
+                w = c.weights.get(t.param)
+                if w and c.root not in chosen and pruned[t.param] + w <= goal and fits(c):
+                    take(c)
+        return chosen
+    left = budget(target, sum(numel.values())) - sum(pruned.values())
+    for c in ranked:
+        if c.root not in chosen and c.size <= left and fits(c):
+            take(c)
+            left -= c.size
+    return chosen
