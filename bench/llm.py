@@ -7,9 +7,9 @@ Two parts, every run in its own subprocess, fxprune and llm-compressor alternati
 in odd repetitions, the peer first in even ones), same thread count (``--threads``, 2):
 
 1. **trained**: a small Llama (``LlamaConfig`` hidden 256, FFN 688, 8 heads, 4 blocks, byte-level
-   vocabulary of 256) trained here on the Python standard library's sources with
-   ``bench/quality.py``'s corpus and training loop (about 5 minutes on 2 idle cores, once: the
-   model is cached as safetensors). Methods: SparseGPT 2:4, SparseGPT 50 % unstructured, Wanda
+   vocabulary of 256) trained here for 300 steps of 8 x 128 bytes on the Python standard library's
+   sources with ``bench/quality.py``'s corpus and training loop (once: the model is cached as
+   safetensors). Methods: SparseGPT 2:4, SparseGPT 50 % unstructured, Wanda
    2:4, on every decoder Linear (not the embeddings, not ``lm_head``), local scope, 16 calibration
    sequences of 128 bytes from the training text. Measured: wall time of the pruning call, peak
    RSS above the loaded model, block forwards (calls of the decoder layers' forward, counted with
@@ -40,8 +40,10 @@ fxprune's (it pins its own transformers)::
 
 The bench uses ``--peer-python``, else ``$FXPRUNE_BENCH_PEER_PYTHON``, else
 ``.venv-llmc/bin/python`` when it exists; without one (or with ``--no-peer``) the peer columns
-say so and only fxprune runs. Full run: about 10-15 minutes on 2 idle cores (plus the training
-once); ``--quick``: about 4.
+say so and only fxprune runs.
+
+On a shared, loaded machine wall times are noise: ``--threads 1 --time cpu`` compares the CPU
+time of the pruning calls instead (one thread: what each call takes alone on one core).
 """
 from __future__ import annotations
 
@@ -250,7 +252,7 @@ def trained_model(cache: Path):
         start = time.time()
         model = _llama(TRAINED, TRAINING["seed"])
         quality.train_lm(model, train, steps=TRAINING["steps"], lr=TRAINING["lr"],
-                         seed=TRAINING["seed"], batch=TRAINING["batch"])
+                         seed=TRAINING["seed"], batch=TRAINING["batch"], log_every=25)
         g = torch.Generator().manual_seed(123)
         calib = quality.lm_batch(train, CALIB_SEQUENCES, g)
         path.parent.mkdir(parents=True, exist_ok=True)
