@@ -391,14 +391,14 @@ def _markdown(head, rows) -> str:
 def trained_table(results: dict, dense_ppl: float, basis: str) -> str:
     head = ["method", "tool", f"{basis} s", "peak RSS MB", "block fwd", "ppl", "sparsity",
             "time / peer (<= 0.5)", "RSS <= peer", "ppl <= peer"]
-    rows = [["dense", "", "", "", "", f"{dense_ppl:.3f}", "0", "", "", ""]]
+    rows = [["dense", "", "", "", "", f"{dense_ppl:.4f}", "0", "", "", ""]]
     for method, per_tool in results.items():
         fx, peer = per_tool["fxprune"], per_tool.get(PEER)
         for tool, runs in per_tool.items():
             cells = [method, tool, _span([r["time"] for r in runs], "{:.2f}"),
                      _span([r["peak_mb"] for r in runs], "{:.0f}"),
                      _span([r["forwards"] for r in runs], "{:d}"),
-                     _span([r["ppl"] for r in runs], "{:.3f}"), _sparsity_cell(runs)]
+                     _span([r["ppl"] for r in runs], "{:.4f}"), _sparsity_cell(runs)]
             if tool == "fxprune" and peer:
                 ratio = min(r["time"] for r in fx) / min(r["time"] for r in peer)
                 rss_ok = min(r["peak_mb"] for r in fx) <= min(r["peak_mb"] for r in peer)
