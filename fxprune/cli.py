@@ -1,12 +1,14 @@
 """The ``fxprune`` command line, for build pipelines.
 
     fxprune prune MODEL --config CFG [--example-inputs SPEC] [--onnx OUT.onnx] [--report OUT.json] [--save OUT.pt2]
+    fxprune prune HF_DIR --config CFG --out PRUNED_DIR [--calibration IDS.pt] [--format compressed-tensors]
     fxprune inspect [MODEL] [--example-inputs SPEC]
     fxprune validate OUT.onnx --model MODEL [--example-inputs SPEC]
 
 MODEL is a ``torch.export`` archive (``.pt2``), ``pkg.module:factory`` (a callable returning an
 ``nn.Module`` or ``(module, example_inputs)``), or a built-in example (``mlp``, ``resnet``,
-``resnet50``, ``bert-tiny``). Exit codes: 0 ok, 1 validation failed, 2 bad usage, config, model or file,
+``resnet50``, ``bert-tiny``). HF_DIR is a Hugging Face model directory (config.json and safetensors
+shards), pruned into PRUNED_DIR without loading the whole model. Exit codes: 0 ok, 1 validation failed, 2 bad usage, config, model or file,
 3 internal error, 130 interrupted. Errors are one line and the fix; ``--debug`` shows the traceback.
 """
 from __future__ import annotations
@@ -152,6 +154,13 @@ def cmd_prune(args) -> int:
     import fxprune
     from .progress import ProgressBar
 
+    if Path(args.model).is_dir():
+        return cmd_prune_checkpoint(args)
+    for flag in ("out", "calibration"):
+        if getattr(args, flag):
+            raise UsageError(f"--{flag} is for Hugging Face model directories; {args.model!r} is not a directory")
+    if args.format != "safetensors":
+        raise UsageError(f"--format is for Hugging Face model directories; {args.model!r} is not a directory")
     model, loaded_inputs, source = load_model(args.model)
     inputs = _inputs(args, loaded_inputs)
     for flag, value, suffix in (("--onnx", args.onnx, ".onnx"), ("--save", args.save, ".pt2"),
@@ -193,6 +202,33 @@ def cmd_prune(args) -> int:
         if result is not None and code == EXIT_OK:
             print(result)
     return code
+
+
+def cmd_prune_checkpoint(args) -> int:
+    import fxprune
+    from .progress import ProgressBar
+
+    if not args.out:
+        raise UsageError(f"MODEL {args.model!r} is a directory: pass --out PRUNED_DIR for the pruned checkpoint")
+    for flag in ("onnx", "save", "example_inputs"):
+        if getattr(args, flag):
+            raise UsageError(f"--{flag.replace('_', '-')} is not available when pruning a checkpoint "
+                             f"directory; load the pruned directory and export it from Python")
+    if args.report and not args.report.endswith(".json"):
+        raise UsageError(f"--report {args.report!r} should end in .json")
+    bar = ProgressBar(enabled=False if args.quiet or args.json else None)
+    report = fxprune.prune_checkpoint(args.model, args.config, args.out, calibration=args.calibration,
+                                      format=args.format, progress=bar)
+    bar.close()
+    if args.report:
+        report.to_json(args.report)
+    if args.json:
+        print(json.dumps({"model": args.model, "out": args.out, "format": args.format,
+                          "report": report.to_dict()}, indent=2))
+    elif not args.quiet:
+        print(report)
+        print(f"pruned checkpoint: {args.out}")
+    return EXIT_OK
 
 
 def _save_pt2(model, inputs, path, report) -> None:
@@ -320,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="'float32[1,3,224,224]', 'int64[1,128]{0,30522}' (';' between inputs) or a .pt file")
     parser = argparse.ArgumentParser(prog="fxprune", description="A pruning compiler for PyTorch.",
                                      epilog="MODEL: a .pt2 torch.export archive, pkg.module:factory, "
-                                            "or a built-in example (mlp, resnet, resnet50, bert-tiny)")
+                                            "a built-in example (mlp, resnet, resnet50, bert-tiny), or "
+                                            "(prune) a Hugging Face model directory with --out")
     from ._version import __version__
     parser.add_argument("--version", action="version", version=f"fxprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,inspect,validate}")
@@ -331,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validate", action="store_true", help="export without the validation checks")
     p.add_argument("--report", metavar="OUT.json", help="write the sparsity report as JSON")
     p.add_argument("--save", metavar="OUT.pt2", help="save the pruned model as a torch.export archive")
+    p.add_argument("--out", metavar="PRUNED_DIR",
+                   help="MODEL is a Hugging Face directory: write the pruned checkpoint here (must not exist)")
+    p.add_argument("--calibration", metavar="IDS.pt",
+                   help="token ids for activation/sparse_gpt on a checkpoint: a [N, seq] tensor or a list of batches")
+    p.add_argument("--format", choices=("safetensors", "compressed-tensors"), default="safetensors",
+                   help="checkpoint output: dense safetensors (default) or compressed-tensors (vLLM's sparse format)")
     p.set_defaults(run=cmd_prune)
     i = sub.add_parser("inspect", parents=[common], help="list the prunable weights and the patterns that "
                        "fit them, and what the pattern and criterion registries hold")
