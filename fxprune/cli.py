@@ -175,6 +175,8 @@ def cmd_prune(args) -> int:
     bar = ProgressBar(enabled=False if args.quiet or args.json else None)
     pruned = fxprune.transform(model, args.config, example_inputs=inputs, progress=bar)
     bar.close()
+    if _rank() != 0:    # every rank holds the same result; rank 0 writes and prints it
+        return EXIT_OK
     report = fxprune.sparsity_report(pruned)
     result, code = None, EXIT_OK
     if args.report:
@@ -220,6 +222,8 @@ def cmd_prune_checkpoint(args) -> int:
     report = fxprune.prune_checkpoint(args.model, args.config, args.out, calibration=args.calibration,
                                       format=args.format, progress=bar)
     bar.close()
+    if _rank() != 0:    # rank 0 writes the report and prints
+        return EXIT_OK
     if args.report:
         report.to_json(args.report)
     if args.json:
@@ -229,6 +233,11 @@ def cmd_prune_checkpoint(args) -> int:
         print(report)
         print(f"pruned checkpoint: {args.out}")
     return EXIT_OK
+
+
+def _rank() -> int:
+    from .distributed import rank
+    return rank()
 
 
 def _save_pt2(model, inputs, path, report) -> None:
@@ -374,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token ids for activation/sparse_gpt on a checkpoint: a [N, seq] tensor or a list of batches")
     p.add_argument("--format", choices=("safetensors", "compressed-tensors"), default="safetensors",
                    help="checkpoint output: dense safetensors (default) or compressed-tensors (vLLM's sparse format)")
+    p.add_argument("--timeout", type=float, default=1800, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others at a collective step")
     p.set_defaults(run=cmd_prune)
     i = sub.add_parser("inspect", parents=[common], help="list the prunable weights and the patterns that "
                        "fit them, and what the pattern and criterion registries hold")
@@ -393,12 +404,21 @@ def main(argv: list[str] | None = None) -> int:
     # The ONNX exporter logs one warning per torchvision op it cannot register; not ours to show.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     from .errors import FxPruneError
+    started = False
     try:
+        if args.command == "prune":     # under torchrun: one process group for the run
+            from .distributed import init_from_env
+            started = init_from_env(args.timeout)
+            if _rank() != 0:
+                args.quiet = True       # only rank 0 prints the table and the progress
         return args.run(args)
     except (UsageError, FxPruneError) as e:
+        from .distributed import DistributedError
         if args.debug:
             traceback.print_exc()
-        print(f"fxprune: error: {e}", file=sys.stderr)
+        if not (isinstance(e, DistributedError) and _rank() != 0):  # rank 0 reports other ranks' errors
+            prefix = f"[rank {_rank()}] " if started else ""
+            print(f"fxprune: error: {prefix}{e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("fxprune: interrupted", file=sys.stderr)
@@ -409,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fxprune: internal error: {type(e).__name__}: {e} (rerun with --debug for the "
               f"traceback and report it)", file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if started:
+            import torch.distributed
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ _FIX_WEIGHTS = "fix the checkpoint's weights (or exclude the layer with excluded
 
 def prune_checkpoint(src_dir: str | os.PathLike, config: Any, out_dir: str | os.PathLike, *,
                      calibration: Any = None, format: str = "safetensors",
-                     progress: Progress | None = None) -> SparsityReport:
+                     progress: Progress | None = None, group: Any = None) -> SparsityReport:
     """Prune the Hugging Face model directory ``src_dir`` into ``out_dir``; return the report.
 
     Args:
@@ -70,26 +70,47 @@ def prune_checkpoint(src_dir: str | os.PathLike, config: Any, out_dir: str | os.
             ``"compressed-tensors"`` (the sparse format vLLM loads; needs the
             ``compressed-tensors`` package).
         progress: ``progress(stage, done, total)``, called per decoder block.
+        group: a ``torch.distributed`` process group: every rank calls ``prune_checkpoint`` with
+            the same arguments, each reads and writes its own shards (see
+            :mod:`fxprune.checkpoint.sharded`). By default the default process group when one is
+            initialised with more than one process.
 
     Only the weights of one layer (data-aware criteria: one decoder block) are in memory at a time.
     """
-    src = Path(src_dir)
-    out = Path(out_dir)
+    from ..distributed import resolve
+
+    dist = resolve(group)
+    if dist is None:
+        return _prune(Path(src_dir), config, Path(out_dir), calibration, format, progress, None)
+    with dist.guard("the end of prune_checkpoint"):    # one rank's error stops every rank
+        return _prune(Path(src_dir), config, Path(out_dir), calibration, format,
+                      progress if dist.rank == 0 else None, dist)
+
+
+def _prune(src: Path, config, out: Path, calibration, format, progress, dist) -> SparsityReport:
     if format not in FORMATS:
         raise ConfigError(f"format {format!r} is not one of {', '.join(FORMATS)}")
-    job = _Job(src, config, calibration, progress)
+    job = _Job(src, config, calibration, progress, dist)
     if format == "compressed-tensors":
         from .compressed import check_available
         check_available(job.hf_config)
-    tmp = _make_temp_dir(out, src)
+    if dist is None:
+        tmp = _make_temp_dir(out, src)
+    else:   # rank 0 makes the one temporary directory every rank writes into
+        made = dist.run("the output directory", lambda: _make_temp_dir(out, src) if dist.rank == 0 else None)
+        tmp = Path(dist.all_gather_objects(None if made is None else str(made))[0])
     try:
         job.run(tmp)
-        if format == "compressed-tensors":
-            from .compressed import compress_directory
-            compress_directory(tmp, job.report, job.shards)
-        os.rename(tmp, out)
+        if dist is not None:
+            dist.check("the pruned shards")     # every rank's shards are written
+        if job.rank0:
+            if format == "compressed-tensors":
+                from .compressed import compress_directory
+                compress_directory(tmp, job.report, job.shards)
+            os.rename(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if job.rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return job.report
 
@@ -97,8 +118,10 @@ def prune_checkpoint(src_dir: str | os.PathLike, config: Any, out_dir: str | os.
 class _Job:
     """One checkpoint pruning run: everything is checked in ``__init__``, written in ``run``."""
 
-    def __init__(self, src: Path, config: Any, calibration: Any, progress: Progress | None):
+    def __init__(self, src: Path, config: Any, calibration: Any, progress: Progress | None,
+                 dist: Any = None):
         self.src, self.progress = src, progress
+        self.dist, self.rank0 = dist, dist is None or dist.rank == 0
         self.hf_config = load_config(src)
         self.shards = ShardSet(src)
         cfg = PruningConfig.from_any(config)
@@ -106,6 +129,11 @@ class _Job:
         self.model = build_skeleton(self.hf_config)
         self.ctx = PruneContext(model=self.model, config=cfg,
                                 example_inputs=example_inputs(self.hf_config))
+        self.ctx.distributed = dist
+        self.own_files = None           # several ranks: the shard files this rank reads and writes
+        if dist is not None:
+            from .sharded import own_files
+            self.own_files = own_files(self.shards, dist)
         PassManager([CapturePass(), DiscoverPass(), AttachPass()]).run(self.ctx)
         self.ctx.graph_module = self.ctx.exported = None   # only the targets are needed
         self.keys = KeyMap(self.shards, getattr(self.model, "base_model_prefix", ""))
@@ -153,25 +181,42 @@ class _Job:
         self.report: SparsityReport | None = None
 
     # ------------------------------------------------------------------ writing
+    def owns(self, t) -> bool:
+        """Whether this rank reads and writes the weight of target ``t`` (always, on one process)."""
+        return self.own_files is None or self.shards.entries[self.key_of[t.param]].file in self.own_files
+
     def run(self, out: Path) -> None:
-        self.writer = ShardWriter(self.shards, out, {self.key_of[t.param] for t in self.ctx.selected()})
-        _copy_side_files(self.src, out, self.shards)
+        self.writer = ShardWriter(self.shards, out,
+                                  {self.key_of[t.param] for t in self.ctx.selected() if self.owns(t)},
+                                  files=self.own_files, index=self.rank0)
+        if self.rank0:
+            _copy_side_files(self.src, out, self.shards)
         self.zeros: dict[str, int] = {}
-        self._ticker = _BlockTicker(self.ctx.selected(), find_blocks(self.model), self.progress)
+        self._ticker = _BlockTicker([t for t in self.ctx.selected() if self.owns(t)],
+                                    find_blocks(self.model), self.progress)
         for group in self.plain_groups:
             self._prune_streaming(group)
         if self.data_groups:
             from .calibrated import prune_calibrated
             prune_calibrated(self)
         self.writer.finish()
-        layers = []
-        for t in self.ctx.targets.values():
-            if t.param not in self.zeros:
-                self.zeros[t.param] = _count_zeros(self.shards.read(self.key_of[t.param]))
-            layers.append(layer_report(t, self.zeros[t.param], t.geometry.numel))
+
+        def count_the_rest():
+            for t in self.ctx.targets.values():
+                if t.param not in self.zeros and self.owns(t):
+                    self.zeros[t.param] = _count_zeros(self.shards.read(self.key_of[t.param]))
+        if self.dist is None:
+            count_the_rest()
+        else:   # each rank counted its own layers
+            self.dist.run("the report", count_the_rest)
+            for part in self.dist.all_gather_objects(self.zeros):
+                self.zeros.update(part)
+        layers = [layer_report(t, self.zeros[t.param], t.geometry.numel)
+                  for t in self.ctx.targets.values()]
         self.report = build_report(self.ctx, layers)
         self.report.capture = "meta skeleton, torch.export"
-        self.report.to_json(out / REPORT_FILE)
+        if self.rank0:
+            self.report.to_json(out / REPORT_FILE)
 
     def aliases_of(self, name: str) -> list[str]:
         """The other names of a tied parameter (GPT-2's ``lm_head.weight`` for ``transformer.wte.weight``)."""
@@ -180,6 +225,8 @@ class _Job:
     def write_block_target(self, t, weight: torch.Tensor, keep: torch.Tensor | None) -> None:
         """A target the block-sequential pass pruned in the model: write it (and, for
         output-channel patterns, the bias/BatchNorm entries it zeroed) into the output shards."""
+        if not self.owns(t):        # another rank writes it
+            return
         self.writer.write(self.key_of[t.param], weight)
         self.zeros[t.param] = _count_zeros(weight)
         if getattr(t.pattern, "prunes_output_channels", False):
@@ -195,6 +242,9 @@ class _Job:
     def write_pruned(self, t, weight: torch.Tensor, keep: torch.Tensor) -> None:
         """Zero the pruned weights of ``t`` (and whole channels' bias/BatchNorm entries for
         output-channel patterns) and write them into the output shards."""
+        t.status = "pruned"
+        if not self.owns(t):        # another rank writes it
+            return
         with torch.no_grad():
             weight.mul_(from_view_2d(keep, t.geometry).to(dtype=weight.dtype))
         self.writer.write(self.key_of[t.param], weight)
@@ -209,7 +259,6 @@ class _Job:
                 if tensor.shape[:1] == dead.shape:
                     tensor[dead] = 0
                     self.writer.write(key, tensor)
-        t.status = "pruned"
         self._ticker.done(t.name)
         del weight, keep
         release_free_memory()
@@ -222,6 +271,14 @@ class _Job:
         def scores_of(t):
             weight = self.read_weight(t)
             return weight, _view_scores(criterion, t, weight, f" in {self.src}", _FIX_WEIGHTS)
+
+        if self.dist is not None:
+            from .sharded import prune_streaming
+            done = prune_streaming(self, group, scores_of)
+            for t in targets:
+                t.status = "pruned"
+            if done:
+                return
 
         if pattern.layers_are_independent():
             for t in targets:  # the mask pass's path, on one layer at a time

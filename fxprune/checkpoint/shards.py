@@ -142,15 +142,20 @@ class ShardWriter:
 
     Each output shard is laid out like its source (same header, same offsets). The header and
     every tensor that will not be rewritten are copied by the kernel (``copy_file_range``); the
-    ranges of the tensors in ``rewritten`` are left as holes until :meth:`write` fills them."""
+    ranges of the tensors in ``rewritten`` are left as holes until :meth:`write` fills them.
+    ``files``: the shard files to write (default all; one rank's share when several processes
+    write); ``index``: whether to copy the index file too."""
 
-    def __init__(self, shards: ShardSet, out_dir: Path, rewritten: set[str] = frozenset()):
+    def __init__(self, shards: ShardSet, out_dir: Path, rewritten: set[str] = frozenset(),
+                 files=None, index: bool = True):
         self.shards, self.out_dir = shards, out_dir
         self.pending = set(rewritten)
         by_file: dict[Path, list[TensorEntry]] = {}
         for entry in shards.entries.values():
             by_file.setdefault(entry.file, []).append(entry)
         for path in shards.files:
+            if files is not None and path not in files:
+                continue
             keep = sorted((e for e in by_file.get(path, []) if e.key not in rewritten),
                           key=lambda e: e.begin)
             first = min((e.begin for e in by_file.get(path, [])), default=path.stat().st_size)
@@ -159,7 +164,7 @@ class ShardWriter:
                 for begin, end in ranges:
                     _copy_range(src, dst, begin, end)
                 dst.truncate(path.stat().st_size)
-        if shards.index_file is not None:
+        if index and shards.index_file is not None:
             shutil.copyfile(shards.index_file, out_dir / shards.index_file.name)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
