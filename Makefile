@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fxprune-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-llm bench-llm-peer clean
 
 # torch==2.13.0 goes first: a plain `torch` requirement resolved by pip on a machine without torch
 # pulls a multi-GB CUDA build; the package itself only asks for torch>=2.4.
@@ -23,5 +23,21 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/transform_speed.py
 
+# LLM one-shot pruning beside llm-compressor (docs/llm.md). The peer lives in its own venv: it pins
+# its own transformers, and it is a bench extra, never a dependency of fxprune.
+LLMC_VENV := .venv-llmc
+LLMC_STAMP := $(LLMC_VENV)/.llmcompressor-installed
+
+$(LLMC_STAMP):
+	$(PYTHON) -m venv $(LLMC_VENV)
+	$(LLMC_VENV)/bin/pip install --quiet torch==2.13.0
+	$(LLMC_VENV)/bin/pip install --quiet llmcompressor==0.14.0.1
+	touch $(LLMC_STAMP)
+
+bench-llm-peer: $(LLMC_STAMP)
+
+bench-llm: $(STAMP) $(LLMC_STAMP)
+	$(BIN)/python bench/llm.py --peer-python $(LLMC_VENV)/bin/python
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LLMC_VENV) build *.egg-info .pytest_cache

@@ -195,7 +195,8 @@ def perplexity(model, held: torch.Tensor, windows: int) -> float:
     return math.exp(total / n)
 
 
-def train_lm(model, data, steps: int, lr: float, seed: int, pruner=None, warmup: int = 50):
+def train_lm(model, data, steps: int, lr: float, seed: int, pruner=None, warmup: int = 50,
+             batch: int = 16, log_every: int = 0):
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -203,8 +204,11 @@ def train_lm(model, data, steps: int, lr: float, seed: int, pruner=None, warmup:
     if pruner is not None:
         pruner = pruner(model, opt)
     model.train()
-    for _ in range(steps):
-        lm_loss(model, lm_batch(data, 16, g)).backward()
+    for step in range(steps):
+        loss = lm_loss(model, lm_batch(data, batch, g))
+        loss.backward()
+        if log_every and (step + 1) % log_every == 0:
+            log(f"  step {step + 1}/{steps}: loss {float(loss):.3f}")
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()

@@ -11,7 +11,6 @@ from /proc (VmHWM, reset through /proc/self/clear_refs) on Linux.
 from __future__ import annotations
 
 import argparse
-import gc
 import subprocess
 import sys
 import time
@@ -21,33 +20,7 @@ import torch
 from fxprune.config import PruningConfig
 from fxprune.passes import (AttachPass, CapturePass, DiscoverPass, MaskPass, PruneContext,
                             RecordPass, RewritePass, ScorePass)
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class Phase:
-    """Wall time and peak RSS above the RSS at entry."""
-
-    def __enter__(self):
-        gc.collect()
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-        except OSError:
-            pass
-        self.rss0 = _status("VmRSS:")
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0
-        self.peak = max(0, _status("VmHWM:") - self.rss0)
+from measure import Phase
 
 
 def naive_reference(model, pattern: str, target: float) -> float:
