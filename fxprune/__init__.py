@@ -5,7 +5,7 @@
 """
 from ._version import __version__
 from .config import PruningConfig
-from .errors import CaptureError, ConfigError, FxPruneError, WeightError
+from .errors import CaptureError, ConfigError, ExtensionError, FxPruneError, ReportError, WeightError
 from .patterns import BasePattern, BlockLayout
 from .pruner import Pruner
 from .registry import PATTERNS, get_pattern, register_pattern
@@ -15,5 +15,6 @@ from .transform import capture, transform
 __all__ = [
     "__version__", "transform", "capture", "sparsity_report", "SparsityReport", "LayerReport",
     "PruningConfig", "register_pattern", "get_pattern", "PATTERNS", "BasePattern", "BlockLayout",
-    "FxPruneError", "ConfigError", "CaptureError", "WeightError", "Pruner",
+    "FxPruneError", "ConfigError", "CaptureError", "WeightError", "ExtensionError", "ReportError",
+    "Pruner",
 ]

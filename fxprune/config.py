@@ -265,7 +265,7 @@ def load_config_file(path: str | Path) -> dict:
             data = yaml.safe_load(text)
     except Exception as e:  # yaml.YAMLError / json.JSONDecodeError
         raise ConfigError(f"config file {str(p)!r} is not valid {p.suffix.lstrip('.').upper() or 'YAML'}: "
-                          f"{e}") from None
+                          f"{_parse_error_line(e)}") from None
     if data is None:
         data = {}
     if isinstance(data, list):  # a list of pruning groups, as INC's WeightPruningConfig takes
@@ -277,6 +277,20 @@ def load_config_file(path: str | Path) -> dict:
         if set(data) == {wrapper} and isinstance(data[wrapper], dict):
             data = data[wrapper]
     return data
+
+
+def _parse_error_line(e: Exception) -> str:
+    """A YAML/JSON syntax error in one line: where, then what (PyYAML's own message spans 5-8
+    lines with a snippet and a caret)."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:
+        problem = getattr(e, "problem", None) or "syntax error"
+        context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and start is not None:
+            context += f" that starts at line {start.line + 1}, column {start.column + 1}"
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" + (f" ({context})" if context else "")
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def decimal_fraction(value: float) -> Fraction:

@@ -39,7 +39,9 @@ from .config import PruningConfig
 from .criteria import Criterion, get_criterion_class
 from .errors import ConfigError, FxPruneError, WeightError
 from .geometry import from_view_2d, to_view_2d
-from .passes import AttachPass, CapturePass, DiscoverPass, PassManager, PruneContext, RecordPass
+from .checks import check_weights
+from .passes import (AttachPass, CapturePass, DiscoverPass, PassManager, PruneContext, RecordPass,
+                     RunInputsPass)
 from .passes.rewrite import zero_pruned_channels
 from .schedule import Schedule
 
@@ -69,30 +71,40 @@ class Pruner:
                  example_inputs: Any = None):
         if not isinstance(model, nn.Module):
             raise FxPruneError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise FxPruneError(f"optimizer must be a torch.optim.Optimizer built over the model's "
+                               f"parameters (or None), got {type(optimizer).__name__}")
         ctx = PruneContext(model=model, config=PruningConfig.from_any(config),
                            example_inputs=example_inputs)
-        PassManager([CapturePass(), DiscoverPass(), AttachPass()]).run(ctx)
+        PassManager([RunInputsPass(), CapturePass(), DiscoverPass(), AttachPass()]).run(ctx)
         ctx.graph_module = ctx.exported = None   # only the targets are needed from here on
         self.model, self.ctx, self.optimizer = model, ctx, optimizer
         self.groups = [self._group(g, ctx) for g in ctx.groups if ctx.selected(g)]
+        check_weights(model, ctx.selected())
+        if optimizer is not None:
+            _check_optimizer_holds(optimizer, self.groups)
         self.masks: dict[str, Tensor] = {}       # param -> keep-mask on the 2-D view (bool)
         self._weight_masks: dict[str, Tensor] = {}  # param -> the mask in the weight's shape
         self._handles: list = []
-        for g in self.groups:
-            for t in g.targets:
-                weight = model.get_parameter(t.param)
-                view = to_view_2d(weight.detach(), t.geometry)
-                self._set_mask(t, (view != 0) if g.locked else torch.ones_like(view, dtype=torch.bool))
-                if weight.requires_grad:
-                    self._handles.append(weight.register_hook(functools.partial(self._mask_grad, t.param)))
-        if optimizer is not None:
-            self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.on_before_optimizer_step()))
-            self._handles.append(optimizer.register_step_post_hook(lambda *_: self.on_after_optimizer_step()))
         self.global_step = 0
         self._begun = self._observed = None
         self._advanced = False
         self._closed = False
-        self.on_step_begin(0)
+        try:
+            for g in self.groups:
+                for t in g.targets:
+                    weight = model.get_parameter(t.param)
+                    view = to_view_2d(weight.detach(), t.geometry)
+                    self._set_mask(t, (view != 0) if g.locked else torch.ones_like(view, dtype=torch.bool))
+                    if weight.requires_grad:
+                        self._handles.append(weight.register_hook(functools.partial(self._mask_grad, t.param)))
+            if optimizer is not None:
+                self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.on_before_optimizer_step()))
+                self._handles.append(optimizer.register_step_post_hook(lambda *_: self.on_after_optimizer_step()))
+            self.on_step_begin(0)
+        except BaseException:
+            self._remove_hooks()   # a failed Pruner leaves no hook on the caller's model
+            raise
 
     def _group(self, group, ctx) -> _Group:
         criterion = get_criterion_class(group.pruning_type, group.where)(group)
@@ -265,9 +277,7 @@ class Pruner:
         """Bake the masks in, remove every hook, attach the report; return the (same) model."""
         self._check_open()
         self.apply_masks()
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._remove_hooks()
         for g in self.groups:
             for t in g.targets:
                 t.status = "pruned"
@@ -279,6 +289,11 @@ class Pruner:
         self._weight_masks.clear()
         return self.model
 
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
     def _check_open(self) -> None:
         if self._closed:
             raise FxPruneError("this Pruner was finalized; build a new one to prune again")
@@ -287,3 +302,15 @@ class Pruner:
         groups = ", ".join(f"{g.config.pruning_type}/{g.config.pattern}->{g.schedule.target_sparsity}"
                            for g in self.groups)
         return f"Pruner(step={self.global_step}, sparsity={self.sparsity():.4f}, groups=[{groups}])"
+
+
+def _check_optimizer_holds(optimizer: torch.optim.Optimizer, groups: list[_Group]) -> None:
+    """The optimizer must train the weights it is asked to keep pruned: one built over another
+    model (or a copy of this one) would re-mask nothing and prune nothing useful."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    params = {name: p for g in groups for name, p in g.params.items()}
+    if params and not any(id(p) in held for p in params.values()):
+        first = next(iter(params))
+        raise FxPruneError(f"the optimizer ({type(optimizer).__name__}) holds none of the weights "
+                           f"to prune (e.g. {first}): build it over this model's parameters, "
+                           f"e.g. torch.optim.SGD(model.parameters(), lr=...), after any copy of the model")

@@ -160,7 +160,7 @@ def validate_onnx(path, model: torch.nn.Module, example_inputs, *, report=None,
     path = Path(path)
     args, kwargs = split_inputs(example_inputs)
     if report is None:
-        report = report_from_metadata(read_metadata(path))  # also: clear error on a bad file
+        report = report_from_metadata(read_metadata(path), path)  # also: clear error on a bad file
     checks = []
     try:
         onnx.checker.check_model(str(path), full_check=True)

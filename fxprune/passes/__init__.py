@@ -1,5 +1,5 @@
-"""The pass pipeline (SPEC §1): capture, discover, attach, score, mask, rewrite, record (and, with
-``compact=True``, the passes of :mod:`.compact`)."""
+"""The pass pipeline (SPEC §1): run the example inputs, capture, discover, attach, score, mask,
+rewrite, record (and, with ``compact=True``, the passes of :mod:`.compact`)."""
 from .attach import AttachPass
 from .base import Pass, PassManager
 from .capture import CapturePass
@@ -8,11 +8,12 @@ from .discover import DiscoverPass
 from .mask import MaskPass
 from .record import RecordPass
 from .rewrite import RewritePass
+from .run_inputs import RunInputsPass
 from .score import ScorePass
 
-CAPTURE_PASSES = (CapturePass, DiscoverPass)
+CAPTURE_PASSES = (RunInputsPass, CapturePass, DiscoverPass)
 PRUNE_PASSES = (AttachPass, ScorePass, MaskPass, RewritePass, RecordPass)
 
 __all__ = ["AttachPass", "CapturePass", "DiscoverPass", "MaskPass", "Pass", "PassManager",
-           "PruneContext", "RecordPass", "RewritePass", "ScorePass", "Target",
+           "PruneContext", "RecordPass", "RewritePass", "RunInputsPass", "ScorePass", "Target",
            "CAPTURE_PASSES", "PRUNE_PASSES"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import check_weights
 from ..criteria import get_criterion_class
 from ..errors import WeightError
 from ..geometry import to_view_2d
@@ -20,11 +21,9 @@ class ScorePass(Pass):
 
     def call(self, ctx: PruneContext) -> None:
         done, total = 0, len(ctx.selected())
-        for t in ctx.selected():
-            if ctx.model.get_parameter(t.param).is_meta:  # no values: nothing to rank
-                raise WeightError(f"layer {t.name} ({t.param}) is on the meta device and has no values "
-                                  f"to prune; load the weights first (e.g. model.to_empty(device='cpu') "
-                                  f"then load_state_dict)")
+        # Every selected weight, before any criterion runs: a data-aware criterion would otherwise
+        # report a NaN as a symptom (a singular Hessian, non-finite scores) of a later layer.
+        check_weights(ctx.model, ctx.selected())
         for group in ctx.groups:
             targets = ctx.selected(group)
             if not targets:
@@ -37,7 +36,6 @@ class ScorePass(Pass):
                 # Compaction reads every layer's scores at once: it gets real tensors.
                 lazy = None if ctx.compact else criterion.lazy_scores(t.param, weight, t.geometry)
                 if lazy is not None:  # recomputed when needed (|w|): not held for every layer
-                    _check_finite(t, weight)
                     ctx.scores[t.param] = lazy
                 else:
                     ctx.scores[t.param] = _view_scores(criterion, group, t, weight)
@@ -48,8 +46,6 @@ class ScorePass(Pass):
 def _view_scores(criterion, group, t, weight: torch.Tensor) -> torch.Tensor:
     """The criterion's scores of one layer, checked: view-shaped float32, finite, >= 0, and +0.0
     where the weight is zero."""
-    if not criterion.zero_weights_score_zero:  # else |w| scores show NaN/inf below
-        _check_finite(t, weight)
     view = to_view_2d(weight, t.geometry)
     scores = criterion.view_scores(t.param, view)
     if scores.shape != view.shape or scores.dtype != torch.float32:
@@ -62,16 +58,6 @@ def _view_scores(criterion, group, t, weight: torch.Tensor) -> torch.Tensor:
         scores += 0.0  # -0.0 -> +0.0: selection compares the float bits as ints
     low, high = torch.aminmax(scores)
     if not (low >= 0 and torch.isfinite(high)):
-        _check_finite(t, weight)
         raise WeightError(f"criterion {group.pruning_type!r} gave {t.param} scores that are "
                           f"not finite and >= 0 (min {float(low)}, max {float(high)})")
     return scores
-
-
-def _check_finite(t, weight: torch.Tensor) -> None:
-    # A finite sum means finite entries (one cheap pass); a non-finite one may be an overflow.
-    if torch.isfinite(weight.sum(dtype=torch.float32)) or torch.isfinite(weight).all():
-        return
-    bad = int((~torch.isfinite(weight)).sum())
-    raise WeightError(f"layer {t.name} ({t.param}) has {bad} NaN/inf weight values; "
-                      f"fix or re-initialise the weights before pruning")
