@@ -12,7 +12,6 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field, fields
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -292,20 +291,3 @@ def _parse_error_line(e: Exception) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return lines[0] if lines else type(e).__name__
 
-
-def decimal_fraction(value: float) -> Fraction:
-    """``value`` as the decimal the user wrote: the shortest decimal repr of the float, exactly.
-
-    ``0.29 * 100`` is 28.999... in binary floating point; a user who asks for 29 % of 100 weights
-    means 29.
-    """
-    return Fraction(repr(float(value)))
-
-
-def budget(target: float, total: int) -> int:
-    """floor(target * total), computed on the decimal value the user wrote."""
-    return math.floor(decimal_fraction(target) * total)
-
-
-def ceil_budget(target: float, total: int) -> int:
-    return math.ceil(decimal_fraction(target) * total)

@@ -16,8 +16,9 @@ optimizer step.
 The layers, groups and patterns are chosen as by ``fxprune.transform`` (capture, discover and
 attach passes; the model is pruned in place, since it is being trained). At each pruning step of
 a group's :class:`~fxprune.schedule.Schedule`, its criterion scores the weights and its pattern
-turns the scores into masks (``get_masks``, global or local, exact counts) at the scheduled
-sparsity. Masks only grow: pruned weights score 0, live ones at least the smallest normal float,
+turns the scores into masks at the scheduled sparsity, through the same score and mask path as
+``fxprune.transform`` (``score_targets``, ``mask_group``: global or local, exact counts, the same
+checks; the target-missed warning at the last pruning step). Masks only grow: pruned weights score 0, live ones at least the smallest normal float,
 so a pruned block is pruned again first. Between pruning steps the masks are kept: gradients of
 pruned weights are masked (a tensor hook on each weight) and the weights are re-masked after
 every optimizer step (momentum or weight decay cannot revive them). ``pattern_lock`` groups lock
@@ -27,7 +28,6 @@ so its ``state_dict`` loads into the original class.
 """
 from __future__ import annotations
 
-import copy
 import functools
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,14 +35,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .checks import check_weights
 from .config import PruningConfig
 from .criteria import Criterion, get_criterion_class
-from .errors import ConfigError, FxPruneError, WeightError
+from .errors import ConfigError, FxPruneError
 from .geometry import from_view_2d, to_view_2d
-from .checks import check_weights
 from .passes import (AttachPass, CapturePass, DiscoverPass, PassManager, PruneContext, RecordPass,
                      RunInputsPass)
+from .passes.mask import mask_group
 from .passes.rewrite import zero_pruned_channels
+from .passes.score import score_targets
 from .schedule import Schedule
 
 LIVE_FLOOR = torch.finfo(torch.float32).tiny   # lowest score of a weight that is not pruned
@@ -223,27 +225,21 @@ class Pruner:
                 f"{g.config.where}: pruning step {step} needs gradient scores, but no gradients were "
                 f"observed yet: pass optimizer=... to fxprune.Pruner or call "
                 f"on_before_optimizer_step() after backward")
-        pattern = copy.copy(g.pattern)
-        pattern.target_sparsity = ratio
-        scores = {t.param: self._scores(g, t) for t in g.targets}
-        keep = pattern.get_masks(scores, {t.param: t.layout for t in g.targets})
+        scores = score_targets(self.model, g.targets, g.criterion, when=f" at step {self.global_step}",
+                               fix="check the training (learning rate, loss)")
+        scores = {t.param: self._floored(t, scores[t.param]) for t in g.targets}
+        # The target-missed warning once, at the last pruning step: earlier steps of a schedule
+        # legitimately round down to fewer whole blocks.
+        last = step == g.schedule.pruning_steps()[-1]
+        keep = mask_group(g.config, g.targets, scores, target_sparsity=ratio, warn=last)
         for t in g.targets:
             self._set_mask(t, keep[t.param].to(self.masks[t.param].device))
         self.apply_masks()
         masks = [self.masks[t.param] for t in g.targets]
         g.sparsity = sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
 
-    def _scores(self, g: _Group, t) -> Tensor:
-        weight = g.params[t.param].detach()
-        if not bool(torch.isfinite(weight).all()):
-            raise WeightError(f"layer {t.name} ({t.param}) has NaN/inf weights at step "
-                              f"{self.global_step}; check the training (learning rate, loss)")
-        view = to_view_2d(weight, t.geometry)
-        s = g.criterion.view_scores(t.param, view).float()
-        low, high = (torch.aminmax(s) if s.numel() else (torch.tensor(0.0), torch.tensor(0.0)))
-        if not (low >= 0 and torch.isfinite(high)):
-            raise WeightError(f"criterion {g.config.pruning_type!r} gave {t.param} scores that are "
-                              f"not finite and >= 0 (min {float(low)}, max {float(high)})")
+    def _floored(self, t, s: Tensor) -> Tensor:
+        """Masks only grow: pruned weights score 0, live ones at least ``LIVE_FLOOR``."""
         keep = self.masks[t.param].to(s.device)
         return torch.where(keep, s.clamp_min(LIVE_FLOOR), torch.zeros((), device=s.device)).contiguous()
 

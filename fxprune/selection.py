@@ -21,12 +21,32 @@ pass instead of held for every layer at once (magnitude: |w| is cheaper to recom
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Callable, Sequence, Union
 
 import torch
 from torch import Tensor
 
 _BINS = 1 << 16
+
+
+# ---------------------------------------------------------------------- budgets
+def decimal_fraction(value: float) -> Fraction:
+    """``value`` as the decimal the user wrote: the shortest decimal repr of the float, exactly.
+
+    ``0.29 * 100`` is 28.999... in binary floating point; a user who asks for 29 % of 100 weights
+    means 29.
+    """
+    return Fraction(repr(float(value)))
+
+
+def budget(target: float, total: int) -> int:
+    """floor(target * total), computed on the decimal value the user wrote."""
+    return math.floor(decimal_fraction(target) * total)
+
+
+def ceil_budget(target: float, total: int) -> int:
+    return math.ceil(decimal_fraction(target) * total)
 
 
 class LazyScores:

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..config import budget, ceil_budget
+from ..selection import budget, ceil_budget
 from ..errors import FxPruneError
 from .dependency import ChannelAnalysis
-from .mask import MaskPass
+from .mask import MaskPass, mask_group, take_scores
 
 NOT_COMPACTED = "not compacted: pattern {!r} does not remove output channels (use 1xchannel or Nxchannel)"
 
@@ -101,8 +101,7 @@ class ChannelMaskPass(MaskPass):
             targets = ctx.selected(group)
             if not targets or group in channel:
                 continue
-            scores = {t.param: ctx.scores.pop(t.param) for t in targets}
-            ctx.masks.update(targets[0].pattern.get_masks(scores, {t.param: t.layout for t in targets}))
+            ctx.masks.update(mask_group(group, targets, take_scores(ctx, targets)))
             notes.update({t.param: NOT_COMPACTED.format(group.pattern) for t in targets})
         if not channel:
             ctx.compaction = CompactionPlan(None, {}, {}, set(), {}, notes)

@@ -1,21 +1,24 @@
 """mask: each group's pattern turns the scores into keep-masks (global or local ranking).
 
-Every mask is checked (bool, view-shaped) before the rewrite pass touches a weight, so a bad
-user pattern raises here and leaves the model as it was. A group whose target the config's
-caps or the block size make unreachable gets a warning that says what was achieved and why.
+:func:`mask_group` is the one mask path (the mask pass, the compaction run and
+:class:`fxprune.Pruner` use it). Every mask is checked (bool, view-shaped) before anything
+touches a weight, so a bad user pattern raises here and leaves the model as it was. A group whose
+target the config's caps or the block size make unreachable gets a warning that says what was
+achieved and why.
 """
 from __future__ import annotations
 
 import inspect
 import warnings
+from typing import Mapping, Sequence
 
 import torch
 
-from ..config import budget
+from ..config import GroupConfig
 from ..errors import FxPruneError
-from ..selection import materialize
+from ..selection import Scores, budget, materialize
 from .base import Pass
-from .context import PruneContext
+from .context import PruneContext, Target
 
 
 class MaskPass(Pass):
@@ -29,26 +32,49 @@ class MaskPass(Pass):
     def call(self, ctx: PruneContext) -> None:
         for group in ctx.groups:
             targets = ctx.selected(group)
-            if not targets:
-                continue
-            pattern = targets[0].pattern
-            # Scores are as large as the weights: hand them over, so the pattern frees each
-            # layer's as soon as it is done with them.
-            scores = {t.param: ctx.scores.pop(t.param) for t in targets}
-            layouts = {t.param: t.layout for t in targets}
-            # A user pattern may override get_masks(scores, layouts) from before `consume` and
-            # LazyScores existed: it gets plain tensors.
-            if "consume" in inspect.signature(pattern.get_masks).parameters:
-                masks = pattern.get_masks(scores, layouts, consume=True)
-            else:
-                masks = pattern.get_masks({p: materialize(s) for p, s in scores.items()}, layouts)
-            for t in targets:
-                _check_mask(pattern, t, masks.get(t.param))
-            ctx.masks.update({t.param: masks[t.param] for t in targets})
-            _warn_if_target_missed(group, pattern, targets, masks)
+            if targets:
+                ctx.masks.update(mask_group(group, targets, take_scores(ctx, targets)))
 
 
-def _check_mask(pattern, t, mask) -> None:
+def take_scores(ctx: PruneContext, targets: Sequence[Target]) -> dict[str, Scores]:
+    """Hand the targets' scores over from the context: they are as large as the weights, and the
+    pattern frees each layer's as soon as it is done with them."""
+    return {t.param: ctx.scores.pop(t.param) for t in targets}
+
+
+def mask_group(group: GroupConfig, targets: Sequence[Target], scores: dict[str, Scores], *,
+               target_sparsity: float | None = None, warn: bool = True) -> dict[str, torch.Tensor]:
+    """Checked keep-masks (param -> bool, view-shaped) of ``targets``, all of one pruning group.
+
+    ``targets`` may be any subset of the group's selected targets: global scope then ranks that
+    subset alone. ``scores`` (param -> tensor or LazyScores, from
+    :func:`~fxprune.passes.score.score_targets`) is consumed. ``target_sparsity`` overrides the
+    group's (the Pruner's scheduled sparsity). ``warn``: warn when the target cannot be reached.
+    """
+    pattern = targets[0].pattern
+    target = pattern.target_sparsity if target_sparsity is None else float(target_sparsity)
+    layouts = {t.param: t.layout for t in targets}
+    accepts = inspect.signature(pattern.get_masks).parameters
+    kwargs = {}
+    if "target_sparsity" in accepts:
+        kwargs["target_sparsity"] = target
+    elif target != pattern.target_sparsity:
+        raise FxPruneError(
+            f"pattern {pattern.pattern!r} ({type(pattern).__name__}.get_masks) does not take "
+            f"target_sparsity=, which pruning at a sparsity other than the config's (fxprune.Pruner's "
+            f"schedule) needs; add `*, target_sparsity=None` to its signature")
+    if "consume" in accepts:
+        masks = pattern.get_masks(scores, layouts, consume=True, **kwargs)
+    else:  # a user pattern written before `consume` and LazyScores existed: plain tensors
+        masks = pattern.get_masks({p: materialize(s) for p, s in scores.items()}, layouts, **kwargs)
+    for t in targets:
+        check_mask(pattern, t, masks.get(t.param))
+    if warn:
+        warn_if_target_missed(group, pattern, targets, masks, target)
+    return {t.param: masks[t.param] for t in targets}
+
+
+def check_mask(pattern, t: Target, mask) -> None:
     view_shape = tuple(t.geometry.view_shape)
     if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
             and tuple(mask.shape) == view_shape):
@@ -59,15 +85,16 @@ def _check_mask(pattern, t, mask) -> None:
             f"{t.param}; expected a bool keep-mask of the 2-D view's shape {view_shape}")
 
 
-def _warn_if_target_missed(group, pattern, targets, masks) -> None:
+def warn_if_target_missed(group: GroupConfig, pattern, targets: Sequence[Target],
+                          masks: Mapping[str, torch.Tensor], target: float) -> None:
     total = sum(t.layout.numel for t in targets)
-    wanted = budget(pattern.target_sparsity, total)
+    wanted = budget(target, total)
     pruned = sum(t.layout.numel - int(torch.count_nonzero(masks[t.param])) for t in targets)
     bounds = [pattern.block_bounds(t.layout) for t in targets]
     most = sum(hi * t.layout.block_weights for (_, hi), t in zip(bounds, targets))
     least = sum(lo * t.layout.block_weights for (lo, _), t in zip(bounds, targets))
     where = f"{group.where} (pattern {group.pattern!r}, {len(targets)} layers)"
-    achieved = f"achieved sparsity {pruned / total:.4f}, target_sparsity {group.target_sparsity}"
+    achieved = f"achieved sparsity {pruned / total:.4f}, target_sparsity {target:g}"
     if most < wanted:
         reason = (f"max_sparsity_ratio_per_op {group.max_sparsity_ratio_per_op} lets each layer "
                   f"prune at most that fraction in whole blocks ({most} of {total} weights); "
@@ -80,4 +107,4 @@ def _warn_if_target_missed(group, pattern, targets, masks) -> None:
                   "(raise target_sparsity or use a smaller block)")
     else:
         return
-    warnings.warn(f"{where}: {achieved}: {reason}", stacklevel=2)
+    warnings.warn(f"{where}: {achieved}: {reason}", stacklevel=3)

@@ -1,29 +1,37 @@
 """score: one float32 score per weight, on the 2-D view, with the group's criterion.
 
-Checks every selected weight for NaN/inf first (an error naming the layer), so nothing is
-rewritten when a weight is bad. Scores of weights that are already zero are forced to 0, the
-lowest possible score, so an already-pruned weight is pruned first and stays pruned.
+:func:`score_targets` is the one score path (the score pass, the compaction run and
+:class:`fxprune.Pruner` use it): it checks every weight for NaN/inf first (an error naming the
+layer), so nothing is rewritten when a weight is bad, and checks what the criterion returns.
+Scores of weights that are already zero are forced to 0, the lowest possible score, so an
+already-pruned weight is pruned first and stays pruned.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
 from ..checks import check_weights
-from ..criteria import get_criterion_class
+from ..criteria import Criterion, get_criterion_class
 from ..errors import WeightError
 from ..geometry import to_view_2d
+from ..selection import Scores
 from .base import Pass
-from .context import PruneContext
+from .context import PruneContext, Target
+
+FIX_WEIGHTS = "fix or re-initialise the weights before pruning"
 
 
 class ScorePass(Pass):
     name = "score"
 
     def call(self, ctx: PruneContext) -> None:
-        done, total = 0, len(ctx.selected())
-        # Every selected weight, before any criterion runs: a data-aware criterion would otherwise
-        # report a NaN as a symptom (a singular Hessian, non-finite scores) of a later layer.
+        # Every selected weight (values, dtype, NaN/inf) before any criterion runs: a data-aware
+        # criterion would otherwise report a bad weight as a symptom in another layer (a singular
+        # Hessian, non-finite scores).
         check_weights(ctx.model, ctx.selected())
+        done, total = 0, len(ctx.selected())
         for group in ctx.groups:
             targets = ctx.selected(group)
             if not targets:
@@ -31,33 +39,73 @@ class ScorePass(Pass):
             criterion = get_criterion_class(group.pruning_type, group.where)(group)
             criterion.prepare(ctx)
             ctx.criteria[group.index] = criterion  # the rewrite pass calls its update_weights
+            lazy = not ctx.compact  # compaction reads every layer's scores at once
             for t in targets:
-                weight = ctx.model.get_parameter(t.param).detach()
-                # Compaction reads every layer's scores at once: it gets real tensors.
-                lazy = None if ctx.compact else criterion.lazy_scores(t.param, weight, t.geometry)
-                if lazy is not None:  # recomputed when needed (|w|): not held for every layer
-                    ctx.scores[t.param] = lazy
-                else:
-                    ctx.scores[t.param] = _view_scores(criterion, group, t, weight)
+                ctx.scores.update(score_targets(ctx.model, [t], criterion, lazy=lazy))
                 done += 1
                 ctx.tick("score", done, total)
 
 
-def _view_scores(criterion, group, t, weight: torch.Tensor) -> torch.Tensor:
+def score_targets(model: torch.nn.Module, targets: Sequence[Target], criterion: Criterion, *,
+                  lazy: bool = False, when: str = "", fix: str = FIX_WEIGHTS) -> dict[str, Scores]:
+    """Checked scores of ``targets`` (any subset of a group's selected targets), param -> scores.
+
+    Each is view-shaped float32, finite, >= 0 and +0.0 where the weight is zero. With ``lazy``,
+    a criterion that recomputes its scores cheaply (magnitude) gives a
+    :class:`~fxprune.selection.LazyScores` instead of a tensor held for the layer. The criterion
+    must be prepared (``criterion.prepare(ctx)`` for data-aware ones). A NaN/inf weight is a
+    WeightError naming the layer, ``when`` (e.g. " at step 3") and ``fix``.
+    """
+    check_not_meta(model, targets)
+    out: dict[str, Scores] = {}
+    for t in targets:
+        weight = model.get_parameter(t.param).detach()
+        source = criterion.lazy_scores(t.param, weight, t.geometry) if lazy else None
+        if source is not None:  # recomputed when needed (|w|): not held for every layer
+            check_finite(t, weight, when, fix)
+            out[t.param] = source
+        else:
+            out[t.param] = _view_scores(criterion, t, weight, when, fix)
+    return out
+
+
+def check_not_meta(model: torch.nn.Module, targets: Sequence[Target]) -> None:
+    for t in targets:
+        if model.get_parameter(t.param).is_meta:  # no values: nothing to rank
+            raise WeightError(f"layer {t.name} ({t.param}) is on the meta device and has no values "
+                              f"to prune; load the weights first (e.g. model.to_empty(device='cpu') "
+                              f"then load_state_dict)")
+
+
+def _view_scores(criterion: Criterion, t: Target, weight: torch.Tensor, when: str, fix: str) -> torch.Tensor:
     """The criterion's scores of one layer, checked: view-shaped float32, finite, >= 0, and +0.0
     where the weight is zero."""
+    if not criterion.zero_weights_score_zero:  # else |w| scores show NaN/inf below
+        check_finite(t, weight, when, fix)
     view = to_view_2d(weight, t.geometry)
     scores = criterion.view_scores(t.param, view)
-    if scores.shape != view.shape or scores.dtype != torch.float32:
-        raise WeightError(f"criterion {group.pruning_type!r} returned scores of shape "
-                          f"{tuple(scores.shape)} / {scores.dtype} for {t.param}; expected "
-                          f"{tuple(view.shape)} / torch.float32")
+    kind = criterion.name or type(criterion).__name__
+    if not isinstance(scores, torch.Tensor) or scores.shape != view.shape or scores.dtype != torch.float32:
+        got = (f"{tuple(scores.shape)} / {scores.dtype}" if isinstance(scores, torch.Tensor)
+               else type(scores).__name__)
+        raise WeightError(f"criterion {kind!r} returned scores of shape {got} for {t.param}; "
+                          f"expected {tuple(view.shape)} / torch.float32")
     scores = scores.contiguous()
     if not criterion.zero_weights_score_zero:
         scores.masked_fill_(view == 0, 0.0)
         scores += 0.0  # -0.0 -> +0.0: selection compares the float bits as ints
-    low, high = torch.aminmax(scores)
-    if not (low >= 0 and torch.isfinite(high)):
-        raise WeightError(f"criterion {group.pruning_type!r} gave {t.param} scores that are "
-                          f"not finite and >= 0 (min {float(low)}, max {float(high)})")
+    if scores.numel():
+        low, high = torch.aminmax(scores)
+        if not (low >= 0 and torch.isfinite(high)):
+            check_finite(t, weight, when, fix)
+            raise WeightError(f"criterion {kind!r} gave {t.param} scores that are "
+                              f"not finite and >= 0 (min {float(low)}, max {float(high)})")
     return scores
+
+
+def check_finite(t: Target, weight: torch.Tensor, when: str = "", fix: str = FIX_WEIGHTS) -> None:
+    # A finite sum means finite entries (one cheap pass); a non-finite one may be an overflow.
+    if torch.isfinite(weight.sum(dtype=torch.float32)) or torch.isfinite(weight).all():
+        return
+    bad = int((~torch.isfinite(weight)).sum())
+    raise WeightError(f"layer {t.name} ({t.param}) has {bad} NaN/inf weight values{when}; {fix}")

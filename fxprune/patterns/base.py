@@ -14,6 +14,7 @@ torch.ao: ``weight.mul_(mask)``.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -21,9 +22,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from ..config import GroupConfig, budget, ceil_budget
+from ..config import GroupConfig
+from ..errors import FxPruneError
 from ..geometry import WeightGeometry
-from ..selection import LazyScores, materialize, select_global, select_local
+from ..selection import LazyScores, budget, ceil_budget, materialize, select_global, select_local
 
 
 @dataclass(frozen=True)
@@ -125,14 +127,16 @@ class BasePattern:
         return lo, hi
 
     def get_masks(self, scores: Mapping[str, Tensor | LazyScores], layouts: Mapping[str, BlockLayout],
-                  *, consume: bool = False) -> dict[str, Tensor]:
+                  *, consume: bool = False, target_sparsity: float | None = None) -> dict[str, Tensor]:
         """Keep-masks (view-shaped, bool) for every layer in ``scores``, global or local.
 
         A score may be a :class:`~fxprune.selection.LazyScores`, recomputed when needed.
 
         ``consume=True`` (the mask pass) lets the pattern pop each layer's element scores from
         ``scores`` as soon as it is done with them: they are as large as the weights.
+        ``target_sparsity`` overrides the config's (the Pruner's scheduled sparsity).
         """
+        target = self.target_sparsity if target_sparsity is None else float(target_sparsity)
         names = list(scores)
         shapes = {name: tuple(scores[name].shape) for name in names}
         block_scores = {}
@@ -144,10 +148,16 @@ class BasePattern:
                 block_scores[name] = self.block_scores(materialize(source), layout)
             if consume and not self.expand_needs_scores:
                 del scores[name]
-        if self.is_global:
-            pruned = self.get_masks_global(block_scores, layouts)
+        select = self.get_masks_global if self.is_global else self.get_masks_local
+        if target != self.target_sparsity:
+            if "target_sparsity" not in inspect.signature(select).parameters:
+                raise FxPruneError(
+                    f"pattern {self.pattern!r} ({type(self).__name__}.{select.__name__}) does not take "
+                    f"target_sparsity=, which pruning at a sparsity other than the config's "
+                    f"(fxprune.Pruner's schedule) needs; add `target_sparsity=None` to its signature")
+            pruned = select(block_scores, layouts, target_sparsity=target)
         else:
-            pruned = self.get_masks_local(block_scores, layouts)
+            pruned = select(block_scores, layouts)
         del block_scores
         masks = {}
         for name in names:
@@ -164,25 +174,27 @@ class BasePattern:
                     for m in ("block_scores", "get_masks_global", "get_masks_local"))
                 and all(layout.shape[d] == 1 for d in layout.reduce_dims))
 
-    def get_masks_global(self, block_scores: Mapping[str, Tensor], layouts: Mapping[str, BlockLayout]
-                         ) -> dict[str, Tensor]:
+    def get_masks_global(self, block_scores: Mapping[str, Tensor], layouts: Mapping[str, BlockLayout],
+                         target_sparsity: float | None = None) -> dict[str, Tensor]:
         """Pruned-block masks from one ranking over all layers of the group."""
+        target = self.target_sparsity if target_sparsity is None else target_sparsity
         names = list(block_scores)
         bounds = [self.block_bounds(layouts[n]) for n in names]
         total = sum(layouts[n].numel for n in names)
         chosen = select_global([block_scores[n] for n in names],
                                [layouts[n].block_weights for n in names],
-                               budget(self.target_sparsity, total),
+                               budget(target, total),
                                [lo for lo, _ in bounds], [hi for _, hi in bounds])
         return dict(zip(names, chosen))
 
-    def get_masks_local(self, block_scores: Mapping[str, Tensor], layouts: Mapping[str, BlockLayout]
-                        ) -> dict[str, Tensor]:
+    def get_masks_local(self, block_scores: Mapping[str, Tensor], layouts: Mapping[str, BlockLayout],
+                        target_sparsity: float | None = None) -> dict[str, Tensor]:
         """Pruned-block masks with every layer reaching the target by itself."""
+        target = self.target_sparsity if target_sparsity is None else target_sparsity
         out = {}
         for name, s in block_scores.items():
             layout = layouts[name]
             lo, hi = self.block_bounds(layout)
-            k = budget(self.target_sparsity, layout.numel) // layout.block_weights
+            k = budget(target, layout.numel) // layout.block_weights
             out[name] = select_local(s, min(max(k, lo), hi))
         return out

@@ -13,11 +13,11 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from ..config import GroupConfig, decimal_fraction
+from ..config import GroupConfig
 from ..errors import ConfigError
 from ..geometry import WeightGeometry
 from ..registry import register_pattern
-from ..selection import materialize
+from ..selection import decimal_fraction, materialize
 from .base import BasePattern, BlockLayout
 
 _NINM = re.compile(r"^(\d+):(\d+)$")
@@ -76,11 +76,12 @@ class NInMPattern(BasePattern):
 
     expand_needs_scores = True
 
-    def get_masks(self, scores, layouts, *, consume=False):
+    def get_masks(self, scores, layouts, *, consume=False, target_sparsity=None):
         # At the full target N/M every group is pruned: no ranking, one sort per layer.
-        full = decimal_fraction(self.target_sparsity) == Fraction(self.n, self.m)
+        target = self.target_sparsity if target_sparsity is None else target_sparsity
+        full = decimal_fraction(target) == Fraction(self.n, self.m)
         if not (full and self.max_sparsity_ratio_per_op >= self.n / self.m):
-            return super().get_masks(scores, layouts, consume=consume)
+            return super().get_masks(scores, layouts, consume=consume, target_sparsity=target_sparsity)
         masks = {}
         for name in list(scores):
             view = materialize(scores.pop(name) if consume else scores[name])
