@@ -256,8 +256,19 @@ class Pruner:
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict` (a Pruner built with the same model and config)."""
         self._check_open()
+        if not (isinstance(state, dict) and {"global_step", "groups", "masks"} <= set(state)
+                and isinstance(state["groups"], list) and isinstance(state["masks"], dict)):
+            raise FxPruneError(f"load_state_dict takes the dict of Pruner.state_dict() (keys "
+                               f"global_step, groups, masks), got "
+                               f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
         if len(state["groups"]) != len(self.groups) or set(state["masks"]) != set(self.masks):
             raise FxPruneError("this pruning state was saved for another model or config")
+        for name, mask in state["masks"].items():
+            if not (isinstance(mask, Tensor) and mask.dtype == torch.bool
+                    and mask.shape == self.masks[name].shape):
+                raise FxPruneError(f"the saved mask of {name} is not a bool tensor of shape "
+                                   f"{tuple(self.masks[name].shape)}; the state was saved for "
+                                   f"another model")
         for g, saved in zip(self.groups, state["groups"]):
             g.completed, g.sparsity = saved["completed"], saved["sparsity"]
             if hasattr(g.criterion, "scores"):

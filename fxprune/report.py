@@ -104,7 +104,10 @@ class SparsityReport:
     def to_json(self, path: str | Path | None = None, indent: int | None = 2) -> str:
         text = json.dumps(self.to_dict(), indent=indent)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            try:
+                Path(path).write_text(text + "\n")
+            except OSError as e:
+                raise FxPruneError(f"cannot write the report to {str(path)!r}: {e.strerror or e}") from e
         return text
 
     @classmethod
