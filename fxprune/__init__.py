@@ -6,15 +6,18 @@
 from ._version import __version__
 from .config import PruningConfig
 from .errors import CaptureError, ConfigError, ExtensionError, FxPruneError, ReportError, WeightError
-from .patterns import BasePattern, BlockLayout
+from .registry import (CRITERIA, PATTERNS, get_criterion_class, get_pattern, register_criterion,
+                       register_pattern)
+from .patterns import BasePattern, BlockLayout, PatternNInM, PatternNxM
+from .criteria import Criterion
 from .pruner import Pruner
-from .registry import PATTERNS, get_pattern, register_pattern
 from .report import LayerReport, SparsityReport, sparsity_report
 from .transform import capture, transform
 
 __all__ = [
     "__version__", "transform", "capture", "sparsity_report", "SparsityReport", "LayerReport",
     "PruningConfig", "register_pattern", "get_pattern", "PATTERNS", "BasePattern", "BlockLayout",
+    "PatternNxM", "PatternNInM", "register_criterion", "get_criterion_class", "CRITERIA", "Criterion",
     "FxPruneError", "ConfigError", "CaptureError", "WeightError", "ExtensionError", "ReportError",
     "Pruner",
 ]

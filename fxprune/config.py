@@ -11,105 +11,160 @@ import json
 import math
 import re
 import warnings
-from dataclasses import dataclass, field, fields
+import functools
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
+from .schedule import DECAY_TYPES
 
-# Keys a pruning group may set; each group inherits the global value of a key it does not set.
-GROUP_DEFAULTS: dict[str, Any] = {
-    "target_sparsity": 0.9,
-    "pattern": "4x1",
-    "pruning_type": "magnitude",
-    "pruning_scope": "global",
-    "op_names": [],
-    "excluded_op_names": [],
-    "pruning_op_types": ["Conv", "Linear"],
-    "max_sparsity_ratio_per_op": 0.98,
-    "min_sparsity_ratio_per_op": 0.0,
-    "criterion_reduce_type": "mean",
-    # INC's training-schedule keys: accepted so an INC config pastes as is; they only matter for
-    # gradual pruning during training, not for the one-shot transform.
-    "start_step": 0,
-    "end_step": 0,
-    "pruning_frequency": 1,
-    "sparsity_decay_type": "exp",
-    "reg_type": None,
-    "resume_from_pruned_checkpoint": False,
-    "low_memory_usage": False,
-}
-SCHEDULE_KEYS = ("start_step", "end_step", "pruning_frequency", "sparsity_decay_type", "reg_type",
-                 "resume_from_pruned_checkpoint", "low_memory_usage")
-
-# Keys that only exist at the top level.
-GLOBAL_DEFAULTS: dict[str, Any] = {
-    "pruning_configs": [{}],
-    # INC excludes the last linear layer (the classifier / lm_head); so do we, and this turns it off.
-    "exclude_last_linear": True,
-    # Physically remove pruned channels (channel patterns only).
-    "compact": False,
-    # With compact: keep a multiple of this many channels in every compacted channel group
-    # (rounding the kept count up: dense kernels run fastest on multiples of 8 or 16).
-    "round_channels_to": 1,
-}
-
-ALL_KEYS = tuple(GROUP_DEFAULTS) + tuple(GLOBAL_DEFAULTS)
-SCOPES = ("global", "local")
-REDUCE_TYPES = ("mean", "sum", "max")
+GROUP, GLOBAL = "group", "global"
 
 
 @dataclass(frozen=True)
-class GroupConfig:
-    """One pruning group with every key resolved (own value, else the global one, else default)."""
+class Key:
+    """One config key, declared once: its default, where it may be set and the form it takes.
 
-    index: int
-    target_sparsity: float
-    pattern: str
-    pruning_type: str
-    pruning_scope: str
-    op_names: tuple[str, ...]
-    excluded_op_names: tuple[str, ...]
-    pruning_op_types: tuple[str, ...]
-    max_sparsity_ratio_per_op: float
-    min_sparsity_ratio_per_op: float
-    criterion_reduce_type: str
-    schedule: Mapping[str, Any] = field(default_factory=dict)
+    ``scope``: ``group`` keys may be set per pruning group (each group inherits the global value
+    of a key it does not set); ``global`` keys only at the top level. ``form`` is the expected
+    form in words, as error messages show it; ``check(value)`` says whether a value has that form
+    (for a list key with ``each``, whether one entry has it); ``None``: no check here (a key
+    checked where it is used, such as the schedule keys in :mod:`fxprune.schedule`, or a name
+    checked against a registry by :mod:`fxprune.registry`). ``schedule``: an INC training-schedule
+    key, used by :class:`fxprune.Pruner` only.
+    """
 
+    name: str
+    default: Any
+    scope: str
+    form: str
+    check: Callable[[Any], bool] | None = None
+    each: bool = False
+    schedule: bool = False
+    doc: str = ""
+
+
+def _number(lo: float, hi: float, hi_open: bool = False) -> Callable[[Any], bool]:
+    def check(v) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            return False
+        return lo <= v < hi if hi_open else lo <= v <= hi
+    return check
+
+
+def _one_of(*choices: str) -> Callable[[Any], bool]:
+    return lambda v: v in choices
+
+
+def _is_bool(v) -> bool:
+    return isinstance(v, bool)
+
+
+def _int_at_least_one(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int) and v >= 1
+
+
+def _is_str(v) -> bool:
+    return isinstance(v, str)
+
+
+SCOPES = ("global", "local")
+REDUCE_TYPES = ("mean", "sum", "max")
+
+# Every config key, in the order the docs list them.
+KEYS: tuple[Key, ...] = (
+    Key("target_sparsity", 0.9, GROUP, "a number in [0, 1)", _number(0.0, 1.0, hi_open=True),
+        doc="fraction of the selected weights to zero"),
+    Key("pattern", "4x1", GROUP, "a registered pattern name such as '4x1' or '2:4'",
+        doc="how weights are grouped into blocks (checked against the pattern registry)"),
+    Key("pruning_type", "magnitude", GROUP, "a registered criterion name such as 'magnitude'",
+        doc="the criterion that scores weights (checked against the criterion registry)"),
+    Key("pruning_scope", "global", GROUP, f"one of {list(SCOPES)}", _one_of(*SCOPES),
+        doc="global: one ranking over the group's layers; local: each layer reaches the target"),
+    Key("op_names", [], GROUP, "a list of regex strings", _is_str, each=True,
+        doc="regexes, re.search against the module name; empty selects all"),
+    Key("excluded_op_names", [], GROUP, "a list of regex strings", _is_str, each=True,
+        doc="regexes; exclusion wins"),
+    Key("pruning_op_types", ["Conv", "Linear"], GROUP, "a list of strings such as ['Conv', 'Linear']",
+        _is_str, each=True, doc="substrings of the module class name"),
+    Key("max_sparsity_ratio_per_op", 0.98, GROUP, "a number in [0, 1]", _number(0.0, 1.0),
+        doc="no layer goes above it"),
+    Key("min_sparsity_ratio_per_op", 0.0, GROUP, "a number in [0, 1]", _number(0.0, 1.0),
+        doc="no selected layer stays below it"),
+    Key("criterion_reduce_type", "mean", GROUP, f"one of {list(REDUCE_TYPES)}", _one_of(*REDUCE_TYPES),
+        doc="block score = mean / sum / max of its element scores"),
+    # INC's training-schedule keys: accepted so an INC config pastes as is; they only matter for
+    # gradual pruning during training (fxprune.Pruner), not for the one-shot transform.
+    Key("start_step", 0, GROUP, "an integer >= 0", schedule=True, doc="first pruning step"),
+    Key("end_step", 0, GROUP, "an integer >= 0", schedule=True, doc="last pruning step"),
+    Key("pruning_frequency", 1, GROUP, "an integer >= 1", schedule=True, doc="steps between pruning steps"),
+    Key("sparsity_decay_type", "exp", GROUP, f"one of {list(DECAY_TYPES)}", schedule=True,
+        doc="how the sparsity grows over the pruning steps"),
+    Key("reg_type", None, GROUP, "accepted, not used", schedule=True, doc="INC's regularisation"),
+    Key("resume_from_pruned_checkpoint", False, GROUP, "accepted, not used", schedule=True,
+        doc="INC's resume flag"),
+    Key("low_memory_usage", False, GROUP, "accepted, not used", schedule=True, doc="INC's memory flag"),
+    Key("pruning_configs", [{}], GLOBAL, "a non-empty list of dicts",
+        doc="the pruning groups; each inherits the global keys it does not set"),
+    # INC excludes the last linear layer (the classifier / lm_head); so do we, and this turns it off.
+    Key("exclude_last_linear", True, GLOBAL, "true or false", _is_bool,
+        doc="leave the graph's last linear layer dense"),
+    Key("compact", False, GLOBAL, "true or false", _is_bool,
+        doc="physically remove pruned output channels (channel patterns)"),
+    # Dense kernels run fastest on multiples of 8 or 16 channels.
+    Key("round_channels_to", 1, GLOBAL, "an integer >= 1", _int_at_least_one,
+        doc="with compact: keep a multiple of this many channels in every compacted channel group"),
+)
+
+KEY = {k.name: k for k in KEYS}
+GROUP_KEYS = tuple(k.name for k in KEYS if k.scope == GROUP)
+GLOBAL_KEYS = tuple(k.name for k in KEYS if k.scope == GLOBAL)
+SCHEDULE_KEYS = tuple(k.name for k in KEYS if k.schedule)
+ALL_KEYS = GROUP_KEYS + GLOBAL_KEYS
+
+
+def default(name: str) -> Any:
+    """A fresh copy of the key's default (lists are not shared between configs)."""
+    return copy.deepcopy(KEY[name].default)
+
+
+def _field(key: Key):
+    if isinstance(key.default, (list, dict)):
+        return field(default_factory=functools.partial(default, key.name))
+    return field(default=key.default)
+
+
+class _GroupConfigMethods:
     @property
     def where(self) -> str:
         return f"pruning_configs[{self.index}]"
 
 
-@dataclass
-class PruningConfig:
-    """The typed config. Build it directly, or with :meth:`from_any` from a dict or YAML/JSON file."""
+# One pruning group with every key resolved (own value, else the global one, else the default);
+# list keys as tuples, the schedule keys in ``schedule``.
+GroupConfig = make_dataclass(
+    "GroupConfig",
+    [("index", int)] + [(k.name, Any) for k in KEYS if k.scope == GROUP and not k.schedule]
+    + [("schedule", Mapping, field(default_factory=dict))],
+    bases=(_GroupConfigMethods,), frozen=True, namespace={"__module__": __name__})
+GroupConfig.__doc__ = "One pruning group with every key resolved (own value, else global, else default)."
 
-    target_sparsity: float = GROUP_DEFAULTS["target_sparsity"]
-    pattern: str = GROUP_DEFAULTS["pattern"]
-    pruning_type: str = GROUP_DEFAULTS["pruning_type"]
-    pruning_scope: str = GROUP_DEFAULTS["pruning_scope"]
-    op_names: list = field(default_factory=list)
-    excluded_op_names: list = field(default_factory=list)
-    pruning_op_types: list = field(default_factory=lambda: list(GROUP_DEFAULTS["pruning_op_types"]))
-    max_sparsity_ratio_per_op: float = GROUP_DEFAULTS["max_sparsity_ratio_per_op"]
-    min_sparsity_ratio_per_op: float = GROUP_DEFAULTS["min_sparsity_ratio_per_op"]
-    criterion_reduce_type: str = GROUP_DEFAULTS["criterion_reduce_type"]
-    start_step: int = GROUP_DEFAULTS["start_step"]
-    end_step: int = GROUP_DEFAULTS["end_step"]
-    pruning_frequency: int = GROUP_DEFAULTS["pruning_frequency"]
-    sparsity_decay_type: str = GROUP_DEFAULTS["sparsity_decay_type"]
-    reg_type: Any = GROUP_DEFAULTS["reg_type"]
-    resume_from_pruned_checkpoint: bool = GROUP_DEFAULTS["resume_from_pruned_checkpoint"]
-    low_memory_usage: bool = GROUP_DEFAULTS["low_memory_usage"]
-    pruning_configs: list = field(default_factory=lambda: copy.deepcopy(GLOBAL_DEFAULTS["pruning_configs"]))
-    exclude_last_linear: bool = GLOBAL_DEFAULTS["exclude_last_linear"]
-    compact: bool = GLOBAL_DEFAULTS["compact"]
-    round_channels_to: int = GLOBAL_DEFAULTS["round_channels_to"]
+# Group checks added by the registries (pattern and criterion names): config.py does not import
+# them, so there is no import cycle; fxprune's package import registers them.
+_GROUP_CHECKS: list[Callable[[Any], None]] = []
 
+
+def add_group_check(check: Callable[[Any], None]) -> None:
+    """Run ``check(group)`` on every resolved group when a config is validated (raise ConfigError)."""
+    if check not in _GROUP_CHECKS:
+        _GROUP_CHECKS.append(check)
+
+
+class _PruningConfigMethods:
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_any(cls, config: "PruningConfig | Mapping | str | Path | None") -> "PruningConfig":
+    def from_any(cls, config) -> "PruningConfig":
         """Accept a PruningConfig, a dict, or the path of a YAML/JSON file; validate it."""
         if config is None:
             config = {}
@@ -142,25 +197,20 @@ class PruningConfig:
         return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
 
     # ------------------------------------------------------------------ groups
-    def groups(self) -> list[GroupConfig]:
+    def groups(self) -> list:
         """Resolve each entry of ``pruning_configs`` against the global keys."""
         resolved = []
         for i, own in enumerate(self.pruning_configs):
-            merged = {k: getattr(self, k) for k in GROUP_DEFAULTS} | dict(own)
-            resolved.append(GroupConfig(
-                index=i,
-                target_sparsity=merged["target_sparsity"],
-                pattern=str(merged["pattern"]),
-                pruning_type=merged["pruning_type"],
-                pruning_scope=merged["pruning_scope"],
-                op_names=tuple(_as_list(merged["op_names"])),
-                excluded_op_names=tuple(_as_list(merged["excluded_op_names"])),
-                pruning_op_types=tuple(_as_list(merged["pruning_op_types"])),
-                max_sparsity_ratio_per_op=merged["max_sparsity_ratio_per_op"],
-                min_sparsity_ratio_per_op=merged["min_sparsity_ratio_per_op"],
-                criterion_reduce_type=merged["criterion_reduce_type"],
-                schedule={k: merged[k] for k in SCHEDULE_KEYS},
-            ))
+            merged = {k: getattr(self, k) for k in GROUP_KEYS} | dict(own)
+            values = {}
+            for name in GROUP_KEYS:
+                if KEY[name].schedule:
+                    continue
+                v = merged[name]
+                values[name] = (tuple(_as_list(v)) if isinstance(KEY[name].default, list)
+                                else str(v) if name == "pattern" else v)
+            resolved.append(GroupConfig(index=i, **values,
+                                        schedule={k: merged[k] for k in SCHEDULE_KEYS}))
         return resolved
 
     # ------------------------------------------------------------------ validation
@@ -172,62 +222,60 @@ class PruningConfig:
         for i, own in enumerate(self.pruning_configs):
             if not isinstance(own, Mapping):
                 raise ConfigError(f"pruning_configs[{i}] must be a dict of keys, got {type(own).__name__}")
-            _check_keys(own, tuple(GROUP_DEFAULTS), f"pruning_configs[{i}]")
-        for key in ("exclude_last_linear", "compact"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
-        r = self.round_channels_to
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ConfigError(f"round_channels_to must be an integer >= 1, got {r!r}")
+            _check_keys(own, GROUP_KEYS, f"pruning_configs[{i}]")
+        for name in GLOBAL_KEYS:
+            check_value(KEY[name], getattr(self, name))
         for group in self.groups():
             _validate_group(group)
 
     def warn_unused_schedule(self) -> None:
         """The one-shot transform ignores INC's training-schedule keys: say so instead of silently."""
         set_keys = sorted({k for g in self.groups() for k, v in g.schedule.items()
-                           if v != GROUP_DEFAULTS[k]})
+                           if v != KEY[k].default})
         if set_keys:
             warnings.warn(
                 f"config keys {set_keys} set a training schedule; fxprune.transform prunes in one "
                 f"shot and does not use them", stacklevel=3)
 
 
-def _validate_group(g: GroupConfig) -> None:
-    from .registry import get_pattern_class  # late: the registry imports the patterns
-    from .criteria import get_criterion_class
+# The typed config: one field per key of KEYS. Build it directly (``PruningConfig(pattern="2:4")``)
+# or with ``PruningConfig.from_any`` from a dict or a YAML/JSON file.
+PruningConfig = make_dataclass(
+    "PruningConfig", [(k.name, Any, _field(k)) for k in KEYS],
+    bases=(_PruningConfigMethods,), namespace={"__module__": __name__})
+PruningConfig.__doc__ = ("The typed config, one field per key of ``fxprune.config.KEYS``. Build it "
+                         "directly, or with :meth:`from_any` from a dict or YAML/JSON file.")
 
+
+def check_value(key: Key, value: Any, where: str = "") -> None:
+    """ConfigError naming the key when ``value`` does not have the key's form."""
+    if key.check is None:
+        return
+    prefix = f"{where}: " if where else ""
+    for v in (value if key.each else [value]):
+        if not key.check(v):
+            raise ConfigError(f"{prefix}{key.name} must be {key.form}, got {v!r}")
+
+
+def _validate_group(g) -> None:
     where = g.where
-    t = g.target_sparsity
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0.0 <= t < 1.0) or math.isnan(t):
-        raise ConfigError(f"{where}: target_sparsity must be a number in [0, 1), got {t!r}")
-    for key in ("max_sparsity_ratio_per_op", "min_sparsity_ratio_per_op"):
-        v = getattr(g, key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 <= v <= 1.0):
-            raise ConfigError(f"{where}: {key} must be a number in [0, 1], got {v!r}")
+    for name in ("target_sparsity", "max_sparsity_ratio_per_op", "min_sparsity_ratio_per_op"):
+        check_value(KEY[name], getattr(g, name), where)
     if g.min_sparsity_ratio_per_op > g.max_sparsity_ratio_per_op:
         raise ConfigError(
             f"{where}: min_sparsity_ratio_per_op ({g.min_sparsity_ratio_per_op}) is above "
             f"max_sparsity_ratio_per_op ({g.max_sparsity_ratio_per_op}); lower the min or raise the max")
-    if g.pruning_scope not in SCOPES:
-        raise ConfigError(f"{where}: pruning_scope must be one of {list(SCOPES)}, got {g.pruning_scope!r}")
-    if g.criterion_reduce_type not in REDUCE_TYPES:
-        raise ConfigError(f"{where}: criterion_reduce_type must be one of {list(REDUCE_TYPES)}, "
-                          f"got {g.criterion_reduce_type!r}")
+    for name in ("pruning_scope", "criterion_reduce_type", "op_names", "excluded_op_names"):
+        check_value(KEY[name], getattr(g, name), where)
     for key in ("op_names", "excluded_op_names"):
         for rx in getattr(g, key):
-            if not isinstance(rx, str):
-                raise ConfigError(f"{where}: {key} must be a list of regex strings, got {rx!r}")
             try:
                 re.compile(rx)
             except re.error as e:
                 raise ConfigError(f"{where}: {key} entry {rx!r} is not a valid regex: {e}") from None
-    for t_ in g.pruning_op_types:
-        if not isinstance(t_, str):
-            raise ConfigError(f"{where}: pruning_op_types must be a list of strings such as "
-                              f"['Conv', 'Linear'], got {t_!r}")
-    get_criterion_class(g.pruning_type, where=where)
-    pattern_cls = get_pattern_class(g.pattern, where=where)
-    pattern_cls.check_config(g)
+    check_value(KEY["pruning_op_types"], g.pruning_op_types, where)
+    for check in _GROUP_CHECKS:
+        check(g)
 
 
 def _as_list(v) -> list:
@@ -244,7 +292,7 @@ def _check_keys(d: Mapping, valid: tuple[str, ...], source: str) -> None:
             close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
             hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
             extra = ""
-            if key in GLOBAL_DEFAULTS and source.startswith("pruning_configs"):
+            if key in GLOBAL_KEYS and source.startswith("pruning_configs"):
                 extra = f" ({key!r} is a top-level key; move it out of the group)"
             raise ConfigError(f"{source}: unknown key {key!r}{extra}; {hint}")
 

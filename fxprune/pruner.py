@@ -37,7 +37,8 @@ from torch import Tensor, nn
 
 from .checks import check_weights
 from .config import PruningConfig
-from .criteria import Criterion, get_criterion_class
+from .criteria import Criterion
+from .registry import get_criterion_class
 from .errors import ConfigError, FxPruneError
 from .geometry import from_view_2d, to_view_2d
 from .passes import (AttachPass, CapturePass, DiscoverPass, PassManager, PruneContext, RecordPass,

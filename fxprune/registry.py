@@ -1,59 +1,27 @@
-"""The pattern registry: ``@register_pattern(name)`` and ``get_pattern(config, modules)``.
+"""The registries in one place: patterns (``@register_pattern``) and criteria
+(``@register_criterion``), looking names up, and checking a config's names against them.
 
-A registered name is either an exact pattern string (``"myblock"``) or a family that parses many
-strings (``"NxM"`` takes ``"4x1"``, ``"1xchannel"``...; ``"N:M"`` takes ``"2:4"``); a family class
-says which strings it takes through its ``matches`` classmethod.
+Each registry lives beside its base class (:mod:`fxprune.patterns.base`,
+:mod:`fxprune.criteria.base`); this module adds what needs both, and registers the name checks
+with the config (so :mod:`fxprune.config` imports no registry: no import cycle).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Mapping
 
-from .errors import ConfigError
+from .config import GroupConfig, PruningConfig, add_group_check
+from .criteria.base import CRITERIA, Criterion, get_criterion_class, register_criterion
+from .patterns.base import PATTERNS, BasePattern, get_pattern_class, register_pattern
 
-PATTERNS: dict[str, type] = {}
-
-T = TypeVar("T", bound=type)
-
-
-def register_pattern(name: str) -> Callable[[T], T]:
-    """Class decorator: make a :class:`~fxprune.BasePattern` subclass usable as ``pattern: name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError("register_pattern needs a non-empty pattern name, e.g. @register_pattern('myblock')")
-
-    def decorate(cls: T) -> T:
-        from .patterns.base import BasePattern
-
-        if not (isinstance(cls, type) and issubclass(cls, BasePattern)):
-            raise TypeError(f"@register_pattern({name!r}) must decorate a subclass of fxprune.BasePattern")
-        cls.registered_name = name
-        PATTERNS[name] = cls
-        return cls
-
-    return decorate
+__all__ = ["CRITERIA", "PATTERNS", "check_names", "get_criterion_class", "get_pattern",
+           "get_pattern_class", "register_criterion", "register_pattern", "registries"]
 
 
-def get_pattern_class(pattern: str, where: str = "config") -> type:
-    """The class registered for ``pattern``: an exact name first, then the families."""
-    _load_builtin_patterns()
-    if not isinstance(pattern, str):
-        raise ConfigError(f"{where}: pattern must be a string such as '4x1' or '2:4', got {pattern!r}")
-    if pattern in PATTERNS and PATTERNS[pattern].matches(pattern):
-        return PATTERNS[pattern]
-    for cls in reversed(list(PATTERNS.values())):  # user registrations win over built-ins
-        if cls.matches(pattern):
-            return cls
-    raise ConfigError(f"{where}: unknown pattern {pattern!r}; registered patterns: "
-                      f"{', '.join(PATTERNS)} (e.g. '4x1', '1x1', '1xchannel', 'channelx1', '2:4'); "
-                      f"register your own with @fxprune.register_pattern(name)")
-
-
-def get_pattern(config: Any, modules: Mapping[str, Any] | None = None):
+def get_pattern(config: Any, modules: Mapping[str, Any] | None = None) -> BasePattern:
     """Build the pattern object for one pruning group (INC's signature).
 
     ``config`` is a resolved group (``GroupConfig``), a dict of config keys or a pattern string.
     """
-    from .config import GroupConfig, PruningConfig
-
     if isinstance(config, str):
         config = {"pattern": config}
     if not isinstance(config, GroupConfig):
@@ -62,5 +30,19 @@ def get_pattern(config: Any, modules: Mapping[str, Any] | None = None):
     return cls(config, modules)
 
 
-def _load_builtin_patterns() -> None:
-    from . import patterns  # noqa: F401  (registers NxM and N:M on import)
+def check_names(group: GroupConfig) -> None:
+    """A group's ``pruning_type`` and ``pattern`` name registered classes, and the pattern takes
+    the group's config (e.g. 2:4 above 50 % is an error); ConfigError naming the group otherwise."""
+    get_criterion_class(group.pruning_type, where=group.where)
+    get_pattern_class(group.pattern, where=group.where).check_config(group)
+
+
+def registries() -> dict[str, dict[str, str]]:
+    """What the registries hold, name -> ``module.Class`` (user registrations included)."""
+    def describe(cls: type) -> str:
+        return f"{cls.__module__}.{cls.__qualname__}"
+    return {"patterns": {name: describe(cls) for name, cls in PATTERNS.items()},
+            "criteria": {name: describe(cls) for name, cls in CRITERIA.items()}}
+
+
+add_group_check(check_names)

@@ -18,11 +18,12 @@ import torch
 from torch import Tensor
 
 from ..errors import WeightError
-from .base import Criterion
+from .base import Criterion, register_criterion
 from .calibration import WeightCall, record_inputs, require_data
 from .features import conv_input, linear_features
 
 
+@register_criterion("activation")
 class ActivationCriterion(Criterion):
     needs_data = True
     one_shot_only = True

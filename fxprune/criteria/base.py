@@ -11,9 +11,11 @@ turns the scores into masks (global or local). The hooks, in the order the calle
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping, TypeVar
 
 from torch import Tensor, nn
+
+from ..errors import ConfigError
 
 
 class Criterion:
@@ -55,3 +57,30 @@ class Criterion:
     def update_weights(self, ctx, targets) -> None:
         """After masking, before the rewrite zeroes the pruned weights: adjust the kept weights
         of ``targets`` in place (``ctx.masks`` holds their keep-masks). Default: leave them."""
+
+
+# ---------------------------------------------------------------------- the registry
+CRITERIA: dict[str, type[Criterion]] = {}
+
+T = TypeVar("T", bound=type)
+
+
+def register_criterion(name: str) -> Callable[[T], T]:
+    """Class decorator: make a :class:`Criterion` subclass usable as ``pruning_type: name``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("register_criterion needs a non-empty name, e.g. @register_criterion('mine')")
+
+    def decorate(cls: T) -> T:
+        if not (isinstance(cls, type) and issubclass(cls, Criterion)):
+            raise TypeError(f"@register_criterion({name!r}) must decorate a subclass of fxprune.Criterion")
+        cls.name = name
+        CRITERIA[name] = cls
+        return cls
+    return decorate
+
+
+def get_criterion_class(name: str, where: str = "config") -> type[Criterion]:
+    """The class registered as ``pruning_type: name``; ConfigError listing the registered names."""
+    if not isinstance(name, str) or name not in CRITERIA:
+        raise ConfigError(f"{where}: unknown pruning_type {name!r}; available: {', '.join(CRITERIA)}")
+    return CRITERIA[name]

@@ -23,10 +23,11 @@ from ..checks import nonfinite_tensors
 from ..errors import ExtensionError, FxPruneError, WeightError, describe
 from ..geometry import to_view_2d
 from ..progress import progress
-from .base import Criterion
+from .base import Criterion, register_criterion
 from .calibration import eval_mode, require_data
 
 
+@register_criterion("gradient")
 class GradientCriterion(Criterion):
     """``gradient``: |G|. Subclasses change :meth:`_update` (and ``per_batch``)."""
 
@@ -105,6 +106,7 @@ class GradientCriterion(Criterion):
         return bool(self.scores)
 
 
+@register_criterion("snip")
 class SnipCriterion(GradientCriterion):
     """``snip``: |W x G|."""
 
@@ -112,6 +114,7 @@ class SnipCriterion(GradientCriterion):
         return (w * g).abs()
 
 
+@register_criterion("snip_momentum")
 class SnipMomentumCriterion(GradientCriterion):
     """``snip_momentum``: ``score = alpha * score + beta * |W x G|`` (INC: alpha 0.9, beta 1.0)."""
 

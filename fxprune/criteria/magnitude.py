@@ -5,9 +5,10 @@ from torch import Tensor
 
 from ..geometry import WeightGeometry, to_view_2d
 from ..selection import LazyScores
-from .base import Criterion
+from .base import Criterion, register_criterion
 
 
+@register_criterion("magnitude")
 class MagnitudeCriterion(Criterion):
     zero_weights_score_zero = True
 

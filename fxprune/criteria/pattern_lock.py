@@ -10,9 +10,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import Criterion
+from .base import Criterion, register_criterion
 
 
+@register_criterion("pattern_lock")
 class PatternLockCriterion(Criterion):
     training_only = True
 

@@ -28,11 +28,12 @@ from torch import Tensor
 
 from ..errors import WeightError
 from ..geometry import from_view_2d, to_view_2d
-from .base import Criterion
+from .base import Criterion, register_criterion
 from .calibration import WeightCall, record_inputs, require_data, reusable
 from .features import accumulate_hessian, group_of_rows, iter_conv_patches, linear_features
 
 
+@register_criterion("sparse_gpt")
 class SparseGPTCriterion(Criterion):
     needs_data = True
     one_shot_only = True

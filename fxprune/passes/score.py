@@ -13,7 +13,8 @@ from typing import Sequence
 import torch
 
 from ..checks import check_weights
-from ..criteria import Criterion, get_criterion_class
+from ..criteria import Criterion
+from ..registry import get_criterion_class
 from ..errors import WeightError
 from ..geometry import to_view_2d
 from ..selection import Scores

@@ -17,13 +17,13 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 from torch import Tensor
 
-from ..config import GroupConfig
-from ..errors import FxPruneError
+from ..config import GroupConfig, PruningConfig
+from ..errors import ConfigError, FxPruneError
 from ..geometry import WeightGeometry
 from ..selection import LazyScores, budget, ceil_budget, materialize, select_global, select_local
 
@@ -66,7 +66,6 @@ class BasePattern:
 
     def __init__(self, config: GroupConfig | Mapping[str, Any], modules: Mapping[str, Any] | None = None):
         if not isinstance(config, GroupConfig):
-            from ..config import PruningConfig
             config = PruningConfig.from_any(dict(config)).groups()[0]
         self.config = config
         self.pattern = config.pattern
@@ -198,3 +197,43 @@ class BasePattern:
             k = budget(target, layout.numel) // layout.block_weights
             out[name] = select_local(s, min(max(k, lo), hi))
         return out
+
+
+# ---------------------------------------------------------------------- the registry
+PATTERNS: dict[str, type[BasePattern]] = {}
+
+T = TypeVar("T", bound=type)
+
+
+def register_pattern(name: str) -> Callable[[T], T]:
+    """Class decorator: make a :class:`BasePattern` subclass usable as ``pattern: name``.
+
+    A registered name is either an exact pattern string (``"myblock"``) or a family that parses
+    many strings (``"NxM"`` takes ``"4x1"``, ``"1xchannel"``...; ``"N:M"`` takes ``"2:4"``); a
+    family class says which strings it takes through its ``matches`` classmethod.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError("register_pattern needs a non-empty pattern name, e.g. @register_pattern('myblock')")
+
+    def decorate(cls: T) -> T:
+        if not (isinstance(cls, type) and issubclass(cls, BasePattern)):
+            raise TypeError(f"@register_pattern({name!r}) must decorate a subclass of fxprune.BasePattern")
+        cls.registered_name = name
+        PATTERNS[name] = cls
+        return cls
+
+    return decorate
+
+
+def get_pattern_class(pattern: str, where: str = "config") -> type[BasePattern]:
+    """The class registered for ``pattern``: an exact name first, then the families."""
+    if not isinstance(pattern, str):
+        raise ConfigError(f"{where}: pattern must be a string such as '4x1' or '2:4', got {pattern!r}")
+    if pattern in PATTERNS and PATTERNS[pattern].matches(pattern):
+        return PATTERNS[pattern]
+    for cls in reversed(list(PATTERNS.values())):  # user registrations win over built-ins
+        if cls.matches(pattern):
+            return cls
+    raise ConfigError(f"{where}: unknown pattern {pattern!r}; registered patterns: "
+                      f"{', '.join(PATTERNS)} (e.g. '4x1', '1x1', '1xchannel', 'channelx1', '2:4'); "
+                      f"register your own with @fxprune.register_pattern(name)")

@@ -16,9 +16,8 @@ from torch import Tensor
 from ..config import GroupConfig
 from ..errors import ConfigError
 from ..geometry import WeightGeometry
-from ..registry import register_pattern
 from ..selection import decimal_fraction, materialize
-from .base import BasePattern, BlockLayout
+from .base import BasePattern, BlockLayout, register_pattern
 
 _NINM = re.compile(r"^(\d+):(\d+)$")
 

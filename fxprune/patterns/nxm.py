@@ -14,8 +14,7 @@ import re
 from ..config import GroupConfig
 from ..errors import ConfigError
 from ..geometry import WeightGeometry
-from ..registry import register_pattern
-from .base import BasePattern, BlockLayout
+from .base import BasePattern, BlockLayout, register_pattern
 
 _NXM = re.compile(r"^(\d+|channel)x(\d+|channel)$")
 
