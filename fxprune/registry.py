@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from .config import GroupConfig, PruningConfig, add_group_check
+from .errors import ConfigError
 from .criteria.base import CRITERIA, Criterion, get_criterion_class, register_criterion
 from .patterns.base import PATTERNS, BasePattern, get_pattern_class, register_pattern
 
@@ -24,6 +25,9 @@ def get_pattern(config: Any, modules: Mapping[str, Any] | None = None) -> BasePa
     """
     if isinstance(config, str):
         config = {"pattern": config}
+    if not isinstance(config, (GroupConfig, Mapping)):
+        raise ConfigError(f"get_pattern takes a pattern name, a dict of config keys or a resolved "
+                          f"group, got {type(config).__name__}")
     if not isinstance(config, GroupConfig):
         config = PruningConfig.from_any(dict(config)).groups()[0]
     cls = get_pattern_class(config.pattern, where=config.where)
