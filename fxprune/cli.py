@@ -1,7 +1,7 @@
 """The ``fxprune`` command line, for build pipelines.
 
     fxprune prune MODEL --config CFG [--example-inputs SPEC] [--onnx OUT.onnx] [--report OUT.json] [--save OUT.pt2]
-    fxprune inspect MODEL [--example-inputs SPEC]
+    fxprune inspect [MODEL] [--example-inputs SPEC]
     fxprune validate OUT.onnx --model MODEL [--example-inputs SPEC]
 
 MODEL is a ``torch.export`` archive (``.pt2``), ``pkg.module:factory`` (a callable returning an
@@ -341,17 +341,31 @@ def _checks_list(checks) -> list[dict]:
 def cmd_inspect(args) -> int:
     import fxprune
     from .config import PruningConfig
+    from .registry import PATTERNS, registries
 
-    model, loaded_inputs, source = load_model(args.model)
+    if args.model is None:  # the registries only
+        if args.json:
+            print(json.dumps({"registries": registries()}, indent=2))
+        else:
+            _print_registries()
+        return EXIT_OK
+    model, loaded_inputs, source = load_model(args.model)  # a factory module may register patterns
     gm = fxprune.capture(model, _inputs(args, loaded_inputs))
     targets = list(gm.meta["fxprune_targets"].values())
+    # the built-in examples, then every pattern registered under an exact name (user patterns)
+    names = [*INSPECT_PATTERNS, *(n for n, cls in PATTERNS.items()
+                                  if n not in INSPECT_PATTERNS and cls.matches(n))]
     rows = []
     for t in targets:
         fits, not_fits = [], {}
-        for name in INSPECT_PATTERNS:
+        for name in names:
             target = 0.25 if name == "1:4" else 0.5
-            pattern = fxprune.get_pattern(PruningConfig.from_any(
-                {"pattern": name, "target_sparsity": target}).groups()[0])
+            try:
+                pattern = fxprune.get_pattern(PruningConfig.from_any(
+                    {"pattern": name, "target_sparsity": target}).groups()[0])
+            except fxprune.ConfigError as e:  # a user pattern that refuses this probe config
+                not_fits[name] = str(e)
+                continue
             layout = pattern.block_layout(t.geometry)
             if isinstance(layout, str):
                 not_fits[name] = layout
@@ -362,7 +376,8 @@ def cmd_inspect(args) -> int:
                      "aliases": t.aliases, "fits": fits, "does_not_fit": not_fits})
     if args.json:
         print(json.dumps({"model": source, "capture": "torch.export" if loaded_inputs is not None or
-                          args.example_inputs else "symbolic_trace", "targets": rows}, indent=2))
+                          args.example_inputs else "symbolic_trace", "targets": rows,
+                          "registries": registries()}, indent=2))
         return EXIT_OK
     print(f"{len(rows)} prunable weights in {source}:")
     head = ("name", "type", "shape", "2-D view", "fits")
@@ -376,7 +391,20 @@ def cmd_inspect(args) -> int:
         for r in rows:
             for name, why in r["does_not_fit"].items():
                 print(f"  {r['name']}: {name}: {why}")
+    print()
+    _print_registries()
     return EXIT_OK
+
+
+def _print_registries() -> None:
+    from .registry import registries
+
+    for kind, key in (("patterns", "pattern"), ("criteria", "pruning_type")):
+        entries = registries()[kind]
+        print(f"registered {kind} ({key}:):")
+        width = max(map(len, entries))
+        for name, where in entries.items():
+            print(f"  {name.ljust(width)}  {where}")
 
 
 def cmd_validate(args) -> int:
@@ -422,8 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="OUT.json", help="write the sparsity report as JSON")
     p.add_argument("--save", metavar="OUT.pt2", help="save the pruned model as a torch.export archive")
     p.set_defaults(run=cmd_prune)
-    i = sub.add_parser("inspect", parents=[common], help="list the prunable weights and the patterns that fit them")
-    i.add_argument("model", metavar="MODEL")
+    i = sub.add_parser("inspect", parents=[common], help="list the prunable weights and the patterns that "
+                       "fit them, and what the pattern and criterion registries hold")
+    i.add_argument("model", metavar="MODEL", nargs="?", help="without it: the registries only")
     i.set_defaults(run=cmd_inspect)
     v = sub.add_parser("validate", parents=[common], help="re-run the validation of an exported ONNX file")
     v.add_argument("onnx", metavar="OUT.onnx")

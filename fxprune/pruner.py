@@ -123,8 +123,7 @@ class Pruner:
                 f"{group.where}: pruning_type {group.pruning_type!r} scores from gradients, which "
                 f"do not exist yet at step 0; set start_step (and end_step) >= 1")
         targets = ctx.selected(group)
-        if hasattr(criterion, "bind"):
-            criterion.bind(targets)
+        criterion.bind(targets)
         g = _Group(group, targets, criterion, schedule, targets[0].pattern,
                    completed=schedule.first_count)
         g.params = {t.param: ctx.model.get_parameter(t.param) for t in targets}
@@ -250,7 +249,7 @@ class Pruner:
         progress, masks and gradient-criterion scores (``snip_momentum``'s momentum)."""
         return {"global_step": self.global_step,
                 "groups": [{"completed": g.completed, "sparsity": g.sparsity,
-                            "scores": {k: v.clone() for k, v in getattr(g.criterion, "scores", {}).items()}}
+                            "scores": g.criterion.state_dict()}
                            for g in self.groups],
                 "masks": dict(self.masks)}
 
@@ -272,8 +271,7 @@ class Pruner:
                                    f"another model")
         for g, saved in zip(self.groups, state["groups"]):
             g.completed, g.sparsity = saved["completed"], saved["sparsity"]
-            if hasattr(g.criterion, "scores"):
-                g.criterion.scores = dict(saved["scores"])
+            g.criterion.load_state_dict(saved["scores"])
             for t in g.targets:
                 self._set_mask(t, state["masks"][t.param].to(self.masks[t.param].device))
         self.global_step = state["global_step"]

@@ -94,3 +94,36 @@ def test_parse_inputs_spec():
     x, ids = parse_inputs("float32[2,3]; int64[1,8]{5,7}")
     assert x.shape == (2, 3) and x.dtype == torch.float32
     assert ids.dtype == torch.int64 and ids.min() >= 5 and ids.max() < 7
+
+
+def test_inspect_lists_the_registries_with_user_registrations(capsys, tmp_path, monkeypatch):
+    (tmp_path / "qa_user_ext.py").write_text(
+        "import fxprune\n"
+        "from conftest import MLP\n"
+        "@fxprune.register_pattern('qa_rows2')\n"
+        "class Rows2(fxprune.BasePattern):\n"
+        "    def block_layout(self, geom):\n"
+        "        rows, cols = geom.view_shape\n"
+        "        return 'odd rows' if rows % 2 else fxprune.BlockLayout((rows // 2, 2, 1, cols), (1, 3), 2 * cols, '2xC')\n"
+        "@fxprune.register_criterion('qa_abs')\n"
+        "class Abs(fxprune.Criterion):\n"
+        "    def view_scores(self, name, view):\n"
+        "        return view.detach().float().abs()\n"
+        "def make():\n"
+        "    return MLP()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert main(["inspect", "qa_user_ext:make", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["registries"]["patterns"]["qa_rows2"] == "qa_user_ext.Rows2"
+        assert out["registries"]["criteria"]["qa_abs"] == "qa_user_ext.Abs"
+        assert {"NxM", "N:M"} <= set(out["registries"]["patterns"])
+        assert "qa_rows2" in out["targets"][0]["fits"]
+        assert main(["inspect"]) == 0          # no MODEL: the registries only, as text
+        text = capsys.readouterr().out
+        assert "registered patterns (pattern:):" in text and "qa_rows2  qa_user_ext.Rows2" in text
+        assert "sparse_gpt" in text and "qa_abs" in text
+    finally:
+        import fxprune
+        fxprune.PATTERNS.pop("qa_rows2", None)
+        fxprune.CRITERIA.pop("qa_abs", None)

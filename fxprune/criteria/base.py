@@ -1,4 +1,4 @@
-"""The criterion interface.
+"""The criterion interface: what fxprune calls on a criterion, and the criterion registry.
 
 A criterion scores the weights of the selected layers of one pruning group; the group's pattern
 turns the scores into masks (global or local). The hooks, in the order the callers use them:
@@ -6,8 +6,13 @@ turns the scores into masks (global or local). The hooks, in the order the calle
 - one-shot (``fxprune.transform``): ``prepare(ctx)`` once (collect calibration statistics or
   gradients), ``view_scores`` per layer, and after the masks are known ``update_weights(ctx,
   targets)`` (SparseGPT updates the kept weights there; every other criterion leaves them alone);
-- training (``fxprune.Pruner``): ``observe_gradients(params)`` before each optimizer step for the
-  criteria that score from gradients, then ``view_scores`` at each pruning step.
+- training (``fxprune.Pruner``): ``bind(targets)`` once, ``observe_gradients(params)`` before each
+  optimizer step for the criteria that score from gradients, ``has_scores()`` before a pruning
+  step, then ``view_scores`` at each pruning step; ``state_dict`` / ``load_state_dict`` for the
+  Pruner's checkpoints.
+
+The class flags (``needs_data``, ``needs_gradients``, ``one_shot_only``, ``training_only``,
+``zero_weights_score_zero``) tell the callers what a criterion needs; see :class:`Criterion`.
 """
 from __future__ import annotations
 
@@ -53,6 +58,20 @@ class Criterion:
     def view_scores(self, param_name: str, weight_view: Tensor) -> Tensor:
         """float32 scores shaped like ``weight_view`` (finite, >= 0)."""
         raise NotImplementedError
+
+    def bind(self, targets) -> None:
+        """Training time: the Pruner's selected targets of this group, once (their geometry)."""
+
+    def has_scores(self) -> bool:
+        """Whether :meth:`view_scores` can score now (gradient criteria: once gradients were seen)."""
+        return True
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """What to save with a Pruner checkpoint (``snip_momentum``'s momentum); default nothing."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Restore :meth:`state_dict`."""
 
     def update_weights(self, ctx, targets) -> None:
         """After masking, before the rewrite zeroes the pruned weights: adjust the kept weights

@@ -105,6 +105,12 @@ class GradientCriterion(Criterion):
     def has_scores(self) -> bool:
         return bool(self.scores)
 
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: v.clone() for k, v in self.scores.items()}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        self.scores = dict(state)
+
 
 @register_criterion("snip")
 class SnipCriterion(GradientCriterion):

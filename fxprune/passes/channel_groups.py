@@ -81,7 +81,7 @@ def output_dim(target) -> int:
 
 
 def removes_output_channels(pattern) -> bool:
-    return bool(getattr(pattern, "prunes_output_channels", False) and getattr(pattern, "is_channel", False))
+    return bool(pattern.prunes_output_channels)
 
 
 class ChannelMaskPass(MaskPass):
@@ -128,7 +128,7 @@ class ChannelMaskPass(MaskPass):
 def _plan(ctx, an: ChannelAnalysis, groups) -> CompactionPlan:
     members = [t for g in groups for t in ctx.selected(g)]
     for t in members:  # Nxchannel: N consecutive rows are one block
-        n = t.pattern.block_rows
+        n = t.pattern.output_channel_block
         ax = an.axes.get((t.param, output_dim(t)))
         if ax is not None and n > 1:
             for block in ax.atoms.reshape(-1, n):

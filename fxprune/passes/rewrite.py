@@ -41,7 +41,7 @@ class RewritePass(Pass):
 def zero_pruned_channels(model, t, keep: torch.Tensor) -> None:
     """Output-channel patterns: zero the bias and BatchNorm entries of the channels that ``keep``
     (the view's keep-mask) prunes whole; other patterns: nothing."""
-    if getattr(t.pattern, "prunes_output_channels", False):
+    if t.pattern.prunes_output_channels:
         dead = ~keep.any(dim=1)  # rows of the view are output channels
         for name in ([t.bias] if t.bias else []) + t.channel_followers:
             _zero_channels(model, name, dead)

@@ -58,11 +58,30 @@ class BlockLayout:
 class BasePattern:
     """Base of every pattern; subclass it and decorate with ``@fxprune.register_pattern(name)``.
 
-    A subclass implements ``block_layout`` (and, for blocks that are not a plain reshape,
-    ``block_scores`` / ``expand``). ``matches`` and ``check_config`` are optional hooks.
+    The contract, what fxprune calls and reads:
+
+    - ``block_layout(geom)`` (required): the layer's :class:`BlockLayout`, or a string saying why
+      the pattern does not fit the layer (the layer is then skipped and reported).
+    - ``block_scores`` / ``expand``: override for blocks that are not a plain reshape of the view
+      (N:M); ``expand_needs_scores`` when ``expand`` needs the element scores.
+    - ``get_masks(scores, layouts, *, consume=False, target_sparsity=None)``: keep-masks (bool,
+      view-shaped) for all layers of a group; the base version ranks the blocks (global or local)
+      through ``get_masks_global`` / ``get_masks_local``. An override that does not take
+      ``target_sparsity`` works with ``fxprune.transform`` but not with ``fxprune.Pruner``.
+    - ``matches(pattern)`` / ``check_config(group)``: optional class hooks (which strings a family
+      takes; a ConfigError for a config the pattern cannot honour).
+    - Channel capabilities, for channel zeroing and compaction: a pattern whose blocks are whole
+      output channels (whole rows of the 2-D view) sets ``prunes_output_channels = True``, and
+      ``output_channel_block`` to the number of consecutive output channels one block holds.
+      Then a pruned channel's bias and BatchNorm entries are zeroed with it; with example inputs
+      its masks come from the coupled channel classes of :mod:`fxprune.compaction` (channels
+      tied by a residual add, attention heads... selected as one), and ``compact=True`` removes
+      them. A user pattern opts in by setting these two attributes.
     """
 
     registered_name: str = ""
+    prunes_output_channels: bool = False
+    output_channel_block: int = 1
 
     def __init__(self, config: GroupConfig | Mapping[str, Any], modules: Mapping[str, Any] | None = None):
         if not isinstance(config, GroupConfig):

@@ -48,6 +48,11 @@ class NxMPattern(BasePattern):
         """``Nxchannel``: whole output channels (rows) are pruned."""
         return self.block_cols is None
 
+    @property
+    def output_channel_block(self) -> int:
+        """``Nxchannel``: N consecutive output channels are one block."""
+        return self.block_rows if self.prunes_output_channels else 1
+
     def block_layout(self, geom: WeightGeometry) -> BlockLayout | str:
         rows, cols = geom.view_shape
         if self.block_cols is None:  # Nxchannel: N whole output channels
