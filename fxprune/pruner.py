@@ -40,6 +40,7 @@ from .config import PruningConfig
 from .criteria import Criterion
 from .registry import get_criterion_class
 from .errors import ConfigError, FxPruneError
+from .extensions import calling
 from .geometry import from_view_2d, to_view_2d
 from .passes import (AttachPass, CapturePass, DiscoverPass, PassManager, PruneContext, RecordPass,
                      RunInputsPass)
@@ -110,7 +111,9 @@ class Pruner:
             raise
 
     def _group(self, group, ctx) -> _Group:
-        criterion = get_criterion_class(group.pruning_type, group.where)(group)
+        cls = get_criterion_class(group.pruning_type, group.where)
+        with calling(cls, "__init__", f"for {group.where}"):
+            criterion = cls(group)
         if criterion.one_shot_only:
             raise ConfigError(
                 f"{group.where}: pruning_type {group.pruning_type!r} prunes in one shot from "
@@ -123,7 +126,8 @@ class Pruner:
                 f"{group.where}: pruning_type {group.pruning_type!r} scores from gradients, which "
                 f"do not exist yet at step 0; set start_step (and end_step) >= 1")
         targets = ctx.selected(group)
-        criterion.bind(targets)
+        with calling(criterion, "bind", f"for {group.where}"):
+            criterion.bind(targets)
         g = _Group(group, targets, criterion, schedule, targets[0].pattern,
                    completed=schedule.first_count)
         g.params = {t.param: ctx.model.get_parameter(t.param) for t in targets}
@@ -152,7 +156,8 @@ class Pruner:
         self._observed = self.global_step
         for g in self.groups:
             if g.criterion.needs_gradients and self.global_step <= g.schedule.end_step:
-                g.criterion.observe_gradients(g.params)
+                with calling(g.criterion, "observe_gradients", f"at step {self.global_step}"):
+                    g.criterion.observe_gradients(g.params)
 
     def on_after_optimizer_step(self) -> None:
         """After ``optimizer.step()``: re-apply the masks and advance the step counter."""

@@ -84,14 +84,15 @@ CRITERIA: dict[str, type[Criterion]] = {}
 T = TypeVar("T", bound=type)
 
 
-def register_criterion(name: str) -> Callable[[T], T]:
-    """Class decorator: make a :class:`Criterion` subclass usable as ``pruning_type: name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError("register_criterion needs a non-empty name, e.g. @register_criterion('mine')")
+def register_criterion(name: str, *, override: bool = False) -> Callable[[T], T]:
+    """Class decorator: make a :class:`Criterion` subclass usable as ``pruning_type: name``.
+    Replacing a built-in criterion needs ``override=True``."""
+    from ..extensions import check_registration
+    if not isinstance(name, str) or not name.strip():
+        check_registration("criterion", name, None, Criterion, CRITERIA, override)
 
     def decorate(cls: T) -> T:
-        if not (isinstance(cls, type) and issubclass(cls, Criterion)):
-            raise TypeError(f"@register_criterion({name!r}) must decorate a subclass of fxprune.Criterion")
+        check_registration("criterion", name, cls, Criterion, CRITERIA, override)
         cls.name = name
         CRITERIA[name] = cls
         return cls

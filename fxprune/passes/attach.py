@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from ..errors import ConfigError
+from ..extensions import calling, check_block_layout, layer_of
 from ..registry import get_pattern
 from .base import Pass
 from .context import PruneContext, Target
@@ -46,7 +47,12 @@ class AttachPass(Pass):
             pattern = get_pattern(group, {t.name: _owner(ctx, t) for t in chosen})
             for t in chosen:
                 t.group, t.pattern = group, pattern
-                layout = pattern.block_layout(t.geometry) if t.geometry.numel else "the weight is empty"
+                if t.geometry.numel:
+                    with calling(pattern, "block_layout", f"for {layer_of(t)}"):
+                        layout = pattern.block_layout(t.geometry)
+                    check_block_layout(pattern, t, layout)
+                else:
+                    layout = "the weight is empty"
                 if isinstance(layout, str):
                     t.status = f"skipped: {layout}"
                 else:

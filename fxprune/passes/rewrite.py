@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..geometry import from_view_2d
+from ..extensions import calling
 from .base import Pass
 from .context import PruneContext
 
@@ -23,7 +24,8 @@ class RewritePass(Pass):
         for group in ctx.groups:  # group by group: a criterion may first update the kept weights
             criterion = ctx.criteria.get(group.index)
             if criterion is not None:
-                criterion.update_weights(ctx, ctx.selected(group))  # SparseGPT's OBS update
+                with calling(criterion, "update_weights", f"for {group.where}"):
+                    criterion.update_weights(ctx, ctx.selected(group))  # SparseGPT's OBS update
             self._mask(ctx, ctx.selected(group))
 
     def _mask(self, ctx: PruneContext, targets) -> None:
