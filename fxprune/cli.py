@@ -231,10 +231,20 @@ class StagedOutputs:
             shutil.rmtree(tmp, ignore_errors=True)
         self._staged.clear()
 
+    def shown(self, text: str) -> str:
+        """``text`` with every staged path replaced by the path the user asked for."""
+        for tmp, final in self._staged:
+            text = text.replace(str(tmp / final.name), str(final))
+        return text
+
     @contextlib.contextmanager
     def transaction(self):
         try:
             yield self
+        except Exception as e:   # an error names the user's output path, not the staging one
+            if e.args and isinstance(e.args[0], str):
+                e.args = (self.shown(e.args[0]), *e.args[1:])
+            raise
         finally:
             self.discard()   # after commit() there is nothing left to remove
 

@@ -50,7 +50,7 @@ def calling(obj: Any, method: str, where: str = "") -> Iterator[None]:
         if fn is None or not is_user_code(fn):
             raise
         raise ExtensionError(f"{who(obj, method)} raised {describe(e)}{' ' + where if where else ''}; "
-                             f"fix the extension (the traceback above shows where)") from e
+                             f"fix the extension (its traceback is chained to this error)") from e
 
 
 def layer_of(t) -> str:

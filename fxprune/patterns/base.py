@@ -171,20 +171,21 @@ class BasePattern:
                     check_block_scores(self, name, block_scores[name], layout)
             if consume and not self.expand_needs_scores:
                 del scores[name]
-        select = self.get_masks_global if self.is_global else self.get_masks_local
+        method = "get_masks_global" if self.is_global else "get_masks_local"
+        select = getattr(self, method)
         if target != self.target_sparsity:
             if "target_sparsity" not in inspect.signature(select).parameters:
                 raise FxPruneError(
-                    f"pattern {self.pattern!r} ({type(self).__name__}.{select.__name__}) does not take "
+                    f"pattern {self.pattern!r} ({type(self).__name__}.{method}) does not take "
                     f"target_sparsity=, which pruning at a sparsity other than the config's "
                     f"(fxprune.Pruner's schedule) needs; add `target_sparsity=None` to its signature")
-            with calling(self, select.__name__, f"for {', '.join(names[:3])}"):
+            with calling(self, method, f"for {', '.join(names[:3])}"):
                 pruned = select(block_scores, layouts, target_sparsity=target)
         else:
-            with calling(self, select.__name__, f"for {', '.join(names[:3])}"):
+            with calling(self, method, f"for {', '.join(names[:3])}"):
                 pruned = select(block_scores, layouts)
         if is_user_code(select):
-            check_pruned_blocks(self, select.__name__, pruned, names, layouts)
+            check_pruned_blocks(self, method, pruned, names, layouts)
         del block_scores
         masks = {}
         for name in names:
