@@ -501,18 +501,16 @@ def _error_line(label: str, message: str) -> str:
     return f"fxprune: {label}: {_ANSI.sub('', text)}"
 
 
-def _quiet_third_parties() -> None:
+def _quiet_third_parties(uses_onnxruntime: bool) -> None:
     """Keep third-party warnings and log records out of the output (``--debug`` shows them);
     fxprune's own warnings (a target that could not be reached...) stay."""
     warnings.filterwarnings("ignore")
     warnings.filterwarnings("default", module=r"fxprune(\.|$)")
     for name in ("torch", "onnxscript", "onnx_ir", "onnx", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
+    if uses_onnxruntime:  # its C++ logger writes to stderr directly; import it only when needed
         import onnxruntime
         onnxruntime.set_default_logger_severity(3)   # errors only
-    except ImportError:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -522,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             warnings.simplefilter("default")
         else:
-            _quiet_third_parties()
+            _quiet_third_parties(args.command == "validate" or bool(getattr(args, "onnx", None)))
         try:
             return args.run(args)
         except (UsageError, FxPruneError, OSError) as e:  # the input, the files or the disk
