@@ -1,4 +1,4 @@
-"""Compaction speed: ONNX Runtime CPU latency of dense vs compacted models (issue 4).
+"""Compaction speed: ONNX Runtime CPU latency of dense vs compacted models (docs/compact.md).
 
     python bench/compact_speed.py                       # ResNet-50 (batch 1, 8), BERT-base FFN (seq 128)
     python bench/compact_speed.py --models resnet50 --runs 20 --sparsities 0.5
@@ -10,7 +10,7 @@ loses that fraction of its output channels; ``--round 16`` adds variants with
 after ``warmup``, every variant timed once per round, rounds interleaved, so load from other
 processes hits all alike; ``--threads`` intra-op threads, 1 by default. Parameters are counted
 on the model, FLOPs with ``torch.utils.flop_counter`` (per forward). The figure to watch is
-``speedup / FLOP cut``: how much of the FLOP reduction becomes latency (issue 4 asks >= 0.7).
+``speedup / FLOP cut``: how much of the FLOP reduction becomes latency (the target is >= 0.7).
 
 Models are built here (random weights, never downloaded): ResNet-50 (torchvision's layout), and
 BERT-base (``BertConfig()`` defaults: 12 layers, hidden 768, FFN 3072) with only the FFN

@@ -1,4 +1,4 @@
-"""The 2-D view every weight is ranked on (SPEC §3), and back.
+"""The 2-D view every weight is ranked on (docs/design.md, "The 2-D view"), and back.
 
 - Linear ``[out, in]``: as is.  HF ``Conv1D`` / ``x @ W`` weights (``[in, out]``): transposed.
 - ConvNd ``[Cout, Cin/groups, *k]`` -> ``permute(0, 2, ..., 1)`` -> ``[Cout, prod(k) * Cin/groups]``:

@@ -1,4 +1,4 @@
-"""Sparsity metadata (SPEC §5): one record per prunable target, totals, config and versions.
+"""Sparsity metadata (docs/design.md, "Metadata"): one record per prunable target, totals, config and versions.
 
 Reach it from a pruned model with :func:`fxprune.sparsity_report`; it serializes to JSON and is
 embedded in exported ONNX models.

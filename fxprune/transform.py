@@ -1,14 +1,20 @@
-"""``fxprune.transform`` and ``fxprune.capture``: the public entry points over the pass pipeline."""
+"""``fxprune.transform``, ``fxprune.compact`` and ``fxprune.capture``: the public entry points over
+the pass pipeline."""
 from __future__ import annotations
 
 import copy
 from typing import Any
 
+import torch
 from torch import fx, nn
+
+from .compaction import ChannelAnalysis, compact_model, plan_zero_channels, summary
 
 from .config import PruningConfig
 from .errors import FxPruneError
-from .passes import CAPTURE_PASSES, PRUNE_PASSES, AttachPass, PassManager, PruneContext
+from .report import attach_report, sparsity_report
+from .passes import CAPTURE_PASSES, PRUNE_PASSES, AttachPass, PassManager, PruneContext, RecordPass
+from .passes.compact import compact_passes
 
 
 def transform(model: nn.Module, config: Any = None, example_inputs: Any = None, *,
@@ -40,10 +46,47 @@ def transform(model: nn.Module, config: Any = None, example_inputs: Any = None, 
     ctx.calibration, ctx.loss_fn, ctx.progress = calibration, loss_fn, progress
     ctx.compact = ctx.config.compact if compact is None else bool(compact)
     passes = [p() for p in (*CAPTURE_PASSES, *PRUNE_PASSES)]
-    if ctx.compact:  # issue 4: coupled channels are selected as one, then removed physically
-        from .passes.compact import compact_passes
+    if ctx.compact:  # coupled channels (selected as one by the mask pass) removed physically
         passes = compact_passes(passes)
     PassManager(passes).run(ctx)
+    return ctx.model
+
+
+def compact(model: nn.Module, example_inputs: Any, *, inplace: bool = False) -> nn.Module:
+    """Remove the pruned output channels of an already-pruned model; return the smaller model.
+
+    ``model`` is a model pruned by :func:`transform` (``compact=False``, with or without example
+    inputs) or by :meth:`fxprune.Pruner.finalize`, or any model whose zero output channels should
+    go. The graph is captured with ``example_inputs``, the same channel analysis as
+    ``transform(..., compact=True)`` couples the channels (residual adds, attention heads...),
+    and every coupled class none of whose channels carries anything (zero rows in every layer,
+    zero bias and norm entries) is removed, with the same check: the compacted model's outputs on
+    ``example_inputs`` must equal the given model's, space by space, and what fails or is blocked
+    stays and is reported. The report's ``compaction`` entry says what was removed
+    (``fxprune.sparsity_report``); a model without a report gets one. By default the caller's
+    model is not modified (``inplace=True`` compacts it in place).
+    """
+    if example_inputs is None:
+        raise FxPruneError("fxprune.compact needs example_inputs: compaction follows tensor shapes "
+                           "through the graph, which only a capture with inputs records; pass "
+                           "example_inputs=(x,)")
+    ctx = _context(model, None, example_inputs, inplace=inplace)
+    PassManager([p() for p in CAPTURE_PASSES]).run(ctx)
+    if ctx.exported is None:
+        raise FxPruneError("fxprune.compact could not capture the model with torch.export")
+    analysis = ChannelAnalysis(ctx.graph_module, ctx.param_of_node).run()
+    plan = plan_zero_channels(ctx.model, ctx.targets.values(), analysis)
+    try:
+        report = sparsity_report(ctx.model)
+    except FxPruneError:  # not pruned by fxprune: record what the weights hold
+        for t in ctx.targets.values():
+            w = ctx.model.get_parameter(t.param)
+            t.status = "pruned" if int(torch.count_nonzero(w)) < w.numel() else "excluded: no zero weights"
+        RecordPass()(ctx)
+        report = ctx.report
+    figures = compact_model(ctx.model, plan, example_inputs)
+    report.compaction = summary(ctx.model, ctx.targets, plan, figures)
+    attach_report(ctx.model, report)
     return ctx.model
 
 

@@ -23,7 +23,7 @@ each layer's lowest lo_l blocks are forced, its next hi_l - lo_l are optional, a
 scores, and it also gives min_ratio the natural clamp semantics (see below).
 
 Ties/rounding: as INC, a threshold prunes every score <= it, so ties overshoot (fxprune breaks ties
-by index instead, SPEC §4); INC's int(x * ratio) is a float floor (int(100 * 0.29) == 28).
+by index instead, docs/design.md "Exactness"); INC's int(x * ratio) is a float floor (int(100 * 0.29) == 28).
 
 Where INC is not followed (not a tie/rounding matter):
 * min_sparsity_ratio_per_op: INC's BasePattern.adjust_ratio is a heuristic (it shrinks a layer being

@@ -1,4 +1,4 @@
-"""Compaction (issue 4): channel-pruned models physically shrink and compute what the masked
+"""Compaction (docs/design.md, "Compaction"; docs/compact.md): channel-pruned models physically shrink and compute what the masked
 model computes; coupled channels (residual adds, concat, depthwise, attention heads) go together;
 what cannot be compacted is reported with the op that blocked it."""
 import copy
@@ -11,7 +11,8 @@ from torch import nn
 import fxprune
 from fxprune.examples import ResNet
 from fxprune.passes import CAPTURE_PASSES, PRUNE_PASSES, PassManager
-from fxprune.passes.compact import compact_passes, zero_removed
+from fxprune.compaction import zero_removed
+from fxprune.passes.compact import compact_passes
 from fxprune.transform import _context
 
 

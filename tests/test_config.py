@@ -61,3 +61,10 @@ def test_a_registered_criterion_is_a_valid_pruning_type():
         fxprune.CRITERIA.pop("qa_ones")
     with pytest.raises(fxprune.ConfigError, match="unknown pruning_type 'qa_ones'"):
         PruningConfig.from_any({"pruning_type": "qa_ones"})
+
+
+def test_every_key_is_documented_in_the_design_reference():
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text()
+    missing = [k.name for k in KEYS if f"`{k.name}`" not in text]
+    assert missing == []

@@ -1,4 +1,5 @@
-"""Pattern semantics on the 2-D view (SPEC §3), exact counts (SPEC §4) and equality with INC."""
+"""Pattern semantics on the 2-D view (docs/design.md, "Patterns"), exact counts ("Exactness") and
+equality with INC."""
 import pytest
 import torch
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..aten import CONVOLUTION_ARGS, GENERAL_CONVOLUTIONS, LINEAR_WEIGHT_ARGS
 from ..checks import nonfinite_count, nonfinite_input_message
 from ..errors import CaptureError, ConfigError, FxPruneError, WeightError, describe
 from ..inputs import split_inputs
@@ -139,11 +140,11 @@ class WeightInputRecorder(TorchDispatchMode):
             t = self._target_of(args[w_pos]) if len(args) > w_pos else None
             if t is not None:
                 self._record(WeightCall(t, args[x_pos]))
-        elif packet in _CONV_USES and len(args) > 8 and not args[6]:   # not transposed
-            t = self._target_of(args[1])
+        elif packet in _CONV_USES and len(args) > C["groups"] and not args[C["transposed"]]:
+            t = self._target_of(args[C["weight"]])
             if t is not None:
-                self._record(WeightCall(t, args[0], conv={
-                    "stride": args[3], "padding": args[4], "dilation": args[5], "groups": args[8]}))
+                self._record(WeightCall(t, args[C["input"]], conv={
+                    k: args[C[k]] for k in ("stride", "padding", "dilation", "groups")}))
         out = func(*args, **kwargs)
         if packet in _FOLLOW and args and isinstance(out, Tensor):
             t = self._target_of(args[0])
@@ -160,8 +161,9 @@ class WeightInputRecorder(TorchDispatchMode):
 
 
 _aten = torch.ops.aten
-_LINEAR_USES = {_aten.mm: (1, 0), _aten.addmm: (2, 1), _aten.bmm: (1, 0)}   # (weight, input) args
-_CONV_USES = (_aten.convolution, _aten._convolution)
+_LINEAR_USES = {getattr(_aten, name): LINEAR_WEIGHT_ARGS[name] for name in ("mm", "addmm", "bmm")}
+_CONV_USES = tuple(getattr(_aten, name) for name in GENERAL_CONVOLUTIONS)
+C = CONVOLUTION_ARGS
 _FOLLOW = (_aten.t, _aten.transpose, _aten.permute, _aten.expand, _aten.view, _aten._unsafe_view,
            _aten.reshape, _aten.alias, _aten.detach, _aten.clone, _aten._to_copy)
 

@@ -1,6 +1,6 @@
 """The input features a weight's 2-D view multiplies, from one recorded call.
 
-The 2-D view is ``[rows, cols]`` (SPEC §3). A linear layer's columns are its input features, so
+The 2-D view is ``[rows, cols]`` (docs/design.md, "The 2-D view"). A linear layer's columns are its input features, so
 a call's input ``[..., in]`` is ``[P, in]`` rows of features. A convolution's columns are
 ``kernel position x input channel`` (kernel-major, channel-minor, per group), so its features are
 the input patches the kernel sees, unfolded in that same order: ``[P, groups, k * Cin/groups]``,

@@ -1,5 +1,5 @@
-"""The pass pipeline (SPEC §1): run the example inputs, capture, discover, attach, score, mask,
-rewrite, record (and, with ``compact=True``, the passes of :mod:`.compact`)."""
+"""The pass pipeline (docs/design.md, "Pipeline"): run the example inputs, capture, discover,
+attach, score, mask, rewrite, record (and, with ``compact=True``, the compact pass of :mod:`.compact`)."""
 from .attach import AttachPass
 from .base import Pass, PassManager
 from .capture import CapturePass

@@ -55,7 +55,7 @@ class PruneContext:
                                                                   # (a Tensor or a LazyScores)
     masks: dict[str, Tensor] = field(default_factory=dict)        # param -> keep mask (view, bool)
     criteria: dict[int, Any] = field(default_factory=dict)        # group index -> its Criterion
-    # compact (issue 4): the channel mask pass's CompactionPlan, sliced by the compact pass
+    # the mask pass's CompactionPlan (with example inputs), sliced by the compact pass
     compaction: Any = None
     # record
     report: Any = None

@@ -8,34 +8,17 @@ Recognised uses, in either capture (module calls, torch functions, ATen ops afte
 """
 from __future__ import annotations
 
-import operator
 import warnings
 
 from torch import fx, nn
 
 from ..errors import FxPruneError
+from ..aten import (ADDMM_BIAS, CONV_ND, LINEAR_WEIGHT_ARGS, arg, batch_norm_positions, conv_positions,
+                    is_conv, is_hf_conv1d, is_weight_layer, named_arg, op_name)
 from ..geometry import WeightGeometry
 from .base import Pass
 from .capture import canonical_names
 from .context import PruneContext, Target
-from .dependency import arg as _arg
-
-_BN_ARGS = {  # op name -> positions of (weight, bias, running_mean); batch_norm: see _bn_params
-    "_native_batch_norm_legit_no_training": (1, 2, 3),
-    "_native_batch_norm_legit": (1, 2, 3),
-}
-
-
-def op_name(node: fx.Node) -> str:
-    """'linear', 'conv2d', 'addmm'... for torch functions and ATen overloads alike."""
-    target = node.target
-    if target is operator.matmul:
-        return "matmul"
-    packet = getattr(target, "overloadpacket", None)
-    if packet is not None:
-        return packet.__name__
-    return getattr(target, "__name__", str(target))
-
 
 class DiscoverPass(Pass):
     name = "discover"
@@ -104,8 +87,7 @@ class DiscoverPass(Pass):
             owner = self.ctx.model.get_submodule(owner_name)
         except AttributeError:
             return None
-        is_op_module = isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)) or type(owner).__name__ == "Conv1D"
-        return type(owner).__name__ if is_op_module else None
+        return type(owner).__name__ if is_weight_layer(owner) else None
 
     def _weight_use(self, node: fx.Node):
         """(param, layout, op, groups, bias, owner type) if ``node`` uses a parameter as a weight."""
@@ -114,23 +96,22 @@ class DiscoverPass(Pass):
         if node.op != "call_function":
             return None
         name = op_name(node)
+        conv = conv_positions(name)
         if name == "linear":
-            param, layout = self._weight_param(_arg(node, 1, "weight"), "out_in")
-            op, groups, bias = "linear", 1, _arg(node, 2, "bias")
-        elif name in ("conv1d", "conv2d", "conv3d"):
-            param, layout, op = self._param(_arg(node, 1, "weight")), "conv", name
-            groups, bias = _arg(node, 6, "groups", 1), _arg(node, 2, "bias")
-        elif name == "convolution":
-            if _arg(node, 6, "transposed", False):
+            param, layout = self._weight_param(arg(node, 1, "weight"), "out_in")
+            op, groups, bias = "linear", 1, arg(node, 2, "bias")
+        elif conv is not None:
+            if "transposed" in conv and named_arg(node, conv, "transposed", False):
                 return None
-            param, layout, groups, bias = self._param(_arg(node, 1, "weight")), "conv", _arg(node, 8, "groups", 1), _arg(node, 2, "bias")
-            op = None
-        elif name == "addmm":
-            param, layout = self._weight_param(_arg(node, 2, "mat2"), "in_out")
-            op, groups, bias = "linear", 1, _arg(node, 0, "input")
-        elif name in ("mm", "matmul"):
-            param, layout = self._weight_param(_arg(node, 1, "other" if name == "matmul" else "mat2"), "in_out")
-            op, groups, bias = "linear", 1, None
+            param, layout = self._param(named_arg(node, conv, "weight")), "conv"
+            groups, bias = named_arg(node, conv, "groups", 1), named_arg(node, conv, "bias")
+            op = name if name in CONV_ND else None
+        elif name in ("addmm", "mm", "matmul"):
+            w_pos = LINEAR_WEIGHT_ARGS[name][0]
+            w_name = {"addmm": "mat2", "mm": "mat2", "matmul": "other"}[name]
+            param, layout = self._weight_param(arg(node, w_pos, w_name), "in_out")
+            op, groups = "linear", 1
+            bias = arg(node, ADDMM_BIAS, "input") if name == "addmm" else None
         else:
             return None
         if param is None:
@@ -147,9 +128,9 @@ class DiscoverPass(Pass):
         prefix = f"{node.target}."
         if isinstance(module, nn.Linear):
             layout, op, groups = "out_in", "linear", 1
-        elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        elif is_conv(module):
             layout, op, groups = "conv", f"conv{module.weight.dim() - 2}d", module.groups
-        elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+        elif is_hf_conv1d(module):
             layout, op, groups = "in_out", "linear", 1
         else:
             return None
@@ -170,19 +151,14 @@ class DiscoverPass(Pass):
             return []
         if user.op != "call_function":
             return []
-        name = op_name(user)
-        if name == "batch_norm":
-            aten = getattr(user.target, "overloadpacket", None) is not None
-            positions = (1, 2, 3) if aten else (3, 4, 1)  # aten: (x, w, b, mean...); F: (x, mean, var, w, b)
-        elif name in _BN_ARGS:
-            positions = _BN_ARGS[name]
-        else:
+        positions = batch_norm_positions(user)
+        if positions is None:
             return []
         out = []
-        for i in positions:
-            arg = user.args[i] if i < len(user.args) else None
-            if isinstance(arg, fx.Node) and arg.name in self.ctx.param_of_node:
-                out.append(self.ctx.param_of_node[arg.name])
+        for role in ("weight", "bias", "running_mean"):
+            a = named_arg(user, positions, role)
+            if isinstance(a, fx.Node) and a.name in self.ctx.param_of_node:
+                out.append(self.ctx.param_of_node[a.name])
         return out
 
     def ensures(self, ctx: PruneContext) -> None:
@@ -197,8 +173,8 @@ def _hides_weights(module) -> bool:
     """A leaf module call (nn.MultiheadAttention, nn.TransformerEncoderLayer...) that holds linear
     or convolution layers symbolic_trace cannot see into."""
     return module is not None and any(
-        isinstance(m, nn.Linear) or getattr(m, "in_proj_weight", None) is not None
-        or (isinstance(m, nn.modules.conv._ConvNd) and not m.transposed) for m in module.modules())
+        isinstance(m, nn.Linear) or getattr(m, "in_proj_weight", None) is not None or is_conv(m)
+        for m in module.modules())
 
 
 def _kind_name(op: str) -> str:

@@ -1,5 +1,10 @@
 """mask: each group's pattern turns the scores into keep-masks (global or local ranking).
 
+With example inputs, a group whose pattern removes whole output channels is selected by coupled
+channel classes instead (:func:`fxprune.compaction.plan_channels`: channels tied by a residual
+add, an attention head... go together), ``compact=True`` or not, so the masks do not depend on
+whether the model is compacted now, later (``fxprune.compact``) or never.
+
 :func:`mask_group` is the one mask path (the mask pass, the compaction run and
 :class:`fxprune.Pruner` use it). Every mask is checked (bool, view-shaped) before anything
 touches a weight, so a bad user pattern raises here and leaves the model as it was. A group whose
@@ -14,6 +19,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from ..compaction import joint_selection, plan_channels
 from ..config import GroupConfig
 from ..errors import ExtensionError, FxPruneError
 from ..extensions import calling, who
@@ -29,12 +35,23 @@ class MaskPass(Pass):
         missing = [t.param for t in ctx.selected() if t.param not in ctx.scores]
         if missing:
             raise RuntimeError(f"mask needs scores for {missing[:3]}: run the score pass first")
+        if ctx.compact and ctx.exported is None:
+            raise FxPruneError(
+                "compact=True needs example_inputs: compaction follows tensor shapes through the "
+                "graph, which only a capture with inputs records; pass example_inputs=(x,)")
 
     def call(self, ctx: PruneContext) -> None:
+        joint = []  # groups whose coupled output channels are selected as one
         for group in ctx.groups:
             targets = ctx.selected(group)
-            if targets:
+            if not targets:
+                continue
+            if joint_selection(ctx, targets[0].pattern):
+                joint.append(group)
+            else:
                 ctx.masks.update(mask_group(group, targets, take_scores(ctx, targets)))
+        if ctx.exported is not None:  # shapes known: the channel plan (empty without joint groups)
+            ctx.compaction = plan_channels(ctx, joint)
 
 
 def take_scores(ctx: PruneContext, targets: Sequence[Target]) -> dict[str, Scores]:

@@ -1,4 +1,4 @@
-"""record: the sparsity report (SPEC §5), counted from the rewritten weights, attached to the model."""
+"""record: the sparsity report (docs/design.md, "Metadata"), counted from the rewritten weights, attached to the model."""
 from __future__ import annotations
 
 import torch

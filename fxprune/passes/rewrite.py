@@ -5,12 +5,15 @@ A criterion that adjusts the kept weights (SparseGPT) does so first, through its
 
 For output-channel patterns (``1xchannel``, ``Nxchannel``) a pruned channel goes as a whole: the
 layer's bias entry and the following BatchNorm's weight, bias and running mean of that channel
-are zeroed too, so the channel outputs exactly zero rather than a BatchNorm constant.
+are zeroed too, so the channel outputs exactly zero rather than a BatchNorm constant; with
+example inputs, every per-channel tensor of a removed channel class is zeroed
+(:func:`fxprune.compaction.zero_removed`).
 """
 from __future__ import annotations
 
 import torch
 
+from ..compaction import zero_removed
 from ..geometry import from_view_2d
 from ..extensions import calling
 from .base import Pass
@@ -27,6 +30,12 @@ class RewritePass(Pass):
                 with calling(criterion, "update_weights", f"for {group.where}"):
                     criterion.update_weights(ctx, ctx.selected(group))  # SparseGPT's OBS update
             self._mask(ctx, ctx.selected(group))
+        plan = ctx.compaction
+        if plan is not None and plan.analysis is not None:
+            # removed channel classes: zero every per-channel tensor they feed (a BatchNorm after
+            # an activation, GroupNorm affine...), so the masked model computes what the
+            # compacted one will
+            zero_removed(ctx.model, plan)
 
     def _mask(self, ctx: PruneContext, targets) -> None:
         model = ctx.model

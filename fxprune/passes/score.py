@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from ..checks import check_weights
+from ..compaction import joint_selection
 from ..criteria import Criterion
 from ..registry import get_criterion_class
 from ..errors import ExtensionError, WeightError
@@ -44,7 +45,8 @@ class ScorePass(Pass):
             with calling(criterion, "prepare", f"for {group.where}"):
                 criterion.prepare(ctx)
             ctx.criteria[group.index] = criterion  # the rewrite pass calls its update_weights
-            lazy = not ctx.compact  # compaction reads every layer's scores at once
+            # joint channel selection reads every layer's scores at once: real tensors
+            lazy = not joint_selection(ctx, targets[0].pattern)
             for t in targets:
                 ctx.scores.update(score_targets(ctx.model, [t], criterion, lazy=lazy))
                 done += 1

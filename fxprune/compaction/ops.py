@@ -1,50 +1,16 @@
-"""The op rules of the channel dependency analysis (:mod:`fxprune.passes.dependency`).
-
-One rule per ATen op family: given the analysis and a node, couple the atoms the op ties together
-(``an.atoms.union*``, ``an.bind`` for parameters), block what it cannot follow, and return the
-output's :class:`Chan` (or a list of them, or a :class:`ParamRef`, or None when no channel
-structure survives). An op without a rule blocks every channel that reaches it. Layout ops
-(reshape, transpose, cat, split, pooling, reductions) are in :mod:`.channel_shapes`.
+"""The built-in rules of the channel analysis for elementwise ops, weight layers (linear, matmul,
+convolution), attention and norms (see :mod:`.rules` for the rule interface). Layout ops
+(reshape, transpose, cat, split, pooling, reductions) are in :mod:`.layout`.
 """
 from __future__ import annotations
 
 import numbers
-from typing import Callable
-
 import numpy as np
 from torch import fx
 
-from .dependency import Chan, ChannelAnalysis, NormGroups, ParamRef, arg, op_name, shape_of, where
-
-Rule = Callable[[ChannelAnalysis, fx.Node], object]
-RULES: dict[str, Rule] = {}
-
-
-def rule(*names: str):
-    def register(fn: Rule) -> Rule:
-        for name in names:
-            RULES[name] = fn
-        return fn
-    return register
-
-
-def unknown_op(an: ChannelAnalysis, node: fx.Node, why: str = "not understood by the channel analysis"):
-    reason = f"{where(node)}: {why}"
-    for a in node.all_input_nodes:
-        an.block(an.values.get(a), reason)
-    an.dead_ends[node] = reason
-    return None
-
-
-def _keep(c: Chan, zero: bool | None = None, why: str = "", dims=None, atoms=None) -> Chan:
-    z = c.zero if zero is None else zero
-    return Chan(c.dims if dims is None else tuple(dims), c.atoms if atoms is None else atoms,
-                z, c.why if z == c.zero else why)
-
-
-def _nonzero_reason(c: Chan, node: fx.Node) -> str:
-    return f"{c.why} makes pruned channels nonzero before {where(node)}"
-
+from ..aten import BATCH_NORM_ARGS, BATCH_NORM_TUPLE_OPS, CONV_ND_ARGS, CONVOLUTION_ARGS, GENERAL_CONVOLUTIONS, arg, named_arg, op_name, shape_of
+from .rules import keep, nonzero_reason, register_rule, unknown_op, where
+from .values import Chan, NormGroups, ParamRef
 
 # ---------------------------------------------------------------------- elementwise
 PASS_THROUGH = ("clone", "contiguous", "alias", "detach", "lift_fresh_copy", "_to_copy", "to",
@@ -55,7 +21,7 @@ ZERO_KEEPING = ("relu", "relu6", "gelu", "silu", "tanh", "hardtanh", "leaky_relu
 ZERO_BREAKING = ("sigmoid", "hardsigmoid", "exp", "cos", "softplus", "log_sigmoid", "cosh")
 
 
-@rule(*PASS_THROUGH, *ZERO_KEEPING, *ZERO_BREAKING)
+@register_rule(*PASS_THROUGH, *ZERO_KEEPING, *ZERO_BREAKING)
 def _unary(an, node):
     x = an.value(node.args[0])
     name = op_name(node).rstrip("_")
@@ -64,17 +30,17 @@ def _unary(an, node):
     if not isinstance(x, Chan):
         return None
     if name in ZERO_BREAKING:
-        return _keep(x, False, where(node))
-    return _keep(x)
+        return keep(x, False, where(node))
+    return keep(x)
 
 
-@rule("native_dropout")
+@register_rule("native_dropout")
 def _native_dropout(an, node):
     x = an.value(node.args[0])
     return [x, None] if isinstance(x, Chan) else unknown_op(an, node)
 
 
-@rule("clamp", "clamp_min", "clamp_max", "pow")
+@register_rule("clamp", "clamp_min", "clamp_max", "pow")
 def _bounded(an, node):
     x = an.value(node.args[0])
     if not isinstance(x, Chan):
@@ -89,10 +55,10 @@ def _bounded(an, node):
         lo = rest[0] if name in ("clamp", "clamp_min") and rest else None
         hi = rest[-1] if name == "clamp_max" else (rest[1] if name == "clamp" and len(rest) > 1 else None)
         ok = (lo is None or lo <= 0) and (hi is None or hi >= 0)
-    return _keep(x) if ok else _keep(x, False, where(node))
+    return keep(x) if ok else keep(x, False, where(node))
 
 
-@rule("add", "sub", "rsub", "mul", "div")
+@register_rule("add", "sub", "rsub", "mul", "div")
 def _binary(an, node):
     kind = op_name(node).rstrip("_")
     additive = kind in ("add", "sub", "rsub")
@@ -121,14 +87,14 @@ def _binary(an, node):
     if kind == "div" and i == 1:
         return unknown_op(an, node, "divides by pruned channels")
     if not isinstance(other_arg, fx.Node):  # a Python number
-        return _keep(c, False, where(node)) if additive and other_arg != 0 else _keep(c)
+        return keep(c, False, where(node)) if additive and other_arg != 0 else keep(c)
     aligned = {d: d - (n - len(osh)) for d in c.dims}
     full = [d for d, od in aligned.items() if od >= 0 and osh[od] != 1]
     if not full:  # broadcast along the channels: a constant per channel position
-        return _keep(c, False, where(node)) if additive else _keep(c)
+        return keep(c, False, where(node)) if additive else keep(c)
     if isinstance(other, ParamRef) and len(c.dims) == 1 and other.perm[aligned[c.dims[0]]] >= 0:
         an.bind(other, aligned[c.dims[0]], c.atoms, "zero" if additive else "slice")
-        return _keep(c)
+        return keep(c)
     an.block(c, f"{where(node)}: combines the channels with {_origin(an, other_arg)}")
     return None
 
@@ -151,7 +117,7 @@ def _dense(an, node, x, w, b, w_in: int, w_out: int):
         if xv.dims != (len(xs) - 1,):
             an.block(xv, f"{where(node)}: the channels are not its input features")
         elif not xv.zero:
-            an.block(xv, _nonzero_reason(xv, node))
+            an.block(xv, nonzero_reason(xv, node))
         else:
             an.bind(wref, w_in, xv.atoms, "slice")
     elif isinstance(xv, ParamRef):
@@ -171,17 +137,17 @@ def _bias(an, node, b, out: np.ndarray) -> None:
         an.block(out, f"{where(node)}: its bias is not a parameter")
 
 
-@rule("linear")
+@register_rule("linear")
 def _linear(an, node):
     return _dense(an, node, node.args[0], node.args[1], arg(node, 2, "bias"), w_in=1, w_out=0)
 
 
-@rule("addmm")
+@register_rule("addmm")
 def _addmm(an, node):
     return _dense(an, node, node.args[1], node.args[2], node.args[0], w_in=0, w_out=1)
 
 
-@rule("mm", "matmul", "bmm")
+@register_rule("mm", "matmul", "bmm")
 def _matmul(an, node):
     a, b = node.args[0], node.args[1]
     if isinstance(an.value(b), ParamRef) and len(an.value(b).shape) == 2:
@@ -219,7 +185,7 @@ def _attention_matmul(an, node, av: Chan, bv: Chan, na: int, nb: int):
     return unknown_op(an, node, "multiplies activations whose channels it cannot follow")
 
 
-@rule("scaled_dot_product_attention")
+@register_rule("scaled_dot_product_attention")
 def _sdpa(an, node):
     q, k, v = (an.value(a) for a in node.args[:3])
     n = len(shape_of(node))
@@ -238,12 +204,13 @@ def _sdpa(an, node):
     return Chan(hd, arrays[2], v.zero, v.why)
 
 
-@rule("conv1d", "conv2d", "conv3d", "convolution", "_convolution")
+@register_rule("conv1d", "conv2d", "conv3d", "convolution", "_convolution")
 def _conv(an, node):
-    general = op_name(node) in ("convolution", "_convolution")
-    x, w, b = node.args[0], node.args[1], arg(node, 2, "bias")
-    transposed = arg(node, 6, "transposed", False) if general else False
-    groups = int(arg(node, 8 if general else 6, "groups", 1) or 1)
+    general = op_name(node) in GENERAL_CONVOLUTIONS
+    pos = CONVOLUTION_ARGS if general else CONV_ND_ARGS
+    x, w, b = node.args[0], node.args[1], named_arg(node, pos, "bias")
+    transposed = named_arg(node, pos, "transposed", False) if general else False
+    groups = int(named_arg(node, pos, "groups", 1) or 1)
     wref, xv = an.value(w), an.value(x)
     if transposed or not isinstance(wref, ParamRef) or wref.perm != tuple(range(len(wref.shape))):
         return unknown_op(an, node, "transposed convolution or computed weight")
@@ -259,7 +226,7 @@ def _conv(an, node):
             if xv.zero:
                 an.bind(wref, 1, xv.atoms, "slice")
             else:
-                an.block(xv, _nonzero_reason(xv, node))
+                an.block(xv, nonzero_reason(xv, node))
     elif groups == cin and wref.shape[1] == 1:
         # depthwise: output channel c*m+j reads input channel c only; they go together
         role = "slice" if chan_in and xv.zero else "source"
@@ -278,30 +245,28 @@ def _conv(an, node):
 
 
 # ---------------------------------------------------------------------- norms
-_BN_TUPLE = ("_native_batch_norm_legit_no_training", "_native_batch_norm_legit", "native_batch_norm")
-
-
-@rule("batch_norm", "instance_norm", *_BN_TUPLE)
+@register_rule("batch_norm", "instance_norm", *BATCH_NORM_TUPLE_OPS)
 def _batch_norm(an, node):
     xv = an.value(node.args[0])
-    tuple_out = op_name(node) in _BN_TUPLE
+    tuple_out = op_name(node) in BATCH_NORM_TUPLE_OPS
     if not isinstance(xv, Chan):
         out = None
     elif xv.dims != (1,):
         out = unknown_op(an, node, "normalizes along a dim that is not the channel dim")
     else:
-        params = [an.value(arg(node, i, "")) for i in range(1, 5)]  # weight, bias, mean, var
+        params = [an.value(named_arg(node, BATCH_NORM_ARGS, k))
+                  for k in ("weight", "bias", "running_mean", "running_var")]
         for p, role in zip(params, ("zero", "zero", "zero", "slice")):
             if isinstance(p, ParamRef):
                 an.bind(p, 0, xv.atoms, role)
             elif p is not None:
                 return unknown_op(an, node, "its statistics or affine are not parameters")
         affine = isinstance(params[0], ParamRef)
-        out = _keep(xv, True) if affine else _keep(xv)
+        out = keep(xv, True) if affine else keep(xv)
     return [out, None, None] if tuple_out else out
 
 
-@rule("group_norm")
+@register_rule("group_norm")
 def _group_norm(an, node):
     xv = an.value(node.args[0])
     if not isinstance(xv, Chan):
@@ -320,10 +285,10 @@ def _group_norm(an, node):
             return unknown_op(an, node, "its affine is not a parameter")
     module = w.fqn.rpartition(".")[0] if isinstance(w, ParamRef) else ""
     an.norm_groups.append(NormGroups(module, groups, per))
-    return _keep(xv, True) if isinstance(w, ParamRef) else _keep(xv)
+    return keep(xv, True) if isinstance(w, ParamRef) else keep(xv)
 
 
-@rule("layer_norm", "native_layer_norm")
+@register_rule("layer_norm", "native_layer_norm")
 def _layer_norm(an, node):
     xv = an.value(node.args[0])
     tuple_out = op_name(node) == "native_layer_norm"
@@ -337,11 +302,11 @@ def _layer_norm(an, node):
                                        "change its mean and variance")
         else:
             bias = arg(node, 3, "bias")
-            out = _keep(xv) if bias is None else _keep(xv, False, where(node))
+            out = keep(xv) if bias is None else keep(xv, False, where(node))
     return [out, None, None] if tuple_out else out
 
 
-@rule("softmax", "_softmax", "log_softmax", "_log_softmax")
+@register_rule("softmax", "_softmax", "log_softmax", "_log_softmax")
 def _softmax(an, node):
     xv = an.value(node.args[0])
     if not isinstance(xv, Chan):
@@ -349,7 +314,5 @@ def _softmax(an, node):
     dim = node.args[1] % len(shape_of(node))
     if dim in xv.dims:
         return unknown_op(an, node, "normalizes over the channel dim")
-    return _keep(xv, False, where(node))
+    return keep(xv, False, where(node))
 
-
-from . import channel_shapes  # noqa: E402,F401  (registers the layout rules)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..aten import is_conv, is_hf_conv1d
+
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
 HEAD_WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size")
 
@@ -107,7 +109,7 @@ def sync_sizes(module: nn.Module, undo: Undo) -> None:
     if isinstance(module, nn.Linear):
         undo.set_attr(module, "out_features", w.shape[0])
         undo.set_attr(module, "in_features", w.shape[1])
-    elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+    elif is_conv(module):
         if module.groups > 1 and module.groups == module.in_channels:  # depthwise
             mult = module.out_channels // module.in_channels
             undo.set_attr(module, "groups", w.shape[0] // mult)
@@ -119,7 +121,7 @@ def sync_sizes(module: nn.Module, undo: Undo) -> None:
             undo.set_attr(module, "num_features", t.shape[0])
     elif isinstance(module, nn.GroupNorm) and w is not None:
         undo.set_attr(module, "num_channels", w.shape[0])
-    elif type(module).__name__ == "Conv1D" and w is not None:  # Hugging Face: weight [nx, nf]
+    elif is_hf_conv1d(module):  # Hugging Face: weight [nx, nf]
         if hasattr(module, "nf"):
             undo.set_attr(module, "nf", w.shape[1])
         if hasattr(module, "nx"):

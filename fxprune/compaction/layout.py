@@ -1,11 +1,12 @@
 """Channel-analysis rules for layout ops: pooling, padding, reductions, reshape, transpose,
-expand, indexing, cat/stack/split (see :mod:`.channel_ops` for the rule interface)."""
+expand, indexing, cat/stack/split (see :mod:`.rules` for the rule interface)."""
 from __future__ import annotations
 
 import numpy as np
 
-from .channel_ops import _keep, _nonzero_reason, rule, unknown_op
-from .dependency import Chan, HeadSplit, ParamRef, arg, module_of, op_name, shape_of, where
+from ..aten import arg, module_of, op_name, shape_of
+from .rules import keep, nonzero_reason, register_rule, unknown_op, where
+from .values import Chan, HeadSplit, ParamRef
 
 
 _POOLS = ("max_pool", "avg_pool", "adaptive_avg_pool", "_adaptive_avg_pool", "adaptive_max_pool",
@@ -17,7 +18,7 @@ SPATIAL.update({"upsample_bilinear2d": 2, "upsample_bicubic2d": 2, "upsample_lin
 _TWO_OUTPUTS = tuple(n for n in SPATIAL if n.endswith("_with_indices") or n.startswith("adaptive_max"))
 
 
-@rule(*SPATIAL)
+@register_rule(*SPATIAL)
 def _spatial(an, node):
     xv = an.value(node.args[0])
     name = op_name(node)
@@ -26,11 +27,11 @@ def _spatial(an, node):
     n = len(shape_of(node.args[0]))
     if any(d >= n - SPATIAL[name] for d in xv.dims):
         return unknown_op(an, node, "acts on the channel dim")
-    out = _keep(xv)
+    out = keep(xv)
     return [out, None] if name in _TWO_OUTPUTS else out
 
 
-@rule("constant_pad_nd", "pad")
+@register_rule("constant_pad_nd", "pad")
 def _pad(an, node):
     xv = an.value(node.args[0])
     if not isinstance(xv, Chan):
@@ -40,10 +41,10 @@ def _pad(an, node):
     if any(d >= n - padded for d in xv.dims):
         return unknown_op(an, node, "pads the channel dim")
     value = arg(node, 2, "value", 0) if op_name(node) == "constant_pad_nd" else arg(node, 3, "value", 0)
-    return _keep(xv) if not value else _keep(xv, False, where(node))
+    return keep(xv) if not value else keep(xv, False, where(node))
 
 
-@rule("mean", "sum", "amax", "amin", "max", "min")
+@register_rule("mean", "sum", "amax", "amin", "max", "min")
 def _reduce(an, node):
     xv = an.value(node.args[0])
     name, overload = op_name(node), getattr(node.target, "_overloadname", "")
@@ -58,10 +59,10 @@ def _reduce(an, node):
     tuple_out = name in ("max", "min") and overload == "dim"
     if not dims & set(xv.dims):
         new = [d if keepdim else d - sum(r < d for r in dims) for d in xv.dims]
-        out = _keep(xv, dims=new)
+        out = keep(xv, dims=new)
     elif set(xv.dims) <= dims and name == "sum":
         if not xv.zero:
-            an.block(xv, _nonzero_reason(xv, node))
+            an.block(xv, nonzero_reason(xv, node))
         out = None  # pruned channels add nothing to the sum
     else:
         return unknown_op(an, node, "reduces over the channel dim")
@@ -92,7 +93,7 @@ def _chunks(src, dst):
     return out
 
 
-@rule("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze",
+@register_rule("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze",
       "view_as", "reshape_as")
 def _reshape(an, node):
     xv = an.value(node.args[0])
@@ -106,7 +107,7 @@ def _reshape(an, node):
     hit = [(i, o) for i, o in _chunks(src, dst) if set(i) & set(xv.dims)]
     if all(len(i) == 1 and len(o) == 1 for i, o in hit):  # the channel dims only move
         move = {i[0]: o[0] for i, o in hit}
-        return _keep(xv, dims=[move[d] for d in xv.dims])
+        return keep(xv, dims=[move[d] for d in xv.dims])
     if len(hit) != 1:
         return unknown_op(an, node, "merges channel dims with other dims in a way it cannot follow")
     ins, outs = hit[0]
@@ -138,7 +139,7 @@ def _reshape_param(an, node, ref: ParamRef, src, dst):
     return ParamRef(ref.fqn, perm, tuple(dst))
 
 
-@rule("transpose", "permute", "t", "swapaxes", "swapdims", "numpy_T", "movedim")
+@register_rule("transpose", "permute", "t", "swapaxes", "swapdims", "numpy_T", "movedim")
 def _permute(an, node):
     xv = an.value(node.args[0])
     n = len(shape_of(node.args[0]))
@@ -157,10 +158,10 @@ def _permute(an, node):
         return ParamRef(xv.fqn, tuple(xv.perm[p] for p in perm), tuple(xv.shape[p] for p in perm))
     if not isinstance(xv, Chan):
         return None
-    return _keep(xv, dims=[perm.index(d) for d in xv.dims])
+    return keep(xv, dims=[perm.index(d) for d in xv.dims])
 
 
-@rule("expand", "expand_as", "repeat")
+@register_rule("expand", "expand_as", "repeat")
 def _expand(an, node):
     xv = an.value(node.args[0])
     if not isinstance(xv, Chan):
@@ -169,10 +170,10 @@ def _expand(an, node):
     dims = [d + shift for d in xv.dims]
     if tuple(shape_of(node)[d] for d in dims) != xv.atoms.shape:
         return unknown_op(an, node, "repeats the channels")
-    return _keep(xv, dims=dims)
+    return keep(xv, dims=dims)
 
 
-@rule("select", "slice", "narrow", "index_select")
+@register_rule("select", "slice", "narrow", "index_select")
 def _index(an, node):
     xv = an.value(node.args[0])
     if not isinstance(xv, Chan):
@@ -182,14 +183,14 @@ def _index(an, node):
     name = op_name(node)
     if dim in xv.dims:
         if name == "slice" and shape_of(node)[dim] == src[dim] and arg(node, 4, "step", 1) == 1:
-            return _keep(xv)  # x[:, :] -- the whole dim
+            return keep(xv)  # x[:, :] -- the whole dim
         return unknown_op(an, node, "indexes the channel dim")
     if name == "select":
-        return _keep(xv, dims=[d - (d > dim) for d in xv.dims])
-    return _keep(xv)
+        return keep(xv, dims=[d - (d > dim) for d in xv.dims])
+    return keep(xv)
 
 
-@rule("cat", "concat", "concatenate")
+@register_rule("cat", "concat", "concatenate")
 def _cat(an, node):
     tensors = list(node.args[0])
     vals = [an.value(t) for t in tensors]
@@ -214,11 +215,11 @@ def _cat(an, node):
                                        and dim not in c.dims for c in chans):
         for c in chans[1:]:
             an.atoms.union_arrays(first.atoms, c.atoms)
-        return _keep(first, all(c.zero for c in chans), next((c.why for c in chans if c.why), ""))
+        return keep(first, all(c.zero for c in chans), next((c.why for c in chans if c.why), ""))
     return unknown_op(an, node, "concatenates tensors whose channels do not line up")
 
 
-@rule("stack")
+@register_rule("stack")
 def _stack(an, node):
     vals = [an.value(t) for t in node.args[0]]
     n = len(shape_of(node))
@@ -229,10 +230,10 @@ def _stack(an, node):
         return unknown_op(an, node, "stacks tensors whose channels do not line up")
     for v in vals[1:]:
         an.atoms.union_arrays(first.atoms, v.atoms)
-    return _keep(first, all(v.zero for v in vals), dims=[d + (d >= dim) for d in first.dims])
+    return keep(first, all(v.zero for v in vals), dims=[d + (d >= dim) for d in first.dims])
 
 
-@rule("split", "split_with_sizes", "chunk", "unbind")
+@register_rule("split", "split_with_sizes", "chunk", "unbind")
 def _split(an, node):
     xv = an.value(node.args[0])
     pieces = [shape_of(v) for v in node.meta.get("val", [])]
@@ -243,18 +244,18 @@ def _split(an, node):
     dim = int(arg(node, 1 if name == "unbind" else 2, "dim", 0)) % len(src)
     if dim not in xv.dims:
         if name == "unbind":
-            return [_keep(xv, dims=[d - (d > dim) for d in xv.dims]) for _ in pieces]
-        return [_keep(xv) for _ in pieces]
+            return [keep(xv, dims=[d - (d > dim) for d in xv.dims]) for _ in pieces]
+        return [keep(xv) for _ in pieces]
     sizes = [p[dim] for p in pieces]
     if name == "unbind" or len(xv.dims) != 1 or len(set(sizes)) != 1:
         return unknown_op(an, node, "splits the channels unevenly")
     parts = np.split(xv.atoms, len(sizes))
     for p in parts[1:]:  # equal pieces stay equal: channel j goes from every piece or none
         an.atoms.union_arrays(parts[0], p)
-    return [_keep(xv, atoms=p) for p in parts]
+    return [keep(xv, atoms=p) for p in parts]
 
 
-@rule("getitem")
+@register_rule("getitem")
 def _getitem(an, node):
     seq = an.value(node.args[0])
     if isinstance(seq, (list, tuple)) and isinstance(node.args[1], int) and node.args[1] < len(seq):

@@ -1,150 +1,29 @@
-"""Channel dependency analysis over the captured ATen graph (issue 4: compaction).
+"""Channel dependency analysis over the captured ATen graph.
 
 Every channel that compaction could remove is an *atom*; atoms that must go together (the two
 inputs of a residual add, the q/k/v rows of one attention head, the channels of one GroupNorm
 group, ...) are merged with a union-find, and one merged set is a *class*: the unit of channel
 pruning, with one score. The analysis walks the graph once, in order, and gives each tensor a
-:class:`Chan`: which of its dims carry atoms, which atom sits at each index, and whether the
-pruned channels are still exact zeros there (they must be, wherever a consumer's input slice is
-removed). Parameters are bound to atoms per dim (``axes``): that is what compaction slices.
+:class:`~.values.Chan`: which of its dims carry atoms, which atom sits at each index, and whether
+the pruned channels are still exact zeros there (they must be, wherever a consumer's input slice
+is removed). Parameters are bound to atoms per dim (``axes``): that is what compaction slices.
 
 Anything not understood (an unknown op touching a channel dim, a norm over channels, a channel
 reaching the model output, a coupling with a tensor no prunable layer produced) *blocks* the
 classes involved, with a reason naming the op; blocked classes are never pruned. The op rules
-live in :mod:`fxprune.passes.channel_ops`.
+live in the rules registry (:mod:`.rules`; the built-in ones in :mod:`.ops` and :mod:`.layout`).
 """
 from __future__ import annotations
-
-import operator
-from dataclasses import dataclass, field
 
 import numpy as np
 from torch import fx
 
+from ..aten import is_mutating, op_name, shape_of
+from . import layout, ops  # noqa: F401  (register the built-in rules)
+from .rules import find_rule, unknown_op
+from .values import AtomSet, Axis, Chan, HeadSplit, NormGroups, ParamRef
 
-class AtomSet:
-    """Union-find over atom ids (ints)."""
-
-    def __init__(self):
-        self.parent: list[int] = []
-
-    def new(self, shape) -> np.ndarray:
-        n = int(np.prod(shape, dtype=np.int64))
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
-        return np.arange(start, start + n, dtype=np.int64).reshape(shape)
-
-    def find(self, a: int) -> int:
-        parent = self.parent
-        root = a
-        while parent[root] != root:
-            root = parent[root]
-        while parent[a] != root:
-            parent[a], a = root, parent[a]
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(int(a)), self.find(int(b))
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)  # the oldest atom stays the root
-
-    def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
-        for x, y in zip(a.ravel().tolist(), b.ravel().tolist()):
-            if x != y:
-                self.union(x, y)
-
-    def union_all(self, a: np.ndarray) -> None:
-        flat = a.ravel().tolist()
-        for x in flat[1:]:
-            self.union(flat[0], x)
-
-    def roots(self) -> np.ndarray:
-        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
-
-
-@dataclass
-class Chan:
-    """The channel structure of one tensor: ``atoms[i, j, ...]`` is the atom at index i of
-    ``dims[0]``, j of ``dims[1]``... (broadcast over the other dims)."""
-
-    dims: tuple[int, ...]
-    atoms: np.ndarray
-    zero: bool = True          # pruned channels hold exact zeros here
-    why: str = ""              # the op that made them nonzero, when not zero
-
-
-@dataclass(frozen=True)
-class ParamRef:
-    """A parameter or buffer seen through transposes: dim i of this value is dim perm[i] of it."""
-
-    fqn: str
-    perm: tuple[int, ...]
-    shape: tuple[int, ...]
-
-
-@dataclass
-class Axis:
-    """Atoms bound to one dim of a parameter/buffer; ``roles``: source (a layer's output
-    channels), zero (zeroed with a pruned channel: bias, norm affine), slice (cut only)."""
-
-    atoms: np.ndarray
-    roles: set = field(default_factory=set)
-
-
-@dataclass
-class HeadSplit:
-    """A reshape that splits channels into (heads, head_dim): the module's head-count attributes
-    change when whole heads go."""
-
-    module: str
-    atoms: np.ndarray          # [heads, head_dim]
-
-
-@dataclass
-class NormGroups:
-    module: str
-    num_groups: int
-    atoms: np.ndarray          # [num_groups, channels_per_group]
-
-
-def op_name(node: fx.Node) -> str:
-    if node.target is operator.getitem:
-        return "getitem"
-    packet = getattr(node.target, "overloadpacket", None)
-    return packet.__name__ if packet is not None else getattr(node.target, "__name__", str(node.target))
-
-
-def arg(node: fx.Node, index: int, name: str, default=None):
-    """Argument ``index`` of ``node``, positional or keyword ``name``."""
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def is_mutating(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    return bool(schema is not None and schema.is_mutable)
-
-
-def shape_of(value) -> tuple[int, ...] | None:
-    if isinstance(value, fx.Node):
-        value = value.meta.get("val")
-    shape = getattr(value, "shape", None)
-    return tuple(int(s) for s in shape) if shape is not None else None
-
-
-def module_of(node: fx.Node) -> str:
-    """FQN (in the user's model) of the innermost module that ran ``node``."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return "" if path == "model" else path.removeprefix("model.")
-
-
-def where(node: fx.Node) -> str:
-    module = module_of(node)
-    return f"{op_name(node)} ({module or node.name})"
+__all__ = ["ChannelAnalysis", "AtomSet", "Axis", "Chan", "HeadSplit", "NormGroups", "ParamRef"]
 
 
 class ChannelAnalysis:
@@ -203,8 +82,6 @@ class ChannelAnalysis:
 
     # ------------------------------------------------------------------ the walk
     def run(self) -> "ChannelAnalysis":
-        from .channel_ops import RULES, unknown_op  # the op table
-
         graph = self.gm.graph
         live = _live_nodes(graph)
         for node in graph.nodes:
@@ -223,7 +100,7 @@ class ChannelAnalysis:
             if not any(isinstance(v, (Chan, ParamRef, list)) for v in inputs):
                 continue  # nothing channel-related flows through this node
             name = op_name(node)
-            rule = RULES.get(name) or (RULES.get(name[:-1]) if name.endswith("_") else None)
+            rule = find_rule(name)
             try:
                 out = rule(self, node) if rule else unknown_op(self, node)
             except Exception as e:  # a rule that trips on an unusual graph blocks, never fails

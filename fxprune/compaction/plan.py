@@ -1,21 +1,26 @@
-"""Channel groups: with ``compact=True``, output channels coupled across layers are selected as one.
+"""Channel plans: which coupled output channels are removed together.
 
-Runs in place of the mask pass. For every pruning group whose pattern removes output channels
-(``1xchannel``, ``Nxchannel``), the dependency analysis (:mod:`.dependency`) merges the channels
-that must go together (the convs feeding one residual add, the q/k/v rows of an attention head,
-a depthwise conv and its input, ...) into *classes*. Each class is one block: its score is the
-group's ``criterion_reduce_type`` over all the weights it masks (mean by default, so the score
-of a single row is the pattern's own row score), and its size is those weights. Classes are then
-selected like blocks of different sizes (SPEC §3): ``global`` walks one ranking over the group
-and takes each class that fits the weight budget ``floor(target * weights)``; ``local`` does the
-same per layer. ``max/min_sparsity_ratio_per_op`` hold for every member layer. With
-``round_channels_to: m``, each space (the channels sliced together) then gets back its
-best-scoring removed classes until it keeps a multiple of m channels: fewer weights are pruned
-than asked, for kernels that run faster.
+For every pruning group whose pattern removes output channels (``prunes_output_channels``:
+``1xchannel``, ``Nxchannel``, a user pattern that opts in), the channel analysis
+(:mod:`.analysis`) merges the channels that must go together (the convs feeding one residual
+add, the q/k/v rows of an attention head, a depthwise conv and its input, ...) into *classes*.
+Each class is one block: its score is the group's ``criterion_reduce_type`` over all the weights
+it masks (mean by default, so the score of a single row is the pattern's own row score), and its
+size is those weights. Classes are then selected like blocks of different sizes (see
+docs/design.md, "Patterns"): ``global`` walks one ranking over the group and takes each class
+that fits the weight budget ``floor(target * weights)``; ``local`` does the same per layer.
+``max/min_sparsity_ratio_per_op`` hold for every member layer. With ``round_channels_to: m``,
+each space (the channels sliced together) then gets back its best-scoring removed classes until
+it keeps a multiple of m channels: fewer weights are pruned than asked, for kernels that run
+faster.
 
 A class is *blocked* (never pruned, reported with the reason) when the analysis did not
 understand an op on its path, or when it is also produced by a layer that is not pruned with an
-output-channel pattern in the same group. Other groups are masked as usual.
+output-channel pattern in the same group.
+
+:func:`plan_channels` is the mask step of a graph captured with example inputs (``compact`` or
+not, so masks do not depend on it); :func:`plan_zero_channels` finds the removable channels of
+an already-pruned model (``fxprune.compact``).
 """
 from __future__ import annotations
 
@@ -26,11 +31,11 @@ import numpy as np
 import torch
 
 from ..selection import budget, ceil_budget
-from ..errors import FxPruneError
-from .dependency import ChannelAnalysis
-from .mask import MaskPass, mask_group, take_scores
+from .analysis import ChannelAnalysis
+from .slicing import get_tensor
 
 NOT_COMPACTED = "not compacted: pattern {!r} does not remove output channels (use 1xchannel or Nxchannel)"
+NO_USE = "not compacted: no op the channel analysis follows uses its output"
 
 
 @dataclass
@@ -66,6 +71,14 @@ class CompactionPlan:
     space: dict[int, int]                         # root -> space (classes sliced together)
     notes: dict[str, str] = field(default_factory=dict)  # param -> why its layer is not compacted
 
+    def dead_rows(self) -> dict[str, list[int]]:
+        """param -> the output channels (rows of its 2-D view) the removed classes hold."""
+        rows: dict[str, list[int]] = defaultdict(list)
+        for root in self.dead:
+            for param, r in self.classes[root].rows.items():
+                rows[param].extend(r)
+        return rows
+
     def dead_mask(self, atoms: np.ndarray, spaces: set[int] | None = None) -> np.ndarray:
         roots = self.analysis.roots(atoms)
         dead = np.isin(roots, np.fromiter(self.dead, dtype=np.int64, count=len(self.dead)))
@@ -80,52 +93,61 @@ def output_dim(target) -> int:
     return 1 if target.geometry.layout == "in_out" else 0
 
 
-def removes_output_channels(pattern) -> bool:
-    return bool(pattern.prunes_output_channels)
+def joint_selection(ctx, pattern) -> bool:
+    """Whether a group's masks come from the coupled channel classes: its pattern removes whole
+    output channels and the graph was captured with example inputs (so shapes are known)."""
+    return bool(pattern.prunes_output_channels) and ctx.exported is not None
 
 
-class ChannelMaskPass(MaskPass):
-    """The mask pass of ``compact=True``: coupled output channels are selected jointly."""
+def plan_channels(ctx, groups) -> CompactionPlan:
+    """Select the channel classes of ``groups`` (their patterns remove output channels) from
+    ``ctx.scores`` (popped) and write their keep-masks into ``ctx.masks``. The plan's notes say
+    why the other selected layers are not compacted."""
+    notes = {t.param: NOT_COMPACTED.format(g.pattern)
+             for g in ctx.groups if g not in groups for t in ctx.selected(g)}
+    if not groups:
+        return CompactionPlan(None, {}, {}, set(), {}, notes)
+    plan = _select_plan(ctx, ChannelAnalysis(ctx.graph_module, ctx.param_of_node).run(), groups)
+    members = [t for g in groups for t in ctx.selected(g)]
+    notes.update({t.param: NO_USE for t in members if (t.param, output_dim(t)) not in plan.analysis.axes})
+    plan.notes = notes
+    dead_rows = plan.dead_rows()
+    for t in members:
+        keep = torch.ones(t.geometry.view_shape, dtype=torch.bool)
+        keep[torch.as_tensor(dead_rows[t.param], dtype=torch.long)] = False
+        ctx.masks[t.param] = keep
+        ctx.scores.pop(t.param, None)
+    return plan
 
-    def requires(self, ctx) -> None:
-        super().requires(ctx)
-        if ctx.exported is None:
-            raise FxPruneError(
-                "compact=True needs example_inputs: compaction follows tensor shapes through the "
-                "graph, which only a capture with inputs records; pass example_inputs=(x,)")
 
-    def call(self, ctx) -> None:
-        channel = [g for g in ctx.groups if ctx.selected(g) and removes_output_channels(ctx.selected(g)[0].pattern)]
-        notes = {}
-        for group in ctx.groups:
-            targets = ctx.selected(group)
-            if not targets or group in channel:
+def plan_zero_channels(model, targets, an: ChannelAnalysis) -> CompactionPlan:
+    """The plan of an already-pruned model: every class none of whose channels carries anything
+    (all its rows of every layer are zero, and its bias / norm entries too) is removed."""
+    an.finalize()
+    members = list(targets)
+    blocked = _blocked(an, members, {t.param: t for t in members})
+    classes = _classes(an, members, scores=None)
+    dead = set()
+    zero_entry: dict[int, bool] = defaultdict(lambda: True)
+    with torch.no_grad():
+        for (fqn, dim), ax in an.axes.items():
+            if not ax.roles & {"source", "zero"}:
                 continue
-            ctx.masks.update(mask_group(group, targets, take_scores(ctx, targets)))
-            notes.update({t.param: NOT_COMPACTED.format(group.pattern) for t in targets})
-        if not channel:
-            ctx.compaction = CompactionPlan(None, {}, {}, set(), {}, notes)
-            return
-        plan = _plan(ctx, ChannelAnalysis(ctx.graph_module, ctx.param_of_node).run(), channel)
-        for group in channel:
-            for t in ctx.selected(group):
-                if (t.param, output_dim(t)) not in plan.analysis.axes:
-                    notes[t.param] = "not compacted: no op the channel analysis follows uses its output"
-        plan.notes = notes
-        dead_rows = defaultdict(list)
-        for root in plan.dead:
-            for param, rows in plan.classes[root].rows.items():
-                dead_rows[param].extend(rows)
-        for group in channel:
-            for t in ctx.selected(group):
-                keep = torch.ones(t.geometry.view_shape, dtype=torch.bool)
-                keep[torch.as_tensor(dead_rows[t.param], dtype=torch.long)] = False
-                ctx.masks[t.param] = keep
-                ctx.scores.pop(t.param, None)
-        ctx.compaction = plan
+            tensor = get_tensor(model, fqn)
+            if tensor.dim() == 0 or tensor.shape[dim] != ax.atoms.size:
+                continue
+            nonzero = (tensor.detach().movedim(dim, 0).reshape(ax.atoms.size, -1) != 0).any(dim=1)
+            for root, live in zip(an.roots(ax.atoms).tolist(), nonzero.tolist()):
+                if live:
+                    zero_entry[root] = False
+    for root in classes:
+        if root not in blocked and zero_entry[root]:
+            dead.add(root)
+    notes = {t.param: NO_USE for t in members if (t.param, output_dim(t)) not in an.axes}
+    return CompactionPlan(an, classes, blocked, dead, an.spaces(), notes)
 
 
-def _plan(ctx, an: ChannelAnalysis, groups) -> CompactionPlan:
+def _select_plan(ctx, an: ChannelAnalysis, groups) -> CompactionPlan:
     members = [t for g in groups for t in ctx.selected(g)]
     for t in members:  # Nxchannel: N consecutive rows are one block
         n = t.pattern.output_channel_block
@@ -134,34 +156,8 @@ def _plan(ctx, an: ChannelAnalysis, groups) -> CompactionPlan:
             for block in ax.atoms.reshape(-1, n):
                 an.atoms.union_all(block)
     an.finalize()
-    blocked = an.blocked_roots()
-    is_member = {(t.param, output_dim(t)) for t in members}
-    for (fqn, dim), ax in an.axes.items():  # channels also produced by a layer that is not pruned
-        if "source" in ax.roles and (fqn, dim) not in is_member:
-            t = ctx.targets.get(fqn)
-            if t is None:
-                why = f"{fqn}, which is not a prunable layer"
-            elif t.selected:
-                why = f"{t.name}, pruned with pattern {t.group.pattern!r} in pruning_configs[{t.group.index}]"
-            else:
-                why = f"{t.name} ({t.status})"
-            for r in np.unique(an.roots(ax.atoms)).tolist():
-                blocked.setdefault(r, f"coupled with {why}")
-    classes: dict[int, ChannelClass] = {}
-    for t in members:
-        ax = an.axes.get((t.param, output_dim(t)))
-        if ax is None:
-            continue  # its output is never used by an op the analysis follows
-        scores = ctx.scores[t.param].double()
-        sums, maxes = scores.sum(dim=1).tolist(), scores.amax(dim=1).tolist()
-        cols = scores.shape[1]
-        for row, root in enumerate(an.roots(ax.atoms).tolist()):
-            c = classes.get(root) or classes.setdefault(root, ChannelClass(root, len(classes)))
-            c.rows[t.param].append(row)
-            c.weights[t.param] += cols
-            c.score_sum += sums[row]
-            c.score_max = max(c.score_max, maxes[row])
-            c.groups.add(t.group.index)
+    blocked = _blocked(an, members, ctx.targets)
+    classes = _classes(an, members, scores=ctx.scores)
     for root, c in classes.items():
         if len(c.groups) > 1:
             blocked.setdefault(root, f"couples layers of pruning_configs {sorted(c.groups)}")
@@ -174,6 +170,48 @@ def _plan(ctx, an: ChannelAnalysis, groups) -> CompactionPlan:
         _round_up(classes, dead, space, ctx.config.round_channels_to,
                   {g.index: g.criterion_reduce_type for g in groups})
     return CompactionPlan(an, classes, blocked, dead, space)
+
+
+def _blocked(an: ChannelAnalysis, members, targets) -> dict[int, str]:
+    """Classes the analysis blocked, and those also produced by a layer that is not a member."""
+    blocked = an.blocked_roots()
+    is_member = {(t.param, output_dim(t)) for t in members}
+    for (fqn, dim), ax in an.axes.items():  # channels also produced by a layer that is not pruned
+        if "source" in ax.roles and (fqn, dim) not in is_member:
+            t = targets.get(fqn)
+            if t is None:
+                why = f"{fqn}, which is not a prunable layer"
+            elif t.selected:
+                why = f"{t.name}, pruned with pattern {t.group.pattern!r} in pruning_configs[{t.group.index}]"
+            else:
+                why = f"{t.name} ({t.status})"
+            for r in np.unique(an.roots(ax.atoms)).tolist():
+                blocked.setdefault(r, f"coupled with {why}")
+    return blocked
+
+
+def _classes(an: ChannelAnalysis, members, scores) -> dict[int, ChannelClass]:
+    """The classes holding the members' output channels; with ``scores`` (param -> view
+    scores), each class's score sum and max."""
+    classes: dict[int, ChannelClass] = {}
+    for t in members:
+        ax = an.axes.get((t.param, output_dim(t)))
+        if ax is None:
+            continue  # its output is never used by an op the analysis follows
+        cols = t.geometry.view_shape[1]
+        if scores is not None:
+            s = scores[t.param].double()
+            sums, maxes = s.sum(dim=1).tolist(), s.amax(dim=1).tolist()
+        for row, root in enumerate(an.roots(ax.atoms).tolist()):
+            c = classes.get(root) or classes.setdefault(root, ChannelClass(root, len(classes)))
+            c.rows[t.param].append(row)
+            c.weights[t.param] += cols
+            if scores is not None:
+                c.score_sum += sums[row]
+                c.score_max = max(c.score_max, maxes[row])
+            if t.group is not None:
+                c.groups.add(t.group.index)
+    return classes
 
 
 def _round_up(classes, dead: set[int], space, multiple: int, reduce_types) -> None:

@@ -1,0 +1,24 @@
+"""Channel compaction: find the output channels that can be removed together, and remove them.
+
+- :mod:`.values`: atoms (removable channels), their union-find, what is known of each tensor;
+- :mod:`.analysis`: :class:`ChannelAnalysis`, one walk over the ATen graph applying the rules;
+- :mod:`.rules`: the rules registry (:func:`register_rule`: add a rule for your own op);
+  built-in rules in :mod:`.ops` and :mod:`.layout`;
+- :mod:`.plan`: coupled classes selected by score (:func:`plan_channels`) or found zero in an
+  already-pruned model (:func:`plan_zero_channels`);
+- :mod:`.slicing`: physical removal on the user's modules, with undo;
+- :mod:`.apply`: zero, slice, verify against the masked model, report.
+
+``fxprune.compact(model, example_inputs)`` compacts an already-pruned model;
+``fxprune.transform(..., compact=True)`` prunes and compacts in one go.
+"""
+from .analysis import ChannelAnalysis
+from .apply import compact_model, nothing_to_compact, summary, zero_removed
+from .plan import CompactionPlan, joint_selection, output_dim, plan_channels, plan_zero_channels
+from .rules import RULES, find_rule, keep, nonzero_reason, register_rule, unknown_op, where
+from .values import Chan, ParamRef
+
+__all__ = ["RULES", "Chan", "ChannelAnalysis", "CompactionPlan", "ParamRef", "compact_model",
+           "find_rule", "joint_selection", "keep", "nonzero_reason", "nothing_to_compact",
+           "output_dim", "plan_channels", "plan_zero_channels", "register_rule", "summary",
+           "unknown_op", "where", "zero_removed"]

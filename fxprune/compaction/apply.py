@@ -1,0 +1,154 @@
+"""Applying a channel plan to the model: zero, slice, verify, undo what fails, report.
+
+1. :func:`zero_removed` zeroes every per-channel tensor of a removed class that the rewrite did
+   not (a BatchNorm after an activation, an added per-channel parameter, GroupNorm affine), so
+   the masked model is exactly the function the compacted one computes;
+2. :func:`compact_model` runs the masked model once on the example inputs (outputs and FLOPs),
+   slices the parameters and module attributes (:mod:`.slicing`), and runs it again: the outputs
+   must match (rtol 1e-4). If they do not, or the forward fails (a view in the user's code with
+   a hard-coded channel count, ...), every slicing is undone and each *space* (the channels
+   sliced together) is retried alone; the spaces that fail stay masked, uncompacted, and are
+   reported;
+3. :func:`summary` is the report's ``compaction`` entry: parameters and FLOPs before and after,
+   and per space the layers, the units (channels, heads, norm groups) removed, and what blocked
+   the rest.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..inputs import output_tensors, split_inputs
+from .slicing import count_params, get_tensor, slice_model
+
+RTOL = 1e-4
+
+
+def compact_model(model, plan, example_inputs) -> dict:
+    """Slice the plan's removed classes out of ``model`` (in place), keeping only the spaces whose
+    outputs still match; returns the figures :func:`summary` reports."""
+    args, kwargs = split_inputs(example_inputs)
+    params_before = count_params(model)
+    shapes_before = {n: list(p.shape) for n, p in model.named_parameters()}
+    reference, flops_before = forward(model, args, kwargs, count_flops=True)
+    spaces = sorted({plan.space[r] for r in plan.dead})
+    failed: dict[int, str] = {}
+    why, flops_after = _try(model, plan, set(spaces), args, kwargs, reference)
+    if why is not None:  # find the spaces that break the model; keep the others
+        for s in spaces:
+            reason, _ = _try(model, plan, {s}, args, kwargs, reference, keep=False)
+            if reason is not None:
+                failed[s] = reason
+        good = set(spaces) - set(failed)
+        why, flops_after = _try(model, plan, good, args, kwargs, reference)
+        if why is not None:
+            failed.update({s: why for s in good})
+            flops_after = flops_before
+    return {"failed": failed, "params_before": params_before, "params_after": count_params(model),
+            "flops_before": flops_before, "flops_after": flops_after, "shapes_before": shapes_before}
+
+
+def nothing_to_compact(model, plan) -> dict:
+    """The report entry when no group removes output channels."""
+    n = count_params(model)
+    return {"params_before": n, "params_after": n, "flops_before": None, "flops_after": None,
+            "groups": [], "layers": {}, "not_compacted": dict(plan.notes)}
+
+
+def zero_removed(model, plan) -> None:
+    """Zero the removed classes' entries of every source/zero-role tensor (biases, norm affine)."""
+    with torch.no_grad():
+        for (fqn, dim), ax in plan.analysis.axes.items():
+            if not ax.roles & {"source", "zero"}:
+                continue
+            dead = plan.dead_mask(ax.atoms)
+            if dead.any():
+                t = get_tensor(model, fqn)
+                t.index_fill_(dim, torch.as_tensor(np.flatnonzero(dead), device=t.device), 0)
+
+
+def forward(model, args, kwargs, count_flops: bool = False):
+    """The model's output tensors on the example inputs, in eval mode (mode restored), and FLOPs."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if count_flops:
+                with FlopCounterMode(display=False) as counter:
+                    out = model(*args, **kwargs)
+                return [t.detach() for t in output_tensors(out)], int(counter.get_total_flops())
+            return [t.detach() for t in output_tensors(model(*args, **kwargs))], None
+    finally:
+        model.train(was_training)
+
+
+def _try(model, plan, spaces: set[int], args, kwargs, reference, keep: bool = True):
+    """Slice ``spaces`` and check the outputs: (None, FLOPs) when they match (undone unless
+    ``keep``), else (why not, None), undone."""
+    try:
+        undo = slice_model(model, plan, spaces)
+    except Exception as e:
+        return f"slicing failed: {type(e).__name__}: {_first_line(e)}", None
+    flops = None
+    try:
+        out, flops = forward(model, args, kwargs, count_flops=keep)
+        why = _mismatch(out, reference)
+    except Exception as e:
+        why = f"the compacted model fails: {type(e).__name__}: {_first_line(e)}"
+    if why is not None or not keep:
+        undo.restore()
+    return why, flops
+
+
+def _mismatch(out, reference) -> str | None:
+    if len(out) != len(reference):
+        return f"the compacted model returns {len(out)} tensors instead of {len(reference)}"
+    for i, (a, b) in enumerate(zip(out, reference)):
+        if a.shape != b.shape:
+            return f"output {i} has shape {tuple(a.shape)} instead of {tuple(b.shape)}"
+        if not a.is_floating_point():
+            if not torch.equal(a, b):
+                return f"output {i} differs"
+            continue
+        scale = float(b.abs().max()) if b.numel() else 0.0
+        rtol = max(RTOL, 16 * torch.finfo(b.dtype).eps)  # fp16/bf16 sum in another order too
+        if not torch.allclose(a.float(), b.float(), rtol=rtol, atol=rtol * max(scale, 1e-6)):
+            err = float((a.float() - b.float()).abs().max())
+            return f"output {i} differs from the masked model's by {err:.3g} (max |output| {scale:.3g})"
+    return None
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else "(no message)"
+
+
+def summary(model, targets, plan, figures: dict) -> dict:
+    """The ``compaction`` entry of the report: one record per space holding pruned layers.
+    ``targets``: param -> Target, in graph order; ``figures``: what :func:`compact_model` returned."""
+    failed, shapes_before = figures["failed"], figures["shapes_before"]
+    names = {t.param: t.name for t in targets.values()}
+    spaces: dict[int, list[int]] = {}
+    for root in plan.classes:
+        spaces.setdefault(plan.space[root], []).append(root)
+    groups = []
+    for sid, roots in spaces.items():
+        layers = sorted({p for r in roots for p in plan.classes[r].rows}, key=list(names).index)
+        blocked = Counter(plan.blocked[r] for r in roots if r in plan.blocked)
+        removed = sum(r in plan.dead for r in roots)
+        entry = {"layers": [names[p] for p in layers], "units": len(roots),
+                 "removed": 0 if sid in failed else removed, "blocked_units": sum(blocked.values()),
+                 "blocked": [{"reason": why, "units": n} for why, n in blocked.most_common()]}
+        if sid in failed:
+            entry["blocked"].insert(0, {"reason": f"not compacted: {failed[sid]}", "units": removed})
+        groups.append(entry)
+    current = dict(model.named_parameters())
+    layers = {n: {"shape_before": shape, "shape_after": list(current[n].shape),
+                  "zeros_after": int(current[n].numel() - torch.count_nonzero(current[n]))}
+              for n, shape in shapes_before.items() if n in current and list(current[n].shape) != shape}
+    return {"params_before": figures["params_before"], "params_after": figures["params_after"],
+            "flops_before": figures["flops_before"], "flops_after": figures["flops_after"],
+            "groups": groups, "layers": layers, "not_compacted": dict(plan.notes)}

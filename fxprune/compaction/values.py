@@ -1,0 +1,92 @@
+"""The values of the channel analysis: atoms (removable channels), their union-find, and what
+the analysis knows of each tensor (:class:`Chan`) or parameter (:class:`ParamRef`, :class:`Axis`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class AtomSet:
+    """Union-find over atom ids (ints)."""
+
+    def __init__(self):
+        self.parent: list[int] = []
+
+    def new(self, shape) -> np.ndarray:
+        n = int(np.prod(shape, dtype=np.int64))
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n, dtype=np.int64).reshape(shape)
+
+    def find(self, a: int) -> int:
+        parent = self.parent
+        root = a
+        while parent[root] != root:
+            root = parent[root]
+        while parent[a] != root:
+            parent[a], a = root, parent[a]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(int(a)), self.find(int(b))
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)  # the oldest atom stays the root
+
+    def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(a.ravel().tolist(), b.ravel().tolist()):
+            if x != y:
+                self.union(x, y)
+
+    def union_all(self, a: np.ndarray) -> None:
+        flat = a.ravel().tolist()
+        for x in flat[1:]:
+            self.union(flat[0], x)
+
+    def roots(self) -> np.ndarray:
+        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
+
+
+@dataclass
+class Chan:
+    """The channel structure of one tensor: ``atoms[i, j, ...]`` is the atom at index i of
+    ``dims[0]``, j of ``dims[1]``... (broadcast over the other dims)."""
+
+    dims: tuple[int, ...]
+    atoms: np.ndarray
+    zero: bool = True          # pruned channels hold exact zeros here
+    why: str = ""              # the op that made them nonzero, when not zero
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """A parameter or buffer seen through transposes: dim i of this value is dim perm[i] of it."""
+
+    fqn: str
+    perm: tuple[int, ...]
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Axis:
+    """Atoms bound to one dim of a parameter/buffer; ``roles``: source (a layer's output
+    channels), zero (zeroed with a pruned channel: bias, norm affine), slice (cut only)."""
+
+    atoms: np.ndarray
+    roles: set = field(default_factory=set)
+
+
+@dataclass
+class HeadSplit:
+    """A reshape that splits channels into (heads, head_dim): the module's head-count attributes
+    change when whole heads go."""
+
+    module: str
+    atoms: np.ndarray          # [heads, head_dim]
+
+
+@dataclass
+class NormGroups:
+    module: str
+    num_groups: int
+    atoms: np.ndarray          # [num_groups, channels_per_group]

@@ -1,0 +1,187 @@
+"""The channel-analysis rules, one tiny graph per op: which output channels of the producing layer
+form one class (are removed together), which tensors they bind, and what blocks them (with the
+op named in the reason). Table-driven: one row per rule."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxprune.compaction import RULES, Chan, ChannelAnalysis, keep, register_rule
+from fxprune.passes import CAPTURE_PASSES, PassManager
+from fxprune.transform import _context
+
+
+def analyse(model, *inputs) -> ChannelAnalysis:
+    ctx = _context(model.eval(), None, inputs, inplace=True)
+    PassManager([p() for p in CAPTURE_PASSES]).run(ctx)
+    return ChannelAnalysis(ctx.graph_module, ctx.param_of_node).run()
+
+
+def roots(an, fqn, dim=0) -> np.ndarray:
+    return an.roots(an.axes[(fqn, dim)].atoms)
+
+
+def blocked(an, fqn, dim=0) -> set[str]:
+    b = an.blocked_roots()
+    return {b[r] for r in roots(an, fqn, dim).tolist() if r in b}
+
+
+class Linear(nn.Module):
+    """fc (8 -> 16) is the producer, ``op`` the op under test, head (16 -> 4) the consumer."""
+
+    def __init__(self, op, head_in=16, extra=False):
+        super().__init__()
+        self.fc, self.fc2 = nn.Linear(8, 16), nn.Linear(8, 16)
+        self.p = nn.Parameter(torch.rand(16) + 0.5)
+        self.head = nn.Linear(head_in, 4)
+        self.op = op
+
+    def forward(self, x):
+        return self.head(self.op(self, self.fc(x), x))
+
+
+class Conv(nn.Module):
+    """conv (3 -> 8 channels) is the producer, ``op`` the op under test, then a 1x1 conv and a head."""
+
+    def __init__(self, op, mid=None):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.mid = mid
+        self.out = nn.Conv2d(8, 4, 1)
+        self.op = op
+
+    def forward(self, x):
+        return self.out(self.op(self, self.conv(x))).mean((2, 3))
+
+
+X = torch.randn(2, 8)
+IMG = torch.randn(2, 3, 6, 6)
+
+# (id, model, input, producer param, expected classes among its channels, blocked reason substring or None)
+CASES = [
+    ("relu", Linear(lambda m, h, x: torch.relu(h)), X, "fc.weight", 16, None),
+    ("gelu", Linear(lambda m, h, x: F.gelu(h)), X, "fc.weight", 16, None),
+    ("sigmoid", Linear(lambda m, h, x: torch.sigmoid(h)), X, "fc.weight", 16,
+     "sigmoid (sigmoid) makes pruned channels nonzero before linear (head)"),
+    ("clamp", Linear(lambda m, h, x: h.clamp(min=0.1)), X, "fc.weight", 16, "clamp"),
+    ("add: residual couples", Linear(lambda m, h, x: h + m.fc2(x)), X, "fc.weight", 16, None),
+    ("mul by a parameter", Linear(lambda m, h, x: h * m.p), X, "fc.weight", 16, None),
+    ("div by channels", Linear(lambda m, h, x: h / (m.fc2(x).abs() + 1)), X, "fc.weight", 16,
+     "divides by pruned channels"),
+    ("layer_norm", Linear(lambda m, h, x: F.layer_norm(h, (16,))), X, "fc.weight", 16,
+     "normalizes over the channel dim"),
+    ("softmax", Linear(lambda m, h, x: torch.softmax(h, -1)), X, "fc.weight", 16, "normalizes over the channel dim"),
+    ("mean over channels", Linear(lambda m, h, x: h - h.mean(-1, keepdim=True)), X, "fc.weight", 16,
+     "reduces over the channel dim"),
+    ("slice of channels", Linear(lambda m, h, x: h[:, :8], head_in=8), X, "fc.weight", 16, "indexes the channel dim"),
+    ("view into heads", Linear(lambda m, h, x: torch.relu(h.view(2, 4, 4)).reshape(2, 16)), X, "fc.weight", 4, None),
+    ("cat along channels", Linear(lambda m, h, x: torch.cat([h, m.fc2(x)], -1), head_in=32), X, "fc.weight", 16, None),
+    ("stack couples", Linear(lambda m, h, x: torch.stack([h, m.fc2(x)]).sum(0)), X, "fc.weight", 16, None),
+    ("split evenly couples pieces", Linear(lambda m, h, x: sum(h.split(8, -1)), head_in=8), X, "fc.weight", 8, None),
+    ("split unevenly", Linear(lambda m, h, x: h.split([4, 12], -1)[1], head_in=12), X, "fc.weight", 16,
+     "splits the channels unevenly"),
+    ("unknown op", Linear(lambda m, h, x: torch.cumsum(h, -1)), X, "fc.weight", 16,
+     "cumsum (cumsum): not understood by the channel analysis"),
+    ("transpose", Linear(lambda m, h, x: h.unsqueeze(1).transpose(1, 2).squeeze(2)), X, "fc.weight", 16, None),
+    ("batch_norm", Conv(lambda m, c: m.mid(c), nn.BatchNorm2d(8)), IMG, "conv.weight", 8, None),
+    ("group_norm: whole groups", Conv(lambda m, c: m.mid(c), nn.GroupNorm(4, 8)), IMG, "conv.weight", 4, None),
+    ("depthwise conv follows", Conv(lambda m, c: m.mid(c), nn.Conv2d(8, 8, 3, padding=1, groups=8)), IMG,
+     "conv.weight", 8, None),
+    ("grouped conv", Conv(lambda m, c: m.mid(c), nn.Conv2d(8, 8, 3, padding=1, groups=2)), IMG, "conv.weight", 8,
+     "grouped convolution (groups=2)"),
+    ("max_pool2d", Conv(lambda m, c: F.max_pool2d(c, 2)), IMG, "conv.weight", 8, None),
+    ("adaptive_avg_pool2d", Conv(lambda m, c: F.adaptive_avg_pool2d(c, 2)), IMG, "conv.weight", 8, None),
+    ("interpolate", Conv(lambda m, c: F.interpolate(c, scale_factor=2.0)), IMG, "conv.weight", 8, None),
+    ("pad with a nonzero value", Conv(lambda m, c: F.pad(c, (1, 1, 1, 1), value=1.0)), IMG, "conv.weight", 8,
+     "pad (pad) makes pruned channels nonzero before conv2d (out)"),
+    ("channel reaches the output", Conv(lambda m, c: c), IMG, "out.weight", 4, "reaches the model output"),
+]
+
+
+@pytest.mark.parametrize("model,inputs,param,classes,reason", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_rule(model, inputs, param, classes, reason):
+    an = analyse(model, inputs)
+    assert len(np.unique(roots(an, param))) == classes
+    why = blocked(an, param)
+    if reason is None:
+        assert why == set()
+    else:
+        assert why and all(reason in w for w in why), why
+
+
+def test_residual_add_and_stack_couple_both_producers_channel_by_channel():
+    for op in (lambda m, h, x: h + m.fc2(x), lambda m, h, x: torch.stack([h, m.fc2(x)]).sum(0)):
+        an = analyse(Linear(op), X)
+        assert np.array_equal(roots(an, "fc.weight"), roots(an, "fc2.weight"))
+        assert np.array_equal(roots(an, "fc.bias"), roots(an, "fc.weight"))          # bias bound (zero role)
+        assert np.array_equal(roots(an, "head.weight", 1), roots(an, "fc.weight"))   # consumer input slice
+
+
+def test_cat_offsets_and_parameter_binding():
+    an = analyse(Linear(lambda m, h, x: torch.cat([h, m.fc2(x)], -1), head_in=32), X)
+    head_in = roots(an, "head.weight", 1)
+    assert np.array_equal(head_in[:16], roots(an, "fc.weight")) and np.array_equal(head_in[16:], roots(an, "fc2.weight"))
+    an = analyse(Linear(lambda m, h, x: h * m.p), X)
+    assert np.array_equal(roots(an, "p"), roots(an, "fc.weight")) and an.axes[("p", 0)].roles == {"slice"}
+
+
+def test_norm_and_depthwise_bind_their_tensors():
+    an = analyse(Conv(lambda m, c: m.mid(c), nn.BatchNorm2d(8)), IMG)
+    for name in ("mid.weight", "mid.bias", "mid.running_mean", "mid.running_var"):
+        assert np.array_equal(roots(an, name), roots(an, "conv.weight")), name
+    an = analyse(Conv(lambda m, c: m.mid(c), nn.Conv2d(8, 8, 3, padding=1, groups=8)), IMG)
+    assert np.array_equal(roots(an, "mid.weight"), roots(an, "conv.weight"))
+    an = analyse(Conv(lambda m, c: m.mid(c), nn.GroupNorm(4, 8)), IMG)
+    assert len(an.norm_groups) == 1 and an.norm_groups[0].num_groups == 4
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x):
+        def heads(t):
+            return t.view(2, 5, 2, 8).transpose(1, 2)
+        a = F.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)))
+        return self.o(a.transpose(1, 2).reshape(2, 5, 16)).sum(1)
+
+
+def test_attention_heads_go_whole_with_q_k_v():
+    an = analyse(Attention(), torch.randn(2, 5, 16))
+    q = roots(an, "q.weight")
+    assert len(np.unique(q)) == 2 and blocked(an, "q.weight") == set()
+    assert np.array_equal(q, roots(an, "k.weight")) and np.array_equal(q, roots(an, "v.weight"))
+
+
+@torch.library.custom_op("fxprune_test::chanscale", mutates_args=())
+def chanscale(x: torch.Tensor) -> torch.Tensor:
+    return x * 2.0
+
+
+@chanscale.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_a_custom_op_blocks_until_a_rule_is_registered():
+    model = Linear(lambda m, h, x: chanscale(h))
+    assert blocked(analyse(model, X), "fc.weight") == {"chanscale (chanscale): not understood by the channel analysis"}
+
+    @register_rule("chanscale")
+    def _chanscale(an, node):  # channel-wise: channels pass through, zeros stay zeros
+        x = an.value(node.args[0])
+        return keep(x) if isinstance(x, Chan) else None
+
+    try:
+        an = analyse(model, X)
+        assert blocked(an, "fc.weight") == set() and len(np.unique(roots(an, "fc.weight"))) == 16
+        assert np.array_equal(roots(an, "head.weight", 1), roots(an, "fc.weight"))
+    finally:
+        RULES.pop("chanscale")
+
+
+def test_register_rule_needs_names():
+    with pytest.raises(ValueError, match="register_rule needs one or more op names"):
+        register_rule()
