@@ -29,9 +29,8 @@ def is_user_code(fn: Any) -> bool:
 def who(obj: Any, method: str) -> str:
     """``pattern '2:4' (MyPattern.block_layout)`` / ``criterion 'mine' (MyCriterion.view_scores)``."""
     cls = obj if isinstance(obj, type) else type(obj)
-    from .criteria.base import Criterion
-    if issubclass(cls, Criterion):
-        return f"criterion {cls.name or cls.__name__!r} ({cls.__qualname__}.{method})"
+    if hasattr(cls, "view_scores"):   # a Criterion (no import: the criteria import this module)
+        return f"criterion {getattr(cls, 'name', '') or cls.__name__!r} ({cls.__qualname__}.{method})"
     name = getattr(obj, "pattern", None) if not isinstance(obj, type) else None
     name = name or getattr(cls, "registered_name", "") or cls.__name__
     return f"pattern {name!r} ({cls.__qualname__}.{method})"
@@ -58,11 +57,9 @@ def layer_of(t) -> str:
 
 
 # ---------------------------------------------------------------------- patterns
-def check_block_layout(pattern, t, layout) -> None:
-    """``block_layout``'s answer for target ``t``: a non-empty skip reason, or a BlockLayout whose
-    blocks tile the layer's 2-D view."""
-    from .patterns.base import BlockLayout
-
+def check_block_layout(pattern, t, layout, layout_type: type) -> None:
+    """``block_layout``'s answer for target ``t``: a non-empty skip reason, or a BlockLayout
+    (``layout_type``) whose blocks tile the layer's 2-D view."""
     def bad(what: str) -> ExtensionError:
         return ExtensionError(f"{who(pattern, 'block_layout')} returned {what} for {layer_of(t)} "
                               f"(view {tuple(t.geometry.view_shape)}); it must return a "
@@ -72,7 +69,7 @@ def check_block_layout(pattern, t, layout) -> None:
         if not layout.strip():
             raise bad("an empty skip reason")
         return
-    if not isinstance(layout, BlockLayout):
+    if not isinstance(layout, layout_type):
         raise bad(f"{type(layout).__name__} {_short(layout)}")
     shape, dims, weights = layout.shape, layout.reduce_dims, layout.block_weights
     if not (isinstance(shape, tuple) and shape and all(_positive_int(s) for s in shape)):
