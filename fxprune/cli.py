@@ -351,6 +351,8 @@ def _checks_list(checks) -> list[dict]:
 def cmd_inspect(args) -> int:
     import fxprune
     from .config import PruningConfig
+    from .extensions import calling, check_block_layout, layer_of
+    from .patterns.base import BlockLayout
     from .registry import PATTERNS, registries
 
     if args.model is None:  # the registries only
@@ -363,8 +365,11 @@ def cmd_inspect(args) -> int:
     gm = fxprune.capture(model, _inputs(args, loaded_inputs))
     targets = list(gm.meta["fxprune_targets"].values())
     # the built-in examples, then every pattern registered under an exact name (user patterns)
-    names = [*INSPECT_PATTERNS, *(n for n, cls in PATTERNS.items()
-                                  if n not in INSPECT_PATTERNS and cls.matches(n))]
+    names = list(INSPECT_PATTERNS)
+    for n, cls in PATTERNS.items():
+        with calling(cls, "matches", f"for {n!r}"):
+            if n not in INSPECT_PATTERNS and cls.matches(n):
+                names.append(n)
     rows = []
     for t in targets:
         fits, not_fits = [], {}
@@ -376,7 +381,9 @@ def cmd_inspect(args) -> int:
             except fxprune.ConfigError as e:  # a user pattern that refuses this probe config
                 not_fits[name] = str(e)
                 continue
-            layout = pattern.block_layout(t.geometry)
+            with calling(pattern, "block_layout", f"for {layer_of(t)}"):
+                layout = pattern.block_layout(t.geometry)
+            check_block_layout(pattern, t, layout, BlockLayout)
             if isinstance(layout, str):
                 not_fits[name] = layout
             else:
@@ -420,6 +427,9 @@ def _print_registries() -> None:
 def cmd_validate(args) -> int:
     from .export import format_checks, validate_onnx
 
+    for flag, value in (("--rtol", args.rtol), ("--atol", args.atol)):
+        if not (value >= 0 and value != float("inf")):
+            raise UsageError(f"{flag} must be a finite number >= 0, got {value}")
     onnx_path = Path(args.onnx)
     if not onnx_path.is_file():
         raise UsageError(f"ONNX file {args.onnx!r} does not exist")

@@ -9,9 +9,9 @@ import copy
 import difflib
 import json
 import math
+import functools
 import re
 import warnings
-import functools
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -348,16 +348,22 @@ def _check_keys(d: Mapping, valid: tuple[str, ...], source: str) -> None:
 def load_config_file(path: str | Path) -> dict:
     """Read a YAML or JSON config file; the error names the file and what is wrong with it."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r} is a directory; pass the path of a YAML/JSON file")
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist; pass a dict or the path of a "
                           f"YAML/JSON file")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {e.start}); save it as "
+                          f"UTF-8 YAML or JSON") from None
     try:
         if p.suffix.lower() == ".json":
             data = json.loads(text)
         else:
             import yaml
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_yaml_loader())
     except Exception as e:  # yaml.YAMLError / json.JSONDecodeError
         raise ConfigError(f"config file {str(p)!r} is not valid {p.suffix.lstrip('.').upper() or 'YAML'}: "
                           f"{_parse_error_line(e)}") from None
@@ -372,6 +378,43 @@ def load_config_file(path: str | Path) -> dict:
         if set(data) == {wrapper} and isinstance(data[wrapper], dict):
             data = data[wrapper]
     return data
+
+
+@functools.lru_cache(maxsize=1)
+def _yaml_loader():
+    """PyYAML's safe loader with YAML 1.2 numbers and no duplicate keys.
+
+    YAML 1.1 (PyYAML's default) reads an unquoted ``pattern: 2:4`` as the sexagesimal integer 124
+    and ``target_sparsity: 5e-1`` as a string; a repeated key silently keeps the last value."""
+    import yaml
+
+    class ConfigLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+    ConfigLoader.yaml_implicit_resolvers = {
+        first: [r for r in resolvers if r[0] not in (int_tag, float_tag)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    ConfigLoader.add_implicit_resolver(
+        int_tag, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+    ConfigLoader.add_constructor(int_tag, lambda loader, node: _yaml12_int(loader.construct_scalar(node)))
+    ConfigLoader.add_implicit_resolver(
+        float_tag, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                              r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+    return ConfigLoader
+
+
+def _yaml12_int(text: str) -> int:
+    """A YAML 1.2 integer: decimal (a leading zero is not octal), ``0o`` octal or ``0x`` hex."""
+    return int(text, 0) if text[:2].lower() in ("0o", "0x") else int(text)
 
 
 def _parse_error_line(e: Exception) -> str:

@@ -439,6 +439,13 @@ FILES = [
         files={"types.yaml": "op_names: 3\n"}),
     Bad("config-file-group-type", prune("groups.yaml"), CE, r"pruning_configs\[0\]: pruning_scope must be one of .* got 7",
         files={"groups.yaml": "pruning_configs:\n  - pruning_scope: 7\n"}),
+    Bad("config-not-utf8", prune("latin.yaml"), CE, r"config file 'latin.yaml' is not UTF-8 text \(byte 14\)",
+        files={"latin.yaml": "op_names: [caf\xe9]\n".encode("latin-1")}),
+    Bad("config-directory", prune("conf.yaml"), CE, r"config file 'conf.yaml' is a directory", files={"conf.yaml/x": "a"}),
+    Bad("yaml-duplicate-key", prune("dup.yaml"), CE, r"'dup.yaml' is not valid YAML: line 3, column 1: key 'pattern' appears twice",
+        files={"dup.yaml": "pattern: 4x1\ntarget_sparsity: 0.5\npattern: 2:4\n"}),
+    Bad("yaml-octal-looking-string", prune("oct.yaml"), CE, r"round_channels_to must be an integer >= 1, got '1_6'",
+        files={"oct.yaml": "round_channels_to: 1_6\n"}),
     Bad("report-json-garbage", lambda m, d: fxprune.SparsityReport.from_json(d / "r.json"), RE,
         r"not a valid fxprune sparsity report: Expecting value", files={"r.json": "not json"}),
     Bad("report-json-missing-field", lambda m, d: fxprune.SparsityReport.from_json(_report(numel=...)), RE,
@@ -456,6 +463,9 @@ FILES = [
     Bad("onnx-no-report", _read("m.onnx"), ExportError, r"m.onnx has no 'fxprune.report' metadata", files={"m.onnx": _onnx_file(None)}),
     Bad("onnx-not-onnx", _read("m.onnx"), ExportError, r"m.onnx is not an ONNX model", files={"m.onnx": b"\x00garbage"}),
     Bad("onnx-missing", _read("none.onnx"), ExportError, r"none.onnx: no such file"),
+    Bad("onnx-path-int", lambda m, d: read_report(123), ExportError, r"path must be the path of an .onnx file, got int"),
+    Bad("validate-model-string", lambda m, d: validate_onnx(d / "m.onnx", "model.pt2", (X,)), ExportError,
+        r"model must be the torch.nn.Module the file was exported from, got str", files={"m.onnx": _onnx_file(None)}),
     Bad("report-write-missing-dir", lambda m, d: fxprune.sparsity_report(fxprune.transform(m, {})).to_json(d / "no" / "r.json"), FE,
         r"cannot write the report to '.*no/r.json': No such file or directory"),
     Bad("onnx-write-missing-dir", lambda m, d: to_onnx(m, (X,), d / "no" / "m.onnx"), ExportError, r"directory .*no does not exist"),
@@ -503,6 +513,17 @@ def test_bad_input(case: Bad, tmp_path, monkeypatch, restore_registries):
 def test_the_battery_is_large_and_distinct():
     ids = [p.id for p in API_CASES] + [p.id for p in CLI_CASES]
     assert len(ids) == len(set(ids)) and len(ids) >= 100
+
+
+def test_yaml_numbers_and_patterns_read_as_written(tmp_path, mlp):
+    """YAML 1.2 scalars: an unquoted 2:4 is the pattern (not sexagesimal 124), 5e-1 a number,
+    016 the integer 16."""
+    path = tmp_path / "prune.yaml"
+    path.write_text("pattern: 2:4\ntarget_sparsity: 5e-1\nround_channels_to: 016\nop_names: [layers.0]\n")
+    cfg = fxprune.PruningConfig.from_any(path)
+    assert (cfg.pattern, cfg.target_sparsity, cfg.round_channels_to) == ("2:4", 0.5, 16)
+    pruned = fxprune.transform(mlp, path)
+    assert int((pruned.layers[0].weight == 0).sum()) == 64 * 32 // 2
 
 
 def test_the_report_field_table_covers_every_layer_field():

@@ -4,6 +4,7 @@ report as JSON) and ``fxprune.version``. onnxruntime shows the same entries in
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import onnx
@@ -16,6 +17,8 @@ VERSION_KEY = "fxprune.version"
 
 def read_metadata(path) -> dict[str, str]:
     """The ONNX model's ``metadata_props`` as a dict (external data is not loaded)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ExportError(f"path must be the path of an .onnx file, got {type(path).__name__}")
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"{path}: no such file")

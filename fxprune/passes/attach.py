@@ -14,7 +14,6 @@ from ..errors import ConfigError
 from ..extensions import calling, check_block_layout, layer_of
 from ..patterns.base import BlockLayout
 from ..registry import get_pattern
-
 from .base import Pass
 from .context import PruneContext, Target
 
