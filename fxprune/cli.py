@@ -298,18 +298,18 @@ def cmd_prune(args) -> int:
             except ValidationError as e:
                 result, code = e.result, EXIT_VALIDATION
                 if not args.json:
-                    table = str(e).split("\n", 1)[-1]
+                    table = staged.shown(str(e).split("\n", 1)[-1])
                     print(_plain(f"fxprune: validation of {args.onnx} failed; no output was written "
                                  f"(--no-validate writes it without the checks):\n{table}"),
                           file=sys.stderr)
         if code == EXIT_OK:
             staged.commit()
-    if result is not None and code == EXIT_OK:  # report the final paths, not the staging ones
+    if result is not None:  # report the final paths, not the staging ones
         result.path = Path(args.onnx)
         if result.data_path is not None:
             result.data_path = Path(args.onnx).parent / result.data_path.name
     if args.json:
-        out = {"model": source, "report": report.to_dict()}
+        out = {"model": source, "report": report.to_dict(), "written": code == EXIT_OK}
         if result is not None:
             out["onnx"] = _result_dict(result)
         print(json.dumps(out, indent=2))

@@ -149,7 +149,7 @@ def check_registration(kind: str, name: Any, cls: Any, base: type, registry: dic
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ExtensionError(f"{deco} must decorate a subclass of fxprune.{base.__name__}, got "
                              f"{getattr(cls, '__qualname__', type(cls).__name__)}")
-    if override:
+    if override or not is_user_code(cls):   # fxprune's own registrations (a module reload too)
         return
     current = registry.get(name)
     if current is not None and current is not cls and not is_user_code(current):

@@ -697,14 +697,19 @@ def test_bad_command_line(cli_case, cli_results):
 
 
 def test_a_successful_command_hides_third_party_warnings(tmp_path):
+    """The factory and torch.export warn; only fxprune's own warning (schedule keys unused) shows."""
     _cli_base(tmp_path)
+    (tmp_path / "sched.yaml").write_text(OK_YAML + "start_step: 2\nend_step: 2\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), str(tmp_path)]))
     env.pop("PYTHONWARNINGS", None)
-    run = lambda *extra: subprocess.run([sys.executable, "-m", "fxprune", "prune", "userfac:noisy", "--config", "ok.yaml",
+    run = lambda *extra: subprocess.run([sys.executable, "-m", "fxprune", "prune", "userfac:noisy", "--config", "sched.yaml",
                                          "--example-inputs", "float32[2,8]", "--report", "r.json", "-q", *extra],
                                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     quiet = run()
-    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == "", quiet.stderr
+    assert quiet.returncode == 0 and quiet.stdout == "", quiet.stderr
+    warned = [line for line in quiet.stderr.splitlines() if "Warning" in line]
+    assert len(warned) == 1 and "['end_step', 'start_step'] set a training schedule" in warned[0], quiet.stderr
+    assert "noise" not in quiet.stderr and "\x1b[" not in quiet.stderr
     assert json.loads((tmp_path / "r.json").read_text())["totals"]["pruned_layers"] == 2
     assert not [p.name for p in tmp_path.iterdir() if "fxprune-tmp" in p.name]
     debug = run("--debug")

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import nonfinite_tensors
-from ..errors import ExtensionError, FxPruneError, WeightError, describe
+from ..errors import CaptureError, ExtensionError, FxPruneError, WeightError, describe
 from ..geometry import to_view_2d
 from ..progress import progress
 from .base import Criterion, register_criterion
@@ -72,7 +72,12 @@ class GradientCriterion(Criterion):
                         f"loss_fn returned {float(loss.detach().reshape(()))} on calibration batch "
                         f"{batches}: " + (f"the model's {', '.join(sources)} hold NaN/inf" if sources
                                           else "the batch or the loss overflows; check the data"))
-                loss.reshape(()).backward()
+                try:
+                    loss.reshape(()).backward()
+                except Exception as e:   # the model's autograd graph (in-place ops, hooks...)
+                    raise CaptureError(f"backward of loss_fn's loss failed on calibration batch "
+                                       f"{batches} ({describe(e)}); gradient criteria need a loss "
+                                       f"that autograd can differentiate") from e
                 batches += 1
                 if self.per_batch:
                     self.observe_gradients(params)
