@@ -139,13 +139,14 @@ def check_channel_capabilities(pattern) -> None:
 
 # ---------------------------------------------------------------------- registration
 def check_registration(kind: str, name: Any, cls: Any, base: type, registry: dict, override: bool,
-                       claims: Callable[[type, type], list[str]] | None = None) -> None:
+                       claims: Callable[[type, type], list[str]] | None = None,
+                       example: str = "mine") -> None:
     """A registration names a class of the right base under a non-empty name, and does not
     replace (or take strings from) a built-in unless ``override=True``."""
     deco = f"@register_{kind}({name!r})"
     if not isinstance(name, str) or not name.strip():
         raise ExtensionError(f"register_{kind} needs a non-empty name, e.g. "
-                             f"@fxprune.register_{kind}('mine'); got {name!r}")
+                             f"@fxprune.register_{kind}({example!r}); got {name!r}")
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ExtensionError(f"{deco} must decorate a subclass of fxprune.{base.__name__}, got "
                              f"{getattr(cls, '__qualname__', type(cls).__name__)}")

@@ -1,10 +1,11 @@
 """Channel masks do not depend on ``compact``, and ``fxprune.compact`` removes the channels of an
 already-pruned model (from ``transform`` or ``Pruner.finalize()``) with the same equality check."""
+import pytest
 import torch
 from torch import nn
 
 import fxprune
-from test_compact import CHANNEL, InvertedResidual, assert_same_function, masked_and_compacted, randomize_bn
+from test_compact import CHANNEL, MLP, InvertedResidual, assert_same_function, masked_and_compacted, randomize_bn
 
 
 def test_masks_are_the_coupled_ones_with_or_without_compact():
@@ -26,19 +27,11 @@ def test_masks_are_the_coupled_ones_with_or_without_compact():
 
 
 def test_compact_after_the_pruner():
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4)
-
-        def forward(self, x):
-            return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-    model = Net()
+    model = MLP()                              # fc1 32 -> 64, fc2 64 -> 48, fc3 48 -> 10 (left dense)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     pruner = fxprune.Pruner(model, {"pattern": "1xchannel", "target_sparsity": 0.5, "pruning_scope": "local",
                                     "start_step": 1, "end_step": 1}, optimizer=opt)
-    x = torch.randn(8, 16)
+    x = torch.randn(8, 32)
     for _ in range(2):
         model(x).square().mean().backward()
         opt.step()
@@ -46,8 +39,8 @@ def test_compact_after_the_pruner():
         pruner.step()
     model = pruner.finalize().eval()
     smaller = fxprune.compact(model, (x,))
-    assert smaller.fc1.weight.shape == (16, 16) and smaller.fc2.weight.shape == (16, 16)
-    assert smaller.head.weight.shape == (4, 16)
+    assert smaller.fc1.weight.shape == (32, 32) and smaller.fc2.weight.shape == (24, 32)
+    assert smaller.fc3.weight.shape == (10, 24)
     assert_same_function(model, smaller, (x,))
     report = fxprune.sparsity_report(smaller)
     assert report.compaction["params_before"] == sum(p.numel() for p in model.parameters())
@@ -68,3 +61,14 @@ def test_compact_of_a_dense_model_removes_nothing_and_needs_inputs():
         assert "needs example_inputs" in str(e)
     else:
         raise AssertionError("no error without example inputs")
+
+
+def test_blocked_channels_are_kept_with_a_warning_that_names_the_op():
+    from test_compact import LayerNormMLP
+
+    x = (torch.randn(2, 16),)
+    with pytest.warns(UserWarning, match=r"pruning_configs\[0\] \(pattern '1xchannel', 2 layers\): achieved sparsity "
+                      r"0\.3333, target_sparsity 0\.5: 32 of 64 coupled channel units cannot be removed exactly "
+                      r"and are kept \(e\.g\. layer_norm \(norm\): normalizes over the channel dim"):
+        pruned = fxprune.transform(LayerNormMLP(), CHANNEL, x)
+    assert int((pruned.fc1.weight == 0).all(1).sum()) == 0 and int((pruned.fc2.weight == 0).all(1).sum()) == 16

@@ -24,6 +24,7 @@ an already-pruned model (``fxprune.compact``).
 """
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -169,7 +170,33 @@ def _select_plan(ctx, an: ChannelAnalysis, groups) -> CompactionPlan:
     if ctx.config.round_channels_to > 1:
         _round_up(classes, dead, space, ctx.config.round_channels_to,
                   {g.index: g.criterion_reduce_type for g in groups})
+    for group in groups:
+        _warn_if_blocked(group, ctx.selected(group), classes, blocked, dead)
     return CompactionPlan(an, classes, blocked, dead, space)
+
+
+def _warn_if_blocked(group, targets, classes, blocked, dead) -> None:
+    """The target-missed warning of channel classes: blocked classes are kept, so a group whose
+    target needs them falls short; say by how much and why (whole classes alone round a count
+    down by less than one class, which is not warned about)."""
+    mine = [c for c in classes.values() if group.index in c.groups]
+    stuck = [c for c in mine if c.root in blocked]
+    if not stuck:
+        return
+    numel = {t.param: t.geometry.numel for t in targets}
+    if group.pruning_scope == "local":
+        wanted = sum(budget(group.target_sparsity, n) for n in numel.values())
+    else:
+        wanted = budget(group.target_sparsity, sum(numel.values()))
+    pruned = sum(c.size for c in mine if c.root in dead)
+    if wanted - pruned <= max(c.size for c in mine):
+        return
+    total = sum(numel.values())
+    warnings.warn(
+        f"{group.where} (pattern {group.pattern!r}, {len(targets)} layers): achieved sparsity "
+        f"{pruned / total:.4f}, target_sparsity {group.target_sparsity:g}: {len(stuck)} of {len(mine)} "
+        f"coupled channel units cannot be removed exactly and are kept (e.g. {blocked[stuck[0].root]}); "
+        f"with compact=True the report's compaction entry lists every reason", stacklevel=4)
 
 
 def _blocked(an: ChannelAnalysis, members, targets) -> dict[int, str]:

@@ -16,11 +16,12 @@ The class flags (``needs_data``, ``needs_gradients``, ``one_shot_only``, ``train
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, TypeVar
+from typing import Callable, Mapping
 
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..registration import Registry, T
 
 
 class Criterion:
@@ -79,24 +80,13 @@ class Criterion:
 
 
 # ---------------------------------------------------------------------- the registry
-CRITERIA: dict[str, type[Criterion]] = {}
-
-T = TypeVar("T", bound=type)
+CRITERIA = Registry(Criterion, "register_criterion", "name", "mine")
 
 
 def register_criterion(name: str, *, override: bool = False) -> Callable[[T], T]:
     """Class decorator: make a :class:`Criterion` subclass usable as ``pruning_type: name``.
     Replacing a built-in criterion needs ``override=True``."""
-    from ..extensions import check_registration
-    if not isinstance(name, str) or not name.strip():
-        check_registration("criterion", name, None, Criterion, CRITERIA, override)
-
-    def decorate(cls: T) -> T:
-        check_registration("criterion", name, cls, Criterion, CRITERIA, override)
-        cls.name = name
-        CRITERIA[name] = cls
-        return cls
-    return decorate
+    return CRITERIA.decorator(name, override=override)
 
 
 def get_criterion_class(name: str, where: str = "config") -> type[Criterion]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -27,6 +27,7 @@ from ..errors import ConfigError, FxPruneError
 from ..extensions import (calling, check_block_scores, check_expanded, check_pruned_blocks,
                           is_user_code)
 from ..geometry import WeightGeometry
+from ..registration import Registry, T
 from ..selection import LazyScores, budget, ceil_budget, materialize, select_global, select_local
 
 
@@ -233,9 +234,7 @@ class BasePattern:
 
 
 # ---------------------------------------------------------------------- the registry
-PATTERNS: dict[str, type[BasePattern]] = {}
-
-T = TypeVar("T", bound=type)
+PATTERNS = Registry(BasePattern, "register_pattern", "registered_name", "myblock")
 
 
 # Pattern strings the built-in families handle, probed when a user class registers: a user
@@ -252,18 +251,7 @@ def register_pattern(name: str, *, override: bool = False) -> Callable[[T], T]:
     family class says which strings it takes through its ``matches`` classmethod. Replacing a
     built-in pattern (its name, or strings a built-in family takes) needs ``override=True``.
     """
-    from ..extensions import check_registration
-    if not isinstance(name, str) or not name.strip():
-        check_registration("pattern", name, None, BasePattern, PATTERNS, override)
-
-    def decorate(cls: T) -> T:
-        check_registration("pattern", name, cls, BasePattern, PATTERNS, override,
-                           claims=lambda c, _: _builtin_strings_taken(name, c))
-        cls.registered_name = name
-        PATTERNS[name] = cls
-        return cls
-
-    return decorate
+    return PATTERNS.decorator(name, override=override)
 
 
 def _builtin_strings_taken(name: str, cls: type) -> list[tuple[type, str]]:
@@ -280,6 +268,9 @@ def _builtin_strings_taken(name: str, cls: type) -> list[tuple[type, str]]:
             if s == name or (own_matches and cls.matches(s)):
                 taken.append((owner, s))
     return taken
+
+
+PATTERNS.claims = _builtin_strings_taken
 
 
 def get_pattern_class(pattern: str, where: str = "config") -> type[BasePattern]:
