@@ -144,9 +144,13 @@ class Pruner:
         self._advanced = False
         if self._begun == self.global_step:
             return
+        # Every group's masks first, then apply them: a group that fails (bad weights, a user
+        # pattern's error) leaves the model and every group's state as they were.
+        plans = [(g, self._plan(g, self.global_step)) for g in self.groups]
+        for g, plan in plans:
+            if plan is not None:
+                self._apply_plan(g, *plan)
         self._begun = self.global_step
-        for g in self.groups:
-            self._maybe_prune(g, self.global_step)
 
     def on_before_optimizer_step(self) -> None:
         """After backward, before ``optimizer.step()``: gradient criteria read the gradients."""
@@ -215,17 +219,17 @@ class Pruner:
         mask = self._weight_masks.get(param)
         return grad if mask is None else grad * mask
 
-    def _maybe_prune(self, g: _Group, step: int) -> None:
-        """INC's ``update_masks``: at a pruning step, prune to the scheduled sparsity."""
+    def _plan(self, g: _Group, step: int):
+        """INC's ``update_masks`` without changing anything: None when ``step`` does not prune
+        ``g``, else (its pruning count after the step, its keep-masks or None)."""
         if g.locked or not g.schedule.is_pruning_step(step):
-            return
+            return None
         if g.sparsity > g.schedule.target_sparsity:
-            return
+            return None
         ratio = g.schedule.sparsity(g.completed)
-        g.completed += 1
         if g.criterion.needs_gradients and not g.criterion.has_scores():
             if ratio <= g.sparsity:
-                return
+                return g.completed + 1, None
             raise FxPruneError(
                 f"{g.config.where}: pruning step {step} needs gradient scores, but no gradients were "
                 f"observed yet: pass optimizer=... to fxprune.Pruner or call "
@@ -236,7 +240,12 @@ class Pruner:
         # The target-missed warning once, at the last pruning step: earlier steps of a schedule
         # legitimately round down to fewer whole blocks.
         last = step == g.schedule.pruning_steps()[-1]
-        keep = mask_group(g.config, g.targets, scores, target_sparsity=ratio, warn=last)
+        return g.completed + 1, mask_group(g.config, g.targets, scores, target_sparsity=ratio, warn=last)
+
+    def _apply_plan(self, g: _Group, completed: int, keep: dict | None) -> None:
+        g.completed = completed
+        if keep is None:
+            return
         for t in g.targets:
             self._set_mask(t, keep[t.param].to(self.masks[t.param].device))
         self.apply_masks()

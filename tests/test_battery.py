@@ -252,6 +252,12 @@ PRUNER = [
     Bad("pruner-load-wrong-state", lambda m, d: fxprune.Pruner(copy.deepcopy(m), PRUNER_CFG).load_state_dict([1]), FE,
         r"load_state_dict takes the dict of Pruner.state_dict\(\) .* got list"),
     Bad("pruner-step-after-finalize", _finalized_then(lambda p: p.step()), FE, r"this Pruner was finalized"),
+    # both groups prune at step 0, when the Pruner is built: the second fails, the first is not applied
+    Bad("pruner-second-group-fails", pruner({"pruning_configs": [
+        {"op_names": ["layers.0"], "pattern": "1x1", "target_sparsity": 0.5},
+        {"op_names": ["layers.1"], "pattern": "p_fail", "target_sparsity": 0.5}]}), XE,
+        r"pattern 'p_fail' \(User_p_fail.get_masks\) raised RuntimeError: no masks today for pruning_configs\[1\]",
+        register=lambda: _pattern("p_fail", get_masks=_raise(RuntimeError("no masks today")))()),
 ]
 
 
@@ -495,9 +501,7 @@ def test_bad_input(case: Bad, tmp_path, monkeypatch, restore_registries):
     write_files(tmp_path, case.files)
     if case.register is not None:
         case.register()
-    model = (case.model or MLP)()
-    if isinstance(model, nn.Module) and not any(p.is_meta for p in model.parameters()):
-        model.eval()
+    model = (case.model or MLP)()   # in training mode: flags must come back as they were
     before, files, regs = model_state(model), files_state(tmp_path), registries()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # warnings are not what this battery checks
