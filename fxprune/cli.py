@@ -437,6 +437,9 @@ def cmd_validate(args) -> int:
     inputs = _inputs(args, loaded_inputs)
     if inputs is None:
         raise UsageError(f"{source} has no example inputs; pass --example-inputs")
+    from .inputs import split_inputs
+    from .passes.run_inputs import check_model_runs
+    check_model_runs(model, *split_inputs(inputs, UsageError))   # bad inputs: exit 2, not a failed check
     checks = validate_onnx(onnx_path, model, inputs, rtol=args.rtol, atol=args.atol)
     passed = all(c.passed for c in checks)
     if args.json:

@@ -650,6 +650,8 @@ CLI = [
                                           "--report", "r.json", "--save", "s.pt2", "--onnx", "m.onnx"], 2,
      "torch.onnx.export could not export CumMax"),
     ("validate-not-onnx", ["validate", "garbage.onnx", "--model", "mlp.pt2"], 2, "garbage.onnx is not an ONNX model"),
+    ("validate-inputs-wrong-shape", ["validate", "badmeta.onnx", "--model", "userfac:mlp", "--example-inputs", "float32[2,9]"], 2,
+     "Sequential cannot run on example_inputs (RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x9 and 8x16))"),
     ("validate-corrupt-metadata", ["validate", "badmeta.onnx", "--model", "mlp.pt2"], 2,
      "badmeta.onnx: metadata 'fxprune.report' is not a valid fxprune sparsity report (layers[0].name must be a string, got 1)"),
 ]
