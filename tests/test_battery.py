@@ -131,7 +131,8 @@ INPUTS = [
     Bad("calibration-int", calib(5), CE, r"calibration must be an iterable of batches .* got int"),
     Bad("calibration-empty", calib([]), CE, r"calibration is empty"),
     Bad("calibration-batch-shape", calib([(X,), (torch.randn(4, 7),)]), FE,
-        r"layer layers.0: a call used its weight on an input of shape \(4, 7\), expected the last dim 32"),
+        r"calibration batch 1: layer layers.0: a call used its weight on an input of shape \(4, 7\), expected the last "
+        r"dim 32"),
     Bad("calibration-batch-keyword", calib([(X,), {"y": X}]), CAP,
         r"calibration batch 1: MLP cannot run on it \(TypeError: MLP.forward\(\) got an unexpected keyword argument 'y'\)"),
     Bad("calibration-nan-batch", calib([(torch.full((4, 32), float("nan")),)]), WE,

@@ -188,7 +188,12 @@ def record_inputs(ctx, targets: Sequence, observe: Callable[[WeightCall], None],
         if nonfinite_count(call.x):
             raise WeightError(nonfinite_input_message(model, call.target.name,
                                                       f"calibration batch {n_batches}"))
-        observe(call)
+        try:
+            observe(call)
+        except FxPruneError as e:  # e.g. an input of the wrong width: say which batch
+            if e.args and isinstance(e.args[0], str):
+                e.args = (f"calibration batch {n_batches}: {e.args[0]}", *e.args[1:])
+            raise
 
     recorder = WeightInputRecorder(model, targets, checked, stop_after)
     with eval_mode(model), torch.no_grad():
