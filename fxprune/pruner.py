@@ -18,7 +18,9 @@ attach passes; the model is pruned in place, since it is being trained). At each
 a group's :class:`~fxprune.schedule.Schedule`, its criterion scores the weights and its pattern
 turns the scores into masks at the scheduled sparsity, through the same score and mask path as
 ``fxprune.transform`` (``score_targets``, ``mask_group``: global or local, exact counts, the same
-checks; the target-missed warning at the last pruning step). Masks only grow: pruned weights score 0, live ones at least the smallest normal float,
+checks; the target-missed warning at the last pruning step). Built with ``example_inputs``, a
+group whose pattern removes output channels selects coupled channel classes instead, as
+``transform`` does, so ``fxprune.compact(model, example_inputs)`` can remove them afterwards. Masks only grow: pruned weights score 0, live ones at least the smallest normal float,
 so a pruned block is pruned again first. Between pruning steps the masks are kept: gradients of
 pruned weights are masked (a tensor hook on each weight) and the weights are re-masked after
 every optimizer step (momentum or weight decay cannot revive them). ``pattern_lock`` groups lock
@@ -44,6 +46,7 @@ from .extensions import calling
 from .geometry import from_view_2d, to_view_2d
 from .passes import (AttachPass, CapturePass, DiscoverPass, PassManager, PruneContext, RecordPass,
                      RunInputsPass)
+from .compaction import ChannelAnalysis, joint_selection, select_classes, zero_removed
 from .passes.mask import mask_group
 from .passes.rewrite import zero_pruned_channels
 from .passes.score import score_targets
@@ -62,6 +65,7 @@ class _Group:
     completed: int = 0               # INC's completed_pruned_cnt
     sparsity: float = 0.0            # current sparsity of the group's weights
     params: dict = field(default_factory=dict)
+    plan: Any = None                 # coupled channel classes: the CompactionPlan of the last step
 
     @property
     def locked(self) -> bool:
@@ -81,7 +85,11 @@ class Pruner:
         ctx = PruneContext(model=model, config=PruningConfig.from_any(config),
                            example_inputs=example_inputs)
         PassManager([RunInputsPass(), CapturePass(), DiscoverPass(), AttachPass()]).run(ctx)
-        ctx.graph_module = ctx.exported = None   # only the targets are needed from here on
+        # With example inputs, output-channel groups select coupled channel classes, as transform
+        # does: the channel analysis is kept, the rest of the graph is not needed any more.
+        joint = [g for g in ctx.groups if ctx.selected(g) and joint_selection(ctx, ctx.selected(g)[0].pattern)]
+        self._analysis = ChannelAnalysis(ctx.graph_module, ctx.param_of_node).run() if joint else None
+        ctx.graph_module = ctx.exported = None
         self.model, self.ctx, self.optimizer = model, ctx, optimizer
         self.groups = [self._group(g, ctx) for g in ctx.groups if ctx.selected(g)]
         check_weights(model, ctx.selected())
@@ -200,6 +208,8 @@ class Pruner:
                     weight = g.params[t.param]
                     weight.mul_(self._weight_masks[t.param])
                     zero_pruned_channels(self.model, t, self.masks[t.param])
+                if g.plan is not None:
+                    zero_removed(self.model, g.plan)
 
     def sparsity(self) -> float:
         """Current fraction of pruned weights over the selected layers."""
@@ -221,7 +231,8 @@ class Pruner:
 
     def _plan(self, g: _Group, step: int):
         """INC's ``update_masks`` without changing anything: None when ``step`` does not prune
-        ``g``, else (its pruning count after the step, its keep-masks or None)."""
+        ``g``, else (its pruning count after the step, its keep-masks or None, its coupled
+        channel plan or None)."""
         if g.locked or not g.schedule.is_pruning_step(step):
             return None
         if g.sparsity > g.schedule.target_sparsity:
@@ -229,7 +240,7 @@ class Pruner:
         ratio = g.schedule.sparsity(g.completed)
         if g.criterion.needs_gradients and not g.criterion.has_scores():
             if ratio <= g.sparsity:
-                return g.completed + 1, None
+                return g.completed + 1, None, None
             raise FxPruneError(
                 f"{g.config.where}: pruning step {step} needs gradient scores, but no gradients were "
                 f"observed yet: pass optimizer=... to fxprune.Pruner or call "
@@ -240,12 +251,23 @@ class Pruner:
         # The target-missed warning once, at the last pruning step: earlier steps of a schedule
         # legitimately round down to fewer whole blocks.
         last = step == g.schedule.pruning_steps()[-1]
-        return g.completed + 1, mask_group(g.config, g.targets, scores, target_sparsity=ratio, warn=last)
+        if self._analysis is not None and g.pattern.prunes_output_channels:
+            plan = select_classes(self.ctx, self._analysis, [g.config], scores, target_sparsity=ratio,
+                                  warn=last)
+            dead = plan.dead_rows()
+            keep = {}
+            for t in g.targets:
+                keep[t.param] = torch.ones(t.geometry.view_shape, dtype=torch.bool)
+                keep[t.param][torch.as_tensor(dead[t.param], dtype=torch.long)] = False
+            return g.completed + 1, keep, plan
+        return g.completed + 1, mask_group(g.config, g.targets, scores, target_sparsity=ratio, warn=last), None
 
-    def _apply_plan(self, g: _Group, completed: int, keep: dict | None) -> None:
+    def _apply_plan(self, g: _Group, completed: int, keep: dict | None, plan=None) -> None:
         g.completed = completed
         if keep is None:
             return
+        if plan is not None:
+            g.plan = plan
         for t in g.targets:
             self._set_mask(t, keep[t.param].to(self.masks[t.param].device))
         self.apply_masks()

@@ -1,5 +1,7 @@
 """Channel masks do not depend on ``compact``, and ``fxprune.compact`` removes the channels of an
 already-pruned model (from ``transform`` or ``Pruner.finalize()``) with the same equality check."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -72,3 +74,24 @@ def test_blocked_channels_are_kept_with_a_warning_that_names_the_op():
                       r"and are kept \(e\.g\. layer_norm \(norm\): normalizes over the channel dim"):
         pruned = fxprune.transform(LayerNormMLP(), CHANNEL, x)
     assert int((pruned.fc1.weight == 0).all(1).sum()) == 0 and int((pruned.fc2.weight == 0).all(1).sum()) == 16
+
+
+def test_pruner_with_example_inputs_selects_coupled_classes():
+    model = randomize_bn(InvertedResidual().eval())
+    x = (torch.randn(2, 3, 8, 8),)
+    _, compacted, _ = masked_and_compacted(model, CHANNEL, x)
+    trained = copy.deepcopy(model)
+    opt = torch.optim.SGD(trained.parameters(), lr=0.0)     # weights unchanged: transform's scores
+    pruner = fxprune.Pruner(trained, dict(CHANNEL, start_step=1, end_step=1), optimizer=opt, example_inputs=x)
+    for _ in range(2):
+        trained(*x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        pruner.step()
+    trained = pruner.finalize().eval()
+    plain = fxprune.transform(model, CHANNEL, x)              # the coupled masks of transform
+    for (name, p), (_, q) in zip(trained.named_parameters(), plain.named_parameters()):
+        assert torch.equal(p, q), name
+    later = fxprune.compact(trained, x)
+    assert [p.shape for p in later.parameters()] == [p.shape for p in compacted.parameters()]
+    assert_same_function(trained, later, x)

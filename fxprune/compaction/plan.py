@@ -108,7 +108,7 @@ def plan_channels(ctx, groups) -> CompactionPlan:
              for g in ctx.groups if g not in groups for t in ctx.selected(g)}
     if not groups:
         return CompactionPlan(None, {}, {}, set(), {}, notes)
-    plan = _select_plan(ctx, ChannelAnalysis(ctx.graph_module, ctx.param_of_node).run(), groups)
+    plan = select_classes(ctx, ChannelAnalysis(ctx.graph_module, ctx.param_of_node).run(), groups, ctx.scores)
     members = [t for g in groups for t in ctx.selected(g)]
     notes.update({t.param: NO_USE for t in members if (t.param, output_dim(t)) not in plan.analysis.axes})
     plan.notes = notes
@@ -148,7 +148,11 @@ def plan_zero_channels(model, targets, an: ChannelAnalysis) -> CompactionPlan:
     return CompactionPlan(an, classes, blocked, dead, an.spaces(), notes)
 
 
-def _select_plan(ctx, an: ChannelAnalysis, groups) -> CompactionPlan:
+def select_classes(ctx, an: ChannelAnalysis, groups, scores, *, target_sparsity: float | None = None,
+                   warn: bool = True) -> CompactionPlan:
+    """The plan of ``groups`` (of ``ctx``, patterns that remove output channels): their coupled
+    classes, ranked by ``scores`` (param -> view scores) and selected at each group's target, or
+    at ``target_sparsity`` (the Pruner's scheduled sparsity). ``an`` may be reused across calls."""
     members = [t for g in groups for t in ctx.selected(g)]
     for t in members:  # Nxchannel: N consecutive rows are one block
         n = t.pattern.output_channel_block
@@ -158,24 +162,26 @@ def _select_plan(ctx, an: ChannelAnalysis, groups) -> CompactionPlan:
                 an.atoms.union_all(block)
     an.finalize()
     blocked = _blocked(an, members, ctx.targets)
-    classes = _classes(an, members, scores=ctx.scores)
+    classes = _classes(an, members, scores=scores)
     for root, c in classes.items():
         if len(c.groups) > 1:
             blocked.setdefault(root, f"couples layers of pruning_configs {sorted(c.groups)}")
     dead: set[int] = set()
     for group in groups:
         free = [c for c in classes.values() if c.root not in blocked and c.groups == {group.index}]
-        dead |= _select(ctx.selected(group), free, group)
+        target = group.target_sparsity if target_sparsity is None else target_sparsity
+        dead |= _select(ctx.selected(group), free, group, target)
     space = an.spaces()
     if ctx.config.round_channels_to > 1:
         _round_up(classes, dead, space, ctx.config.round_channels_to,
                   {g.index: g.criterion_reduce_type for g in groups})
-    for group in groups:
-        _warn_if_blocked(group, ctx.selected(group), classes, blocked, dead)
+    for group in groups if warn else ():
+        target = group.target_sparsity if target_sparsity is None else target_sparsity
+        _warn_if_blocked(group, ctx.selected(group), classes, blocked, dead, target)
     return CompactionPlan(an, classes, blocked, dead, space)
 
 
-def _warn_if_blocked(group, targets, classes, blocked, dead) -> None:
+def _warn_if_blocked(group, targets, classes, blocked, dead, target: float) -> None:
     """The target-missed warning of channel classes: blocked classes are kept, so a group whose
     target needs them falls short; say by how much and why (whole classes alone round a count
     down by less than one class, which is not warned about)."""
@@ -185,16 +191,16 @@ def _warn_if_blocked(group, targets, classes, blocked, dead) -> None:
         return
     numel = {t.param: t.geometry.numel for t in targets}
     if group.pruning_scope == "local":
-        wanted = sum(budget(group.target_sparsity, n) for n in numel.values())
+        wanted = sum(budget(target, n) for n in numel.values())
     else:
-        wanted = budget(group.target_sparsity, sum(numel.values()))
+        wanted = budget(target, sum(numel.values()))
     pruned = sum(c.size for c in mine if c.root in dead)
     if wanted - pruned <= max(c.size for c in mine):
         return
     total = sum(numel.values())
     warnings.warn(
         f"{group.where} (pattern {group.pattern!r}, {len(targets)} layers): achieved sparsity "
-        f"{pruned / total:.4f}, target_sparsity {group.target_sparsity:g}: {len(stuck)} of {len(mine)} "
+        f"{pruned / total:.4f}, target_sparsity {target:g}: {len(stuck)} of {len(mine)} "
         f"coupled channel units cannot be removed exactly and are kept (e.g. {blocked[stuck[0].root]}); "
         f"with compact=True the report's compaction entry lists every reason", stacklevel=4)
 
@@ -261,7 +267,7 @@ def _round_up(classes, dead: set[int], space, multiple: int, reduce_types) -> No
             kept += rows[c.root]
 
 
-def _select(targets, free: list[ChannelClass], group) -> set[int]:
+def _select(targets, free: list[ChannelClass], group, target: float) -> set[int]:
     """Roots of the classes to remove: lowest score first, whole classes, within the budget and
     the per-layer ratios (skipping a class that does not fit and going on with smaller ones)."""
     numel = {t.param: t.geometry.numel for t in targets}
@@ -287,13 +293,13 @@ def _select(targets, free: list[ChannelClass], group) -> set[int]:
                 take(c)
     if group.pruning_scope == "local":
         for t in targets:
-            goal = budget(group.target_sparsity, numel[t.param])
+            goal = budget(target, numel[t.param])
             for c in ranked:
                 w = c.weights.get(t.param)
                 if w and c.root not in chosen and pruned[t.param] + w <= goal and fits(c):
                     take(c)
         return chosen
-    left = budget(group.target_sparsity, sum(numel.values())) - sum(pruned.values())
+    left = budget(target, sum(numel.values())) - sum(pruned.values())
     for c in ranked:
         if c.root not in chosen and c.size <= left and fits(c):
             take(c)
