@@ -46,7 +46,7 @@ from .extensions import calling
 from .geometry import from_view_2d, to_view_2d
 from .passes import (AttachPass, CapturePass, DiscoverPass, PassManager, PruneContext, RecordPass,
                      RunInputsPass)
-from .compaction import ChannelAnalysis, joint_selection, select_classes, zero_removed
+from .compaction import ChannelAnalysis, joint_selection, plan_from_masks, select_classes, zero_removed
 from .passes.mask import mask_group
 from .passes.rewrite import zero_pruned_channels
 from .passes.score import score_targets
@@ -310,6 +310,8 @@ class Pruner:
             g.criterion.load_state_dict(saved["scores"])
             for t in g.targets:
                 self._set_mask(t, state["masks"][t.param].to(self.masks[t.param].device))
+            if self._analysis is not None and g.pattern.prunes_output_channels:
+                g.plan = plan_from_masks(self.ctx, self._analysis, [g.config], self.masks)
         self.global_step = state["global_step"]
         self._begun = self.global_step      # the saved step had begun already
         self.apply_masks()

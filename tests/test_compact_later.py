@@ -95,3 +95,31 @@ def test_pruner_with_example_inputs_selects_coupled_classes():
     later = fxprune.compact(trained, x)
     assert [p.shape for p in later.parameters()] == [p.shape for p in compacted.parameters()]
     assert_same_function(trained, later, x)
+
+
+class ReluThenNorm(nn.Module):
+    """A BatchNorm after the activation: not a direct follower of the conv, zeroed with the class."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn, self.c2, self.fc = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.c2(self.bn(torch.relu(self.c1(x)))).mean((2, 3)))
+
+
+def test_a_resumed_pruner_keeps_zeroing_the_removed_classes():
+    model = randomize_bn(ReluThenNorm().eval())
+    x = (torch.randn(2, 3, 8, 8),)
+    cfg = dict(CHANNEL, start_step=0, end_step=0)
+    first = fxprune.Pruner(copy.deepcopy(model), cfg, example_inputs=x)      # prunes at step 0
+    dead = ~first.masks["c1.weight"].any(dim=1)
+    assert int(dead.sum()) == 4 and (first.model.bn.bias[dead] == 0).all()
+    resumed_model = copy.deepcopy(model)
+    resumed = fxprune.Pruner(resumed_model, dict(cfg, start_step=5, end_step=5), example_inputs=x)
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.groups[0].plan.dead == first.groups[0].plan.dead
+    with torch.no_grad():
+        resumed_model.bn.bias.add_(1.0)              # an optimizer step revives the norm's entries
+    resumed.apply_masks()
+    assert (resumed_model.bn.bias[dead] == 0).all() and (resumed_model.bn.bias[~dead] != 0).all()

@@ -14,12 +14,12 @@
 """
 from .analysis import ChannelAnalysis
 from .apply import compact_model, nothing_to_compact, summary, zero_removed
-from .plan import (CompactionPlan, joint_selection, output_dim, plan_channels, plan_zero_channels,
-                   select_classes)
+from .plan import (CompactionPlan, joint_selection, output_dim, plan_channels, plan_from_masks,
+                   plan_zero_channels, select_classes)
 from .rules import RULES, find_rule, keep, nonzero_reason, register_rule, unknown_op, where
 from .values import Chan, ParamRef
 
 __all__ = ["RULES", "Chan", "ChannelAnalysis", "CompactionPlan", "ParamRef", "compact_model",
            "find_rule", "joint_selection", "keep", "nonzero_reason", "nothing_to_compact",
-           "output_dim", "plan_channels", "plan_zero_channels", "register_rule", "select_classes", "summary",
+           "output_dim", "plan_channels", "plan_from_masks", "plan_zero_channels", "register_rule", "select_classes", "summary",
            "unknown_op", "where", "zero_removed"]

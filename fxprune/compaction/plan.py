@@ -153,19 +153,7 @@ def select_classes(ctx, an: ChannelAnalysis, groups, scores, *, target_sparsity:
     """The plan of ``groups`` (of ``ctx``, patterns that remove output channels): their coupled
     classes, ranked by ``scores`` (param -> view scores) and selected at each group's target, or
     at ``target_sparsity`` (the Pruner's scheduled sparsity). ``an`` may be reused across calls."""
-    members = [t for g in groups for t in ctx.selected(g)]
-    for t in members:  # Nxchannel: N consecutive rows are one block
-        n = t.pattern.output_channel_block
-        ax = an.axes.get((t.param, output_dim(t)))
-        if ax is not None and n > 1:
-            for block in ax.atoms.reshape(-1, n):
-                an.atoms.union_all(block)
-    an.finalize()
-    blocked = _blocked(an, members, ctx.targets)
-    classes = _classes(an, members, scores=scores)
-    for root, c in classes.items():
-        if len(c.groups) > 1:
-            blocked.setdefault(root, f"couples layers of pruning_configs {sorted(c.groups)}")
+    blocked, classes = _group_classes(ctx, an, groups, scores)
     dead: set[int] = set()
     for group in groups:
         free = [c for c in classes.values() if c.root not in blocked and c.groups == {group.index}]
@@ -179,6 +167,33 @@ def select_classes(ctx, an: ChannelAnalysis, groups, scores, *, target_sparsity:
         target = group.target_sparsity if target_sparsity is None else target_sparsity
         _warn_if_blocked(group, ctx.selected(group), classes, blocked, dead, target)
     return CompactionPlan(an, classes, blocked, dead, space)
+
+
+def plan_from_masks(ctx, an: ChannelAnalysis, groups, masks) -> CompactionPlan:
+    """The plan whose removed classes are those every row of which ``masks`` (param -> keep-mask
+    on the view) prunes: a Pruner resumed from its saved masks."""
+    blocked, classes = _group_classes(ctx, an, groups, None)
+    dead = {root for root, c in classes.items() if root not in blocked
+            and not any(bool(masks[p][rows].any()) for p, rows in c.rows.items())}
+    return CompactionPlan(an, classes, blocked, dead, an.spaces())
+
+
+def _group_classes(ctx, an: ChannelAnalysis, groups, scores):
+    """(blocked roots -> why, classes) of the output channels of ``groups``' selected targets."""
+    members = [t for g in groups for t in ctx.selected(g)]
+    for t in members:  # Nxchannel: N consecutive rows are one block
+        n = t.pattern.output_channel_block
+        ax = an.axes.get((t.param, output_dim(t)))
+        if ax is not None and n > 1:
+            for block in ax.atoms.reshape(-1, n):
+                an.atoms.union_all(block)
+    an.finalize()
+    blocked = _blocked(an, members, ctx.targets)
+    classes = _classes(an, members, scores=scores)
+    for root, c in classes.items():
+        if len(c.groups) > 1:
+            blocked.setdefault(root, f"couples layers of pruning_configs {sorted(c.groups)}")
+    return blocked, classes
 
 
 def _warn_if_blocked(group, targets, classes, blocked, dead, target: float) -> None:
