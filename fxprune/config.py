@@ -138,6 +138,23 @@ KEYS: tuple[Key, ...] = (
     # Dense kernels run fastest on multiples of 8 or 16 channels.
     Key("round_channels_to", 1, GLOBAL, "an integer >= 1", _int_at_least_one,
         doc="with compact: keep a multiple of this many channels in every compacted channel group"),
+    # Block-sequential calibration of the data-aware criteria (docs/llm.md).
+    Key("block_sequential", "auto", GLOBAL, "'auto', true or false",
+        lambda v: isinstance(v, bool) or v == "auto",
+        doc="auto: calibrate activation / sparse_gpt groups block by block when the model has "
+            "repeated blocks and the group allows it; true: require it; false: whole-model path"),
+    Key("block_propagation", "pruned", GLOBAL, "one of ['pruned', 'dense']", _one_of("pruned", "dense"),
+        doc="where a block's calibration inputs come from: the previous block after pruning (as "
+            "SparseGPT, Wanda and llm-compressor) or before (the whole-model statistics)"),
+    Key("block_list", None, GLOBAL, "the name of a ModuleList (e.g. 'model.layers') or null",
+        lambda v: v is None or isinstance(v, str),
+        doc="the ModuleList of repeated blocks; null finds the largest one"),
+    Key("activation_cache_mb", 1024, GLOBAL, "a number >= 0 (MiB)", _number(0.0, float("inf")),
+        doc="RAM for the hidden states cached between blocks; beyond it they spill to temp files"),
+    Key("block_batch_tokens", 2048, GLOBAL, "an integer >= 0", lambda v: not isinstance(v, bool)
+        and isinstance(v, int) and v >= 0,
+        doc="calibration batches are concatenated into block batches of up to this many tokens "
+            "(0: as given)"),
 )
 
 KEY = {k.name: k for k in KEYS}

@@ -50,6 +50,9 @@ class SparsityReport:
     # compact=True: params/FLOPs before and after, channel groups removed or blocked (and why),
     # and the new weight shapes; the layer records above describe the masks (before slicing)
     compaction: dict | None = None
+    # data-aware criteria: how they were calibrated (block-sequential or whole-model, and why;
+    # block count, block batches, block forwards, spilled hidden states)
+    calibration: dict | None = None
 
     # ------------------------------------------------------------------ totals
     @property
@@ -99,6 +102,8 @@ class SparsityReport:
              "config": self.config, "versions": self.versions, "capture": self.capture}
         if self.compaction is not None:
             d["compaction"] = self.compaction
+        if self.calibration is not None:
+            d["calibration"] = self.calibration
         return d
 
     def to_json(self, path: str | Path | None = None, indent: int | None = 2) -> str:
@@ -123,10 +128,11 @@ class SparsityReport:
         for key, kind in (("config", dict), ("versions", dict), ("capture", str)):
             if key in d and not isinstance(d[key], kind):
                 raise ReportError(f"{key!r} must be a {_KIND_NAMES[kind]}, got {type(d[key]).__name__}")
-        compaction = d.get("compaction")
-        if compaction is not None and not isinstance(compaction, dict):
-            raise ReportError(f"'compaction' must be an object or null, got {type(compaction).__name__}")
-        return cls(records, d.get("config", {}), d.get("versions", {}), d.get("capture", ""), compaction)
+        for key in ("compaction", "calibration"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise ReportError(f"{key!r} must be an object or null, got {type(d[key]).__name__}")
+        return cls(records, d.get("config", {}), d.get("versions", {}), d.get("capture", ""),
+                   d.get("compaction"), d.get("calibration"))
 
     @classmethod
     def from_json(cls, source: str | Path) -> "SparsityReport":

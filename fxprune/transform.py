@@ -19,7 +19,8 @@ from .passes.compact import compact_passes
 
 def transform(model: nn.Module, config: Any = None, example_inputs: Any = None, *,
               inplace: bool = False, compact: bool | None = None, calibration: Any = None,
-              loss_fn: Any = None, progress: Any = None) -> nn.Module:
+              loss_fn: Any = None, progress: Any = None, on_block_start: Any = None,
+              on_block_end: Any = None) -> nn.Module:
     """Prune ``model`` as ``config`` says and return the pruned model (same class).
 
     Args:
@@ -37,6 +38,10 @@ def transform(model: nn.Module, config: Any = None, example_inputs: Any = None, 
         loss_fn: ``loss_fn(model, batch) -> loss``, for gradient-based criteria.
         progress: ``progress(stage, done, total)``, called per layer by the long passes (the CLI
             passes a progress bar); None for silence.
+        on_block_start, on_block_end: ``hook(index, name, block)``, called around each repeated
+            block (decoder layer) by block-sequential calibration (see ``docs/llm.md``): just
+            before the block is first used, and right after it is pruned and its outputs for the
+            next block are computed (a streaming caller loads / releases its weights there).
 
     The report is available as ``fxprune.sparsity_report(pruned)``.
     """
@@ -44,6 +49,7 @@ def transform(model: nn.Module, config: Any = None, example_inputs: Any = None, 
     ctx = _context(model, config, example_inputs, inplace=inplace)
     ctx.config.warn_unused_schedule()
     ctx.calibration, ctx.loss_fn, ctx.progress = calibration, loss_fn, progress
+    ctx.on_block_start, ctx.on_block_end = on_block_start, on_block_end
     ctx.compact = ctx.config.compact if compact is None else bool(compact)
     passes = [p() for p in (*CAPTURE_PASSES, *PRUNE_PASSES)]
     if ctx.compact:  # coupled channels (selected as one by the mask pass) removed physically

@@ -17,7 +17,9 @@ def test_every_key_is_a_field_with_its_declared_default():
     assert PruningConfig().op_names == [] and KEY["op_names"].default == []
     group_fields = [f.name for f in fields(GroupConfig)]
     assert group_fields == ["index", *[k for k in GROUP_KEYS if k not in SCHEDULE_KEYS], "schedule"]
-    assert set(GLOBAL_KEYS) == {"pruning_configs", "exclude_last_linear", "compact", "round_channels_to"}
+    assert set(GLOBAL_KEYS) == {"pruning_configs", "exclude_last_linear", "compact", "round_channels_to",
+                                "block_sequential", "block_propagation", "block_list", "activation_cache_mb",
+                                "block_batch_tokens"}
 
 
 def test_groups_inherit_the_global_keys():

@@ -23,6 +23,8 @@ are iterated several times, so a one-shot iterator is kept as a list.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -137,22 +139,28 @@ def inverse_hessian_factor(H: Tensor, percdamp: float, name: str = "") -> Tensor
     row of ``U`` then carries no update to other columns. A factorization that fails is retried
     with ten times the dampening, up to four times.
     """
-    H = H.clone()
-    cols = H.shape[-1]
-    idx = torch.arange(cols, device=H.device)
-    for g in range(H.shape[0]):
-        dead = H[g, idx, idx] == 0
-        H[g, idx[dead], idx[dead]] = 1.0
-    mean_diag = H[:, idx, idx].mean(dim=1, keepdim=True)
+    # With J the reversal, J H J = M M^T gives H^-1 = A^T A for the upper A = J M^-1 J: the
+    # upper factor of H^-1 from one Cholesky and one triangular solve, with few n x n temporaries
+    # (a 1376-column Hessian is 7.5 MB).
+    H = H.flip(-2, -1)                                   # J H J: a copy, changed in place below
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    diag.masked_fill_(diag == 0, 1.0)
+    base = diag.clone()
+    mean_diag = base.mean(dim=-1, keepdim=True)
     damp = percdamp
     for _ in range(5):
-        Hd = H.clone()
-        Hd[:, idx, idx] += damp * mean_diag
-        L, info = torch.linalg.cholesky_ex(Hd)
+        diag.copy_(base + damp * mean_diag)
+        M, info = torch.linalg.cholesky_ex(H)
         if int(info.abs().sum()) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info.abs().sum()) == 0 and bool(torch.isfinite(U).all()):
+            del H
+            eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device).expand_as(M)
+            Minv = torch.linalg.solve_triangular(M, eye, upper=False)
+            del M, eye
+            U = Minv.flip(-2, -1)
+            del Minv
+            if bool(torch.isfinite(U).all()):
                 return U
+            break
         damp *= 10
     raise WeightError(f"sparse_gpt: the Hessian of {name} is not positive definite even with "
                       f"dampening {damp / 10:g}; check the calibration data")
@@ -166,25 +174,87 @@ def obs_prune(W: Tensor, pruned: Tensor, U: Tensor, blocksize: int = 128) -> Ten
     ``blocksize`` columns the update is applied column by column, to the later blocks in one
     matrix product. Returns a new tensor; pruned weights are exactly zero.
     """
-    W = W.clone()
-    cols = W.shape[1]
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        P1 = pruned[:, i1:i2]
-        U1 = U[i1:i2, i1:i2]
-        err = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            if not bool(P1[:, i].any()):
-                continue
-            e = torch.where(P1[:, i], W1[:, i], 0.0) / U1[i, i]
-            W1[:, i:] -= e.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            err[:, i] = e
+    return sparsegpt_prune(W, U, blocksize, fixed=pruned)[0]
+
+
+def sparsegpt_prune(W: Tensor, U: Tensor, blocksize: int = 128, *, fixed: Tensor | None = None,
+                    counts: list[int] | None = None, rows: list[int] | None = None,
+                    n_of_m: tuple[int, int, Callable[[Tensor], Tensor]] | None = None
+                    ) -> tuple[Tensor, Tensor]:
+    """SparseGPT on ``W`` (``[rows, cols]`` float32, the rows of one or more layers that share
+    the inverse-Hessian factor ``U``): returns the updated weights and the pruned mask.
+
+    The mask is either ``fixed`` (chosen beforehand) or chosen *adaptively*, as the paper does:
+    each block of ``blocksize`` columns picks its mask on the weights already updated by the
+    earlier blocks, by the saliency ``w^2 / U_jj^2``:
+
+    - unstructured (``counts``: pruned weights per layer, ``rows``: the layers' row counts): a
+      block prunes the lowest saliencies of each layer, ``floor(k * c1 / cols) - floor(k * c0 /
+      cols)`` of them for columns ``[c0, c1)``, so the layer prunes exactly ``k`` in all (the last,
+      partial block gets its proportional share); ties go to the lowest index;
+    - N:M (``n_of_m = (n, m, n_smallest)``): at every ``m``-th column, ``n_smallest`` of the next
+      ``m`` columns' saliencies (per row) is pruned; ``blocksize`` is rounded down to a multiple
+      of ``m`` so that no group straddles two blocks.
+
+    The work is done on ``W`` transposed (columns contiguous), where the column-by-column rank-1
+    updates run on contiguous memory (about 100x faster on CPU than on a column slice).
+    """
+    n_rows, cols = W.shape
+    adaptive_nm = n_of_m is not None
+    if adaptive_nm:
+        n, m, n_smallest = n_of_m
+        blocksize = max(m, blocksize - blocksize % m)
+    if fixed is None and not adaptive_nm:
+        rows = [n_rows] if rows is None else rows
+        if counts is None or len(counts) != len(rows) or sum(rows) != n_rows:
+            raise ValueError("sparsegpt_prune needs fixed=, n_of_m= or counts= with rows=")
+    WT = W.t().contiguous()                                   # [cols, rows]
+    prunedT = torch.empty(WT.shape, dtype=torch.bool, device=W.device)
+    diag = U.diagonal()
+    for c0 in range(0, cols, blocksize):
+        c1 = min(c0 + blocksize, cols)
+        W1 = WT[c0:c1]                                        # contiguous view, updated in place
+        U1 = U[c0:c1, c0:c1]
+        d1 = diag[c0:c1]
+        P1 = prunedT[c0:c1]
+        if fixed is not None:
+            P1.copy_(fixed[:, c0:c1].t())
+        elif not adaptive_nm:
+            P1.copy_(_block_mask(W1, d1, counts, rows, c0, c1, cols))
+        # e_i = w_i / U_ii where pruned, 0 where kept: one multiply per column
+        scale = P1 / d1.unsqueeze(1) if not adaptive_nm else torch.empty_like(W1)
+        err = torch.empty_like(W1)
+        for i in range(c1 - c0):
+            if adaptive_nm and i % m == 0:
+                sal = (W1[i:i + m] / d1[i:i + m].unsqueeze(1)).pow_(2).t()   # [rows, m]
+                P1[i:i + m] = n_smallest(sal.contiguous()).reshape(n_rows, m).t()
+                torch.div(P1[i:i + m], d1[i:i + m].unsqueeze(1), out=scale[i:i + m])
+            e = torch.mul(W1[i], scale[i], out=err[i])
+            # w_j -= e * U_ij for j >= i: the pruned w_i goes to 0 (U_ii / U_ii = 1); addmm_ on
+            # the outer product is much faster on CPU than addr_
+            W1[i:].addmm_(U1[i, i:].unsqueeze(1), e.unsqueeze(0), alpha=-1.0)
         W1.masked_fill_(P1, 0.0)
-        W[:, i1:i2] = W1
-        if i2 < cols:
-            W[:, i2:] -= err @ U[i1:i2, i2:]
-    return W
+        if c1 < cols:
+            WT[c1:].addmm_(U[c0:c1, c1:].t(), err, alpha=-1.0)
+    return WT.t().contiguous(), prunedT.t().contiguous()
+
+
+def _block_mask(W1: Tensor, d1: Tensor, counts: list[int], rows: list[int], c0: int, c1: int,
+                cols: int) -> Tensor:
+    """Unstructured adaptive mask of one column block (``W1`` transposed: ``[c1 - c0, rows]``):
+    per layer (row range), its share of the layer's count on the lowest saliencies, exactly
+    (ties to the lowest index of the layer's ``[rows, c1 - c0]`` block)."""
+    from ..selection import select_local
+
+    sal = W1.t().pow(2) / d1.pow(2).unsqueeze(0)           # [rows, c1 - c0]
+    out = torch.empty(sal.shape, dtype=torch.bool, device=W1.device)
+    r0 = 0
+    for k, r in zip(counts, rows):
+        share = (k * c1) // cols - (k * c0) // cols
+        block = sal[r0:r0 + r].contiguous()
+        out[r0:r0 + r] = select_local(block.reshape(-1), share).reshape(r, c1 - c0)
+        r0 += r
+    return out.t()
 
 
 def _groups(t) -> int:
@@ -196,4 +266,4 @@ def _hessian_bytes(t) -> int:
     return 4 * _groups(t) * cols * cols
 
 
-__all__ = ["SparseGPTCriterion", "inverse_hessian_factor", "obs_prune"]
+__all__ = ["SparseGPTCriterion", "inverse_hessian_factor", "obs_prune", "sparsegpt_prune"]

@@ -62,6 +62,13 @@ class PruneContext:
     timings: dict[str, float] = field(default_factory=dict)
     # progress(stage, done, total): called per layer by the long passes; None for silence
     progress: Any = None
+    # block-sequential calibration: hook(index, name, block) around each repeated block, the
+    # plan it followed, and zero counts of the weights it pruned (for the record pass, since a
+    # streaming caller may have released them by then)
+    on_block_start: Any = None
+    on_block_end: Any = None
+    block_plan: Any = None
+    zero_counts: dict[str, int] = field(default_factory=dict)
 
     def tick(self, stage: str, done: int, total: int) -> None:
         if self.progress is None:

@@ -17,7 +17,10 @@ class RecordPass(Pass):
         for t in ctx.targets.values():
             weight = ctx.model.get_parameter(t.param).detach()
             numel = weight.numel()
-            zeros = numel - int(torch.count_nonzero(weight))
+            if t.param in ctx.zero_counts:   # counted when pruned (the weight may be released)
+                zeros = ctx.zero_counts[t.param]
+            else:
+                zeros = numel - int(torch.count_nonzero(weight))
             g = t.group
             layers.append(LayerReport(
                 name=t.name, param=t.param, module_type=t.module_type,
@@ -32,5 +35,6 @@ class RecordPass(Pass):
         ctx.report = SparsityReport(
             layers=layers, config=ctx.config.to_dict(),
             versions={"fxprune": __version__, "torch": torch.__version__},
-            capture=ctx.capture_method)
+            capture=ctx.capture_method,
+            calibration=ctx.block_plan.summary() if ctx.block_plan is not None else None)
         attach_report(ctx.model, ctx.report)

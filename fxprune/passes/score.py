@@ -26,14 +26,22 @@ from .context import PruneContext, Target
 FIX_WEIGHTS = "fix or re-initialise the weights before pruning"
 
 
+class CheckWeightsPass(Pass):
+    """Every selected weight (values, dtype, NaN/inf) before any criterion runs: a data-aware
+    criterion would otherwise report a bad weight as a symptom in another layer (a singular
+    Hessian, non-finite scores)."""
+
+    name = "check"
+
+    def call(self, ctx: PruneContext) -> None:
+        check_weights(ctx.model, ctx.selected())
+
+
 class ScorePass(Pass):
     name = "score"
 
     def call(self, ctx: PruneContext) -> None:
-        # Every selected weight (values, dtype, NaN/inf) before any criterion runs: a data-aware
-        # criterion would otherwise report a bad weight as a symptom in another layer (a singular
-        # Hessian, non-finite scores).
-        check_weights(ctx.model, ctx.selected())
+        check_not_meta(ctx.model, ctx.selected())
         done, total = 0, len(ctx.selected())
         for group in ctx.groups:
             targets = ctx.selected(group)

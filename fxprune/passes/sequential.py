@@ -1,0 +1,405 @@
+"""block_sequential: score, mask and rewrite the data-aware groups one repeated block at a time.
+
+Runs after attach, before score. For each group it can take (see :func:`plan`), it does the work
+of the score, mask and rewrite passes block by block inside
+:class:`~fxprune.sequential.BlockSequentialRunner`: record the block's layer inputs (one dense
+forward of the block per batch), compute each distinct input's statistics once (q/k/v share their
+input, so one Hessian / one norm vector; gate/up likewise), score and mask with the group's
+pattern, update (SparseGPT) and zero the pruned weights; the runner then runs the pruned block to
+make the next block's inputs. The targets it prunes are marked ``pruned``, so the whole-model
+passes that follow only see the groups it did not take.
+
+Groups taken: ``activation`` and ``sparse_gpt`` groups with local scope whose selected layers are
+all linear-kind layers inside the blocks. Global scope needs every layer's scores before any mask,
+gradient criteria need the loss at the model's output, convolutions and layers outside the blocks
+(``lm_head``) are not block-local: those stay on the whole-model path.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..criteria import ActivationCriterion, SparseGPTCriterion, get_criterion_class
+from ..criteria.calibration import WeightInputRecorder, _NoFusedFastPaths, require_data, reusable
+from ..criteria.features import linear_features
+from ..criteria.sparse_gpt import inverse_hessian_factor, sparsegpt_prune
+from ..errors import ConfigError, WeightError
+from ..geometry import from_view_2d, to_view_2d
+from ..selection import budget
+from ..sequential import BlockList, BlockSequentialRunner, BlockStep, RunStats, find_blocks
+from .base import Pass
+from .context import PruneContext
+from .mask import check_mask, mask_group
+from .rewrite import zero_pruned_channels
+from .score import check_finite, check_not_meta, score_targets
+
+log = logging.getLogger("fxprune")
+
+BLOCK_CRITERIA = (ActivationCriterion, SparseGPTCriterion)
+
+
+@dataclass
+class BlockPlan:
+    """What the block-sequential pass will do: the blocks, the groups it takes, their targets per
+    block, and why any data-aware group stays on the whole-model path."""
+
+    blocks: BlockList | None
+    groups: list = field(default_factory=list)
+    by_block: dict[int, list] = field(default_factory=dict)
+    whole_model: dict[int, str] = field(default_factory=dict)   # group index -> reason
+    stats: RunStats | None = None
+
+    def summary(self) -> dict | None:
+        """For the sparsity report: the path taken and, block-sequentially, what it ran."""
+        if self.blocks is None and not self.whole_model:
+            return None
+        out = {"description": self.describe(), "block_sequential": [g.index for g in self.groups],
+               "whole_model": {str(i): r for i, r in self.whole_model.items()}}
+        if self.blocks is not None and self.groups:
+            out["blocks"] = self.blocks.name
+            out["num_blocks"] = len(self.blocks)
+        if self.stats is not None:
+            out.update(batches=self.stats.batches, block_batches=self.stats.block_batches,
+                       block_forwards=self.stats.block_forwards, spilled=self.stats.spilled)
+        return out
+
+    def describe(self) -> str:
+        if self.blocks is None or not self.groups:
+            why = "; ".join(f"pruning_configs[{i}]: {r}" for i, r in self.whole_model.items())
+            return f"whole-model calibration ({why})" if why else "no data-aware group"
+        text = (f"block-sequential calibration over {self.blocks.name} ({len(self.blocks)} blocks) "
+                f"for pruning_configs{[g.index for g in self.groups]}")
+        if self.whole_model:
+            text += "; whole-model for " + "; ".join(
+                f"pruning_configs[{i}]: {r}" for i, r in self.whole_model.items())
+        return text
+
+
+def plan(ctx: PruneContext) -> BlockPlan:
+    """Which data-aware groups run block-sequentially (config key ``block_sequential``)."""
+    mode = ctx.config.block_sequential
+    data_groups = [g for g in ctx.groups if ctx.selected(g)
+                   and get_criterion_class(g.pruning_type, g.where).needs_data]
+    if mode is False or not data_groups:
+        return BlockPlan(None, whole_model={g.index: "block_sequential is false" for g in data_groups})
+    blocks = find_blocks(ctx.model, ctx.config.block_list)
+    if blocks is None:
+        reason = "the model has no ModuleList of repeated blocks"
+        if mode is True:
+            raise ConfigError(f"block_sequential: true, but {reason} (set block_list to the "
+                              f"ModuleList of the blocks, or block_sequential: auto)")
+        return BlockPlan(None, whole_model={g.index: reason for g in data_groups})
+    p = BlockPlan(blocks)
+    for g in data_groups:
+        reason = _why_whole_model(ctx, g, blocks)
+        if reason is None:
+            p.groups.append(g)
+            for t in ctx.selected(g):
+                p.by_block.setdefault(blocks.index_of(t.param), []).append(t)
+        else:
+            p.whole_model[g.index] = reason
+    if mode is True and p.whole_model:
+        i, reason = next(iter(p.whole_model.items()))
+        raise ConfigError(f"block_sequential: true, but pruning_configs[{i}] cannot run block by "
+                          f"block: {reason}; set block_sequential: auto to use the whole-model "
+                          f"path for it")
+    return p
+
+
+def _why_whole_model(ctx: PruneContext, g, blocks: BlockList) -> str | None:
+    cls = get_criterion_class(g.pruning_type, g.where)
+    if not issubclass(cls, BLOCK_CRITERIA):
+        return f"criterion {g.pruning_type!r} is not block-local (gradients need the model's loss)"
+    if g.pruning_scope != "local":
+        return "global scope ranks all layers at once"
+    if ctx.compact:
+        return "compact needs every layer's scores at once"
+    for t in ctx.selected(g):
+        if t.geometry.kind == "conv":
+            return f"layer {t.name} is a convolution"
+        if blocks.index_of(t.param) is None:
+            return f"layer {t.name} is outside {blocks.name}"
+    return None
+
+
+class BlockSequentialPass(Pass):
+    name = "block_sequential"
+
+    def call(self, ctx: PruneContext) -> None:
+        p = plan(ctx)
+        ctx.block_plan = p
+        if p.blocks is None or not p.groups:
+            log.info("fxprune: %s", p.describe())
+            return
+        require_data(ctx, p.groups[0].pruning_type)
+        log.info("fxprune: %s", p.describe())
+        runner = BlockSequentialRunner(
+            ctx.model, p.blocks, reusable(ctx.calibration),
+            propagation=ctx.config.block_propagation,
+            cache_bytes=int(ctx.config.activation_cache_mb * (1 << 20)),
+            batch_tokens=ctx.config.block_batch_tokens,
+            on_block_start=ctx.on_block_start, on_block_end=ctx.on_block_end,
+            progress=ctx.tick if ctx.progress is not None else None)
+        p.stats = runner.run(lambda step: prune_block(ctx, p, step))
+
+
+# ---------------------------------------------------------------------------- per block
+def prune_block(ctx: PruneContext, p: BlockPlan, step: BlockStep) -> None:
+    """Record the inputs of the block's targets, then score, mask, update and zero them."""
+    targets = p.by_block.get(step.index, [])
+    if not targets:
+        return
+    model = ctx.model
+    check_not_meta(model, targets)      # a streaming caller loads them in on_block_start
+    for t in targets:
+        check_finite(t, model.get_parameter(t.param).detach())
+    stats = BlockInputStats(model, targets)
+    with stats.installed():
+        step.record(context=stats.context, on_batch=stats.new_batch)
+    stats.check_complete(step.name)
+    for group in p.groups:
+        group_targets = [t for t in targets if t.group is group]
+        if not group_targets:
+            continue
+        if _is_sparse_gpt(group):
+            _sparse_gpt(ctx, group, group_targets, stats)
+        else:
+            _activation(ctx, group, group_targets, stats)
+    for t in targets:
+        weight = model.get_parameter(t.param)
+        ctx.zero_counts[t.param] = weight.numel() - int(torch.count_nonzero(weight))
+        t.status = "pruned"
+
+
+def _is_sparse_gpt(group) -> bool:
+    return issubclass(get_criterion_class(group.pruning_type, group.where), SparseGPTCriterion)
+
+
+def _activation(ctx, group, targets, stats: "BlockInputStats") -> None:
+    criterion = get_criterion_class(group.pruning_type)(group)
+    criterion.geometry = {t.param: t.geometry for t in targets}
+    criterion.sumsq = {t.param: stats.sumsq(t) for t in targets}
+    masks = mask_group(group, targets, score_targets(ctx.model, targets, criterion))
+    _apply_masks(ctx, targets, masks)
+
+
+def _sparse_gpt(ctx, group, targets, stats: "BlockInputStats") -> None:
+    criterion = get_criterion_class(group.pruning_type)(group)
+    pattern = targets[0].pattern
+    adaptive = adaptive_mode(pattern)
+    for shared in stats.shared_groups(targets):        # layers with one input: one factor
+        lead = shared[0]
+        u = inverse_hessian_factor(stats.hessian(lead).unsqueeze(0), criterion.percdamp,
+                                   lead.name)[0]
+        weights = [ctx.model.get_parameter(t.param) for t in shared]
+        views = [to_view_2d(w.detach(), t.geometry).float() for w, t in zip(weights, shared)]
+        rows = [v.shape[0] for v in views]
+        W = torch.cat(views) if len(views) > 1 else views[0]
+        if adaptive == "n_of_m":
+            new, pruned = sparsegpt_prune(W, u, criterion.blocksize,
+                                          n_of_m=(pattern.n, pattern.m, pattern._n_smallest))
+        elif adaptive == "unstructured":
+            counts = [_local_count(pattern, t) for t in shared]
+            new, pruned = sparsegpt_prune(W, u, criterion.blocksize, counts=counts, rows=rows)
+        else:  # fixed mask: SparseGPT's saliency through the pattern, then the OBS update
+            criterion.diag = {t.param: u.diagonal().unsqueeze(0) for t in shared}
+            masks = mask_group(group, shared, score_targets(ctx.model, shared, criterion))
+            fixed = torch.cat([~masks[t.param] for t in shared])
+            new, pruned = sparsegpt_prune(W, u, criterion.blocksize, fixed=fixed)
+        if not bool(torch.isfinite(new).all()):
+            raise WeightError(f"sparse_gpt produced non-finite weights for {lead.name}; raise "
+                              f"SparseGPTCriterion.percdamp or check the calibration data")
+        masks = {}
+        for t, w, part, gone in zip(shared, weights, new.split(rows), pruned.split(rows)):
+            masks[t.param] = ~gone
+            check_mask(pattern, t, masks[t.param])
+            with torch.no_grad():
+                w.copy_(from_view_2d(part, t.geometry).to(dtype=w.dtype))
+        _apply_masks(ctx, shared, masks)
+
+
+def adaptive_mode(pattern) -> str | None:
+    """How SparseGPT chooses masks for a local-scope pattern: ``"unstructured"`` (1x1 blocks) and
+    ``"n_of_m"`` (N:M at its full N/M target) adaptively, block by block; None: a fixed mask
+    from the pattern (NxM blocks, channels, N:M below N/M where only some groups are pruned)."""
+    from fractions import Fraction
+
+    from ..selection import decimal_fraction
+    from ..patterns.ninm import NInMPattern
+    from ..patterns.nxm import NxMPattern
+
+    if type(pattern) is NInMPattern:
+        full = decimal_fraction(pattern.target_sparsity) == Fraction(pattern.n, pattern.m)
+        if full and pattern.max_sparsity_ratio_per_op >= pattern.n / pattern.m:
+            return "n_of_m"
+        return None
+    if type(pattern) is NxMPattern and pattern.pattern == "1x1":
+        return "unstructured"
+    return None
+
+
+def _local_count(pattern, t) -> int:
+    """The layer's pruned-weight count, as the local selection computes it (1x1 blocks)."""
+    lo, hi = pattern.block_bounds(t.layout)
+    return min(max(budget(pattern.target_sparsity, t.layout.numel), lo), hi)
+
+
+def _apply_masks(ctx, targets, masks) -> None:
+    with torch.no_grad():
+        for t in targets:
+            keep = masks[t.param]
+            weight = ctx.model.get_parameter(t.param)
+            weight.mul_(from_view_2d(keep, t.geometry).to(device=weight.device, dtype=weight.dtype))
+            zero_pruned_channels(ctx.model, t, keep)
+            # not kept in ctx.masks: nothing after the rewrite needs them, and for a large model
+            # they would be one byte per weight of the whole model
+
+
+# ---------------------------------------------------------------------------- input statistics
+class _InputStat:
+    """Statistics of one distinct input (shared by the layers it feeds)."""
+
+    __slots__ = ("sumsq", "hessian", "count", "members")
+
+    def __init__(self):
+        self.sumsq: Tensor | None = None
+        self.hessian: Tensor | None = None
+        self.count = 0
+        self.members: list = []
+
+
+class BlockInputStats:
+    """The inputs of one block's target layers, reduced to what the criteria need.
+
+    A layer owned by an ``nn.Linear`` (or Hugging Face ``Conv1D``) is observed with a forward
+    pre-hook on its module; layers that receive the very same input tensor in a forward (q/k/v,
+    gate/up) share one statistic, computed once. Other linear-kind uses (functional ``F.linear``)
+    are seen by the dispatch-mode recorder. Wanda needs the per-feature sum of squares (the same
+    float32 sums, in the same order, as the whole-model path); SparseGPT the Hessian ``X^T X``.
+    """
+
+    def __init__(self, model: nn.Module, targets):
+        self.model = model
+        self.targets = list(targets)
+        self.need_hessian = {t.param for t in targets if _is_sparse_gpt(t.group)}
+        self.need_sumsq = {t.param for t in targets if t.param not in self.need_hessian}
+        self.stat_of: dict[str, _InputStat] = {}
+        self.seen: dict[int, tuple[Tensor, _InputStat]] = {}
+        self.hooked, self.dispatched = [], []
+        for t in self.targets:
+            owner = _owner(model, t)
+            if owner is not None and (isinstance(owner, nn.Linear) or type(owner).__name__ == "Conv1D"):
+                self.hooked.append((owner, t))
+            else:
+                self.dispatched.append(t)
+        self.recorder = (WeightInputRecorder(model, self.dispatched, lambda c: self.observe(c.target, c.x))
+                         if self.dispatched else None)
+
+    @contextlib.contextmanager
+    def installed(self):
+        handles = [m.register_forward_pre_hook(self._hook(t)) for m, t in self.hooked]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self.seen.clear()
+
+    def context(self):
+        if self.recorder is None:
+            return contextlib.nullcontext()
+        self.recorder.reset()
+        stack = contextlib.ExitStack()
+        stack.enter_context(_NoFusedFastPaths())
+        stack.enter_context(self.recorder)
+        return stack
+
+    def new_batch(self, b: int) -> None:
+        self.seen.clear()
+
+    def _hook(self, t):
+        def pre_hook(module, args):
+            if args:
+                self.observe(t, args[0])
+        return pre_hook
+
+    def observe(self, t, x: Tensor) -> None:
+        hit = self.seen.get(id(x))
+        stat = self.stat_of.get(t.param)
+        if hit is not None and hit[0] is x:
+            shared = hit[1]
+            if stat is None:                     # first batch: join the input's statistic
+                self.stat_of[t.param] = shared
+                shared.members.append(t)
+                self._fill_missing(shared, t, x)
+                return
+            if stat is shared:                   # already counted for this input
+                return
+        if stat is None:
+            stat = self.stat_of[t.param] = _InputStat()
+            stat.members.append(t)
+        self._accumulate(stat, t, x)
+        self.seen[id(x)] = (x, stat)             # holds x: its id cannot be reused meanwhile
+
+    def _features(self, t, x: Tensor) -> Tensor:
+        return linear_features(x, t.geometry, t.name)
+
+    def _needs(self, stat: _InputStat) -> tuple[bool, bool]:
+        params = {m.param for m in stat.members}
+        return bool(params & self.need_sumsq), bool(params & self.need_hessian)
+
+    def _accumulate(self, stat: _InputStat, t, x: Tensor) -> None:
+        feats = self._features(t, x)
+        want_sumsq, want_hessian = self._needs(stat)
+        if want_sumsq:
+            s = feats.pow(2).sum(dim=0)
+            stat.sumsq = s if stat.sumsq is None else stat.sumsq + s
+        if want_hessian:
+            if stat.hessian is None:
+                stat.hessian = torch.zeros(feats.shape[1], feats.shape[1], dtype=torch.float32,
+                                           device=feats.device)
+            stat.hessian.addmm_(feats.T, feats)
+        stat.count += feats.shape[0]
+
+    def _fill_missing(self, stat: _InputStat, t, x: Tensor) -> None:
+        """A layer joining a shared input in the first batch may need what the others did not."""
+        feats = None
+        if t.param in self.need_sumsq and stat.sumsq is None:
+            feats = self._features(t, x)
+            stat.sumsq = feats.pow(2).sum(dim=0)
+        if t.param in self.need_hessian and stat.hessian is None:
+            feats = self._features(t, x) if feats is None else feats
+            stat.hessian = feats.T @ feats
+
+    def check_complete(self, block_name: str) -> None:
+        missing = [t.name for t in self.targets if t.param not in self.stat_of]
+        if missing:
+            raise WeightError(f"block {block_name}: the calibration never ran layer(s) {missing[:5]}; "
+                              f"check that the batches reach them (or set block_sequential: false)")
+
+    def sumsq(self, t) -> Tensor:
+        return self.stat_of[t.param].sumsq
+
+    def hessian(self, t) -> Tensor:
+        stat = self.stat_of[t.param]
+        return stat.hessian / max(stat.count, 1)
+
+    def shared_groups(self, targets) -> list[list]:
+        """``targets`` grouped by shared input statistic, in first-seen order."""
+        out: dict[int, list] = {}
+        for t in targets:
+            out.setdefault(id(self.stat_of[t.param]), []).append(t)
+        return list(out.values())
+
+
+def _owner(model: nn.Module, t):
+    module_name, _, attr = t.param.rpartition(".")
+    try:
+        owner = model.get_submodule(module_name)
+    except AttributeError:
+        return None
+    return owner if attr == "weight" and getattr(owner, "weight", None) is model.get_parameter(t.param) else None

@@ -1,0 +1,346 @@
+"""Block-sequential calibration: equality with the whole-model path, SparseGPT against a float64
+transcription of the paper's algorithm, block-forward counts, hooks, spilling."""
+import copy
+
+import pytest
+import torch
+
+import fxprune
+from fxprune.criteria.sparse_gpt import sparsegpt_prune
+from fxprune.errors import ConfigError
+from fxprune.patterns.ninm import NInMPattern
+from fxprune.sequential import find_blocks
+
+transformers = pytest.importorskip("transformers")
+
+
+def _llama(layers=2, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, vocab_size=64,
+                                   num_hidden_layers=layers, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _calib(n=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 64, (2, 12), generator=g) for _ in range(n)]
+
+
+EXAMPLE = (torch.zeros(1, 12, dtype=torch.long),)
+
+
+def _cfg(pt, pattern="1x1", **extra):
+    return {"pruning_type": pt, "pattern": pattern, "target_sparsity": 0.5,
+            "pruning_scope": "local", **extra}
+
+
+def _weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _prune(model, cfg, calib, **kw):
+    return fxprune.transform(model, cfg, EXAMPLE, calibration=calib, **kw)
+
+
+def test_finds_decoder_layers_not_bare_linear_lists():
+    blocks = find_blocks(_llama())
+    assert blocks.name == "model.layers" and len(blocks) == 2
+    assert blocks.index_of("model.layers.1.mlp.up_proj.weight") == 1
+    assert blocks.index_of("lm_head.weight") is None
+    mlp = torch.nn.Module()
+    mlp.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(3)])
+    assert find_blocks(mlp) is None     # the model may do anything between bare layers
+
+
+@pytest.mark.parametrize("batch_tokens", [0, 4096])   # batches as given / merged into one
+def test_activation_dense_propagation_equals_whole_model_masks(batch_tokens):
+    model, calib = _llama(3), _calib()
+    whole = _prune(model, _cfg("activation", block_sequential=False), calib)
+    seq = _prune(model, _cfg("activation", block_sequential=True, block_propagation="dense",
+                             block_batch_tokens=batch_tokens), calib)
+    assert seq is not whole
+    w, s = _weights(whole), _weights(seq)
+    pruned = [n for n in w if ".layers." in n and n.endswith("proj.weight")]
+    assert len(pruned) == 21
+    for n in w:
+        assert torch.equal(w[n], s[n]), n        # same masks, kept weights untouched
+
+
+def test_gpt2_conv1d_blocks_dense_propagation_equals_whole_model():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)
+    model, calib = transformers.GPT2LMHeadModel(cfg).eval(), _calib()
+    assert find_blocks(model).name == "transformer.h"
+    whole = _weights(_prune(model, _cfg("activation", "2:4", block_sequential=False), calib))
+    seq = _weights(_prune(model, _cfg("activation", "2:4", block_sequential=True,
+                                      block_propagation="dense"), calib))
+    conv1d = [n for n in whole if ".h." in n and n.endswith("weight") and whole[n].dim() == 2]
+    assert len(conv1d) == 8
+    for n in whole:
+        assert torch.equal(whole[n], seq[n]), n
+
+
+def test_activation_pruned_propagation_equals_whole_model_on_the_pruned_prefix():
+    """With the peers' propagation, block i is scored on the outputs of the already pruned blocks
+    0..i-1: the whole-model path on the model whose earlier blocks carry the block-sequential
+    result, restricted to block i, must give the same masks."""
+    model, calib = _llama(3), _calib()
+    seq = _prune(model, _cfg("activation", block_sequential=True), calib)
+    seq_w = _weights(seq)
+    for i in range(3):
+        reference = copy.deepcopy(model)
+        with torch.no_grad():
+            for n, p in reference.named_parameters():
+                if any(n.startswith(f"model.layers.{j}.") for j in range(i)):
+                    p.copy_(seq_w[n])
+        one_block = _cfg("activation", block_sequential=False, op_names=[rf"model\.layers\.{i}\."])
+        ref = _prune(reference, one_block, calib)
+        for n, p in ref.named_parameters():
+            if n.startswith(f"model.layers.{i}.") and n.endswith("proj.weight"):
+                assert torch.equal(p, seq_w[n]), n
+    # and the dense and pruned propagations do differ after the first block
+    dense = _weights(_prune(model, _cfg("activation", block_propagation="dense"), calib))
+    assert torch.equal(dense["model.layers.0.mlp.up_proj.weight"], seq_w["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(dense["model.layers.2.mlp.up_proj.weight"], seq_w["model.layers.2.mlp.up_proj.weight"])
+
+
+def test_magnitude_groups_equal_the_whole_model_path_beside_a_block_group():
+    model, calib = _llama(2), _calib()
+    cfg = {"pruning_configs": [
+        {"pruning_type": "magnitude", "pattern": "4x1", "target_sparsity": 0.5, "op_names": ["self_attn"]},
+        {"pruning_type": "activation", "pattern": "2:4", "target_sparsity": 0.5,
+         "pruning_scope": "local", "op_names": ["mlp"]}]}
+    seq = _weights(_prune(model, {**cfg, "block_sequential": True}, calib))
+    whole = _weights(_prune(model, {**cfg, "block_sequential": False}, calib))
+    attn = [n for n in seq if "self_attn" in n and n.endswith("weight")]
+    assert len(attn) == 8
+    for n in attn:
+        assert torch.equal(seq[n], whole[n]), n
+    assert sum(int((seq[n] == 0).sum()) for n in attn) == sum(seq[n].numel() for n in attn) // 2
+
+
+@pytest.mark.parametrize("layers,propagation,batch_tokens,block_batches", [
+    (2, "pruned", 0, 3), (4, "pruned", 0, 3),        # the 3 batches as given
+    (2, "pruned", 4096, 1), (4, "pruned", 4096, 1),  # merged into one block batch
+    (4, "pruned", 48, 2),                            # 24 tokens each: 2 + 1
+    (2, "dense", 0, 3), (4, "dense", 0, 3)])
+def test_block_forwards_are_linear_in_depth(layers, propagation, batch_tokens, block_batches):
+    from torch._subclasses.fake_tensor import FakeTensor
+    model, calib = _llama(layers), _calib(3)
+    calls, traced = [], []
+    for layer in model.model.layers:   # graph capture traces each block once, on fake tensors
+        layer.register_forward_hook(
+            lambda m, a, o: (traced if isinstance(o, FakeTensor) else calls).append(m))
+    cfg = _cfg("sparse_gpt", "2:4", block_propagation=propagation, block_batch_tokens=batch_tokens)
+    out = fxprune.transform(model, cfg, EXAMPLE, calibration=calib, inplace=True)
+    # per block and block batch: one forward to record, one to propagate (pruned propagation;
+    # the last block's outputs are not needed); dense propagation keeps the recording's outputs
+    per_block = 2 if propagation == "pruned" else 1
+    expected = per_block * layers * block_batches - (block_batches if per_block == 2 else 0)
+    assert len(calls) == expected
+    assert len(traced) == layers
+    info = fxprune.sparsity_report(out).calibration    # the report says the same
+    assert (info["block_forwards"], info["block_batches"], info["batches"]) == (expected, block_batches, 3)
+    assert info["blocks"] == "model.layers" and info["block_sequential"] == [0]
+
+
+def test_batches_of_other_lengths_are_not_merged():
+    from fxprune.sequential import BlockCall, merge_calls
+    h = [torch.zeros(1, 8, 4), torch.zeros(2, 8, 4), torch.zeros(1, 6, 4), torch.zeros(1, 6, 4)]
+    rope = [torch.ones(1, 8, 2), torch.ones(1, 8, 2), torch.ones(1, 6, 2), torch.full((1, 6, 2), 2.0)]
+    calls = [BlockCall(0, (), {"position_embeddings": (r, r), "use_cache": False}) for r in rope]
+    merged = merge_calls(calls, h, 4096)
+    # 0+1 merge (same rotary: kept once); 2 differs in length; 2+3 differ in rotary with batch 1: concatenated
+    assert [tuple(m[1].shape) for m in merged] == [(3, 8, 4), (2, 6, 4)]
+    assert merged[0][0].kwargs["position_embeddings"][0].shape == (1, 8, 2)
+    assert merged[1][0].kwargs["position_embeddings"][0].shape == (2, 6, 2)
+
+
+def test_shared_inputs_get_one_hessian(monkeypatch):
+    import fxprune.passes.sequential as seqpass
+    factors = []
+    real = seqpass.inverse_hessian_factor
+    monkeypatch.setattr(seqpass, "inverse_hessian_factor",
+                        lambda H, d, name="": factors.append(name) or real(H, d, name))
+    _prune(_llama(2), _cfg("sparse_gpt", "2:4"), _calib())
+    # q/k/v one, o one, gate/up one, down one: 4 per block
+    assert len(factors) == 8
+    assert factors[:4] == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj",
+                           "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.down_proj"]
+
+
+def test_spilled_activations_give_the_same_result():
+    model, calib = _llama(2), _calib()
+    in_ram = _weights(_prune(model, _cfg("sparse_gpt", "2:4"), calib))
+    spilled = _prune(model, _cfg("sparse_gpt", "2:4", activation_cache_mb=0), calib)
+    for n, w in _weights(spilled).items():
+        assert torch.equal(w, in_ram[n]), n
+
+
+def test_hooks_stream_blocks_from_meta():
+    """A caller may keep the blocks on the meta device, load each in on_block_start and release
+    it in on_block_end: the result equals the in-memory one."""
+    model, calib = _llama(3), _calib()
+    expected = _weights(_prune(model, _cfg("sparse_gpt", "1x1"), calib))
+    streamed = copy.deepcopy(model)
+    source = _weights(model)
+    # the graph capture needs values; the blocks go to meta right after it (first hook call)
+    events, written = [], {}
+
+    def start(i, name, block):
+        events.append(("start", i, name))
+        if i > 0:
+            block.to_empty(device="cpu")
+            with torch.no_grad():
+                for n, p in block.named_parameters():
+                    p.copy_(source[f"{name}.{n}"])
+        if i == 0:  # release every later block before any of them is used
+            for later in streamed.model.layers[1:]:
+                later.to("meta")
+
+    def end(i, name, block):
+        events.append(("end", i, name))
+        written.update({f"{name}.{n}": p.detach().clone() for n, p in block.named_parameters()})
+        block.to("meta")
+
+    out = fxprune.transform(streamed, _cfg("sparse_gpt", "1x1"), EXAMPLE, calibration=calib,
+                            inplace=True, on_block_start=start, on_block_end=end)
+    assert events == [(kind, i, f"model.layers.{i}") for i in range(3) for kind in ("start", "end")]
+    for n, w in written.items():
+        assert torch.equal(w, expected[n]), n
+    report = fxprune.sparsity_report(out)
+    q = next(layer for layer in report.layers if layer.param == "model.layers.2.self_attn.q_proj.weight")
+    assert q.zeros == q.numel // 2 and q.status == "pruned"
+
+
+def test_block_sequential_true_without_blocks_is_a_config_error(mlp):
+    with pytest.raises(ConfigError, match="block_sequential: true"):
+        fxprune.transform(mlp, _cfg("activation", block_sequential=True),
+                          calibration=[torch.randn(4, 32)])
+
+
+def test_global_scope_stays_on_the_whole_model_path():
+    model, calib = _llama(2), _calib()
+    cfg = {**_cfg("activation"), "pruning_scope": "global"}
+    auto = _prune(model, {**cfg, "block_sequential": "auto"}, calib)
+    assert "global scope" in fxprune.sparsity_report(auto).calibration["whole_model"]["0"]
+    a = _weights(auto)
+    b = _weights(_prune(model, {**cfg, "block_sequential": False}, calib))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    with pytest.raises(ConfigError, match="global scope"):
+        _prune(model, {**cfg, "block_sequential": True}, calib)
+
+
+# ---------------------------------------------------------------------------- SparseGPT math
+def _paper_sparsegpt(W, H, sparsity=0.0, prunen=0, prunem=0, blocksize=128, percdamp=0.01):
+    """A float64 transcription of SparseGPT's algorithm (Frantar & Alistarh 2023, Alg. 1 with
+    lazy batches), adaptive masks; the unstructured per-block count is made exact with the
+    cumulative share floor(k * c1 / cols) - floor(k * c0 / cols) of k = floor(sparsity * numel)."""
+    W = W.double().clone()
+    H = H.double().clone()
+    rows, cols = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    damp = percdamp * torch.mean(torch.diag(H))
+    H += damp * torch.eye(cols, dtype=torch.float64)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    k = int(sparsity * W.numel())
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        if prunen == 0:
+            tmp = W1 ** 2 / torch.diag(Hinv1).reshape(1, -1) ** 2
+            share = (k * i2) // cols - (k * i1) // cols
+            mask1 = torch.zeros_like(W1, dtype=torch.bool).flatten()
+            mask1[torch.argsort(tmp.flatten())[:share]] = True
+            mask1 = mask1.reshape(W1.shape)
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if prunen != 0 and i % prunem == 0:
+                tmp = W1[:, i:i + prunem] ** 2 / torch.diag(Hinv1)[i:i + prunem].reshape(1, -1) ** 2
+                mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i1:i2] = Q1
+        mask[:, i1:i2] = mask1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    return W, mask
+
+
+def _layer(rows=24, cols=80, tokens=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(tokens, cols, generator=g) * torch.rand(cols, generator=g) * 3
+    W = torch.randn(rows, cols, generator=g)
+    return W, X.T @ X / tokens
+
+
+@pytest.mark.parametrize("kind", ["unstructured", "2:4", "fixed"])
+def test_sparsegpt_update_matches_a_float64_transcription_of_the_paper(kind):
+    from fxprune.criteria.sparse_gpt import inverse_hessian_factor
+    W, H = _layer()
+    U = inverse_hessian_factor(H.unsqueeze(0), 0.01)[0]
+    blocksize = 32                       # 80 columns: the last block is partial (16 columns)
+    if kind == "unstructured":
+        ref, ref_mask = _paper_sparsegpt(W, H, sparsity=0.5, blocksize=blocksize)
+        new, pruned = sparsegpt_prune(W, U, blocksize, counts=[W.numel() // 2], rows=[W.shape[0]])
+        assert int(pruned.sum()) == W.numel() // 2            # exact count for the layer
+        assert int(pruned[:, 64:].sum()) == W.numel() // 2 - (W.numel() // 2 * 64) // 80
+    elif kind == "2:4":
+        ref, ref_mask = _paper_sparsegpt(W, H, prunen=2, prunem=4, blocksize=blocksize)
+        pattern = NInMPattern({"pattern": "2:4", "target_sparsity": 0.5})
+        new, pruned = sparsegpt_prune(W, U, blocksize, n_of_m=(2, 4, pattern._n_smallest))
+        assert torch.equal(pruned.reshape(-1, 4).sum(1), torch.full((W.numel() // 4,), 2))
+    else:
+        g = torch.Generator().manual_seed(3)
+        fixed = torch.rand(W.shape, generator=g) < 0.4
+        ref_mask = fixed
+        # the paper's update for a given mask: the same loop with mask1 = the fixed mask
+        ref = _fixed_reference(W, H, fixed, blocksize)
+        new, pruned = sparsegpt_prune(W, U, blocksize, fixed=fixed)
+    assert torch.equal(pruned, ref_mask)
+    assert torch.equal(new == 0, pruned | (W == 0))
+    torch.testing.assert_close(new.double(), ref, rtol=0, atol=2e-4)
+
+
+def _fixed_reference(W, H, fixed, blocksize):
+    W = W.double().clone()
+    H = H.double().clone()
+    cols = W.shape[1]
+    H += 0.01 * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=torch.float64)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, Err1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1, dtype=torch.float64)
+        for i in range(i2 - i1):
+            err = torch.where(fixed[:, i1 + i], W1[:, i], 0.0) / Hinv[i1 + i, i1 + i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv[i1 + i, i1:i2][i:].unsqueeze(0)
+            Err1[:, i] = err
+        W1[fixed[:, i1:i2]] = 0
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W
+
+
+def test_sparsegpt_shared_rows_equal_separate_layers():
+    """Layers sharing one input (q/k/v) run as one matrix: the same as each layer alone."""
+    from fxprune.criteria.sparse_gpt import inverse_hessian_factor
+    W, H = _layer(rows=30)
+    U = inverse_hessian_factor(H.unsqueeze(0), 0.01)[0]
+    a, b = W[:12], W[12:]
+    joint, pj = sparsegpt_prune(W, U, 32, counts=[a.numel() // 2, b.numel() * 3 // 4], rows=[12, 18])
+    sa, pa = sparsegpt_prune(a, U, 32, counts=[a.numel() // 2], rows=[12])
+    sb, pb = sparsegpt_prune(b, U, 32, counts=[b.numel() * 3 // 4], rows=[18])
+    assert torch.equal(pj, torch.cat([pa, pb]))
+    torch.testing.assert_close(joint, torch.cat([sa, sb]), rtol=0, atol=1e-5)
