@@ -13,11 +13,12 @@ from .criteria import Criterion
 from .pruner import Pruner
 from .report import LayerReport, SparsityReport, sparsity_report
 from .transform import capture, compact, transform
+from .checkpoint import prune_checkpoint
 
 __all__ = [
     "__version__", "transform", "compact", "capture", "sparsity_report", "SparsityReport", "LayerReport",
     "PruningConfig", "register_pattern", "get_pattern", "PATTERNS", "BasePattern", "BlockLayout",
     "PatternNxM", "PatternNInM", "register_criterion", "get_criterion_class", "CRITERIA", "Criterion",
     "FxPruneError", "ConfigError", "CaptureError", "WeightError", "ExtensionError", "ReportError",
-    "Pruner",
+    "Pruner", "prune_checkpoint",
 ]

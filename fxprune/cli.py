@@ -1,12 +1,14 @@
 """The ``fxprune`` command line, for build pipelines.
 
     fxprune prune MODEL --config CFG [--example-inputs SPEC] [--onnx OUT.onnx] [--report OUT.json] [--save OUT.pt2]
+    fxprune prune HF_DIR --config CFG --out PRUNED_DIR [--calibration IDS.pt] [--format compressed-tensors]
     fxprune inspect [MODEL] [--example-inputs SPEC]
     fxprune validate OUT.onnx --model MODEL [--example-inputs SPEC]
 
 MODEL is a ``torch.export`` archive (``.pt2``), ``pkg.module:factory`` (a callable returning an
 ``nn.Module`` or ``(module, example_inputs)``), or a built-in example (``mlp``, ``resnet``,
-``resnet50``, ``bert-tiny``). Exit codes: 0 ok, 1 validation failed, 2 bad usage, config, model or file,
+``resnet50``, ``bert-tiny``). HF_DIR is a Hugging Face model directory (config.json and safetensors
+shards), pruned into PRUNED_DIR without loading the whole model. Exit codes: 0 ok, 1 validation failed, 2 bad usage, config, model or file,
 3 internal error, 130 interrupted. Errors are one line and the fix; ``--debug`` shows the traceback.
 """
 from __future__ import annotations
@@ -268,6 +270,13 @@ def cmd_prune(args) -> int:
     import fxprune
     from .progress import ProgressBar
 
+    if Path(args.model).is_dir():
+        return cmd_prune_checkpoint(args)
+    for flag in ("out", "calibration"):
+        if getattr(args, flag):
+            raise UsageError(f"--{flag} is for Hugging Face model directories; {args.model!r} is not a directory")
+    if args.format != "safetensors":
+        raise UsageError(f"--format is for Hugging Face model directories; {args.model!r} is not a directory")
     outputs = (("--onnx", args.onnx, ".onnx"), ("--save", args.save, ".pt2"), ("--report", args.report, ".json"))
     for flag, value, suffix in outputs:   # before the (long) pruning: fail fast on a bad path
         _check_output_flag(flag, value, suffix)
@@ -284,6 +293,8 @@ def cmd_prune(args) -> int:
         pruned = fxprune.transform(model, args.config, example_inputs=inputs, progress=bar)
     finally:
         bar.close()
+    if _rank() != 0:    # every rank holds the same result; rank 0 writes and prints it
+        return EXIT_OK
     report = fxprune.sparsity_report(pruned)
     result, code = None, EXIT_OK
     with StagedOutputs().transaction() as staged:
@@ -321,6 +332,40 @@ def cmd_prune(args) -> int:
         if result is not None and code == EXIT_OK:
             print(result)
     return code
+
+
+def cmd_prune_checkpoint(args) -> int:
+    import fxprune
+    from .progress import ProgressBar
+
+    if not args.out:
+        raise UsageError(f"MODEL {args.model!r} is a directory: pass --out PRUNED_DIR for the pruned checkpoint")
+    for flag in ("onnx", "save", "example_inputs"):
+        if getattr(args, flag):
+            raise UsageError(f"--{flag.replace('_', '-')} is not available when pruning a checkpoint "
+                             f"directory; load the pruned directory and export it from Python")
+    if args.report and not args.report.endswith(".json"):
+        raise UsageError(f"--report {args.report!r} should end in .json")
+    bar = ProgressBar(enabled=False if args.quiet or args.json else None)
+    report = fxprune.prune_checkpoint(args.model, args.config, args.out, calibration=args.calibration,
+                                      format=args.format, progress=bar)
+    bar.close()
+    if _rank() != 0:    # rank 0 writes the report and prints
+        return EXIT_OK
+    if args.report:
+        report.to_json(args.report)
+    if args.json:
+        print(json.dumps({"model": args.model, "out": args.out, "format": args.format,
+                          "report": report.to_dict()}, indent=2))
+    elif not args.quiet:
+        print(report)
+        print(f"pruned checkpoint: {args.out}")
+    return EXIT_OK
+
+
+def _rank() -> int:
+    from .distributed import rank
+    return rank()
 
 
 def _save_pt2(model, inputs, path, report, shown: str) -> None:
@@ -461,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="'float32[1,3,224,224]', 'int64[1,128]{0,30522}' (';' between inputs) or a .pt file")
     parser = argparse.ArgumentParser(prog="fxprune", description="A pruning compiler for PyTorch.",
                                      epilog="MODEL: a .pt2 torch.export archive, pkg.module:factory, "
-                                            "or a built-in example (mlp, resnet, resnet50, bert-tiny)")
+                                            "a built-in example (mlp, resnet, resnet50, bert-tiny), or "
+                                            "(prune) a Hugging Face model directory with --out")
     from ._version import __version__
     parser.add_argument("--version", action="version", version=f"fxprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,inspect,validate}")
@@ -472,6 +518,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validate", action="store_true", help="export without the validation checks")
     p.add_argument("--report", metavar="OUT.json", help="write the sparsity report as JSON")
     p.add_argument("--save", metavar="OUT.pt2", help="save the pruned model as a torch.export archive")
+    p.add_argument("--out", metavar="PRUNED_DIR",
+                   help="MODEL is a Hugging Face directory: write the pruned checkpoint here (must not exist)")
+    p.add_argument("--calibration", metavar="IDS.pt",
+                   help="token ids for activation/sparse_gpt on a checkpoint: a [N, seq] tensor or a list of batches")
+    p.add_argument("--format", choices=("safetensors", "compressed-tensors"), default="safetensors",
+                   help="checkpoint output: dense safetensors (default) or compressed-tensors (vLLM's sparse format)")
+    p.add_argument("--timeout", type=float, default=1800, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others at a collective step")
     p.set_defaults(run=cmd_prune)
     i = sub.add_parser("inspect", parents=[common], help="list the prunable weights and the patterns that "
                        "fit them, and what the pattern and criterion registries hold")
@@ -529,14 +583,21 @@ def _quiet_third_parties(uses_onnxruntime: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .errors import FxPruneError
+    started = False
     with warnings.catch_warnings():
         if args.debug:
             warnings.simplefilter("default")
         else:
             _quiet_third_parties(args.command == "validate" or bool(getattr(args, "onnx", None)))
         try:
+            if args.command == "prune":     # under torchrun: one process group for the run
+                from .distributed import init_from_env
+                started = init_from_env(args.timeout)
+                if _rank() != 0:
+                    args.quiet = True       # only rank 0 prints the table and the progress
             return args.run(args)
         except (UsageError, FxPruneError, OSError) as e:  # the input, the files or the disk
+            from .distributed import DistributedError
             if args.debug:
                 traceback.print_exc()
             if isinstance(e, OSError) and not isinstance(e, FxPruneError):
@@ -544,7 +605,9 @@ def main(argv: list[str] | None = None) -> int:
                 message = f"cannot read or write{where}: {e.strerror or e}"
             else:
                 message = str(e)
-            print(_error_line("error", message), file=sys.stderr)
+            if not (isinstance(e, DistributedError) and _rank() != 0):  # rank 0 reports other ranks' errors
+                prefix = f"[rank {_rank()}] " if started else ""
+                print(_error_line("error", prefix + message), file=sys.stderr)
             return EXIT_USAGE
         except KeyboardInterrupt:
             print("fxprune: interrupted", file=sys.stderr)
@@ -555,6 +618,10 @@ def main(argv: list[str] | None = None) -> int:
             print(_error_line("internal error", f"{type(e).__name__}: {e} (rerun with --debug for "
                                                 f"the traceback and report it)"), file=sys.stderr)
             return EXIT_INTERNAL
+        finally:
+            if started:
+                import torch.distributed
+                torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

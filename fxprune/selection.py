@@ -21,6 +21,7 @@ pass instead of held for every layer at once (magnitude: |w| is cheaper to recom
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Sequence, Union
 
@@ -97,6 +98,13 @@ def kth_key(keys: Sequence[Tensor], k: int, excluded: Sequence[Tensor | None] | 
     """The key of the k-th smallest (1-based) non-excluded entry over all layers' keys (>= 0,
     non-negative float bits), how many non-excluded entries are strictly smaller, and how many
     equal it in each layer. ``sample=False`` forces the radix select."""
+    threshold, n_less, n_equal = _kth_per_layer(keys, k, excluded, sample=sample)
+    return threshold, sum(n_less), n_equal
+
+
+def _kth_per_layer(keys: Sequence[Scores], k: int, excluded: Sequence[Tensor | None] | None = None,
+                   *, sample: bool = True) -> tuple[int, list[int], list[int]]:
+    """:func:`kth_key` with the count of smaller non-excluded entries per layer."""
     excluded = excluded or [None] * len(keys)
     live = [kk if ex is None else materialize(kk)[~ex] for kk, ex in zip(keys, excluded)]
     found = _bracket_select(live, k) if sample else None
@@ -108,7 +116,7 @@ _MIN_FOR_SAMPLING = 1 << 20
 _MARGIN_SD = 5.0         # bracket half-width, in binomial standard deviations of the sample rank
 
 
-def _bracket_select(live: Sequence[Tensor], k: int) -> tuple[int, int, list[int]] | None:
+def _bracket_select(live: Sequence[Scores], k: int) -> tuple[int, list[int], list[int]] | None:
     sizes = [kk.numel() for kk in live]
     total = sum(sizes)
     if total < _MIN_FOR_SAMPLING:
@@ -123,17 +131,17 @@ def _bracket_select(live: Sequence[Tensor], k: int) -> tuple[int, int, list[int]
     lo_rank, hi_rank = int(q * m - half), int(q * m + half)
     low = int(sample[lo_rank]) if lo_rank >= 0 else None
     high = int(sample[hi_rank]) if hi_rank < m else None
-    below, inside = 0, []
+    below, inside = [], []
     for kk in live:  # one full pass per layer; the second compare runs on the small window
         kk = materialize(kk)
         window = kk if low is None else kk[kk >= low]
-        below += kk.numel() - window.numel()
+        below.append(kk.numel() - window.numel())
         inside.append(window if high is None else window[window <= high])
-    n_inside = sum(w.numel() for w in inside)
-    if not below < k <= below + n_inside:
+    n_below, n_inside = sum(below), sum(w.numel() for w in inside)
+    if not n_below < k <= n_below + n_inside:
         return None  # the k-th lies outside the bracket: fall back to the radix select
-    threshold = int(torch.kthvalue(torch.cat(inside).cpu(), k - below).values)
-    n_less = below + sum(int(torch.count_nonzero(w < threshold)) for w in inside)
+    threshold = int(torch.kthvalue(torch.cat(inside).cpu(), k - n_below).values)
+    n_less = [b + int(torch.count_nonzero(w < threshold)) for b, w in zip(below, inside)]
     return threshold, n_less, [int(torch.count_nonzero(w == threshold)) for w in inside]
 
 
@@ -143,18 +151,19 @@ def _sample(kk: Scores, index: Tensor) -> Tensor:
     return kk[index.to(kk.device)]
 
 
-def _radix_select(live: Sequence[Scores], k: int) -> tuple[int, int, list[int]]:
-    high = sum(_histogram(materialize(kk) >> 16) for kk in live)
-    cum_high = high.cumsum(0)
+def _radix_select(live: Sequence[Scores], k: int) -> tuple[int, list[int], list[int]]:
+    highs = [_histogram(materialize(kk) >> 16) for kk in live]
+    cum_high = sum(highs).cumsum(0)
     hi = int(torch.searchsorted(cum_high, k))  # a Python scalar: works whatever the device
-    below = int(cum_high[hi - 1]) if hi > 0 else 0
+    below = [int(h[:hi].sum()) for h in highs]
+    del highs
     lows = []
     for kk in live:
         kk = materialize(kk)
         lows.append(_histogram(kk[(kk >> 16) == hi] & 0xFFFF))
     cum_low = sum(lows).cumsum(0)
-    lo = int(torch.searchsorted(cum_low, k - below))
-    n_less = below + (int(cum_low[lo - 1]) if lo > 0 else 0)
+    lo = int(torch.searchsorted(cum_low, k - sum(below)))
+    n_less = [b + int(h[:lo].sum()) for b, h in zip(below, lows)]
     return (hi << 16) | lo, n_less, [int(h[lo]) for h in lows]
 
 
@@ -163,35 +172,87 @@ def _first_true(mask: Tensor, n: int) -> Tensor:
     return mask & (mask.cumsum(0) <= n)
 
 
-def prune_k_smallest(keys: Sequence[Tensor], k: int,
+@dataclass(frozen=True)
+class Cut:
+    """One layer's share of a k-smallest selection, as scalars: every non-excluded key below
+    ``threshold`` is pruned, and of the non-excluded keys equal to it the first ``ties`` (all of
+    them when ``all_ties``). ``count`` is how many that prunes. Applying it needs the layer's keys
+    only, so a selection can be decided in one streaming pass and applied layer by layer later."""
+
+    threshold: int
+    ties: int
+    all_ties: bool
+    count: int
+
+    NOTHING = None  # set below: prunes nothing
+
+    def pruned(self, keys: Scores, excluded: Tensor | None = None) -> Tensor:
+        """Boolean mask (True = pruned) of this cut on the layer's keys."""
+        kk = materialize(keys)
+        if self.count == 0:
+            return torch.zeros(kk.shape, dtype=torch.bool, device=kk.device)
+        if self.all_ties:  # the usual case: every tie at the threshold (often one) is taken
+            pruned = kk <= self.threshold
+        else:  # ties split at this layer: the lowest indices go first
+            pruned = kk == self.threshold
+            if excluded is not None:
+                pruned &= ~excluded
+            pruned = (kk < self.threshold) | _first_true(pruned, self.ties)
+        if excluded is not None:
+            pruned &= ~excluded
+        return pruned
+
+
+Cut.NOTHING = Cut(-1, 0, True, 0)
+
+
+def cut_k_smallest(keys: Sequence[Scores], k: int,
+                   excluded: Sequence[Tensor | None] | None = None) -> list[Cut]:
+    """Per-layer :class:`Cut` of the ``k`` smallest non-excluded entries over all layers."""
+    if k <= 0:
+        return [Cut.NOTHING] * len(keys)
+    threshold, n_less, n_equal = _kth_per_layer(keys, k, excluded)
+    ties_left = k - sum(n_less)
+    cuts = []
+    for less, equal_here in zip(n_less, n_equal):
+        take = min(ties_left, equal_here)
+        ties_left -= take
+        cuts.append(Cut(threshold, take, take == equal_here, less + take))
+    return cuts
+
+
+def prune_k_smallest(keys: Sequence[Scores], k: int,
                      excluded: Sequence[Tensor | None] | None = None) -> list[Tensor]:
     """Boolean masks (True = pruned) of the ``k`` smallest non-excluded entries over all layers."""
     excluded = excluded or [None] * len(keys)
-    if k <= 0:
-        return [torch.zeros(kk.shape, dtype=torch.bool, device=kk.device) for kk in keys]
-    threshold, n_less, n_equal = kth_key(keys, k, excluded)
-    ties_left = k - n_less
-    out = []
-    for kk, ex, equal_here in zip(keys, excluded, n_equal):
-        kk = materialize(kk)
-        take = min(ties_left, equal_here)
-        ties_left -= take
-        if take == equal_here:  # the usual case: every tie at the threshold (often one) is taken
-            pruned = kk <= threshold
-        else:  # ties split at this layer: the lowest indices go first
-            pruned = kk == threshold
-            if ex is not None:
-                pruned &= ~ex
-            pruned = (kk < threshold) | _first_true(pruned, take)
-        if ex is not None:
-            pruned &= ~ex
-        out.append(pruned)
-    return out
+    cuts = cut_k_smallest(keys, k, excluded)
+    return [c.pruned(kk, ex) for c, kk, ex in zip(cuts, keys, excluded)]
 
 
 def select_local(scores: Scores, k: int) -> Tensor:
     """Pruned mask of the ``k`` lowest entries of one layer's block scores."""
     return prune_k_smallest([keys_of(scores)], k)[0]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one layer's pruned blocks follow from its own block scores once a global selection is
+    decided: its share of the global :class:`Cut`, on top of the blocks it must prune anyway
+    (``forced``: its own lowest ``min`` blocks), or a mask decided already (``mask``: blocks of
+    differing sizes, which rank by a walk over every score at once)."""
+
+    cut: Cut = Cut.NOTHING
+    forced: Cut | None = None
+    mask: Tensor | None = None
+
+    def pruned(self, scores: Scores) -> Tensor:
+        """Boolean mask (True = pruned) of the layer's blocks."""
+        if self.mask is not None:
+            return self.mask
+        keys = materialize(keys_of(scores))
+        forced = None if self.forced is None else self.forced.pruned(keys)
+        pruned = self.cut.pruned(keys, forced)
+        return pruned if forced is None else pruned | forced
 
 
 def select_global(scores: Sequence[Scores], block_weights: Sequence[int], budget: int,
@@ -203,10 +264,20 @@ def select_global(scores: Sequence[Scores], block_weights: Sequence[int], budget
     and what a capped layer cannot take goes to the others, so the total still meets the budget
     when the caps allow it. Blocks are taken in score order while they fit in the budget.
     """
+    plans = plan_global(scores, block_weights, budget, min_blocks, max_blocks)
+    return [plan.pruned(s) for plan, s in zip(plans, scores)]
+
+
+def plan_global(scores: Sequence[Scores], block_weights: Sequence[int], budget: int,
+                min_blocks: Sequence[int], max_blocks: Sequence[int]) -> list[LayerPlan]:
+    """:func:`select_global` as per-layer plans: the ranking is decided here (passes over the
+    scores, which may be :class:`LazyScores` read again at each pass), and each layer's mask is
+    made later from its own scores (``plan.pruned(scores)``), one layer at a time."""
     n = len(scores)
     keys = [keys_of(s) for s in scores]
     # Every layer first prunes its own `min` lowest blocks; the rest compete globally.
-    forced = [select_local(s, m) if m > 0 else None for s, m in zip(scores, min_blocks)]
+    forced_cuts = [cut_k_smallest([kk], m)[0] if m > 0 else None for kk, m in zip(keys, min_blocks)]
+    forced = [None if c is None else c.pruned(kk) for c, kk in zip(forced_cuts, keys)]
     budget_left = budget - sum(m * b for m, b in zip(min_blocks, block_weights))
     uniform = len(set(block_weights)) == 1
     fixed: dict[int, int] = {}  # layer -> final block count, for layers that hit their max
@@ -216,21 +287,26 @@ def select_global(scores: Sequence[Scores], block_weights: Sequence[int], budget
         capacity = [max_blocks[i] - min_blocks[i] for i in free]
         if uniform:
             k = max(0, min(residual // block_weights[0] if free else 0, sum(capacity)))
-            chosen = prune_k_smallest([keys[i] for i in free], k, [forced[i] for i in free])
+            cuts = cut_k_smallest([keys[i] for i in free], k, [forced[i] for i in free])
+            counts = [c.count for c in cuts]
         else:
             chosen = _prefix_by_weight([scores[i] for i in free], [block_weights[i] for i in free],
                                        max(0, residual), [forced[i] for i in free], capacity)
-        over = [i for i, c, cap in zip(free, chosen, capacity) if int(c.sum()) > cap]
+            counts = [int(c.sum()) for c in chosen]
+        over = [i for i, c, cap in zip(free, counts, capacity) if c > cap]
         if not over:
             break
         for i in over:
             fixed[i] = max_blocks[i]
-    result: list[Tensor | None] = [None] * n
-    for i, c in zip(free, chosen):
-        result[i] = c if forced[i] is None else c | forced[i]
+    plans: list[LayerPlan | None] = [None] * n
+    for j, i in enumerate(free):
+        if uniform:
+            plans[i] = LayerPlan(cuts[j], forced_cuts[i])
+        else:
+            plans[i] = LayerPlan(mask=chosen[j] if forced[i] is None else chosen[j] | forced[i])
     for i, count in fixed.items():
-        result[i] = select_local(scores[i], count)
-    return result  # type: ignore[return-value]
+        plans[i] = LayerPlan(cut_k_smallest([keys[i]], count)[0])
+    return plans  # type: ignore[return-value]
 
 
 def _prefix_by_weight(scores: Sequence[Tensor], block_weights: Sequence[int], budget: int,

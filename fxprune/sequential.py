@@ -295,12 +295,16 @@ class BlockSequentialRunner:
             (see :func:`merge_calls`); 0 keeps the batches as given.
         on_block_start / on_block_end: ``hook(index, name, block)``, see the module docstring.
         progress: ``progress(stage, done, total)`` once per block.
+        keep_batches: ``keep_batches(n) -> indices``: the block batches (after merging, out of
+            ``n``) this process keeps and runs; the others are dropped after the capture
+            (data-parallel calibration: each rank carries its share).
     """
 
     def __init__(self, model: nn.Module, blocks: BlockList, calibration: Iterable, *,
                  propagation: str = "pruned", cache_bytes: int = DEFAULT_CACHE_BYTES,
                  batch_tokens: int = DEFAULT_BATCH_TOKENS, spill_dir: str | None = None, on_block_start: BlockHook | None = None,
-                 on_block_end: BlockHook | None = None, progress: Callable | None = None):
+                 on_block_end: BlockHook | None = None, progress: Callable | None = None,
+                 keep_batches: Callable[[int], list[int]] | None = None):
         if propagation not in ("pruned", "dense"):
             raise ConfigError(f"block_propagation must be 'pruned' or 'dense', got {propagation!r}")
         self.model, self.blocks, self.calibration = model, blocks, calibration
@@ -309,6 +313,7 @@ class BlockSequentialRunner:
         self.budget = _Budget(cache_bytes, spill_dir)
         self.on_block_start, self.on_block_end = on_block_start, on_block_end
         self.progress = progress
+        self.keep_batches = keep_batches
         self.inputs = ActivationCache(self.budget)
         self.outputs = ActivationCache(self.budget)
         self.calls: list[BlockCall] = []
@@ -345,6 +350,13 @@ class BlockSequentialRunner:
                     self.calls.append(call)
                     self.inputs.append(h)
             del hidden, merged
+        if self.keep_batches is not None:
+            kept = [(self.calls[b], self.inputs[b]) for b in self.keep_batches(len(self.calls))]
+            self.inputs.clear()
+            self.calls = [call for call, _ in kept]
+            for _, h in kept:
+                self.inputs.append(h)
+            del kept
         self.stats.block_batches = len(self.calls)
         self._note_cache()
 

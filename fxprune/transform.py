@@ -20,7 +20,7 @@ from .passes.compact import compact_passes
 def transform(model: nn.Module, config: Any = None, example_inputs: Any = None, *,
               inplace: bool = False, compact: bool | None = None, calibration: Any = None,
               loss_fn: Any = None, progress: Any = None, on_block_start: Any = None,
-              on_block_end: Any = None) -> nn.Module:
+              on_block_end: Any = None, group: Any = None) -> nn.Module:
     """Prune ``model`` as ``config`` says and return the pruned model (same class).
 
     Args:
@@ -43,10 +43,29 @@ def transform(model: nn.Module, config: Any = None, example_inputs: Any = None, 
             before the block is first used, and right after it is pruned and its outputs for the
             next block are computed (a streaming caller loads / releases its weights there).
 
+        group: a ``torch.distributed`` process group to prune with several processes (every
+            rank calls ``transform`` with the same model, config and calibration; see
+            ``docs/distributed.md``). By default the default process group is used when one is
+            initialised with more than one process; a group of one process means no splitting.
+
     The report is available as ``fxprune.sparsity_report(pruned)``.
     """
     _check_arguments(inplace=inplace, compact=compact, loss_fn=loss_fn, progress=progress)
+    from .distributed import resolve
+
+    dist = resolve(group)
+    if dist is None:
+        return _transform(model, config, example_inputs, inplace, compact, calibration, loss_fn,
+                          progress, on_block_start, on_block_end, None)
+    with dist.guard("the end of transform"):   # one rank's error stops every rank
+        return _transform(model, config, example_inputs, inplace, compact, calibration, loss_fn,
+                          progress if dist.rank == 0 else None, on_block_start, on_block_end, dist)
+
+
+def _transform(model, config, example_inputs, inplace, compact, calibration, loss_fn, progress,
+               on_block_start, on_block_end, dist) -> nn.Module:
     ctx = _context(model, config, example_inputs, inplace=inplace)
+    ctx.distributed = dist
     ctx.config.warn_unused_schedule()
     ctx.calibration, ctx.loss_fn, ctx.progress = calibration, loss_fn, progress
     ctx.on_block_start, ctx.on_block_end = on_block_start, on_block_end

@@ -69,6 +69,8 @@ class PruneContext:
     on_block_end: Any = None
     block_plan: Any = None
     zero_counts: dict[str, int] = field(default_factory=dict)
+    # several processes (torch.distributed): fxprune.distributed.Distributed, else None
+    distributed: Any = None
 
     def tick(self, stage: str, done: int, total: int) -> None:
         if self.progress is None:

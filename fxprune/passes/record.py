@@ -21,20 +21,28 @@ class RecordPass(Pass):
                 zeros = ctx.zero_counts[t.param]
             else:
                 zeros = numel - int(torch.count_nonzero(weight))
-            g = t.group
-            layers.append(LayerReport(
-                name=t.name, param=t.param, module_type=t.module_type,
-                weight_shape=list(t.geometry.weight_shape), view_shape=list(t.geometry.view_shape),
-                pattern=g.pattern if g else None,
-                block_shape=t.layout.block_shape if t.layout else None,
-                scope=g.pruning_scope if g else None, criterion=g.pruning_type if g else None,
-                requested_sparsity=float(g.target_sparsity) if g else 0.0,
-                achieved_sparsity=zeros / numel if numel else 0.0,
-                numel=numel, zeros=zeros, status=t.status, group=g.index if g else None,
-                aliases=list(t.aliases)))
-        ctx.report = SparsityReport(
-            layers=layers, config=ctx.config.to_dict(),
-            versions={"fxprune": __version__, "torch": torch.__version__},
-            capture=ctx.capture_method,
-            calibration=ctx.block_plan.summary() if ctx.block_plan is not None else None)
+            layers.append(layer_report(t, zeros, numel))
+        ctx.report = build_report(ctx, layers)
         attach_report(ctx.model, ctx.report)
+
+
+def layer_report(t, zeros: int, numel: int) -> LayerReport:
+    """One target's record, from the zeros counted in its rewritten weight."""
+    g = t.group
+    return LayerReport(
+        name=t.name, param=t.param, module_type=t.module_type,
+        weight_shape=list(t.geometry.weight_shape), view_shape=list(t.geometry.view_shape),
+        pattern=g.pattern if g else None,
+        block_shape=t.layout.block_shape if t.layout else None,
+        scope=g.pruning_scope if g else None, criterion=g.pruning_type if g else None,
+        requested_sparsity=float(g.target_sparsity) if g else 0.0,
+        achieved_sparsity=zeros / numel if numel else 0.0,
+        numel=numel, zeros=zeros, status=t.status, group=g.index if g else None,
+        aliases=list(t.aliases))
+
+
+def build_report(ctx: PruneContext, layers: list[LayerReport]) -> SparsityReport:
+    return SparsityReport(layers=layers, config=ctx.config.to_dict(),
+                          versions={"fxprune": __version__, "torch": torch.__version__},
+                          capture=ctx.capture_method,
+                          calibration=ctx.block_plan.summary() if ctx.block_plan is not None else None)

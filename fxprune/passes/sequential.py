@@ -143,8 +143,12 @@ class BlockSequentialPass(Pass):
             cache_bytes=int(ctx.config.activation_cache_mb * (1 << 20)),
             batch_tokens=ctx.config.block_batch_tokens,
             on_block_start=ctx.on_block_start, on_block_end=ctx.on_block_end,
-            progress=ctx.tick if ctx.progress is not None else None)
+            progress=ctx.tick if ctx.progress is not None else None,
+            # data-parallel: this rank's share of the block batches
+            keep_batches=ctx.distributed.block_batch_share if ctx.distributed is not None else None)
         p.stats = runner.run(lambda step: prune_block(ctx, p, step))
+        if ctx.distributed is not None:     # the report counts every rank's share of the work
+            ctx.distributed.total_stats(p.stats)
 
 
 # ---------------------------------------------------------------------------- per block
@@ -157,10 +161,13 @@ def prune_block(ctx: PruneContext, p: BlockPlan, step: BlockStep) -> None:
     check_not_meta(model, targets)      # a streaming caller loads them in on_block_start
     for t in targets:
         check_finite(t, model.get_parameter(t.param).detach())
-    stats = BlockInputStats(model, targets)
+    dist = ctx.distributed
+    stats = BlockInputStats(model, targets) if dist is None else dist.block_input_stats(model, targets)
     with stats.installed():
         step.record(context=stats.context, on_batch=stats.new_batch)
     stats.check_complete(step.name)
+    if dist is not None:                # data-parallel: sum the statistics of every rank's batches
+        dist.reduce_block_stats(stats, step.name)
     for group in p.groups:
         group_targets = [t for t in targets if t.group is group]
         if not group_targets:
@@ -191,28 +198,18 @@ def _sparse_gpt(ctx, group, targets, stats: "BlockInputStats") -> None:
     criterion = get_criterion_class(group.pruning_type)(group)
     pattern = targets[0].pattern
     adaptive = adaptive_mode(pattern)
-    for shared in stats.shared_groups(targets):        # layers with one input: one factor
-        lead = shared[0]
-        u = inverse_hessian_factor(stats.hessian(lead).unsqueeze(0), criterion.percdamp,
-                                   lead.name)[0]
+    shared_groups = stats.shared_groups(targets)       # layers with one input: one factor
+
+    def solve(shared):
+        return _sparse_gpt_solve(ctx, group, shared, stats, criterion, pattern, adaptive)
+
+    if ctx.distributed is None:
+        results = [solve(shared) for shared in shared_groups]
+    else:                   # each solve on one rank, the results broadcast to all
+        results = ctx.distributed.split_sparse_gpt(shared_groups, solve)
+    for shared, (new, pruned) in zip(shared_groups, results):
         weights = [ctx.model.get_parameter(t.param) for t in shared]
-        views = [to_view_2d(w.detach(), t.geometry).float() for w, t in zip(weights, shared)]
-        rows = [v.shape[0] for v in views]
-        W = torch.cat(views) if len(views) > 1 else views[0]
-        if adaptive == "n_of_m":
-            new, pruned = sparsegpt_prune(W, u, criterion.blocksize,
-                                          n_of_m=(pattern.n, pattern.m, pattern._n_smallest))
-        elif adaptive == "unstructured":
-            counts = [_local_count(pattern, t) for t in shared]
-            new, pruned = sparsegpt_prune(W, u, criterion.blocksize, counts=counts, rows=rows)
-        else:  # fixed mask: SparseGPT's saliency through the pattern, then the OBS update
-            criterion.diag = {t.param: u.diagonal().unsqueeze(0) for t in shared}
-            masks = mask_group(group, shared, score_targets(ctx.model, shared, criterion))
-            fixed = torch.cat([~masks[t.param] for t in shared])
-            new, pruned = sparsegpt_prune(W, u, criterion.blocksize, fixed=fixed)
-        if not bool(torch.isfinite(new).all()):
-            raise WeightError(f"sparse_gpt produced non-finite weights for {lead.name}; raise "
-                              f"SparseGPTCriterion.percdamp or check the calibration data")
+        rows = [t.geometry.view_shape[0] for t in shared]
         masks = {}
         for t, w, part, gone in zip(shared, weights, new.split(rows), pruned.split(rows)):
             masks[t.param] = ~gone
@@ -220,6 +217,32 @@ def _sparse_gpt(ctx, group, targets, stats: "BlockInputStats") -> None:
             with torch.no_grad():
                 w.copy_(from_view_2d(part, t.geometry).to(dtype=w.dtype))
         _apply_masks(ctx, shared, masks)
+
+
+def _sparse_gpt_solve(ctx, group, shared, stats, criterion, pattern, adaptive) -> tuple[Tensor, Tensor]:
+    """The updated float32 2-D views of layers sharing one input, stacked, and their pruned mask."""
+    lead = shared[0]
+    u = inverse_hessian_factor(stats.hessian(lead).unsqueeze(0), criterion.percdamp,
+                               lead.name)[0]
+    weights = [ctx.model.get_parameter(t.param) for t in shared]
+    views = [to_view_2d(w.detach(), t.geometry).float() for w, t in zip(weights, shared)]
+    rows = [v.shape[0] for v in views]
+    W = torch.cat(views) if len(views) > 1 else views[0]
+    if adaptive == "n_of_m":
+        new, pruned = sparsegpt_prune(W, u, criterion.blocksize,
+                                      n_of_m=(pattern.n, pattern.m, pattern._n_smallest))
+    elif adaptive == "unstructured":
+        counts = [_local_count(pattern, t) for t in shared]
+        new, pruned = sparsegpt_prune(W, u, criterion.blocksize, counts=counts, rows=rows)
+    else:  # fixed mask: SparseGPT's saliency through the pattern, then the OBS update
+        criterion.diag = {t.param: u.diagonal().unsqueeze(0) for t in shared}
+        masks = mask_group(group, shared, score_targets(ctx.model, shared, criterion))
+        fixed = torch.cat([~masks[t.param] for t in shared])
+        new, pruned = sparsegpt_prune(W, u, criterion.blocksize, fixed=fixed)
+    if not bool(torch.isfinite(new).all()):
+        raise WeightError(f"sparse_gpt produced non-finite weights for {lead.name}; raise "
+                          f"SparseGPTCriterion.percdamp or check the calibration data")
+    return new, pruned
 
 
 def adaptive_mode(pattern) -> str | None:
@@ -356,8 +379,7 @@ class BlockInputStats:
         feats = self._features(t, x)
         want_sumsq, want_hessian = self._needs(stat)
         if want_sumsq:
-            s = feats.pow(2).sum(dim=0)
-            stat.sumsq = s if stat.sumsq is None else stat.sumsq + s
+            self.add_sumsq(stat, feats.pow(2).sum(dim=0))
         if want_hessian:
             if stat.hessian is None:
                 stat.hessian = torch.zeros(feats.shape[1], feats.shape[1], dtype=torch.float32,
@@ -365,12 +387,17 @@ class BlockInputStats:
             stat.hessian.addmm_(feats.T, feats)
         stat.count += feats.shape[0]
 
+    def add_sumsq(self, stat: _InputStat, s: Tensor) -> None:
+        """One batch's sum of squares into the running sum (data-parallel calibration keeps each
+        contribution too, to sum all ranks' in the single-process order)."""
+        stat.sumsq = s if stat.sumsq is None else stat.sumsq + s
+
     def _fill_missing(self, stat: _InputStat, t, x: Tensor) -> None:
         """A layer joining a shared input in the first batch may need what the others did not."""
         feats = None
         if t.param in self.need_sumsq and stat.sumsq is None:
             feats = self._features(t, x)
-            stat.sumsq = feats.pow(2).sum(dim=0)
+            self.add_sumsq(stat, feats.pow(2).sum(dim=0))
         if t.param in self.need_hessian and stat.hessian is None:
             feats = self._features(t, x) if feats is None else feats
             stat.hessian = feats.T @ feats

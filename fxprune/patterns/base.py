@@ -28,7 +28,7 @@ from ..extensions import (calling, check_block_scores, check_expanded, check_pru
                           is_user_code)
 from ..geometry import WeightGeometry
 from ..registration import Registry, T
-from ..selection import LazyScores, budget, ceil_budget, materialize, select_global, select_local
+from ..selection import LayerPlan, LazyScores, budget, ceil_budget, materialize, plan_global, select_local
 
 
 @dataclass(frozen=True)
@@ -210,15 +210,29 @@ class BasePattern:
     def get_masks_global(self, block_scores: Mapping[str, Tensor], layouts: Mapping[str, BlockLayout],
                          target_sparsity: float | None = None) -> dict[str, Tensor]:
         """Pruned-block masks from one ranking over all layers of the group."""
+        plans = self.plan_global(block_scores, layouts, target_sparsity)
+        return {name: plan.pruned(block_scores[name]) for name, plan in plans.items()}
+
+    def plan_global(self, block_scores: Mapping[str, Tensor | LazyScores],
+                    layouts: Mapping[str, BlockLayout],
+                    target_sparsity: float | None = None) -> dict[str, LayerPlan]:
+        """The global ranking of :meth:`get_masks_global` as per-layer plans: each layer's pruned
+        blocks are ``plan.pruned(its block scores)``, made when that layer's turn comes (pruning a
+        checkpoint layer by layer holds no mask for the layers not being written)."""
         target = self.target_sparsity if target_sparsity is None else target_sparsity
         names = list(block_scores)
         bounds = [self.block_bounds(layouts[n]) for n in names]
         total = sum(layouts[n].numel for n in names)
-        chosen = select_global([block_scores[n] for n in names],
-                               [layouts[n].block_weights for n in names],
-                               budget(target, total),
-                               [lo for lo, _ in bounds], [hi for _, hi in bounds])
-        return dict(zip(names, chosen))
+        plans = plan_global([block_scores[n] for n in names],
+                            [layouts[n].block_weights for n in names],
+                            budget(target, total),
+                            [lo for lo, _ in bounds], [hi for _, hi in bounds])
+        return dict(zip(names, plans))
+
+    def layers_are_independent(self) -> bool:
+        """Whether each layer's mask depends on that layer's scores alone (local scope, or a
+        pattern that needs no ranking at its target), so layers can be masked one at a time."""
+        return not self.is_global
 
     def get_masks_local(self, block_scores: Mapping[str, Tensor], layouts: Mapping[str, BlockLayout],
                         target_sparsity: float | None = None) -> dict[str, Tensor]:

@@ -75,11 +75,17 @@ class NInMPattern(BasePattern):
 
     expand_needs_scores = True
 
-    def get_masks(self, scores, layouts, *, consume=False, target_sparsity=None):
-        # At the full target N/M every group is pruned: no ranking, one sort per layer.
+    def _every_group(self, target_sparsity=None) -> bool:
+        """At the full target N/M every group is pruned: no ranking, one sort per layer."""
         target = self.target_sparsity if target_sparsity is None else target_sparsity
         full = decimal_fraction(target) == Fraction(self.n, self.m)
-        if not (full and self.max_sparsity_ratio_per_op >= self.n / self.m):
+        return full and self.max_sparsity_ratio_per_op >= self.n / self.m
+
+    def layers_are_independent(self) -> bool:
+        return self._every_group() or super().layers_are_independent()
+
+    def get_masks(self, scores, layouts, *, consume=False, target_sparsity=None):
+        if not self._every_group(target_sparsity):
             return super().get_masks(scores, layouts, consume=consume, target_sparsity=target_sparsity)
         masks = {}
         for name in list(scores):

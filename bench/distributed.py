@@ -1,0 +1,213 @@
+"""1 process against 2 (torch.distributed, gloo, one thread each), alternating runs.
+
+    python bench/distributed.py [--blocks 8] [--repeat 2] [--cache DIR]
+
+A. Block-sequential SparseGPT (2:4, local, every decoder Linear) on the LLM bench model's
+   architecture: a random-init Llama (hidden 512, FFN 1376, 8 heads, vocab 8000), 16 calibration
+   sequences of 128 tokens given as 16 batches, merged into block batches of 1024 tokens (two
+   block batches, one per rank with 2 processes; the same merging with 1 process). Time of the
+   calibration + update phase: from the first block's start to the last block's end (transform's
+   ``on_block_start`` / ``on_block_end``), the slowest rank's. Also checks that both runs give the
+   same masks, and reports the SparseGPT weight difference.
+B. Global magnitude (1x1, 50 %) over a multi-shard checkpoint (random Llama, hidden 1024, FFN 2816,
+   6 layers, vocab 8000, float32, 64 MB shards), 1 rank against 2 ranks: peak RSS per rank
+   (``ru_maxrss``) and above the process's RSS just before the call; the outputs must be equal.
+
+The machine is shared: runs alternate (1, 2, 1, 2...) and the load average is printed with each.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+SPARSE_GPT = {"pruning_type": "sparse_gpt", "pattern": "2:4", "target_sparsity": 0.5,
+              "pruning_scope": "local", "block_batch_tokens": 1024}
+MAGNITUDE = {"pruning_type": "magnitude", "pattern": "1x1", "target_sparsity": 0.5,
+             "pruning_scope": "global"}
+
+
+def llm_model(blocks: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1376, num_attention_heads=8,
+                      num_key_value_heads=8, vocab_size=8000, num_hidden_layers=blocks,
+                      max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _init(rank: int, world: int, store: str) -> None:
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=600))
+
+
+def sparse_gpt_worker(rank: int, world: int, store: str, blocks: int, out: str) -> None:
+    import torch.distributed as dist
+
+    import fxprune
+    _init(rank, world, store)
+    model = llm_model(blocks)
+    g = torch.Generator().manual_seed(1)
+    calibration = [torch.randint(0, 8000, (1, 128), generator=g) for _ in range(16)]
+    marks = {}
+
+    def start(i, name, block):
+        marks.setdefault("start", (time.perf_counter(), time.process_time()))
+
+    def end(i, name, block):
+        marks["end"] = (time.perf_counter(), time.process_time())
+
+    dist.barrier()
+    fxprune.transform(model, SPARSE_GPT, (calibration[0],), inplace=True, calibration=calibration,
+                      on_block_start=start, on_block_end=end)
+    seconds = (marks["end"][0] - marks["start"][0], marks["end"][1] - marks["start"][1])
+    if rank == 0:
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()
+                   if ".layers." in n and n.endswith("proj.weight")}
+        torch.save(weights, out + ".result.pt")
+    times = [None] * world
+    dist.all_gather_object(times, seconds)
+    if rank == 0:
+        torch.save(times, out + ".times.pt")
+    dist.destroy_process_group()
+
+
+def magnitude_worker(rank: int, world: int, store: str, src: str, out: str, tag: str) -> None:
+    import torch.distributed as dist
+
+    import fxprune
+    _init(rank, world, store)
+    before = _rss_now()
+    dist.barrier()
+    start = time.perf_counter()
+    fxprune.prune_checkpoint(src, MAGNITUDE, out)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    stats = [None] * world
+    dist.all_gather_object(stats, (peak, peak - before, seconds))
+    if rank == 0:
+        torch.save(stats, tag + ".rss.pt")
+    dist.destroy_process_group()
+
+
+def spawn(fn, world: int, *args) -> None:
+    import torch.multiprocessing as mp
+    store = tempfile.mktemp(prefix="fxprune-bench-store-")
+    try:
+        mp.spawn(fn, args=(world, store, *args), nprocs=world)
+    finally:
+        if os.path.exists(store):
+            os.remove(store)
+
+
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def make_checkpoint(directory: Path) -> None:
+    import checkpoint as ckpt_bench
+    from transformers import LlamaConfig
+    if (directory / "config.json").is_file():
+        return
+    ckpt_bench.SHARD_BYTES = 64 << 20
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,
+                      num_attention_heads=8, num_key_value_heads=8, vocab_size=8000,
+                      max_position_embeddings=256, tie_word_embeddings=False)
+    ckpt_bench.write_random_checkpoint(directory, cfg)
+
+
+def same_checkpoints(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+    for f in sorted(a.glob("*.safetensors")):
+        x, y = load_file(f), load_file(b / f.name)
+        if x.keys() != y.keys() or any(not torch.equal(x[k], y[k]) for k in x):
+            return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "fxprune-bench-dist"))
+    parser.add_argument("--skip", choices=("A", "B"), action="append", default=[])
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fxprune-bench-dist-"))
+    try:
+        if "A" not in args.skip:
+            print(f"A. block-sequential sparse_gpt 2:4, {args.blocks} blocks, 16 x 128 tokens, 1 thread per process")
+            print("| run | processes | load avg (1/5/15 min) before | calibration + update: wall s, slowest rank | CPU s per rank |")
+            print("|---|---|---|---|---|")
+            wall = {1: [], 2: []}
+            cpu = {1: [], 2: []}
+            results = {}
+            for r in range(args.repeat):
+                for world in (1, 2):
+                    tag = str(work / f"sgpt{world}")
+                    before = load()
+                    spawn(sparse_gpt_worker, world, args.blocks, tag)
+                    times = torch.load(tag + ".times.pt")
+                    wall[world].append(max(t[0] for t in times))
+                    cpu[world].append(max(t[1] for t in times))
+                    results[world] = torch.load(tag + ".result.pt")
+                    print(f"| {r + 1} | {world} | {before} | {wall[world][-1]:.2f} | "
+                          f"{', '.join(f'{t[1]:.2f}' for t in times)} |", flush=True)
+            one, two = results[1], results[2]
+            flips = sum(int(((one[n] == 0) != (two[n] == 0)).sum()) for n in one)
+            total = sum(one[n].numel() for n in one)
+            same = [n for n in one if torch.equal(one[n] == 0, two[n] == 0)]
+            diff = max(float((one[n] - two[n]).abs().max()) for n in same) if same else float("nan")
+            ratios = sorted(a / b for a, b in zip(wall[1], wall[2]))
+            print(f"\nwall, best of {args.repeat}: 1 process {min(wall[1]):.2f} s, 2 processes "
+                  f"{min(wall[2]):.2f} s: speedup {min(wall[1]) / min(wall[2]):.2f}x (target >= 1.6x); "
+                  f"per pair {', '.join(f'{x:.2f}x' for x in ratios)}")
+            print(f"CPU time of the slowest rank (load-independent), best: 1 process "
+                  f"{min(cpu[1]):.2f} s, 2 processes {min(cpu[2]):.2f} s: {min(cpu[1]) / min(cpu[2]):.2f}x")
+            print(f"masks: {flips} of {total} entries differ ({len(same)} of {len(one)} layers "
+                  f"identical); max |weight difference| on the identical layers {diff:.2e}\n")
+        if "B" not in args.skip:
+            src = Path(args.cache) / "llama-6x1024"
+            src.parent.mkdir(parents=True, exist_ok=True)
+            make_checkpoint(src)
+            shards = len(list(src.glob("*.safetensors")))
+            size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+            print(f"B. global magnitude 1x1 50 % over {src.name}: {size / 1e6:.0f} MB in {shards} shards")
+            print("| run | ranks | load avg before | wall s | peak RSS per rank MB | above start MB |")
+            print("|---|---|---|---|---|---|")
+            outs = {}
+            for r in range(args.repeat):
+                for world in (1, 2):
+                    out = work / f"mag{world}-{r}"
+                    before = load()
+                    spawn(magnitude_worker, world, str(src), str(out), str(work / f"mag{world}"))
+                    stats = torch.load(work / f"mag{world}.rss.pt")
+                    outs[world] = out
+                    print(f"| {r + 1} | {world} | {before} | {max(s[2] for s in stats):.1f} | "
+                          f"{', '.join(f'{s[0] / 1e6:.0f}' for s in stats)} | "
+                          f"{', '.join(f'{s[1] / 1e6:.0f}' for s in stats)} |", flush=True)
+            print(f"\noutputs identical (1 rank vs 2 ranks): {same_checkpoints(outs[1], outs[2])}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Checkpoints on several processes (``torch.distributed``): each rank owns some shard files.
+
+- Shard files are assigned to ranks by size (largest first, to the least loaded rank); a rank
+  reads the weights of its own shards only (magnitude) and writes its own output shards; rank 0
+  writes the index, config and tokenizer files and the report, into one temporary directory that
+  rank 0 renames to ``out_dir`` once every rank has finished (``out_dir`` on a filesystem every
+  rank sees, for several nodes).
+- Magnitude, local scope: each rank prunes its own layers. Global scope with the built-in
+  ranking: the exact threshold and tie split come from histograms of the score bits summed over
+  the ranks (the two-pass radix select of :mod:`fxprune.selection`, with all-reduced counts), and
+  every rank decides the same per-layer cuts as one process does: bit-identical masks. Other
+  global rankings (channel blocks of differing sizes, user patterns) are decided on every rank
+  from all layers' scores (replicated reads), each rank writing its own layers.
+- ``activation`` / ``sparse_gpt``: data-parallel block-sequential calibration
+  (:mod:`fxprune.distributed`); every rank loads each block (the weights are replicated), the
+  rank owning a weight's shard writes it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..distributed import Distributed, assign
+from ..passes.mask import check_mask
+from ..selection import Cut, LayerPlan, LazyScores, _histogram, budget, cut_k_smallest, keys_of, materialize
+from .shards import ShardSet
+
+
+def own_files(shards: ShardSet, d: Distributed) -> set[Path]:
+    """The shard files of rank ``d.rank`` (the same assignment on every rank)."""
+    owner = assign([f.stat().st_size for f in shards.files], d.world)
+    return {f for f, r in zip(shards.files, owner) if r == d.rank}
+
+
+def prune_streaming(job, group, scores_of: Callable) -> bool:
+    """Magnitude-like groups of a sharded run; False when the group needs the replicated path
+    (every rank ranks all layers itself, writing its own)."""
+    targets = job.ctx.selected(group)
+    pattern = targets[0].pattern
+    mine = [t for t in targets if job.owns(t)]
+    if pattern.layers_are_independent():
+        from ..passes.mask import mask_group
+        for t in mine:
+            weight, scores = scores_of(t)
+            keep = mask_group(group, [t], {t.param: scores}, warn=False)[t.param]
+            job.write_pruned(t, weight, keep)
+        return True
+    if len({t.layout.block_weights for t in targets}) != 1:
+        return False
+    lazy = {t.param: LazyScores(lambda t=t: pattern.block_scores(scores_of(t)[1], t.layout),
+                                (t.layout.num_blocks,)) for t in mine}
+    plans = sharded_plans(job.dist, pattern, targets, lazy)
+    del lazy
+    for t in mine:
+        weight, scores = scores_of(t)
+        pruned = plans.pop(t.param).pruned(pattern.block_scores(scores, t.layout))
+        view = scores if pattern.expand_needs_scores else None
+        keep = ~pattern.expand(pruned, t.layout, tuple(t.geometry.view_shape), view)
+        check_mask(pattern, t, keep)
+        job.write_pruned(t, weight, keep)
+    return True
+
+
+def sharded_plans(d: Distributed, pattern, targets, block_scores: dict) -> dict[str, LayerPlan]:
+    """:meth:`BasePattern.plan_global` (uniform block sizes) when each rank holds the block scores
+    of some layers (``block_scores``: param -> scores of this rank's layers): the plans of this
+    rank's layers, equal to the single-process ones. Same steps as
+    :func:`fxprune.selection.plan_global`; every cross-layer quantity is all-reduced."""
+    layouts = [t.layout for t in targets]
+    bounds = [pattern.block_bounds(lay) for lay in layouts]
+    mins, maxs = [lo for lo, _ in bounds], [hi for _, hi in bounds]
+    weight = layouts[0].block_weights
+    total_budget = budget(pattern.target_sparsity, sum(lay.numel for lay in layouts))
+    n = len(targets)
+    keys = {i: keys_of(block_scores[t.param]) for i, t in enumerate(targets) if t.param in block_scores}
+    forced_cuts = {i: cut_k_smallest([kk], mins[i])[0] if mins[i] > 0 else None for i, kk in keys.items()}
+    forced = {i: None if c is None else c.pruned(keys[i]) for i, c in forced_cuts.items()}
+    budget_left = total_budget - sum(m * weight for m in mins)
+    fixed: dict[int, int] = {}
+    while True:
+        free = [i for i in range(n) if i not in fixed]
+        residual = budget_left - sum((fixed[i] - mins[i]) * weight for i in fixed)
+        capacity = [maxs[i] - mins[i] for i in free]
+        k = max(0, min(residual // weight if free else 0, sum(capacity)))
+        cuts = sharded_cut(d, free, k, keys, forced)
+        over = [i for i, c, cap in zip(free, cuts, capacity) if c.count > cap]
+        if not over:
+            break
+        for i in over:
+            fixed[i] = maxs[i]
+    plans = {}
+    for j, i in enumerate(free):
+        if i in keys:
+            plans[targets[i].param] = LayerPlan(cuts[j], forced_cuts[i])
+    for i, count in fixed.items():
+        if i in keys:
+            plans[targets[i].param] = LayerPlan(cut_k_smallest([keys[i]], count)[0])
+    return plans
+
+
+def sharded_cut(d: Distributed, layers: list[int], k: int, keys: dict, excluded: dict) -> list[Cut]:
+    """:func:`fxprune.selection.cut_k_smallest` over ``layers`` (global layer indices, in order)
+    when this rank holds the keys of some of them: the radix select with histograms and per-layer
+    counts summed over the ranks. Same threshold, counts and tie split on every rank."""
+    if k <= 0:
+        return [Cut.NOTHING] * len(layers)
+    own = [(j, i) for j, i in enumerate(layers) if i in keys]
+
+    def live(i):
+        kk = materialize(keys[i])
+        return kk if excluded.get(i) is None else kk[~excluded[i]]
+
+    def high_bits():
+        high = torch.zeros(1 << 16, dtype=torch.int64)
+        for _, i in own:
+            high += _histogram(live(i) >> 16)
+        return high
+
+    # each step: local passes (an error there is reported at the status exchange), then the sums
+    (high,) = d.all_reduce_sum([d.run("the global threshold", high_bits)])
+    hi = int(torch.searchsorted(high.cumsum(0), k))
+    del high
+    in_bin: dict[int, torch.Tensor] = {}
+
+    def low_bits():
+        below = torch.zeros(len(layers), dtype=torch.int64)
+        low = torch.zeros(1 << 16, dtype=torch.int64)
+        for j, i in own:
+            kk = live(i)
+            top = kk >> 16
+            below[j] = int((top < hi).sum())
+            in_bin[j] = kk[top == hi] & 0xFFFF
+            low += _histogram(in_bin[j])
+        return below, low
+
+    below, low = d.all_reduce_sum(d.run("the global threshold", low_bits))
+    lo = int(torch.searchsorted(low.cumsum(0), k - int(below.sum())))
+    less = torch.zeros(len(layers), dtype=torch.int64)
+    equal = torch.zeros(len(layers), dtype=torch.int64)
+    for j, _ in own:
+        less[j] = int(below[j]) + int((in_bin[j] < lo).sum())
+        equal[j] = int((in_bin[j] == lo).sum())
+    less, equal = d.all_reduce_sum([less, equal])
+    threshold = (hi << 16) | lo
+    ties_left = k - int(less.sum())
+    cuts = []
+    for n_less, n_equal in zip(less.tolist(), equal.tolist()):
+        take = min(ties_left, n_equal)
+        ties_left -= take
+        cuts.append(Cut(threshold, take, take == n_equal, n_less + take))
+    return cuts

@@ -1,0 +1,350 @@
+"""Pruning on several processes with ``torch.distributed`` (gloo on CPU, NCCL on GPU; ``torchrun``).
+
+Every rank runs the same call (``fxprune.transform``, ``fxprune.prune_checkpoint`` or the CLI under
+``torchrun``) on the same model and config; a :class:`Distributed` wraps the process group and
+holds the few collective steps fxprune needs. What is split and what is replicated:
+
+- block-sequential calibration (``activation`` = Wanda, ``sparse_gpt``): the calibration batches
+  are run up to the first block and merged into block batches on every rank (that part is cheap
+  and makes the same block batches as one process); then each rank keeps block batch ``i`` when
+  ``i % world == rank`` and carries only those hidden states from block to block. After each block's dense forward, the statistics are summed over the
+  ranks before any mask is chosen: Wanda's per-feature sums of squares are gathered per batch and
+  added up in the single-process batch order (so masks are bit-identical to one process),
+  SparseGPT's Hessians and sample counts are all-reduced (float32 sums in another order: weights
+  within summation-order tolerance). The SparseGPT solves of one block (one per distinct input)
+  are divided among the ranks and the results broadcast, so every rank holds the same weights;
+- whole-model data-aware groups (global scope, gradient criteria) and everything else are
+  replicated: every rank computes the same result from the full calibration;
+- checkpoints: see :mod:`fxprune.checkpoint.sharded`.
+
+Errors: every collective step of fxprune starts with a status exchange. A rank that fails takes
+part in the next exchange with its one-line message instead, so every rank raises
+:class:`DistributedError` naming the failed rank and its message; a rank that dies or hangs makes
+the others' collective fail after the process group's timeout (``init_process_group(timeout=...)``;
+the CLI's ``--timeout``), reported as a :class:`DistributedError` too. Only rank 0 reports progress.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError, FxPruneError
+
+
+class DistributedError(FxPruneError, RuntimeError):
+    """Another rank failed (its rank and message are in the text), or a collective timed out."""
+
+
+def _dist():
+    import torch.distributed as dist
+    return dist
+
+
+def resolve(group: Any = None) -> "Distributed | None":
+    """The :class:`Distributed` of ``group`` (a ``ProcessGroup``), or of the default process group
+    when ``group`` is None and one is initialised; None when there is one process only."""
+    if isinstance(group, Distributed):
+        return group if group.world > 1 else None
+    dist = _dist()
+    if not dist.is_available() or not dist.is_initialized():
+        if group is not None:
+            raise ConfigError("group= was given but torch.distributed is not initialised; call "
+                              "torch.distributed.init_process_group() first (torchrun sets it up)")
+        return None
+    d = Distributed(group)
+    return d if d.world > 1 else None
+
+
+class Distributed:
+    """fxprune's collective steps on one process group (all ranks call them in the same order)."""
+
+    def __init__(self, group: Any = None):
+        dist = _dist()
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        backend = dist.get_backend(group)
+        # NCCL collectives run on the GPU of this rank; gloo on the CPU
+        self.device = (torch.device("cuda", torch.cuda.current_device())
+                       if backend == "nccl" else torch.device("cpu"))
+        self.steps = 0
+        self.batch_index: list[int] = []       # global index of each local calibration batch
+
+    # ------------------------------------------------------------------ errors
+    def check(self, stage: str, error: str | None = None) -> None:
+        """The status exchange every collective step starts with: raises on every rank when any
+        rank reports an error (``error``), naming the ranks and their messages."""
+        self.steps += 1
+        statuses: list[Any] = [None] * self.world
+        try:
+            _dist().all_gather_object(statuses, error, group=self.group)
+        except Exception as e:   # a dead or hung rank: the process group's timeout fired
+            raise DistributedError(
+                f"rank {self.rank}: lost the other ranks at {stage} ({_one_line(e)}); another "
+                f"rank stopped without reporting (see its output) or is stuck longer than the "
+                f"process group's timeout") from None
+        failed = [(r, s) for r, s in enumerate(statuses) if s is not None]
+        if failed:
+            raise DistributedError("; ".join(f"rank {r} failed: {s}" for r, s in failed))
+
+    @contextlib.contextmanager
+    def guard(self, stage: str = "the end"):
+        """Run a whole collective job: an exception on this rank is reported to the others at
+        their next collective step (and re-raised here); at the end, every rank checks in."""
+        try:
+            yield self
+        except DistributedError:
+            raise
+        except Exception as e:
+            self._report(stage, e)
+            raise
+        self.check(stage)
+
+    def run(self, stage: str, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on this rank, then a status exchange: any rank's error stops all ranks."""
+        try:
+            out = fn()
+        except DistributedError:
+            raise
+        except Exception as e:
+            self._report(stage, e)
+            raise
+        self.check(stage)
+        return out
+
+    def _report(self, stage: str, e: BaseException) -> None:
+        """This rank's error, at the status exchange the other ranks are waiting in (once: an
+        error already reported by an inner step is not reported again)."""
+        if getattr(e, "_fxprune_reported", False):
+            return
+        try:
+            e._fxprune_reported = True
+        except AttributeError:
+            pass
+        with contextlib.suppress(DistributedError):   # this rank raises its own error
+            self.check(stage, _describe(e))
+
+    # ------------------------------------------------------------------ calibration
+    def block_batch_share(self, n: int) -> list[int]:
+        """This rank's block batches (calibration batches merged as one process merges them,
+        ``block_batch_tokens``): every ``world``-th, from its rank on. Records their indices, the
+        single-process order of the ordered reductions."""
+        if n < self.world:
+            raise ConfigError(
+                f"the calibration makes {n} block batch(es) for {self.world} ranks (batches are "
+                f"merged up to block_batch_tokens tokens); each rank needs at least one: pass at "
+                f"least {self.world} calibration batches and set block_batch_tokens to at most "
+                f"the tokens of one batch")
+        self.batch_index = list(range(self.rank, n, self.world))
+        return self.batch_index
+
+    # ------------------------------------------------------------------ collectives
+    def all_gather_objects(self, obj: Any) -> list:
+        out: list[Any] = [None] * self.world
+        _dist().all_gather_object(out, obj, group=self.group)
+        return out
+
+    def all_reduce_sum(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Sums over the ranks, through one flat buffer per dtype (one collective each)."""
+        dist = _dist()
+        out: list[Tensor | None] = [None] * len(tensors)
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, t in enumerate(tensors):
+            by_dtype.setdefault(t.dtype, []).append(i)
+        for dtype, idx in by_dtype.items():
+            flat = torch.cat([tensors[i].reshape(-1) for i in idx]).to(self.device)
+            dist.all_reduce(flat, group=self.group)
+            flat = flat.to(tensors[idx[0]].device)
+            for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+                out[i] = part.view(tensors[i].shape)
+        return out  # type: ignore[return-value]
+
+    def broadcast(self, tensor: Tensor, src: int) -> Tensor:
+        """``tensor`` of rank ``src`` on every rank (others pass a buffer of its shape/dtype)."""
+        dist = _dist()
+        wire = tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor
+        wire = wire.to(self.device).contiguous()
+        dist.broadcast(wire, src=dist.get_global_rank(self.group, src) if self.group is not None
+                       else src, group=self.group)
+        wire = wire.to(tensor.device)
+        return wire.bool() if tensor.dtype == torch.bool else wire
+
+    def split_work(self, items: Sequence, cost: Callable[[Any], float],
+                   compute: Callable[[Any], tuple[Tensor, ...]],
+                   shapes: Callable[[Any], Sequence[tuple[tuple[int, ...], torch.dtype]]],
+                   stage: str) -> list[tuple[Tensor, ...]]:
+        """``compute(item)`` for every item, each on one rank (greedy by ``cost``, largest first),
+        the results broadcast to every rank. ``shapes(item)``: the results' shapes and dtypes."""
+        owner = assign(list(map(cost, items)), self.world)
+        mine = {i: None for i, r in enumerate(owner) if r == self.rank}
+
+        def work():
+            for i in mine:
+                mine[i] = compute(items[i])
+        self.run(stage, work)
+        results = []
+        for i, item in enumerate(items):
+            if owner[i] == self.rank:
+                parts = mine[i]
+            else:
+                parts = tuple(torch.empty(shape, dtype=dtype) for shape, dtype in shapes(item))
+            results.append(tuple(self.broadcast(p, owner[i]) for p in parts))
+        return results
+
+    # ------------------------------------------------------------------ block-sequential hooks
+    def block_input_stats(self, model, targets):
+        return _RankInputStats(model, targets, self)
+
+    def split_sparse_gpt(self, shared_groups: Sequence[list], solve: Callable) -> list:
+        """The SparseGPT solves of one block (one per group of layers sharing an input; ``solve``
+        returns the stacked updated float32 views and their pruned mask), divided among the
+        ranks by FLOPs and broadcast."""
+        def shapes(shared):
+            rows = sum(t.geometry.view_shape[0] for t in shared)
+            cols = shared[0].geometry.view_shape[1]
+            return [((rows, cols), torch.float32), ((rows, cols), torch.bool)]
+
+        def cost(shared):
+            (rows, cols), _ = shapes(shared)[0]
+            return sparse_gpt_cost(rows, cols)
+
+        name = shared_groups[0][0].name if shared_groups else ""
+        return self.split_work(shared_groups, cost, solve, shapes, f"the sparse_gpt solve near {name}")
+
+    def total_stats(self, stats) -> None:
+        """A block-sequential run's counts (``RunStats``) summed over the ranks, in place: block
+        batches, block forwards and spilled tensors (every rank captured every batch)."""
+        self.check("the end of the block-sequential calibration")
+        (total,) = self.all_reduce_sum([torch.tensor(
+            [stats.block_batches, stats.block_forwards, stats.spilled], dtype=torch.int64)])
+        stats.block_batches, stats.block_forwards, stats.spilled = (int(x) for x in total.tolist())
+
+    def reduce_block_stats(self, stats, block_name: str) -> None:
+        """Sum one block's input statistics over the ranks (every rank ends with the same)."""
+        self.check(f"block {block_name}")
+        stats.reduce()
+
+
+def init_from_env(timeout_s: float) -> bool:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment): initialise the default process
+    group (NCCL when CUDA is available, else gloo) with a ``timeout_s`` collective timeout.
+    Returns whether it did (the caller then destroys it at the end)."""
+    import datetime
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    dist = _dist()
+    if dist.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return True
+
+
+def rank() -> int:
+    """This process's rank in the default process group (0 without one)."""
+    dist = _dist()
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def assign(costs: Sequence[float], world: int) -> list[int]:
+    """Owner rank of each item: largest first, each to the least loaded rank (ties: lowest rank);
+    deterministic, so every rank computes the same assignment."""
+    load = [0.0] * world
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += costs[i]
+    return owner
+
+
+def sparse_gpt_cost(rows: int, cols: int) -> float:
+    """FLOPs of one SparseGPT solve: the Cholesky factor (cols^3) and the OBS updates (rows*cols^2)."""
+    return float(cols) ** 3 / 3 + float(rows) * float(cols) ** 2
+
+
+def _describe(e: BaseException) -> str:
+    """One line for the other ranks: fxprune's own messages as they are, others with their type."""
+    return _one_line(e) if isinstance(e, FxPruneError) else f"{type(e).__name__}: {_one_line(e)}"
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:500] if text else type(e).__name__
+
+
+def _rank_stats_class():
+    from .passes.sequential import BlockInputStats
+
+    class RankInputStats(BlockInputStats):
+        """One block's input statistics over this rank's batches, reducible over the ranks.
+
+        Each Wanda sum-of-squares contribution is kept with its global batch index, so the sum
+        over all ranks is formed in the single-process order (bit-identical); Hessians and sample
+        counts are all-reduced."""
+
+        def __init__(self, model, targets, d: Distributed):
+            super().__init__(model, targets)
+            self.d = d
+            self.batch = 0
+            self.parts: dict[int, list[tuple[int, int, Tensor]]] = {}
+
+        def new_batch(self, b: int) -> None:
+            super().new_batch(b)
+            self.batch = self.d.batch_index[b]
+
+        def add_sumsq(self, stat, s: Tensor) -> None:
+            parts = self.parts.setdefault(id(stat), [])
+            parts.append((self.batch, len(parts), s))
+            super().add_sumsq(stat, s)
+
+        def reduce(self) -> None:
+            stats = []
+            for t in self.targets:
+                stat = self.stat_of[t.param]
+                if all(stat is not s for s in stats):
+                    stats.append(stat)
+            # Wanda: every rank's contributions, summed in global batch order
+            want = [s for s in stats if s.sumsq is not None]
+            if want:
+                gathered = self.d.all_gather_objects([self.parts.get(id(s), []) for s in want])
+                for j, stat in enumerate(want):
+                    parts = sorted((p for rank_parts in gathered for p in rank_parts[j]),
+                                   key=lambda p: (p[0], p[1]))
+                    total = None
+                    for _, _, s in parts:
+                        s = s.to(stat.sumsq.device)
+                        total = s if total is None else total + s
+                    stat.sumsq = total
+            # SparseGPT: Hessians and counts summed
+            hess = [s for s in stats if s.hessian is not None]
+            if hess:
+                summed = self.d.all_reduce_sum([s.hessian for s in hess])
+                for stat, h in zip(hess, summed):
+                    stat.hessian = h
+            counts = self.d.all_reduce_sum([torch.tensor([s.count for s in stats], dtype=torch.int64)])[0]
+            for stat, c in zip(stats, counts.tolist()):
+                stat.count = int(c)
+
+    return RankInputStats
+
+
+_RANK_STATS = None
+
+
+def _RankInputStats(model, targets, d):
+    global _RANK_STATS
+    if _RANK_STATS is None:
+        _RANK_STATS = _rank_stats_class()
+    return _RANK_STATS(model, targets, d)
+
+
+__all__ = ["Distributed", "DistributedError", "assign", "init_from_env", "rank", "resolve", "sparse_gpt_cost"]

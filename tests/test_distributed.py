@@ -1,0 +1,255 @@
+"""Pruning with torch.distributed: 2 processes (gloo, CPU) started once by the fixture below run
+every scenario and save their results; the tests compare them with the single-process results,
+computed inside the same processes (a process group of one rank) so both see the same threads.
+
+Tolerance for SparseGPT: the Hessians are float32 sums over the calibration tokens, formed in a
+different order when the ranks' partial sums are all-reduced; the updated weights then agree with
+one process within ``SPARSE_GPT_ATOL`` (masks identical)."""
+import datetime
+import os
+import time
+
+import pytest
+import torch
+
+import fxprune
+
+transformers = pytest.importorskip("transformers")
+
+WORLD = 2
+TIMEOUT_S = 20
+SPARSE_GPT_ATOL = 1e-4
+EXAMPLE = (torch.zeros(1, 12, dtype=torch.long),)
+
+CASES = {
+    "magnitude_global": {"pruning_type": "magnitude", "pattern": "4x1", "target_sparsity": 0.5,
+                         "pruning_scope": "global"},
+    "magnitude_local": {"pruning_type": "magnitude", "pattern": "2:4", "target_sparsity": 0.5},
+    "wanda_1x1": {"pruning_type": "activation", "pattern": "1x1", "target_sparsity": 0.5,
+                  "pruning_scope": "local", "block_batch_tokens": 48},
+    "wanda_2of4": {"pruning_type": "activation", "pattern": "2:4", "target_sparsity": 0.5,
+                   "pruning_scope": "local", "block_batch_tokens": 48},
+    "sparse_gpt_1x1": {"pruning_type": "sparse_gpt", "pattern": "1x1", "target_sparsity": 0.5,
+                       "pruning_scope": "local", "block_batch_tokens": 48},
+    "sparse_gpt_2of4": {"pruning_type": "sparse_gpt", "pattern": "2:4", "target_sparsity": 0.5,
+                        "pruning_scope": "local", "block_batch_tokens": 48},
+}
+
+
+def _llama(layers=2, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, vocab_size=64,
+                                   num_hidden_layers=layers, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _calib(n=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 64, (2, 12), generator=g) for _ in range(n)]
+
+
+def _weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _worker(rank, world, init, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    alone = [dist.new_group([r]) for r in range(world)]   # one-rank groups: the reference
+    model, calib = _llama(), _calib()
+    calls = [0]     # forwards of decoder block 0 (the hook travels with transform's copy)
+    model.model.layers[0].register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    solves = [0]    # SparseGPT solves this rank computed
+    import fxprune.passes.sequential as seq
+    solve = seq.sparsegpt_prune
+    seq.sparsegpt_prune = lambda *a, **k: (solves.__setitem__(0, solves[0] + 1), solve(*a, **k))[1]
+    results, forwards = {}, {}
+    for name, cfg in CASES.items():
+        calls[0] = solves[0] = 0
+        ref = fxprune.transform(model, cfg, EXAMPLE, calibration=calib, group=alone[rank])
+        alone_counts = (calls[0], solves[0])
+        calls[0] = solves[0] = 0
+        par = fxprune.transform(model, cfg, EXAMPLE, calibration=calib)
+        results[name] = (_weights(ref), _weights(par))
+        forwards[name] = (alone_counts, (calls[0], solves[0]))
+    seq.sparsegpt_prune = solve
+    torch.save((results, forwards), os.path.join(out_dir, f"transform.{rank}.pt"))
+
+    # rank 1's calibration holds a token id past the vocabulary: it fails in its embedding
+    bad = [b.clone() for b in calib]
+    if rank == 1:
+        bad[1][0, 0] = 64
+    start = time.monotonic()
+    try:
+        fxprune.transform(model, CASES["wanda_1x1"], EXAMPLE, calibration=bad)
+        error = None
+    except Exception as e:
+        error = (type(e).__name__, str(e))
+    torch.save((error, time.monotonic() - start), os.path.join(out_dir, f"error.{rank}.pt"))
+
+    # checkpoints: each case pruned by one process (per rank, its own output) and by both ranks
+    src = os.path.join(out_dir, "llama")
+    errors = {}
+    for name, cfg in CHECKPOINT_CASES.items():
+        calibration = os.path.join(out_dir, "ids.pt") if cfg["pruning_type"] != "magnitude" else None
+        fxprune.prune_checkpoint(src, cfg, os.path.join(out_dir, f"{name}.alone{rank}"),
+                                 calibration=calibration, group=alone[rank])
+        fxprune.prune_checkpoint(src, cfg, os.path.join(out_dir, f"{name}.both"), calibration=calibration)
+    try:    # exists: rank 0 finds it, both stop
+        fxprune.prune_checkpoint(src, CHECKPOINT_CASES["magnitude_global_1x1"],
+                                 os.path.join(out_dir, "magnitude_local_2of4.both"))
+    except Exception as e:
+        errors["exists"] = (type(e).__name__, str(e))
+    torch.save(errors, os.path.join(out_dir, f"checkpoint_errors.{rank}.pt"))
+    dist.destroy_process_group()
+
+
+CHECKPOINT_CASES = {
+    "magnitude_global_1x1": {"pruning_type": "magnitude", "pattern": "1x1", "target_sparsity": 0.6,
+                             "pruning_scope": "global"},
+    "magnitude_global_4x1": {"pruning_type": "magnitude", "pattern": "4x1", "target_sparsity": 0.5,
+                             "pruning_scope": "global", "max_sparsity_ratio_per_op": 0.7},
+    "magnitude_local_2of4": {"pruning_type": "magnitude", "pattern": "2:4", "target_sparsity": 0.5},
+    "wanda_2of4": {"pruning_type": "activation", "pattern": "2:4", "target_sparsity": 0.5,
+                   "pruning_scope": "local", "block_batch_tokens": 24},
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("dist")
+    model = _llama()
+    with torch.no_grad():   # ties across layers: the global tie split must match too
+        model.model.layers[0].mlp.up_proj.weight[:2] = 0.01
+        model.model.layers[1].mlp.up_proj.weight[:2] = 0.01
+    model.save_pretrained(out / "llama", max_shard_size="20KB")
+    torch.save(_calib(), out / "ids.pt")
+    init = f"file://{out / 'store'}"
+    mp.spawn(_worker, args=(WORLD, init, str(out)), nprocs=WORLD)
+    runs = {part: [torch.load(out / f"{part}.{r}.pt") for r in range(WORLD)]
+            for part in ("transform", "error", "checkpoint_errors")}
+    runs["dir"] = out
+    return runs
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+
+
+@pytest.mark.parametrize("case", ["magnitude_global", "magnitude_local", "wanda_1x1", "wanda_2of4"])
+def test_bit_identical_to_one_process(runs, case):
+    per_rank = [results for results, _ in runs["transform"]]
+    for ref, par in (r[case] for r in per_rank):
+        pruned = [n for n in ref if ".layers." in n and n.endswith("proj.weight")]
+        assert len(pruned) == 14
+        zeros = [int((ref[n] == 0).sum()) for n in pruned]
+        half = [ref[n].numel() // 2 for n in pruned]
+        if case.endswith("global"):
+            assert sum(zeros) == sum(half) and zeros != half    # one ranking over all layers
+        else:
+            assert zeros == half
+        _assert_same(ref, par)
+    _assert_same(per_rank[0][case][1], per_rank[1][case][1])
+
+
+@pytest.mark.parametrize("case", ["sparse_gpt_1x1", "sparse_gpt_2of4"])
+def test_sparse_gpt_same_masks_weights_within_tolerance(runs, case):
+    per_rank = [results for results, _ in runs["transform"]]
+    for ref, par in (r[case] for r in per_rank):
+        changed = 0
+        for n in ref:
+            assert torch.equal(ref[n] == 0, par[n] == 0), n          # identical masks
+            torch.testing.assert_close(par[n], ref[n], rtol=0, atol=SPARSE_GPT_ATOL, msg=n)
+            changed += ".layers." in n and not torch.equal(ref[n], _llama().get_parameter(n).detach() * (ref[n] != 0))
+        assert changed == 14                      # the OBS update changed every pruned layer
+    _assert_same(per_rank[0][case][1], per_rank[1][case][1])   # every rank holds the same
+
+
+def test_each_rank_runs_only_its_share_of_the_calibration(runs):
+    """5 batches of 24 tokens, merged into block batches of up to 48 tokens: 3 block batches (2,
+    2, 1 batches); rank 0 takes block batches 0 and 2, rank 1 block batch 1. A block runs twice
+    per block batch (record, then the pruned block for the next block's inputs). Magnitude needs
+    no calibration forward."""
+    for rank, (_, counts) in enumerate(runs["transform"]):
+        mine = 2 if rank == 0 else 1
+        forwards = {case: (alone[0], par[0]) for case, (alone, par) in counts.items()}
+        capture = forwards["magnitude_global"]      # the graph capture's call, no calibration
+        assert capture[0] == capture[1] <= 1
+        for case in ("wanda_1x1", "sparse_gpt_2of4"):
+            assert forwards[case] == (capture[0] + 2 * 3, capture[0] + 2 * mine)
+
+
+def test_sparse_gpt_solves_are_split_between_the_ranks(runs):
+    """Per block 4 solves (q/k/v share one input, gate/up one, o, down); by FLOPs each rank
+    takes two of them (down + o, gate/up + q/k/v)."""
+    for _, counts in runs["transform"]:
+        for case in ("sparse_gpt_1x1", "sparse_gpt_2of4"):
+            assert (counts[case][0][1], counts[case][1][1]) == (8, 4)
+        assert counts["wanda_1x1"][1][1] == 0
+
+
+def test_a_failing_rank_stops_every_rank_with_its_message(runs):
+    for rank, (error, seconds) in enumerate(runs["error"]):
+        assert error is not None, f"rank {rank} did not fail"
+        kind, message = error
+        if rank == 1:   # the failing rank raises its own error
+            assert kind == "IndexError"
+        else:
+            assert kind == "DistributedError"
+            assert message.startswith("rank 1 failed: IndexError: index out of range")
+        assert seconds < TIMEOUT_S      # reported at the next collective step, not by the timeout
+
+
+def _tensors(directory):
+    from safetensors.torch import load_file
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINT_CASES))
+def test_sharded_checkpoint_is_bit_identical_to_one_process(runs, case):
+    out = runs["dir"]
+    shards = sorted(p.name for p in (out / "llama").glob("*.safetensors"))
+    assert len(shards) >= 4
+    both = out / f"{case}.both"
+    for rank in range(WORLD):
+        alone = out / f"{case}.alone{rank}"
+        assert sorted(p.name for p in alone.glob("*.safetensors")) == shards
+        assert sorted(p.name for p in both.iterdir()) == sorted(p.name for p in alone.iterdir())
+        a, b = _tensors(alone), _tensors(both)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+        assert (both / "fxprune_report.json").read_text() == (alone / "fxprune_report.json").read_text()
+    dense = _tensors(out / "llama")
+    zeros = sum(int((t == 0).sum()) - int((dense[k] == 0).sum()) for k, t in _tensors(both).items())
+    assert zeros > 0
+    assert not [p for p in out.iterdir() if ".partial-" in p.name]     # no leftovers
+
+
+def test_sharded_checkpoint_error_stops_both_ranks(runs):
+    (kind0, msg0), (kind1, msg1) = (r["exists"] for r in runs["checkpoint_errors"])
+    assert kind0 == "CheckpointError" and "exists" in msg0
+    assert kind1 == "DistributedError" and msg1.startswith("rank 0 failed: output directory")
+
+
+def test_work_assignment_is_balanced_and_deterministic():
+    from fxprune.distributed import assign, sparse_gpt_cost
+    # a Llama block of the bench size: q/k/v, o, gate/up, down
+    costs = [sparse_gpt_cost(1536, 512), sparse_gpt_cost(512, 512), sparse_gpt_cost(2752, 512),
+             sparse_gpt_cost(512, 1376)]
+    owner = assign(costs, 2)
+    assert owner == [1, 1, 1, 0]            # down alone on rank 0, the three others on rank 1
+    assert assign(costs, 2) == owner
+    assert assign(costs, 1) == [0, 0, 0, 0]
+    assert sorted(assign([1.0] * 5, 3)) == [0, 0, 1, 1, 2]
