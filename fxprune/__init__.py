@@ -5,7 +5,7 @@
 """
 from ._version import __version__
 from .config import PruningConfig
-from .errors import CaptureError, ConfigError, FxPruneError, WeightError
+from .errors import CaptureError, ConfigError, ExtensionError, FxPruneError, ReportError, WeightError
 from .registry import (CRITERIA, PATTERNS, get_criterion_class, get_pattern, register_criterion,
                        register_pattern)
 from .patterns import BasePattern, BlockLayout, PatternNInM, PatternNxM
@@ -19,5 +19,6 @@ __all__ = [
     "__version__", "transform", "compact", "capture", "sparsity_report", "SparsityReport", "LayerReport",
     "PruningConfig", "register_pattern", "get_pattern", "PATTERNS", "BasePattern", "BlockLayout",
     "PatternNxM", "PatternNInM", "register_criterion", "get_criterion_class", "CRITERIA", "Criterion",
-    "FxPruneError", "ConfigError", "CaptureError", "WeightError", "Pruner", "prune_checkpoint",
+    "FxPruneError", "ConfigError", "CaptureError", "WeightError", "ExtensionError", "ReportError",
+    "Pruner", "prune_checkpoint",
 ]

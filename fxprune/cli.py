@@ -14,14 +14,21 @@ shards), pruned into PRUNED_DIR without loading the whole model. Exit codes: 0 o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
+import os
 import re
+import shutil
 import sys
+import tempfile
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
+
+from .errors import describe
 
 EXIT_OK, EXIT_VALIDATION, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 REPORT_FILE = "fxprune.report.json"  # extra file inside a saved .pt2
@@ -30,6 +37,7 @@ INSPECT_PATTERNS = ("1x1", "4x1", "1x4", "2x2", "8x8", "2:4", "1:4", "4:8", "1xc
 
 class UsageError(Exception):
     """Bad command-line input: one line, exit code 2."""
+
 
 
 # ---------------------------------------------------------------------- models and inputs
@@ -45,12 +53,25 @@ def load_model(spec: str):
             module = importlib.import_module(module_name)
         except ImportError as e:
             raise UsageError(f"MODEL {spec!r}: cannot import {module_name!r} ({e}); check the module "
-                             f"path and PYTHONPATH") from None
+                             f"path and PYTHONPATH") from e
+        except BaseException as e:  # the user's module raised (or exited) while importing
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            raise UsageError(f"MODEL {spec!r}: importing {module_name!r} raised {describe(e)}; "
+                             f"fix the module (--debug shows the traceback)") from e
         factory = getattr(module, attr, None)
         if not callable(factory):
             raise UsageError(f"MODEL {spec!r}: {module_name} has no callable {attr!r}; name a "
                              f"function that returns an nn.Module")
-        return _unpack(factory(), spec)
+        try:
+            made = factory()
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            raise UsageError(f"MODEL {spec!r}: {module_name}.{attr}() raised {describe(e)}; it must "
+                             f"take no arguments and return an nn.Module or (module, example_inputs) "
+                             f"(--debug shows the traceback)") from e
+        return _unpack(made, spec)
     if spec in EXAMPLES:
         return _unpack(EXAMPLES[spec](), f"built-in example {spec!r}")
     raise UsageError(f"MODEL {spec!r} is not a .pt2 file, a pkg.module:factory or a built-in "
@@ -64,7 +85,8 @@ def _unpack(made, source: str):
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
         made, inputs = made
     if not isinstance(made, torch.nn.Module):
-        raise UsageError(f"{source} returned {type(made).__name__}, not an nn.Module")
+        raise UsageError(f"{source} returned {type(made).__name__}, not an nn.Module (or a "
+                         f"(module, example_inputs) pair)")
     return made, inputs, source
 
 
@@ -81,18 +103,28 @@ def _load_pt2(path: Path):
         program = torch.export.load(str(path), extra_files=extra)
     except Exception as e:
         raise UsageError(f"MODEL file {str(path)!r} is not a torch.export archive "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); "
-                         f"save one with torch.export.save(torch.export.export(model, args), path)") from None
+                         f"({describe(e, 200)}); "
+                         f"save one with torch.export.save(torch.export.export(model, args), path)") from e
     finally:
         export_log.setLevel(level)
     inputs = None
     if getattr(program, "example_inputs", None) is not None:
         args, kwargs = program.example_inputs
         inputs = kwargs if kwargs and not args else tuple(args)
-    model = program.module()
+    try:
+        model = program.module()
+    except Exception as e:
+        raise UsageError(f"MODEL file {str(path)!r}: torch.export cannot rebuild its module "
+                         f"({describe(e, 200)}); re-save it with this torch version") from e
     if extra[REPORT_FILE]:
+        from .errors import ReportError
         from .report import SparsityReport, attach_report
-        attach_report(model, SparsityReport.from_json(extra[REPORT_FILE]))
+        try:
+            report = SparsityReport.from_dict(json.loads(extra[REPORT_FILE]))
+        except (json.JSONDecodeError, ReportError) as e:
+            raise ReportError(f"MODEL file {str(path)!r}: its {REPORT_FILE} is not a valid fxprune "
+                              f"sparsity report ({e}); re-save the model with fxprune prune --save") from None
+        attach_report(model, report)
     return model, inputs, f"torch.export archive {path.name}"
 
 
@@ -100,6 +132,7 @@ _DTYPES = {"float32": "float32", "float": "float32", "float16": "float16", "half
            "bfloat16": "bfloat16", "float64": "float64", "int64": "int64", "long": "int64",
            "int32": "int32", "bool": "bool"}
 _SPEC = re.compile(r"^(\w+)\[([\d,\s]*)\](?:\{(-?\d+),(-?\d+)\})?$")
+MAX_INPUT_BYTES = 4 << 30   # one --example-inputs tensor: a batch, not a data set
 
 
 def parse_inputs(spec: str):
@@ -114,7 +147,8 @@ def parse_inputs(spec: str):
         try:
             loaded = torch.load(path, weights_only=True)
         except Exception as e:
-            raise UsageError(f"--example-inputs file {spec!r} could not be loaded ({e})") from None
+            raise UsageError(f"--example-inputs file {spec!r} could not be loaded ({describe(e, 200)}); "
+                             f"save it with torch.save((x,), path)") from e
         if isinstance(loaded, torch.Tensor):
             return (loaded,)
         if isinstance(loaded, list):
@@ -133,13 +167,33 @@ def parse_inputs(spec: str):
                              f"{', '.join(sorted(set(_DTYPES.values())))}), or a .pt file")
         dtype = getattr(torch, _DTYPES[m.group(1)])
         shape = [int(d) for d in m.group(2).split(",") if d]
-        if dtype.is_floating_point:
-            tensors.append(torch.randn(shape, generator=generator).to(dtype))
-        elif dtype == torch.bool:
-            tensors.append(torch.randint(0, 2, shape, generator=generator).bool())
+        if m.group(3) is not None:
+            low, high = int(m.group(3)), int(m.group(4))
+            if dtype.is_floating_point or dtype == torch.bool:
+                raise UsageError(f"--example-inputs {part!r}: a {{LOW,HIGH}} range is for integer "
+                                 f"dtypes (int64, int32); drop it for {m.group(1)}")
+            if low >= high:
+                raise UsageError(f"--example-inputs {part!r}: the range {{{low},{high}}} is empty; "
+                                 f"integers are drawn from LOW <= x < HIGH, so LOW must be below HIGH")
         else:
-            low, high = (int(m.group(3)), int(m.group(4))) if m.group(3) else (0, 100)
-            tensors.append(torch.randint(low, high, shape, generator=generator, dtype=dtype))
+            low, high = 0, 100
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * dtype.itemsize > MAX_INPUT_BYTES:
+            raise UsageError(f"--example-inputs {part!r} is {numel * dtype.itemsize / 2**30:.1f} GiB; "
+                             f"example inputs need one small batch (at most "
+                             f"{MAX_INPUT_BYTES // 2**30} GiB each)")
+        try:
+            if dtype.is_floating_point:
+                tensors.append(torch.randn(shape, generator=generator).to(dtype))
+            elif dtype == torch.bool:
+                tensors.append(torch.randint(0, 2, shape, generator=generator).bool())
+            else:
+                tensors.append(torch.randint(low, high, shape, generator=generator, dtype=dtype))
+        except (RuntimeError, MemoryError) as e:
+            raise UsageError(f"--example-inputs {part!r}: cannot create the tensor "
+                             f"({describe(e, 200)})") from e
     if not tensors:
         raise UsageError("--example-inputs is empty; e.g. 'float32[1,3,224,224]'")
     return tuple(tensors)
@@ -150,6 +204,68 @@ def _inputs(args, loaded_inputs):
 
 
 # ---------------------------------------------------------------------- commands
+class StagedOutputs:
+    """The files of one command, each written under a temporary directory beside its final path
+    and moved into place by :meth:`commit` only when the whole command succeeded; :meth:`discard`
+    (any failure, an interrupt) removes them, so a failed command leaves nothing half-written.
+
+    A file is staged under its final *name* (in the temporary directory), so companions written
+    next to it (the ONNX external-data file, which the model refers to by name) move with it."""
+
+    def __init__(self):
+        self._staged: list[tuple[Path, Path]] = []   # (temporary directory, final path)
+
+    def path(self, final: str | Path) -> Path:
+        final = Path(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".fxprune-tmp",
+                                    dir=final.resolve().parent))
+        self._staged.append((tmp, final))
+        return tmp / final.name
+
+    def commit(self) -> None:
+        for tmp, final in self._staged:
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, final.parent / f.name)
+        self.discard()
+
+    def discard(self) -> None:
+        for tmp, _ in self._staged:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._staged.clear()
+
+    def shown(self, text: str) -> str:
+        """``text`` with every staged path replaced by the path the user asked for."""
+        for tmp, final in self._staged:
+            text = text.replace(str(tmp / final.name), str(final))
+        return text
+
+    @contextlib.contextmanager
+    def transaction(self):
+        try:
+            yield self
+        except Exception as e:   # an error names the user's output path, not the staging one
+            if e.args and isinstance(e.args[0], str):
+                e.args = (self.shown(e.args[0]), *e.args[1:])
+            raise
+        finally:
+            self.discard()   # after commit() there is nothing left to remove
+
+
+def _check_output_flag(flag: str, value: str | None, suffix: str) -> None:
+    if not value:
+        return
+    path = Path(value)
+    if path.suffix != suffix:
+        raise UsageError(f"{flag} {value!r} should end in {suffix}")
+    if path.is_dir():
+        raise UsageError(f"{flag} {value!r} is a directory; name a file such as {str(path / ('out' + suffix))!r}")
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {value!r}: directory {str(path.parent)!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag} {value!r}: directory {str(path.parent)!r} is not writable")
+
+
 def cmd_prune(args) -> int:
     import fxprune
     from .progress import ProgressBar
@@ -161,45 +277,57 @@ def cmd_prune(args) -> int:
             raise UsageError(f"--{flag} is for Hugging Face model directories; {args.model!r} is not a directory")
     if args.format != "safetensors":
         raise UsageError(f"--format is for Hugging Face model directories; {args.model!r} is not a directory")
+    outputs = (("--onnx", args.onnx, ".onnx"), ("--save", args.save, ".pt2"), ("--report", args.report, ".json"))
+    for flag, value, suffix in outputs:   # before the (long) pruning: fail fast on a bad path
+        _check_output_flag(flag, value, suffix)
+    finals = [Path(v).resolve() for _, v, _ in outputs if v]
+    if len(set(finals)) < len(finals):
+        raise UsageError("--onnx, --save and --report must name different files")
     model, loaded_inputs, source = load_model(args.model)
     inputs = _inputs(args, loaded_inputs)
-    for flag, value, suffix in (("--onnx", args.onnx, ".onnx"), ("--save", args.save, ".pt2"),
-                                ("--report", args.report, ".json")):
-        if value and not Path(value).suffix == suffix:
-            raise UsageError(f"{flag} {value!r} should end in {suffix}")
-        if value and not Path(value).resolve().parent.is_dir():
-            raise UsageError(f"{flag} {value!r}: directory {str(Path(value).parent)!r} does not exist")
     if (args.onnx or args.save) and inputs is None:
         raise UsageError(f"--onnx/--save need example inputs and {source} has none; pass "
                          f"--example-inputs, e.g. 'float32[1,3,224,224]'")
     bar = ProgressBar(enabled=False if args.quiet or args.json else None)
-    pruned = fxprune.transform(model, args.config, example_inputs=inputs, progress=bar)
-    bar.close()
+    try:
+        pruned = fxprune.transform(model, args.config, example_inputs=inputs, progress=bar)
+    finally:
+        bar.close()
     if _rank() != 0:    # every rank holds the same result; rank 0 writes and prints it
         return EXIT_OK
     report = fxprune.sparsity_report(pruned)
     result, code = None, EXIT_OK
-    if args.report:
-        report.to_json(args.report)
-    if args.save:
-        _save_pt2(pruned, inputs, args.save, report)
-    if args.onnx:
-        from .export import ValidationError, to_onnx
-        try:
-            result = to_onnx(pruned, inputs, args.onnx, validate=not args.no_validate)
-        except ValidationError as e:
-            result, code = e.result, EXIT_VALIDATION
-            if not args.json:
-                print(f"fxprune: validation of {args.onnx} failed:\n{e}", file=sys.stderr)
+    with StagedOutputs().transaction() as staged:
+        if args.report:
+            report.to_json(staged.path(args.report))
+        if args.save:
+            _save_pt2(pruned, inputs, staged.path(args.save), report, args.save)
+        if args.onnx:
+            from .export import ValidationError, to_onnx
+            try:
+                result = to_onnx(pruned, inputs, staged.path(args.onnx), validate=not args.no_validate)
+            except ValidationError as e:
+                result, code = e.result, EXIT_VALIDATION
+                if not args.json:
+                    table = staged.shown(str(e).split("\n", 1)[-1])
+                    print(_plain(f"fxprune: validation of {args.onnx} failed; no output was written "
+                                 f"(--no-validate writes it without the checks):\n{table}"),
+                          file=sys.stderr)
+        if code == EXIT_OK:
+            staged.commit()
+    if result is not None:  # report the final paths, not the staging ones
+        result.path = Path(args.onnx)
+        if result.data_path is not None:
+            result.data_path = Path(args.onnx).parent / result.data_path.name
     if args.json:
-        out = {"model": source, "report": report.to_dict()}
+        out = {"model": source, "report": report.to_dict(), "written": code == EXIT_OK}
         if result is not None:
             out["onnx"] = _result_dict(result)
         print(json.dumps(out, indent=2))
     elif not args.quiet:
         print(report)
         for flag, value in (("report", args.report), ("saved", args.save)):
-            if value:
+            if value and code == EXIT_OK:
                 print(f"{flag}: {value}")
         if result is not None and code == EXIT_OK:
             print(result)
@@ -240,7 +368,7 @@ def _rank() -> int:
     return rank()
 
 
-def _save_pt2(model, inputs, path, report) -> None:
+def _save_pt2(model, inputs, path, report, shown: str) -> None:
     import torch
     from .inputs import split_inputs
 
@@ -248,9 +376,9 @@ def _save_pt2(model, inputs, path, report) -> None:
     try:
         program = torch.export.export(model, args, kwargs, strict=False)
     except Exception as e:
-        raise UsageError(f"--save {path!r}: torch.export could not export the pruned model "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); use --onnx "
-                         f"or save the state_dict from Python") from None
+        raise UsageError(f"--save {shown!r}: torch.export could not export the pruned model "
+                         f"({describe(e, 200)}); use --onnx "
+                         f"or save the state_dict from Python") from e
     torch.export.save(program, path, extra_files={REPORT_FILE: report.to_json(indent=None)})
 
 
@@ -268,6 +396,8 @@ def _checks_list(checks) -> list[dict]:
 def cmd_inspect(args) -> int:
     import fxprune
     from .config import PruningConfig
+    from .extensions import calling, check_block_layout, layer_of
+    from .patterns.base import BlockLayout
     from .registry import PATTERNS, registries
 
     if args.model is None:  # the registries only
@@ -280,8 +410,11 @@ def cmd_inspect(args) -> int:
     gm = fxprune.capture(model, _inputs(args, loaded_inputs))
     targets = list(gm.meta["fxprune_targets"].values())
     # the built-in examples, then every pattern registered under an exact name (user patterns)
-    names = [*INSPECT_PATTERNS, *(n for n, cls in PATTERNS.items()
-                                  if n not in INSPECT_PATTERNS and cls.matches(n))]
+    names = list(INSPECT_PATTERNS)
+    for n, cls in PATTERNS.items():
+        with calling(cls, "matches", f"for {n!r}"):
+            if n not in INSPECT_PATTERNS and cls.matches(n):
+                names.append(n)
     rows = []
     for t in targets:
         fits, not_fits = [], {}
@@ -293,7 +426,9 @@ def cmd_inspect(args) -> int:
             except fxprune.ConfigError as e:  # a user pattern that refuses this probe config
                 not_fits[name] = str(e)
                 continue
-            layout = pattern.block_layout(t.geometry)
+            with calling(pattern, "block_layout", f"for {layer_of(t)}"):
+                layout = pattern.block_layout(t.geometry)
+            check_block_layout(pattern, t, layout, BlockLayout)
             if isinstance(layout, str):
                 not_fits[name] = layout
             else:
@@ -337,6 +472,9 @@ def _print_registries() -> None:
 def cmd_validate(args) -> int:
     from .export import format_checks, validate_onnx
 
+    for flag, value in (("--rtol", args.rtol), ("--atol", args.atol)):
+        if not (value >= 0 and value != float("inf")):
+            raise UsageError(f"{flag} must be a finite number >= 0, got {value}")
     onnx_path = Path(args.onnx)
     if not onnx_path.is_file():
         raise UsageError(f"ONNX file {args.onnx!r} does not exist")
@@ -344,6 +482,9 @@ def cmd_validate(args) -> int:
     inputs = _inputs(args, loaded_inputs)
     if inputs is None:
         raise UsageError(f"{source} has no example inputs; pass --example-inputs")
+    from .inputs import split_inputs
+    from .passes.run_inputs import check_model_runs
+    check_model_runs(model, *split_inputs(inputs, UsageError))   # bad inputs: exit 2, not a failed check
     checks = validate_onnx(onnx_path, model, inputs, rtol=args.rtol, atol=args.atol)
     passed = all(c.passed for c in checks)
     if args.json:
@@ -399,40 +540,88 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+MAX_ERROR_CHARS = 1000
+
+
+def _plain(text: str) -> str:
+    """``text`` without ANSI colour codes (third-party messages carry some) unless stderr is a
+    terminal."""
+    return text if _stderr_is_terminal() else _ANSI.sub("", text)
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _error_line(label: str, message: str) -> str:
+    """One line: ``fxprune: <label>: <message>``, the message's lines joined, colour only on a
+    terminal (and not with NO_COLOR set)."""
+    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS - 3] + "..."
+    if _stderr_is_terminal() and not os.environ.get("NO_COLOR"):
+        return f"fxprune: \x1b[1;31m{label}:\x1b[0m {text}"
+    return f"fxprune: {label}: {_ANSI.sub('', text)}"
+
+
+def _quiet_third_parties(uses_onnxruntime: bool) -> None:
+    """Keep third-party warnings and log records out of the output (``--debug`` shows them);
+    fxprune's own warnings (a target that could not be reached...) stay."""
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", module=r"fxprune(\.|$)")
+    for name in ("torch", "onnxscript", "onnx_ir", "onnx", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if uses_onnxruntime:  # its C++ logger writes to stderr directly; import it only when needed
+        import onnxruntime
+        onnxruntime.set_default_logger_severity(3)   # errors only
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # The ONNX exporter logs one warning per torchvision op it cannot register; not ours to show.
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     from .errors import FxPruneError
     started = False
-    try:
-        if args.command == "prune":     # under torchrun: one process group for the run
-            from .distributed import init_from_env
-            started = init_from_env(args.timeout)
-            if _rank() != 0:
-                args.quiet = True       # only rank 0 prints the table and the progress
-        return args.run(args)
-    except (UsageError, FxPruneError) as e:
-        from .distributed import DistributedError
+    with warnings.catch_warnings():
         if args.debug:
-            traceback.print_exc()
-        if not (isinstance(e, DistributedError) and _rank() != 0):  # rank 0 reports other ranks' errors
-            prefix = f"[rank {_rank()}] " if started else ""
-            print(f"fxprune: error: {prefix}{e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("fxprune: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # a bug: still one line unless --debug
-        if args.debug:
-            traceback.print_exc()
-        print(f"fxprune: internal error: {type(e).__name__}: {e} (rerun with --debug for the "
-              f"traceback and report it)", file=sys.stderr)
-        return EXIT_INTERNAL
-    finally:
-        if started:
-            import torch.distributed
-            torch.distributed.destroy_process_group()
+            warnings.simplefilter("default")
+        else:
+            _quiet_third_parties(args.command == "validate" or bool(getattr(args, "onnx", None)))
+        try:
+            if args.command == "prune":     # under torchrun: one process group for the run
+                from .distributed import init_from_env
+                started = init_from_env(args.timeout)
+                if _rank() != 0:
+                    args.quiet = True       # only rank 0 prints the table and the progress
+            return args.run(args)
+        except (UsageError, FxPruneError, OSError) as e:  # the input, the files or the disk
+            from .distributed import DistributedError
+            if args.debug:
+                traceback.print_exc()
+            if isinstance(e, OSError) and not isinstance(e, FxPruneError):
+                where = f" {e.filename!r}" if e.filename else ""
+                message = f"cannot read or write{where}: {e.strerror or e}"
+            else:
+                message = str(e)
+            if not (isinstance(e, DistributedError) and _rank() != 0):  # rank 0 reports other ranks' errors
+                prefix = f"[rank {_rank()}] " if started else ""
+                print(_error_line("error", prefix + message), file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print("fxprune: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:  # a bug in fxprune: still one line unless --debug
+            if args.debug:
+                traceback.print_exc()
+            print(_error_line("internal error", f"{type(e).__name__}: {e} (rerun with --debug for "
+                                                f"the traceback and report it)"), file=sys.stderr)
+            return EXIT_INTERNAL
+        finally:
+            if started:
+                import torch.distributed
+                torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

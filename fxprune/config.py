@@ -9,9 +9,9 @@ import copy
 import difflib
 import json
 import math
+import functools
 import re
 import warnings
-import functools
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -69,6 +69,22 @@ def _is_str(v) -> bool:
     return isinstance(v, str)
 
 
+def _name(v) -> bool:
+    return isinstance(v, str) and bool(v.strip())
+
+
+def _int_at_least_zero(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int) and v >= 0
+
+
+def _str_or_none(v) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def _groups(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(g, Mapping) for g in v)
+
+
 SCOPES = ("global", "local")
 REDUCE_TYPES = ("mean", "sum", "max")
 
@@ -76,9 +92,9 @@ REDUCE_TYPES = ("mean", "sum", "max")
 KEYS: tuple[Key, ...] = (
     Key("target_sparsity", 0.9, GROUP, "a number in [0, 1)", _number(0.0, 1.0, hi_open=True),
         doc="fraction of the selected weights to zero"),
-    Key("pattern", "4x1", GROUP, "a registered pattern name such as '4x1' or '2:4'",
+    Key("pattern", "4x1", GROUP, "a registered pattern name such as '4x1' or '2:4'", _name,
         doc="how weights are grouped into blocks (checked against the pattern registry)"),
-    Key("pruning_type", "magnitude", GROUP, "a registered criterion name such as 'magnitude'",
+    Key("pruning_type", "magnitude", GROUP, "a registered criterion name such as 'magnitude'", _name,
         doc="the criterion that scores weights (checked against the criterion registry)"),
     Key("pruning_scope", "global", GROUP, f"one of {list(SCOPES)}", _one_of(*SCOPES),
         doc="global: one ranking over the group's layers; local: each layer reaches the target"),
@@ -96,16 +112,23 @@ KEYS: tuple[Key, ...] = (
         doc="block score = mean / sum / max of its element scores"),
     # INC's training-schedule keys: accepted so an INC config pastes as is; they only matter for
     # gradual pruning during training (fxprune.Pruner), not for the one-shot transform.
-    Key("start_step", 0, GROUP, "an integer >= 0", schedule=True, doc="first pruning step"),
-    Key("end_step", 0, GROUP, "an integer >= 0", schedule=True, doc="last pruning step"),
-    Key("pruning_frequency", 1, GROUP, "an integer >= 1", schedule=True, doc="steps between pruning steps"),
-    Key("sparsity_decay_type", "exp", GROUP, f"one of {list(DECAY_TYPES)}", schedule=True,
-        doc="how the sparsity grows over the pruning steps"),
-    Key("reg_type", None, GROUP, "accepted, not used", schedule=True, doc="INC's regularisation"),
-    Key("resume_from_pruned_checkpoint", False, GROUP, "accepted, not used", schedule=True,
-        doc="INC's resume flag"),
-    Key("low_memory_usage", False, GROUP, "accepted, not used", schedule=True, doc="INC's memory flag"),
-    Key("pruning_configs", [{}], GLOBAL, "a non-empty list of dicts",
+    Key("start_step", 0, GROUP, "an integer >= 0", _int_at_least_zero, schedule=True,
+        doc="first pruning step"),
+    Key("end_step", 0, GROUP, "an integer >= 0", _int_at_least_zero, schedule=True,
+        doc="last pruning step"),
+    Key("pruning_frequency", 1, GROUP, "an integer >= 1", _int_at_least_one, schedule=True,
+        doc="steps between pruning steps"),
+    Key("sparsity_decay_type", "exp", GROUP, f"one of {list(DECAY_TYPES)}", _one_of(*DECAY_TYPES),
+        schedule=True, doc="how the sparsity grows over the pruning steps"),
+    # Accepted so INC configs paste, not used: only their form is checked.
+    Key("reg_type", None, GROUP, "null or a string such as 'group_lasso' (accepted, not used)",
+        _str_or_none, schedule=True, doc="INC's regularisation"),
+    Key("resume_from_pruned_checkpoint", False, GROUP, "true or false (accepted, not used)", _is_bool,
+        schedule=True, doc="INC's resume flag"),
+    Key("low_memory_usage", False, GROUP, "true or false (accepted, not used)", _is_bool, schedule=True,
+        doc="INC's memory flag"),
+    Key("pruning_configs", [{}], GLOBAL, "a non-empty list of dicts (use [{}] to prune with the "
+        "global keys only)", _groups,
         doc="the pruning groups; each inherits the global keys it does not set"),
     # INC excludes the last linear layer (the classifier / lm_head); so do we, and this turns it off.
     Key("exclude_last_linear", True, GLOBAL, "true or false", _is_bool,
@@ -232,16 +255,21 @@ class _PruningConfigMethods:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Raise ConfigError naming the key (and group) for anything invalid."""
-        if not isinstance(self.pruning_configs, list) or not self.pruning_configs:
-            raise ConfigError("pruning_configs must be a non-empty list of dicts "
-                              "(use [{}] to prune with the global keys only)")
+        """Raise ConfigError naming the key (and group), the value and the expected form for
+        anything invalid. Every value is checked against its key's declaration as written (top
+        level, then each group's own), before groups are resolved; then each resolved group's
+        cross-key rules and registered names."""
+        if isinstance(self.pruning_configs, list):
+            for i, own in enumerate(self.pruning_configs):
+                if not isinstance(own, Mapping):
+                    raise ConfigError(f"pruning_configs[{i}] must be a dict of keys, got "
+                                      f"{type(own).__name__}")
+        for key in KEYS:
+            check_value(key, getattr(self, key.name))
         for i, own in enumerate(self.pruning_configs):
-            if not isinstance(own, Mapping):
-                raise ConfigError(f"pruning_configs[{i}] must be a dict of keys, got {type(own).__name__}")
             _check_keys(own, GROUP_KEYS, f"pruning_configs[{i}]")
-        for name in GLOBAL_KEYS:
-            check_value(KEY[name], getattr(self, name))
+            for name, value in own.items():
+                check_value(KEY[name], value, f"pruning_configs[{i}]")
         for group in self.groups():
             _validate_group(group)
 
@@ -265,13 +293,33 @@ PruningConfig.__doc__ = ("The typed config, one field per key of ``fxprune.confi
 
 
 def check_value(key: Key, value: Any, where: str = "") -> None:
-    """ConfigError naming the key when ``value`` does not have the key's form."""
+    """ConfigError naming the key, the value and the key's form when ``value`` does not have it.
+
+    A list key (``each``) takes a list or tuple of entries of the form, a single entry (one
+    string for a list of strings) or null (empty)."""
     if key.check is None:
         return
     prefix = f"{where}: " if where else ""
-    for v in (value if key.each else [value]):
+    if not key.each:
+        if not key.check(value):
+            raise ConfigError(f"{prefix}{key.name} must be {key.form}, got {_shown(value)}")
+        return
+    if value is None or isinstance(value, str):
+        entries = [] if value is None else [value]
+    elif isinstance(value, (list, tuple)):
+        entries = value
+    else:
+        raise ConfigError(f"{prefix}{key.name} must be {key.form}, got {_shown(value)}")
+    for i, v in enumerate(entries):
         if not key.check(v):
-            raise ConfigError(f"{prefix}{key.name} must be {key.form}, got {v!r}")
+            raise ConfigError(f"{prefix}{key.name} must be {key.form}, got {_shown(value)} "
+                              f"(entry {i}: {_shown(v)})")
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (an error message stays one readable line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _validate_group(g) -> None:
@@ -317,19 +365,25 @@ def _check_keys(d: Mapping, valid: tuple[str, ...], source: str) -> None:
 def load_config_file(path: str | Path) -> dict:
     """Read a YAML or JSON config file; the error names the file and what is wrong with it."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r} is a directory; pass the path of a YAML/JSON file")
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist; pass a dict or the path of a "
                           f"YAML/JSON file")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {e.start}); save it as "
+                          f"UTF-8 YAML or JSON") from None
     try:
         if p.suffix.lower() == ".json":
             data = json.loads(text)
         else:
             import yaml
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_yaml_loader())
     except Exception as e:  # yaml.YAMLError / json.JSONDecodeError
         raise ConfigError(f"config file {str(p)!r} is not valid {p.suffix.lstrip('.').upper() or 'YAML'}: "
-                          f"{e}") from None
+                          f"{_parse_error_line(e)}") from None
     if data is None:
         data = {}
     if isinstance(data, list):  # a list of pruning groups, as INC's WeightPruningConfig takes
@@ -341,3 +395,55 @@ def load_config_file(path: str | Path) -> dict:
         if set(data) == {wrapper} and isinstance(data[wrapper], dict):
             data = data[wrapper]
     return data
+
+
+@functools.lru_cache(maxsize=1)
+def _yaml_loader():
+    """PyYAML's safe loader with YAML 1.2 numbers and no duplicate keys.
+
+    YAML 1.1 (PyYAML's default) reads an unquoted ``pattern: 2:4`` as the sexagesimal integer 124
+    and ``target_sparsity: 5e-1`` as a string; a repeated key silently keeps the last value."""
+    import yaml
+
+    class ConfigLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+    ConfigLoader.yaml_implicit_resolvers = {
+        first: [r for r in resolvers if r[0] not in (int_tag, float_tag)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    ConfigLoader.add_implicit_resolver(
+        int_tag, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+    ConfigLoader.add_constructor(int_tag, lambda loader, node: _yaml12_int(loader.construct_scalar(node)))
+    ConfigLoader.add_implicit_resolver(
+        float_tag, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                              r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+    return ConfigLoader
+
+
+def _yaml12_int(text: str) -> int:
+    """A YAML 1.2 integer: decimal (a leading zero is not octal), ``0o`` octal or ``0x`` hex."""
+    return int(text, 0) if text[:2].lower() in ("0o", "0x") else int(text)
+
+
+def _parse_error_line(e: Exception) -> str:
+    """A YAML/JSON syntax error in one line: where, then what (PyYAML's own message spans 5-8
+    lines with a snippet and a caret)."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:
+        problem = getattr(e, "problem", None) or "syntax error"
+        context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and start is not None:
+            context += f" that starts at line {start.line + 1}, column {start.column + 1}"
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" + (f" ({context})" if context else "")
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+

@@ -37,12 +37,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .checks import check_weights
 from .config import PruningConfig
 from .criteria import Criterion
 from .registry import get_criterion_class
 from .errors import ConfigError, FxPruneError
+from .extensions import calling
 from .geometry import from_view_2d, to_view_2d
-from .passes import AttachPass, CapturePass, DiscoverPass, PassManager, PruneContext, RecordPass
+from .passes import (AttachPass, CapturePass, DiscoverPass, PassManager, PruneContext, RecordPass,
+                     RunInputsPass)
 from .compaction import ChannelAnalysis, joint_selection, plan_from_masks, select_classes, zero_removed
 from .passes.mask import mask_group
 from .passes.rewrite import zero_pruned_channels
@@ -76,9 +79,12 @@ class Pruner:
                  example_inputs: Any = None):
         if not isinstance(model, nn.Module):
             raise FxPruneError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise FxPruneError(f"optimizer must be a torch.optim.Optimizer built over the model's "
+                               f"parameters (or None), got {type(optimizer).__name__}")
         ctx = PruneContext(model=model, config=PruningConfig.from_any(config),
                            example_inputs=example_inputs)
-        PassManager([CapturePass(), DiscoverPass(), AttachPass()]).run(ctx)
+        PassManager([RunInputsPass(), CapturePass(), DiscoverPass(), AttachPass()]).run(ctx)
         # With example inputs, output-channel groups select coupled channel classes, as transform
         # does: the channel analysis is kept, the rest of the graph is not needed any more.
         joint = [g for g in ctx.groups if ctx.selected(g) and joint_selection(ctx, ctx.selected(g)[0].pattern)]
@@ -86,27 +92,36 @@ class Pruner:
         ctx.graph_module = ctx.exported = None
         self.model, self.ctx, self.optimizer = model, ctx, optimizer
         self.groups = [self._group(g, ctx) for g in ctx.groups if ctx.selected(g)]
+        check_weights(model, ctx.selected())
+        if optimizer is not None:
+            _check_optimizer_holds(optimizer, self.groups)
         self.masks: dict[str, Tensor] = {}       # param -> keep-mask on the 2-D view (bool)
         self._weight_masks: dict[str, Tensor] = {}  # param -> the mask in the weight's shape
         self._handles: list = []
-        for g in self.groups:
-            for t in g.targets:
-                weight = model.get_parameter(t.param)
-                view = to_view_2d(weight.detach(), t.geometry)
-                self._set_mask(t, (view != 0) if g.locked else torch.ones_like(view, dtype=torch.bool))
-                if weight.requires_grad:
-                    self._handles.append(weight.register_hook(functools.partial(self._mask_grad, t.param)))
-        if optimizer is not None:
-            self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.on_before_optimizer_step()))
-            self._handles.append(optimizer.register_step_post_hook(lambda *_: self.on_after_optimizer_step()))
         self.global_step = 0
         self._begun = self._observed = None
         self._advanced = False
         self._closed = False
-        self.on_step_begin(0)
+        try:
+            for g in self.groups:
+                for t in g.targets:
+                    weight = model.get_parameter(t.param)
+                    view = to_view_2d(weight.detach(), t.geometry)
+                    self._set_mask(t, (view != 0) if g.locked else torch.ones_like(view, dtype=torch.bool))
+                    if weight.requires_grad:
+                        self._handles.append(weight.register_hook(functools.partial(self._mask_grad, t.param)))
+            if optimizer is not None:
+                self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.on_before_optimizer_step()))
+                self._handles.append(optimizer.register_step_post_hook(lambda *_: self.on_after_optimizer_step()))
+            self.on_step_begin(0)
+        except BaseException:
+            self._remove_hooks()   # a failed Pruner leaves no hook on the caller's model
+            raise
 
     def _group(self, group, ctx) -> _Group:
-        criterion = get_criterion_class(group.pruning_type, group.where)(group)
+        cls = get_criterion_class(group.pruning_type, group.where)
+        with calling(cls, "__init__", f"for {group.where}"):
+            criterion = cls(group)
         if criterion.one_shot_only:
             raise ConfigError(
                 f"{group.where}: pruning_type {group.pruning_type!r} prunes in one shot from "
@@ -119,7 +134,8 @@ class Pruner:
                 f"{group.where}: pruning_type {group.pruning_type!r} scores from gradients, which "
                 f"do not exist yet at step 0; set start_step (and end_step) >= 1")
         targets = ctx.selected(group)
-        criterion.bind(targets)
+        with calling(criterion, "bind", f"for {group.where}"):
+            criterion.bind(targets)
         g = _Group(group, targets, criterion, schedule, targets[0].pattern,
                    completed=schedule.first_count)
         g.params = {t.param: ctx.model.get_parameter(t.param) for t in targets}
@@ -136,9 +152,13 @@ class Pruner:
         self._advanced = False
         if self._begun == self.global_step:
             return
+        # Every group's masks first, then apply them: a group that fails (bad weights, a user
+        # pattern's error) leaves the model and every group's state as they were.
+        plans = [(g, self._plan(g, self.global_step)) for g in self.groups]
+        for g, plan in plans:
+            if plan is not None:
+                self._apply_plan(g, *plan)
         self._begun = self.global_step
-        for g in self.groups:
-            self._maybe_prune(g, self.global_step)
 
     def on_before_optimizer_step(self) -> None:
         """After backward, before ``optimizer.step()``: gradient criteria read the gradients."""
@@ -148,7 +168,8 @@ class Pruner:
         self._observed = self.global_step
         for g in self.groups:
             if g.criterion.needs_gradients and self.global_step <= g.schedule.end_step:
-                g.criterion.observe_gradients(g.params)
+                with calling(g.criterion, "observe_gradients", f"at step {self.global_step}"):
+                    g.criterion.observe_gradients(g.params)
 
     def on_after_optimizer_step(self) -> None:
         """After ``optimizer.step()``: re-apply the masks and advance the step counter."""
@@ -208,17 +229,18 @@ class Pruner:
         mask = self._weight_masks.get(param)
         return grad if mask is None else grad * mask
 
-    def _maybe_prune(self, g: _Group, step: int) -> None:
-        """INC's ``update_masks``: at a pruning step, prune to the scheduled sparsity."""
+    def _plan(self, g: _Group, step: int):
+        """INC's ``update_masks`` without changing anything: None when ``step`` does not prune
+        ``g``, else (its pruning count after the step, its keep-masks or None, its coupled
+        channel plan or None)."""
         if g.locked or not g.schedule.is_pruning_step(step):
-            return
+            return None
         if g.sparsity > g.schedule.target_sparsity:
-            return
+            return None
         ratio = g.schedule.sparsity(g.completed)
-        g.completed += 1
         if g.criterion.needs_gradients and not g.criterion.has_scores():
             if ratio <= g.sparsity:
-                return
+                return g.completed + 1, None, None
             raise FxPruneError(
                 f"{g.config.where}: pruning step {step} needs gradient scores, but no gradients were "
                 f"observed yet: pass optimizer=... to fxprune.Pruner or call "
@@ -230,15 +252,22 @@ class Pruner:
         # legitimately round down to fewer whole blocks.
         last = step == g.schedule.pruning_steps()[-1]
         if self._analysis is not None and g.pattern.prunes_output_channels:
-            g.plan = select_classes(self.ctx, self._analysis, [g.config], scores, target_sparsity=ratio,
-                                    warn=last)
-            dead = g.plan.dead_rows()
+            plan = select_classes(self.ctx, self._analysis, [g.config], scores, target_sparsity=ratio,
+                                  warn=last)
+            dead = plan.dead_rows()
             keep = {}
             for t in g.targets:
                 keep[t.param] = torch.ones(t.geometry.view_shape, dtype=torch.bool)
                 keep[t.param][torch.as_tensor(dead[t.param], dtype=torch.long)] = False
-        else:
-            keep = mask_group(g.config, g.targets, scores, target_sparsity=ratio, warn=last)
+            return g.completed + 1, keep, plan
+        return g.completed + 1, mask_group(g.config, g.targets, scores, target_sparsity=ratio, warn=last), None
+
+    def _apply_plan(self, g: _Group, completed: int, keep: dict | None, plan=None) -> None:
+        g.completed = completed
+        if keep is None:
+            return
+        if plan is not None:
+            g.plan = plan
         for t in g.targets:
             self._set_mask(t, keep[t.param].to(self.masks[t.param].device))
         self.apply_masks()
@@ -263,8 +292,19 @@ class Pruner:
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict` (a Pruner built with the same model and config)."""
         self._check_open()
+        if not (isinstance(state, dict) and {"global_step", "groups", "masks"} <= set(state)
+                and isinstance(state["groups"], list) and isinstance(state["masks"], dict)):
+            raise FxPruneError(f"load_state_dict takes the dict of Pruner.state_dict() (keys "
+                               f"global_step, groups, masks), got "
+                               f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
         if len(state["groups"]) != len(self.groups) or set(state["masks"]) != set(self.masks):
             raise FxPruneError("this pruning state was saved for another model or config")
+        for name, mask in state["masks"].items():
+            if not (isinstance(mask, Tensor) and mask.dtype == torch.bool
+                    and mask.shape == self.masks[name].shape):
+                raise FxPruneError(f"the saved mask of {name} is not a bool tensor of shape "
+                                   f"{tuple(self.masks[name].shape)}; the state was saved for "
+                                   f"another model")
         for g, saved in zip(self.groups, state["groups"]):
             g.completed, g.sparsity = saved["completed"], saved["sparsity"]
             g.criterion.load_state_dict(saved["scores"])
@@ -281,9 +321,7 @@ class Pruner:
         """Bake the masks in, remove every hook, attach the report; return the (same) model."""
         self._check_open()
         self.apply_masks()
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._remove_hooks()
         for g in self.groups:
             for t in g.targets:
                 t.status = "pruned"
@@ -295,6 +333,11 @@ class Pruner:
         self._weight_masks.clear()
         return self.model
 
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
     def _check_open(self) -> None:
         if self._closed:
             raise FxPruneError("this Pruner was finalized; build a new one to prune again")
@@ -303,3 +346,15 @@ class Pruner:
         groups = ", ".join(f"{g.config.pruning_type}/{g.config.pattern}->{g.schedule.target_sparsity}"
                            for g in self.groups)
         return f"Pruner(step={self.global_step}, sparsity={self.sparsity():.4f}, groups=[{groups}])"
+
+
+def _check_optimizer_holds(optimizer: torch.optim.Optimizer, groups: list[_Group]) -> None:
+    """The optimizer must train the weights it is asked to keep pruned: one built over another
+    model (or a copy of this one) would re-mask nothing and prune nothing useful."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    params = {name: p for g in groups for name, p in g.params.items()}
+    if params and not any(id(p) in held for p in params.values()):
+        first = next(iter(params))
+        raise FxPruneError(f"the optimizer ({type(optimizer).__name__}) holds none of the weights "
+                           f"to prune (e.g. {first}): build it over this model's parameters, "
+                           f"e.g. torch.optim.SGD(model.parameters(), lr=...), after any copy of the model")

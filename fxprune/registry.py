@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from .config import GroupConfig, PruningConfig, add_group_check
+from .errors import ConfigError
+from .extensions import calling, check_channel_capabilities
 from .criteria.base import CRITERIA, Criterion, get_criterion_class, register_criterion
 from .patterns.base import PATTERNS, BasePattern, get_pattern_class, register_pattern
 
@@ -24,17 +26,25 @@ def get_pattern(config: Any, modules: Mapping[str, Any] | None = None) -> BasePa
     """
     if isinstance(config, str):
         config = {"pattern": config}
+    if not isinstance(config, (GroupConfig, Mapping)):
+        raise ConfigError(f"get_pattern takes a pattern name, a dict of config keys or a resolved "
+                          f"group, got {type(config).__name__}")
     if not isinstance(config, GroupConfig):
         config = PruningConfig.from_any(dict(config)).groups()[0]
     cls = get_pattern_class(config.pattern, where=config.where)
-    return cls(config, modules)
+    with calling(cls, "__init__", f"for {config.where}"):
+        pattern = cls(config, modules)
+    check_channel_capabilities(pattern)
+    return pattern
 
 
 def check_names(group: GroupConfig) -> None:
     """A group's ``pruning_type`` and ``pattern`` name registered classes, and the pattern takes
     the group's config (e.g. 2:4 above 50 % is an error); ConfigError naming the group otherwise."""
     get_criterion_class(group.pruning_type, where=group.where)
-    get_pattern_class(group.pattern, where=group.where).check_config(group)
+    cls = get_pattern_class(group.pattern, where=group.where)
+    with calling(cls, "check_config", f"for {group.where}"):
+        cls.check_config(group)
 
 
 def registries() -> dict[str, dict[str, str]]:

@@ -6,13 +6,13 @@ embedded in exported ONNX models.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .errors import FxPruneError
+from .errors import FxPruneError, ReportError
 
 REPORT_ATTR = "_fxprune_report"
 
@@ -109,14 +109,29 @@ class SparsityReport:
     def to_json(self, path: str | Path | None = None, indent: int | None = 2) -> str:
         text = json.dumps(self.to_dict(), indent=indent)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            try:
+                Path(path).write_text(text + "\n")
+            except OSError as e:
+                raise FxPruneError(f"cannot write the report to {str(path)!r}: {e.strerror or e}") from e
         return text
 
     @classmethod
     def from_dict(cls, d: dict) -> "SparsityReport":
-        names = {f.name for f in fields(LayerReport)}
-        layers = [LayerReport(**{k: v for k, v in r.items() if k in names}) for r in d.get("layers", [])]
-        return cls(layers, d.get("config", {}), d.get("versions", {}), d.get("capture", ""),
+        """From :meth:`to_dict`'s form; :class:`~fxprune.ReportError` names the first field that
+        is missing or of the wrong type (a report read back from a file may be corrupt)."""
+        if not isinstance(d, dict):
+            raise ReportError(f"a sparsity report is a JSON object, got {type(d).__name__}")
+        layers = d.get("layers", [])
+        if not isinstance(layers, list):
+            raise ReportError(f"'layers' must be a list of layer records, got {type(layers).__name__}")
+        records = [_layer_from_dict(i, r) for i, r in enumerate(layers)]
+        for key, kind in (("config", dict), ("versions", dict), ("capture", str)):
+            if key in d and not isinstance(d[key], kind):
+                raise ReportError(f"{key!r} must be a {_KIND_NAMES[kind]}, got {type(d[key]).__name__}")
+        for key in ("compaction", "calibration"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise ReportError(f"{key!r} must be an object or null, got {type(d[key]).__name__}")
+        return cls(records, d.get("config", {}), d.get("versions", {}), d.get("capture", ""),
                    d.get("compaction"), d.get("calibration"))
 
     @classmethod
@@ -130,8 +145,8 @@ class SparsityReport:
             text = p.read_text()
         try:
             return cls.from_dict(json.loads(text))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise FxPruneError(f"not a valid fxprune sparsity report: {e}") from None
+        except (json.JSONDecodeError, ReportError) as e:
+            raise ReportError(f"not a valid fxprune sparsity report: {e}") from None
 
     # ------------------------------------------------------------------ display
     def __str__(self) -> str:
@@ -161,6 +176,53 @@ class SparsityReport:
         t = self.totals()
         return (f"SparsityReport({t['pruned_layers']}/{t['layers']} layers pruned, "
                 f"sparsity={t['sparsity']:.4f})")
+
+
+_KIND_NAMES = {dict: "JSON object", str: "string", list: "list", int: "integer", float: "number"}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# What each LayerReport field holds in JSON: (check, expected form for the message).
+_LAYER_FIELDS = {
+    "name": (lambda v: isinstance(v, str), "a string"),
+    "param": (lambda v: isinstance(v, str), "a string"),
+    "module_type": (lambda v: isinstance(v, str), "a string"),
+    "weight_shape": (lambda v: isinstance(v, list) and all(map(_is_int, v)), "a list of integers"),
+    "view_shape": (lambda v: isinstance(v, list) and all(map(_is_int, v)), "a list of integers"),
+    "pattern": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "block_shape": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "scope": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "criterion": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "requested_sparsity": (_is_number, "a number"),
+    "achieved_sparsity": (_is_number, "a number"),
+    "numel": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "zeros": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "status": (lambda v: isinstance(v, str), "a string"),
+    "group": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "aliases": (lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v), "a list of strings"),
+}
+
+
+def _layer_from_dict(i: int, r) -> LayerReport:
+    if not isinstance(r, dict):
+        raise ReportError(f"layers[{i}] must be an object, got {type(r).__name__}")
+    optional = {f.name for f in fields(LayerReport) if f.default is not MISSING
+                or f.default_factory is not MISSING}
+    for name, (ok, form) in _LAYER_FIELDS.items():
+        if name not in r:
+            if name in optional:
+                continue
+            raise ReportError(f"layers[{i}] has no field {name!r}")
+        if not ok(r[name]):
+            raise ReportError(f"layers[{i}].{name} must be {form}, got {r[name]!r:.60}")
+    return LayerReport(**{k: v for k, v in r.items() if k in _LAYER_FIELDS})
 
 
 def attach_report(model: nn.Module, report: SparsityReport) -> None:

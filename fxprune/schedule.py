@@ -40,20 +40,12 @@ class Schedule:
     @classmethod
     def from_group(cls, group) -> "Schedule":
         """The schedule of a resolved pruning group; ConfigError naming the key if invalid."""
+        # Each key's type and range were checked with the config (fxprune.config.KEYS); the
+        # rule across keys is checked here, where the schedule is used.
         s = group.schedule
-        where = group.where
-        for key in ("start_step", "end_step", "pruning_frequency"):
-            v = s[key]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ConfigError(f"{where}: {key} must be an integer >= 0, got {v!r}")
-        if s["pruning_frequency"] < 1:
-            raise ConfigError(f"{where}: pruning_frequency must be >= 1, got {s['pruning_frequency']}")
         if s["end_step"] < s["start_step"]:
-            raise ConfigError(f"{where}: end_step ({s['end_step']}) is before start_step "
+            raise ConfigError(f"{group.where}: end_step ({s['end_step']}) is before start_step "
                               f"({s['start_step']}); set end_step >= start_step (equal: one-shot)")
-        if s["sparsity_decay_type"] not in DECAY_TYPES:
-            raise ConfigError(f"{where}: sparsity_decay_type must be one of {list(DECAY_TYPES)}, "
-                              f"got {s['sparsity_decay_type']!r}")
         return cls(s["start_step"], s["end_step"], s["pruning_frequency"], s["sparsity_decay_type"],
                    float(group.target_sparsity), float(group.max_sparsity_ratio_per_op))
 

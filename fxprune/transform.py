@@ -50,6 +50,7 @@ def transform(model: nn.Module, config: Any = None, example_inputs: Any = None, 
 
     The report is available as ``fxprune.sparsity_report(pruned)``.
     """
+    _check_arguments(inplace=inplace, compact=compact, loss_fn=loss_fn, progress=progress)
     from .distributed import resolve
 
     dist = resolve(group)
@@ -126,6 +127,18 @@ def capture(model: nn.Module, example_inputs: Any = None, config: Any = None) ->
     gm = ctx.graph_module
     gm.meta["fxprune_targets"] = ctx.targets
     return gm
+
+
+def _check_arguments(*, inplace, compact, loss_fn, progress) -> None:
+    """transform's keyword arguments, before anything is copied or captured."""
+    if not isinstance(inplace, bool):
+        raise FxPruneError(f"inplace must be True or False, got {inplace!r}")
+    if compact is not None and not isinstance(compact, bool):
+        raise FxPruneError(f"compact must be True, False or None (the config's compact key), got {compact!r}")
+    for name, fn, form in (("loss_fn", loss_fn, "loss_fn(model, batch) -> scalar loss tensor"),
+                           ("progress", progress, "progress(stage, done, total)")):
+        if fn is not None and not callable(fn):
+            raise FxPruneError(f"{name} must be a callable {form} or None, got {type(fn).__name__}")
 
 
 def _context(model, config, example_inputs, *, inplace: bool) -> PruneContext:

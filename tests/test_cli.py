@@ -71,7 +71,7 @@ def test_bad_inputs_are_one_line_errors_with_exit_2(workdir, capsys, monkeypatch
     _one_line_error(capsys, ["prune", "mlp.pt2", "--config", "prune.yaml", "--example-inputs", "float32[4,"],
                     "--example-inputs 'float32[4,' is not DTYPE[D0,D1,...]")
     _one_line_error(capsys, ["prune", "mlp.pt2", "--config", "prune.yaml", "--example-inputs", "float32[4,31]"],
-                    "torch.export could not capture")
+                    "GraphModule cannot run on example_inputs (AssertionError: Guard failed: x.size()[1] == 32)")
     _one_line_error(capsys, ["prune", "nosuch", "--config", "prune.yaml"],
                     "is not a .pt2 file, a pkg.module:factory or a built-in example")
     _one_line_error(capsys, ["prune", "mlp.pt2", "--config", "prune.yaml", "--onnx", "x/y.onnx"],

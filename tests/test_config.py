@@ -31,12 +31,15 @@ def test_groups_inherit_the_global_keys():
 
 
 @pytest.mark.parametrize("config,message", [
-    ({"pruning_scope": "both"}, "pruning_configs[0]: pruning_scope must be one of ['global', 'local'], got 'both'"),
+    # a value is named where it was written: top level, or the group that sets it
+    ({"pruning_scope": "both"}, "pruning_scope must be one of ['global', 'local'], got 'both'"),
+    ({"pruning_configs": [{}, {"pruning_scope": "both"}]},
+     "pruning_configs[1]: pruning_scope must be one of ['global', 'local'], got 'both'"),
     ({"criterion_reduce_type": "median"},
-     "pruning_configs[0]: criterion_reduce_type must be one of ['mean', 'sum', 'max'], got 'median'"),
+     "criterion_reduce_type must be one of ['mean', 'sum', 'max'], got 'median'"),
     ({"pruning_op_types": ["Linear", 3]},
-     "pruning_configs[0]: pruning_op_types must be a list of strings such as ['Conv', 'Linear'], got 3"),
-    ({"max_sparsity_ratio_per_op": 1.5}, "pruning_configs[0]: max_sparsity_ratio_per_op must be a number in [0, 1], got 1.5"),
+     "pruning_op_types must be a list of strings such as ['Conv', 'Linear'], got ['Linear', 3] (entry 1: 3)"),
+    ({"max_sparsity_ratio_per_op": 1.5}, "max_sparsity_ratio_per_op must be a number in [0, 1], got 1.5"),
     ({"compact": "yes"}, "compact must be true or false, got 'yes'"),
     ({"round_channels_to": 0}, "round_channels_to must be an integer >= 1, got 0"),
     ({"pruning_type": "wanda2"}, "pruning_configs[0]: unknown pruning_type 'wanda2'; available: magnitude, activation"),

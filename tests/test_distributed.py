@@ -181,8 +181,9 @@ def test_each_rank_runs_only_its_share_of_the_calibration(runs):
     for rank, (_, counts) in enumerate(runs["transform"]):
         mine = 2 if rank == 0 else 1
         forwards = {case: (alone[0], par[0]) for case, (alone, par) in counts.items()}
-        capture = forwards["magnitude_global"]      # the graph capture's call, no calibration
-        assert capture[0] == capture[1] <= 1
+        # the example inputs' run before capture and the capture's call, no calibration
+        capture = forwards["magnitude_global"]
+        assert capture[0] == capture[1] <= 2
         for case in ("wanda_1x1", "sparse_gpt_2of4"):
             assert forwards[case] == (capture[0] + 2 * 3, capture[0] + 2 * mine)
 

@@ -70,9 +70,23 @@ def test_capture_failure_says_why_and_suggests_example_inputs():
             fxprune.CaptureError)
 
 
-def test_export_failure_names_the_inputs(mlp):
-    _raises(mlp, {}, r"torch.export could not capture MLP with the given example_inputs",
-            fxprune.CaptureError, example_inputs=(torch.randn(2, 5),))
+def test_inputs_the_model_cannot_run_are_an_error_before_capture(mlp):
+    _raises(mlp, {}, r"MLP cannot run on example_inputs \(RuntimeError: mat1 and mat2 shapes cannot be "
+            r"multiplied.*here MLP.forward\(x\)", fxprune.CaptureError, example_inputs=(torch.randn(2, 5),))
+
+
+class Unexportable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum().item() > 0 else x   # runs eagerly; not capturable
+
+
+def test_export_failure_names_the_inputs():
+    _raises(Unexportable(), {}, r"torch.export could not capture Unexportable with the given example_inputs",
+            fxprune.CaptureError, example_inputs=(torch.ones(2, 4),))
 
 
 def test_nan_weight_names_the_layer():

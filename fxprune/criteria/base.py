@@ -83,9 +83,10 @@ class Criterion:
 CRITERIA = Registry(Criterion, "register_criterion", "name", "mine")
 
 
-def register_criterion(name: str) -> Callable[[T], T]:
-    """Class decorator: make a :class:`Criterion` subclass usable as ``pruning_type: name``."""
-    return CRITERIA.decorator(name)
+def register_criterion(name: str, *, override: bool = False) -> Callable[[T], T]:
+    """Class decorator: make a :class:`Criterion` subclass usable as ``pruning_type: name``.
+    Replacing a built-in criterion needs ``override=True``."""
+    return CRITERIA.decorator(name, override=override)
 
 
 def get_criterion_class(name: str, where: str = "config") -> type[Criterion]:

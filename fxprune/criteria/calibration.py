@@ -25,7 +25,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..aten import CONVOLUTION_ARGS, GENERAL_CONVOLUTIONS, LINEAR_WEIGHT_ARGS
-from ..errors import ConfigError, FxPruneError
+from ..checks import nonfinite_count, nonfinite_input_message
+from ..errors import CaptureError, ConfigError, FxPruneError, WeightError, describe
 from ..inputs import split_inputs
 
 
@@ -178,9 +179,23 @@ def record_inputs(ctx, targets: Sequence, observe: Callable[[WeightCall], None],
 
     model = ctx.model
     stop_after = {t.param: max(1, len(t.nodes)) for t in targets} if stop_early else None
-    recorder = WeightInputRecorder(model, targets, observe, stop_after)
     used: set[str] = set()
     n_batches = 0
+
+    def checked(call: WeightCall) -> None:
+        # A NaN input is a symptom: name the layer it reached and where it comes from, before a
+        # statistic of it fails as a singular Hessian or non-finite scores.
+        if nonfinite_count(call.x):
+            raise WeightError(nonfinite_input_message(model, call.target.name,
+                                                      f"calibration batch {n_batches}"))
+        try:
+            observe(call)
+        except FxPruneError as e:  # e.g. an input of the wrong width: say which batch
+            if e.args and isinstance(e.args[0], str):
+                e.args = (f"calibration batch {n_batches}: {e.args[0]}", *e.args[1:])
+            raise
+
+    recorder = WeightInputRecorder(model, targets, checked, stop_after)
     with eval_mode(model), torch.no_grad():
         for batch in progress(ctx.calibration if batches is None else batches, desc):
             recorder.reset()
@@ -189,6 +204,12 @@ def record_inputs(ctx, targets: Sequence, observe: Callable[[WeightCall], None],
                     run_batch(model, batch)
             except StopForward:
                 pass
+            except FxPruneError:
+                raise
+            except Exception as e:
+                raise CaptureError(f"calibration batch {n_batches}: {type(model).__name__} cannot run "
+                                   f"on it ({describe(e)}); each batch must be what the model "
+                                   f"takes, like example_inputs (a tuple, a dict or one tensor)") from e
             used.update(recorder.seen)
             n_batches += 1
     if n_batches == 0:

@@ -19,7 +19,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..errors import FxPruneError
+from ..checks import nonfinite_tensors
+from ..errors import CaptureError, ExtensionError, FxPruneError, WeightError, describe
 from ..geometry import to_view_2d
 from ..progress import progress
 from .base import Criterion, register_criterion
@@ -51,13 +52,32 @@ class GradientCriterion(Criterion):
         with _gradients_only_for(model, params.values()), eval_mode(model):
             batches = 0
             for batch in progress(ctx.calibration, f"{self.name}: calibration"):
-                loss = ctx.loss_fn(model, batch)
+                try:
+                    loss = ctx.loss_fn(model, batch)
+                except FxPruneError:
+                    raise
+                except Exception as e:
+                    raise ExtensionError(f"loss_fn {_callable_name(ctx.loss_fn)} raised "
+                                         f"{describe(e)} on calibration batch {batches}; it is "
+                                         f"called as loss_fn(model, batch)") from e
                 if not (isinstance(loss, Tensor) and loss.numel() == 1 and loss.requires_grad):
-                    raise FxPruneError(
-                        f"loss_fn must return a scalar loss tensor that depends on the model's "
-                        f"weights, got {type(loss).__name__}"
-                        f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}")
-                loss.reshape(()).backward()
+                    raise ExtensionError(
+                        f"loss_fn {_callable_name(ctx.loss_fn)} must return a scalar loss tensor "
+                        f"that depends on the model's weights, got {type(loss).__name__}"
+                        f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}"
+                        f"{'' if not isinstance(loss, Tensor) or loss.requires_grad else ' without grad'}")
+                if not bool(torch.isfinite(loss.detach()).all()):
+                    sources = nonfinite_tensors(model)
+                    raise WeightError(
+                        f"loss_fn returned {float(loss.detach().reshape(()))} on calibration batch "
+                        f"{batches}: " + (f"the model's {', '.join(sources)} hold NaN/inf" if sources
+                                          else "the batch or the loss overflows; check the data"))
+                try:
+                    loss.reshape(()).backward()
+                except Exception as e:   # the model's autograd graph (in-place ops, hooks...)
+                    raise CaptureError(f"backward of loss_fn's loss failed on calibration batch "
+                                       f"{batches} ({describe(e)}); gradient criteria need a loss "
+                                       f"that autograd can differentiate") from e
                 batches += 1
                 if self.per_batch:
                     self.observe_gradients(params)
@@ -135,3 +155,7 @@ def _gradients_only_for(model: nn.Module, params: Iterable[nn.Parameter]):
         for p, flag, grad in saved:
             p.requires_grad_(flag)
             p.grad = grad
+
+
+def _callable_name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__

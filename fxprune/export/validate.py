@@ -157,10 +157,13 @@ def validate_onnx(path, model: torch.nn.Module, example_inputs, *, report=None,
 
     ``report`` (a ``SparsityReport``; None: the one embedded in the file, if any) adds one
     sparsity-survival check per pruned layer."""
+    if not isinstance(model, torch.nn.Module):
+        raise ExportError(f"model must be the torch.nn.Module the file was exported from, got "
+                          f"{type(model).__name__}")
     path = Path(path)
     args, kwargs = split_inputs(example_inputs)
     if report is None:
-        report = report_from_metadata(read_metadata(path))  # also: clear error on a bad file
+        report = report_from_metadata(read_metadata(path), path)  # also: clear error on a bad file
     checks = []
     try:
         onnx.checker.check_model(str(path), full_check=True)

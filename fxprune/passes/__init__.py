@@ -1,5 +1,6 @@
-"""The pass pipeline (docs/design.md, "Pipeline"): capture, discover, attach, block_sequential,
-score, mask, rewrite, record (and, with ``compact=True``, the compact pass of :mod:`.compact`)."""
+"""The pass pipeline (docs/design.md, "Pipeline"): run the example inputs, capture, discover,
+attach, check, block_sequential, score, mask, rewrite, record (and, with ``compact=True``, the
+compact pass of :mod:`.compact`)."""
 from .attach import AttachPass
 from .base import Pass, PassManager
 from .capture import CapturePass
@@ -8,12 +9,15 @@ from .discover import DiscoverPass
 from .mask import MaskPass, mask_group
 from .record import RecordPass
 from .rewrite import RewritePass
-from .score import ScorePass, score_targets
+from .run_inputs import RunInputsPass
+from .score import CheckWeightsPass, ScorePass, score_targets
 from .sequential import BlockSequentialPass
 
-CAPTURE_PASSES = (CapturePass, DiscoverPass)
-PRUNE_PASSES = (AttachPass, BlockSequentialPass, ScorePass, MaskPass, RewritePass, RecordPass)
+CAPTURE_PASSES = (RunInputsPass, CapturePass, DiscoverPass)
+PRUNE_PASSES = (AttachPass, CheckWeightsPass, BlockSequentialPass, ScorePass, MaskPass, RewritePass,
+                RecordPass)
 
-__all__ = ["AttachPass", "BlockSequentialPass", "CapturePass", "DiscoverPass", "MaskPass", "Pass",
-           "PassManager", "PruneContext", "RecordPass", "RewritePass", "ScorePass", "Target",
-           "mask_group", "score_targets", "CAPTURE_PASSES", "PRUNE_PASSES"]
+__all__ = ["AttachPass", "BlockSequentialPass", "CapturePass", "CheckWeightsPass", "DiscoverPass",
+           "MaskPass", "Pass", "PassManager", "PruneContext", "RecordPass", "RewritePass",
+           "RunInputsPass", "ScorePass", "Target", "mask_group", "score_targets", "CAPTURE_PASSES",
+           "PRUNE_PASSES"]

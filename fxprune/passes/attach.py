@@ -11,12 +11,13 @@ from __future__ import annotations
 import re
 
 from ..errors import ConfigError
+from ..extensions import calling, check_block_layout, layer_of
+from ..patterns.base import BlockLayout
 from ..registry import get_pattern
 from .base import Pass
 from .context import PruneContext, Target
 
 LAST_LINEAR = "excluded: last linear layer (exclude_last_linear: false prunes it)"
-
 
 class AttachPass(Pass):
     name = "attach"
@@ -46,7 +47,12 @@ class AttachPass(Pass):
             pattern = get_pattern(group, {t.name: _owner(ctx, t) for t in chosen})
             for t in chosen:
                 t.group, t.pattern = group, pattern
-                layout = pattern.block_layout(t.geometry) if t.geometry.numel else "the weight is empty"
+                if t.geometry.numel:
+                    with calling(pattern, "block_layout", f"for {layer_of(t)}"):
+                        layout = pattern.block_layout(t.geometry)
+                    check_block_layout(pattern, t, layout, BlockLayout)
+                else:
+                    layout = "the weight is empty"
                 if isinstance(layout, str):
                     t.status = f"skipped: {layout}"
                 else:
@@ -64,7 +70,6 @@ class AttachPass(Pass):
             for name in t.nodes:
                 nodes[name].meta["fxprune"] = t
 
-
 def _rejection(group, t: Target) -> str | None:
     if not any(kind in t.module_type for kind in group.pruning_op_types):
         return f"type {t.module_type} not in pruning_op_types {list(group.pruning_op_types)}"
@@ -76,7 +81,6 @@ def _rejection(group, t: Target) -> str | None:
             return f"excluded_op_names {rx!r}"
     return None
 
-
 def _check_regexes(group, targets: list[Target]) -> None:
     for key in ("op_names", "excluded_op_names"):
         for rx in getattr(group, key):
@@ -84,7 +88,6 @@ def _check_regexes(group, targets: list[Target]) -> None:
                 raise ConfigError(
                     f"{group.where}: {key} regex {rx!r} matches no prunable layer; prunable layers "
                     f"are {_names(targets)} (`fxprune inspect` lists them)")
-
 
 def _summary(group, targets: list[Target]) -> str:
     free = [t for t in targets if t.status == "candidate"]
@@ -96,7 +99,6 @@ def _summary(group, targets: list[Target]) -> str:
             f"excluded_op_names {list(group.excluded_op_names)} leave none of {len(free)} layers "
             f"(types {types}: {_names(free)}); widen the selection")
 
-
 def _last_linear_hint(group, targets: list[Target]) -> str:
     # The group asked for the auto-excluded classifier: say so, or the error reads as a regex typo.
     wanted = [t for t in targets if t.status == LAST_LINEAR and _rejection(group, t) is None]
@@ -105,12 +107,10 @@ def _last_linear_hint(group, targets: list[Target]) -> str:
     return (f". {wanted[0].name} is the last linear layer, excluded by default; set "
             f"exclude_last_linear: false to prune it")
 
-
 def _names(targets: list[Target], limit: int = 8) -> str:
     names = [t.name for t in targets]
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
-
 
 def _owner(ctx: PruneContext, t: Target):
     try:

@@ -73,8 +73,16 @@ class PruneContext:
     distributed: Any = None
 
     def tick(self, stage: str, done: int, total: int) -> None:
-        if self.progress is not None:
+        if self.progress is None:
+            return
+        try:
             self.progress(stage, done, total)
+        except Exception as e:  # the caller's callback: say so, not a raw error from a pass
+            from ..errors import ExtensionError, describe
+            name = getattr(self.progress, "__qualname__", type(self.progress).__name__)
+            raise ExtensionError(f"the progress callback {name} raised {describe(e)} at "
+                                 f"{stage} {done}/{total}; it is called as progress(stage, done, "
+                                 f"total)") from e
 
     def selected(self, group: GroupConfig | None = None) -> list[Target]:
         return [t for t in self.targets.values()

@@ -21,7 +21,8 @@ import torch
 
 from ..compaction import joint_selection, plan_channels
 from ..config import GroupConfig
-from ..errors import FxPruneError
+from ..errors import ExtensionError, FxPruneError
+from ..extensions import calling, who
 from ..selection import Scores, budget, materialize
 from .base import Pass
 from .context import PruneContext, Target
@@ -80,10 +81,14 @@ def mask_group(group: GroupConfig, targets: Sequence[Target], scores: dict[str, 
             f"pattern {pattern.pattern!r} ({type(pattern).__name__}.get_masks) does not take "
             f"target_sparsity=, which pruning at a sparsity other than the config's (fxprune.Pruner's "
             f"schedule) needs; add `*, target_sparsity=None` to its signature")
-    if "consume" in accepts:
-        masks = pattern.get_masks(scores, layouts, consume=True, **kwargs)
-    else:  # a user pattern written before `consume` and LazyScores existed: plain tensors
-        masks = pattern.get_masks({p: materialize(s) for p, s in scores.items()}, layouts, **kwargs)
+    with calling(pattern, "get_masks", f"for {group.where}"):
+        if "consume" in accepts:
+            masks = pattern.get_masks(scores, layouts, consume=True, **kwargs)
+        else:  # a user pattern written before `consume` and LazyScores existed: plain tensors
+            masks = pattern.get_masks({p: materialize(s) for p, s in scores.items()}, layouts, **kwargs)
+    if not isinstance(masks, Mapping):
+        raise ExtensionError(f"{who(pattern, 'get_masks')} returned {type(masks).__name__}; expected "
+                             f"a dict of parameter name -> bool keep-mask")
     for t in targets:
         check_mask(pattern, t, masks.get(t.param))
     if warn:
@@ -97,9 +102,18 @@ def check_mask(pattern, t: Target, mask) -> None:
             and tuple(mask.shape) == view_shape):
         got = "no mask" if mask is None else (
             f"{type(mask).__name__} {getattr(mask, 'dtype', '')} {tuple(getattr(mask, 'shape', ()))}")
-        raise FxPruneError(
+        raise ExtensionError(
             f"pattern {pattern.pattern!r} ({type(pattern).__name__}.get_masks) gave {got} for "
             f"{t.param}; expected a bool keep-mask of the 2-D view's shape {view_shape}")
+    if pattern.prunes_output_channels and mask.numel():
+        # the rewrite zeroes a pruned row's bias and BatchNorm entries: rows are kept or pruned whole
+        whole = mask.all(dim=1) | ~mask.any(dim=1)
+        if not bool(whole.all()):
+            row = int((~whole).nonzero()[0])
+            raise ExtensionError(
+                f"pattern {pattern.pattern!r} ({type(pattern).__name__}) declares "
+                f"prunes_output_channels but its mask for {t.param} prunes part of output channel "
+                f"{row}; prune whole rows of the 2-D view, or set prunes_output_channels = False")
 
 
 def warn_if_target_missed(group: GroupConfig, pattern, targets: Sequence[Target],

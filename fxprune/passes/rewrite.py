@@ -15,6 +15,7 @@ import torch
 
 from ..compaction import zero_removed
 from ..geometry import from_view_2d
+from ..extensions import calling
 from .base import Pass
 from .context import PruneContext
 
@@ -26,7 +27,8 @@ class RewritePass(Pass):
         for group in ctx.groups:  # group by group: a criterion may first update the kept weights
             criterion = ctx.criteria.get(group.index)
             if criterion is not None:
-                criterion.update_weights(ctx, ctx.selected(group))  # SparseGPT's OBS update
+                with calling(criterion, "update_weights", f"for {group.where}"):
+                    criterion.update_weights(ctx, ctx.selected(group))  # SparseGPT's OBS update
             self._mask(ctx, ctx.selected(group))
         plan = ctx.compaction
         if plan is not None and plan.analysis is not None:

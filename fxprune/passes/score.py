@@ -12,16 +12,29 @@ from typing import Sequence
 
 import torch
 
+from ..checks import check_weights
 from ..compaction import joint_selection
 from ..criteria import Criterion
 from ..registry import get_criterion_class
-from ..errors import WeightError
+from ..errors import ExtensionError, WeightError
+from ..extensions import calling, is_user_code, layer_of, who
 from ..geometry import to_view_2d
 from ..selection import Scores
 from .base import Pass
 from .context import PruneContext, Target
 
 FIX_WEIGHTS = "fix or re-initialise the weights before pruning"
+
+
+class CheckWeightsPass(Pass):
+    """Every selected weight (values, dtype, NaN/inf) before any criterion runs: a data-aware
+    criterion would otherwise report a bad weight as a symptom in another layer (a singular
+    Hessian, non-finite scores)."""
+
+    name = "check"
+
+    def call(self, ctx: PruneContext) -> None:
+        check_weights(ctx.model, ctx.selected())
 
 
 class ScorePass(Pass):
@@ -34,8 +47,11 @@ class ScorePass(Pass):
             targets = ctx.selected(group)
             if not targets:
                 continue
-            criterion = get_criterion_class(group.pruning_type, group.where)(group)
-            criterion.prepare(ctx)
+            cls = get_criterion_class(group.pruning_type, group.where)
+            with calling(cls, "__init__", f"for {group.where}"):
+                criterion = cls(group)
+            with calling(criterion, "prepare", f"for {group.where}"):
+                criterion.prepare(ctx)
             ctx.criteria[group.index] = criterion  # the rewrite pass calls its update_weights
             # joint channel selection reads every layer's scores at once: real tensors
             lazy = not joint_selection(ctx, targets[0].pattern)
@@ -59,7 +75,8 @@ def score_targets(model: torch.nn.Module, targets: Sequence[Target], criterion: 
     out: dict[str, Scores] = {}
     for t in targets:
         weight = model.get_parameter(t.param).detach()
-        source = criterion.lazy_scores(t.param, weight, t.geometry) if lazy else None
+        with calling(criterion, "lazy_scores", f"for {layer_of(t)}"):
+            source = criterion.lazy_scores(t.param, weight, t.geometry) if lazy else None
         if source is not None:  # recomputed when needed (|w|): not held for every layer
             check_finite(t, weight, when, fix)
             out[t.param] = source
@@ -82,13 +99,19 @@ def _view_scores(criterion: Criterion, t: Target, weight: torch.Tensor, when: st
     if not criterion.zero_weights_score_zero:  # else |w| scores show NaN/inf below
         check_finite(t, weight, when, fix)
     view = to_view_2d(weight, t.geometry)
-    scores = criterion.view_scores(t.param, view)
+    with calling(criterion, "view_scores", f"for {layer_of(t)}"):
+        scores = criterion.view_scores(t.param, view)
     kind = criterion.name or type(criterion).__name__
+    # What a user criterion returns is its contract's business (ExtensionError naming the class);
+    # a built-in one's bad scores come from the data (WeightError).
+    user = is_user_code(type(criterion).view_scores)
+    error = ExtensionError if user else WeightError
+    source = who(criterion, "view_scores") if user else f"criterion {kind!r}"
     if not isinstance(scores, torch.Tensor) or scores.shape != view.shape or scores.dtype != torch.float32:
         got = (f"{tuple(scores.shape)} / {scores.dtype}" if isinstance(scores, torch.Tensor)
                else type(scores).__name__)
-        raise WeightError(f"criterion {kind!r} returned scores of shape {got} for {t.param}; "
-                          f"expected {tuple(view.shape)} / torch.float32")
+        raise error(f"{source} returned scores of shape {got} for {layer_of(t)}; "
+                    f"expected {tuple(view.shape)} / torch.float32")
     scores = scores.contiguous()
     if not criterion.zero_weights_score_zero:
         scores.masked_fill_(view == 0, 0.0)
@@ -97,8 +120,8 @@ def _view_scores(criterion: Criterion, t: Target, weight: torch.Tensor, when: st
         low, high = torch.aminmax(scores)
         if not (low >= 0 and torch.isfinite(high)):
             check_finite(t, weight, when, fix)
-            raise WeightError(f"criterion {kind!r} gave {t.param} scores that are "
-                              f"not finite and >= 0 (min {float(low)}, max {float(high)})")
+            raise error(f"{source} gave {layer_of(t)} scores that are not finite and >= 0 "
+                        f"(min {float(low)}, max {float(high)}){when}")
     return scores
 
 

@@ -24,6 +24,8 @@ from torch import Tensor
 
 from ..config import GroupConfig, PruningConfig
 from ..errors import ConfigError, FxPruneError
+from ..extensions import (calling, check_block_scores, check_expanded, check_pruned_blocks,
+                          is_user_code)
 from ..geometry import WeightGeometry
 from ..registration import Registry, T
 from ..selection import LayerPlan, LazyScores, budget, ceil_budget, materialize, plan_global, select_local
@@ -164,25 +166,37 @@ class BasePattern:
             if isinstance(source, LazyScores) and self._blocks_are_elements(layout):
                 block_scores[name] = source.map(lambda t: t.reshape(-1), (layout.num_blocks,))
             else:  # block scores are a fraction of the element scores: keep those
-                block_scores[name] = self.block_scores(materialize(source), layout)
+                with calling(self, "block_scores", f"for {name}"):
+                    block_scores[name] = self.block_scores(materialize(source), layout)
+                if is_user_code(type(self).block_scores):
+                    check_block_scores(self, name, block_scores[name], layout)
             if consume and not self.expand_needs_scores:
                 del scores[name]
-        select = self.get_masks_global if self.is_global else self.get_masks_local
+        method = "get_masks_global" if self.is_global else "get_masks_local"
+        select = getattr(self, method)
         if target != self.target_sparsity:
             if "target_sparsity" not in inspect.signature(select).parameters:
                 raise FxPruneError(
-                    f"pattern {self.pattern!r} ({type(self).__name__}.{select.__name__}) does not take "
+                    f"pattern {self.pattern!r} ({type(self).__name__}.{method}) does not take "
                     f"target_sparsity=, which pruning at a sparsity other than the config's "
                     f"(fxprune.Pruner's schedule) needs; add `target_sparsity=None` to its signature")
-            pruned = select(block_scores, layouts, target_sparsity=target)
+            with calling(self, method, f"for {', '.join(names[:3])}"):
+                pruned = select(block_scores, layouts, target_sparsity=target)
         else:
-            pruned = select(block_scores, layouts)
+            with calling(self, method, f"for {', '.join(names[:3])}"):
+                pruned = select(block_scores, layouts)
+        if is_user_code(select):
+            check_pruned_blocks(self, method, pruned, names, layouts)
         del block_scores
         masks = {}
         for name in names:
             view = (scores.pop(name) if consume else scores[name]) if self.expand_needs_scores else None
             view = None if view is None else materialize(view)
-            masks[name] = ~self.expand(pruned.pop(name), layouts[name], shapes[name], view)
+            with calling(self, "expand", f"for {name}"):
+                pruned_mask = self.expand(pruned.pop(name), layouts[name], shapes[name], view)
+            if is_user_code(type(self).expand):
+                check_expanded(self, name, pruned_mask, shapes[name])
+            masks[name] = ~pruned_mask
         return masks
 
     def _blocks_are_elements(self, layout: BlockLayout) -> bool:
@@ -237,25 +251,52 @@ class BasePattern:
 PATTERNS = Registry(BasePattern, "register_pattern", "registered_name", "myblock")
 
 
-def register_pattern(name: str) -> Callable[[T], T]:
+# Pattern strings the built-in families handle, probed when a user class registers: a user
+# family whose ``matches`` takes one of them would silently replace the built-in for it.
+BUILTIN_EXAMPLES = ("1x1", "4x1", "1x4", "2x2", "8x8", "1xchannel", "channelx1", "4xchannel",
+                    "channelx4", "2:4", "1:4", "4:8")
+
+
+def register_pattern(name: str, *, override: bool = False) -> Callable[[T], T]:
     """Class decorator: make a :class:`BasePattern` subclass usable as ``pattern: name``.
 
     A registered name is either an exact pattern string (``"myblock"``) or a family that parses
     many strings (``"NxM"`` takes ``"4x1"``, ``"1xchannel"``...; ``"N:M"`` takes ``"2:4"``); a
-    family class says which strings it takes through its ``matches`` classmethod.
+    family class says which strings it takes through its ``matches`` classmethod. Replacing a
+    built-in pattern (its name, or strings a built-in family takes) needs ``override=True``.
     """
-    return PATTERNS.decorator(name)
+    return PATTERNS.decorator(name, override=override)
+
+
+def _builtin_strings_taken(name: str, cls: type) -> list[tuple[type, str]]:
+    """(built-in class, pattern string) pairs that registering ``cls`` as ``name`` would take."""
+    from ..extensions import calling, is_user_code
+    builtins = [c for c in PATTERNS.values() if not is_user_code(c) and c is not cls]
+    own_matches = getattr(cls.matches, "__func__", None) is not BasePattern.matches.__func__
+    taken = []
+    for s in dict.fromkeys((name, *BUILTIN_EXAMPLES)):
+        owner = next((b for b in builtins if b.matches(s)), None)
+        if owner is None:
+            continue
+        with calling(cls, "matches", f"for {s!r}"):
+            if s == name or (own_matches and cls.matches(s)):
+                taken.append((owner, s))
+    return taken
+
+
+PATTERNS.claims = _builtin_strings_taken
 
 
 def get_pattern_class(pattern: str, where: str = "config") -> type[BasePattern]:
     """The class registered for ``pattern``: an exact name first, then the families."""
     if not isinstance(pattern, str):
         raise ConfigError(f"{where}: pattern must be a string such as '4x1' or '2:4', got {pattern!r}")
-    if pattern in PATTERNS and PATTERNS[pattern].matches(pattern):
-        return PATTERNS[pattern]
-    for cls in reversed(list(PATTERNS.values())):  # user registrations win over built-ins
-        if cls.matches(pattern):
-            return cls
+    from ..extensions import calling
+    candidates = ([PATTERNS[pattern]] if pattern in PATTERNS else []) + list(reversed(PATTERNS.values()))
+    for cls in candidates:  # an exact name first, then user registrations before built-ins
+        with calling(cls, "matches", f"for {pattern!r}"):
+            if cls.matches(pattern):
+                return cls
     raise ConfigError(f"{where}: unknown pattern {pattern!r}; registered patterns: "
                       f"{', '.join(PATTERNS)} (e.g. '4x1', '1x1', '1xchannel', 'channelx1', '2:4'); "
                       f"register your own with @fxprune.register_pattern(name)")

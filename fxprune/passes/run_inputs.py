@@ -1,0 +1,60 @@
+"""run_inputs: run the model once on ``example_inputs`` before capturing it.
+
+``torch.export`` traces with fake tensors and does not catch everything a real run would (a
+float64 or int64 input to a float32 ``nn.Linear`` is captured without complaint), and a bad input
+found after pruning (by compaction, the export) costs the whole run. One eager forward, without
+gradients and in eval mode, turns such inputs into an error before anything is pruned.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+from torch import nn
+
+from ..errors import CaptureError, describe
+from ..inputs import INPUTS_HELP, split_inputs
+from .base import Pass
+from .context import PruneContext
+
+
+class RunInputsPass(Pass):
+    name = "inputs"
+
+    def call(self, ctx: PruneContext) -> None:
+        if ctx.example_inputs is None:
+            return
+        args, kwargs = split_inputs(ctx.example_inputs, CaptureError)
+        check_model_runs(ctx.model, args, kwargs)
+
+
+def check_model_runs(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """``model(*args, **kwargs)`` in eval mode without gradients; a ``CaptureError`` with the
+    model's signature when it fails. Every module's training flag is restored."""
+    try:
+        with _eval(model), torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as e:
+        try:
+            signature = f"{type(model).__name__}.forward{inspect.signature(model.forward)}"
+        except (TypeError, ValueError):
+            signature = f"{type(model).__name__}.forward"
+        raise CaptureError(f"{type(model).__name__} cannot run on example_inputs "
+                           f"({describe(e)}); "
+                           f"{INPUTS_HELP}, with the dtypes and shapes the model expects; here "
+                           f"{signature}") from e
+
+
+@contextlib.contextmanager
+def _eval(model: nn.Module):
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+    except NotImplementedError:  # a torch.export module has its mode fixed at export
+        pass
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
