@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fxprune
+from tiny_llm import tiny_llama, token_batches
 
 transformers = pytest.importorskip("transformers")
 
@@ -37,16 +38,11 @@ CASES = {
 
 
 def _llama(layers=2, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, vocab_size=64,
-                                   num_hidden_layers=layers, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(layers, seed)
 
 
 def _calib(n=5, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 64, (2, 12), generator=g) for _ in range(n)]
+    return token_batches(n, seed)
 
 
 def _weights(model):
