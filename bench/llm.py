@@ -50,10 +50,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time

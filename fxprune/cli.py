@@ -26,7 +26,6 @@ import tempfile
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any
 
 from .errors import describe
 

@@ -26,8 +26,7 @@ the CLI's ``--timeout``), reported as a :class:`DistributedError` too. Only rank
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -106,15 +105,8 @@ class Distributed:
 
     def run(self, stage: str, fn: Callable[[], Any]) -> Any:
         """``fn()`` on this rank, then a status exchange: any rank's error stops all ranks."""
-        try:
-            out = fn()
-        except DistributedError:
-            raise
-        except Exception as e:
-            self._report(stage, e)
-            raise
-        self.check(stage)
-        return out
+        with self.guard(stage):
+            return fn()
 
     def _report(self, stage: str, e: BaseException) -> None:
         """This rank's error, at the status exchange the other ranks are waiting in (once: an

@@ -2,6 +2,7 @@
 compaction, export and the CLI)."""
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Iterator
 
@@ -11,6 +12,14 @@ from .errors import FxPruneError
 
 INPUTS_HELP = ("example_inputs must be what model.forward accepts: a tensor, a tuple of "
                "positional arguments, or a dict of keyword arguments")
+
+
+def forward_signature(model) -> str:
+    """``Class.forward(signature)`` for error messages; the bare name when it cannot be read."""
+    try:
+        return f"{type(model).__name__}.forward{inspect.signature(model.forward)}"
+    except (TypeError, ValueError):
+        return f"{type(model).__name__}.forward"
 
 
 def split_inputs(example_inputs, error: type[Exception] = FxPruneError) -> tuple[tuple, dict]:

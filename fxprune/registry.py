@@ -12,7 +12,7 @@ from typing import Any, Mapping
 from .config import GroupConfig, PruningConfig, add_group_check
 from .errors import ConfigError
 from .extensions import calling, check_channel_capabilities
-from .criteria.base import CRITERIA, Criterion, get_criterion_class, register_criterion
+from .criteria.base import CRITERIA, get_criterion_class, register_criterion
 from .patterns.base import PATTERNS, BasePattern, get_pattern_class, register_pattern
 
 __all__ = ["CRITERIA", "PATTERNS", "check_names", "get_criterion_class", "get_pattern",

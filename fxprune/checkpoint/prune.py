@@ -30,8 +30,8 @@ import torch
 
 from ..config import PruningConfig
 from ..criteria import get_criterion_class
-from ..errors import ConfigError, FxPruneError
-from ..geometry import from_view_2d, to_view_2d
+from ..errors import ConfigError
+from ..geometry import from_view_2d
 from ..passes import AttachPass, CapturePass, DiscoverPass, PassManager, PruneContext
 from ..passes.mask import check_mask, mask_group
 from ..passes.record import build_report, layer_report
@@ -281,28 +281,45 @@ class _Job:
                 return
 
         if pattern.layers_are_independent():
-            for t in targets:  # the mask pass's path, on one layer at a time
-                weight, scores = scores_of(t)
-                keep = mask_group(group, [t], {t.param: scores}, warn=False)[t.param]
-                self.write_pruned(t, weight, keep)
+            self.write_independent(group, targets, scores_of)
         elif _ranks_with_plans(pattern):
-            lazy = {t.param: LazyScores(lambda t=t: pattern.block_scores(scores_of(t)[1], t.layout),
-                                        (t.layout.num_blocks,)) for t in targets}
+            lazy = self.lazy_block_scores(pattern, targets, scores_of)
             plans = pattern.plan_global(lazy, {t.param: t.layout for t in targets})
             del lazy
-            for t in targets:
-                weight, scores = scores_of(t)
-                pruned = plans.pop(t.param).pruned(pattern.block_scores(scores, t.layout))
-                view = scores if pattern.expand_needs_scores else None
-                keep = ~pattern.expand(pruned, t.layout, tuple(t.geometry.view_shape), view)
-                check_mask(pattern, t, keep)
-                self.write_pruned(t, weight, keep)
+            self.write_planned(pattern, plans, targets, scores_of)
         else:
             # A pattern with its own global ranking gets every layer's scores at once, as in memory
             # (float32 scores of the whole group are held).
             masks = mask_group(group, targets, {t.param: scores_of(t)[1] for t in targets})
             for t in targets:
                 self.write_pruned(t, self.read_weight(t), masks.pop(t.param))
+
+
+    def write_independent(self, group, targets, scores_of) -> None:
+        """Layers whose masks do not depend on each other: the mask pass's path, one layer at a
+        time."""
+        for t in targets:
+            weight, scores = scores_of(t)
+            keep = mask_group(group, [t], {t.param: scores}, warn=False)[t.param]
+            self.write_pruned(t, weight, keep)
+
+    @staticmethod
+    def lazy_block_scores(pattern: BasePattern, targets, scores_of) -> dict[str, LazyScores]:
+        """Each layer's block scores, recomputed from the shards whenever a selection pass needs
+        them."""
+        return {t.param: LazyScores(lambda t=t: pattern.block_scores(scores_of(t)[1], t.layout),
+                                    (t.layout.num_blocks,)) for t in targets}
+
+    def write_planned(self, pattern: BasePattern, plans: dict, targets, scores_of) -> None:
+        """Apply a global ranking decided as per-layer plans, one layer at a time (scores read
+        again per layer; ``plans`` is consumed)."""
+        for t in targets:
+            weight, scores = scores_of(t)
+            pruned = plans.pop(t.param).pruned(pattern.block_scores(scores, t.layout))
+            view = scores if pattern.expand_needs_scores else None
+            keep = ~pattern.expand(pruned, t.layout, tuple(t.geometry.view_shape), view)
+            check_mask(pattern, t, keep)
+            self.write_pruned(t, weight, keep)
 
 
 def _ranks_with_plans(pattern: BasePattern) -> bool:

@@ -23,8 +23,7 @@ from typing import Callable
 import torch
 
 from ..distributed import Distributed, assign
-from ..passes.mask import check_mask
-from ..selection import Cut, LayerPlan, LazyScores, _histogram, budget, cut_k_smallest, keys_of, materialize
+from ..selection import Cut, LayerPlan, _histogram, budget, cut_k_smallest, keys_of, materialize
 from .shards import ShardSet
 
 
@@ -41,25 +40,14 @@ def prune_streaming(job, group, scores_of: Callable) -> bool:
     pattern = targets[0].pattern
     mine = [t for t in targets if job.owns(t)]
     if pattern.layers_are_independent():
-        from ..passes.mask import mask_group
-        for t in mine:
-            weight, scores = scores_of(t)
-            keep = mask_group(group, [t], {t.param: scores}, warn=False)[t.param]
-            job.write_pruned(t, weight, keep)
+        job.write_independent(group, mine, scores_of)
         return True
     if len({t.layout.block_weights for t in targets}) != 1:
         return False
-    lazy = {t.param: LazyScores(lambda t=t: pattern.block_scores(scores_of(t)[1], t.layout),
-                                (t.layout.num_blocks,)) for t in mine}
+    lazy = job.lazy_block_scores(pattern, mine, scores_of)
     plans = sharded_plans(job.dist, pattern, targets, lazy)
     del lazy
-    for t in mine:
-        weight, scores = scores_of(t)
-        pruned = plans.pop(t.param).pruned(pattern.block_scores(scores, t.layout))
-        view = scores if pattern.expand_needs_scores else None
-        keep = ~pattern.expand(pruned, t.layout, tuple(t.geometry.view_shape), view)
-        check_mask(pattern, t, keep)
-        job.write_pruned(t, weight, keep)
+    job.write_planned(pattern, plans, mine, scores_of)
     return True
 
 

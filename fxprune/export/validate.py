@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import statistics
 import time
 from collections.abc import Iterator, Mapping
@@ -25,7 +24,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from ..inputs import INPUTS_HELP, split_inputs as _split_inputs
+from ..inputs import INPUTS_HELP, forward_signature, split_inputs as _split_inputs
 from .errors import ExportError
 from .metadata import read_metadata, report_from_metadata
 from .results import Check
@@ -60,10 +59,7 @@ def run_torch(model: torch.nn.Module, args: tuple, kwargs: dict):
         with torch.no_grad():
             return model(*args, **kwargs)
     except Exception as e:
-        try:
-            signature = f"{type(model).__name__}.forward{inspect.signature(model.forward)}"
-        except (TypeError, ValueError):
-            signature = f"{type(model).__name__}.forward"
+        signature = forward_signature(model)
         raise ExportError(f"the model fails on example_inputs ({type(e).__name__}: {e}); "
                           f"{INPUTS_HELP}, here {signature}") from e
 

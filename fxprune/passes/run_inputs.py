@@ -8,13 +8,12 @@ gradients and in eval mode, turns such inputs into an error before anything is p
 from __future__ import annotations
 
 import contextlib
-import inspect
 
 import torch
 from torch import nn
 
 from ..errors import CaptureError, describe
-from ..inputs import INPUTS_HELP, split_inputs
+from ..inputs import INPUTS_HELP, forward_signature, split_inputs
 from .base import Pass
 from .context import PruneContext
 
@@ -36,10 +35,7 @@ def check_model_runs(model: nn.Module, args: tuple, kwargs: dict) -> None:
         with _eval(model), torch.no_grad():
             model(*args, **kwargs)
     except Exception as e:
-        try:
-            signature = f"{type(model).__name__}.forward{inspect.signature(model.forward)}"
-        except (TypeError, ValueError):
-            signature = f"{type(model).__name__}.forward"
+        signature = forward_signature(model)
         raise CaptureError(f"{type(model).__name__} cannot run on example_inputs "
                            f"({describe(e)}); "
                            f"{INPUTS_HELP}, with the dtypes and shapes the model expects; here "

@@ -19,7 +19,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-import torch
 from torch import Tensor
 
 from ..config import GroupConfig, PruningConfig
