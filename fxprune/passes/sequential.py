@@ -230,7 +230,7 @@ def _sparse_gpt_solve(ctx, group, shared, stats, criterion, pattern, adaptive) -
     W = torch.cat(views) if len(views) > 1 else views[0]
     if adaptive == "n_of_m":
         new, pruned = sparsegpt_prune(W, u, criterion.blocksize,
-                                      n_of_m=(pattern.n, pattern.m, pattern._n_smallest))
+                                      n_of_m=(pattern.n, pattern.m))
     elif adaptive == "unstructured":
         counts = [_local_count(pattern, t) for t in shared]
         new, pruned = sparsegpt_prune(W, u, criterion.blocksize, counts=counts, rows=rows)
