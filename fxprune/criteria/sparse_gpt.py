@@ -251,37 +251,47 @@ def sparsegpt_prune(W: Tensor, U: Tensor, blocksize: int = 128, *, fixed: Tensor
     WT = W.t().contiguous()                                   # [cols, rows]
     prunedT = torch.zeros(WT.shape, dtype=torch.bool, device=W.device)
     diag = U.diagonal()
+    # The error of a pruned w_i is w_i / U_ii spread over w_j by U_ij: with V = U / U_ii (rows of
+    # U scaled, per block), the error is the pruned weight itself, w_j -= w_i V_ij: a multiply by
+    # a float 0/1 mask per column, no per-group scale to compute for N:M.
     err = torch.empty(min(blocksize, cols), n_rows, dtype=W.dtype, device=W.device)
-    scale = torch.empty_like(err)                             # 1 / U_ii where pruned, else 0
+    chosen = torch.empty_like(err)                            # 1.0 where pruned, else 0.0
     for c0 in range(0, cols, blocksize):
         c1 = min(c0 + blocksize, cols)
         width = c1 - c0
         W1 = WT[c0:c1]                                        # contiguous view, updated in place
-        U1 = U[c0:c1, c0:c1]
         d1 = diag[c0:c1].unsqueeze(1)
-        P1, E1, S1 = prunedT[c0:c1], err[:width], scale[:width]
+        V = U[c0:c1, c0:] / d1                                # [width, cols - c0]
+        V1 = V[:, :width]
+        P1, E1, F1 = prunedT[c0:c1], err[:width], chosen[:width]
         if not adaptive_nm:
             if fixed is not None:
                 P1.copy_(fixed[:, c0:c1].t())
             else:
                 sal = (W1.t().pow(2) / d1.t().pow(2)).contiguous()   # [rows, width]
                 P1.copy_(select_block(sal, c0, c1).t())
-            torch.div(P1, d1, out=S1)
+            F1.copy_(P1)
+        # per-column views made in a few calls (indexing costs as much as the arithmetic here)
+        w_rows, f_rows, e_rows = W1.unbind(0), F1.unbind(0), E1.unbind(0)
+        e_outer, v_cols = E1.unsqueeze(1).unbind(0), V1.unsqueeze(2).unbind(0)
         for a in range(0, width, panel):
             b = min(a + panel, width)
             for i in range(a, b):
                 if adaptive_nm and (i - a) % m == 0:          # on the updated weights
-                    sal = (W1[i:i + m] / d1[i:i + m]).pow_(2)          # [m, rows]
-                    n_lowest_of_each_column(sal, n, out=P1[i:i + m])
-                    torch.div(P1[i:i + m], d1[i:i + m], out=S1[i:i + m])
-                e = torch.mul(W1[i], S1[i], out=E1[i])        # w_i / U_ii where pruned, else 0
-                if i + 1 < b:                                 # w_j -= e * U_ij, j in the panel
-                    W1[i + 1:b].addmm_(U1[i, i + 1:b].unsqueeze(1), e.unsqueeze(0), alpha=-1.0)
+                    sal = torch.div(W1.narrow(0, i, m), d1.narrow(0, i, m)).pow_(2)  # [m, rows]
+                    n_lowest_of_each_column(sal, n, out=F1.narrow(0, i, m))
+                torch.mul(w_rows[i], f_rows[i], out=e_rows[i])  # pruned w_i, else 0
+                k = b - i - 1
+                if k:                                         # w_j -= e_i * V_ij, j in the panel
+                    W1.narrow(0, i + 1, k).addmm_(v_cols[i].narrow(0, i + 1, k), e_outer[i],
+                                                  alpha=-1.0)
             if b < width:
-                W1[b:].addmm_(U1[a:b, b:].t(), E1[a:b], alpha=-1.0)
+                W1[b:].addmm_(V1[a:b, b:].t(), E1[a:b], alpha=-1.0)
+        if adaptive_nm:
+            P1.copy_(F1)
         W1.masked_fill_(P1, 0.0)
         if c1 < cols:
-            WT[c1:].addmm_(U[c0:c1, c1:].t(), E1, alpha=-1.0)
+            WT[c1:].addmm_(V[:, width:].t(), E1, alpha=-1.0)
     return WT.t().contiguous(), prunedT.t().contiguous()
 
 
