@@ -158,6 +158,9 @@ def test_lower_triangular_inverse(n):
     out = lower_triangular_inverse(L, torch.zeros(n, n))
     assert torch.equal(out, out.tril())
     torch.testing.assert_close(out.double(), torch.linalg.inv(L.double()), rtol=0, atol=1e-5)
+    batch = torch.stack([L, L.t().flip(0, 1)])                      # [2, n, n], both lower
+    outs = lower_triangular_inverse(batch, torch.zeros(2, n, n))
+    torch.testing.assert_close(outs.double(), torch.linalg.inv(batch.double()), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["2:4", "fixed"])

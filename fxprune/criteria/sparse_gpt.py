@@ -156,9 +156,7 @@ def inverse_hessian_factor(H: Tensor, percdamp: float, name: str = "") -> Tensor
         M, info = torch.linalg.cholesky_ex(H)
         if int(info.abs().sum()) == 0:
             del H
-            Minv = torch.zeros_like(M)
-            for g in range(M.shape[0]):
-                lower_triangular_inverse(M[g], Minv[g])
+            Minv = lower_triangular_inverse(M, torch.zeros_like(M))
             del M
             U = Minv.flip(-2, -1)
             del Minv
@@ -171,18 +169,19 @@ def inverse_hessian_factor(H: Tensor, percdamp: float, name: str = "") -> Tensor
 
 
 def lower_triangular_inverse(L: Tensor, out: Tensor, base: int = 128) -> Tensor:
-    """``L^-1`` of a lower-triangular ``L`` (``[n, n]``) written into ``out`` (zero above the
-    diagonal on entry), by halves: ``[[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]``,
-    so nearly all the work is matrix products; blocks of at most ``base`` use a triangular solve."""
-    n = L.shape[0]
+    """``L^-1`` of lower-triangular ``L`` (``[..., n, n]``, batched like ``torch.matmul``) written
+    into ``out`` (zero above the diagonal on entry), by halves: ``[[A, 0], [B, C]]^-1 =
+    [[A^-1, 0], [-C^-1 B A^-1, C^-1]]``, so nearly all the work is matrix products; blocks of at
+    most ``base`` use a triangular solve."""
+    n = L.shape[-1]
     if n <= base:
-        eye = torch.eye(n, dtype=L.dtype, device=L.device)
+        eye = torch.eye(n, dtype=L.dtype, device=L.device).expand_as(L)
         return out.copy_(torch.linalg.solve_triangular(L, eye, upper=False))
     k = n // 2
-    lower_triangular_inverse(L[:k, :k], out[:k, :k], base)
-    lower_triangular_inverse(L[k:, k:], out[k:, k:], base)
-    torch.matmul(out[k:, k:] @ L[k:, :k], out[:k, :k], out=out[k:, :k])
-    out[k:, :k].neg_()
+    lower_triangular_inverse(L[..., :k, :k], out[..., :k, :k], base)
+    lower_triangular_inverse(L[..., k:, k:], out[..., k:, k:], base)
+    torch.matmul(out[..., k:, k:] @ L[..., k:, :k], out[..., :k, :k], out=out[..., k:, :k])
+    out[..., k:, :k].neg_()
     return out
 
 
