@@ -235,6 +235,8 @@ def sparsegpt_prune(W: Tensor, U: Tensor, blocksize: int = 128, *, fixed: Tensor
     adaptive_nm = n_of_m is not None
     panel = PANEL
     if adaptive_nm:
+        if len(n_of_m) != 2:
+            raise TypeError(f"sparsegpt_prune: n_of_m is (n, m), got {len(n_of_m)} values")
         n, m = n_of_m
         if cols % m:
             raise ValueError(f"sparsegpt_prune: {cols} columns are not divisible by M={m}")
