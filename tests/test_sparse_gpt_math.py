@@ -151,7 +151,7 @@ def test_adaptive_n_of_m_ties_go_to_the_lower_column():
     assert torch.equal(new, torch.where(pruned, 0.0, W))
 
 
-@pytest.mark.parametrize("n", [7, 128, 300])
+@pytest.mark.parametrize("n", [7, 128, 300, 700])     # 700: products by triangular halves
 def test_lower_triangular_inverse(n):
     g = torch.Generator().manual_seed(n)
     L = torch.randn(n, n, generator=g).tril() * 0.1 + torch.eye(n) * 2

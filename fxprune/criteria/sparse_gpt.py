@@ -169,19 +169,51 @@ def inverse_hessian_factor(H: Tensor, percdamp: float, name: str = "") -> Tensor
 
 
 def lower_triangular_inverse(L: Tensor, out: Tensor, base: int = 128) -> Tensor:
-    """``L^-1`` of lower-triangular ``L`` (``[..., n, n]``, batched like ``torch.matmul``) written
-    into ``out`` (zero above the diagonal on entry), by halves: ``[[A, 0], [B, C]]^-1 =
-    [[A^-1, 0], [-C^-1 B A^-1, C^-1]]``, so nearly all the work is matrix products; blocks of at
-    most ``base`` use a triangular solve."""
+    """``L^-1`` of lower-triangular ``L`` (``[..., n, n]``) written into ``out`` (zero above the
+    diagonal on entry), by halves: ``[[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]``,
+    so nearly all the work is matrix products (by triangular factors: half the arithmetic of
+    full products); blocks of at most ``base`` use a (batched) triangular solve."""
     n = L.shape[-1]
     if n <= base:
         eye = torch.eye(n, dtype=L.dtype, device=L.device).expand_as(L)
         return out.copy_(torch.linalg.solve_triangular(L, eye, upper=False))
+    if L.dim() > 2:                                      # grouped: one at a time
+        for g in range(L.shape[0]):
+            lower_triangular_inverse(L[g], out[g], base)
+        return out
     k = n // 2
-    lower_triangular_inverse(L[..., :k, :k], out[..., :k, :k], base)
-    lower_triangular_inverse(L[..., k:, k:], out[..., k:, k:], base)
-    torch.matmul(out[..., k:, k:] @ L[..., k:, :k], out[..., :k, :k], out=out[..., k:, :k])
-    out[..., k:, :k].neg_()
+    lower_triangular_inverse(L[:k, :k], out[:k, :k], base)
+    lower_triangular_inverse(L[k:, k:], out[k:, k:], base)
+    cb = _lower_times(out[k:, k:], L[k:, :k], torch.empty_like(L[k:, :k]))
+    _times_lower(cb, out[:k, :k], out[k:, :k])
+    out[k:, :k].neg_()
+    return out
+
+
+_TRIANGULAR_PRODUCT_BASE = 256    # below this, a full product beats recursing further
+
+
+def _lower_times(T: Tensor, F: Tensor, out: Tensor) -> Tensor:
+    """``out = T @ F`` for lower-triangular ``T`` (the zeros above its diagonal skipped)."""
+    n = T.shape[0]
+    if n <= _TRIANGULAR_PRODUCT_BASE:
+        return torch.matmul(T, F, out=out)
+    k = n // 2
+    _lower_times(T[:k, :k], F[:k], out[:k])
+    _lower_times(T[k:, k:], F[k:], out[k:])
+    out[k:].addmm_(T[k:, :k], F[:k])
+    return out
+
+
+def _times_lower(G: Tensor, T: Tensor, out: Tensor) -> Tensor:
+    """``out = G @ T`` for lower-triangular ``T`` (the zeros above its diagonal skipped)."""
+    n = T.shape[0]
+    if n <= _TRIANGULAR_PRODUCT_BASE:
+        return torch.matmul(G, T, out=out)
+    k = n // 2
+    _times_lower(G[:, :k], T[:k, :k], out[:, :k])
+    out[:, :k].addmm_(G[:, k:], T[k:, :k])
+    _times_lower(G[:, k:], T[k:, k:], out[:, k:])
     return out
 
 
