@@ -180,8 +180,9 @@ def test_each_rank_runs_only_its_share_of_the_calibration(runs):
         # the example inputs' run before capture and the capture's call, no calibration
         capture = forwards["magnitude_global"]
         assert capture[0] == capture[1] <= 2
+        # block by block, the layers come from one eager run on the example inputs (block 0 once)
         for case in ("wanda_1x1", "sparse_gpt_2of4"):
-            assert forwards[case] == (capture[0] + 2 * 3, capture[0] + 2 * mine)
+            assert forwards[case] == (1 + 2 * 3, 1 + 2 * mine)
 
 
 def test_sparse_gpt_solves_are_split_between_the_ranks(runs):
