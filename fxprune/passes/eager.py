@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..inputs import split_inputs
 from ..registry import get_criterion_class
-from ..sequential import BlockList, find_blocks
+from ..sequential import BlockList, find_blocks, release_free_memory
 from .attach import AttachPass
 from .base import Pass
 from .capture import CapturePass, canonical_names
@@ -224,6 +224,7 @@ def eager_uses(model: nn.Module, blocks: BlockList, example_inputs, canonical) -
     finally:
         for i, block in enumerate(real):
             modules[i] = block
+        release_free_memory()
     if first.span is None:
         raise _Fallback("the model did not call its first block")
     for use in recorder.uses:
