@@ -364,7 +364,7 @@ class Runner:
                        "fxprune_path": tools[tool][1],
                        "fx_calib_batch": self.args.fx_calib_batch, "pattern_check": pattern}
                 if save:
-                    job["save"] = str(self.cache / "out" / _slug(f"{model_label}-{tool}-{rep}.safetensors"))
+                    job["save"] = str(self.cache / "out" / _slug(f"{model_label}-{method}-{tool}-{rep}-{os.getpid()}.safetensors"))
                     Path(job["save"]).parent.mkdir(parents=True, exist_ok=True)
                 r = run_job(tools[tool][0], job, self.logs)
                 r["time"] = r["cpu_s"] if self.args.time == "cpu" else r["seconds"]
