@@ -58,13 +58,15 @@ def test_eager_discovery_finds_exactly_the_graph_layers(name):
     assert len(fields) == {"llama": 22, "llama_tied": 15, "gpt2": 9}[name]
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_report_and_weights_equal_the_captured_path(name, monkeypatch):
+@pytest.mark.parametrize("name,config", [
+    ("llama", WANDA), ("gpt2", WANDA),
+    ("llama", {**WANDA, "pruning_type": "sparse_gpt", "pattern": "1x1"})])
+def test_report_and_weights_equal_the_captured_path(name, config, monkeypatch):
     calib = token_batches(2)
     model = MODELS[name]()
-    fast = fxprune.transform(model, WANDA, EXAMPLE, calibration=calib)
+    fast = fxprune.transform(model, config, EXAMPLE, calibration=calib)
     monkeypatch.setattr(eager, "eligible", lambda ctx: None)     # force the graph capture
-    slow = fxprune.transform(model, WANDA, EXAMPLE, calibration=calib)
+    slow = fxprune.transform(model, config, EXAMPLE, calibration=calib)
     a, b = fxprune.sparsity_report(fast).to_dict(), fxprune.sparsity_report(slow).to_dict()
     assert (a.pop("capture"), b.pop("capture")) == (eager.EAGER_CAPTURE, "torch.export")
     assert a == b
