@@ -26,6 +26,7 @@ the CLI's ``--timeout``), reported as a :class:`DistributedError` too. Only rank
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -76,19 +77,24 @@ class Distributed:
     # ------------------------------------------------------------------ errors
     def check(self, stage: str, error: str | None = None) -> None:
         """The status exchange every collective step starts with: raises on every rank when any
-        rank reports an error (``error``), naming the ranks and their messages."""
+        rank reports an error (``error``), naming the ranks and their messages. One all-gather
+        of a flag per rank; the messages follow only when a flag is set."""
         self.steps += 1
-        statuses: list[Any] = [None] * self.world
+        dist = _dist()
         try:
-            _dist().all_gather_object(statuses, error, group=self.group)
+            flags = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world)]
+            dist.all_gather(flags, torch.tensor([int(error is not None)], device=self.device),
+                            group=self.group)
+            if not any(int(f) for f in flags):
+                return
+            statuses = self.all_gather_objects(error)
         except Exception as e:   # a dead or hung rank: the process group's timeout fired
             raise DistributedError(
                 f"rank {self.rank}: lost the other ranks at {stage} ({_one_line(e)}); another "
                 f"rank stopped without reporting (see its output) or is stuck longer than the "
                 f"process group's timeout") from None
         failed = [(r, s) for r, s in enumerate(statuses) if s is not None]
-        if failed:
-            raise DistributedError("; ".join(f"rank {r} failed: {s}" for r, s in failed))
+        raise DistributedError("; ".join(f"rank {r} failed: {s}" for r, s in failed))
 
     @contextlib.contextmanager
     def guard(self, stage: str = "the end"):
@@ -155,57 +161,113 @@ class Distributed:
                 out[i] = part.view(tensors[i].shape)
         return out  # type: ignore[return-value]
 
-    def broadcast(self, tensor: Tensor, src: int) -> Tensor:
-        """``tensor`` of rank ``src`` on every rank (others pass a buffer of its shape/dtype)."""
-        dist = _dist()
-        wire = tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor
-        wire = wire.to(self.device).contiguous()
-        dist.broadcast(wire, src=dist.get_global_rank(self.group, src) if self.group is not None
-                       else src, group=self.group)
-        wire = wire.to(tensor.device)
-        return wire.bool() if tensor.dtype == torch.bool else wire
-
-    def split_work(self, items: Sequence, cost: Callable[[Any], float],
-                   compute: Callable[[Any], tuple[Tensor, ...]],
-                   shapes: Callable[[Any], Sequence[tuple[tuple[int, ...], torch.dtype]]],
-                   stage: str) -> list[tuple[Tensor, ...]]:
-        """``compute(item)`` for every item, each on one rank (greedy by ``cost``, largest first),
-        the results broadcast to every rank. ``shapes(item)``: the results' shapes and dtypes."""
-        owner = assign(list(map(cost, items)), self.world)
-        mine = {i: None for i, r in enumerate(owner) if r == self.rank}
-
-        def work():
-            for i in mine:
-                mine[i] = compute(items[i])
-        self.run(stage, work)
-        results = []
-        for i, item in enumerate(items):
-            if owner[i] == self.rank:
-                parts = mine[i]
-            else:
-                parts = tuple(torch.empty(shape, dtype=dtype) for shape, dtype in shapes(item))
-            results.append(tuple(self.broadcast(p, owner[i]) for p in parts))
-        return results
+    def _peer(self, rank: int) -> int:
+        """The global rank of ``rank`` of this group (point-to-point calls take global ranks)."""
+        return _dist().get_global_rank(self.group, rank) if self.group is not None else rank
 
     # ------------------------------------------------------------------ block-sequential hooks
     def block_input_stats(self, model, targets):
         return _RankInputStats(model, targets, self)
 
-    def split_sparse_gpt(self, shared_groups: Sequence[list], solve: Callable) -> list:
-        """The SparseGPT solves of one block (one per group of layers sharing an input; ``solve``
-        returns the stacked updated float32 views and their pruned mask), divided among the
-        ranks by FLOPs and broadcast."""
-        def shapes(shared):
-            rows = sum(t.geometry.view_shape[0] for t in shared)
-            cols = shared[0].geometry.view_shape[1]
-            return [((rows, cols), torch.float32), ((rows, cols), torch.bool)]
+    def split_sparse_gpt(self, shared_groups: Sequence[list], factor: Callable,
+                         solve: Callable, cuts: Callable) -> list[tuple[Tensor, Tensor]]:
+        """The SparseGPT solves of one block's layers, divided among the ranks; every rank
+        returns every group's ``(new float32 rows, pruned mask)``.
 
-        def cost(shared):
-            (rows, cols), _ = shapes(shared)[0]
-            return sparse_gpt_cost(rows, cols)
-
+        ``factor(shared)``: the inverse Hessian factor of layers sharing one input;
+        ``solve(shared, u, r0, r1)``: rows ``[r0, r1)`` of their stacked 2-D views, updated;
+        ``cuts(shared)``: where their rows may be split. :func:`plan_sparse_gpt` gives each
+        factor to one rank and each rank row ranges so that the ranks' FLOPs are even; a factor
+        needed by another rank is sent as soon as it is computed (point-to-point, in the
+        background), each rank solves its rows with its own factors first, and one all-gather
+        brings every rank's rows (and an error flag: a rank's error stops every rank with its
+        message, without a status exchange per step when all goes well)."""
+        dist = _dist()
+        cols = [shared[0].geometry.view_shape[1] for shared in shared_groups]
+        rows = [sum(t.geometry.view_shape[0] for t in shared) for shared in shared_groups]
+        plan = plan_sparse_gpt(cols, rows, [cuts(shared) for shared in shared_groups], self.world)
         name = shared_groups[0][0].name if shared_groups else ""
-        return self.split_work(shared_groups, cost, solve, shapes, f"the sparse_gpt solve near {name}")
+        stage = f"the sparse_gpt solves near {name}"
+        error: BaseException | None = None
+        factors: dict[int, Tensor] = {}
+        sends, recvs = [], {}
+        for g, owner in enumerate(plan.owner):     # every rank walks the groups in one order
+            users = {r for r, _, _ in plan.ranges[g]} - {owner}
+            if owner == self.rank:
+                if error is None:
+                    try:
+                        factors[g] = factor(shared_groups[g])
+                    except Exception as e:            # reported with the results below
+                        error = e
+                # a failed factor goes out as NaN: its users skip their rows (the owner reports)
+                u = factors.get(g)
+                wire = (u if u is not None else torch.full((cols[g], cols[g]), float("nan"))
+                        ).to(self.device).contiguous()
+                sends += [dist.isend(wire, self._peer(r), group=self.group, tag=g) for r in sorted(users)]
+            elif self.rank in users:
+                wire = torch.empty(cols[g], cols[g], device=self.device)
+                recvs[g] = (wire, dist.irecv(wire, self._peer(owner), group=self.group, tag=g))
+        mine = [(g, r0, r1) for g in range(len(shared_groups)) for r, r0, r1 in plan.ranges[g]
+                if r == self.rank]
+        solved: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        for g, r0, r1 in sorted(mine, key=lambda m: m[0] in recvs):   # own factors first
+            if g in recvs:
+                wire, work = recvs[g]
+                self._wait(work, stage)
+                factors[g] = wire.to("cpu") if wire.device.type != "cpu" else wire
+            u = factors.get(g)
+            if error is None and u is not None and not bool(torch.isnan(u[0, 0])):
+                try:
+                    solved[g, r0] = solve(shared_groups[g], u, r0, r1)
+                except Exception as e:
+                    error = e
+        for work in sends:
+            self._wait(work, stage)
+        # one all-gather: per rank a flag, then its rows' float32 weights and mask bytes
+        sizes = [8 + sum((r1 - r0) * cols[g] * 5 for g in range(len(cols))
+                         for r, r0, r1 in plan.ranges[g] if r == rank) for rank in range(self.world)]
+        buf = torch.zeros(max(sizes), dtype=torch.uint8)
+        buf[:8] = torch.tensor([int(error is not None)], dtype=torch.int64).view(torch.uint8)
+        at = 8
+        for g, r0, r1 in mine:
+            n = (r1 - r0) * cols[g]
+            new, pruned = solved.get((g, r0), (None, None))
+            if new is not None:
+                buf[at:at + 4 * n] = new.contiguous().view(-1).view(torch.uint8)
+                buf[at + 4 * n:at + 5 * n] = pruned.contiguous().view(-1).view(torch.uint8)
+            at += 5 * n
+        parts = [torch.empty_like(buf, device=self.device) for _ in range(self.world)]
+        try:
+            dist.all_gather(parts, buf.to(self.device), group=self.group)
+        except Exception as e:
+            raise DistributedError(f"rank {self.rank}: lost the other ranks at {stage} "
+                                   f"({_one_line(e)})") from None
+        parts = [p.cpu() for p in parts]
+        if error is not None or any(int(p[:8].view(torch.int64)) for p in parts):
+            if error is not None:
+                self._report(stage, error)
+                raise error
+            self.check(stage)           # raises: the failed ranks' messages
+        results = []
+        offsets = [8] * self.world
+        for g, shared in enumerate(shared_groups):
+            new = torch.empty(rows[g], cols[g], dtype=torch.float32)
+            pruned = torch.empty(rows[g], cols[g], dtype=torch.bool)
+            for r, r0, r1 in plan.ranges[g]:
+                n, at = (r1 - r0) * cols[g], offsets[r]
+                new[r0:r1] = parts[r][at:at + 4 * n].view(torch.float32).view(r1 - r0, cols[g])
+                pruned[r0:r1] = parts[r][at + 4 * n:at + 5 * n].view(torch.bool).view(r1 - r0, cols[g])
+                offsets[r] += 5 * n
+            results.append((new, pruned))
+        return results
+
+    def _wait(self, work, stage: str) -> None:
+        try:
+            work.wait()
+        except Exception as e:
+            raise DistributedError(f"rank {self.rank}: lost the other ranks at {stage} "
+                                   f"({_one_line(e)}); another rank stopped or is stuck longer "
+                                   f"than the process group's timeout") from None
 
     def total_stats(self, stats) -> None:
         """A block-sequential run's counts (``RunStats``) summed over the ranks, in place: block
@@ -258,9 +320,54 @@ def assign(costs: Sequence[float], world: int) -> list[int]:
     return owner
 
 
-def sparse_gpt_cost(rows: int, cols: int) -> float:
-    """FLOPs of one SparseGPT solve: the Cholesky factor (cols^3) and the OBS updates (rows*cols^2)."""
-    return float(cols) ** 3 / 3 + float(rows) * float(cols) ** 2
+def factor_cost(cols: int) -> float:
+    """FLOPs of one inverse Hessian factor (Cholesky and triangular inverse), ~cols^3 / 3."""
+    return float(cols) ** 3 / 3
+
+
+def row_cost(cols: int) -> float:
+    """FLOPs of SparseGPT's OBS update per row: ~cols^2."""
+    return float(cols) ** 2
+
+
+@dataclass
+class SparseGPTPlan:
+    """Who does what in one block's SparseGPT solves (the same on every rank)."""
+
+    owner: list[int]                               # rank computing each group's inverse factor
+    ranges: list[list[tuple[int, int, int]]]       # per group: (rank, r0, r1), in row order
+
+
+def plan_sparse_gpt(cols: Sequence[int], rows: Sequence[int], cuts: Sequence[Sequence[int]],
+                    world: int) -> SparseGPTPlan:
+    """Factors to ranks largest first (each to the least loaded); then each group's rows, the
+    largest group first, in contiguous ranges at allowed ``cuts``: the factor's owner first, up
+    to an even share of all the FLOPs, then the least loaded ranks. Deterministic."""
+    f = [factor_cost(c) for c in cols]
+    owner = assign(f, world)
+    load = [0.0] * world
+    for g, r in enumerate(owner):
+        load[r] += f[g]
+    target = (sum(f) + sum(r * row_cost(c) for r, c in zip(rows, cols))) / world
+    ranges: list[list[tuple[int, int, int]]] = [[] for _ in cols]
+    for g in sorted(range(len(cols)), key=lambda g: (-rows[g] * row_cost(cols[g]), g)):
+        per_row = row_cost(cols[g])
+        order = [owner[g]] + sorted((r for r in range(world) if r != owner[g]), key=lambda r: (load[r], r))
+        r0 = 0
+        for i, r in enumerate(order):
+            if r0 >= rows[g]:
+                break
+            if i == len(order) - 1:
+                r1 = rows[g]
+            else:
+                want = r0 + max(target - load[r], 0.0) / per_row
+                r1 = min((c for c in cuts[g] if c >= r0), key=lambda c: (abs(c - want), c))
+            if r1 > r0:
+                ranges[g].append((r, r0, r1))
+                load[r] += (r1 - r0) * per_row
+                r0 = r1
+        ranges[g].sort(key=lambda x: x[1])
+    return SparseGPTPlan(owner, ranges)
 
 
 def _describe(e: BaseException) -> str:
@@ -316,14 +423,13 @@ def _rank_stats_class():
                         s = s.to(stat.sumsq.device)
                         total = s if total is None else total + s
                     stat.sumsq = total
-            # SparseGPT: Hessians and counts summed
+            # SparseGPT: float64 Hessians and the sample counts (exact in float64), one all-reduce
             hess = [s for s in stats if s.hessian is not None]
-            if hess:
-                summed = self.d.all_reduce_sum([s.hessian for s in hess])
-                for stat, h in zip(hess, summed):
-                    stat.hessian = h
-            counts = self.d.all_reduce_sum([torch.tensor([s.count for s in stats], dtype=torch.int64)])[0]
-            for stat, c in zip(stats, counts.tolist()):
+            counts = torch.tensor([s.count for s in stats], dtype=torch.float64)
+            summed = self.d.all_reduce_sum([s.hessian for s in hess] + [counts])
+            for stat, h in zip(hess, summed):
+                stat.hessian = h
+            for stat, c in zip(stats, summed[-1].tolist()):
                 stat.count = int(c)
 
     return RankInputStats
@@ -339,4 +445,5 @@ def _RankInputStats(model, targets, d):
     return _RANK_STATS(model, targets, d)
 
 
-__all__ = ["Distributed", "DistributedError", "assign", "init_from_env", "rank", "resolve", "sparse_gpt_cost"]
+__all__ = ["Distributed", "DistributedError", "SparseGPTPlan", "assign", "factor_cost", "init_from_env",
+           "plan_sparse_gpt", "rank", "resolve", "row_cost"]

@@ -59,20 +59,21 @@ def _worker(rank, world, init, out_dir):
     model, calib = _llama(), _calib()
     calls = [0]     # forwards of decoder block 0 (the hook travels with transform's copy)
     model.model.layers[0].register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
-    solves = [0]    # SparseGPT solves this rank computed
+    work = [0, 0]   # SparseGPT on this rank: inverse factors computed, weight rows solved
     import fxprune.passes.sequential as seq
-    solve = seq.sparsegpt_prune
-    seq.sparsegpt_prune = lambda *a, **k: (solves.__setitem__(0, solves[0] + 1), solve(*a, **k))[1]
+    solve, factor = seq.sparsegpt_prune, seq.inverse_hessian_factor
+    seq.sparsegpt_prune = lambda W, *a, **k: (work.__setitem__(1, work[1] + W.shape[0]), solve(W, *a, **k))[1]
+    seq.inverse_hessian_factor = lambda *a, **k: (work.__setitem__(0, work[0] + 1), factor(*a, **k))[1]
     results, forwards = {}, {}
     for name, cfg in CASES.items():
-        calls[0] = solves[0] = 0
+        calls[0] = work[0] = work[1] = 0
         ref = fxprune.transform(model, cfg, EXAMPLE, calibration=calib, group=alone[rank])
-        alone_counts = (calls[0], solves[0])
-        calls[0] = solves[0] = 0
+        alone_counts = (calls[0], tuple(work))
+        calls[0] = work[0] = work[1] = 0
         par = fxprune.transform(model, cfg, EXAMPLE, calibration=calib)
         results[name] = (_weights(ref), _weights(par))
-        forwards[name] = (alone_counts, (calls[0], solves[0]))
-    seq.sparsegpt_prune = solve
+        forwards[name] = (alone_counts, (calls[0], tuple(work)))
+    seq.sparsegpt_prune, seq.inverse_hessian_factor = solve, factor
     torch.save((results, forwards), os.path.join(out_dir, f"transform.{rank}.pt"))
 
     # rank 1's calibration holds a token id past the vocabulary: it fails in its embedding
@@ -184,13 +185,19 @@ def test_each_rank_runs_only_its_share_of_the_calibration(runs):
             assert forwards[case] == (capture[0] + 2 * 3, capture[0] + 2 * mine)
 
 
-def test_sparse_gpt_solves_are_split_between_the_ranks(runs):
-    """Per block 4 solves (q/k/v share one input, gate/up one, o, down); by FLOPs each rank
-    takes two of them (down + o, gate/up + q/k/v)."""
-    for _, counts in runs["transform"]:
-        for case in ("sparse_gpt_1x1", "sparse_gpt_2of4"):
-            assert (counts[case][0][1], counts[case][1][1]) == (8, 4)
-        assert counts["wanda_1x1"][1][1] == 0
+def test_sparse_gpt_work_is_split_between_the_ranks(runs):
+    """Per block 4 inverse factors (q/k/v share one input, gate/up one, o, down), each computed
+    on one rank only, and 256 weight rows (q/k/v 64, o 32, gate/up 128, down 32) split between
+    the ranks; one process does all of it."""
+    per_rank = [counts for _, counts in runs["transform"]]
+    for case in ("sparse_gpt_1x1", "sparse_gpt_2of4"):
+        for counts in per_rank:
+            assert counts[case][0][1] == (8, 512)                  # alone: 2 blocks x (4, 256)
+        factors = [counts[case][1][1][0] for counts in per_rank]
+        rows = [counts[case][1][1][1] for counts in per_rank]
+        assert sum(factors) == 8 and min(factors) > 0
+        assert sum(rows) == 512 and min(rows) > 0
+    assert per_rank[0]["wanda_1x1"][1][1] == (0, 0)
 
 
 def test_a_failing_rank_stops_every_rank_with_its_message(runs):
@@ -240,13 +247,29 @@ def test_sharded_checkpoint_error_stops_both_ranks(runs):
     assert kind1 == "DistributedError" and msg1.startswith("rank 0 failed: output directory")
 
 
-def test_work_assignment_is_balanced_and_deterministic():
-    from fxprune.distributed import assign, sparse_gpt_cost
-    # a Llama block of the bench size: q/k/v, o, gate/up, down
-    costs = [sparse_gpt_cost(1536, 512), sparse_gpt_cost(512, 512), sparse_gpt_cost(2752, 512),
-             sparse_gpt_cost(512, 1376)]
-    owner = assign(costs, 2)
-    assert owner == [1, 1, 1, 0]            # down alone on rank 0, the three others on rank 1
-    assert assign(costs, 2) == owner
-    assert assign(costs, 1) == [0, 0, 0, 0]
-    assert sorted(assign([1.0] * 5, 3)) == [0, 0, 1, 1, 2]
+def test_sparse_gpt_plan_balances_flops_at_allowed_cuts():
+    from fxprune.distributed import factor_cost, plan_sparse_gpt, row_cost
+    # a Llama block of the bench size: q/k/v, o, gate/up, down (down: 57 % of the FLOPs)
+    cols, rows = [512, 512, 512, 1376], [1536, 512, 2752, 512]
+    cuts = [list(range(0, r, 64)) + [r] for r in rows]
+    total = sum(map(factor_cost, cols)) + sum(r * row_cost(c) for r, c in zip(rows, cols))
+    for world in (1, 2, 3, 4):
+        plan = plan_sparse_gpt(cols, rows, cuts, world)
+        assert plan == plan_sparse_gpt(cols, rows, cuts, world)          # the same on every rank
+        load = [0.0] * world
+        for g, owner in enumerate(plan.owner):
+            load[owner] += factor_cost(cols[g])
+            ends = [0] + [r1 for _, _, r1 in plan.ranges[g]]
+            assert [r0 for _, r0, _ in plan.ranges[g]] == ends[:-1] and ends[-1] == rows[g]
+            assert all(r0 % 64 == 0 for _, r0, _ in plan.ranges[g])
+            for r, r0, r1 in plan.ranges[g]:
+                load[r] += (r1 - r0) * row_cost(cols[g])
+        assert max(load) <= total / world * (1.0 if world == 1 else 1.12), (world, load)
+    one = plan_sparse_gpt(cols, rows, cuts, 1)
+    assert one.owner == [0, 0, 0, 0] and one.ranges == [[(0, 0, r)] for r in rows]
+    # the down_proj factor alone is most of a rank's share: its owner takes fewer rows
+    two = plan_sparse_gpt(cols, rows, cuts, 2)
+    assert two.owner == [1, 1, 1, 0]
+    # unstructured masks: whole layers only
+    plan = plan_sparse_gpt([512], [1536], [[0, 512, 1024, 1536]], 2)
+    assert sorted(r1 - r0 for _, r0, r1 in plan.ranges[0]) == [512, 1024]
