@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 WORLD = 2
 TIMEOUT_S = 20
+HANG_TIMEOUT_S = 3
 SPARSE_GPT_ATOL = 1e-4
 EXAMPLE = (torch.zeros(1, 12, dtype=torch.long),)
 
@@ -56,6 +57,7 @@ def _worker(rank, world, init, out_dir):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
     alone = [dist.new_group([r]) for r in range(world)]   # one-rank groups: the reference
+    hang = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=HANG_TIMEOUT_S))
     model, calib = _llama(), _calib()
     calls = [0]     # forwards of decoder block 0 (the hook travels with transform's copy)
     model.model.layers[0].register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
@@ -87,6 +89,23 @@ def _worker(rank, world, init, out_dir):
     except Exception as e:
         error = (type(e).__name__, str(e))
     torch.save((error, time.monotonic() - start), os.path.join(out_dir, f"error.{rank}.pt"))
+
+    # rank 1 never calls transform (it waits for rank 0 to give up): rank 0's first collective
+    # step times out after the group's timeout
+    flag = os.path.join(out_dir, "hang.done")
+    if rank == 0:
+        start = time.monotonic()
+        try:
+            fxprune.transform(model, CASES["sparse_gpt_2of4"], EXAMPLE, calibration=calib, group=hang)
+            error = None
+        except Exception as e:
+            error = (type(e).__name__, str(e))
+        torch.save((error, time.monotonic() - start), os.path.join(out_dir, "hang.0.pt"))
+        open(flag, "w").close()
+    else:
+        deadline = time.monotonic() + 4 * TIMEOUT_S
+        while not os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     # checkpoints: each case pruned by one process (per rank, its own output) and by both ranks
     src = os.path.join(out_dir, "llama")
@@ -131,6 +150,7 @@ def runs(tmp_path_factory):
     mp.spawn(_worker, args=(WORLD, init, str(out)), nprocs=WORLD)
     runs = {part: [torch.load(out / f"{part}.{r}.pt") for r in range(WORLD)]
             for part in ("transform", "error", "checkpoint_errors")}
+    runs["hang"] = torch.load(out / "hang.0.pt")
     runs["dir"] = out
     return runs
 
@@ -212,6 +232,18 @@ def test_a_failing_rank_stops_every_rank_with_its_message(runs):
         assert seconds < TIMEOUT_S      # reported at the next collective step, not by the timeout
 
 
+def test_a_hanging_rank_is_reported_after_the_timeout(runs):
+    """Rank 1 never reaches a collective step: rank 0 stops with a DistributedError after the
+    group's timeout (3 s) instead of waiting forever."""
+    error, seconds = runs["hang"]
+    assert error is not None
+    kind, message = error
+    assert kind == "DistributedError"
+    assert message.startswith("rank 0: lost the other ranks at ")
+    assert "process group's timeout" in message
+    assert HANG_TIMEOUT_S <= seconds < HANG_TIMEOUT_S + 10
+
+
 def _tensors(directory):
     from safetensors.torch import load_file
     out = {}
@@ -249,7 +281,7 @@ def test_sharded_checkpoint_error_stops_both_ranks(runs):
 
 def test_sparse_gpt_plan_balances_flops_at_allowed_cuts():
     from fxprune.distributed import factor_cost, plan_sparse_gpt, row_cost
-    # a Llama block of the bench size: q/k/v, o, gate/up, down (down: 57 % of the FLOPs)
+    # a Llama block of the bench size: q/k/v, o, gate/up, down
     cols, rows = [512, 512, 512, 1376], [1536, 512, 2752, 512]
     cuts = [list(range(0, r, 64)) + [r] for r in rows]
     total = sum(map(factor_cost, cols)) + sum(r * row_cost(c) for r, c in zip(rows, cols))
@@ -273,3 +305,45 @@ def test_sparse_gpt_plan_balances_flops_at_allowed_cuts():
     # unstructured masks: whole layers only
     plan = plan_sparse_gpt([512], [1536], [[0, 512, 1024, 1536]], 2)
     assert sorted(r1 - r0 for _, r0, r1 in plan.ranges[0]) == [512, 1024]
+
+
+def test_cli_under_torchrun_writes_what_one_process_writes(tmp_path):
+    """``torchrun --nproc-per-node 2 -m fxprune prune`` on a Hugging Face directory: the same
+    pruned checkpoint (SparseGPT 2:4: same masks, weights within tolerance) and report as
+    ``python -m fxprune prune``; rank 0 alone prints the table."""
+    import json
+    import subprocess
+    import sys
+
+    from tiny_llm import tiny_llama, token_batches
+    src = tmp_path / "llama"
+    tiny_llama(2).save_pretrained(src, max_shard_size="20KB")
+    torch.save(token_batches(4), tmp_path / "ids.pt")
+    (tmp_path / "cfg.json").write_text(json.dumps(CASES["sparse_gpt_2of4"] | {"block_batch_tokens": 24}))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    args = ["-m", "fxprune", "prune", str(src), "--config", str(tmp_path / "cfg.json"),
+            "--calibration", str(tmp_path / "ids.pt")]
+    from fxprune.cli import main
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)            # as each rank
+    try:
+        assert main([*args[2:], "--out", str(tmp_path / "one"), "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", *args, "--out", str(tmp_path / "two"),
+                          "--timeout", "60"], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("pruned checkpoint:") == 1                  # rank 0 only
+    a, b = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        assert torch.equal(a[key] == 0, b[key] == 0), key
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=SPARSE_GPT_ATOL, msg=key)
+    linears = [k for k in a if ".layers." in k and k.endswith("proj.weight")]
+    assert len(linears) == 14
+    assert all(int((a[k] == 0).sum()) == a[k].numel() // 2 for k in linears)    # 2:4
+    assert ((tmp_path / "one" / "fxprune_report.json").read_text()
+            == (tmp_path / "two" / "fxprune_report.json").read_text())
