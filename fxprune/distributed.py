@@ -320,17 +320,18 @@ def assign(costs: Sequence[float], world: int) -> list[int]:
     return owner
 
 
-# Relative costs of the SparseGPT work, fitted to its CPU times with one thread (hidden 512 and
-# 1376 columns): the n^3 and n^2 terms are the FLOPs; the lower-order terms are the per-element
-# memory traffic that dominates for small layers.
+# Relative costs of the SparseGPT work (units of ~0.1 ns of one CPU thread), fitted to its CPU
+# times in the block-sequential pass (hidden 512 and 1376 columns): the n^3 and rows x cols^2
+# terms are the FLOPs; a solve also pays per column, whatever its rows (the column loop and the
+# N:M selection), which makes splitting a small layer's rows cost more than it saves.
 def factor_cost(cols: int) -> float:
     """Cost of one inverse Hessian factor (Cholesky and triangular inverse)."""
-    return float(cols) ** 3 / 4.5 + 500.0 * float(cols) ** 2
+    return float(cols) ** 3 / 7 + 250.0 * float(cols) ** 2
 
 
-def row_cost(cols: int) -> float:
-    """Cost of SparseGPT's OBS update of one weight row."""
-    return float(cols) ** 2 + 900.0 * float(cols)
+def solve_cost(rows: int, cols: int) -> float:
+    """Cost of SparseGPT's OBS update of ``rows`` weight rows with ``cols`` columns."""
+    return 1e6 * cols + rows * (float(cols) ** 2 + 100.0 * cols)
 
 
 @dataclass
@@ -339,38 +340,59 @@ class SparseGPTPlan:
 
     owner: list[int]                               # rank computing each group's inverse factor
     ranges: list[list[tuple[int, int, int]]]       # per group: (rank, r0, r1), in row order
+    load: list[float]                              # estimated cost per rank
 
 
 def plan_sparse_gpt(cols: Sequence[int], rows: Sequence[int], cuts: Sequence[Sequence[int]],
                     world: int) -> SparseGPTPlan:
-    """Factors to ranks largest first (each to the least loaded); then each group's rows, the
-    largest group first, in contiguous ranges at allowed ``cuts``: the factor's owner first, up
-    to an even share of all the cost, then the least loaded ranks. Deterministic."""
-    f = [factor_cost(c) for c in cols]
-    owner = assign(f, world)
-    load = [0.0] * world
-    for g, r in enumerate(owner):
-        load[r] += f[g]
-    target = (sum(f) + sum(r * row_cost(c) for r, c in zip(rows, cols))) / world
-    ranges: list[list[tuple[int, int, int]]] = [[] for _ in cols]
-    for g in sorted(range(len(cols)), key=lambda g: (-rows[g] * row_cost(cols[g]), g)):
-        per_row = row_cost(cols[g])
-        order = [owner[g]] + sorted((r for r in range(world) if r != owner[g]), key=lambda r: (load[r], r))
-        r0 = 0
-        for i, r in enumerate(order):
-            if r0 >= rows[g]:
+    """Start from whole groups (a group's factor and all its rows on one rank), placed largest
+    first on the least loaded rank; then split the costliest piece in two at the allowed cut
+    (``cuts[g]``) that evens its halves (the half with the factor stays with it, and may have no
+    rows), re-place, and
+    keep the placement with the lowest maximum load. Deterministic: every rank plans the same."""
+    def cost(piece) -> float:
+        g, r0, r1, with_factor = piece
+        return ((factor_cost(cols[g]) if with_factor else 0.0)
+                + (solve_cost(r1 - r0, cols[g]) if r1 > r0 else 0.0))
+
+    def place(pieces):
+        costs = [cost(p) for p in pieces]
+        owners = assign(costs, world)
+        load = [0.0] * world
+        for c, r in zip(costs, owners):
+            load[r] += c
+        return max(load), len(pieces), pieces, owners, load
+
+    pieces = [(g, 0, rows[g], True) for g in range(len(cols))]
+    best = place(pieces)
+    for _ in range(4 * world if world > 1 else 0):
+        for p in sorted(pieces, key=lambda p: (-cost(p), p[0], p[1])):
+            g, r0, r1, with_factor = p
+            # the factor may also go alone (a piece of no rows)
+            inside = [c for c in cuts[g] if r0 < c < r1 or (with_factor and c == r0 < r1)]
+            if inside:
+                mid = min(inside, key=lambda c: (abs(cost((g, r0, c, with_factor)) - cost((g, c, r1, False))), c))
+                i = pieces.index(p)
+                pieces = pieces[:i] + [(g, r0, mid, with_factor), (g, mid, r1, False)] + pieces[i + 1:]
                 break
-            if i == len(order) - 1:
-                r1 = rows[g]
-            else:
-                want = r0 + max(target - load[r], 0.0) / per_row
-                r1 = min((c for c in cuts[g] if c >= r0), key=lambda c: (abs(c - want), c))
-            if r1 > r0:
-                ranges[g].append((r, r0, r1))
-                load[r] += (r1 - r0) * per_row
-                r0 = r1
-        ranges[g].sort(key=lambda x: x[1])
-    return SparseGPTPlan(owner, ranges)
+        else:
+            break
+        trial = place(pieces)
+        if trial[0] < best[0] * 0.999:
+            best = trial
+    _, _, pieces, owners, load = best
+    owner = [0] * len(cols)
+    ranges: list[list[tuple[int, int, int]]] = [[] for _ in cols]
+    for (g, r0, r1, with_factor), r in sorted(zip(pieces, owners), key=lambda x: (x[0][0], x[0][1])):
+        if with_factor:
+            owner[g] = r
+        if r1 == r0:
+            continue
+        if ranges[g] and ranges[g][-1][0] == r and ranges[g][-1][2] == r0:    # adjacent: merge
+            ranges[g][-1] = (r, ranges[g][-1][1], r1)
+        else:
+            ranges[g].append((r, r0, r1))
+    return SparseGPTPlan(owner, ranges, load)
 
 
 def _describe(e: BaseException) -> str:
@@ -449,4 +471,4 @@ def _RankInputStats(model, targets, d):
 
 
 __all__ = ["Distributed", "DistributedError", "SparseGPTPlan", "assign", "factor_cost", "init_from_env",
-           "plan_sparse_gpt", "rank", "resolve", "row_cost"]
+           "plan_sparse_gpt", "rank", "resolve", "solve_cost"]

@@ -2,9 +2,10 @@
 every scenario and save their results; the tests compare them with the single-process results,
 computed inside the same processes (a process group of one rank) so both see the same threads.
 
-Tolerance for SparseGPT: the Hessians are float32 sums over the calibration tokens, formed in a
-different order when the ranks' partial sums are all-reduced; the updated weights then agree with
-one process within ``SPARSE_GPT_ATOL`` (masks identical)."""
+SparseGPT too is bit-identical here: its Hessians are float64 sums of float32 products (the same
+in any order at these sizes), and on these tiny layers the plan keeps each solve whole on one
+rank (row ranges split at multiples of 64 rows give the same bits with the BLAS measured; see
+docs/distributed.md)."""
 import datetime
 import os
 import time
@@ -20,7 +21,6 @@ transformers = pytest.importorskip("transformers")
 WORLD = 2
 TIMEOUT_S = 20
 HANG_TIMEOUT_S = 3
-SPARSE_GPT_ATOL = 1e-4
 EXAMPLE = (torch.zeros(1, 12, dtype=torch.long),)
 
 CASES = {
@@ -178,13 +178,13 @@ def test_bit_identical_to_one_process(runs, case):
 
 
 @pytest.mark.parametrize("case", ["sparse_gpt_1x1", "sparse_gpt_2of4"])
-def test_sparse_gpt_same_masks_weights_within_tolerance(runs, case):
+def test_sparse_gpt_is_bit_identical_to_one_process(runs, case):
     per_rank = [results for results, _ in runs["transform"]]
     for ref, par in (r[case] for r in per_rank):
         changed = 0
         for n in ref:
             assert torch.equal(ref[n] == 0, par[n] == 0), n          # identical masks
-            torch.testing.assert_close(par[n], ref[n], rtol=0, atol=SPARSE_GPT_ATOL, msg=n)
+            assert torch.equal(par[n], ref[n]), n                    # and weights
             changed += ".layers." in n and not torch.equal(ref[n], _llama().get_parameter(n).detach() * (ref[n] != 0))
         assert changed == 14                      # the OBS update changed every pruned layer
     _assert_same(per_rank[0][case][1], per_rank[1][case][1])   # every rank holds the same
@@ -279,37 +279,53 @@ def test_sharded_checkpoint_error_stops_both_ranks(runs):
     assert kind1 == "DistributedError" and msg1.startswith("rank 0 failed: output directory")
 
 
-def test_sparse_gpt_plan_balances_flops_at_allowed_cuts():
-    from fxprune.distributed import factor_cost, plan_sparse_gpt, row_cost
+def _check_plan(plan, cols, rows, cuts, world, cost):
+    from fxprune.distributed import factor_cost
+    load = [0.0] * world
+    for g, owner in enumerate(plan.owner):
+        load[owner] += factor_cost(cols[g])
+        ends = [0] + [r1 for _, _, r1 in plan.ranges[g]]
+        assert [r0 for _, r0, _ in plan.ranges[g]] == ends[:-1] and ends[-1] == rows[g]
+        assert all(r0 in cuts[g] for _, r0, _ in plan.ranges[g])
+        for r, r0, r1 in plan.ranges[g]:
+            load[r] += cost(r1 - r0, cols[g])
+    assert load == pytest.approx(plan.load)
+    return load
+
+
+def test_sparse_gpt_plan_splits_the_work_at_allowed_cuts(monkeypatch):
+    import fxprune.distributed as d
     # a Llama block of the bench size: q/k/v, o, gate/up, down
     cols, rows = [512, 512, 512, 1376], [1536, 512, 2752, 512]
     cuts = [list(range(0, r, 64)) + [r] for r in rows]
-    total = sum(map(factor_cost, cols)) + sum(r * row_cost(c) for r, c in zip(rows, cols))
-    for world in (1, 2, 3, 4):
-        plan = plan_sparse_gpt(cols, rows, cuts, world)
-        assert plan == plan_sparse_gpt(cols, rows, cuts, world)          # the same on every rank
-        load = [0.0] * world
-        for g, owner in enumerate(plan.owner):
-            load[owner] += factor_cost(cols[g])
-            ends = [0] + [r1 for _, _, r1 in plan.ranges[g]]
-            assert [r0 for _, r0, _ in plan.ranges[g]] == ends[:-1] and ends[-1] == rows[g]
-            assert all(r0 % 64 == 0 for _, r0, _ in plan.ranges[g])
-            for r, r0, r1 in plan.ranges[g]:
-                load[r] += (r1 - r0) * row_cost(cols[g])
-        assert max(load) <= total / world * (1.0 if world == 1 else 1.12), (world, load)
-    one = plan_sparse_gpt(cols, rows, cuts, 1)
+    one = d.plan_sparse_gpt(cols, rows, cuts, 1)
     assert one.owner == [0, 0, 0, 0] and one.ranges == [[(0, 0, r)] for r in rows]
-    # the down_proj factor alone is most of a rank's share: its owner takes fewer rows
-    two = plan_sparse_gpt(cols, rows, cuts, 2)
+    # with the per-column cost of today's solves, 2 ranks: down_proj (its factor and rows) on
+    # one rank, the three others on the other
+    two = d.plan_sparse_gpt(cols, rows, cuts, 2)
     assert two.owner == [1, 1, 1, 0]
+    assert two.ranges == [[(1, 0, 1536)], [(1, 0, 512)], [(1, 0, 2752)], [(0, 0, 512)]]
+    _check_plan(two, cols, rows, cuts, 2, d.solve_cost)
+    assert max(two.load) < 1.01 * sum(two.load) / 2
+    for world in (3, 4):
+        plan = d.plan_sparse_gpt(cols, rows, cuts, world)
+        assert plan == d.plan_sparse_gpt(cols, rows, cuts, world)     # the same on every rank
+        _check_plan(plan, cols, rows, cuts, world, d.solve_cost)
+    # without the per-column cost (pure FLOPs), splitting rows evens 4 ranks within 5 %
+    flops = lambda r, c: float(r) * c * c                                   # noqa: E731
+    monkeypatch.setattr(d, "solve_cost", flops)
+    plan = d.plan_sparse_gpt(cols, rows, cuts, 4)
+    load = _check_plan(plan, cols, rows, cuts, 4, flops)
+    assert max(load) < 1.05 * sum(load) / 4
+    assert sum(len(r) for r in plan.ranges) > 4                            # some rows were split
     # unstructured masks: whole layers only
-    plan = plan_sparse_gpt([512], [1536], [[0, 512, 1024, 1536]], 2)
-    assert sorted(r1 - r0 for _, r0, r1 in plan.ranges[0]) == [512, 1024]
+    plan = d.plan_sparse_gpt([512], [1536], [[0, 512, 1024, 1536]], 2)
+    assert all(r0 in (0, 512, 1024) for _, r0, _ in plan.ranges[0])
 
 
 def test_cli_under_torchrun_writes_what_one_process_writes(tmp_path):
     """``torchrun --nproc-per-node 2 -m fxprune prune`` on a Hugging Face directory: the same
-    pruned checkpoint (SparseGPT 2:4: same masks, weights within tolerance) and report as
+    pruned checkpoint (SparseGPT 2:4, bit for bit) and report as
     ``python -m fxprune prune``; rank 0 alone prints the table."""
     import json
     import subprocess
@@ -340,8 +356,7 @@ def test_cli_under_torchrun_writes_what_one_process_writes(tmp_path):
     a, b = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
     assert a.keys() == b.keys() and len(a) > 0
     for key in a:
-        assert torch.equal(a[key] == 0, b[key] == 0), key
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=SPARSE_GPT_ATOL, msg=key)
+        assert torch.equal(a[key], b[key]), key
     linears = [k for k in a if ".layers." in k and k.endswith("proj.weight")]
     assert len(linears) == 14
     assert all(int((a[k] == 0).sum()) == a[k].numel() // 2 for k in linears)    # 2:4
