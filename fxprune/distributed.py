@@ -7,21 +7,26 @@ holds the few collective steps fxprune needs. What is split and what is replicat
 - block-sequential calibration (``activation`` = Wanda, ``sparse_gpt``): the calibration batches
   are run up to the first block and merged into block batches on every rank (that part is cheap
   and makes the same block batches as one process); then each rank keeps block batch ``i`` when
-  ``i % world == rank`` and carries only those hidden states from block to block. After each block's dense forward, the statistics are summed over the
-  ranks before any mask is chosen: Wanda's per-feature sums of squares are gathered per batch and
-  added up in the single-process batch order (so masks are bit-identical to one process),
-  SparseGPT's Hessians and sample counts are all-reduced (float32 sums in another order: weights
-  within summation-order tolerance). The SparseGPT solves of one block (one per distinct input)
-  are divided among the ranks and the results broadcast, so every rank holds the same weights;
+  ``i % world == rank`` and carries only those hidden states from block to block. After each
+  block's dense forward, the statistics are summed over the ranks before any mask is chosen:
+  Wanda's per-feature sums of squares are gathered per batch and added in the single-process
+  batch order; SparseGPT's Hessians (float64 sums of float32 products, see
+  ``BlockInputStats.add_hessian``) and sample counts are all-reduced. Both give one process's
+  masks. The SparseGPT work of one block (an inverse factor per distinct input, then the OBS
+  update of the rows) is planned by :func:`plan_sparse_gpt`: each factor on one rank, sent
+  point-to-point to the ranks that need it as soon as it is computed, rows in ranges; one
+  all-gather brings every rank's rows back, so every rank holds the same weights;
 - whole-model data-aware groups (global scope, gradient criteria) and everything else are
   replicated: every rank computes the same result from the full calibration;
 - checkpoints: see :mod:`fxprune.checkpoint.sharded`.
 
-Errors: every collective step of fxprune starts with a status exchange. A rank that fails takes
-part in the next exchange with its one-line message instead, so every rank raises
-:class:`DistributedError` naming the failed rank and its message; a rank that dies or hangs makes
-the others' collective fail after the process group's timeout (``init_process_group(timeout=...)``;
-the CLI's ``--timeout``), reported as a :class:`DistributedError` too. Only rank 0 reports progress.
+Errors: fxprune's collective steps start with a status exchange (an all-gather of one flag per
+rank; the messages follow only when one is set), except the SparseGPT results' all-gather, which
+carries each rank's flag itself. A rank that fails takes part in the next exchange with its
+one-line message instead, so every rank raises :class:`DistributedError` naming the failed rank
+and its message; a rank that dies or hangs makes the others' collective fail after the process
+group's timeout (``init_process_group(timeout=...)``; the CLI's ``--timeout``), reported as a
+:class:`DistributedError` too. Only rank 0 reports progress.
 """
 from __future__ import annotations
 
