@@ -264,7 +264,7 @@ def _sparse_gpt_rows(ctx, group, shared, u: Tensor, r0: int, r1: int, criterion,
     W = (torch.cat(views) if len(views) > 1 else views[0])[r0:r1]
     if adaptive == "n_of_m":
         new, pruned = sparsegpt_prune(W, u, criterion.blocksize,
-                                      n_of_m=(pattern.n, pattern.m, pattern._n_smallest))
+                                      n_of_m=(pattern.n, pattern.m))
     elif adaptive == "unstructured":
         starts = [sum(rows[:i]) for i in range(len(rows))]
         inside = [i for i, s in enumerate(starts) if s >= r0 and s + rows[i] <= r1]
