@@ -325,18 +325,18 @@ def assign(costs: Sequence[float], world: int) -> list[int]:
     return owner
 
 
-# Relative costs of the SparseGPT work (units of ~0.1 ns of one CPU thread), fitted to its CPU
+# Relative costs of the SparseGPT work (units of ~25 ps of one CPU thread), fitted to its CPU
 # times in the block-sequential pass (hidden 512 and 1376 columns): the n^3 and rows x cols^2
 # terms are the FLOPs; a solve also pays per column, whatever its rows (the column loop and the
 # N:M selection), which makes splitting a small layer's rows cost more than it saves.
 def factor_cost(cols: int) -> float:
     """Cost of one inverse Hessian factor (Cholesky and triangular inverse)."""
-    return float(cols) ** 3 / 7 + 250.0 * float(cols) ** 2
+    return 0.3 * float(cols) ** 3 + 1000.0 * float(cols) ** 2
 
 
 def solve_cost(rows: int, cols: int) -> float:
     """Cost of SparseGPT's OBS update of ``rows`` weight rows with ``cols`` columns."""
-    return 1e6 * cols + rows * (float(cols) ** 2 + 100.0 * cols)
+    return 1.8e6 * cols + rows * (float(cols) ** 2 + 665.0 * cols)
 
 
 @dataclass
