@@ -78,6 +78,32 @@ def _worker(rank, world, init, out_dir):
     seq.sparsegpt_prune, seq.inverse_hessian_factor = solve, factor
     torch.save((results, forwards), os.path.join(out_dir, f"transform.{rank}.pt"))
 
+    # pure FLOP costs: the plan sends factors to the other rank (q/k/v's and down's factors on
+    # rank 1, their rows on rank 0); then a solve that fails on rank 1 only
+    import fxprune.distributed as fd
+    from fxprune.errors import WeightError
+    costs = fd.solve_cost, fd.factor_cost
+    fd.solve_cost = lambda r, c: float(r) * c * c
+    fd.factor_cost = lambda c: float(c) ** 3 / 3
+    sends, isend = [0], dist.isend
+    dist.isend = lambda *a, **k: (sends.__setitem__(0, sends[0] + 1), isend(*a, **k))[1]
+    split = _weights(fxprune.transform(model, CASES["sparse_gpt_2of4"], EXAMPLE, calibration=calib))
+    dist.isend = isend
+    rows = seq._sparse_gpt_rows
+    if rank == 1:
+        def failing(*a, **k):
+            raise WeightError("sparse_gpt produced non-finite weights for a test layer")
+        seq._sparse_gpt_rows = failing
+    start = time.monotonic()
+    try:
+        fxprune.transform(model, CASES["sparse_gpt_2of4"], EXAMPLE, calibration=calib)
+        error = None
+    except Exception as e:
+        error = (type(e).__name__, str(e))
+    seq._sparse_gpt_rows = rows
+    fd.solve_cost, fd.factor_cost = costs
+    torch.save((split, sends[0], error, time.monotonic() - start), os.path.join(out_dir, f"split.{rank}.pt"))
+
     # rank 1's calibration holds a token id past the vocabulary: it fails in its embedding
     bad = [b.clone() for b in calib]
     if rank == 1:
@@ -149,7 +175,7 @@ def runs(tmp_path_factory):
     init = f"file://{out / 'store'}"
     mp.spawn(_worker, args=(WORLD, init, str(out)), nprocs=WORLD)
     runs = {part: [torch.load(out / f"{part}.{r}.pt") for r in range(WORLD)]
-            for part in ("transform", "error", "checkpoint_errors")}
+            for part in ("transform", "error", "checkpoint_errors", "split")}
     runs["hang"] = torch.load(out / "hang.0.pt")
     runs["dir"] = out
     return runs
@@ -218,6 +244,29 @@ def test_sparse_gpt_work_is_split_between_the_ranks(runs):
         assert sum(factors) == 8 and min(factors) > 0
         assert sum(rows) == 512 and min(rows) > 0
     assert per_rank[0]["wanda_1x1"][1][1] == (0, 0)
+
+
+def test_factors_sent_between_ranks_give_the_same_result(runs):
+    """With a plan that computes factors on one rank and solves their rows on the other (sent
+    point-to-point), the result is still one process's, bit for bit."""
+    per_rank = [results for results, _ in runs["transform"]]
+    for rank, (split, sends, _, _) in enumerate(runs["split"]):
+        assert sends == (2 * 2 if rank == 1 else 0)          # 2 factors per block, 2 blocks
+        _assert_same(per_rank[rank]["sparse_gpt_2of4"][0], split)
+
+
+def test_a_failing_solve_stops_every_rank_with_its_message(runs):
+    """The SparseGPT step has no status exchange of its own: the error flag travels with the
+    results' all-gather, then every rank raises."""
+    for rank, (_, _, error, seconds) in enumerate(runs["split"]):
+        assert error is not None, f"rank {rank} did not fail"
+        kind, message = error
+        if rank == 1:
+            assert (kind, message) == ("WeightError", "sparse_gpt produced non-finite weights for a test layer")
+        else:
+            assert kind == "DistributedError"
+            assert message == "rank 1 failed: sparse_gpt produced non-finite weights for a test layer"
+        assert seconds < TIMEOUT_S
 
 
 def test_a_failing_rank_stops_every_rank_with_its_message(runs):
