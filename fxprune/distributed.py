@@ -230,7 +230,7 @@ class Distributed:
             self._wait(work, stage)
         # one all-gather: per rank a flag, then its rows' float32 weights and mask bytes
         sizes = [8 + sum((r1 - r0) * cols[g] * 5 for g in range(len(cols))
-                         for r, r0, r1 in plan.ranges[g] if r == rank) for rank in range(self.world)]
+                         for r, r0, r1 in plan.ranges[g] if r == k) for k in range(self.world)]
         buf = torch.zeros(max(sizes), dtype=torch.uint8)
         buf[:8] = torch.tensor([int(error is not None)], dtype=torch.int64).view(torch.uint8)
         at = 8
