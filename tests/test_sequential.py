@@ -123,7 +123,7 @@ def test_block_forwards_are_linear_in_depth(layers, propagation, batch_tokens, b
     from torch._subclasses.fake_tensor import FakeTensor
     model, calib = _llama(layers), _calib(3)
     calls, traced = [], []
-    for layer in model.model.layers:   # graph capture traces each block once, on fake tensors
+    for layer in model.model.layers:   # a graph capture would trace each block on fake tensors
         layer.register_forward_hook(
             lambda m, a, o: (traced if isinstance(o, FakeTensor) else calls).append(m))
     cfg = _cfg("sparse_gpt", "2:4", block_propagation=propagation, block_batch_tokens=batch_tokens)
@@ -132,8 +132,10 @@ def test_block_forwards_are_linear_in_depth(layers, propagation, batch_tokens, b
     # the last block's outputs are not needed); dense propagation keeps the recording's outputs
     per_block = 2 if propagation == "pruned" else 1
     expected = per_block * layers * block_batches - (block_batches if per_block == 2 else 0)
-    assert len(calls) == expected + layers   # + every block once: the example inputs are run before capture
-    assert len(traced) == layers
+    # + the first block once: the layers are discovered from one run on the example inputs, with
+    # the later blocks standing in; no graph is captured
+    assert len(calls) == expected + 1
+    assert len(traced) == 0
     info = fxprune.sparsity_report(out).calibration    # the report says the same
     assert (info["block_forwards"], info["block_batches"], info["batches"]) == (expected, block_batches, 3)
     assert info["blocks"] == "model.layers" and info["block_sequential"] == [0]
