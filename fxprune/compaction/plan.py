@@ -81,12 +81,30 @@ class CompactionPlan:
         return rows
 
     def dead_mask(self, atoms: np.ndarray, spaces: set[int] | None = None) -> np.ndarray:
+        """Whether each atom of ``atoms`` belongs to a removed class (of one of ``spaces``)."""
         roots = self.analysis.roots(atoms)
-        dead = np.isin(roots, np.fromiter(self.dead, dtype=np.int64, count=len(self.dead)))
+        dead_roots, space_of = self._lookups()
+        dead = dead_roots[roots]
         if spaces is not None:
-            dead &= np.isin(np.array([self.space.get(r, -1) for r in roots.ravel().tolist()],
-                                     dtype=np.int64).reshape(roots.shape), list(spaces))
+            chosen = np.zeros(space_of.size + 1, dtype=bool)  # the last entry: no space (-1)
+            chosen[list(spaces)] = True
+            dead &= chosen[space_of[roots]]
         return dead
+
+    def _lookups(self) -> tuple[np.ndarray, np.ndarray]:
+        """(is the class of root r removed, the space of root r or -1), arrays over atom ids;
+        cached while ``dead`` and ``space`` stay the same."""
+        key = (frozenset(self.dead), id(self.space), len(self.space))
+        cached = getattr(self, "_cache", None)
+        if cached is None or cached[0] != key:
+            n = self.analysis.atoms.size
+            dead_roots = np.zeros(n, dtype=bool)
+            dead_roots[np.fromiter(self.dead, dtype=np.int64, count=len(self.dead))] = True
+            space_of = np.full(n, -1, dtype=np.int64)
+            if self.space:
+                space_of[np.fromiter(self.space, dtype=np.int64, count=len(self.space))] = list(self.space.values())
+            cached = self._cache = (key, dead_roots, space_of)
+        return cached[1], cached[2]
 
 
 def output_dim(target) -> int:
@@ -300,18 +318,21 @@ def _select(targets, free: list[ChannelClass], group, target: float) -> set[int]
         for p, w in c.weights.items():
             pruned[p] += w
 
+    by_layer: dict[str, list[ChannelClass]] = defaultdict(list)  # each layer's classes, ranked
+    for c in ranked:
+        for p in c.weights:
+            by_layer[p].append(c)
     for t in targets:  # min_sparsity_ratio_per_op first
-        for c in ranked:
+        for c in by_layer[t.param]:
             if pruned[t.param] >= lo[t.param]:
                 break
-            if t.param in c.weights and c.root not in chosen and fits(c):
+            if c.root not in chosen and fits(c):
                 take(c)
     if group.pruning_scope == "local":
         for t in targets:
             goal = budget(target, numel[t.param])
-            for c in ranked:
-                w = c.weights.get(t.param)
-                if w and c.root not in chosen and pruned[t.param] + w <= goal and fits(c):
+            for c in by_layer[t.param]:
+                if c.root not in chosen and pruned[t.param] + c.weights[t.param] <= goal and fits(c):
                     take(c)
         return chosen
     left = budget(target, sum(numel.values())) - sum(pruned.values())
