@@ -10,6 +10,7 @@ image size, and the transform is fast enough to run them all. ConvNeXt-V2 is the
 (depths 2-2-8-2, widths 80-640); the Hugging Face ViT is ViT-S (384 wide, 6 heads, 12 layers) on
 64x64; the language models are 4-layer, 512-wide decoders (8 query heads; 8, 2 and 4 key/value
 heads for Llama, Qwen2 and Mistral), vocabulary 2000, sequence 32; T5 is 4+4 layers, 256 wide.
+``IMAGE`` and ``SEQ`` are read when a model or input is built: a bench may set them first.
 """
 from __future__ import annotations
 
@@ -139,9 +140,9 @@ class VisionTransformer(nn.Module):
     """torchvision's vit_b_16 (patch 16, 12 layers, 12 heads, width 768, MLP 3072) on ``image``
     pixels: ``nn.MultiheadAttention`` with its packed in-projection."""
 
-    def __init__(self, image=IMAGE, patch=16, layers=12, heads=12, hidden=768, mlp=3072, num_classes=1000):
+    def __init__(self, image=None, patch=16, layers=12, heads=12, hidden=768, mlp=3072, num_classes=1000):
         super().__init__()
-        self.patch, self.hidden = patch, hidden
+        image, self.patch, self.hidden = image or IMAGE, patch, hidden
         self.conv_proj = nn.Conv2d(3, hidden, patch, patch)
         self.class_token = nn.Parameter(torch.zeros(1, 1, hidden))
         self.pos_embedding = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, hidden) * 0.02)
@@ -175,7 +176,7 @@ def _decoder(config_name: str, model_name: str, kv_heads: int):
         config = getattr(transformers, config_name)(
             vocab_size=VOCAB, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
             num_attention_heads=8, num_key_value_heads=kv_heads, max_position_embeddings=256,
-            tie_word_embeddings=False)
+            tie_word_embeddings=False, use_cache=False)
         return getattr(transformers, model_name)(config)
     return build
 
@@ -184,7 +185,7 @@ def t5() -> nn.Module:
     from transformers import T5Config, T5ForConditionalGeneration
     return T5ForConditionalGeneration(T5Config(
         vocab_size=VOCAB, d_model=256, d_kv=32, d_ff=1024, num_layers=4, num_decoder_layers=4,
-        num_heads=8, tie_word_embeddings=False))
+        num_heads=8, tie_word_embeddings=False, use_cache=False))
 
 
 def image_inputs(seed: int) -> tuple:

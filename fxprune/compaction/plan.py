@@ -24,6 +24,8 @@ an already-pruned model (``fxprune.compact``).
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -39,12 +41,12 @@ NOT_COMPACTED = "not compacted: pattern {!r} does not remove output channels (us
 NO_USE = "not compacted: no op the channel analysis follows uses its output"
 
 
-@dataclass
+@dataclass(slots=True)
 class ChannelClass:
     root: int
     order: int                                   # first appearance, breaks score ties
-    rows: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))  # param -> rows
-    weights: dict[str, int] = field(default_factory=lambda: defaultdict(int))      # param -> weights
+    rows: dict[str, list[int]] = field(default_factory=dict)     # param -> rows
+    weights: dict[str, int] = field(default_factory=dict)        # param -> weights
     score_sum: float = 0.0
     score_max: float = 0.0
     groups: set = field(default_factory=set)
@@ -107,6 +109,20 @@ class CompactionPlan:
         return cached[1], cached[2]
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """Pause the cyclic garbage collector while classes are built: thousands of small objects
+    allocated next to a captured graph of millions otherwise trigger collections that walk the
+    whole graph and cost more than the work itself (nothing built here forms a cycle)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def output_dim(target) -> int:
     """The dim of the weight that indexes output channels (the rows of the 2-D view)."""
     return 1 if target.geometry.layout == "in_out" else 0
@@ -145,7 +161,8 @@ def plan_zero_channels(model, targets, an: ChannelAnalysis) -> CompactionPlan:
     an.finalize()
     members = list(targets)
     blocked = _blocked(an, members, {t.param: t for t in members})
-    classes = _classes(an, members, scores=None)
+    with gc_paused():
+        classes = _classes(an, members, scores=None)
     dead = set()
     zero_entry: dict[int, bool] = defaultdict(lambda: True)
     with torch.no_grad():
@@ -171,7 +188,8 @@ def select_classes(ctx, an: ChannelAnalysis, groups, scores, *, target_sparsity:
     """The plan of ``groups`` (of ``ctx``, patterns that remove output channels): their coupled
     classes, ranked by ``scores`` (param -> view scores) and selected at each group's target, or
     at ``target_sparsity`` (the Pruner's scheduled sparsity). ``an`` may be reused across calls."""
-    blocked, classes = _group_classes(ctx, an, groups, scores)
+    with gc_paused():
+        blocked, classes = _group_classes(ctx, an, groups, scores)
     dead: set[int] = set()
     for group in groups:
         free = [c for c in classes.values() if c.root not in blocked and c.groups == {group.index}]
@@ -264,19 +282,26 @@ def _classes(an: ChannelAnalysis, members, scores) -> dict[int, ChannelClass]:
         ax = an.axes.get((t.param, output_dim(t)))
         if ax is None:
             continue  # its output is never used by an op the analysis follows
-        cols = t.geometry.view_shape[1]
+        cols, param = t.geometry.view_shape[1], t.param
+        group = t.group.index if t.group is not None else None
         if scores is not None:
-            s = scores[t.param].double()
+            s = scores[param].double()
             sums, maxes = s.sum(dim=1).tolist(), s.amax(dim=1).tolist()
         for row, root in enumerate(an.roots(ax.atoms).tolist()):
-            c = classes.get(root) or classes.setdefault(root, ChannelClass(root, len(classes)))
-            c.rows[t.param].append(row)
-            c.weights[t.param] += cols
+            c = classes.get(root)
+            if c is None:
+                c = classes[root] = ChannelClass(root, len(classes))
+            rows = c.rows.get(param)
+            if rows is None:
+                c.rows[param], c.weights[param] = [row], cols
+            else:
+                rows.append(row)
+                c.weights[param] += cols
             if scores is not None:
                 c.score_sum += sums[row]
                 c.score_max = max(c.score_max, maxes[row])
-            if t.group is not None:
-                c.groups.add(t.group.index)
+            if group is not None:
+                c.groups.add(group)
     return classes
 
 
