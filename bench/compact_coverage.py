@@ -20,8 +20,9 @@ default) and ``compact=True``, and reported:
   compact=True)`` with one thread, and of Torch-Pruning's ``MetaPruner`` (dependency graph and
   ``step()``) on the same model, ``local`` at the same ratio, magnitude importance, last linear
   ignored, heads declared as its examples do. Each job is its own process and prunes two copies
-  of the model: the first run is *cold* (what one call in a fresh process costs, one-time set-up
-  of torch.export included), the second *warm*. The two tools alternate (fxprune first in odd
+  of the model: the first run is *cold* (one call in a fresh process, after the imports: the
+  modules torch.export loads on first use, about 3 s, are imported beforehand as
+  ``torch_pruning`` is), the second *warm*. The two tools alternate (fxprune first in odd
   repetitions, the peer in even ones) and the table shows the fastest of ``--reps``.
 
 Torch-Pruning is an optional bench extra in its own virtual environment (``make
@@ -106,6 +107,8 @@ def uncounted_ops(model, inputs) -> list[str]:
 def fxprune_worker(job: dict) -> dict:
     import torch
     torch.set_num_threads(1)
+    import torch.export._trace  # noqa: F401  (its imports, ~3 s, are not pruning: like import torch_pruning)
+
     import fxprune
     from coverage_models import MODELS, build
 

@@ -41,7 +41,8 @@ class AtomSet:
         """Tie every atom of ``a`` together."""
         flat = np.asarray(a, dtype=np.int64).ravel()
         if flat.size > 1:
-            self.union_arrays(np.broadcast_to(flat[:1], (flat.size - 1,)), flat[1:])
+            self._edges.append((np.full(flat.size - 1, flat[0]), flat[1:]))
+            self._roots = None
 
     def roots(self) -> np.ndarray:
         """The root (smallest atom) of every atom's class, indexed by atom id."""

@@ -70,7 +70,7 @@ class CompactionPlan:
     analysis: ChannelAnalysis
     classes: dict[int, ChannelClass]              # candidate classes (with masked rows) by root
     blocked: dict[int, str]                       # root -> why it cannot be removed
-    dead: set[int]                                # roots of removed classes
+    dead: frozenset[int]                          # roots of removed classes (fixed)
     space: dict[int, int]                         # root -> space (classes sliced together)
     notes: dict[str, str] = field(default_factory=dict)  # param -> why its layer is not compacted
 
@@ -93,10 +93,13 @@ class CompactionPlan:
             dead &= chosen[space_of[roots]]
         return dead
 
+    def __post_init__(self):
+        self.dead = frozenset(self.dead)  # fixed once planned: the lookups below rely on it
+
     def _lookups(self) -> tuple[np.ndarray, np.ndarray]:
-        """(is the class of root r removed, the space of root r or -1), arrays over atom ids;
-        cached while ``dead`` and ``space`` stay the same."""
-        key = (frozenset(self.dead), id(self.space), len(self.space))
+        """(is the class of root r removed, the space of root r or -1), arrays over atom ids,
+        built once per plan (``dead`` and ``space`` are not changed after planning)."""
+        key = (id(self.dead), id(self.space), self.analysis.atoms.size)
         cached = getattr(self, "_cache", None)
         if cached is None or cached[0] != key:
             n = self.analysis.atoms.size
