@@ -263,10 +263,13 @@ def _fix_heads(model, family) -> None:
 
 
 # ---------------------------------------------------------------------- driver
-def _spawn(python: str, job: dict) -> dict:
+def _spawn(python: str, job: dict, timeout: float) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    res = subprocess.run([python, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
-                         capture_output=True, text=True, env=env)
+    try:
+        res = subprocess.run([python, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
+                             capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"worker timed out after {timeout:.0f} s"}
     lines = res.stdout.strip().splitlines()
     if res.returncode != 0 or not lines:
         tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -297,6 +300,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=2, help="timed runs of each tool (alternating)")
     ap.add_argument("--peer-python", default=None, help="an interpreter with torch_pruning")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds a worker may run (wall)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -316,7 +320,7 @@ def main(argv=None) -> int:
                 if tool == "peer" and not peer:
                     continue
                 job = {"tool": tool, "model": name, "sparsity": args.sparsity, "full": rep == 0}
-                out = _spawn(peer if tool == "peer" else sys.executable, job)
+                out = _spawn(peer if tool == "peer" else sys.executable, job, args.timeout)
                 runs[tool].append(out)
                 log(f"{name} {tool} rep {rep}: " + (out.get("error") or f"{out['seconds']:.2f}s / {out['warm']:.2f}s CPU"))
         rows.append((name, runs))
