@@ -300,7 +300,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=2, help="timed runs of each tool (alternating)")
     ap.add_argument("--peer-python", default=None, help="an interpreter with torch_pruning")
     ap.add_argument("--no-peer", action="store_true")
-    ap.add_argument("--timeout", type=float, default=600, help="seconds a worker may run (wall)")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds a worker may run (wall)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
