@@ -7,7 +7,8 @@ Sizes are the architectures' own for the vision models (ResNet-50, ResNeXt-50 32
 RegNetY-400MF, MobileNetV2, ViT-B/16; torchvision's layouts, written here because no CPU build
 of torchvision matches the pinned torch), on 64x64 images: channel units do not depend on the
 image size, and the transform is fast enough to run them all. ConvNeXt-V2 is the "nano" size
-(depths 2-2-8-2, widths 80-640); the Hugging Face ViT is ViT-S (384 wide, 6 heads, 12 layers) on
+(depths 2-2-8-2, widths 80-640), both Hugging Face's ``ConvNextV2ForImageClassification`` and
+timm's layout written here (whose GRN keeps its epsilon as an attribute); the Hugging Face ViT is ViT-S (384 wide, 6 heads, 12 layers) on
 64x64; the language models are 4-layer, 512-wide decoders (8 query heads; 8, 2 and 4 key/value
 heads for Llama, Qwen2 and Mistral), vocabulary 2000, sequence 32; T5 is 4+4 layers, 256 wide.
 ``IMAGE`` and ``SEQ`` are read when a model or input is built: a bench may set them first.
@@ -156,6 +157,58 @@ class VisionTransformer(nn.Module):
         return self.head(self.ln(self.layers(x))[:, 0])
 
 
+class _GlobalResponseNorm(nn.Module):
+    """timm's GlobalResponseNorm (channels last): its epsilon is an attribute."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight, self.bias = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        x_g = x.norm(p=2, dim=(1, 2), keepdim=True)
+        x_n = x_g / (x_g.mean(dim=-1, keepdim=True) + self.eps)
+        return x + torch.addcmul(self.bias, self.weight, x * x_n)
+
+
+class _LayerNorm2d(nn.LayerNorm):
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class _ConvNeXtBlock(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.fc1, self.act = nn.Linear(dim, 4 * dim), nn.GELU()
+        self.grn, self.fc2 = _GlobalResponseNorm(4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        y = self.norm(self.conv_dw(x).permute(0, 2, 3, 1))
+        y = self.fc2(self.grn(self.act(self.fc1(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvNeXtV2(nn.Module):
+    """timm's convnextv2_nano layout (depths 2-2-8-2, widths 80-640): GRN with its epsilon as an
+    attribute, which Hugging Face's GRN writes as a constant in its code."""
+
+    def __init__(self, depths=(2, 2, 8, 2), dims=(80, 160, 320, 640), num_classes=1000):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dims[0], 4, 4), _LayerNorm2d(dims[0], eps=1e-6))
+        stages, cin = [], dims[0]
+        for i, (depth, dim) in enumerate(zip(depths, dims)):
+            down = [] if i == 0 else [_LayerNorm2d(cin, eps=1e-6), nn.Conv2d(cin, dim, 2, 2)]
+            stages.append(nn.Sequential(*down, *[_ConvNeXtBlock(dim) for _ in range(depth)]))
+            cin = dim
+        self.stages = nn.Sequential(*stages)
+        self.norm, self.fc = nn.LayerNorm(cin, eps=1e-6), nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.stages(self.stem(x)).mean((2, 3))))
+
+
 # ---------------------------------------------------------------------- Hugging Face, from configs
 def convnextv2() -> nn.Module:
     from transformers import ConvNextV2Config, ConvNextV2ForImageClassification
@@ -209,6 +262,7 @@ MODELS = {
     "resnext50_32x4d": (resnext50_32x4d, image_inputs, "cnn"),
     "regnet_y_400mf": (RegNetY400MF, image_inputs, "cnn"),
     "convnextv2": (convnextv2, image_inputs, "cnn"),
+    "convnextv2_timm": (ConvNeXtV2, image_inputs, "cnn"),
     "vit_b_16": (VisionTransformer, image_inputs, "mha"),
     "vit_hf": (vit_hf, image_inputs, "vit_hf"),
     "llama": (_decoder("LlamaConfig", "LlamaForCausalLM", 8), token_inputs, "decoder"),
