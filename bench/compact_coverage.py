@@ -9,10 +9,12 @@ Every model of ``bench/coverage_models.py`` (random weights, mid sizes said ther
 ``1xchannel`` at ``--sparsity`` (0.3, ``pruning_scope: local``, ``exclude_last_linear`` as by
 default) and ``compact=True``, and reported:
 
-- params kept (whole model; for decoders also the decoder layers alone),
+- params kept (whole model; for models with a ``layers`` stack, also the layers alone: a
+  decoder's parameters without embeddings and head),
 - coupled channel units (one class of channels removed together: a channel, a head, a group),
-  how many are blocked (% of all units) apart from those under a LayerNorm, which stay blocked
-  for exactness and are counted alone, with every reason,
+  how many are blocked (% of all units) apart from those under a LayerNorm (whose channels reach
+  a ``layer_norm``, whatever blocked them first), which stay blocked for exactness and are
+  counted alone, with every reason,
 - whether the compacted model equals the masked one (``compact=False``, same masks) on fresh
   inputs (rtol 1e-4 of the output's largest magnitude),
 - FLOPs before and after (``fxprune.flops``) and any FLOP-bearing op the counter does not count,
@@ -130,7 +132,7 @@ def fxprune_worker(job: dict) -> dict:
         return result
     c = fxprune.sparsity_report(compacted).compaction
     masked, plan = _masked(model, config, inputs)
-    layer_norm_roots = _roots_blocked_by(plan, "layer_norm")
+    layer_norm_roots = _roots_under(plan, "layer_norm")
     blocked = {r: why for r, why in plan.blocked.items() if r in plan.classes}
     ln = {r for r in blocked if r in layer_norm_roots}
     reasons = Counter(_short(why) for r, why in blocked.items() if r not in ln)
@@ -166,13 +168,30 @@ def _masked(model, config, inputs):
     return ctx.model, ctx.compaction
 
 
-def _roots_blocked_by(plan, op: str) -> set[int]:
-    """Class roots that an op named ``op`` blocked (whatever else blocked them first)."""
+def _roots_under(plan, op: str) -> set[int]:
+    """Class roots whose channels reach an op named ``op`` (a LayerNorm): the first channel-
+    carrying values on each path back from its input, whatever blocked them first."""
     import numpy as np
-    roots: set[int] = set()
-    for atoms, why in plan.analysis.blocks:
-        if why.startswith(op):
-            roots.update(np.unique(plan.analysis.roots(atoms)).tolist())
+    from torch import fx
+
+    from fxprune.aten import op_name
+    from fxprune.compaction import Chan
+
+    an, roots = plan.analysis, set()
+    for node in an.gm.graph.nodes:
+        if node.op != "call_function" or op not in op_name(node) or not node.args:
+            continue
+        stack, seen = [(node.args[0], 0)], set()
+        while stack:
+            n, depth = stack.pop()
+            if not isinstance(n, fx.Node) or n in seen or depth > 8:
+                continue
+            seen.add(n)
+            v = an.values.get(n)
+            if isinstance(v, Chan):
+                roots.update(np.unique(an.roots(v.atoms)).tolist())
+            else:
+                stack += [(a, depth + 1) for a in n.all_input_nodes]
     return roots
 
 
@@ -344,13 +363,13 @@ def table(rows, sparsity) -> str:
         fx_w = min(r["warm"] for r in runs["fxprune"] if "warm" in r)
         tp_s = min((r["seconds"] for r in runs["peer"] if "warm" in r), default=None)
         tp_w = min((r["warm"] for r in runs["peer"] if "warm" in r), default=None)
-        kept = _pct(fx["kept"]) + (f" (decoder {_pct(fx['decoder_kept'])})" if fx["decoder_kept"] else "")
+        kept = _pct(fx["kept"]) + (f" (layers {_pct(fx['decoder_kept'])})" if fx["decoder_kept"] else "")
         if tp is None:
             tp_kept, tp_result = "-", "no peer"
         elif "error" in tp:
             tp_kept, tp_result = "-", f"crashes: {tp['error'][:80]}"
         else:
-            tp_kept = _pct(tp["kept"]) + (f" (decoder {_pct(tp['decoder_kept'])})" if tp["decoder_kept"] else "")
+            tp_kept = _pct(tp["kept"]) + (f" (layers {_pct(tp['decoder_kept'])})" if tp["decoder_kept"] else "")
             tp_result = "forward ok" if tp["forward"] == "ok" else f"forward {tp['forward'][:80]}"
         eq = "shape differs" if fx["mismatch"] is None else (
             f"yes ({fx['mismatch']:.1e})" if fx["mismatch"] <= RTOL else f"NO ({fx['mismatch']:.1e})")
@@ -365,7 +384,7 @@ def table(rows, sparsity) -> str:
         for why, n in fx["reasons"]:
             notes.append(f"- {name}: {n} blocked: {why}")
         for why, n in fx["ln_reasons"]:
-            notes.append(f"- {name}: {n} LayerNorm-blocked, e.g. {why}")
+            notes.append(f"- {name}: {n} under LayerNorm, blocked by: {why}")
         for why in fx["failed"]:
             notes.append(f"- {name}: {why}")
     return "\n".join(lines + ([""] + notes if notes else []))
