@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fxprune-installed
 
-.PHONY: demo test bench bench-llm bench-llm-peer clean
+.PHONY: demo test bench bench-llm bench-llm-peer bench-compact bench-compact-peer clean
 
 # torch==2.13.0 goes first: a plain `torch` requirement resolved by pip on a machine without torch
 # pulls a multi-GB CUDA build; the package itself only asks for torch>=2.4.
@@ -39,5 +39,20 @@ bench-llm-peer: $(LLMC_STAMP)
 bench-llm: $(STAMP) $(LLMC_STAMP)
 	$(BIN)/python bench/llm.py --peer-python $(LLMC_VENV)/bin/python
 
+# Compaction coverage and speed beside Torch-Pruning (docs/compact.md), the peer in its own venv.
+TP_VENV := .venv-tp
+TP_STAMP := $(TP_VENV)/.torch-pruning-installed
+
+$(TP_STAMP):
+	$(PYTHON) -m venv $(TP_VENV)
+	$(TP_VENV)/bin/pip install --quiet torch==2.13.0
+	$(TP_VENV)/bin/pip install --quiet torch-pruning==1.6.1 "transformers>=4.45" numpy
+	touch $(TP_STAMP)
+
+bench-compact-peer: $(TP_STAMP)
+
+bench-compact: $(STAMP) $(TP_STAMP)
+	$(BIN)/python bench/compact_coverage.py --peer-python $(TP_VENV)/bin/python
+
 clean:
-	rm -rf $(VENV) $(LLMC_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LLMC_VENV) $(TP_VENV) build *.egg-info .pytest_cache

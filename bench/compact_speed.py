@@ -14,7 +14,10 @@ on the model, FLOPs with ``fxprune.flops.flop_counter`` (per forward, fused atte
 
 Models are built here (random weights, never downloaded): ResNet-50 (torchvision's layout), and
 BERT-base (``BertConfig()`` defaults: 12 layers, hidden 768, FFN 3072) with only the FFN
-intermediate channels pruned (``op_names: intermediate.dense``).
+intermediate channels pruned (``op_names: intermediate.dense``); on request (``--models``) also
+the models of ``bench/coverage_models.py`` with every layer pruned: ConvNeXt-V2 nano, ViT-B/16
+(``nn.MultiheadAttention``), the Hugging Face ViT-S, on 224x224 images, and the 4-layer Llama
+on 128 tokens.
 """
 from __future__ import annotations
 
@@ -58,7 +61,23 @@ def bert_case():
     return model, {"op_names": ["intermediate.dense"]}, (lambda b: (torch.randint(0, 30522, (b, 128)),))
 
 
-CASES = {"resnet50": (resnet50_case, (1, 8)), "bert-base-ffn": (bert_case, (1,))}
+def coverage_case(name: str, image: int = 224, seq: int = 128):
+    """A model of ``bench/coverage_models.py`` at a latency-sized input (224x224 images, 128
+    tokens), every layer pruned (the default config: the last linear excluded)."""
+    def make():
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import coverage_models
+        coverage_models.IMAGE, coverage_models.SEQ = image, seq
+        model, inputs = coverage_models.build(name)
+        first = inputs["input_ids"] if isinstance(inputs, dict) else inputs[0]
+        return model, {}, (lambda b: (first.expand(b, *first.shape[1:]).clone(),))
+    return make
+
+
+CASES = {"resnet50": (resnet50_case, (1, 8)), "bert-base-ffn": (bert_case, (1,)),
+         "convnextv2": (coverage_case("convnextv2"), (1,)), "vit_b_16": (coverage_case("vit_b_16"), (1,)),
+         "vit_hf": (coverage_case("vit_hf"), (1,)), "llama": (coverage_case("llama"), (1,))}
+DEFAULT = ["resnet50", "bert-base-ffn"]
 
 
 # ---------------------------------------------------------------------- export and timing
@@ -148,7 +167,7 @@ def table(rows) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--models", nargs="+", default=DEFAULT, choices=list(CASES))
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     ap.add_argument("--round", nargs="+", type=int, default=[1, 16], dest="rounds",
                     help="round_channels_to values to compare (1: exact channel counts)")

@@ -1,8 +1,11 @@
-"""FLOPs per forward, counted with ``torch.utils.flop_counter`` plus formulas for the fused ops
-it has none for, so the count is what the model runs: ``nn.MultiheadAttention``'s and
-``nn.TransformerEncoderLayer``'s inference fast paths (one fused kernel each) and
-scaled-dot-product attention's CPU kernel. Conventions are the counter's: 2 FLOPs per
-multiply-accumulate, matrix products only (bias adds, norms and softmax are not counted).
+"""FLOPs per forward, counted with ``torch.utils.flop_counter`` plus formulas for the ops it has
+none for, so the count is what the model runs: ``nn.MultiheadAttention``'s and
+``nn.TransformerEncoderLayer``'s inference fast paths (one fused kernel each), scaled-dot-product
+attention's CPU kernel, matrix-vector and vector products (``mv``, ``addmv``, ``dot``, ``vdot``,
+``addr``: ``nn.Linear`` on a 1-D input, ``torch.outer``), ``nn.Bilinear`` (``_trilinear``) and the
+CPU kernel of ``nn.LSTM`` / ``nn.GRU`` layers (``mkldnn_rnn_layer``). Conventions are the
+counter's: 2 FLOPs per multiply-accumulate, products only (bias adds, norms, softmax and the
+recurrent gates' elementwise math are not counted).
 """
 from __future__ import annotations
 
@@ -58,13 +61,62 @@ def sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def mv_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """``aten.mv`` ([n, m] @ [m])."""
+    return 2 * a_shape[0] * a_shape[1]
+
+
+def addmv_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """``aten.addmv``: ``self + mat @ vec``."""
+    return 2 * a_shape[0] * a_shape[1]
+
+
+def dot_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """``aten.dot`` / ``aten.vdot``."""
+    return 2 * a_shape[0]
+
+
+def addr_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """``aten.addr``: ``self + outer(vec1, vec2)``."""
+    return 2 * a_shape[0] * b_shape[0]
+
+
+def trilinear_flop(i1, i2, i3, expand1, expand2, expand3, sumdim, *args, out_shape=None, **kwargs) -> int:
+    """``aten._trilinear`` (``nn.Bilinear``): the three inputs, unsqueezed at their ``expand``
+    dims, are multiplied over their broadcast shape and summed over ``sumdim``: one
+    multiply-accumulate per element of that shape."""
+    shapes = []
+    for shape, expand in ((i1, expand1), (i2, expand2), (i3, expand3)):
+        shape = list(shape)
+        for d in sorted(expand):
+            shape.insert(d, 1)
+        shapes.append(shape)
+    full = torch.broadcast_shapes(*shapes)
+    return 2 * int(torch.Size(full).numel())
+
+
+@_raw
+def rnn_layer_flop(input, w_ih, w_hh, *args, out_val=None, **kwargs) -> int:
+    """``aten.mkldnn_rnn_layer``: one direction of one ``nn.LSTM`` / ``nn.GRU`` layer on CPU; every
+    step multiplies the input by ``w_ih`` [gates * hidden, in] and the state by ``w_hh``."""
+    steps = input.numel() // input.shape[-1]  # time steps x batch
+    return 2 * steps * (w_ih.numel() + w_hh.numel())
+
+
 FUSED_FLOPS = {
     aten._native_multi_head_attention: native_multi_head_attention_flop,
     aten._transformer_encoder_layer_fwd: transformer_encoder_layer_flop,
     aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu_flop,
+    aten.mv: mv_flop,
+    aten.addmv: addmv_flop,
+    aten.dot: dot_flop,
+    aten.vdot: dot_flop,
+    aten.addr: addr_flop,
+    aten._trilinear: trilinear_flop,
+    aten.mkldnn_rnn_layer: rnn_layer_flop,
 }
 
 
 def flop_counter() -> FlopCounterMode:
-    """A ``FlopCounterMode`` (no display) that also counts the fused ops of :data:`FUSED_FLOPS`."""
+    """A ``FlopCounterMode`` (no display) that also counts the ops of :data:`FUSED_FLOPS`."""
     return FlopCounterMode(display=False, custom_mapping=FUSED_FLOPS)

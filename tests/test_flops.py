@@ -96,3 +96,34 @@ def test_compaction_report_counts_multihead_attention():
     assert pruned.fc1.out_features == FFN // 2
     assert c["flops_before"] == attention_flops([L] * B) + ffn_flops([L] * B)
     assert c["flops_after"] == attention_flops([L] * B) + ffn_flops([L] * B, hidden=FFN // 2)
+
+
+class _VectorOps(nn.Module):
+    """Ops torch's counter has no formula for: matrix-vector, vector products, bilinear, LSTM."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 4))
+        self.bilinear = nn.Bilinear(4, 3, 5)
+        self.lstm = nn.LSTM(4, 7, batch_first=True)
+
+    def forward(self, x, v, u):
+        y, _ = self.lstm(x)
+        return (torch.mv(self.w, v).sum() + torch.addmv(u, self.w, v).sum() + torch.dot(v, v)
+                + torch.addr(self.w, u, v).sum() + self.bilinear(x, x[..., :3]).sum() + y.sum())
+
+
+def test_vector_products_bilinear_and_rnn_layers_are_counted():
+    torch.manual_seed(0)
+    model = _VectorOps().eval()
+    x, v, u = torch.randn(2, 5, 4), torch.randn(4), torch.randn(6)
+    total, ops = count(lambda: model(x, v, u))
+    steps = 2 * 5
+    expected = (2 * 6 * 4          # mv
+                + 2 * 6 * 4        # addmv
+                + 2 * 4            # dot
+                + 2 * 6 * 4        # addr: outer(u, v) added to w
+                + 2 * steps * 5 * 4 * 3          # bilinear: a multiply-add per (item, out, in1, in2)
+                + 2 * steps * (4 * 7 * 4 + 4 * 7 * 7))  # LSTM: 4 gates x hidden 7 over input 4 and state 7
+    assert total == expected
+    assert {"aten.mv", "aten.addmv", "aten.dot", "aten.addr", "aten._trilinear", "aten.mkldnn_rnn_layer"} <= ops

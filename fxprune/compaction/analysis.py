@@ -20,6 +20,7 @@ from torch import fx
 
 from ..aten import is_mutating, op_name, shape_of
 from . import layout, ops  # noqa: F401  (register the built-in rules)
+from .atoms import components
 from .rules import find_rule, unknown_op
 from .values import AtomSet, Axis, Chan, ConvGroups, HeadSplit, NormGroups, ParamRef
 
@@ -133,14 +134,13 @@ class ChannelAnalysis:
 
     def spaces(self) -> dict[int, int]:
         """Class root -> space id: classes that share a parameter dim are compacted together."""
-        dsu = AtomSet()
-        index: dict[int, int] = {}
-        for ax in self.axes.values():
-            ids = [index.setdefault(r, len(index)) for r in np.unique(self.roots(ax.atoms)).tolist()]
-            while len(dsu.parent) < len(index):
-                dsu.parent.append(len(dsu.parent))
-            dsu.union_all(np.array(ids))
-        return {r: dsu.find(i) for r, i in index.items()}
+        per_axis = [np.unique(self._roots[ax.atoms]) for ax in self.axes.values()]
+        if not per_axis:
+            return {}
+        ties = [(np.broadcast_to(r[:1], (r.size - 1,)), r[1:]) for r in per_axis if r.size > 1]
+        label = components(self.atoms.size, ties)
+        roots = np.unique(np.concatenate(per_axis))
+        return dict(zip(roots.tolist(), label[roots].tolist()))
 
 
 def _live_nodes(graph: fx.Graph) -> set[fx.Node]:

@@ -24,6 +24,8 @@ an already-pruned model (``fxprune.compact``).
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -39,12 +41,12 @@ NOT_COMPACTED = "not compacted: pattern {!r} does not remove output channels (us
 NO_USE = "not compacted: no op the channel analysis follows uses its output"
 
 
-@dataclass
+@dataclass(slots=True)
 class ChannelClass:
     root: int
     order: int                                   # first appearance, breaks score ties
-    rows: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))  # param -> rows
-    weights: dict[str, int] = field(default_factory=lambda: defaultdict(int))      # param -> weights
+    rows: dict[str, list[int]] = field(default_factory=dict)     # param -> rows
+    weights: dict[str, int] = field(default_factory=dict)        # param -> weights
     score_sum: float = 0.0
     score_max: float = 0.0
     groups: set = field(default_factory=set)
@@ -68,7 +70,7 @@ class CompactionPlan:
     analysis: ChannelAnalysis
     classes: dict[int, ChannelClass]              # candidate classes (with masked rows) by root
     blocked: dict[int, str]                       # root -> why it cannot be removed
-    dead: set[int]                                # roots of removed classes
+    dead: frozenset[int]                          # roots of removed classes (fixed)
     space: dict[int, int]                         # root -> space (classes sliced together)
     notes: dict[str, str] = field(default_factory=dict)  # param -> why its layer is not compacted
 
@@ -81,12 +83,47 @@ class CompactionPlan:
         return rows
 
     def dead_mask(self, atoms: np.ndarray, spaces: set[int] | None = None) -> np.ndarray:
+        """Whether each atom of ``atoms`` belongs to a removed class (of one of ``spaces``)."""
         roots = self.analysis.roots(atoms)
-        dead = np.isin(roots, np.fromiter(self.dead, dtype=np.int64, count=len(self.dead)))
+        dead_roots, space_of = self._lookups()
+        dead = dead_roots[roots]
         if spaces is not None:
-            dead &= np.isin(np.array([self.space.get(r, -1) for r in roots.ravel().tolist()],
-                                     dtype=np.int64).reshape(roots.shape), list(spaces))
+            chosen = np.zeros(space_of.size + 1, dtype=bool)  # the last entry: no space (-1)
+            chosen[list(spaces)] = True
+            dead &= chosen[space_of[roots]]
         return dead
+
+    def __post_init__(self):
+        self.dead = frozenset(self.dead)  # fixed once planned: the lookups below rely on it
+
+    def _lookups(self) -> tuple[np.ndarray, np.ndarray]:
+        """(is the class of root r removed, the space of root r or -1), arrays over atom ids,
+        built once per plan (``dead`` and ``space`` are not changed after planning)."""
+        key = (id(self.dead), id(self.space), self.analysis.atoms.size)
+        cached = getattr(self, "_cache", None)
+        if cached is None or cached[0] != key:
+            n = self.analysis.atoms.size
+            dead_roots = np.zeros(n, dtype=bool)
+            dead_roots[np.fromiter(self.dead, dtype=np.int64, count=len(self.dead))] = True
+            space_of = np.full(n, -1, dtype=np.int64)
+            if self.space:
+                space_of[np.fromiter(self.space, dtype=np.int64, count=len(self.space))] = list(self.space.values())
+            cached = self._cache = (key, dead_roots, space_of)
+        return cached[1], cached[2]
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Pause the cyclic garbage collector while classes are built: thousands of small objects
+    allocated next to a captured graph of millions otherwise trigger collections that walk the
+    whole graph and cost more than the work itself (nothing built here forms a cycle)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def output_dim(target) -> int:
@@ -127,7 +164,8 @@ def plan_zero_channels(model, targets, an: ChannelAnalysis) -> CompactionPlan:
     an.finalize()
     members = list(targets)
     blocked = _blocked(an, members, {t.param: t for t in members})
-    classes = _classes(an, members, scores=None)
+    with gc_paused():
+        classes = _classes(an, members, scores=None)
     dead = set()
     zero_entry: dict[int, bool] = defaultdict(lambda: True)
     with torch.no_grad():
@@ -153,7 +191,8 @@ def select_classes(ctx, an: ChannelAnalysis, groups, scores, *, target_sparsity:
     """The plan of ``groups`` (of ``ctx``, patterns that remove output channels): their coupled
     classes, ranked by ``scores`` (param -> view scores) and selected at each group's target, or
     at ``target_sparsity`` (the Pruner's scheduled sparsity). ``an`` may be reused across calls."""
-    blocked, classes = _group_classes(ctx, an, groups, scores)
+    with gc_paused():
+        blocked, classes = _group_classes(ctx, an, groups, scores)
     dead: set[int] = set()
     for group in groups:
         free = [c for c in classes.values() if c.root not in blocked and c.groups == {group.index}]
@@ -246,19 +285,26 @@ def _classes(an: ChannelAnalysis, members, scores) -> dict[int, ChannelClass]:
         ax = an.axes.get((t.param, output_dim(t)))
         if ax is None:
             continue  # its output is never used by an op the analysis follows
-        cols = t.geometry.view_shape[1]
+        cols, param = t.geometry.view_shape[1], t.param
+        group = t.group.index if t.group is not None else None
         if scores is not None:
-            s = scores[t.param].double()
+            s = scores[param].double()
             sums, maxes = s.sum(dim=1).tolist(), s.amax(dim=1).tolist()
         for row, root in enumerate(an.roots(ax.atoms).tolist()):
-            c = classes.get(root) or classes.setdefault(root, ChannelClass(root, len(classes)))
-            c.rows[t.param].append(row)
-            c.weights[t.param] += cols
+            c = classes.get(root)
+            if c is None:
+                c = classes[root] = ChannelClass(root, len(classes))
+            rows = c.rows.get(param)
+            if rows is None:
+                c.rows[param], c.weights[param] = [row], cols
+            else:
+                rows.append(row)
+                c.weights[param] += cols
             if scores is not None:
                 c.score_sum += sums[row]
                 c.score_max = max(c.score_max, maxes[row])
-            if t.group is not None:
-                c.groups.add(t.group.index)
+            if group is not None:
+                c.groups.add(group)
     return classes
 
 
@@ -300,18 +346,21 @@ def _select(targets, free: list[ChannelClass], group, target: float) -> set[int]
         for p, w in c.weights.items():
             pruned[p] += w
 
+    by_layer: dict[str, list[ChannelClass]] = defaultdict(list)  # each layer's classes, ranked
+    for c in ranked:
+        for p in c.weights:
+            by_layer[p].append(c)
     for t in targets:  # min_sparsity_ratio_per_op first
-        for c in ranked:
+        for c in by_layer[t.param]:
             if pruned[t.param] >= lo[t.param]:
                 break
-            if t.param in c.weights and c.root not in chosen and fits(c):
+            if c.root not in chosen and fits(c):
                 take(c)
     if group.pruning_scope == "local":
         for t in targets:
             goal = budget(target, numel[t.param])
-            for c in ranked:
-                w = c.weights.get(t.param)
-                if w and c.root not in chosen and pruned[t.param] + w <= goal and fits(c):
+            for c in by_layer[t.param]:
+                if c.root not in chosen and pruned[t.param] + c.weights[t.param] <= goal and fits(c):
                     take(c)
         return chosen
     left = budget(target, sum(numel.values())) - sum(pruned.values())

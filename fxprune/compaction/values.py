@@ -6,45 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
-class AtomSet:
-    """Union-find over atom ids (ints)."""
-
-    def __init__(self):
-        self.parent: list[int] = []
-
-    def new(self, shape) -> np.ndarray:
-        n = int(np.prod(shape, dtype=np.int64))
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
-        return np.arange(start, start + n, dtype=np.int64).reshape(shape)
-
-    def find(self, a: int) -> int:
-        parent = self.parent
-        root = a
-        while parent[root] != root:
-            root = parent[root]
-        while parent[a] != root:
-            parent[a], a = root, parent[a]
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(int(a)), self.find(int(b))
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)  # the oldest atom stays the root
-
-    def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
-        for x, y in zip(a.ravel().tolist(), b.ravel().tolist()):
-            if x != y:
-                self.union(x, y)
-
-    def union_all(self, a: np.ndarray) -> None:
-        flat = a.ravel().tolist()
-        for x in flat[1:]:
-            self.union(flat[0], x)
-
-    def roots(self) -> np.ndarray:
-        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
+from .atoms import AtomSet  # noqa: F401  (the union-find, re-exported)
 
 
 @dataclass

@@ -1,0 +1,77 @@
+"""Atoms (removable channels) and their union-find, vectorised.
+
+The channel analysis ties atoms together thousands of times per model (a residual add ties every
+channel of its two inputs), so the union-find only records the ties as edge arrays; the classes
+(connected components) are computed in numpy when asked for (:meth:`AtomSet.roots`), by
+min-label hooking and pointer jumping. The root of a class is its smallest (oldest) atom.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class AtomSet:
+    """Union-find over atom ids (ints): record ties with ``union*``, read classes with ``roots``."""
+
+    def __init__(self):
+        self.size = 0
+        self._edges: list[tuple[np.ndarray, np.ndarray]] = []
+        self._roots: np.ndarray | None = np.zeros(0, dtype=np.int64)
+
+    def new(self, shape) -> np.ndarray:
+        """Fresh atoms, one per entry of ``shape``."""
+        n = int(np.prod(shape, dtype=np.int64))
+        start, self.size = self.size, self.size + n
+        self._roots = None
+        return np.arange(start, start + n, dtype=np.int64).reshape(shape)
+
+    def union(self, a: int, b: int) -> None:
+        self.union_arrays(np.array([a], dtype=np.int64), np.array([b], dtype=np.int64))
+
+    def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Tie ``a[i]`` with ``b[i]`` for every i (same shape)."""
+        a, b = np.asarray(a, dtype=np.int64).ravel(), np.asarray(b, dtype=np.int64).ravel()
+        if a.size != b.size:
+            raise ValueError(f"union_arrays needs arrays of one size, got {a.size} and {b.size}")
+        if a.size:
+            self._edges.append((a, b))
+            self._roots = None
+
+    def union_all(self, a: np.ndarray) -> None:
+        """Tie every atom of ``a`` together."""
+        flat = np.asarray(a, dtype=np.int64).ravel()
+        if flat.size > 1:
+            self._edges.append((np.full(flat.size - 1, flat[0]), flat[1:]))
+            self._roots = None
+
+    def roots(self) -> np.ndarray:
+        """The root (smallest atom) of every atom's class, indexed by atom id."""
+        if self._roots is None:
+            self._roots = components(self.size, self._edges)
+            if self._edges:  # later calls start from the classes found so far
+                keep = np.flatnonzero(self._roots != np.arange(self.size))
+                self._edges = [(keep, self._roots[keep])]
+        return self._roots
+
+
+def components(n: int, edges: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Connected components of ``n`` nodes: ``label[i]`` is the smallest node of i's component."""
+    label = np.arange(n, dtype=np.int64)
+    if not edges:
+        return label
+    u = np.concatenate([e[0] for e in edges])
+    v = np.concatenate([e[1] for e in edges])
+    while True:
+        lu, lv = label[u], label[v]
+        differ = lu != lv
+        if not differ.any():
+            return label
+        lu, lv = lu[differ], lv[differ]
+        hi, lo = np.maximum(lu, lv), np.minimum(lu, lv)
+        np.minimum.at(label, hi, lo)    # hook each root under the smaller one it is tied to
+        while True:                     # pointer jumping: every node points at its root again
+            nxt = label[label]
+            if np.array_equal(nxt, label):
+                break
+            label = nxt
+        u, v = u[differ], v[differ]
