@@ -21,6 +21,7 @@ from torch import fx
 from ..aten import is_mutating, op_name, shape_of
 from . import layout, ops  # noqa: F401  (register the built-in rules)
 from .rules import find_rule, unknown_op
+from .values import HEAD_COUNT_ATTRS
 from .values import AtomSet, Axis, Chan, ConvGroups, HeadSplit, NormGroups, ParamRef
 
 __all__ = ["ChannelAnalysis", "AtomSet", "Axis", "Chan", "ConvGroups", "HeadSplit", "NormGroups", "ParamRef"]
@@ -29,8 +30,9 @@ __all__ = ["ChannelAnalysis", "AtomSet", "Axis", "Chan", "ConvGroups", "HeadSpli
 class ChannelAnalysis:
     """Run over an exported graph; then read ``axes``, ``blocked_roots()``, ``head_splits``."""
 
-    def __init__(self, graph_module: fx.GraphModule, param_of_node: dict[str, str]):
+    def __init__(self, graph_module: fx.GraphModule, param_of_node: dict[str, str], model=None):
         self.gm = graph_module
+        self.model = model                          # the user's modules (head-count attributes)
         self.param_of_node = param_of_node
         self.atoms = AtomSet()
         self.axes: dict[tuple[str, int], Axis] = {}
@@ -68,6 +70,16 @@ class ChannelAnalysis:
                             (atoms, f"{ref.fqn} dim {dim} does not line up with the channels")]
             return
         self.atoms.union_arrays(axis, atoms)
+
+    def head_counts(self, module: str) -> set[int]:
+        """The head counts module ``module`` of the user's model records (``num_heads``...)."""
+        if self.model is None:
+            return set()
+        try:
+            m = self.model.get_submodule(module)
+        except AttributeError:
+            return set()
+        return {v for v in (getattr(m, a, None) for a in HEAD_COUNT_ATTRS) if isinstance(v, int) and v > 1}
 
     def block(self, value, reason: str) -> None:
         """Mark every atom in ``value`` (a Chan, list of them, atom array) unprunable."""

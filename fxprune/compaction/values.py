@@ -76,6 +76,12 @@ class Axis:
     roles: set = field(default_factory=set)
 
 
+# Module attributes that count attention heads (Hugging Face, timm, torch), rewritten when whole
+# heads go.
+HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head", "num_key_value_heads",
+                    "num_kv_heads")
+
+
 @dataclass
 class HeadSplit:
     """A reshape that splits channels into (heads, head_dim): the module's head-count attributes
