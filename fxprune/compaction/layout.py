@@ -164,7 +164,9 @@ def _reshape(an, node):
     sub = arr[tuple(slice(None) if j in carrying else 0 for j in range(arr.ndim))].copy()
     new_dims = [outs[j] for j in carrying]
     if len(carrying) > len(xv.dims):  # channels split into (heads, head_dim), (3, heads, head_dim)...
-        shrink = _heads_axis(an, node, [dst[d] for d in new_dims], new_dims)
+        shrink = _heads_axis(an, node, sub, new_dims)
+        if shrink is None:  # a packing (nn.MultiheadAttention's (3, embed_dim)): later ops decide
+            return Chan(tuple(new_dims), sub, xv.zero, xv.why)
         units = np.moveaxis(sub, shrink, 0).reshape(sub.shape[shrink], -1)
         for row in units:  # only whole units along the other axes can go
             an.atoms.union_all(row)
@@ -172,18 +174,26 @@ def _reshape(an, node):
     return Chan(tuple(new_dims), sub, xv.zero, xv.why)
 
 
-def _heads_axis(an, node, sizes, dims) -> int:
+def _heads_axis(an, node, sub: np.ndarray, dims) -> int | None:
     """The axis of a split channel that loses whole units (the heads): the one the view leaves
-    to ``-1``; else the one whose size is a head count the module records (``num_heads``...,
-    so that timm's packed ``reshape(B, N, 3, num_heads, head_dim)`` shrinks on its heads);
-    else the first."""
+    to ``-1``; else the one with as many distinct slices as a head count the module records
+    (``num_heads``..., so that timm's packed ``reshape(B, N, 3, num_heads, head_dim)`` shrinks on
+    its heads, and ``nn.MultiheadAttention``'s ``view(L, B * num_heads, head_dim)`` on the heads
+    merged with the batch); None when an axis is a width the module records and none is a head
+    count (``unflatten(-1, (3, embed_dim))``: not a head split); else the first."""
     spec = node.args[1] if op_name(node) in ("view", "reshape", "_unsafe_view") else None
     free = [k for k, d in enumerate(dims) if spec is not None and spec[d] == -1]
     if len(free) == 1:
         return free[0]
-    counts = an.head_counts(module_of(node))
-    named = [k for k, n in enumerate(sizes) if n in counts]
-    return named[0] if named else 0
+    module = module_of(node)
+    counts = an.head_counts(module)
+    distinct = [len(_distinct_rows(np.moveaxis(sub, k, 0).reshape(sub.shape[k], -1))) for k in range(sub.ndim)]
+    named = [k for k, n in enumerate(distinct) if n in counts]
+    if named:
+        return named[0]
+    if set(sub.shape) & an.head_widths(module):
+        return None
+    return 0
 
 
 def _distinct_rows(units: np.ndarray) -> np.ndarray:

@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from ..aten import is_conv, is_hf_conv1d
+from .modules import compact_multihead_attention
 from .values import HEAD_COUNT_ATTRS
 
-HEAD_WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size")
+# widths of all heads together, rewritten with the head count
+ALL_HEADS_WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size")
 
 
 class Undo:
@@ -90,6 +92,9 @@ def slice_model(model: nn.Module, plan, spaces: set[int]) -> Undo:
             for module in touched.values():
                 sync_sizes(module, undo)
             _heads(model, plan, spaces, undo)
+            for module in touched.values():  # after _heads: reads num_heads
+                if isinstance(module, nn.MultiheadAttention):
+                    compact_multihead_attention(module, undo)
             _norm_groups(model, plan, spaces, undo)
     except Exception:
         undo.restore()
@@ -148,7 +153,7 @@ def _heads(model, plan, spaces, undo: Undo) -> None:
                 done.add((split.module, name))
                 undo.set_attr(module, name, kept)
                 break
-        for name in HEAD_WIDTH_ATTRS:
+        for name in ALL_HEADS_WIDTH_ATTRS:
             if (split.module, name) not in done and getattr(module, name, None) == heads * width:
                 done.add((split.module, name))
                 undo.set_attr(module, name, kept * width)
