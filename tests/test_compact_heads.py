@@ -53,6 +53,7 @@ DECODERS = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),      # q/k/v biases
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),       # q_norm, k_norm per head
 }
 
 
@@ -60,11 +61,12 @@ def decoder(name, heads, kv_heads):
     config_class, model_class = DECODERS[name]
     torch.manual_seed(0)
     cfg = config_class(hidden_size=64, intermediate_size=128, vocab_size=100, num_hidden_layers=2,
-                       num_attention_heads=heads, num_key_value_heads=kv_heads)
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=64 // heads)
     return model_class(cfg).eval()
 
 
-@pytest.mark.parametrize("name,heads,kv_heads", [("llama", 8, 4), ("qwen2", 8, 4), ("mistral", 4, 4)])
+@pytest.mark.parametrize("name,heads,kv_heads", [("llama", 8, 4), ("qwen2", 8, 4), ("mistral", 4, 4),
+                                                  ("qwen3", 8, 4)])
 def test_rope_and_gqa_remove_whole_kv_groups_exactly(name, heads, kv_heads):
     model = decoder(name, heads, kv_heads)
     masked, compacted, report = masked_and_compacted(model, (tokens(2, 8),))

@@ -141,6 +141,10 @@ CASES = [
      head_in=32), X, "fc.weight", 4, None),
     ("where with a condition on other dims", Linear(lambda m, h, x: torch.where(x[:, :1] > 0, h, 0.0)), X,
      "fc.weight", 16, None),
+    ("RMS norm over the head dim", Linear(lambda m, h, x: heads_back(as_heads(h) * torch.rsqrt(
+        as_heads(h).pow(2).mean(-1, keepdim=True) + 1e-6))), X, "fc.weight", 4, None),
+    ("divided by a per-head norm", Linear(lambda m, h, x: heads_back(as_heads(h) / (
+        as_heads(h).pow(2).mean(-1, keepdim=True) + 1e-6))), X, "fc.weight", 4, "divides by pruned channels"),
     ("where with a nonzero other branch", Linear(lambda m, h, x: torch.where(x[:, :1] > 0, h, 1.0)), X, "fc.weight",
      16, "where (where) makes pruned channels nonzero before linear (head)"),
     ("where with a condition along the channels", Linear(lambda m, h, x: torch.where(x.repeat(1, 2) > 0, h, 0.0)), X,

@@ -65,6 +65,15 @@ def _reduce(an, node):
         if not xv.zero:
             an.block(xv, nonzero_reason(xv, node))
         out = None  # pruned channels add nothing to the sum
+    elif not set(xv.dims) <= dims and name in ("mean", "sum", "amax", "amin"):
+        # over some channel dims only (a norm over the head dim, Qwen3's q_norm): exact when those
+        # dims never lose entries, whole units of the others go; a removed unit reduces to zero
+        for d in dims & set(xv.dims):
+            whole_along(an, xv, d)
+        axes = tuple(k for k, d in enumerate(xv.dims) if d in dims)
+        rest = [d for d in xv.dims if d not in dims]
+        new = [d if keepdim else d - sum(r < d for r in dims) for d in rest]
+        out = keep(xv, dims=new, atoms=xv.atoms[tuple(0 if k in axes else slice(None) for k in range(xv.atoms.ndim))])
     elif name == "mean":
         return unknown_op(an, node, "reduces over the channel dim (a mean: removing channels "
                                     "changes its divisor)")

@@ -18,7 +18,7 @@ PASS_THROUGH = ("clone", "contiguous", "alias", "detach", "lift_fresh_copy", "_t
 ZERO_KEEPING = ("relu", "relu6", "gelu", "silu", "tanh", "hardtanh", "leaky_relu", "elu", "selu",
                 "celu", "hardswish", "mish", "neg", "abs", "sin", "erf", "square", "sign", "sgn",
                 "hardshrink", "softshrink", "tanhshrink", "atan", "asinh", "sinh", "tan")
-ZERO_BREAKING = ("sigmoid", "hardsigmoid", "exp", "cos", "softplus", "log_sigmoid", "cosh")
+ZERO_BREAKING = ("sigmoid", "hardsigmoid", "exp", "cos", "softplus", "log_sigmoid", "cosh", "rsqrt", "reciprocal")
 
 
 @register_rule(*PASS_THROUGH, *ZERO_KEEPING, *ZERO_BREAKING)
@@ -77,7 +77,16 @@ def _binary(an, node):
     if len(chans) == 2:
         _, c2 = chans[1]
         if c2.dims != c.dims or c2.atoms.shape != c.atoms.shape:
-            return unknown_op(an, node, "combines tensors whose channels do not line up")
+            big, small = (c, c2) if len(c.dims) >= len(c2.dims) else (c2, c)
+            spread = _broadcast_atoms(small, big, shapes[chans[0][0] if small is c else chans[1][0]], n)
+            if spread is None:
+                return unknown_op(an, node, "combines tensors whose channels do not line up")
+            if kind == "div":
+                return unknown_op(an, node, "divides by pruned channels")
+            # per-unit values broadcast over the unit's channels (x * rsqrt(mean(x^2)) per head)
+            an.atoms.union_arrays(big.atoms, spread)
+            zero = (c.zero and c2.zero) if additive else (c.zero or c2.zero)
+            return Chan(big.dims, big.atoms, zero, big.why or small.why)
         if kind == "div":
             return unknown_op(an, node, "divides by pruned channels")
         an.atoms.union_arrays(c.atoms, c2.atoms)
@@ -103,6 +112,23 @@ def _binary(an, node):
         return keep(c, False, where(node)) if additive else keep(c)
     an.block(c, f"{where(node)}: combines the channels with {_origin(an, other_arg)}")
     return None
+
+
+def _broadcast_atoms(small: Chan, big: Chan, small_shape, n: int) -> np.ndarray | None:
+    """``small``'s atoms spread over ``big``'s channel dims, when ``small`` carries a subset of
+    them and has size 1 along the others (None otherwise)."""
+    if not set(small.dims) < set(big.dims):
+        return None
+    shift = n - len(small_shape)
+    for d in big.dims:
+        if d not in small.dims and d - shift >= 0 and small_shape[d - shift] != 1:
+            return None
+    axes = [big.dims.index(d) for d in small.dims]
+    if any(small.atoms.shape[i] != big.atoms.shape[a] for i, a in enumerate(axes)):
+        return None
+    shape = [big.atoms.shape[k] if k in axes else 1 for k in range(big.atoms.ndim)]
+    arr = np.transpose(small.atoms, np.argsort(axes)).reshape(shape)
+    return np.broadcast_to(arr, big.atoms.shape)
 
 
 def _origin(an, node: fx.Node) -> str:
