@@ -245,3 +245,36 @@ def test_compact_multihead_attention_computes_what_torch_does(batch_first, need_
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
             if need_weights:
                 torch.testing.assert_close(wb, wa, rtol=1e-5, atol=1e-6)
+
+
+class ReferenceGQA(nn.Module):
+    """The reference Llama / Mistral code's attention: views with the head counts the module
+    records (no -1) and ``repeat_interleave`` for the key/value heads."""
+
+    def __init__(self, dim=32, heads=8, kv_heads=4):
+        super().__init__()
+        self.num_heads, self.num_key_value_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.fc = nn.Linear(16, dim)
+        self.wq, self.wo = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.wk, self.wv = nn.Linear(dim, kv_heads * self.head_dim), nn.Linear(dim, kv_heads * self.head_dim)
+        self.out = nn.Linear(dim, 4)
+
+    def forward(self, x):
+        x = self.fc(x)
+        B, N, _ = x.shape
+        q = self.wq(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = (w(x).view(B, N, self.num_key_value_heads, self.head_dim).transpose(1, 2) for w in (self.wk, self.wv))
+        group = self.num_heads // self.num_key_value_heads
+        a = F.scaled_dot_product_attention(q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1))
+        return self.out(self.wo(a.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)))
+
+
+def test_reference_gqa_rewrites_both_head_counts():
+    torch.manual_seed(0)
+    model = ReferenceGQA().eval()
+    masked, compacted, report = masked_and_compacted(model, (torch.randn(2, 5, 16),))
+    unit = head_group(report, "wq")
+    assert unit["layers"] == ["wq", "wk", "wv"] and (unit["units"], unit["removed"], unit["blocked_units"]) == (4, 1, 0)
+    assert (compacted.num_heads, compacted.num_key_value_heads) == (6, 3)
+    assert compacted.wq.out_features == 24 and compacted.wk.out_features == compacted.wv.out_features == 12
+    assert_equal_on(masked, compacted, (torch.randn(3, 7, 16),))

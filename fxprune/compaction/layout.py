@@ -255,6 +255,20 @@ def _expand(an, node):
     return keep(xv, dims=dims)
 
 
+@register_rule("repeat_interleave")
+def _repeat_interleave(an, node):
+    """``x.repeat_interleave(n, dim)`` with a constant n: each entry n times in a row (the
+    reference Llama / Mistral code's key/value heads for grouped-query attention)."""
+    xv = an.value(node.args[0])
+    repeats, dim = arg(node, 1, "repeats", None), arg(node, 2, "dim", None)
+    if not isinstance(xv, Chan) or not isinstance(repeats, int) or dim is None:
+        return unknown_op(an, node)
+    dim = int(dim) % len(shape_of(node.args[0]))
+    if dim not in xv.dims:
+        return keep(xv)
+    return keep(xv, atoms=np.repeat(xv.atoms, repeats, axis=xv.dims.index(dim)))
+
+
 @register_rule("select", "slice", "narrow", "index_select")
 def _index(an, node):
     xv = an.value(node.args[0])
