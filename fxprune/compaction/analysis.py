@@ -22,6 +22,7 @@ from ..aten import is_mutating, op_name, shape_of
 from . import layout, ops  # noqa: F401  (register the built-in rules)
 from .atoms import components
 from .rules import find_rule, unknown_op
+from .values import HEAD_COUNT_ATTRS, HEAD_WIDTH_ATTRS
 from .values import AtomSet, Axis, Chan, ConvGroups, HeadSplit, NormGroups, ParamRef
 
 __all__ = ["ChannelAnalysis", "AtomSet", "Axis", "Chan", "ConvGroups", "HeadSplit", "NormGroups", "ParamRef"]
@@ -30,8 +31,9 @@ __all__ = ["ChannelAnalysis", "AtomSet", "Axis", "Chan", "ConvGroups", "HeadSpli
 class ChannelAnalysis:
     """Run over an exported graph; then read ``axes``, ``blocked_roots()``, ``head_splits``."""
 
-    def __init__(self, graph_module: fx.GraphModule, param_of_node: dict[str, str]):
+    def __init__(self, graph_module: fx.GraphModule, param_of_node: dict[str, str], model=None):
         self.gm = graph_module
+        self.model = model                          # the user's modules (head-count attributes)
         self.param_of_node = param_of_node
         self.atoms = AtomSet()
         self.axes: dict[tuple[str, int], Axis] = {}
@@ -69,6 +71,23 @@ class ChannelAnalysis:
                             (atoms, f"{ref.fqn} dim {dim} does not line up with the channels")]
             return
         self.atoms.union_arrays(axis, atoms)
+
+    def head_counts(self, module: str) -> set[int]:
+        """The head counts module ``module`` of the user's model records (``num_heads``...)."""
+        return self._sizes(module, HEAD_COUNT_ATTRS)
+
+    def head_widths(self, module: str) -> set[int]:
+        """The widths module ``module`` records (``embed_dim``, ``head_dim``...)."""
+        return self._sizes(module, HEAD_WIDTH_ATTRS)
+
+    def _sizes(self, module: str, names) -> set[int]:
+        if self.model is None:
+            return set()
+        try:
+            m = self.model.get_submodule(module)
+        except AttributeError:
+            return set()
+        return {v for v in (getattr(m, a, None) for a in names) if isinstance(v, int) and v > 1}
 
     def block(self, value, reason: str) -> None:
         """Mark every atom in ``value`` (a Chan, list of them, atom array) unprunable."""
