@@ -99,7 +99,7 @@ def compact(model: nn.Module, example_inputs: Any, *, inplace: bool = False) -> 
     PassManager([p() for p in CAPTURE_PASSES]).run(ctx)
     if ctx.exported is None:
         raise FxPruneError("fxprune.compact could not capture the model with torch.export")
-    analysis = ChannelAnalysis(ctx.graph_module, ctx.param_of_node).run()
+    analysis = ChannelAnalysis(ctx.graph_module, ctx.param_of_node, ctx.model).run()
     plan = plan_zero_channels(ctx.model, ctx.targets.values(), analysis)
     try:
         report = sparsity_report(ctx.model)

@@ -19,19 +19,24 @@ import numpy as np
 from torch import fx
 
 from ..aten import is_mutating, op_name, shape_of
-from . import layout, ops  # noqa: F401  (register the built-in rules)
+from . import folds, layout, ops  # noqa: F401  (register the built-in rules)
 from .rules import find_rule, unknown_op
-from .values import AtomSet, Axis, Chan, ConvGroups, HeadSplit, NormGroups, ParamRef
+from .values import AtomSet, Axis, Chan, ConvGroups, HeadSplit, NormGroups, ParamRef, ScaleFold
 
-__all__ = ["ChannelAnalysis", "AtomSet", "Axis", "Chan", "ConvGroups", "HeadSplit", "NormGroups", "ParamRef"]
+__all__ = ["ChannelAnalysis", "AtomSet", "Axis", "Chan", "ConvGroups", "HeadSplit", "NormGroups", "ParamRef",
+           "ScaleFold"]
 
 
 class ChannelAnalysis:
-    """Run over an exported graph; then read ``axes``, ``blocked_roots()``, ``head_splits``."""
+    """Run over an exported graph; then read ``axes``, ``blocked_roots()``, ``head_splits``.
+    ``model``: the user's model the graph was captured from (rules read module attributes, such as
+    a norm's epsilon; without it they are checked when slicing)."""
 
-    def __init__(self, graph_module: fx.GraphModule, param_of_node: dict[str, str]):
+    def __init__(self, graph_module: fx.GraphModule, param_of_node: dict[str, str], model=None):
         self.gm = graph_module
         self.param_of_node = param_of_node
+        self.model = model
+        self.live: set[fx.Node] = set()
         self.atoms = AtomSet()
         self.axes: dict[tuple[str, int], Axis] = {}
         self.blocks: list[tuple[np.ndarray, str]] = []
@@ -39,6 +44,7 @@ class ChannelAnalysis:
         self.head_splits: list[HeadSplit] = []
         self.norm_groups: list[NormGroups] = []
         self.conv_groups: list[ConvGroups] = []
+        self.scale_folds: list[ScaleFold] = []     # norms over the channels, rescaled when sliced
         self.values: dict[fx.Node, object] = {}
         self.dead_ends: dict[fx.Node, str] = {}     # node -> why its channels were dropped
         self._roots: np.ndarray | None = None
@@ -84,7 +90,7 @@ class ChannelAnalysis:
     # ------------------------------------------------------------------ the walk
     def run(self) -> "ChannelAnalysis":
         graph = self.gm.graph
-        live = _live_nodes(graph)
+        live = self.live = _live_nodes(graph)
         for node in graph.nodes:
             if node.op == "placeholder":
                 fqn = self.param_of_node.get(node.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..aten import arg, module_of, op_name, shape_of
+from .folds import match_channel_mean
 from .rules import keep, nonzero_reason, register_rule, unknown_op, where
 from .values import Chan, HeadSplit, ParamRef
 
@@ -64,6 +65,13 @@ def _reduce(an, node):
         if not xv.zero:
             an.block(xv, nonzero_reason(xv, node))
         out = None  # pruned channels add nothing to the sum
+    elif name == "mean" and set(xv.dims) <= dims and xv.zero:  # RMSNorm, GRN: fold the divisor
+        fold = match_channel_mean(an, node, xv)
+        if isinstance(fold, str):
+            return unknown_op(an, node, f"reduces over the channel dim (a mean: removing channels "
+                                        f"changes its divisor, and {fold})")
+        an.scale_folds.append(fold)
+        out = None  # a statistic over the channels: it carries none
     elif name == "mean":
         return unknown_op(an, node, "reduces over the channel dim (a mean: removing channels "
                                     "changes its divisor)")

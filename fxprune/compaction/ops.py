@@ -317,3 +317,18 @@ def _softmax(an, node):
         return unknown_op(an, node, "normalizes over the channel dim")
     return keep(xv, False, where(node))
 
+
+
+# ---------------------------------------------------------------------- embeddings
+@register_rule("embedding")
+def _embedding(an, node):
+    """A lookup table's columns are its output channels (the model's hidden size). They are not
+    a pruned layer's rows, so they go with the classes of the layers they are coupled with (the
+    residual stream's writers): zeroed in the masked model, removed by compaction."""
+    w, idx = an.value(node.args[0]), an.value(node.args[1])
+    if isinstance(idx, (Chan, ParamRef)):
+        return unknown_op(an, node, "looks up indices computed from the channels")
+    if not isinstance(w, ParamRef) or len(w.shape) != 2 or min(w.perm) < 0:
+        return unknown_op(an, node, "its table is not a parameter")
+    atoms = an.axis(w.fqn, w.perm[1], w.shape[1], "zero")
+    return Chan((len(shape_of(node)) - 1,), atoms)

@@ -108,7 +108,7 @@ def plan_channels(ctx, groups) -> CompactionPlan:
              for g in ctx.groups if g not in groups for t in ctx.selected(g)}
     if not groups:
         return CompactionPlan(None, {}, {}, set(), {}, notes)
-    plan = select_classes(ctx, ChannelAnalysis(ctx.graph_module, ctx.param_of_node).run(), groups, ctx.scores)
+    plan = select_classes(ctx, ChannelAnalysis(ctx.graph_module, ctx.param_of_node, ctx.model).run(), groups, ctx.scores)
     members = [t for g in groups for t in ctx.selected(g)]
     notes.update({t.param: NO_USE for t in members if (t.param, output_dim(t)) not in plan.analysis.axes})
     plan.notes = notes
