@@ -1,0 +1,241 @@
+"""Norms whose statistic averages over the channels (docs/compact.md, "Norms over the channels"):
+residual streams under RMSNorm (Hugging Face Llama / T5, ``nn.RMSNorm`` with and without weight,
+a decomposed norm without weight) and ConvNeXt-V2's global response norm lose channels exactly,
+with the epsilon and the weight rescaled by C / C_kept; LayerNorm stays blocked."""
+import pytest
+import torch
+from torch import nn
+
+import fxprune
+from test_compact import assert_same_function, masked_and_compacted
+
+LOCAL = {"pattern": "1xchannel", "target_sparsity": 0.3, "pruning_scope": "local"}
+
+
+class DecomposedRMSNorm(nn.Module):
+    """An RMSNorm written out (pow, mean, add eps, rsqrt, mul), with or without a weight."""
+
+    def __init__(self, dim, weight=True, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(dim) + 0.5) if weight else None
+        self.eps = eps
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x if self.weight is None else self.weight * x
+
+
+class Stream(nn.Module):
+    """A residual stream of width 16 written by ``inp`` and each block's ``fc2``, read through a
+    norm by each block's ``fc1`` and by ``head``."""
+
+    def __init__(self, norm, blocks=2):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.norms = nn.ModuleList(norm() for _ in range(blocks + 1))
+        self.fc1 = nn.ModuleList(nn.Linear(16, 24) for _ in range(blocks))
+        self.fc2 = nn.ModuleList(nn.Linear(24, 16) for _ in range(blocks))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for norm, fc1, fc2 in zip(self.norms, self.fc1, self.fc2):
+            h = h + fc2(torch.relu(fc1(norm(h))))
+        return self.head(self.norms[-1](h))
+
+
+def _randomize(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.RMSNorm) and m.weight is not None:
+                m.weight.copy_(torch.rand(m.weight.shape) + 0.5)
+    return model
+
+
+NORMS = {
+    "nn.RMSNorm": lambda: nn.RMSNorm(16, eps=1e-5),
+    "nn.RMSNorm eps None": lambda: nn.RMSNorm(16),
+    "nn.RMSNorm without weight": lambda: nn.RMSNorm(16, eps=1e-4, elementwise_affine=False),
+    "decomposed": lambda: DecomposedRMSNorm(16),
+}
+
+
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_residual_stream_under_rmsnorm_is_compacted_exactly(norm):
+    model = _randomize(Stream(NORMS[norm])).eval()
+    x = (torch.randn(4, 3, 8),)
+    masked, compacted, report = masked_and_compacted(model, LOCAL, x)
+    assert compacted.inp.weight.shape == (16 - 4, 8)     # 30% of the 16 stream channels, floored
+    assert compacted.head.weight.shape == (4, 12)
+    for n in compacted.norms:
+        if isinstance(n, nn.RMSNorm):
+            assert n.normalized_shape == (12,)
+            eps = torch.finfo(torch.float32).eps if norm.endswith("None") else (1e-4 if "without" in norm else 1e-5)
+            assert n.eps == pytest.approx(eps * 16 / 12, rel=1e-12)
+        if n.weight is not None and norm != "nn.RMSNorm without weight":
+            old = dict(masked.named_parameters())
+            i = list(compacted.norms).index(n)
+            kept = old[f"norms.{i}.weight"][old["inp.weight"].abs().sum(1) != 0]
+            torch.testing.assert_close(n.weight.detach(), kept * (16 / 12) ** 0.5)
+    if norm == "nn.RMSNorm without weight":  # the factor became a weight
+        assert all(torch.equal(n.weight, torch.full((12,), (16 / 12) ** 0.5)) for n in compacted.norms)
+    assert_same_function(masked, compacted, (torch.randn(5, 2, 8),))
+    assert not [g for g in report.compaction["groups"] if g["blocked"]]
+
+
+def test_decomposed_rmsnorm_without_weight_folds_into_its_only_reader():
+    class OneReader(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.norm, self.head = nn.Linear(8, 16), DecomposedRMSNorm(16, weight=False), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(self.norm(self.inp(x)))
+
+    model = OneReader().eval()
+    masked, compacted, _ = masked_and_compacted(model, LOCAL, (torch.randn(4, 8),))
+    assert compacted.head.weight.shape == (4, 12) and compacted.norm.eps == pytest.approx(1e-5 * 16 / 12)
+    assert_same_function(masked, compacted, (torch.randn(6, 8),))
+
+
+def test_decomposed_rmsnorm_without_weight_read_twice_is_blocked_with_its_reason():
+    class ReadTwice(Stream):
+        def forward(self, x):
+            h = self.inp(x)
+            for norm, fc1, fc2 in zip(self.norms, self.fc1, self.fc2):
+                n = norm(h)
+                h = h + fc2(torch.relu(fc1(n))) + n
+            return self.head(self.norms[-1](h))
+
+    model = ReadTwice(lambda: DecomposedRMSNorm(16, weight=False)).eval()
+    _, compacted, report = masked_and_compacted(model, LOCAL, (torch.randn(4, 3, 8),))
+    assert compacted.inp.weight.shape == (16, 8)
+    reasons = {b["reason"] for g in report.compaction["groups"] for b in g["blocked"]}
+    assert any("a mean: removing channels changes its divisor" in r and "not by one chain" in r for r in reasons), reasons
+
+
+def test_layer_norm_keeps_blocking_the_stream():
+    model = Stream(lambda: nn.LayerNorm(16)).eval()
+    _, compacted, report = masked_and_compacted(model, LOCAL, (torch.randn(4, 3, 8),))
+    assert compacted.inp.weight.shape == (16, 8)
+    reasons = {b["reason"] for g in report.compaction["groups"] for b in g["blocked"]}
+    assert any("normalizes over the channel dim; removing channels would change its mean and variance" in r
+               for r in reasons), reasons
+
+
+# ---------------------------------------------------------------------- global response norm
+class GRN(nn.Module):
+    """ConvNeXt-V2's global response norm, channels last, epsilon held as an attribute (timm)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(1, 1, 1, dim))
+        self.bias = nn.Parameter(torch.randn(1, 1, 1, dim))
+        self.eps = eps
+
+    def forward(self, x):
+        g = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
+        n = g / (g.mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * (x * n) + self.bias + x
+
+
+class ConvNeXtV2Block(nn.Module):
+    def __init__(self, dim=8, eps=1e-6):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 1)
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.pwconv1, self.pwconv2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.grn = GRN(4 * dim, eps)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        h = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        h = self.pwconv2(self.grn(nn.functional.gelu(self.pwconv1(h)))).permute(0, 3, 1, 2)
+        return self.head((x + h).mean((2, 3)))
+
+
+def test_global_response_norm_is_compacted_exactly():
+    model = ConvNeXtV2Block(eps=1e-2).eval()   # a large epsilon: its rescaling shows
+    masked, compacted, report = masked_and_compacted(model, LOCAL, (torch.randn(2, 3, 8, 8),))
+    assert compacted.pwconv1.weight.shape == (32 - 9, 8) and compacted.pwconv2.weight.shape == (8, 23)
+    assert compacted.grn.eps == pytest.approx(1e-2 * 32 / 23)
+    kept = masked.pwconv1.weight.abs().sum(1) != 0
+    torch.testing.assert_close(compacted.grn.weight.detach(), masked.grn.weight[..., kept] * 32 / 23)
+    assert_same_function(masked, compacted, (torch.randn(3, 3, 8, 8),))
+    # the stream under the LayerNorm stays, with its reason
+    reasons = {b["reason"] for g in report.compaction["groups"] for b in g["blocked"]}
+    assert any(r.startswith("layer_norm (norm)") for r in reasons), reasons
+
+
+def test_global_response_norm_with_a_literal_epsilon_is_blocked_with_its_reason():
+    class LiteralEps(GRN):  # Hugging Face's ConvNextV2GRN writes 1e-6 in the code
+        def __init__(self, dim):
+            super().__init__(dim)
+            del self.eps
+
+        def forward(self, x):
+            g = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
+            return self.weight * (x * (g / (g.mean(dim=-1, keepdim=True) + 1e-6))) + self.bias + x
+
+    model = ConvNeXtV2Block()
+    model.grn = LiteralEps(32)
+    _, compacted, report = masked_and_compacted(model.eval(), LOCAL, (torch.randn(2, 3, 8, 8),))
+    assert compacted.pwconv1.weight.shape == (32, 8)
+    reasons = {b["reason"] for g in report.compaction["groups"] for b in g["blocked"]}
+    assert any("its epsilon 1e-06 (add (grn)) is a constant in the code, not an attribute of module grn" in r
+               for r in reasons), reasons
+
+
+# ---------------------------------------------------------------------- Hugging Face
+transformers = pytest.importorskip("transformers")
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, vocab_size=50, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_llama_hidden_size_is_compacted_exactly():
+    model = _llama()
+    for m in model.modules():
+        if type(m).__name__ == "LlamaRMSNorm":
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape) + 0.5)
+    ids = torch.randint(0, 50, (2, 6))
+    masked, compacted, report = masked_and_compacted(model, LOCAL, (ids,))
+    kept = 32 - int(0.3 * 32)
+    assert compacted.model.embed_tokens.weight.shape == (50, kept)
+    assert compacted.lm_head.weight.shape == (50, kept)
+    layer = compacted.model.layers[1]
+    assert layer.self_attn.q_proj.weight.shape[1] == kept and layer.mlp.down_proj.weight.shape[0] == kept
+    assert layer.self_attn.o_proj.weight.shape[0] == kept and layer.mlp.up_proj.weight.shape[1] == kept
+    assert layer.input_layernorm.variance_epsilon == pytest.approx(1e-6 * 32 / kept)
+    assert compacted.model.norm.variance_epsilon == pytest.approx(1e-6 * 32 / kept)
+    stream = next(g for g in report.compaction["groups"] if "model.layers.0.self_attn.o_proj" in g["layers"])
+    assert stream["units"] == 32 and stream["removed"] == int(0.3 * 32) and stream["blocked"] == []
+    assert_same_function(masked, compacted, (torch.randint(0, 50, (3, 9)),))
+
+
+def test_t5_residual_streams_are_compacted_exactly():
+    cfg = transformers.T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_decoder_layers=1,
+                                num_heads=4, decoder_start_token_id=0)
+
+    class Logits(nn.Module):  # the encoder's last hidden state, a model output, would change shape
+        def __init__(self):
+            super().__init__()
+            self.t5 = transformers.T5ForConditionalGeneration(cfg)
+
+        def forward(self, input_ids, decoder_input_ids):
+            return self.t5(input_ids=input_ids, decoder_input_ids=decoder_input_ids, use_cache=False).logits
+
+    model = Logits().eval()
+    inputs = {"input_ids": torch.randint(0, 50, (2, 7)), "decoder_input_ids": torch.randint(0, 50, (2, 4))}
+    masked, compacted, _ = masked_and_compacted(model, LOCAL, inputs)
+    kept = 32 - int(0.3 * 32)
+    assert compacted.t5.shared.weight.shape == (50, kept)
+    assert compacted.t5.decoder.final_layer_norm.variance_epsilon == pytest.approx(1e-6 * 32 / kept)
+    assert_same_function(masked, compacted, {"input_ids": torch.randint(0, 50, (3, 5)),
+                                             "decoder_input_ids": torch.randint(0, 50, (3, 3))})
