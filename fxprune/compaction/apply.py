@@ -8,7 +8,7 @@
    must match (rtol 1e-4). If they do not, or the forward fails (a view in the user's code with
    a hard-coded channel count, ...), every slicing is undone and each *space* (the channels
    sliced together) is retried alone; the spaces that fail stay masked, uncompacted, and are
-   reported;
+   reported; a Hugging Face model's config gets the new sizes (:mod:`.hf_config`);
 3. :func:`summary` is the report's ``compaction`` entry: parameters and FLOPs before and after,
    and per space the layers, the units (channels, heads, norm groups) removed, and what blocked
    the rest.
@@ -22,6 +22,7 @@ import torch
 
 from ..flops import flop_counter
 from ..inputs import output_tensors, split_inputs
+from .hf_config import update_hf_configs
 from .slicing import count_params, get_tensor, slice_model
 
 RTOL = 1e-4
@@ -48,7 +49,8 @@ def compact_model(model, plan, example_inputs) -> dict:
             failed.update({s: why for s in good})
             flops_after = flops_before
     return {"failed": failed, "params_before": params_before, "params_after": count_params(model),
-            "flops_before": flops_before, "flops_after": flops_after, "shapes_before": shapes_before}
+            "flops_before": flops_before, "flops_after": flops_after, "shapes_before": shapes_before,
+            "config": update_hf_configs(model)}
 
 
 def nothing_to_compact(model, plan) -> dict:
@@ -151,4 +153,5 @@ def summary(model, targets, plan, figures: dict) -> dict:
               for n, shape in shapes_before.items() if n in current and list(current[n].shape) != shape}
     return {"params_before": figures["params_before"], "params_after": figures["params_after"],
             "flops_before": figures["flops_before"], "flops_after": figures["flops_after"],
-            "groups": groups, "layers": layers, "not_compacted": dict(plan.notes)}
+            "groups": groups, "layers": layers, "not_compacted": dict(plan.notes),
+            "config": figures.get("config") or {"updated": {}, "not_described": {}}}
