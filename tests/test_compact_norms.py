@@ -206,7 +206,7 @@ def test_llama_hidden_size_is_compacted_exactly():
                 m.weight.copy_(torch.rand(m.weight.shape) + 0.5)
     ids = torch.randint(0, 50, (2, 6))
     masked, compacted, report = masked_and_compacted(model, LOCAL, (ids,))
-    kept = 32 - int(0.3 * 32)
+    kept = 24  # 30% of 32 removes 9; LlamaConfig needs a multiple of the 4 heads: one goes back
     assert compacted.model.embed_tokens.weight.shape == (50, kept)
     assert compacted.lm_head.weight.shape == (50, kept)
     layer = compacted.model.layers[1]
@@ -215,7 +215,7 @@ def test_llama_hidden_size_is_compacted_exactly():
     assert layer.input_layernorm.variance_epsilon == pytest.approx(1e-6 * 32 / kept)
     assert compacted.model.norm.variance_epsilon == pytest.approx(1e-6 * 32 / kept)
     stream = next(g for g in report.compaction["groups"] if "model.layers.0.self_attn.o_proj" in g["layers"])
-    assert stream["units"] == 32 and stream["removed"] == int(0.3 * 32) and stream["blocked"] == []
+    assert stream["units"] == 32 and stream["removed"] == 32 - kept and stream["blocked"] == []
     assert_same_function(masked, compacted, (torch.randint(0, 50, (3, 9)),))
 
 
@@ -239,3 +239,68 @@ def test_t5_residual_streams_are_compacted_exactly():
     assert compacted.t5.decoder.final_layer_norm.variance_epsilon == pytest.approx(1e-6 * 32 / kept)
     assert_same_function(masked, compacted, {"input_ids": torch.randint(0, 50, (3, 5)),
                                              "decoder_input_ids": torch.randint(0, 50, (3, 3))})
+
+
+def _llama_gqa(layers=2):
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, vocab_size=50, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_llama_config_describes_the_compacted_model_and_reloads(tmp_path):
+    model = _llama_gqa()
+    ids = torch.randint(0, 50, (2, 6))
+    masked, compacted, report = masked_and_compacted(model, LOCAL, (ids,))
+    config = report.compaction["config"]
+    assert config["not_described"] == {}
+    hidden, ffn = compacted.model.embed_tokens.weight.shape[1], compacted.model.layers[0].mlp.up_proj.out_features
+    assert hidden == 48 and ffn == 96 - int(0.3 * 96)   # 64 - 19 = 45, up to a multiple of 4 heads
+    assert config["updated"]["config.hidden_size"] == [64, 48]
+    assert config["updated"]["config.intermediate_size"] == [96, ffn]
+    assert compacted.config.rms_norm_eps == pytest.approx(1e-6 * 64 / 48)
+    assert compacted.config.head_dim == 16
+    compacted.save_pretrained(tmp_path)
+    again = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    x = (torch.randint(0, 50, (3, 7)),)
+    assert_same_function(compacted, again, x)
+    assert_same_function(masked, again, x)
+    assert again.model.layers[1].input_layernorm.variance_epsilon == compacted.config.rms_norm_eps
+
+
+def test_layers_of_different_sizes_warn_that_the_config_cannot_describe_them():
+    model = _llama_gqa()
+    config = dict(LOCAL, pruning_scope="global")
+    with pytest.warns(UserWarning, match="config cannot describe|from_pretrained cannot rebuild") as record:
+        _, compacted, report = masked_and_compacted(model, config, (torch.randint(0, 50, (2, 6)),))
+    sizes = [layer.mlp.up_proj.out_features for layer in compacted.model.layers]
+    assert len(set(sizes)) > 1                          # global scope: the layers keep different widths
+    assert sorted(set(report.compaction["config"]["not_described"]["config.intermediate_size"])) == sorted(set(sizes))
+    assert compacted.config.intermediate_size == 96     # left as it was, not a wrong single value
+    assert any("torch.save(model)" in str(w.message) for w in record)
+
+
+def test_t5_config_gets_d_model_d_ff_and_epsilon(tmp_path):
+    cfg = transformers.T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_decoder_layers=1,
+                                num_heads=4, decoder_start_token_id=0)
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t5 = transformers.T5ForConditionalGeneration(cfg)
+
+        def forward(self, input_ids, decoder_input_ids):
+            return self.t5(input_ids=input_ids, decoder_input_ids=decoder_input_ids, use_cache=False).logits
+
+    model = Logits().eval()
+    inputs = {"input_ids": torch.randint(0, 50, (2, 7)), "decoder_input_ids": torch.randint(0, 50, (2, 4))}
+    _, compacted, report = masked_and_compacted(model, LOCAL, inputs)
+    t5 = compacted.t5
+    assert (t5.config.d_model, t5.config.d_ff) == (32 - int(0.3 * 32), 48 - int(0.3 * 48))
+    assert t5.config.layer_norm_epsilon == pytest.approx(1e-6 * 32 / t5.config.d_model)
+    assert report.compaction["config"]["updated"]["t5.config.d_model"] == [32, t5.config.d_model]
+    t5.save_pretrained(tmp_path)
+    again = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        a = t5(**inputs, use_cache=False).logits
+        b = again(**inputs, use_cache=False).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

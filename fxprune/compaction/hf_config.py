@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 from collections import defaultdict
 
+import torch
 from torch import nn
 
 from ..aten import is_hf_conv1d
@@ -104,6 +105,8 @@ def update_hf_configs(model: nn.Module) -> dict:
             elif distinct[0] != old:
                 setattr(config, field, distinct[0])
                 updated[at + name] = [old, distinct[0]]
+                if field == "hidden_size":
+                    _decoder_output_scale(module, old, distinct[0])
         width = sorted(set(sizes.get("head_dim", [])))
         if (len(width) == 1 and not hasattr(config, "head_dim") and hasattr(config, "num_attention_heads")
                 and config.hidden_size // config.num_attention_heads != width[0]):
@@ -114,6 +117,20 @@ def update_hf_configs(model: nn.Module) -> dict:
                       f"can describe ({detail}): save_pretrained writes the weights but from_pretrained cannot "
                       f"rebuild the model from this config; {RELOAD_HINT}", stacklevel=3)
     return {"updated": updated, "not_described": not_described}
+
+
+def _decoder_output_scale(module: nn.Module, old: int, new: int) -> None:
+    """T5 and its kin scale the decoder output by ``model_dim ** -0.5`` (``model_dim`` read from
+    ``d_model`` when built): a model rebuilt from the new ``d_model`` scales by ``new ** -0.5``, so
+    the ratio goes into the decoder's final norm weight and ``model_dim`` follows; the compacted
+    model computes the same, and so does the reloaded one."""
+    norm = getattr(getattr(module, "decoder", None), "final_layer_norm", None)
+    if (getattr(module, "model_dim", None) != old or not getattr(module.config, "scale_decoder_outputs", False)
+            or not isinstance(getattr(norm, "weight", None), nn.Parameter)):
+        return
+    with torch.no_grad():
+        norm.weight.mul_((new / old) ** 0.5)
+    module.model_dim = new
 
 
 def _attention_widths(module: nn.Module):
