@@ -84,11 +84,12 @@ def read_sizes(module: nn.Module) -> dict[str, list]:
     return sizes
 
 
-def update_hf_configs(model: nn.Module) -> dict:
-    """Write the compacted sizes into every Hugging Face config of ``model``. Returns
-    ``{"updated": {field: [old, new]}, "not_described": {field: [value per layer...]}}`` with
-    fields named ``<module>.config.<name>``; warns when some sizes are not described."""
+def update_hf_configs(model: nn.Module, undo=None) -> dict:
+    """Write the compacted sizes into every Hugging Face config of ``model`` (recorded in
+    ``undo``, a :class:`~.slicing.Undo`, when given). Returns ``{"updated": {field: [old, new]},
+    "not_described": {field: [value per layer...]}}`` with fields named ``<module>.config.<name>``."""
     updated, not_described = {}, {}
+    set_attr = undo.set_attr if undo is not None else setattr
     for prefix, module in hf_models(model):
         config = module.config
         sizes = read_sizes(module)
@@ -103,23 +104,33 @@ def update_hf_configs(model: nn.Module) -> dict:
             if len(distinct) > 1:
                 not_described[at + name] = list(values)
             elif distinct[0] != old:
-                setattr(config, field, distinct[0])
+                set_attr(config, name, distinct[0])
                 updated[at + name] = [old, distinct[0]]
                 if field == "hidden_size":
-                    _decoder_output_scale(module, old, distinct[0])
+                    _decoder_output_scale(module, old, distinct[0], undo)
         width = sorted(set(sizes.get("head_dim", [])))
         if (len(width) == 1 and not hasattr(config, "head_dim") and hasattr(config, "num_attention_heads")
                 and config.hidden_size // config.num_attention_heads != width[0]):
-            not_described[at + "head_dim"] = width  # derived from hidden_size, which changed
-    if not_described:
-        detail = "; ".join(f"{k}: {sorted(set(v))}" for k, v in not_described.items())
-        warnings.warn(f"the compacted model's sizes differ across layers or from what its Hugging Face config "
-                      f"can describe ({detail}): save_pretrained writes the weights but from_pretrained cannot "
-                      f"rebuild the model from this config; {RELOAD_HINT}", stacklevel=3)
+            # a config without head_dim derives it from hidden_size, which changed: write it
+            # explicitly (the attention of Qwen2 and most others reads config.head_dim first)
+            if undo is not None:
+                undo.steps.append((config, "new_attr", "head_dim", None))
+            config.head_dim = width[0]
+            updated[at + "head_dim"] = [None, width[0]]
     return {"updated": updated, "not_described": not_described}
 
 
-def _decoder_output_scale(module: nn.Module, old: int, new: int) -> None:
+def warn_not_described(info: dict, why: str = "") -> None:
+    """The warning for sizes a Hugging Face config cannot describe."""
+    if not info["not_described"]:
+        return
+    detail = "; ".join(f"{k}: {sorted(set(v))}" for k, v in info["not_described"].items())
+    warnings.warn(f"the compacted model's sizes differ across layers or from what its Hugging Face config "
+                  f"can describe ({detail}{why}): save_pretrained writes the weights but from_pretrained cannot "
+                  f"rebuild the model from this config; {RELOAD_HINT}", stacklevel=4)
+
+
+def _decoder_output_scale(module: nn.Module, old: int, new: int, undo=None) -> None:
     """T5 and its kin scale the decoder output by ``model_dim ** -0.5`` (``model_dim`` read from
     ``d_model`` when built): a model rebuilt from the new ``d_model`` scales by ``new ** -0.5``, so
     the ratio goes into the decoder's final norm weight and ``model_dim`` follows; the compacted
@@ -128,9 +139,12 @@ def _decoder_output_scale(module: nn.Module, old: int, new: int) -> None:
     if (getattr(module, "model_dim", None) != old or not getattr(module.config, "scale_decoder_outputs", False)
             or not isinstance(getattr(norm, "weight", None), nn.Parameter)):
         return
-    with torch.no_grad():
-        norm.weight.mul_((new / old) ** 0.5)
-    module.model_dim = new
+    weight = nn.Parameter(norm.weight.detach() * (new / old) ** 0.5, requires_grad=norm.weight.requires_grad)
+    if undo is not None:
+        undo.set_tensor(norm, "weight", "param", weight)
+        undo.set_attr(module, "model_dim", new)
+    else:
+        norm.weight, module.model_dim = weight, new
 
 
 def _attention_widths(module: nn.Module):

@@ -41,6 +41,8 @@ class Undo:
         for owner, kind, name, old in reversed(self.steps):
             if kind == "attr":
                 setattr(owner, name, old)
+            elif kind == "new_attr":
+                delattr(owner, name)
             else:
                 (owner._parameters if kind == "param" else owner._buffers)[name] = old
         self.steps.clear()
