@@ -7,10 +7,13 @@ embedding's width), the FFN width, the attention and key/value head counts, the 
 the norms' epsilon when compaction rescaled it. A field is written only when every layer agrees;
 when layers differ (e.g. ``pruning_scope: global``) no config can describe the model, and the
 field is left as it was with a warning saying how to save and reload such a model instead.
-transformers is never imported: a config is recognised by its ``to_dict`` and ``model_type``.
+:func:`fit_hf_configs` runs when the channels are selected: it gives back removed hidden channels
+until the config's own validation accepts the sizes kept (Llama requires ``hidden_size`` to be a
+multiple of ``num_attention_heads``). transformers is never imported: a config is recognised by its ``to_dict`` and ``model_type``.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from collections import defaultdict
 
@@ -68,19 +71,15 @@ def read_sizes(module: nn.Module) -> dict[str, list]:
         for field, suffixes in FFN_UP.items():
             if name.endswith(suffixes) and _out_features(sub) is not None:
                 sizes[field].append(_out_features(sub))
-        for (q_name, k_name), width_attrs in ATTENTION:
-            q, k = getattr(sub, q_name, None), getattr(sub, k_name, None)
-            width = next((getattr(sub, a) for a in width_attrs if isinstance(getattr(sub, a, None), int)), None)
-            if isinstance(q, nn.Linear) and isinstance(k, nn.Linear) and width:
-                sizes["head_dim"].append(width)
-                sizes["num_attention_heads"].append(q.out_features // width)
-                sizes["num_key_value_heads"].append(k.out_features // width)
-                break
         for attr, fields in NORM_EPS.items():
             eps = getattr(sub, attr, None)
             if isinstance(eps, float):
                 for f in fields:
                     sizes[f].append(eps)
+    for q, k, width in _attention_widths(module):
+        sizes["head_dim"].append(width)
+        sizes["num_attention_heads"].append(q.shape[0] // width)
+        sizes["num_key_value_heads"].append(k.shape[0] // width)
     return sizes
 
 
@@ -162,8 +161,9 @@ def fit_hf_configs(model: nn.Module, an, classes, dead: set, reduce_types: dict)
     """Give back removed channels of a Hugging Face model's hidden size until its config accepts
     the sizes kept (Llama, Qwen2, Mistral require hidden_size to be a multiple of
     num_attention_heads): the best-scoring removed hidden channels first. ``dead`` is updated."""
-    import copy
-
+    models = hf_models(model)
+    if not models:
+        return
     fqn_of = {id(t): fqn for (fqn, _), _ in an.axes.items() for t in [_tensor(model, fqn)] if t is not None}
 
     def kept(fqn: str, dim: int) -> int | None:
@@ -172,7 +172,7 @@ def fit_hf_configs(model: nn.Module, an, classes, dead: set, reduce_types: dict)
             return None
         return int(sum(r not in dead for r in an.roots(ax.atoms).tolist()))
 
-    for _, module in hf_models(model):
+    for _, module in models:
         config = module.config
         embed = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
         if not isinstance(embed, nn.Embedding) or not hasattr(config, "validate_architecture"):

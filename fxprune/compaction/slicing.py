@@ -121,6 +121,8 @@ def sync_sizes(module: nn.Module, undo: Undo) -> None:
         t = w if w is not None else module.running_mean
         if t is not None:
             undo.set_attr(module, "num_features", t.shape[0])
+    elif isinstance(module, nn.Embedding):
+        undo.set_attr(module, "embedding_dim", w.shape[1])
     elif isinstance(module, nn.GroupNorm) and w is not None:
         undo.set_attr(module, "num_channels", w.shape[0])
     elif is_hf_conv1d(module):  # Hugging Face: weight [nx, nf]
