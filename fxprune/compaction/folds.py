@@ -64,6 +64,17 @@ def _sole_use(an, fqn: str, end: fx.Node) -> bool:
     return True
 
 
+def _param_of(an, arg) -> str | None:
+    """The parameter ``arg`` is, through views and casts (the walk may not have reached them yet)."""
+    while isinstance(arg, fx.Node):
+        if arg.op == "placeholder":
+            return an.param_of_node.get(arg.name)
+        if arg.op != "call_function" or op_name(arg) not in _CARRY or not arg.args:
+            return None
+        arg = arg.args[0]
+    return None
+
+
 def _resolve_eps(an, fold: ScaleFold, node: fx.Node) -> str | None:
     """Find the module attribute holding the epsilon; a reason when it is not one."""
     if fold.eps is None or fold.eps == 0:
@@ -115,18 +126,18 @@ def match_channel_mean(an, node: fx.Node, xv: Chan) -> ScaleFold | str:
                 continue
         if name in ("mul", "div") and len(args) == 2 and cur in args:
             other = args[1] if args[0] is cur else args[0]
-            ov = an.value(other) if isinstance(other, fx.Node) else None
-            if name == "mul" and isinstance(ov, ParamRef):
-                return _fold(an, node, xv, u, ov.fqn, power, eps, eps_node, eps_power)
+            fqn = _param_of(an, other)
+            if name == "mul" and fqn is not None:
+                return _fold(an, node, xv, u, fqn, power, eps, eps_node, eps_power)
             if name == "div" and args[1] is cur:
                 power = -power
             combined = True
             cur = u
             continue
         if name in ("linear", "conv1d", "conv2d", "conv3d") and args[0] is cur:
-            w = an.value(args[1])
-            if isinstance(w, ParamRef):  # the factor scales the weight, not the bias
-                return _fold(an, node, xv, u, w.fqn, power, eps, eps_node, eps_power)
+            fqn = _param_of(an, args[1])
+            if fqn is not None:  # the factor scales the weight, not the bias
+                return _fold(an, node, xv, u, fqn, power, eps, eps_node, eps_power)
         return f"{where(u)} uses it in a way compaction cannot rescale"
     return "its result goes through too many ops"
 
