@@ -304,3 +304,42 @@ def test_t5_config_gets_d_model_d_ff_and_epsilon(tmp_path):
         a = t5(**inputs, use_cache=False).logits
         b = again(**inputs, use_cache=False).logits
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class ToyConfig:
+    """What update_hf_configs recognises as a Hugging Face config (to_dict, model_type)."""
+    model_type = "toy"
+
+    def __init__(self):
+        self.hidden_size = 16
+
+    def to_dict(self):
+        return dict(vars(self))
+
+
+class ReadsItsConfig(nn.Module):
+    """Scales its embeddings by sqrt(config.hidden_size) at run time, as Gemma does."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = ToyConfig()
+        self.emb, self.norm, self.final_norm = nn.Embedding(10, 16), nn.RMSNorm(16), nn.RMSNorm(16)
+        self.fc1, self.fc2, self.head = nn.Linear(16, 24), nn.Linear(24, 16), nn.Linear(16, 3)
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, ids):
+        h = self.emb(ids) * self.config.hidden_size ** 0.5
+        h = h + self.fc2(torch.relu(self.fc1(self.norm(h))))
+        return self.head(self.final_norm(h))
+
+
+def test_a_config_read_at_run_time_is_left_as_it_was_with_a_warning():
+    model = ReadsItsConfig().eval()
+    ids = torch.randint(0, 10, (2, 5))
+    with pytest.warns(UserWarning, match="with these sizes in its config the model computes something else"):
+        masked, compacted, report = masked_and_compacted(model, LOCAL, (ids,))
+    assert compacted.emb.weight.shape == (10, 12) and compacted.config.hidden_size == 16
+    assert report.compaction["config"] == {"updated": {}, "not_described": {"config.hidden_size": [12]}}
+    assert_same_function(masked, compacted, (torch.randint(0, 10, (3, 4)),))
