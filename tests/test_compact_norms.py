@@ -343,3 +343,20 @@ def test_a_config_read_at_run_time_is_left_as_it_was_with_a_warning():
     assert compacted.emb.weight.shape == (10, 12) and compacted.config.hidden_size == 16
     assert report.compaction["config"] == {"updated": {}, "not_described": {"config.hidden_size": [12]}}
     assert_same_function(masked, compacted, (torch.randint(0, 10, (3, 4)),))
+
+
+def test_llama_config_gets_the_head_counts_and_reloads(tmp_path):
+    model = _llama_gqa()   # 4 query heads in 2 groups of a key/value head, head_dim 16
+    config = dict(LOCAL, target_sparsity=0.5)
+    masked, compacted, report = masked_and_compacted(model, config, (torch.randint(0, 50, (2, 6)),))
+    attention = compacted.model.layers[0].self_attn
+    assert attention.q_proj.out_features == 2 * 16 and attention.k_proj.out_features == 16
+    updated = report.compaction["config"]["updated"]
+    assert updated["config.num_attention_heads"] == [4, 2] and updated["config.num_key_value_heads"] == [2, 1]
+    assert updated["config.hidden_size"] == [64, 32] and compacted.config.head_dim == 16
+    compacted.save_pretrained(tmp_path)
+    again = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert again.model.layers[1].self_attn.k_proj.weight.shape == (16, 32)
+    x = (torch.randint(0, 50, (3, 7)),)
+    assert_same_function(compacted, again, x)
+    assert_same_function(masked, again, x)

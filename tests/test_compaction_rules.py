@@ -34,6 +34,7 @@ class Linear(nn.Module):
         super().__init__()
         self.fc, self.fc2 = nn.Linear(8, 16), nn.Linear(8, 16)
         self.p = nn.Parameter(torch.rand(16) + 0.5)
+        self.register_buffer("empty", torch.zeros(0), persistent=False)
         self.head = nn.Linear(head_in, 4)
         self.rms = nn.RMSNorm(16, eps=1e-5)
         self.eps = 1e-5
@@ -57,6 +58,20 @@ class Conv(nn.Module):
 
     def forward(self, x):
         return self.out(self.op(self, self.conv(x))).mean((2, 3))
+
+
+def as_heads(h):
+    return h.view(2, 4, 4)
+
+
+def heads_back(h):
+    return h.reshape(2, 16)
+
+
+def rope(q):
+    """Hugging Face's rotate-half RoPE on the head dim: q * cos + rotate_half(q) * sin."""
+    cos, sin = torch.arange(4.0).cos(), torch.arange(4.0).sin()
+    return q * cos + torch.cat([-q[..., 2:], q[..., :2]], -1) * sin
 
 
 X = torch.randn(2, 8)
@@ -125,6 +140,30 @@ CASES = [
     ("pad with a nonzero value", Conv(lambda m, c: F.pad(c, (1, 1, 1, 1), value=1.0)), IMG, "conv.weight", 8,
      "pad (pad) makes pruned channels nonzero before conv2d (out)"),
     ("channel reaches the output", Conv(lambda m, c: c), IMG, "out.weight", 4, "reaches the model output"),
+    # heads: (2, 4 heads, 4) views of the 16 channels, a unit is a head
+    ("rotate-half on whole heads", Linear(lambda m, h, x: heads_back(rope(as_heads(h)))), X, "fc.weight", 4, None),
+    ("mul by a tensor along the head dim", Linear(lambda m, h, x: heads_back(as_heads(h) * torch.arange(4.0))), X,
+     "fc.weight", 4, None),
+    ("mul by a tensor along every channel dim", Linear(lambda m, h, x: heads_back(as_heads(h) * torch.rand(4, 4))),
+     X, "fc.weight", 4, "combines the channels with"),
+    ("select a packed piece", Linear(lambda m, h, x: h.view(2, 2, -1, 4)[:, 1].reshape(2, 8), head_in=8), X,
+     "fc.weight", 2, None),
+    ("unbind a packed projection", Linear(lambda m, h, x: sum(h.view(2, 2, -1, 4).unbind(1)).reshape(2, 8), head_in=8),
+     X, "fc.weight", 2, None),
+    ("repeat_kv: expand and merge into heads", Linear(lambda m, h, x: h.view(2, 4, 1, 4).expand(2, 4, 2, 4).reshape(2, 32),
+     head_in=32), X, "fc.weight", 4, None),
+    ("where with a condition on other dims", Linear(lambda m, h, x: torch.where(x[:, :1] > 0, h, 0.0)), X,
+     "fc.weight", 16, None),
+    ("RMS norm over the head dim", Linear(lambda m, h, x: heads_back(as_heads(h) * torch.rsqrt(
+        as_heads(h).pow(2).mean(-1, keepdim=True) + 1e-6))), X, "fc.weight", 4, None),
+    ("divided by a per-head norm", Linear(lambda m, h, x: heads_back(as_heads(h) / (
+        as_heads(h).pow(2).mean(-1, keepdim=True) + 1e-6))), X, "fc.weight", 4, "divides by pruned channels"),
+    ("where with a nonzero other branch", Linear(lambda m, h, x: torch.where(x[:, :1] > 0, h, 1.0)), X, "fc.weight",
+     16, "where (where) makes pruned channels nonzero before linear (head)"),
+    ("where with a condition along the channels", Linear(lambda m, h, x: torch.where(x.repeat(1, 2) > 0, h, 0.0)), X,
+     "fc.weight", 16, "selects along the channel dim"),
+    ("cat with an empty cache", Linear(lambda m, h, x: torch.cat([m.empty, h.view(2, 4, 4)], 0).reshape(2, 16)), X,
+     "fc.weight", 4, None),
 ]
 
 
@@ -231,6 +270,41 @@ def test_attention_heads_go_whole_with_q_k_v():
     q = roots(an, "q.weight")
     assert len(np.unique(q)) == 2 and blocked(an, "q.weight") == set()
     assert np.array_equal(q, roots(an, "k.weight")) and np.array_equal(q, roots(an, "v.weight"))
+
+
+class GroupedQueryAttention(nn.Module):
+    """4 query heads, 2 key/value heads of 4 channels (``enable_gqa``), a per-head bias table."""
+
+    def __init__(self, bias_table=False):
+        super().__init__()
+        self.q, self.o = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.k, self.v = nn.Linear(16, 8), nn.Linear(16, 8)
+        self.table = nn.Embedding(3, 4) if bias_table else None
+
+    def forward(self, x):
+        def heads(t):
+            return t.view(2, 5, -1, 4).transpose(1, 2)
+        mask = None
+        if self.table is not None:  # T5: one learned bias per head and relative position
+            relative = (torch.arange(5)[None, :] - torch.arange(5)[:, None]).clamp(-1, 1) + 1
+            mask = self.table(relative).permute(2, 0, 1)
+        a = F.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), attn_mask=mask,
+                                           enable_gqa=True)
+        return self.o(a.transpose(1, 2).reshape(2, 5, 16)).sum(1)
+
+
+def test_grouped_query_attention_removes_a_kv_head_with_its_query_heads():
+    an = analyse(GroupedQueryAttention(), torch.randn(2, 5, 16))
+    q, k = roots(an, "q.weight"), roots(an, "k.weight")
+    assert len(np.unique(q)) == 2 and blocked(an, "q.weight") == set()
+    assert np.array_equal(q, np.repeat(k[::4], 8))          # query heads 2g, 2g+1 with kv head g
+    assert np.array_equal(k, roots(an, "v.weight")) and np.array_equal(roots(an, "o.weight", 1), q)
+
+
+def test_a_per_head_bias_table_goes_with_the_heads():
+    an = analyse(GroupedQueryAttention(bias_table=True), torch.randn(2, 5, 16))
+    q, table = roots(an, "q.weight"), roots(an, "table.weight", 1)
+    assert np.array_equal(table, np.repeat(q[::8], 2)) and blocked(an, "q.weight") == set()
 
 
 @torch.library.custom_op("fxprune_test::chanscale", mutates_args=())

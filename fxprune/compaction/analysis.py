@@ -21,6 +21,7 @@ from torch import fx
 from ..aten import is_mutating, op_name, shape_of
 from . import folds, layout, ops  # noqa: F401  (register the built-in rules)
 from .rules import find_rule, unknown_op
+from .values import HEAD_COUNT_ATTRS, HEAD_WIDTH_ATTRS
 from .values import AtomSet, Axis, Chan, ConvGroups, HeadSplit, NormGroups, ParamRef, ScaleFold
 
 __all__ = ["ChannelAnalysis", "AtomSet", "Axis", "Chan", "ConvGroups", "HeadSplit", "NormGroups", "ParamRef",
@@ -34,8 +35,8 @@ class ChannelAnalysis:
 
     def __init__(self, graph_module: fx.GraphModule, param_of_node: dict[str, str], model=None):
         self.gm = graph_module
+        self.model = model                          # the user's modules (head counts, norms' epsilon)
         self.param_of_node = param_of_node
-        self.model = model
         self.live: set[fx.Node] = set()
         self.atoms = AtomSet()
         self.axes: dict[tuple[str, int], Axis] = {}
@@ -74,6 +75,23 @@ class ChannelAnalysis:
                             (atoms, f"{ref.fqn} dim {dim} does not line up with the channels")]
             return
         self.atoms.union_arrays(axis, atoms)
+
+    def head_counts(self, module: str) -> set[int]:
+        """The head counts module ``module`` of the user's model records (``num_heads``...)."""
+        return self._sizes(module, HEAD_COUNT_ATTRS)
+
+    def head_widths(self, module: str) -> set[int]:
+        """The widths module ``module`` records (``embed_dim``, ``head_dim``...)."""
+        return self._sizes(module, HEAD_WIDTH_ATTRS)
+
+    def _sizes(self, module: str, names) -> set[int]:
+        if self.model is None:
+            return set()
+        try:
+            m = self.model.get_submodule(module)
+        except AttributeError:
+            return set()
+        return {v for v in (getattr(m, a, None) for a in names) if isinstance(v, int) and v > 1}
 
     def block(self, value, reason: str) -> None:
         """Mark every atom in ``value`` (a Chan, list of them, atom array) unprunable."""

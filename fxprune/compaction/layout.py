@@ -3,10 +3,11 @@ expand, indexing, cat/stack/split (see :mod:`.rules` for the rule interface)."""
 from __future__ import annotations
 
 import numpy as np
+from torch import fx
 
 from ..aten import arg, module_of, op_name, shape_of
 from .folds import match_channel_mean
-from .rules import keep, nonzero_reason, register_rule, unknown_op, where
+from .rules import keep, nonzero_reason, register_rule, unknown_op, where, whole_along
 from .values import Chan, HeadSplit, ParamRef
 
 
@@ -72,6 +73,15 @@ def _reduce(an, node):
                                         f"changes its divisor, and {fold})")
         an.scale_folds.append(fold)
         out = None  # a statistic over the channels: it carries none
+    elif not set(xv.dims) <= dims and name in ("mean", "sum", "amax", "amin"):
+        # over some channel dims only (a norm over the head dim, Qwen3's q_norm): exact when those
+        # dims never lose entries, whole units of the others go; a removed unit reduces to zero
+        for d in dims & set(xv.dims):
+            whole_along(an, xv, d)
+        axes = tuple(k for k, d in enumerate(xv.dims) if d in dims)
+        rest = [d for d in xv.dims if d not in dims]
+        new = [d if keepdim else d - sum(r < d for r in dims) for d in rest]
+        out = keep(xv, dims=new, atoms=xv.atoms[tuple(0 if k in axes else slice(None) for k in range(xv.atoms.ndim))])
     elif name == "mean":
         return unknown_op(an, node, "reduces over the channel dim (a mean: removing channels "
                                     "changes its divisor)")
@@ -158,9 +168,11 @@ def _reshape(an, node):
     if all(len(i) == 1 and len(o) == 1 for i, o in hit):  # the channel dims only move
         move = {i[0]: o[0] for i, o in hit}
         return keep(xv, dims=[move[d] for d in xv.dims])
-    if len(hit) != 1:
-        return unknown_op(an, node, "merges channel dims with other dims in a way it cannot follow")
-    ins, outs = hit[0]
+    # The chunks that hold channels, each reshaped on its own (the others are left as unit dims:
+    # a reshape keeps chunk boundaries, so this is the reshape restricted to them); the atoms
+    # are broadcast over the non-channel dims they merge with (``repeat_kv``'s expanded dim).
+    ins = sorted(d for i, _ in hit for d in i)
+    outs = sorted(d for _, o in hit for d in o)
     ordered = sorted(xv.dims)
     arr = np.transpose(xv.atoms, [xv.dims.index(d) for d in ordered])
     arr = arr.reshape([src[d] if d in xv.dims else 1 for d in ins])
@@ -168,16 +180,44 @@ def _reshape(an, node):
     carrying = [j for j in range(arr.ndim) if (arr != np.take(arr, [0], axis=j)).any()]
     sub = arr[tuple(slice(None) if j in carrying else 0 for j in range(arr.ndim))].copy()
     new_dims = [outs[j] for j in carrying]
-    if len(carrying) > len(xv.dims):  # channels split into (heads, head_dim) or the like
-        spec = node.args[1] if op_name(node) in ("view", "reshape", "_unsafe_view") else None
-        free = [k for k, d in enumerate(new_dims) if spec is not None and spec[d] == -1]
-        shrink = free[0] if len(free) == 1 else 0
+    if len(carrying) > len(xv.dims):  # channels split into (heads, head_dim), (3, heads, head_dim)...
+        shrink = _heads_axis(an, node, sub, new_dims)
+        if shrink is None:  # a packing (nn.MultiheadAttention's (3, embed_dim)): later ops decide
+            return Chan(tuple(new_dims), sub, xv.zero, xv.why)
         units = np.moveaxis(sub, shrink, 0).reshape(sub.shape[shrink], -1)
-        for row in units:  # only whole units along the fixed axes can go
+        for row in units:  # only whole units along the other axes can go
             an.atoms.union_all(row)
-        if len(carrying) == 2:
-            an.head_splits.append(HeadSplit(module_of(node), np.moveaxis(sub, shrink, 0)))
+        an.head_splits.append(HeadSplit(module_of(node), _distinct_rows(units)))
     return Chan(tuple(new_dims), sub, xv.zero, xv.why)
+
+
+def _heads_axis(an, node, sub: np.ndarray, dims) -> int | None:
+    """The axis of a split channel that loses whole units (the heads): the one the view leaves
+    to ``-1``; else the one with as many distinct slices as a head count the module records
+    (``num_heads``..., so that timm's packed ``reshape(B, N, 3, num_heads, head_dim)`` shrinks on
+    its heads, and ``nn.MultiheadAttention``'s ``view(L, B * num_heads, head_dim)`` on the heads
+    merged with the batch); None when an axis is a width the module records and none is a head
+    count (``unflatten(-1, (3, embed_dim))``: not a head split); else the first."""
+    spec = node.args[1] if op_name(node) in ("view", "reshape", "_unsafe_view") else None
+    free = [k for k, d in enumerate(dims) if spec is not None and spec[d] == -1]
+    if len(free) == 1:
+        return free[0]
+    module = module_of(node)
+    counts = an.head_counts(module)
+    distinct = [len(_distinct_rows(np.moveaxis(sub, k, 0).reshape(sub.shape[k], -1))) for k in range(sub.ndim)]
+    named = [k for k, n in enumerate(distinct) if n in counts]
+    if named:
+        return named[0]
+    if set(sub.shape) & an.head_widths(module):
+        return None
+    return 0
+
+
+def _distinct_rows(units: np.ndarray) -> np.ndarray:
+    """``units`` without repeated rows (a batch merged with the heads, as
+    ``nn.MultiheadAttention`` does, repeats each head once per sample), in first-seen order."""
+    _, first = np.unique(units, axis=0, return_index=True)
+    return units[np.sort(first)]
 
 
 def _reshape_param(an, node, ref: ParamRef, src, dst):
@@ -223,6 +263,20 @@ def _expand(an, node):
     return keep(xv, dims=dims)
 
 
+@register_rule("repeat_interleave")
+def _repeat_interleave(an, node):
+    """``x.repeat_interleave(n, dim)`` with a constant n: each entry n times in a row (the
+    reference Llama / Mistral code's key/value heads for grouped-query attention)."""
+    xv = an.value(node.args[0])
+    repeats, dim = arg(node, 1, "repeats", None), arg(node, 2, "dim", None)
+    if not isinstance(xv, Chan) or not isinstance(repeats, int) or dim is None:
+        return unknown_op(an, node)
+    dim = int(dim) % len(shape_of(node.args[0]))
+    if dim not in xv.dims:
+        return keep(xv)
+    return keep(xv, atoms=np.repeat(xv.atoms, repeats, axis=xv.dims.index(dim)))
+
+
 @register_rule("select", "slice", "narrow", "index_select")
 def _index(an, node):
     xv = an.value(node.args[0])
@@ -234,15 +288,47 @@ def _index(an, node):
     if dim in xv.dims:
         if name == "slice" and shape_of(node)[dim] == src[dim] and arg(node, 4, "step", 1) == 1:
             return keep(xv)  # x[:, :] -- the whole dim
-        return unknown_op(an, node, "indexes the channel dim")
+        index = _positions(node, src[dim])
+        if index is None or not whole_along(an, xv, dim):
+            return unknown_op(an, node, "indexes the channel dim")
+        # a dim of whole units (the head dim of whole heads, the q/k/v dim of a packed
+        # projection) never loses entries, so the same positions stay right after compaction
+        atoms = np.take(xv.atoms, index, axis=xv.dims.index(dim))
+        if name == "select":
+            return keep(xv, dims=[d - (d > dim) for d in xv.dims if d != dim], atoms=atoms)
+        return keep(xv, atoms=atoms)
     if name == "select":
         return keep(xv, dims=[d - (d > dim) for d in xv.dims])
     return keep(xv)
 
 
+def _positions(node, size: int):
+    """The constant positions an indexing op takes along its dim (None when computed)."""
+    name = op_name(node)
+    if name == "select":
+        return int(node.args[2]) % size
+    if name == "slice":
+        start, end, step = (arg(node, k, key, dflt) for k, key, dflt in
+                            ((2, "start", None), (3, "end", None), (4, "step", 1)))
+        if any(isinstance(v, fx.Node) for v in (start, end, step)):
+            return None
+        return np.arange(size)[slice(start, end, step)]
+    if name == "narrow":
+        start, length = node.args[2], node.args[3]
+        if isinstance(start, fx.Node) or isinstance(length, fx.Node):
+            return None
+        return np.arange(size)[int(start):int(start) + int(length)]
+    return None  # index_select: a tensor of positions
+
+
+def _is_empty(node) -> bool:
+    """The empty 1-D tensor ``torch.cat`` skips (an empty key/value cache)."""
+    return isinstance(node, fx.Node) and tuple(shape_of(node) or (1,)) == (0,)
+
+
 @register_rule("cat", "concat", "concatenate")
 def _cat(an, node):
-    tensors = list(node.args[0])
+    tensors = [t for t in node.args[0] if not _is_empty(t)]
     vals = [an.value(t) for t in tensors]
     n = len(shape_of(node))
     dim = int(arg(node, 1, "dim", 0)) % n
@@ -261,11 +347,21 @@ def _cat(an, node):
         why = next((c.why for c in chans if not c.zero), "")
         return Chan((dim,), np.concatenate(parts), zero, why)
     first = chans[0]
-    if len(chans) == len(vals) and all(c.dims == first.dims and c.atoms.shape == first.atoms.shape
-                                       and dim not in c.dims for c in chans):
+    same = len(chans) == len(vals) and all(c.dims == first.dims for c in chans)
+    if same and dim not in first.dims and all(c.atoms.shape == first.atoms.shape for c in chans):
         for c in chans[1:]:
             an.atoms.union_arrays(first.atoms, c.atoms)
         return keep(first, all(c.zero for c in chans), next((c.why for c in chans if c.why), ""))
+    axis = first.dims.index(dim) if dim in first.dims else -1
+    other = [s for k, s in enumerate(first.atoms.shape) if k != axis]
+    if same and axis >= 0 and all([s for k, s in enumerate(c.atoms.shape) if k != axis] == other
+                                  for c in chans):
+        # along a dim of whole units (RoPE's rotate-half: cat(-x2, x1) on the head dim): the
+        # pieces keep their positions as long as the dim never loses entries
+        out = Chan(first.dims, np.concatenate([c.atoms for c in chans], axis=axis),
+                   all(c.zero for c in chans), next((c.why for c in chans if not c.zero), ""))
+        if whole_along(an, out, dim):
+            return out
     return unknown_op(an, node, "concatenates tensors whose channels do not line up")
 
 
@@ -296,6 +392,14 @@ def _split(an, node):
         if name == "unbind":
             return [keep(xv, dims=[d - (d > dim) for d in xv.dims]) for _ in pieces]
         return [keep(xv) for _ in pieces]
+    axis = xv.dims.index(dim)
+    if len(xv.dims) > 1 and whole_along(an, xv, dim):
+        # a dim of whole units (q/k/v of a packed projection split into heads) keeps its size
+        if name == "unbind":
+            dims = [d - (d > dim) for d in xv.dims if d != dim]
+            return [keep(xv, dims=dims, atoms=np.take(xv.atoms, i, axis=axis)) for i in range(len(pieces))]
+        bounds = np.cumsum([0] + [p[dim] for p in pieces])
+        return [keep(xv, atoms=np.take(xv.atoms, np.arange(a, b), axis=axis)) for a, b in zip(bounds, bounds[1:])]
     sizes = [p[dim] for p in pieces]
     if name == "unbind" or len(xv.dims) != 1 or len(set(sizes)) != 1:
         return unknown_op(an, node, "splits the channels unevenly")
@@ -303,6 +407,42 @@ def _split(an, node):
     for p in parts[1:]:  # equal pieces stay equal: channel j goes from every piece or none
         an.atoms.union_arrays(parts[0], p)
     return [keep(xv, atoms=p) for p in parts]
+
+
+@register_rule("where")
+def _where(an, node):
+    """``where(cond, a, b)``: a channel tensor masked by a condition that does not depend on the
+    channel (T5's position bias under the attention mask)."""
+    if len(node.args) < 3:
+        return unknown_op(an, node)
+    out_shape = shape_of(node)
+    n = len(out_shape)
+    vals = [an.value(a) for a in node.args[:3]]
+    chans = [(k, v) for k, v in enumerate(vals) if isinstance(v, Chan)]
+    if not chans or any(isinstance(v, ParamRef) for v in vals) or chans[0][0] == 0:
+        return unknown_op(an, node)
+    shifted = []
+    for k, v in chans:
+        shift = n - len(shape_of(node.args[k]))
+        shifted.append((k, Chan(tuple(d + shift for d in v.dims), v.atoms, v.zero, v.why)))
+    k, c = shifted[0]
+    if tuple(out_shape[d] for d in c.dims) != c.atoms.shape:
+        return unknown_op(an, node, "broadcasts a channel dim")
+    for j, a in enumerate(node.args[:3]):
+        if any(j == kk for kk, _ in shifted) or not isinstance(a, fx.Node):
+            continue
+        osh = shape_of(a)
+        if any(d - (n - len(osh)) >= 0 and osh[d - (n - len(osh))] != 1 for d in c.dims):
+            return unknown_op(an, node, "selects along the channel dim")
+    if len(shifted) == 2:
+        c2 = shifted[1][1]
+        if c2.dims != c.dims or c2.atoms.shape != c.atoms.shape:
+            return unknown_op(an, node, "selects between tensors whose channels do not line up")
+        an.atoms.union_arrays(c.atoms, c2.atoms)
+        return Chan(c.dims, c.atoms, c.zero and c2.zero, c.why or c2.why)
+    other = node.args[3 - k]  # the non-channel branch
+    zero = c.zero and not isinstance(other, fx.Node) and other == 0
+    return keep(c, zero, "" if zero else where(node))
 
 
 @register_rule("getitem")

@@ -9,7 +9,7 @@ import numpy as np
 from torch import fx
 
 from ..aten import BATCH_NORM_ARGS, BATCH_NORM_TUPLE_OPS, CONV_ND_ARGS, CONVOLUTION_ARGS, GENERAL_CONVOLUTIONS, arg, named_arg, op_name, shape_of
-from .rules import keep, nonzero_reason, register_rule, unknown_op, where
+from .rules import keep, nonzero_reason, register_rule, unknown_op, where, whole_along
 from .values import Chan, ConvGroups, NormGroups, ParamRef
 
 # ---------------------------------------------------------------------- elementwise
@@ -18,7 +18,7 @@ PASS_THROUGH = ("clone", "contiguous", "alias", "detach", "lift_fresh_copy", "_t
 ZERO_KEEPING = ("relu", "relu6", "gelu", "silu", "tanh", "hardtanh", "leaky_relu", "elu", "selu",
                 "celu", "hardswish", "mish", "neg", "abs", "sin", "erf", "square", "sign", "sgn",
                 "hardshrink", "softshrink", "tanhshrink", "atan", "asinh", "sinh", "tan")
-ZERO_BREAKING = ("sigmoid", "hardsigmoid", "exp", "cos", "softplus", "log_sigmoid", "cosh")
+ZERO_BREAKING = ("sigmoid", "hardsigmoid", "exp", "cos", "softplus", "log_sigmoid", "cosh", "rsqrt", "reciprocal")
 
 
 @register_rule(*PASS_THROUGH, *ZERO_KEEPING, *ZERO_BREAKING)
@@ -77,7 +77,16 @@ def _binary(an, node):
     if len(chans) == 2:
         _, c2 = chans[1]
         if c2.dims != c.dims or c2.atoms.shape != c.atoms.shape:
-            return unknown_op(an, node, "combines tensors whose channels do not line up")
+            big, small = (c, c2) if len(c.dims) >= len(c2.dims) else (c2, c)
+            spread = _broadcast_atoms(small, big, shapes[chans[0][0] if small is c else chans[1][0]], n)
+            if spread is None:
+                return unknown_op(an, node, "combines tensors whose channels do not line up")
+            if kind == "div":
+                return unknown_op(an, node, "divides by pruned channels")
+            # per-unit values broadcast over the unit's channels (x * rsqrt(mean(x^2)) per head)
+            an.atoms.union_arrays(big.atoms, spread)
+            zero = (c.zero and c2.zero) if additive else (c.zero or c2.zero)
+            return Chan(big.dims, big.atoms, zero, big.why or small.why)
         if kind == "div":
             return unknown_op(an, node, "divides by pruned channels")
         an.atoms.union_arrays(c.atoms, c2.atoms)
@@ -95,8 +104,31 @@ def _binary(an, node):
     if isinstance(other, ParamRef) and len(c.dims) == 1 and other.perm[aligned[c.dims[0]]] >= 0:
         an.bind(other, aligned[c.dims[0]], c.atoms, "zero" if additive else "slice")
         return keep(c)
+    if not isinstance(other, Chan) and set(full) != set(c.dims):
+        # varies along some channel dims only (RoPE's cos/sin along the head dim, not the heads):
+        # exact when those dims never lose entries, so whole units of the others go
+        for d in full:
+            whole_along(an, c, d)
+        return keep(c, False, where(node)) if additive else keep(c)
     an.block(c, f"{where(node)}: combines the channels with {_origin(an, other_arg)}")
     return None
+
+
+def _broadcast_atoms(small: Chan, big: Chan, small_shape, n: int) -> np.ndarray | None:
+    """``small``'s atoms spread over ``big``'s channel dims, when ``small`` carries a subset of
+    them and has size 1 along the others (None otherwise)."""
+    if not set(small.dims) < set(big.dims):
+        return None
+    shift = n - len(small_shape)
+    for d in big.dims:
+        if d not in small.dims and d - shift >= 0 and small_shape[d - shift] != 1:
+            return None
+    axes = [big.dims.index(d) for d in small.dims]
+    if any(small.atoms.shape[i] != big.atoms.shape[a] for i, a in enumerate(axes)):
+        return None
+    shape = [big.atoms.shape[k] if k in axes else 1 for k in range(big.atoms.ndim)]
+    arr = np.transpose(small.atoms, np.argsort(axes)).reshape(shape)
+    return np.broadcast_to(arr, big.atoms.shape)
 
 
 def _origin(an, node: fx.Node) -> str:
@@ -193,15 +225,49 @@ def _sdpa(an, node):
     arrays = [_axes(c, hd) if isinstance(c, Chan) else None for c in (q, k, v)]
     mask = arg(node, 3, "attn_mask")
     mask_shape = shape_of(mask) if isinstance(mask, fx.Node) else None
-    per_head_mask = (mask_shape is not None and len(mask_shape) >= 3 and mask_shape[-3] != 1)
-    if (any(a is None for a in arrays) or len({a.shape[0] for a in arrays}) != 1
-            or arg(node, 7, "enable_gqa", False) or per_head_mask
-            or isinstance(an.value(mask), Chan)):
-        return unknown_op(an, node, "attention whose heads it cannot remove whole (q, k, v must all "
-                                    "come from pruned projections, no per-head mask)")
-    for h in range(arrays[0].shape[0]):  # one head goes as a whole: q, k and v rows together
-        an.atoms.union_all(np.concatenate([a[h] for a in arrays]))
-    return Chan(hd, arrays[2], v.zero, v.why)
+    heads = arrays[0].shape[0] if arrays[0] is not None else 0
+    if any(a is None for a in arrays) or arrays[1].shape[0] != arrays[2].shape[0] or heads % arrays[1].shape[0]:
+        return unknown_op(an, node, "attention whose heads it cannot remove whole (q, k and v must all "
+                                    "come from pruned projections)")
+    group = heads // arrays[1].shape[0]
+    if group > 1 and not arg(node, 7, "enable_gqa", False):
+        return unknown_op(an, node, "attention with fewer key/value heads than query heads")
+    head_mask = _head_mask(an, mask, mask_shape, heads)
+    if isinstance(head_mask, str):
+        return unknown_op(an, node, head_mask)
+    for h in range(heads):  # one head goes as a whole: q, k and v rows together (with
+        # grouped-query attention, a key/value head with every query head of its group)
+        parts = [arrays[0][h], arrays[1][h // group], arrays[2][h // group]]
+        if head_mask is not None:
+            parts.append(head_mask[h:h + 1])
+        an.atoms.union_all(np.concatenate(parts))
+    out = np.repeat(arrays[2], group, axis=0)
+    return Chan(hd, out, v.zero, v.why)
+
+
+def _head_mask(an, mask, mask_shape, heads: int):
+    """The atoms of a per-head attention mask's head dim (T5's relative position bias: its heads
+    go with the attention heads), None for a mask shared by the heads, or why not."""
+    if mask_shape is None or len(mask_shape) < 3 or mask_shape[-3] == 1:
+        if isinstance(an.value(mask), Chan):
+            return "its mask depends on the channels"
+        return None
+    mv = an.value(mask)
+    dim = len(mask_shape) - 3
+    if mask_shape[-3] != heads:
+        return "a per-head mask whose heads do not line up"
+    if isinstance(mv, Chan):
+        if mv.dims != (dim,):
+            return "its mask depends on the channels"
+        return mv.atoms
+    if mv is not None:
+        return "a per-head mask it cannot follow"
+    # a per-head mask no layer makes (zeros of shape (1, n_heads, q, k), T5's cross-attention):
+    # its heads go with the attention's; its size must follow the module's head count, which
+    # compaction rewrites (the verification checks it)
+    fresh = an.atoms.new(heads)
+    an.values[mask] = Chan((dim,), fresh, False, where(mask))
+    return fresh
 
 
 @register_rule("conv1d", "conv2d", "conv3d", "convolution", "_convolution")

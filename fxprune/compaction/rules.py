@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
+
 from torch import fx
 
 from ..aten import module_of, op_name
@@ -75,6 +77,20 @@ def keep(c: Chan, zero: bool | None = None, why: str = "", dims=None, atoms=None
     z = c.zero if zero is None else zero
     return Chan(c.dims if dims is None else tuple(dims), c.atoms if atoms is None else atoms,
                 z, c.why if z == c.zero else why)
+
+
+def whole_along(an, c: Chan, dim: int) -> bool:
+    """Couple ``c``'s atoms along its channel dim ``dim`` (for every index of its other channel
+    dims, all atoms along ``dim`` are one class), so ``dim`` never loses entries: an op that
+    indexes, slices, concatenates or scales along it stays exact when whole units of the other
+    dims go (RoPE's rotate-half on the head dim of whole heads). False, coupling nothing, when
+    ``dim`` is ``c``'s only channel dim (every channel would become one class)."""
+    if dim not in c.dims or len(c.dims) < 2:
+        return False
+    rows = np.moveaxis(c.atoms, c.dims.index(dim), -1)
+    for row in rows.reshape(-1, rows.shape[-1]):
+        an.atoms.union_all(row)
+    return True
 
 
 def nonzero_reason(c: Chan, node: fx.Node) -> str:

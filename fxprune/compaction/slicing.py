@@ -17,9 +17,11 @@ from torch import nn
 
 from ..aten import is_conv, is_hf_conv1d
 from .folds import eps_attribute, fold_factors
+from .modules import compact_multihead_attention
+from .values import HEAD_COUNT_ATTRS
 
-HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
-HEAD_WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size")
+# widths of all heads together, rewritten with the head count
+ALL_HEADS_WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size")
 
 
 class Undo:
@@ -93,6 +95,9 @@ def slice_model(model: nn.Module, plan, spaces: set[int]) -> Undo:
             for module in touched.values():
                 sync_sizes(module, undo)
             _heads(model, plan, spaces, undo)
+            for module in touched.values():  # after _heads: reads num_heads
+                if isinstance(module, nn.MultiheadAttention):
+                    compact_multihead_attention(module, undo)
             _norm_groups(model, plan, spaces, undo)
             _scale_folds(model, plan, spaces, undo)
     except Exception:
@@ -138,19 +143,23 @@ def _kept_units(plan, atoms: np.ndarray, spaces) -> int:
 
 
 def _heads(model, plan, spaces, undo: Undo) -> None:
+    """Rewrite the head counts (and widths) a module records, for every head split it makes:
+    queries and keys/values (grouped-query attention) are separate splits of one module."""
     done = set()
     for split in plan.analysis.head_splits:
         heads, width = split.atoms.shape
         kept = _kept_units(plan, split.atoms, spaces)
-        if kept == heads or split.module in done:
+        if kept == heads:
             continue
-        done.add(split.module)
         module = model.get_submodule(split.module)
         for name in HEAD_COUNT_ATTRS:
-            if getattr(module, name, None) == heads:
+            if (split.module, name) not in done and getattr(module, name, None) == heads:
+                done.add((split.module, name))
                 undo.set_attr(module, name, kept)
-        for name in HEAD_WIDTH_ATTRS:
-            if getattr(module, name, None) == heads * width:
+                break
+        for name in ALL_HEADS_WIDTH_ATTRS:
+            if (split.module, name) not in done and getattr(module, name, None) == heads * width:
+                done.add((split.module, name))
                 undo.set_attr(module, name, kept * width)
 
 

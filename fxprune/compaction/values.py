@@ -76,6 +76,15 @@ class Axis:
     roles: set = field(default_factory=set)
 
 
+# Module attributes that count attention heads (Hugging Face, timm, torch), rewritten when whole
+# heads go.
+HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head", "num_key_value_heads",
+                    "num_kv_heads")
+# Module attributes that record a width of the attention (embedding, all heads, one head).
+HEAD_WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size", "embed_dim", "kdim", "vdim", "head_dim",
+                    "attention_head_size", "hidden_size")
+
+
 @dataclass
 class HeadSplit:
     """A reshape that splits channels into (heads, head_dim): the module's head-count attributes
