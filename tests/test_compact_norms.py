@@ -298,6 +298,7 @@ def test_t5_config_gets_d_model_d_ff_and_epsilon(tmp_path):
     assert (t5.config.d_model, t5.config.d_ff) == (32 - int(0.3 * 32), 48 - int(0.3 * 48))
     assert t5.config.layer_norm_epsilon == pytest.approx(1e-6 * 32 / t5.config.d_model)
     assert report.compaction["config"]["updated"]["t5.config.d_model"] == [32, t5.config.d_model]
+    assert (t5.config.num_heads, t5.config.d_kv) == (3, 8)   # a head of 4 goes whole, d_kv stays
     t5.save_pretrained(tmp_path)
     again = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
     with torch.no_grad():
