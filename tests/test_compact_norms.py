@@ -169,6 +169,20 @@ def test_global_response_norm_is_compacted_exactly():
     assert any(r.startswith("layer_norm (norm)") for r in reasons), reasons
 
 
+def test_global_response_norm_with_addcmul_is_compacted_exactly():
+    class TimmGRN(GRN):  # timm's GlobalResponseNorm: the affine through addcmul on views
+        def forward(self, x):
+            g = x.norm(p=2, dim=(1, 2), keepdim=True)
+            n = g / (g.mean(dim=-1, keepdim=True) + self.eps)
+            return x + torch.addcmul(self.bias.view(1, 1, 1, -1), self.weight.view(1, 1, 1, -1), x * n)
+
+    model = ConvNeXtV2Block(eps=1e-2)
+    model.grn = TimmGRN(32, eps=1e-2)
+    masked, compacted, _ = masked_and_compacted(model.eval(), LOCAL, (torch.randn(2, 3, 8, 8),))
+    assert compacted.pwconv1.weight.shape == (23, 8) and compacted.grn.eps == pytest.approx(1e-2 * 32 / 23)
+    assert_same_function(masked, compacted, (torch.randn(3, 3, 8, 8),))
+
+
 def test_global_response_norm_with_a_literal_epsilon_is_blocked_with_its_reason():
     class LiteralEps(GRN):  # Hugging Face's ConvNextV2GRN writes 1e-6 in the code
         def __init__(self, dim):

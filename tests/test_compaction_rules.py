@@ -112,6 +112,8 @@ CASES = [
     ("GRN: epsilon a constant in the code",
      Conv(lambda m, c: c * (lambda g: g / (g.mean(1, keepdim=True) + 1e-6))(c.norm(dim=(2, 3), keepdim=True))),
      IMG, "conv.weight", 8, "its epsilon 1e-06 (add (add)) is a constant in the code"),
+    ("addcmul: a parameter plus a product", Linear(lambda m, h, x: torch.addcmul(m.p, h, m.fc2(x))), X,
+     "fc.weight", 16, None),
     ("rms_norm (nn.RMSNorm)", Linear(lambda m, h, x: m.rms(h)), X, "fc.weight", 16, None),
     ("RMSNorm decomposed", Linear(lambda m, h, x: m.p * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + m.eps))),
      X, "fc.weight", 16, None),

@@ -134,6 +134,10 @@ def match_channel_mean(an, node: fx.Node, xv: Chan) -> ScaleFold | str:
             combined = True
             cur = u
             continue
+        if name == "addcmul" and cur in args[1:3] and args[0] is not cur:
+            fqn = _param_of(an, args[2] if args[1] is cur else args[1])
+            if fqn is not None:  # input + gamma * cur: the factor goes into gamma
+                return _fold(an, node, xv, u, fqn, power, eps, eps_node, eps_power)
         if name in ("linear", "conv1d", "conv2d", "conv3d") and args[0] is cur:
             fqn = _param_of(an, args[1])
             if fqn is not None:  # the factor scales the weight, not the bias
