@@ -375,3 +375,14 @@ def test_llama_config_gets_the_head_counts_and_reloads(tmp_path):
     x = (torch.randint(0, 50, (3, 7)),)
     assert_same_function(compacted, again, x)
     assert_same_function(masked, again, x)
+
+
+def test_hugging_face_convnextv2_reports_its_literal_epsilon():
+    # a vision model: no token embedding (get_input_embeddings raises), its GRN writes + 1e-6 in the code
+    cfg = transformers.ConvNextV2Config(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, image_size=32, num_labels=3)
+    model = transformers.ConvNextV2ForImageClassification(cfg).eval()
+    masked, compacted, report = masked_and_compacted(model, LOCAL, (torch.randn(1, 3, 32, 32),))
+    reasons = {b["reason"] for g in report.compaction["groups"] for b in g["blocked"]}
+    assert any("grn): reduces over the channel dim" in r and "its epsilon 1e-06" in r for r in reasons), reasons
+    assert report.compaction["config"] == {"updated": {}, "not_described": {}}
+    assert_same_function(masked, compacted, (torch.randn(2, 3, 32, 32),))

@@ -54,6 +54,15 @@ def hf_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def _input_embeddings(module: nn.Module) -> nn.Embedding | None:
+    """The model's token embedding, if it has one (vision models raise NotImplementedError)."""
+    try:
+        embed = module.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return embed if isinstance(embed, nn.Embedding) else None
+
+
 def _out_features(module) -> int | None:
     w = getattr(module, "weight", None)
     if w is None or w.dim() != 2:
@@ -64,8 +73,8 @@ def _out_features(module) -> int | None:
 def read_sizes(module: nn.Module) -> dict[str, list]:
     """Field -> the values the compacted modules of one Hugging Face model hold (one per layer)."""
     sizes: dict[str, list] = defaultdict(list)
-    embed = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
-    if isinstance(embed, nn.Embedding):
+    embed = _input_embeddings(module)
+    if embed is not None:
         sizes["hidden_size"].append(int(embed.weight.shape[1]))
     for name, sub in module.named_modules():
         for field, suffixes in FFN_UP.items():
@@ -174,8 +183,8 @@ def fit_hf_configs(model: nn.Module, an, classes, dead: set, reduce_types: dict)
 
     for _, module in models:
         config = module.config
-        embed = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
-        if not isinstance(embed, nn.Embedding) or not hasattr(config, "validate_architecture"):
+        embed = _input_embeddings(module)
+        if embed is None or not hasattr(config, "validate_architecture"):
             continue
         stream = an.axes.get((fqn_of.get(id(embed.weight)), 1))
         if stream is None:
