@@ -104,6 +104,12 @@ def worker(job: dict) -> dict:
 
     hf_logging.set_verbosity_error()
     model = LlamaForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32).eval()
+    # from_pretrained maps the safetensors file: a weight's pages become resident only when first
+    # read. Read every weight now, so "loaded" holds the whole model and the peak above it is
+    # the tool's own work, not the page-in of weights it happens to read first.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sum()
     calib = torch.load(Path(job["model_dir"]) / "calibration.pt")
     counts = {"real": 0, "traced": 0}
 
@@ -358,7 +364,7 @@ class Runner:
                        "fxprune_path": tools[tool][1],
                        "fx_calib_batch": self.args.fx_calib_batch, "pattern_check": pattern}
                 if save:
-                    job["save"] = str(self.cache / "out" / _slug(f"{model_label}-{tool}-{rep}.safetensors"))
+                    job["save"] = str(self.cache / "out" / _slug(f"{model_label}-{method}-{tool}-{rep}-{os.getpid()}.safetensors"))
                     Path(job["save"]).parent.mkdir(parents=True, exist_ok=True)
                 r = run_job(tools[tool][0], job, self.logs)
                 r["time"] = r["cpu_s"] if self.args.time == "cpu" else r["seconds"]

@@ -7,25 +7,31 @@ holds the few collective steps fxprune needs. What is split and what is replicat
 - block-sequential calibration (``activation`` = Wanda, ``sparse_gpt``): the calibration batches
   are run up to the first block and merged into block batches on every rank (that part is cheap
   and makes the same block batches as one process); then each rank keeps block batch ``i`` when
-  ``i % world == rank`` and carries only those hidden states from block to block. After each block's dense forward, the statistics are summed over the
-  ranks before any mask is chosen: Wanda's per-feature sums of squares are gathered per batch and
-  added up in the single-process batch order (so masks are bit-identical to one process),
-  SparseGPT's Hessians and sample counts are all-reduced (float32 sums in another order: weights
-  within summation-order tolerance). The SparseGPT solves of one block (one per distinct input)
-  are divided among the ranks and the results broadcast, so every rank holds the same weights;
+  ``i % world == rank`` and carries only those hidden states from block to block. After each
+  block's dense forward, the statistics are summed over the ranks before any mask is chosen:
+  Wanda's per-feature sums of squares are gathered per batch and added in the single-process
+  batch order; SparseGPT's Hessians (float64 sums of float32 products, see
+  ``BlockInputStats.add_hessian``) and sample counts are all-reduced. Both give one process's
+  masks. The SparseGPT work of one block (an inverse factor per distinct input, then the OBS
+  update of the rows) is planned by :func:`plan_sparse_gpt`: each factor on one rank, sent
+  point-to-point to the ranks that need it as soon as it is computed, rows in ranges; one
+  all-gather brings every rank's rows back, so every rank holds the same weights;
 - whole-model data-aware groups (global scope, gradient criteria) and everything else are
   replicated: every rank computes the same result from the full calibration;
 - checkpoints: see :mod:`fxprune.checkpoint.sharded`.
 
-Errors: every collective step of fxprune starts with a status exchange. A rank that fails takes
-part in the next exchange with its one-line message instead, so every rank raises
-:class:`DistributedError` naming the failed rank and its message; a rank that dies or hangs makes
-the others' collective fail after the process group's timeout (``init_process_group(timeout=...)``;
-the CLI's ``--timeout``), reported as a :class:`DistributedError` too. Only rank 0 reports progress.
+Errors: fxprune's collective steps start with a status exchange (an all-gather of one flag per
+rank; the messages follow only when one is set), except the SparseGPT results' all-gather, which
+carries each rank's flag itself. A rank that fails takes part in the next exchange with its
+one-line message instead, so every rank raises :class:`DistributedError` naming the failed rank
+and its message; a rank that dies or hangs makes the others' collective fail after the process
+group's timeout (``init_process_group(timeout=...)``; the CLI's ``--timeout``), reported as a
+:class:`DistributedError` too. Only rank 0 reports progress.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -76,19 +82,24 @@ class Distributed:
     # ------------------------------------------------------------------ errors
     def check(self, stage: str, error: str | None = None) -> None:
         """The status exchange every collective step starts with: raises on every rank when any
-        rank reports an error (``error``), naming the ranks and their messages."""
+        rank reports an error (``error``), naming the ranks and their messages. One all-gather
+        of a flag per rank; the messages follow only when a flag is set."""
         self.steps += 1
-        statuses: list[Any] = [None] * self.world
+        dist = _dist()
         try:
-            _dist().all_gather_object(statuses, error, group=self.group)
+            flags = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world)]
+            dist.all_gather(flags, torch.tensor([int(error is not None)], device=self.device),
+                            group=self.group)
+            if not any(int(f) for f in flags):
+                return
+            statuses = self.all_gather_objects(error)
         except Exception as e:   # a dead or hung rank: the process group's timeout fired
             raise DistributedError(
                 f"rank {self.rank}: lost the other ranks at {stage} ({_one_line(e)}); another "
                 f"rank stopped without reporting (see its output) or is stuck longer than the "
                 f"process group's timeout") from None
         failed = [(r, s) for r, s in enumerate(statuses) if s is not None]
-        if failed:
-            raise DistributedError("; ".join(f"rank {r} failed: {s}" for r, s in failed))
+        raise DistributedError("; ".join(f"rank {r} failed: {s}" for r, s in failed))
 
     @contextlib.contextmanager
     def guard(self, stage: str = "the end"):
@@ -155,57 +166,113 @@ class Distributed:
                 out[i] = part.view(tensors[i].shape)
         return out  # type: ignore[return-value]
 
-    def broadcast(self, tensor: Tensor, src: int) -> Tensor:
-        """``tensor`` of rank ``src`` on every rank (others pass a buffer of its shape/dtype)."""
-        dist = _dist()
-        wire = tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor
-        wire = wire.to(self.device).contiguous()
-        dist.broadcast(wire, src=dist.get_global_rank(self.group, src) if self.group is not None
-                       else src, group=self.group)
-        wire = wire.to(tensor.device)
-        return wire.bool() if tensor.dtype == torch.bool else wire
-
-    def split_work(self, items: Sequence, cost: Callable[[Any], float],
-                   compute: Callable[[Any], tuple[Tensor, ...]],
-                   shapes: Callable[[Any], Sequence[tuple[tuple[int, ...], torch.dtype]]],
-                   stage: str) -> list[tuple[Tensor, ...]]:
-        """``compute(item)`` for every item, each on one rank (greedy by ``cost``, largest first),
-        the results broadcast to every rank. ``shapes(item)``: the results' shapes and dtypes."""
-        owner = assign(list(map(cost, items)), self.world)
-        mine = {i: None for i, r in enumerate(owner) if r == self.rank}
-
-        def work():
-            for i in mine:
-                mine[i] = compute(items[i])
-        self.run(stage, work)
-        results = []
-        for i, item in enumerate(items):
-            if owner[i] == self.rank:
-                parts = mine[i]
-            else:
-                parts = tuple(torch.empty(shape, dtype=dtype) for shape, dtype in shapes(item))
-            results.append(tuple(self.broadcast(p, owner[i]) for p in parts))
-        return results
+    def _peer(self, rank: int) -> int:
+        """The global rank of ``rank`` of this group (point-to-point calls take global ranks)."""
+        return _dist().get_global_rank(self.group, rank) if self.group is not None else rank
 
     # ------------------------------------------------------------------ block-sequential hooks
     def block_input_stats(self, model, targets):
         return _RankInputStats(model, targets, self)
 
-    def split_sparse_gpt(self, shared_groups: Sequence[list], solve: Callable) -> list:
-        """The SparseGPT solves of one block (one per group of layers sharing an input; ``solve``
-        returns the stacked updated float32 views and their pruned mask), divided among the
-        ranks by FLOPs and broadcast."""
-        def shapes(shared):
-            rows = sum(t.geometry.view_shape[0] for t in shared)
-            cols = shared[0].geometry.view_shape[1]
-            return [((rows, cols), torch.float32), ((rows, cols), torch.bool)]
+    def split_sparse_gpt(self, shared_groups: Sequence[list], factor: Callable,
+                         solve: Callable, cuts: Callable) -> list[tuple[Tensor, Tensor]]:
+        """The SparseGPT solves of one block's layers, divided among the ranks; every rank
+        returns every group's ``(new float32 rows, pruned mask)``.
 
-        def cost(shared):
-            (rows, cols), _ = shapes(shared)[0]
-            return sparse_gpt_cost(rows, cols)
-
+        ``factor(shared)``: the inverse Hessian factor of layers sharing one input;
+        ``solve(shared, u, r0, r1)``: rows ``[r0, r1)`` of their stacked 2-D views, updated;
+        ``cuts(shared)``: where their rows may be split. :func:`plan_sparse_gpt` gives each
+        factor to one rank and each rank row ranges so that the ranks' costs are even; a factor
+        needed by another rank is sent as soon as it is computed (point-to-point, in the
+        background), each rank solves its rows with its own factors first, and one all-gather
+        brings every rank's rows (and an error flag: a rank's error stops every rank with its
+        message, without a status exchange per step when all goes well)."""
+        dist = _dist()
+        cols = [shared[0].geometry.view_shape[1] for shared in shared_groups]
+        rows = [sum(t.geometry.view_shape[0] for t in shared) for shared in shared_groups]
+        plan = plan_sparse_gpt(cols, rows, [cuts(shared) for shared in shared_groups], self.world)
         name = shared_groups[0][0].name if shared_groups else ""
-        return self.split_work(shared_groups, cost, solve, shapes, f"the sparse_gpt solve near {name}")
+        stage = f"the sparse_gpt solves near {name}"
+        error: BaseException | None = None
+        factors: dict[int, Tensor] = {}
+        sends, recvs = [], {}
+        for g, owner in enumerate(plan.owner):     # every rank walks the groups in one order
+            users = {r for r, _, _ in plan.ranges[g]} - {owner}
+            if owner == self.rank:
+                if error is None:
+                    try:
+                        factors[g] = factor(shared_groups[g])
+                    except Exception as e:            # reported with the results below
+                        error = e
+                # a failed factor goes out as NaN: its users skip their rows (the owner reports)
+                u = factors.get(g)
+                wire = (u if u is not None else torch.full((cols[g], cols[g]), float("nan"))
+                        ).to(self.device).contiguous()
+                sends += [dist.isend(wire, self._peer(r), group=self.group, tag=g) for r in sorted(users)]
+            elif self.rank in users:
+                wire = torch.empty(cols[g], cols[g], device=self.device)
+                recvs[g] = (wire, dist.irecv(wire, self._peer(owner), group=self.group, tag=g))
+        mine = [(g, r0, r1) for g in range(len(shared_groups)) for r, r0, r1 in plan.ranges[g]
+                if r == self.rank]
+        solved: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        for g, r0, r1 in sorted(mine, key=lambda m: m[0] in recvs):   # own factors first
+            if g in recvs:
+                wire, work = recvs[g]
+                self._wait(work, stage)
+                factors[g] = wire.to("cpu") if wire.device.type != "cpu" else wire
+            u = factors.get(g)
+            if error is None and u is not None and not bool(torch.isnan(u[0, 0])):
+                try:
+                    solved[g, r0] = solve(shared_groups[g], u, r0, r1)
+                except Exception as e:
+                    error = e
+        for work in sends:
+            self._wait(work, stage)
+        # one all-gather: per rank a flag, then its rows' float32 weights and mask bytes
+        sizes = [8 + sum((r1 - r0) * cols[g] * 5 for g in range(len(cols))
+                         for r, r0, r1 in plan.ranges[g] if r == k) for k in range(self.world)]
+        buf = torch.zeros(max(sizes), dtype=torch.uint8)
+        buf[:8] = torch.tensor([int(error is not None)], dtype=torch.int64).view(torch.uint8)
+        at = 8
+        for g, r0, r1 in mine:
+            n = (r1 - r0) * cols[g]
+            new, pruned = solved.get((g, r0), (None, None))
+            if new is not None:
+                buf[at:at + 4 * n] = new.contiguous().view(-1).view(torch.uint8)
+                buf[at + 4 * n:at + 5 * n] = pruned.contiguous().view(-1).view(torch.uint8)
+            at += 5 * n
+        parts = [torch.empty_like(buf, device=self.device) for _ in range(self.world)]
+        try:
+            dist.all_gather(parts, buf.to(self.device), group=self.group)
+        except Exception as e:
+            raise DistributedError(f"rank {self.rank}: lost the other ranks at {stage} "
+                                   f"({_one_line(e)})") from None
+        parts = [p.cpu() for p in parts]
+        if error is not None or any(int(p[:8].view(torch.int64)) for p in parts):
+            if error is not None:
+                self._report(stage, error)
+                raise error
+            self.check(stage)           # raises: the failed ranks' messages
+        results = []
+        offsets = [8] * self.world
+        for g, shared in enumerate(shared_groups):
+            new = torch.empty(rows[g], cols[g], dtype=torch.float32)
+            pruned = torch.empty(rows[g], cols[g], dtype=torch.bool)
+            for r, r0, r1 in plan.ranges[g]:
+                n, at = (r1 - r0) * cols[g], offsets[r]
+                new[r0:r1] = parts[r][at:at + 4 * n].view(torch.float32).view(r1 - r0, cols[g])
+                pruned[r0:r1] = parts[r][at + 4 * n:at + 5 * n].view(torch.bool).view(r1 - r0, cols[g])
+                offsets[r] += 5 * n
+            results.append((new, pruned))
+        return results
+
+    def _wait(self, work, stage: str) -> None:
+        try:
+            work.wait()
+        except Exception as e:
+            raise DistributedError(f"rank {self.rank}: lost the other ranks at {stage} "
+                                   f"({_one_line(e)}); another rank stopped or is stuck longer "
+                                   f"than the process group's timeout") from None
 
     def total_stats(self, stats) -> None:
         """A block-sequential run's counts (``RunStats``) summed over the ranks, in place: block
@@ -258,9 +325,79 @@ def assign(costs: Sequence[float], world: int) -> list[int]:
     return owner
 
 
-def sparse_gpt_cost(rows: int, cols: int) -> float:
-    """FLOPs of one SparseGPT solve: the Cholesky factor (cols^3) and the OBS updates (rows*cols^2)."""
-    return float(cols) ** 3 / 3 + float(rows) * float(cols) ** 2
+# Relative costs of the SparseGPT work (units of ~25 ps of one CPU thread), fitted to its CPU
+# times in the block-sequential pass (hidden 512 and 1376 columns): the n^3 and rows x cols^2
+# terms are the FLOPs; a solve also pays per column, whatever its rows (the column loop and the
+# N:M selection), which makes splitting a small layer's rows cost more than it saves.
+def factor_cost(cols: int) -> float:
+    """Cost of one inverse Hessian factor (Cholesky and triangular inverse)."""
+    return 0.3 * float(cols) ** 3 + 1000.0 * float(cols) ** 2
+
+
+def solve_cost(rows: int, cols: int) -> float:
+    """Cost of SparseGPT's OBS update of ``rows`` weight rows with ``cols`` columns."""
+    return 1.8e6 * cols + rows * (float(cols) ** 2 + 665.0 * cols)
+
+
+@dataclass
+class SparseGPTPlan:
+    """Who does what in one block's SparseGPT solves (the same on every rank)."""
+
+    owner: list[int]                               # rank computing each group's inverse factor
+    ranges: list[list[tuple[int, int, int]]]       # per group: (rank, r0, r1), in row order
+    load: list[float]                              # estimated cost per rank
+
+
+def plan_sparse_gpt(cols: Sequence[int], rows: Sequence[int], cuts: Sequence[Sequence[int]],
+                    world: int) -> SparseGPTPlan:
+    """Start from whole groups (a group's factor and all its rows on one rank), placed largest
+    first on the least loaded rank; then split the costliest piece in two at the allowed cut
+    (``cuts[g]``) that evens its halves (the half with the factor stays with it, and may have no
+    rows), re-place, and
+    keep the placement with the lowest maximum load. Deterministic: every rank plans the same."""
+    def cost(piece) -> float:
+        g, r0, r1, with_factor = piece
+        return ((factor_cost(cols[g]) if with_factor else 0.0)
+                + (solve_cost(r1 - r0, cols[g]) if r1 > r0 else 0.0))
+
+    def place(pieces):
+        costs = [cost(p) for p in pieces]
+        owners = assign(costs, world)
+        load = [0.0] * world
+        for c, r in zip(costs, owners):
+            load[r] += c
+        return max(load), len(pieces), pieces, owners, load
+
+    pieces = [(g, 0, rows[g], True) for g in range(len(cols))]
+    best = place(pieces)
+    for _ in range(4 * world if world > 1 else 0):
+        for p in sorted(pieces, key=lambda p: (-cost(p), p[0], p[1])):
+            g, r0, r1, with_factor = p
+            # the factor may also go alone (a piece of no rows)
+            inside = [c for c in cuts[g] if r0 < c < r1 or (with_factor and c == r0 < r1)]
+            if inside:
+                mid = min(inside, key=lambda c: (abs(cost((g, r0, c, with_factor)) - cost((g, c, r1, False))), c))
+                i = pieces.index(p)
+                pieces = pieces[:i] + [(g, r0, mid, with_factor), (g, mid, r1, False)] + pieces[i + 1:]
+                break
+        else:
+            break
+        trial = place(pieces)
+        if trial[0] < best[0] * 0.999:
+            best = trial
+    _, _, pieces, owners, load = best
+    owner = [0] * len(cols)
+    ranges: list[list[tuple[int, int, int]]] = [[] for _ in cols]
+    for (g, r0, r1, with_factor), r in sorted(zip(pieces, owners), key=lambda x: (x[0][0], x[0][1])):
+        if with_factor:
+            owner[g] = r
+        if r1 == r0:
+            continue
+        if ranges[g] and ranges[g][-1][0] == r and ranges[g][-1][2] == r0:    # adjacent: merge
+            ranges[g][-1] = (r, ranges[g][-1][1], r1)
+        else:
+            ranges[g].append((r, r0, r1))
+    return SparseGPTPlan(owner, ranges, load)
 
 
 def _describe(e: BaseException) -> str:
@@ -316,14 +453,13 @@ def _rank_stats_class():
                         s = s.to(stat.sumsq.device)
                         total = s if total is None else total + s
                     stat.sumsq = total
-            # SparseGPT: Hessians and counts summed
+            # SparseGPT: float64 Hessians and the sample counts (exact in float64), one all-reduce
             hess = [s for s in stats if s.hessian is not None]
-            if hess:
-                summed = self.d.all_reduce_sum([s.hessian for s in hess])
-                for stat, h in zip(hess, summed):
-                    stat.hessian = h
-            counts = self.d.all_reduce_sum([torch.tensor([s.count for s in stats], dtype=torch.int64)])[0]
-            for stat, c in zip(stats, counts.tolist()):
+            counts = torch.tensor([s.count for s in stats], dtype=torch.float64)
+            summed = self.d.all_reduce_sum([s.hessian for s in hess] + [counts])
+            for stat, h in zip(hess, summed):
+                stat.hessian = h
+            for stat, c in zip(stats, summed[-1].tolist()):
                 stat.count = int(c)
 
     return RankInputStats
@@ -339,4 +475,5 @@ def _RankInputStats(model, targets, d):
     return _RANK_STATS(model, targets, d)
 
 
-__all__ = ["Distributed", "DistributedError", "assign", "init_from_env", "rank", "resolve", "sparse_gpt_cost"]
+__all__ = ["Distributed", "DistributedError", "SparseGPTPlan", "assign", "factor_cost", "init_from_env",
+           "plan_sparse_gpt", "rank", "resolve", "solve_cost"]

@@ -42,7 +42,7 @@ from .errors import ConfigError, FxPruneError
 BlockHook = Callable[[int, str, nn.Module], None]
 
 DEFAULT_CACHE_BYTES = 1 << 30   # RAM for cached hidden states (inputs + outputs of one block)
-DEFAULT_BATCH_TOKENS = 2048     # calibration batches are merged into block batches of this size
+DEFAULT_BATCH_TOKENS = 512      # calibration batches are merged into block batches of this size
 
 
 # ---------------------------------------------------------------------------- block detection

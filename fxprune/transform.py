@@ -13,7 +13,7 @@ from .compaction import ChannelAnalysis, compact_model, plan_zero_channels, summ
 from .config import PruningConfig
 from .errors import FxPruneError
 from .report import attach_report, sparsity_report
-from .passes import CAPTURE_PASSES, PRUNE_PASSES, AttachPass, PassManager, PruneContext, RecordPass
+from .passes import CAPTURE_PASSES, TRANSFORM_PASSES, AttachPass, PassManager, PruneContext, RecordPass
 from .passes.compact import compact_passes
 
 
@@ -70,7 +70,7 @@ def _transform(model, config, example_inputs, inplace, compact, calibration, los
     ctx.calibration, ctx.loss_fn, ctx.progress = calibration, loss_fn, progress
     ctx.on_block_start, ctx.on_block_end = on_block_start, on_block_end
     ctx.compact = ctx.config.compact if compact is None else bool(compact)
-    passes = [p() for p in (*CAPTURE_PASSES, *PRUNE_PASSES)]
+    passes = [p() for p in TRANSFORM_PASSES]
     if ctx.compact:  # coupled channels (selected as one by the mask pass) removed physically
         passes = compact_passes(passes)
     PassManager(passes).run(ctx)

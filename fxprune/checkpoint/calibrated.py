@@ -77,7 +77,7 @@ def check_block_sequential(job) -> None:
     if block_plan.blocks is None or block_plan.whole_model:
         why = "; ".join(f"pruning_configs[{i}]: {r}" for i, r in block_plan.whole_model.items())
         raise ConfigError(f"on a checkpoint, activation/sparse_gpt run one decoder block at a time, "
-                          f"and {why or 'no group can'}; use local scope on the layers inside the "
+                          f"and {why or 'no group can'}; use local scope (pruning_scope: local) on the layers inside the "
                           f"blocks (lm_head stays dense)")
     job.block_plan = block_plan
 

@@ -6,6 +6,7 @@ from .base import Pass, PassManager
 from .capture import CapturePass
 from .context import PruneContext, Target
 from .discover import DiscoverPass
+from .eager import CaptureIfNeededPass, EagerDiscoverPass
 from .mask import MaskPass, mask_group
 from .record import RecordPass
 from .rewrite import RewritePass
@@ -16,8 +17,11 @@ from .sequential import BlockSequentialPass
 CAPTURE_PASSES = (RunInputsPass, CapturePass, DiscoverPass)
 PRUNE_PASSES = (AttachPass, CheckWeightsPass, BlockSequentialPass, ScorePass, MaskPass, RewritePass,
                 RecordPass)
+# transform's pipeline: the layers from one eager run when every group can go block by block
+# (falling back to the capture passes otherwise, see passes/eager.py)
+TRANSFORM_PASSES = (EagerDiscoverPass, AttachPass, CaptureIfNeededPass, *PRUNE_PASSES[1:])
 
-__all__ = ["AttachPass", "BlockSequentialPass", "CapturePass", "CheckWeightsPass", "DiscoverPass",
+__all__ = ["AttachPass", "BlockSequentialPass", "CaptureIfNeededPass", "CapturePass", "EagerDiscoverPass", "CheckWeightsPass", "DiscoverPass",
            "MaskPass", "Pass", "PassManager", "PruneContext", "RecordPass", "RewritePass",
            "RunInputsPass", "ScorePass", "Target", "mask_group", "score_targets", "CAPTURE_PASSES",
-           "PRUNE_PASSES"]
+           "PRUNE_PASSES", "TRANSFORM_PASSES"]

@@ -65,6 +65,8 @@ class AttachPass(Pass):
         for t in targets:
             if t.status == "candidate":
                 t.status = "excluded: " + why_not.get(t.param, "not selected by any pruning group")
+        if ctx.graph_module is None:   # discovered without a graph (passes/eager.py)
+            return
         nodes = {n.name: n for n in ctx.graph_module.graph.nodes}
         for t in targets:
             for name in t.nodes:

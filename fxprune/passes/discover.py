@@ -20,6 +20,37 @@ from .base import Pass
 from .capture import canonical_names
 from .context import PruneContext, Target
 
+def add_use(ctx: PruneContext, canonical: dict[str, str], param: str, layout: str, op: str,
+            groups: int, bias: str | None, owner: str | None, label: str, position: int) -> Target:
+    """Record one use of ``param`` as a weight: its Target is made at the first use (graph order
+    is target order); ``position`` is that of the last use. The one place a Target is built from a
+    use, for the graph discovery and for :mod:`.eager`'s."""
+    weight = ctx.model.get_parameter(param)
+    geom = WeightGeometry(layout, tuple(weight.shape), groups)
+    target = ctx.targets.get(param)
+    if target is None:
+        module_name = param[: -len(".weight")] if param.endswith(".weight") else param
+        aliases = [a.removesuffix(".weight") for a, c in canonical.items() if c == param and a != param]
+        target = Target(param=param, name=module_name, module_type=owner or _kind_name(op),
+                        op=op, geometry=geom, bias=bias, aliases=aliases)
+        ctx.targets[param] = target
+    elif target.geometry != geom:  # e.g. F.linear(x, W) and x @ W: no one 2-D view to rank
+        target.status = (f"skipped: used as a weight in two layouts ({target.geometry.layout} "
+                         f"and {geom.layout}), so no block layout fits both")
+    target.nodes.append(label)
+    target.position = position
+    return target
+
+
+def owner_type(model: nn.Module, param: str) -> str | None:
+    """Class name of the module owning ``param`` when that module *is* the op (nn.Linear...)."""
+    try:
+        owner = model.get_submodule(param.rpartition(".")[0])
+    except AttributeError:
+        return None
+    return type(owner).__name__ if is_weight_layer(owner) else None
+
+
 class DiscoverPass(Pass):
     name = "discover"
 
@@ -39,21 +70,8 @@ class DiscoverPass(Pass):
                     opaque.append(f"{node.target} ({type(self.modules[node.target]).__name__})")
                 continue
             param, layout, op, groups, bias, owner = use
-            weight = ctx.model.get_parameter(param)
-            geom = WeightGeometry(layout, tuple(weight.shape), groups)
-            target = ctx.targets.get(param)
-            if target is None:
-                module_name = param[: -len(".weight")] if param.endswith(".weight") else param
-                aliases = [a.removesuffix(".weight") for a, c in self.canonical.items()
-                           if c == param and a != param]
-                target = Target(param=param, name=module_name, module_type=owner or _kind_name(op),
-                                op=op, geometry=geom, bias=bias, aliases=aliases)
-                ctx.targets[param] = target
-            elif target.geometry != geom:  # e.g. F.linear(x, W) and x @ W: no one 2-D view to rank
-                target.status = (f"skipped: used as a weight in two layouts ({target.geometry.layout} "
-                                 f"and {geom.layout}), so no block layout fits both")
-            target.nodes.append(node.name)
-            target.position = position
+            target = add_use(ctx, self.canonical, param, layout, op, groups, bias, owner, node.name,
+                             position)
             # Every BatchNorm fed by any use of the weight (a shared conv, a branch beside the BN).
             for user in node.users:
                 for name in self._bn_params(user, node):
@@ -80,14 +98,6 @@ class DiscoverPass(Pass):
             param, layout = self._param(arg.args[0]), "in_out" if layout == "out_in" else "out_in"
         return param, layout
 
-    def _owner_type(self, param: str, op: str) -> str | None:
-        """Class name of the module owning ``param`` when that module *is* the op (nn.Linear...)."""
-        owner_name = param.rpartition(".")[0]
-        try:
-            owner = self.ctx.model.get_submodule(owner_name)
-        except AttributeError:
-            return None
-        return type(owner).__name__ if is_weight_layer(owner) else None
 
     def _weight_use(self, node: fx.Node):
         """(param, layout, op, groups, bias, owner type) if ``node`` uses a parameter as a weight."""
@@ -121,7 +131,7 @@ class DiscoverPass(Pass):
             return None
         if op is None:
             op = f"conv{weight.dim() - 2}d"
-        return param, layout, op, int(groups or 1), self._param(bias), self._owner_type(param, op)
+        return param, layout, op, int(groups or 1), self._param(bias), owner_type(self.ctx.model, param)
 
     def _module_use(self, node: fx.Node):
         module = self.modules.get(node.target)

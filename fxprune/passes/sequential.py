@@ -158,9 +158,10 @@ def prune_block(ctx: PruneContext, p: BlockPlan, step: BlockStep) -> None:
     if not targets:
         return
     model = ctx.model
-    check_not_meta(model, targets)      # a streaming caller loads them in on_block_start
-    for t in targets:
-        check_finite(t, model.get_parameter(t.param).detach())
+    if ctx.on_block_start is not None:  # a streaming caller loads them there: check what it loaded
+        check_not_meta(model, targets)  # (the check pass saw the weights of everything else)
+        for t in targets:
+            check_finite(t, model.get_parameter(t.param).detach())
     dist = ctx.distributed
     stats = BlockInputStats(model, targets) if dist is None else dist.block_input_stats(model, targets)
     with stats.installed():
@@ -200,13 +201,17 @@ def _sparse_gpt(ctx, group, targets, stats: "BlockInputStats") -> None:
     adaptive = adaptive_mode(pattern)
     shared_groups = stats.shared_groups(targets)       # layers with one input: one factor
 
-    def solve(shared):
-        return _sparse_gpt_solve(ctx, group, shared, stats, criterion, pattern, adaptive)
+    def factor(shared) -> Tensor:
+        return _sparse_gpt_factor(stats, criterion, shared)
+
+    def solve(shared, u: Tensor, r0: int, r1: int) -> tuple[Tensor, Tensor]:
+        return _sparse_gpt_rows(ctx, group, shared, u, r0, r1, criterion, pattern, adaptive)
 
     if ctx.distributed is None:
-        results = [solve(shared) for shared in shared_groups]
-    else:                   # each solve on one rank, the results broadcast to all
-        results = ctx.distributed.split_sparse_gpt(shared_groups, solve)
+        results = [solve(shared, factor(shared), 0, _stacked_rows(shared)) for shared in shared_groups]
+    else:                   # factors and row ranges divided among the ranks, results gathered
+        results = ctx.distributed.split_sparse_gpt(
+            shared_groups, factor, solve, lambda shared: row_cuts(shared, adaptive))
     for shared, (new, pruned) in zip(shared_groups, results):
         weights = [ctx.model.get_parameter(t.param) for t in shared]
         rows = [t.geometry.view_shape[0] for t in shared]
@@ -219,28 +224,61 @@ def _sparse_gpt(ctx, group, targets, stats: "BlockInputStats") -> None:
         _apply_masks(ctx, shared, masks)
 
 
-def _sparse_gpt_solve(ctx, group, shared, stats, criterion, pattern, adaptive) -> tuple[Tensor, Tensor]:
-    """The updated float32 2-D views of layers sharing one input, stacked, and their pruned mask."""
+def _stacked_rows(shared) -> int:
+    return sum(t.geometry.view_shape[0] for t in shared)
+
+
+# Row ranges of one SparseGPT solve start at multiples of this many rows: with such cuts the
+# row-sliced solves reproduce the whole solve's bits (the BLAS kernels' row blocking).
+ROW_ALIGN = 64
+
+
+def row_cuts(shared, adaptive: str | None) -> list[int]:
+    """Where the stacked rows of layers sharing one input may be split between solves: rows are
+    independent given the inverse factor for N:M and fixed masks (cuts every ``ROW_ALIGN`` rows);
+    the unstructured adaptive selection couples a layer's rows (cuts between layers only)."""
+    rows = [t.geometry.view_shape[0] for t in shared]
+    total = sum(rows)
+    if adaptive == "unstructured":
+        cuts, at = [0], 0
+        for r in rows:
+            at += r
+            cuts.append(at)
+        return cuts
+    return list(range(0, total, ROW_ALIGN)) + [total]
+
+
+def _sparse_gpt_factor(stats: "BlockInputStats", criterion, shared) -> Tensor:
+    """The upper Cholesky factor of the inverse Hessian of layers sharing one input."""
     lead = shared[0]
-    u = inverse_hessian_factor(stats.hessian(lead).unsqueeze(0), criterion.percdamp,
-                               lead.name)[0]
+    return inverse_hessian_factor(stats.hessian(lead).unsqueeze(0), criterion.percdamp, lead.name)[0]
+
+
+def _sparse_gpt_rows(ctx, group, shared, u: Tensor, r0: int, r1: int, criterion, pattern,
+                     adaptive) -> tuple[Tensor, Tensor]:
+    """Rows ``[r0, r1)`` of the stacked float32 2-D views of layers sharing one input, updated by
+    SparseGPT with the inverse factor ``u``, and their pruned mask. For unstructured masks
+    ``r0`` and ``r1`` are layer boundaries (see :func:`row_cuts`)."""
     weights = [ctx.model.get_parameter(t.param) for t in shared]
     views = [to_view_2d(w.detach(), t.geometry).float() for w, t in zip(weights, shared)]
     rows = [v.shape[0] for v in views]
-    W = torch.cat(views) if len(views) > 1 else views[0]
+    W = (torch.cat(views) if len(views) > 1 else views[0])[r0:r1]
     if adaptive == "n_of_m":
         new, pruned = sparsegpt_prune(W, u, criterion.blocksize,
-                                      n_of_m=(pattern.n, pattern.m, pattern._n_smallest))
+                                      n_of_m=(pattern.n, pattern.m))
     elif adaptive == "unstructured":
-        counts = [_local_count(pattern, t) for t in shared]
-        new, pruned = sparsegpt_prune(W, u, criterion.blocksize, counts=counts, rows=rows)
+        starts = [sum(rows[:i]) for i in range(len(rows))]
+        inside = [i for i, s in enumerate(starts) if s >= r0 and s + rows[i] <= r1]
+        counts = [_local_count(pattern, shared[i]) for i in inside]
+        new, pruned = sparsegpt_prune(W, u, criterion.blocksize, counts=counts,
+                                      rows=[rows[i] for i in inside])
     else:  # fixed mask: SparseGPT's saliency through the pattern, then the OBS update
         criterion.diag = {t.param: u.diagonal().unsqueeze(0) for t in shared}
         masks = mask_group(group, shared, score_targets(ctx.model, shared, criterion))
-        fixed = torch.cat([~masks[t.param] for t in shared])
+        fixed = torch.cat([~masks[t.param] for t in shared])[r0:r1]
         new, pruned = sparsegpt_prune(W, u, criterion.blocksize, fixed=fixed)
     if not bool(torch.isfinite(new).all()):
-        raise WeightError(f"sparse_gpt produced non-finite weights for {lead.name}; raise "
+        raise WeightError(f"sparse_gpt produced non-finite weights for {shared[0].name}; raise "
                           f"SparseGPTCriterion.percdamp or check the calibration data")
     return new, pruned
 
@@ -381,16 +419,24 @@ class BlockInputStats:
         if want_sumsq:
             self.add_sumsq(stat, feats.pow(2).sum(dim=0))
         if want_hessian:
-            if stat.hessian is None:
-                stat.hessian = torch.zeros(feats.shape[1], feats.shape[1], dtype=torch.float32,
-                                           device=feats.device)
-            stat.hessian.addmm_(feats.T, feats)
+            self.add_hessian(stat, feats.T @ feats)
         stat.count += feats.shape[0]
 
     def add_sumsq(self, stat: _InputStat, s: Tensor) -> None:
         """One batch's sum of squares into the running sum (data-parallel calibration keeps each
         contribution too, to sum all ranks' in the single-process order)."""
         stat.sumsq = s if stat.sumsq is None else stat.sumsq + s
+
+    def add_hessian(self, stat: _InputStat, h: Tensor) -> None:
+        """One call's float32 ``X^T X`` into the float64 running sum. A float64 sum of float32
+        products rounds only where one entry's products span more than about 2^29 in magnitude,
+        so the float32 Hessian does not depend on the order of the sum (block batches split
+        over ranks and all-reduced) but in such rare entries; SparseGPT's masks then match."""
+        h = h.double()
+        if stat.hessian is None:
+            stat.hessian = h
+        else:
+            stat.hessian.add_(h)
 
     def _fill_missing(self, stat: _InputStat, t, x: Tensor) -> None:
         """A layer joining a shared input in the first batch may need what the others did not."""
@@ -400,7 +446,7 @@ class BlockInputStats:
             self.add_sumsq(stat, feats.pow(2).sum(dim=0))
         if t.param in self.need_hessian and stat.hessian is None:
             feats = self._features(t, x) if feats is None else feats
-            stat.hessian = feats.T @ feats
+            self.add_hessian(stat, feats.T @ feats)
 
     def check_complete(self, block_name: str) -> None:
         missing = [t.name for t in self.targets if t.param not in self.stat_of]
@@ -413,7 +459,7 @@ class BlockInputStats:
 
     def hessian(self, t) -> Tensor:
         stat = self.stat_of[t.param]
-        return stat.hessian / max(stat.count, 1)
+        return (stat.hessian / max(stat.count, 1)).float()
 
     def shared_groups(self, targets) -> list[list]:
         """``targets`` grouped by shared input statistic, in first-seen order."""

@@ -7,6 +7,7 @@ lowest-scoring groups are chosen (globally or per layer).
 """
 from __future__ import annotations
 
+import functools
 import re
 from fractions import Fraction
 
@@ -20,6 +21,29 @@ from ..selection import decimal_fraction, materialize
 from .base import BasePattern, BlockLayout, register_pattern
 
 _NINM = re.compile(r"^(\d+):(\d+)$")
+
+
+def n_lowest_of_each_column(scores: Tensor, n: int, out: Tensor | None = None) -> Tensor:
+    """Bool ``[M, k]``: in each column of ``scores`` (``[M, k]``, float32, >= 0), the ``n`` lowest,
+    ties to the lowest row: the order of :meth:`NInMPattern._n_smallest` on the transposed
+    ``[k, M]`` groups, in a few whole-tensor operations (SparseGPT's adaptive N:M choice runs it
+    once per M columns, so its cost is per-operation overhead, not arithmetic).
+
+    Rank of ``i`` = how many ``j`` come first, ``j`` first when ``s_j < s_i`` or (``s_j == s_i``
+    and ``j < i``). Non-negative floats order like their int32 bits, so with integer keys
+    "``k_j <= k_i``" is "``k_j < k_i + 1``": one comparison against ``k_i + [j < i]``.
+    """
+    m = scores.shape[0]
+    keys = scores.view(torch.int32)
+    first = keys.unsqueeze(0) < keys.unsqueeze(1) + _earlier(m, scores.device)  # [i, j, k]: j first
+    rank = first.sum(dim=1, dtype=torch.uint8 if m < 256 else torch.int32)
+    return torch.lt(rank, n, out=out) if out is not None else rank < n
+
+
+@functools.lru_cache(maxsize=16)
+def _earlier(m: int, device: torch.device) -> Tensor:
+    """``[m, m, 1]`` int32: 1 where ``j < i`` (read-only, shared)."""
+    return torch.ones(m, m, dtype=torch.int32, device=device).tril_(-1).unsqueeze(2)
 
 
 @register_pattern("N:M")

@@ -1,0 +1,207 @@
+"""SparseGPT's per-layer math (``fxprune/criteria/sparse_gpt.py``): the column loop against a
+float64 transcription of the paper's algorithm, the adaptive N:M choice, the triangular inverse,
+and the row split (rows solved apart equal the whole)."""
+import threading
+
+import pytest
+import torch
+
+from fxprune.criteria.sparse_gpt import (inverse_hessian_factor, lower_triangular_inverse,
+                                         sparsegpt_prune, unstructured_block_mask)
+from fxprune.patterns.ninm import NInMPattern, n_lowest_of_each_column
+
+def _paper_sparsegpt(W, H, sparsity=0.0, prunen=0, prunem=0, blocksize=128, percdamp=0.01):
+    """A float64 transcription of SparseGPT's algorithm (Frantar & Alistarh 2023, Alg. 1 with
+    lazy batches), adaptive masks; the unstructured per-block count is made exact with the
+    cumulative share floor(k * c1 / cols) - floor(k * c0 / cols) of k = floor(sparsity * numel)."""
+    W = W.double().clone()
+    H = H.double().clone()
+    rows, cols = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    damp = percdamp * torch.mean(torch.diag(H))
+    H += damp * torch.eye(cols, dtype=torch.float64)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    k = int(sparsity * W.numel())
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        if prunen == 0:
+            tmp = W1 ** 2 / torch.diag(Hinv1).reshape(1, -1) ** 2
+            share = (k * i2) // cols - (k * i1) // cols
+            mask1 = torch.zeros_like(W1, dtype=torch.bool).flatten()
+            mask1[torch.argsort(tmp.flatten())[:share]] = True
+            mask1 = mask1.reshape(W1.shape)
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if prunen != 0 and i % prunem == 0:
+                tmp = W1[:, i:i + prunem] ** 2 / torch.diag(Hinv1)[i:i + prunem].reshape(1, -1) ** 2
+                mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i1:i2] = Q1
+        mask[:, i1:i2] = mask1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    return W, mask
+
+
+def _layer(rows=24, cols=80, tokens=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(tokens, cols, generator=g) * torch.rand(cols, generator=g) * 3
+    W = torch.randn(rows, cols, generator=g)
+    return W, X.T @ X / tokens
+
+
+# 80 columns in blocks of 32: the last block is partial (16 columns); 328 in blocks of 128: two
+# full blocks of 8 column panels, then 72 columns (4 panels and a partial one)
+@pytest.mark.parametrize("shape,blocksize", [((24, 80), 32), ((40, 328), 128)])
+@pytest.mark.parametrize("kind", ["unstructured", "2:4", "fixed"])
+def test_sparsegpt_update_matches_a_float64_transcription_of_the_paper(kind, shape, blocksize):
+    W, H = _layer(*shape)
+    U = inverse_hessian_factor(H.unsqueeze(0), 0.01)[0]
+    cols = shape[1]
+    if kind == "unstructured":
+        ref, ref_mask = _paper_sparsegpt(W, H, sparsity=0.5, blocksize=blocksize)
+        new, pruned = sparsegpt_prune(W, U, blocksize, counts=[W.numel() // 2], rows=[W.shape[0]])
+        k, last = W.numel() // 2, (cols - 1) // blocksize * blocksize
+        assert int(pruned.sum()) == k                         # exact count for the layer
+        assert int(pruned[:, last:].sum()) == k - (k * last) // cols   # the partial block's share
+    elif kind == "2:4":
+        ref, ref_mask = _paper_sparsegpt(W, H, prunen=2, prunem=4, blocksize=blocksize)
+        new, pruned = sparsegpt_prune(W, U, blocksize, n_of_m=(2, 4))
+        assert torch.equal(pruned.reshape(-1, 4).sum(1), torch.full((W.numel() // 4,), 2))
+    else:
+        g = torch.Generator().manual_seed(3)
+        fixed = torch.rand(W.shape, generator=g) < 0.4
+        ref_mask = fixed
+        # the paper's update for a given mask: the same loop with mask1 = the fixed mask
+        ref = _fixed_reference(W, H, fixed, blocksize)
+        new, pruned = sparsegpt_prune(W, U, blocksize, fixed=fixed)
+    assert torch.equal(pruned, ref_mask)
+    assert torch.equal(new == 0, pruned | (W == 0))
+    torch.testing.assert_close(new.double(), ref, rtol=0, atol=2e-4)
+
+
+def _fixed_reference(W, H, fixed, blocksize):
+    W = W.double().clone()
+    H = H.double().clone()
+    cols = W.shape[1]
+    H += 0.01 * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=torch.float64)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, Err1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1, dtype=torch.float64)
+        for i in range(i2 - i1):
+            err = torch.where(fixed[:, i1 + i], W1[:, i], 0.0) / Hinv[i1 + i, i1 + i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv[i1 + i, i1:i2][i:].unsqueeze(0)
+            Err1[:, i] = err
+        W1[fixed[:, i1:i2]] = 0
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W
+
+
+def test_sparsegpt_shared_rows_equal_separate_layers():
+    """Layers sharing one input (q/k/v) run as one matrix: the same as each layer alone."""
+    W, H = _layer(rows=30)
+    U = inverse_hessian_factor(H.unsqueeze(0), 0.01)[0]
+    a, b = W[:12], W[12:]
+    joint, pj = sparsegpt_prune(W, U, 32, counts=[a.numel() // 2, b.numel() * 3 // 4], rows=[12, 18])
+    sa, pa = sparsegpt_prune(a, U, 32, counts=[a.numel() // 2], rows=[12])
+    sb, pb = sparsegpt_prune(b, U, 32, counts=[b.numel() * 3 // 4], rows=[18])
+    assert torch.equal(pj, torch.cat([pa, pb]))
+    torch.testing.assert_close(joint, torch.cat([sa, sb]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,m", [(1, 4), (2, 4), (3, 4), (2, 8), (4, 8), (5, 16)])
+def test_n_lowest_of_each_column_orders_like_the_pattern(n, m):
+    """The adaptive N:M choice ([M, k], one comparison) = NInMPattern's ([k, M]), ties included."""
+    g = torch.Generator().manual_seed(m + n)
+    scores = torch.randint(0, 3, (m, 500), generator=g).float()     # many exact ties
+    scores[:, :3] = 0.0                                               # all-tied groups
+    pattern = NInMPattern({"pattern": f"{n}:{m}", "target_sparsity": n / m})
+    expected = pattern._n_smallest(scores.t().contiguous()).reshape(500, m).t()
+    got = n_lowest_of_each_column(scores, n)
+    assert torch.equal(got, expected)
+    assert torch.equal(got[:, 0], torch.arange(m) < n)               # ties: the lowest rows
+    out = torch.ones(m, 500)                                          # float 0/1 output
+    n_lowest_of_each_column(scores, n, out=out)
+    assert torch.equal(out, expected.float())
+
+
+def test_adaptive_n_of_m_ties_go_to_the_lower_column():
+    """H = I (no updates between columns) and |w| = 1 everywhere: every saliency ties, and each
+    group prunes its first N columns."""
+    W = torch.ones(6, 48)
+    W[::2] = -1.0
+    U = inverse_hessian_factor(torch.eye(48).unsqueeze(0), 0.01)[0]
+    new, pruned = sparsegpt_prune(W, U, 16, n_of_m=(2, 4))
+    assert torch.equal(pruned, (torch.arange(48) % 4 < 2).expand(6, 48))
+    assert torch.equal(new, torch.where(pruned, 0.0, W))
+
+
+@pytest.mark.parametrize("n", [7, 128, 300])
+def test_lower_triangular_inverse(n):
+    g = torch.Generator().manual_seed(n)
+    L = torch.randn(n, n, generator=g).tril() * 0.1 + torch.eye(n) * 2
+    out = lower_triangular_inverse(L, torch.zeros(n, n))
+    assert torch.equal(out, out.tril())
+    torch.testing.assert_close(out.double(), torch.linalg.inv(L.double()), rtol=0, atol=1e-5)
+    batch = torch.stack([L, L.t().flip(0, 1)])                      # [2, n, n], both lower
+    outs = lower_triangular_inverse(batch, torch.zeros(2, n, n))
+    torch.testing.assert_close(outs.double(), torch.linalg.inv(batch.double()), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["2:4", "fixed"])
+def test_rows_solved_apart_equal_the_whole(kind):
+    """N:M and fixed masks: rows are independent given U (a split across processes by rows)."""
+    W, H = _layer(rows=30, cols=96)
+    U = inverse_hessian_factor(H.unsqueeze(0), 0.01)[0]
+    fixed = torch.rand(W.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+    kw = (lambda r: {"n_of_m": (2, 4)}) if kind == "2:4" else (lambda r: {"fixed": fixed[r]})
+    whole, pw = sparsegpt_prune(W, U, 32, **kw(slice(None)))
+    parts = [sparsegpt_prune(W[r], U, 32, **kw(r)) for r in (slice(0, 11), slice(11, 30))]
+    assert torch.equal(pw, torch.cat([p for _, p in parts]))
+    torch.testing.assert_close(whole, torch.cat([w for w, _ in parts]), rtol=0, atol=1e-5)
+
+
+def test_unstructured_rows_split_with_a_gathering_select_block():
+    """Unstructured: the per-block choice couples a layer's rows. Two threads stand for two
+    ranks, each solving its rows; ``select_block`` gathers both ranks' saliencies, chooses on the
+    whole with ``unstructured_block_mask`` and keeps its rows: the result equals the whole."""
+    W, H = _layer(rows=30, cols=200)
+    U = inverse_hessian_factor(H.unsqueeze(0), 0.01)[0]
+    counts, rows = [12 * 200 // 2, 18 * 200 * 3 // 4], [12, 18]   # two layers sharing U
+    whole, pw = sparsegpt_prune(W, U, 64, counts=counts, rows=rows)
+    splits = [slice(0, 17), slice(17, 30)]                         # across the layer boundary
+    barrier, posted, results = threading.Barrier(2), [None, None], [None, None]
+
+    def rank(r):
+        def select_block(sal, c0, c1):
+            posted[r] = sal
+            barrier.wait()                                           # all_gather
+            full = torch.cat(posted)
+            barrier.wait()
+            mask = unstructured_block_mask(full, c0, c1, counts=counts, rows=rows, cols=200)
+            return mask[splits[r]]
+        results[r] = sparsegpt_prune(W[splits[r]], U, 64, select_block=select_block)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.equal(pw, torch.cat([p for _, p in results]))
+    torch.testing.assert_close(whole, torch.cat([w for w, _ in results]), rtol=0, atol=1e-5)
+    assert int(pw[:12].sum()) == counts[0] and int(pw[12:].sum()) == counts[1]
