@@ -15,7 +15,7 @@ from fxprune.transform import _context
 def analyse(model, *inputs) -> ChannelAnalysis:
     ctx = _context(model.eval(), None, inputs, inplace=True)
     PassManager([p() for p in CAPTURE_PASSES]).run(ctx)
-    return ChannelAnalysis(ctx.graph_module, ctx.param_of_node).run()
+    return ChannelAnalysis(ctx.graph_module, ctx.param_of_node, ctx.model).run()
 
 
 def roots(an, fqn, dim=0) -> np.ndarray:
@@ -36,6 +36,8 @@ class Linear(nn.Module):
         self.p = nn.Parameter(torch.rand(16) + 0.5)
         self.register_buffer("empty", torch.zeros(0), persistent=False)
         self.head = nn.Linear(head_in, 4)
+        self.rms = nn.RMSNorm(16, eps=1e-5)
+        self.eps = 1e-5
         self.op = op
 
     def forward(self, x):
@@ -50,6 +52,8 @@ class Conv(nn.Module):
         self.conv = nn.Conv2d(3, 8, 1)
         self.mid = mid
         self.out = nn.Conv2d(8, 4, 1)
+        self.g = nn.Parameter(torch.rand(1, 8, 1, 1) + 0.5)
+        self.eps = 1e-3
         self.op = op
 
     def forward(self, x):
@@ -102,9 +106,20 @@ CASES = [
      "a norm of order -1 over the channel dim changes when zero channels are removed"),
     ("norm of nonzero channels", Linear(lambda m, h, x: h / torch.sigmoid(h).norm(dim=-1, keepdim=True)), X,
      "fc.weight", 16, "sigmoid (sigmoid) makes pruned channels nonzero before linalg_vector_norm"),
-    ("GRN: mean of the norms over the channels",
+    ("GRN: mean of the norms over the channels, epsilon an attribute",
+     Conv(lambda m, c: m.g * c * (lambda g: g / (g.mean(1, keepdim=True) + m.eps))(
+         c.norm(dim=(2, 3), keepdim=True))), IMG, "conv.weight", 8, None),
+    ("GRN: epsilon a constant in the code",
      Conv(lambda m, c: c * (lambda g: g / (g.mean(1, keepdim=True) + 1e-6))(c.norm(dim=(2, 3), keepdim=True))),
-     IMG, "conv.weight", 8, "mean (mean): reduces over the channel dim"),
+     IMG, "conv.weight", 8, "its epsilon 1e-06 (add (add)) is a constant in the code"),
+    ("addcmul: a parameter plus a product", Linear(lambda m, h, x: torch.addcmul(m.p, h, m.fc2(x))), X,
+     "fc.weight", 16, None),
+    ("rms_norm (nn.RMSNorm)", Linear(lambda m, h, x: m.rms(h)), X, "fc.weight", 16, None),
+    ("RMSNorm decomposed", Linear(lambda m, h, x: m.p * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + m.eps))),
+     X, "fc.weight", 16, None),
+    ("RMSNorm decomposed, statistic used twice",
+     Linear(lambda m, h, x: (lambda s: m.p * h * s + s)(torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + m.eps))),
+     X, "fc.weight", 16, "its result is used by 2 ops"),
     ("slice of channels", Linear(lambda m, h, x: h[:, :8], head_in=8), X, "fc.weight", 16, "indexes the channel dim"),
     ("view into heads", Linear(lambda m, h, x: torch.relu(h.view(2, 4, 4)).reshape(2, 16)), X, "fc.weight", 4, None),
     ("cat along channels", Linear(lambda m, h, x: torch.cat([h, m.fc2(x)], -1), head_in=32), X, "fc.weight", 16, None),
@@ -163,6 +178,33 @@ def test_rule(model, inputs, param, classes, reason):
         assert why == set()
     else:
         assert why and all(reason in w for w in why), why
+
+
+def test_norms_over_the_channels_record_their_fold():
+    an = analyse(Linear(lambda m, h, x: m.rms(h)), X)
+    (fold,) = an.scale_folds
+    assert (fold.module, fold.scale, fold.power, fold.eps_attr, fold.eps) == ("rms", "rms.weight", 0.5, "eps", 1e-5)
+    assert np.array_equal(an.roots(fold.atoms), roots(an, "fc.weight"))
+    assert np.array_equal(roots(an, "rms.weight"), roots(an, "fc.weight"))
+    an = analyse(Conv(lambda m, c: m.g * c * (lambda g: g / (g.mean(1, keepdim=True) + m.eps))(
+        c.norm(dim=(2, 3), keepdim=True))), IMG)
+    (fold,) = an.scale_folds  # GRN: g / (mean + eps) is the statistic to the power -1
+    assert (fold.scale, fold.power, fold.eps_attr, fold.eps_power) == ("out.weight", 1.0, "eps", 1.0)  # the first weight it reaches
+
+
+def test_embedding_columns_are_the_hidden_channels():
+    class Embed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc, self.head = nn.Embedding(10, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, i):
+            h = self.emb(i)
+            return self.head(h + self.fc(h))
+
+    an = analyse(Embed(), torch.randint(0, 10, (2, 3)))
+    assert np.array_equal(roots(an, "emb.weight", 1), roots(an, "fc.weight"))
+    assert an.axes[("emb.weight", 1)].roles == {"zero"} and blocked(an, "fc.weight") == set()
 
 
 def test_residual_add_and_stack_couple_both_producers_channel_by_channel():

@@ -19,22 +19,26 @@ import numpy as np
 from torch import fx
 
 from ..aten import is_mutating, op_name, shape_of
-from . import layout, ops  # noqa: F401  (register the built-in rules)
+from . import folds, layout, ops  # noqa: F401  (register the built-in rules)
 from .atoms import components
 from .rules import find_rule, unknown_op
 from .values import HEAD_COUNT_ATTRS, HEAD_WIDTH_ATTRS
-from .values import AtomSet, Axis, Chan, ConvGroups, HeadSplit, NormGroups, ParamRef
+from .values import AtomSet, Axis, Chan, ConvGroups, HeadSplit, NormGroups, ParamRef, ScaleFold
 
-__all__ = ["ChannelAnalysis", "AtomSet", "Axis", "Chan", "ConvGroups", "HeadSplit", "NormGroups", "ParamRef"]
+__all__ = ["ChannelAnalysis", "AtomSet", "Axis", "Chan", "ConvGroups", "HeadSplit", "NormGroups", "ParamRef",
+           "ScaleFold"]
 
 
 class ChannelAnalysis:
-    """Run over an exported graph; then read ``axes``, ``blocked_roots()``, ``head_splits``."""
+    """Run over an exported graph; then read ``axes``, ``blocked_roots()``, ``head_splits``.
+    ``model``: the user's model the graph was captured from (rules read module attributes, such as
+    a norm's epsilon; without it they are checked when slicing)."""
 
     def __init__(self, graph_module: fx.GraphModule, param_of_node: dict[str, str], model=None):
         self.gm = graph_module
-        self.model = model                          # the user's modules (head-count attributes)
+        self.model = model                          # the user's modules (head counts, norms' epsilon)
         self.param_of_node = param_of_node
+        self.live: set[fx.Node] = set()
         self.atoms = AtomSet()
         self.axes: dict[tuple[str, int], Axis] = {}
         self.blocks: list[tuple[np.ndarray, str]] = []
@@ -42,6 +46,7 @@ class ChannelAnalysis:
         self.head_splits: list[HeadSplit] = []
         self.norm_groups: list[NormGroups] = []
         self.conv_groups: list[ConvGroups] = []
+        self.scale_folds: list[ScaleFold] = []     # norms over the channels, rescaled when sliced
         self.values: dict[fx.Node, object] = {}
         self.dead_ends: dict[fx.Node, str] = {}     # node -> why its channels were dropped
         self._roots: np.ndarray | None = None
@@ -104,7 +109,7 @@ class ChannelAnalysis:
     # ------------------------------------------------------------------ the walk
     def run(self) -> "ChannelAnalysis":
         graph = self.gm.graph
-        live = _live_nodes(graph)
+        live = self.live = _live_nodes(graph)
         for node in graph.nodes:
             if node.op == "placeholder":
                 fqn = self.param_of_node.get(node.name)

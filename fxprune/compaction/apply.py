@@ -8,7 +8,7 @@
    must match (rtol 1e-4). If they do not, or the forward fails (a view in the user's code with
    a hard-coded channel count, ...), every slicing is undone and each *space* (the channels
    sliced together) is retried alone; the spaces that fail stay masked, uncompacted, and are
-   reported;
+   reported; a Hugging Face model's config gets the new sizes (:mod:`.hf_config`);
 3. :func:`summary` is the report's ``compaction`` entry: parameters and FLOPs before and after,
    and per space the layers, the units (channels, heads, norm groups) removed, and what blocked
    the rest.
@@ -22,7 +22,8 @@ import torch
 
 from ..flops import flop_counter
 from ..inputs import output_tensors, split_inputs
-from .slicing import count_params, get_tensor, slice_model
+from .hf_config import update_hf_configs, warn_not_described
+from .slicing import Undo, count_params, get_tensor, slice_model
 
 RTOL = 1e-4
 
@@ -48,14 +49,38 @@ def compact_model(model, plan, example_inputs) -> dict:
             failed.update({s: why for s in good})
             flops_after = flops_before
     return {"failed": failed, "params_before": params_before, "params_after": count_params(model),
-            "flops_before": flops_before, "flops_after": flops_after, "shapes_before": shapes_before}
+            "flops_before": flops_before, "flops_after": flops_after, "shapes_before": shapes_before,
+            "config": _update_configs(model, args, kwargs, reference)}
+
+
+def _update_configs(model, args, kwargs, reference) -> dict:
+    """Hugging Face configs follow the compacted sizes; a model whose forward reads a size from
+    its config (Gemma scales its embeddings by sqrt(hidden_size)) would then compute something
+    else: checked on the example inputs, and left as it was with a warning if so."""
+    undo = Undo()
+    info = update_hf_configs(model, undo)
+    why = ""
+    if undo.steps:
+        try:
+            out, _ = forward(model, args, kwargs)
+            mismatch = _mismatch(out, reference)
+        except Exception as e:
+            mismatch = f"the model fails: {type(e).__name__}: {_first_line(e)}"
+        if mismatch is not None:
+            undo.restore()
+            info = {"updated": {}, "not_described": {k: [new] for k, (_, new) in info["updated"].items()}
+                    | info["not_described"]}
+            why = f"; with these sizes in its config the model computes something else: {mismatch}"
+    warn_not_described(info, why)
+    return info
 
 
 def nothing_to_compact(model, plan) -> dict:
     """The report entry when no group removes output channels."""
     n = count_params(model)
     return {"params_before": n, "params_after": n, "flops_before": None, "flops_after": None,
-            "groups": [], "layers": {}, "not_compacted": dict(plan.notes)}
+            "groups": [], "layers": {}, "not_compacted": dict(plan.notes),
+            "config": {"updated": {}, "not_described": {}}}
 
 
 def zero_removed(model, plan) -> None:
@@ -151,4 +176,5 @@ def summary(model, targets, plan, figures: dict) -> dict:
               for n, shape in shapes_before.items() if n in current and list(current[n].shape) != shape}
     return {"params_before": figures["params_before"], "params_after": figures["params_after"],
             "flops_before": figures["flops_before"], "flops_after": figures["flops_after"],
-            "groups": groups, "layers": layers, "not_compacted": dict(plan.notes)}
+            "groups": groups, "layers": layers, "not_compacted": dict(plan.notes),
+            "config": figures.get("config") or {"updated": {}, "not_described": {}}}

@@ -6,6 +6,7 @@ import numpy as np
 from torch import fx
 
 from ..aten import arg, module_of, op_name, shape_of
+from .folds import match_channel_mean
 from .rules import keep, nonzero_reason, register_rule, unknown_op, where, whole_along
 from .values import Chan, HeadSplit, ParamRef
 
@@ -65,6 +66,13 @@ def _reduce(an, node):
         if not xv.zero:
             an.block(xv, nonzero_reason(xv, node))
         out = None  # pruned channels add nothing to the sum
+    elif name == "mean" and set(xv.dims) <= dims and xv.zero:  # RMSNorm, GRN: fold the divisor
+        fold = match_channel_mean(an, node, xv)
+        if isinstance(fold, str):
+            return unknown_op(an, node, f"reduces over the channel dim (a mean: removing channels "
+                                        f"changes its divisor, and {fold})")
+        an.scale_folds.append(fold)
+        out = None  # a statistic over the channels: it carries none
     elif not set(xv.dims) <= dims and name in ("mean", "sum", "amax", "amin"):
         # over some channel dims only (a norm over the head dim, Qwen3's q_norm): exact when those
         # dims never lose entries, whole units of the others go; a removed unit reduces to zero

@@ -398,3 +398,44 @@ def _embedding(an, node):
         return unknown_op(an, node, "its table is not a parameter")
     atoms = an.axis(w.fqn, w.perm[1], w.shape[1], "zero")
     return Chan((len(shape_of(node)) - 1,), atoms)
+
+
+@register_rule("addcmul")
+def _addcmul(an, node):
+    """``input + value * t1 * t2`` (timm's GRN adds its affine this way): the product as a
+    ``mul``, then the sum as an ``add``, on one channel dim."""
+    n = len(shape_of(node))
+    operands = list(zip(node.args[:3], ("add", "mul", "mul")))
+    chans = [(a, c) for a, c in ((a, an.value(a)) for a, _ in operands) if isinstance(c, Chan)]
+    if not chans:
+        return unknown_op(an, node, "computes a new weight")
+    dims = {tuple(d + n - len(shape_of(a)) for d in c.dims) for a, c in chans}
+    first = chans[0][1]
+    if len(dims) != 1 or len(first.dims) != 1 or any(c.atoms.shape != first.atoms.shape for _, c in chans):
+        return unknown_op(an, node, "combines tensors whose channels do not line up")
+    (d,) = dims.pop()
+    if shape_of(node)[d] != first.atoms.size:
+        return unknown_op(an, node, "broadcasts a channel dim")
+    for _, c in chans[1:]:
+        an.atoms.union_arrays(first.atoms, c.atoms)
+    zero = {"add": True, "mul": False}   # the input adds; the product is zero if a factor is
+    for a, kind in operands:
+        v = an.value(a) if isinstance(a, fx.Node) else a
+        if isinstance(v, Chan):
+            zero[kind] = (zero[kind] and v.zero) if kind == "add" else (zero[kind] or v.zero)
+        elif isinstance(v, ParamRef):
+            od = d - (n - len(v.shape))
+            if od < 0 or v.shape[od] != first.atoms.size or v.perm[od] < 0:
+                return unknown_op(an, node, "its parameter does not line up with the channels")
+            an.bind(v, od, first.atoms, "zero" if kind == "add" else "slice")
+        elif isinstance(a, fx.Node):
+            osh = shape_of(a)
+            od = d - (n - len(osh))
+            if od >= 0 and osh[od] != 1:
+                an.block(first, f"{where(node)}: combines the channels with {_origin(an, a)}")
+                return None
+            zero[kind] = False if kind == "add" else zero[kind]   # a constant per channel position
+        elif kind == "add" and a != 0:
+            zero["add"] = False
+    out = zero["add"] and zero["mul"]
+    return Chan((d,), first.atoms, out, "" if out else where(node))

@@ -35,6 +35,7 @@ import torch
 
 from ..selection import budget, ceil_budget
 from .analysis import ChannelAnalysis
+from .hf_config import fit_hf_configs
 from .slicing import get_tensor
 
 NOT_COMPACTED = "not compacted: pattern {!r} does not remove output channels (use 1xchannel or Nxchannel)"
@@ -202,6 +203,8 @@ def select_classes(ctx, an: ChannelAnalysis, groups, scores, *, target_sparsity:
     if ctx.config.round_channels_to > 1:
         _round_up(classes, dead, space, ctx.config.round_channels_to,
                   {g.index: g.criterion_reduce_type for g in groups})
+    if ctx.model is not None:  # a Hugging Face config must still describe the sizes kept
+        fit_hf_configs(ctx.model, an, classes, dead, {g.index: g.criterion_reduce_type for g in groups})
     for group in groups if warn else ():
         target = group.target_sparsity if target_sparsity is None else target_sparsity
         _warn_if_blocked(group, ctx.selected(group), classes, blocked, dead, target)

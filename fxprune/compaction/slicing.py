@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..aten import is_conv, is_hf_conv1d
+from .folds import eps_attribute, fold_factors
 from .modules import compact_multihead_attention
 from .values import HEAD_COUNT_ATTRS
 
@@ -42,6 +43,8 @@ class Undo:
         for owner, kind, name, old in reversed(self.steps):
             if kind == "attr":
                 setattr(owner, name, old)
+            elif kind == "new_attr":
+                delattr(owner, name)
             else:
                 (owner._parameters if kind == "param" else owner._buffers)[name] = old
         self.steps.clear()
@@ -96,6 +99,7 @@ def slice_model(model: nn.Module, plan, spaces: set[int]) -> Undo:
                 if isinstance(module, nn.MultiheadAttention):
                     compact_multihead_attention(module, undo)
             _norm_groups(model, plan, spaces, undo)
+            _scale_folds(model, plan, spaces, undo)
     except Exception:
         undo.restore()
         raise
@@ -178,6 +182,45 @@ def _norm_groups(model, plan, spaces, undo: Undo) -> None:
         kept = _kept_units(plan, norm.atoms, spaces)
         if kept != norm.num_groups and norm.module:
             undo.set_attr(model.get_submodule(norm.module), "num_groups", kept)
+
+
+def _scale_folds(model, plan, spaces, undo: Undo) -> None:
+    """Norms over the channels (RMSNorm, GRN): epsilon and weight rescaled for the channels kept."""
+    held = None
+    eps_set: dict[tuple[str, str], float] = {}
+    for fold in plan.analysis.scale_folds:
+        total = fold.atoms.size
+        kept = int((~plan.dead_mask(fold.atoms, spaces)).sum())
+        if kept == total:
+            continue
+        if kept == 0:
+            raise RuntimeError(f"compaction would remove every channel normalized by {fold.module}")
+        scale, eps_scale = fold_factors(total, kept, fold)
+        module = model.get_submodule(fold.module)
+        if fold.eps is not None and fold.eps != 0:
+            attr = fold.eps_attr or eps_attribute(module, fold.eps)
+            if attr is None:
+                raise RuntimeError(f"the epsilon {fold.eps:g} of {fold.module} is not a module attribute")
+            eps = fold.eps * eps_scale
+            if eps_set.setdefault((fold.module, attr), eps) != eps:
+                raise RuntimeError(f"{fold.module} normalizes channels that lose different counts")
+            undo.set_attr(module, attr, eps)
+        shape = getattr(module, "normalized_shape", None)
+        if isinstance(shape, tuple) and len(shape) == 1 and shape[0] == total:
+            undo.set_attr(module, "normalized_shape", (kept,))
+        if fold.new_weight:  # nn.RMSNorm without affine: the factor becomes its weight
+            weight = torch.full((kept,), scale, dtype=fold.dtype or torch.float32)
+            undo.set_tensor(module, "weight", "param", nn.Parameter(weight))
+            undo.set_attr(module, "elementwise_affine", True)
+            continue
+        if held is None:
+            held = holders(model)
+        old = get_tensor(model, fold.scale)
+        new = old.detach() * scale
+        if isinstance(old, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=old.requires_grad)
+        for owner, name, kind in held[id(old)]:
+            undo.set_tensor(owner, name, kind, new)
 
 
 def count_params(model: nn.Module) -> int:

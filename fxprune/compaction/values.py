@@ -71,3 +71,23 @@ class ConvGroups:
     module: str
     num_groups: int
     atoms: np.ndarray          # [num_groups, in_per_group + out_per_group]
+
+
+@dataclass
+class ScaleFold:
+    """A statistic averaged over the channels ``atoms`` (RMSNorm's mean square, GRN's mean norm)
+    that compaction keeps exact by rescaling: with C channels of which C_kept stay, and r = C /
+    C_kept, the module attribute ``eps_attr`` (its epsilon, added to the statistic raised to
+    ``eps_power``) is multiplied by ``r ** eps_power`` and the tensor ``scale`` by ``r ** power``
+    (see docs/compact.md, "Norms over the channels"). ``scale`` None with ``new_weight``: the
+    module (``nn.RMSNorm`` without affine) gets a weight holding ``r ** power``."""
+
+    module: str                # the module that holds the epsilon (and runs the norm)
+    atoms: np.ndarray          # the channels averaged over
+    power: float               # scale *= r ** power
+    scale: str | None = None   # fqn of the parameter the factor is folded into
+    eps: float | None = None   # the epsilon in the graph (None: no epsilon)
+    eps_attr: str | None = None
+    eps_power: float = 1.0
+    new_weight: bool = False
+    dtype: object = None       # the norm's dtype (for a new weight, or an epsilon left None)

@@ -1,0 +1,225 @@
+"""Hugging Face configs after compaction: the fields that describe a size that changed.
+
+A compacted ``transformers`` model keeps its ``config``, which ``save_pretrained`` writes and
+``from_pretrained`` builds the model from. :func:`update_hf_configs` sets the size fields from
+the compacted modules' shapes (not from how the channels were chosen): the hidden size (the input
+embedding's width), the FFN width, the attention and key/value head counts, the head width, and
+the norms' epsilon when compaction rescaled it. A field is written only when every layer agrees;
+when layers differ (e.g. ``pruning_scope: global``) no config can describe the model, and the
+field is left as it was with a warning saying how to save and reload such a model instead.
+:func:`fit_hf_configs` runs when the channels are selected: it gives back removed hidden channels
+until the config's own validation accepts the sizes kept (Llama requires ``hidden_size`` to be a
+multiple of ``num_attention_heads``). transformers is never imported: a config is recognised by its ``to_dict`` and ``model_type``.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from ..aten import is_hf_conv1d
+
+# FFN: the module that widens the hidden state, by its name in the model, and the config field
+FFN_UP = {"intermediate_size": ("mlp.up_proj", "mlp.gate_proj", "intermediate.dense", "mlp.fc1",
+                                "feed_forward.w1", "feed_forward.w3"),
+          "d_ff": ("DenseReluDense.wi", "DenseReluDense.wi_0", "DenseReluDense.wi_1"),
+          "n_inner": ("mlp.c_fc",)}
+# attention: (query, key) projection names and the module attribute holding the head width
+ATTENTION = ((("q_proj", "k_proj"), ("head_dim",)),
+             (("q", "k"), ("key_value_proj_dim",)),
+             (("query", "key"), ("attention_head_size",)))
+# norms: the module attribute holding the epsilon, the config field it comes from
+NORM_EPS = {"variance_epsilon": ("rms_norm_eps", "layer_norm_epsilon")}
+
+RELOAD_HINT = ("save it with torch.save(model) (or its state_dict) and reload it with torch.load "
+               "(or load the state dict into the compacted object); pruning_scope 'local' removes the "
+               "same share of every layer, which usually keeps the sizes equal")
+
+
+def _is_config(obj) -> bool:
+    return hasattr(obj, "to_dict") and hasattr(obj, "model_type")
+
+
+def hf_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the outermost modules holding each distinct Hugging Face config."""
+    seen, out = set(), []
+    for name, module in model.named_modules():
+        config = getattr(module, "config", None)
+        if _is_config(config) and id(config) not in seen:
+            seen.add(id(config))
+            out.append((name, module))
+    return out
+
+
+def _input_embeddings(module: nn.Module) -> nn.Embedding | None:
+    """The model's token embedding, if it has one (vision models raise NotImplementedError)."""
+    try:
+        embed = module.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return embed if isinstance(embed, nn.Embedding) else None
+
+
+def _out_features(module) -> int | None:
+    w = getattr(module, "weight", None)
+    if w is None or w.dim() != 2:
+        return None
+    return int(w.shape[1] if is_hf_conv1d(module) else w.shape[0])
+
+
+def read_sizes(module: nn.Module) -> dict[str, list]:
+    """Field -> the values the compacted modules of one Hugging Face model hold (one per layer)."""
+    sizes: dict[str, list] = defaultdict(list)
+    embed = _input_embeddings(module)
+    if embed is not None:
+        sizes["hidden_size"].append(int(embed.weight.shape[1]))
+    for name, sub in module.named_modules():
+        for field, suffixes in FFN_UP.items():
+            if name.endswith(suffixes) and _out_features(sub) is not None:
+                sizes[field].append(_out_features(sub))
+        for attr, fields in NORM_EPS.items():
+            eps = getattr(sub, attr, None)
+            if isinstance(eps, float):
+                for f in fields:
+                    sizes[f].append(eps)
+    for q, k, width in _attention_widths(module):
+        sizes["head_dim"].append(width)
+        sizes["num_attention_heads"].append(q.shape[0] // width)
+        sizes["num_key_value_heads"].append(k.shape[0] // width)
+    return sizes
+
+
+def update_hf_configs(model: nn.Module, undo=None) -> dict:
+    """Write the compacted sizes into every Hugging Face config of ``model`` (recorded in
+    ``undo``, a :class:`~.slicing.Undo`, when given). Returns ``{"updated": {field: [old, new]},
+    "not_described": {field: [value per layer...]}}`` with fields named ``<module>.config.<name>``."""
+    updated, not_described = {}, {}
+    set_attr = undo.set_attr if undo is not None else setattr
+    for prefix, module in hf_models(model):
+        config = module.config
+        sizes = read_sizes(module)
+        at = f"{prefix}.config." if prefix else "config."
+        aliases = getattr(config, "attribute_map", {}) or {}
+        for field, values in sizes.items():
+            if not hasattr(config, field):
+                continue
+            name = aliases.get(field, field)
+            old = getattr(config, field)
+            distinct = sorted(set(values))
+            if len(distinct) > 1:
+                not_described[at + name] = list(values)
+            elif distinct[0] != old:
+                set_attr(config, name, distinct[0])
+                updated[at + name] = [old, distinct[0]]
+                if field == "hidden_size":
+                    _decoder_output_scale(module, old, distinct[0], undo)
+        width = sorted(set(sizes.get("head_dim", [])))
+        if (len(width) == 1 and not hasattr(config, "head_dim") and hasattr(config, "num_attention_heads")
+                and config.hidden_size // config.num_attention_heads != width[0]):
+            # a config without head_dim derives it from hidden_size, which changed: write it
+            # explicitly (the attention of Qwen2 and most others reads config.head_dim first)
+            if undo is not None:
+                undo.steps.append((config, "new_attr", "head_dim", None))
+            config.head_dim = width[0]
+            updated[at + "head_dim"] = [None, width[0]]
+    return {"updated": updated, "not_described": not_described}
+
+
+def warn_not_described(info: dict, why: str = "") -> None:
+    """The warning for sizes a Hugging Face config cannot describe."""
+    if not info["not_described"]:
+        return
+    detail = "; ".join(f"{k}: {sorted(set(v))}" for k, v in info["not_described"].items())
+    warnings.warn(f"the compacted model's sizes differ across layers or from what its Hugging Face config "
+                  f"can describe ({detail}{why}): save_pretrained writes the weights but from_pretrained cannot "
+                  f"rebuild the model from this config; {RELOAD_HINT}", stacklevel=4)
+
+
+def _decoder_output_scale(module: nn.Module, old: int, new: int, undo=None) -> None:
+    """T5 and its kin scale the decoder output by ``model_dim ** -0.5`` (``model_dim`` read from
+    ``d_model`` when built): a model rebuilt from the new ``d_model`` scales by ``new ** -0.5``, so
+    the ratio goes into the decoder's final norm weight and ``model_dim`` follows; the compacted
+    model computes the same, and so does the reloaded one."""
+    norm = getattr(getattr(module, "decoder", None), "final_layer_norm", None)
+    if (getattr(module, "model_dim", None) != old or not getattr(module.config, "scale_decoder_outputs", False)
+            or not isinstance(getattr(norm, "weight", None), nn.Parameter)):
+        return
+    weight = nn.Parameter(norm.weight.detach() * (new / old) ** 0.5, requires_grad=norm.weight.requires_grad)
+    if undo is not None:
+        undo.set_tensor(norm, "weight", "param", weight)
+        undo.set_attr(module, "model_dim", new)
+    else:
+        norm.weight, module.model_dim = weight, new
+
+
+def _attention_widths(module: nn.Module):
+    """(query weight, key weight, head width) of every attention module of a Hugging Face model."""
+    for sub in module.modules():
+        for (q_name, k_name), width_attrs in ATTENTION:
+            q, k = getattr(sub, q_name, None), getattr(sub, k_name, None)
+            width = next((getattr(sub, a) for a in width_attrs if isinstance(getattr(sub, a, None), int)), None)
+            if isinstance(q, nn.Linear) and isinstance(k, nn.Linear) and width:
+                yield q.weight, k.weight, width
+                break
+
+
+def fit_hf_configs(model: nn.Module, an, classes, dead: set, reduce_types: dict) -> None:
+    """Give back removed channels of a Hugging Face model's hidden size until its config accepts
+    the sizes kept (Llama, Qwen2, Mistral require hidden_size to be a multiple of
+    num_attention_heads): the best-scoring removed hidden channels first. ``dead`` is updated."""
+    models = hf_models(model)
+    if not models:
+        return
+    fqn_of = {id(t): fqn for (fqn, _), _ in an.axes.items() for t in [_tensor(model, fqn)] if t is not None}
+
+    def kept(fqn: str, dim: int) -> int | None:
+        ax = an.axes.get((fqn, dim))
+        if ax is None:
+            return None
+        return int(sum(r not in dead for r in an.roots(ax.atoms).tolist()))
+
+    for _, module in models:
+        config = module.config
+        embed = _input_embeddings(module)
+        if embed is None or not hasattr(config, "validate_architecture"):
+            continue
+        stream = an.axes.get((fqn_of.get(id(embed.weight)), 1))
+        if stream is None:
+            continue
+        heads, kv = set(), set()
+        for q, k, width in _attention_widths(module):
+            nq, nk = kept(fqn_of.get(id(q), ""), 0), kept(fqn_of.get(id(k), ""), 0)
+            heads.add((q.shape[0] if nq is None else nq) // width)
+            kv.add((k.shape[0] if nk is None else nk) // width)
+        if len(heads) > 1 or len(kv) > 1:
+            continue  # layers differ: no config describes them anyway
+        roots = an.roots(stream.atoms).tolist()
+        removed = sorted({r for r in roots if r in dead and r in classes},
+                         key=lambda r: (classes[r].score(reduce_types.get(next(iter(classes[r].groups), None), "mean")),
+                                        classes[r].order))
+        trial = copy.deepcopy(config)
+        if heads:
+            trial.num_attention_heads = heads.pop()
+            if getattr(trial, "num_key_value_heads", None) is not None:
+                trial.num_key_value_heads = kv.pop()
+        while True:
+            trial.hidden_size = sum(r not in dead for r in roots)
+            try:
+                trial.validate_architecture()
+                break
+            except ValueError:
+                if not removed:
+                    break
+                dead.discard(removed.pop())
+
+
+def _tensor(model, fqn):
+    module_name, _, name = fqn.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return None
+    return module._parameters.get(name, module._buffers.get(name))
