@@ -180,20 +180,29 @@ class _StopAtBlock(Exception):
     pass
 
 
-class _FirstBlockCatcher(nn.Module):
-    """Stands in for the first block during the capture: keeps its inputs and stops the forward.
-    Attributes the model reads from its blocks (``attention_type``...) come from the real one."""
+class BlockStandIn(nn.Module):
+    """Base of the modules put in a block's place for one run. The real block is held outside the
+    module tree (the model's parameters are unchanged), and attributes the model reads from its
+    blocks (``attention_type``...) come from it. ``fields`` are plain attributes of the stand-in."""
 
-    def __init__(self, block: nn.Module, runner: "BlockSequentialRunner"):
+    def __init__(self, block: nn.Module, **fields):
         super().__init__()
-        object.__setattr__(self, "block", block)     # not a submodule: parameters unchanged
-        object.__setattr__(self, "runner", runner)
+        object.__setattr__(self, "block", block)
+        for key, value in fields.items():
+            object.__setattr__(self, key, value)
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(object.__getattribute__(self, "block"), name)
+
+
+class _FirstBlockCatcher(BlockStandIn):
+    """Stands in for the first block during the capture: keeps its inputs and stops the forward."""
+
+    def __init__(self, block: nn.Module, runner: "BlockSequentialRunner"):
+        super().__init__(block, runner=runner)
 
     def forward(self, *args, **kwargs):
         self.runner.keep_block_inputs(args, kwargs)

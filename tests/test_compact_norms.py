@@ -233,20 +233,27 @@ def test_llama_hidden_size_is_compacted_exactly():
     assert_same_function(masked, compacted, (torch.randint(0, 50, (3, 9)),))
 
 
-def test_t5_residual_streams_are_compacted_exactly():
-    cfg = transformers.T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_decoder_layers=1,
-                                num_heads=4, decoder_start_token_id=0)
+class _T5Logits(nn.Module):
+    """A tiny T5 returning only its logits: the encoder's last hidden state, a model output, would
+    keep the residual stream from being compacted."""
 
-    class Logits(nn.Module):  # the encoder's last hidden state, a model output, would change shape
-        def __init__(self):
-            super().__init__()
-            self.t5 = transformers.T5ForConditionalGeneration(cfg)
+    def __init__(self):
+        super().__init__()
+        cfg = transformers.T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_decoder_layers=1,
+                                    num_heads=4, decoder_start_token_id=0)
+        self.t5 = transformers.T5ForConditionalGeneration(cfg)
 
-        def forward(self, input_ids, decoder_input_ids):
-            return self.t5(input_ids=input_ids, decoder_input_ids=decoder_input_ids, use_cache=False).logits
+    def forward(self, input_ids, decoder_input_ids):
+        return self.t5(input_ids=input_ids, decoder_input_ids=decoder_input_ids, use_cache=False).logits
 
-    model = Logits().eval()
+
+def _t5_logits():
     inputs = {"input_ids": torch.randint(0, 50, (2, 7)), "decoder_input_ids": torch.randint(0, 50, (2, 4))}
+    return _T5Logits().eval(), inputs
+
+
+def test_t5_residual_streams_are_compacted_exactly():
+    model, inputs = _t5_logits()
     masked, compacted, _ = masked_and_compacted(model, LOCAL, inputs)
     kept = 32 - int(0.3 * 32)
     assert compacted.t5.shared.weight.shape == (50, kept)
@@ -294,19 +301,7 @@ def test_layers_of_different_sizes_warn_that_the_config_cannot_describe_them():
 
 
 def test_t5_config_gets_d_model_d_ff_and_epsilon(tmp_path):
-    cfg = transformers.T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_decoder_layers=1,
-                                num_heads=4, decoder_start_token_id=0)
-
-    class Logits(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.t5 = transformers.T5ForConditionalGeneration(cfg)
-
-        def forward(self, input_ids, decoder_input_ids):
-            return self.t5(input_ids=input_ids, decoder_input_ids=decoder_input_ids, use_cache=False).logits
-
-    model = Logits().eval()
-    inputs = {"input_ids": torch.randint(0, 50, (2, 7)), "decoder_input_ids": torch.randint(0, 50, (2, 4))}
+    model, inputs = _t5_logits()
     _, compacted, report = masked_and_compacted(model, LOCAL, inputs)
     t5 = compacted.t5
     assert (t5.config.d_model, t5.config.d_ff) == (32 - int(0.3 * 32), 48 - int(0.3 * 48))

@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..inputs import split_inputs
 from ..registry import get_criterion_class
-from ..sequential import BlockList, find_blocks, release_free_memory
+from ..sequential import BlockList, BlockStandIn, find_blocks, release_free_memory
 from .attach import AttachPass
 from .base import Pass
 from .capture import CapturePass, canonical_names
@@ -108,21 +108,11 @@ class _WeightUses(TorchFunctionMode):
         raise _Fallback(f"{name or func} uses {self._param(matrices[0])}")
 
 
-class _FirstBlock(nn.Module):
+class _FirstBlock(BlockStandIn):
     """Runs the real first block and notes which uses happened inside it and what it returned."""
 
     def __init__(self, block: nn.Module, recorder: _WeightUses):
-        super().__init__()
-        object.__setattr__(self, "block", block)
-        object.__setattr__(self, "recorder", recorder)
-        object.__setattr__(self, "span", None)
-        object.__setattr__(self, "out", None)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "block"), name)
+        super().__init__(block, recorder=recorder, span=None, out=None)
 
     def forward(self, *args, **kwargs):
         if self.span is not None:
@@ -134,21 +124,13 @@ class _FirstBlock(nn.Module):
         return out
 
 
-class _LaterBlock(nn.Module):
+class _LaterBlock(BlockStandIn):
     """Stands in for block ``index``: repeats the first block's uses under this block's names and
     returns its input hidden states in the first block's output structure."""
 
     def __init__(self, block: nn.Module, index: int, first: _FirstBlock, blocks: BlockList,
                  recorder: _WeightUses):
-        super().__init__()
-        for k, v in dict(block=block, index=index, first=first, blocks=blocks, recorder=recorder).items():
-            object.__setattr__(self, k, v)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "block"), name)
+        super().__init__(block, index=index, first=first, blocks=blocks, recorder=recorder)
 
     def forward(self, *args, **kwargs):
         first = self.first
