@@ -50,6 +50,17 @@ def _weights(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def _attempt(call):
+    """(error, seconds) of ``call()``: the error as (type name, message), None when it succeeded."""
+    start = time.monotonic()
+    try:
+        call()
+        error = None
+    except Exception as e:
+        error = (type(e).__name__, str(e))
+    return error, time.monotonic() - start
+
+
 def _worker(rank, world, init, out_dir):
     import torch.distributed as dist
 
@@ -94,39 +105,25 @@ def _worker(rank, world, init, out_dir):
         def failing(*a, **k):
             raise WeightError("sparse_gpt produced non-finite weights for a test layer")
         seq._sparse_gpt_rows = failing
-    start = time.monotonic()
-    try:
-        fxprune.transform(model, CASES["sparse_gpt_2of4"], EXAMPLE, calibration=calib)
-        error = None
-    except Exception as e:
-        error = (type(e).__name__, str(e))
+    error, seconds = _attempt(lambda: fxprune.transform(model, CASES["sparse_gpt_2of4"], EXAMPLE, calibration=calib))
     seq._sparse_gpt_rows = rows
     fd.solve_cost, fd.factor_cost = costs
-    torch.save((split, sends[0], error, time.monotonic() - start), os.path.join(out_dir, f"split.{rank}.pt"))
+    torch.save((split, sends[0], error, seconds), os.path.join(out_dir, f"split.{rank}.pt"))
 
     # rank 1's calibration holds a token id past the vocabulary: it fails in its embedding
     bad = [b.clone() for b in calib]
     if rank == 1:
         bad[1][0, 0] = 64
-    start = time.monotonic()
-    try:
-        fxprune.transform(model, CASES["wanda_1x1"], EXAMPLE, calibration=bad)
-        error = None
-    except Exception as e:
-        error = (type(e).__name__, str(e))
-    torch.save((error, time.monotonic() - start), os.path.join(out_dir, f"error.{rank}.pt"))
+    outcome = _attempt(lambda: fxprune.transform(model, CASES["wanda_1x1"], EXAMPLE, calibration=bad))
+    torch.save(outcome, os.path.join(out_dir, f"error.{rank}.pt"))
 
     # rank 1 never calls transform (it waits for rank 0 to give up): rank 0's first collective
     # step times out after the group's timeout
     flag = os.path.join(out_dir, "hang.done")
     if rank == 0:
-        start = time.monotonic()
-        try:
-            fxprune.transform(model, CASES["sparse_gpt_2of4"], EXAMPLE, calibration=calib, group=hang)
-            error = None
-        except Exception as e:
-            error = (type(e).__name__, str(e))
-        torch.save((error, time.monotonic() - start), os.path.join(out_dir, "hang.0.pt"))
+        outcome = _attempt(lambda: fxprune.transform(model, CASES["sparse_gpt_2of4"], EXAMPLE, calibration=calib,
+                                                     group=hang))
+        torch.save(outcome, os.path.join(out_dir, "hang.0.pt"))
         open(flag, "w").close()
     else:
         deadline = time.monotonic() + 4 * TIMEOUT_S

@@ -17,7 +17,6 @@ import copy
 import warnings
 from collections import defaultdict
 
-import torch
 from torch import nn
 
 from ..aten import is_hf_conv1d
@@ -78,8 +77,8 @@ def read_sizes(module: nn.Module) -> dict[str, list]:
         sizes["hidden_size"].append(int(embed.weight.shape[1]))
     for name, sub in module.named_modules():
         for field, suffixes in FFN_UP.items():
-            if name.endswith(suffixes) and _out_features(sub) is not None:
-                sizes[field].append(_out_features(sub))
+            if name.endswith(suffixes) and (width := _out_features(sub)) is not None:
+                sizes[field].append(width)
         for attr, fields in NORM_EPS.items():
             eps = getattr(sub, attr, None)
             if isinstance(eps, float):

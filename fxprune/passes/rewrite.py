@@ -41,12 +41,17 @@ class RewritePass(Pass):
         model = ctx.model
         with torch.no_grad():
             for done, t in enumerate(targets, 1):
-                keep = ctx.masks[t.param]
-                weight = model.get_parameter(t.param)
-                weight.mul_(from_view_2d(keep, t.geometry).to(device=weight.device, dtype=weight.dtype))
-                zero_pruned_channels(model, t, keep)
+                apply_keep_mask(model, t, ctx.masks[t.param])
                 t.status = "pruned"
                 ctx.tick("rewrite", done, len(targets))
+
+
+def apply_keep_mask(model, t, keep: torch.Tensor) -> None:
+    """Zero the weights of ``t`` that ``keep`` (the view's keep-mask) prunes, in place, and the
+    bias/BatchNorm entries of whole pruned channels. Call under ``torch.no_grad()``."""
+    weight = model.get_parameter(t.param)
+    weight.mul_(from_view_2d(keep, t.geometry).to(device=weight.device, dtype=weight.dtype))
+    zero_pruned_channels(model, t, keep)
 
 
 def zero_pruned_channels(model, t, keep: torch.Tensor) -> None:

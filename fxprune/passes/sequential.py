@@ -34,7 +34,7 @@ from ..sequential import BlockList, BlockSequentialRunner, BlockStep, RunStats, 
 from .base import Pass
 from .context import PruneContext
 from .mask import check_mask, mask_group
-from .rewrite import zero_pruned_channels
+from .rewrite import apply_keep_mask
 from .score import check_finite, check_not_meta, score_targets
 
 log = logging.getLogger("fxprune")
@@ -312,10 +312,7 @@ def _local_count(pattern, t) -> int:
 def _apply_masks(ctx, targets, masks) -> None:
     with torch.no_grad():
         for t in targets:
-            keep = masks[t.param]
-            weight = ctx.model.get_parameter(t.param)
-            weight.mul_(from_view_2d(keep, t.geometry).to(device=weight.device, dtype=weight.dtype))
-            zero_pruned_channels(ctx.model, t, keep)
+            apply_keep_mask(ctx.model, t, masks[t.param])
             # not kept in ctx.masks: nothing after the rewrite needs them, and for a large model
             # they would be one byte per weight of the whole model
 
