@@ -185,8 +185,7 @@ def _reshape(an, node):
         if shrink is None:  # a packing (nn.MultiheadAttention's (3, embed_dim)): later ops decide
             return Chan(tuple(new_dims), sub, xv.zero, xv.why)
         units = np.moveaxis(sub, shrink, 0).reshape(sub.shape[shrink], -1)
-        for row in units:  # only whole units along the other axes can go
-            an.atoms.union_all(row)
+        an.atoms.union_rows(units)  # only whole units along the other axes can go
         an.head_splits.append(HeadSplit(module_of(node), _distinct_rows(units)))
     return Chan(tuple(new_dims), sub, xv.zero, xv.why)
 
