@@ -194,21 +194,22 @@ def select_classes(ctx, an: ChannelAnalysis, groups, scores, *, target_sparsity:
     at ``target_sparsity`` (the Pruner's scheduled sparsity). ``an`` may be reused across calls."""
     with gc_paused():
         blocked, classes = _group_classes(ctx, an, groups, scores)
-    dead: set[int] = set()
-    for group in groups:
-        free = [c for c in classes.values() if c.root not in blocked and c.groups == {group.index}]
-        target = group.target_sparsity if target_sparsity is None else target_sparsity
-        dead |= _select(ctx.selected(group), free, group, target)
-    space = an.spaces()
-    if ctx.config.round_channels_to > 1:
-        _round_up(classes, dead, space, ctx.config.round_channels_to,
-                  {g.index: g.criterion_reduce_type for g in groups})
-    if ctx.model is not None:  # a Hugging Face config must still describe the sizes kept
-        fit_hf_configs(ctx.model, an, classes, dead, {g.index: g.criterion_reduce_type for g in groups})
-    for group in groups if warn else ():
-        target = group.target_sparsity if target_sparsity is None else target_sparsity
-        _warn_if_blocked(group, ctx.selected(group), classes, blocked, dead, target)
-    return CompactionPlan(an, classes, blocked, dead, space)
+        dead: set[int] = set()
+        for group in groups:
+            only = {group.index}
+            free = [c for c in classes.values() if c.groups == only and c.root not in blocked]
+            target = group.target_sparsity if target_sparsity is None else target_sparsity
+            dead |= _select(ctx.selected(group), free, group, target)
+        space = an.spaces()
+        if ctx.config.round_channels_to > 1:
+            _round_up(classes, dead, space, ctx.config.round_channels_to,
+                      {g.index: g.criterion_reduce_type for g in groups})
+        if ctx.model is not None:  # a Hugging Face config must still describe the sizes kept
+            fit_hf_configs(ctx.model, an, classes, dead, {g.index: g.criterion_reduce_type for g in groups})
+        for group in groups if warn else ():
+            target = group.target_sparsity if target_sparsity is None else target_sparsity
+            _warn_if_blocked(group, ctx.selected(group), classes, blocked, dead, target)
+        return CompactionPlan(an, classes, blocked, dead, space)
 
 
 def plan_from_masks(ctx, an: ChannelAnalysis, groups, masks) -> CompactionPlan:
