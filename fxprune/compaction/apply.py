@@ -198,12 +198,13 @@ def summary(model, targets, plan, figures: dict) -> dict:
     ``targets``: param -> Target, in graph order; ``figures``: what :func:`compact_model` returned."""
     failed, shapes_before = figures["failed"], figures["shapes_before"]
     names = {t.param: t.name for t in targets.values()}
+    position = {p: i for i, p in enumerate(names)}
     spaces: dict[int, list[int]] = {}
     for root in plan.classes:
         spaces.setdefault(plan.space[root], []).append(root)
     groups = []
     for sid, roots in spaces.items():
-        layers = sorted({p for r in roots for p in plan.classes[r].rows}, key=list(names).index)
+        layers = sorted({p for r in roots for p in plan.classes[r].rows}, key=position.__getitem__)
         blocked = Counter(plan.blocked[r] for r in roots if r in plan.blocked)
         removed = sum(r in plan.dead for r in roots)
         entry = {"layers": [names[p] for p in layers], "units": len(roots),
