@@ -50,24 +50,8 @@ def apply_keep_mask(model, t, keep: torch.Tensor) -> None:
     """Zero the weights of ``t`` that ``keep`` (the view's keep-mask) prunes, in place, and the
     bias/BatchNorm entries of whole pruned channels. Call under ``torch.no_grad()``."""
     weight = model.get_parameter(t.param)
-    rows = _whole_pruned_rows(t, keep)
-    if rows is None:
-        weight.mul_(from_view_2d(keep, t.geometry).to(device=weight.device, dtype=weight.dtype))
-    elif rows.numel():  # whole output channels: multiply those rows alone (the same zeros, -0.0 included)
-        dim, rows = (1 if t.geometry.layout == "in_out" else 0), rows.to(weight.device)
-        weight.index_copy_(dim, rows, weight.index_select(dim, rows).mul_(0))
+    weight.mul_(from_view_2d(keep, t.geometry).to(device=weight.device, dtype=weight.dtype))
     zero_pruned_channels(model, t, keep)
-
-
-def _whole_pruned_rows(t, keep: torch.Tensor) -> torch.Tensor | None:
-    """The pruned rows (output channels) of an output-channel pattern's keep-mask whose rows are
-    kept or pruned whole; None otherwise."""
-    if not t.pattern.prunes_output_channels or not keep.numel():
-        return None
-    kept = keep.any(dim=1)
-    if not bool((keep.all(dim=1) | ~kept).all()):
-        return None
-    return (~kept).nonzero().flatten()
 
 
 def zero_pruned_channels(model, t, keep: torch.Tensor) -> None:
