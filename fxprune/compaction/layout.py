@@ -215,8 +215,10 @@ def _heads_axis(an, node, sub: np.ndarray, dims) -> int | None:
 def _distinct_rows(units: np.ndarray) -> np.ndarray:
     """``units`` without repeated rows (a batch merged with the heads, as
     ``nn.MultiheadAttention`` does, repeats each head once per sample), in first-seen order."""
-    _, first = np.unique(units, axis=0, return_index=True)
-    return units[np.sort(first)]
+    first: dict[tuple, int] = {}
+    for i, row in enumerate(map(tuple, units.tolist())):
+        first.setdefault(row, i)
+    return units[np.fromiter(first.values(), dtype=np.int64, count=len(first))]
 
 
 def _reshape_param(an, node, ref: ParamRef, src, dst):

@@ -323,6 +323,17 @@ def _classes(an: ChannelAnalysis, members, scores) -> dict[int, ChannelClass]:
         order = np.argsort(ids, kind="stable")            # this layer's rows, by class
         sorted_ids = ids[order]
         cuts = np.flatnonzero(np.diff(sorted_ids)) + 1
+        if cuts.size == sorted_ids.size - 1:  # one row per class (the common case)
+            for k, row in zip(sorted_ids.tolist(), order.tolist()):
+                c = out[k]
+                if param in c.rows:
+                    c.rows[param].append(row)
+                    c.weights[param] += cols
+                else:
+                    c.rows[param], c.weights[param] = [row], cols
+                if group is not None:
+                    c.groups.add(group)
+            continue
         bounds = [0, *cuts.tolist(), sorted_ids.size]
         rows_sorted = order.tolist()
         for k, (a, b) in zip(sorted_ids[np.asarray(bounds[:-1], dtype=np.int64)].tolist(), zip(bounds, bounds[1:])):
