@@ -378,13 +378,29 @@ def _round_up(classes, dead: set[int], space, multiple: int, reduce_types) -> No
             kept += rows[c.root]
 
 
+def _ranked(classes: list[ChannelClass], reduce_type: str) -> list[ChannelClass]:
+    """``classes`` by ``(score, order)``, lowest first (``ChannelClass.score``, as arrays)."""
+    if not classes:
+        return []
+    order = np.fromiter((c.order for c in classes), dtype=np.int64, count=len(classes))
+    if reduce_type == "sum":
+        score = np.fromiter((c.score_sum for c in classes), dtype=np.float64, count=len(classes))
+    elif reduce_type == "max":
+        score = np.fromiter((c.score_max for c in classes), dtype=np.float64, count=len(classes))
+    else:  # the mean: the same float division as ChannelClass.score
+        total = np.fromiter((c.score_sum for c in classes), dtype=np.float64, count=len(classes))
+        size = np.fromiter((sum(c.weights.values()) for c in classes), dtype=np.int64, count=len(classes))
+        score = total / np.maximum(size, 1)
+    return [classes[i] for i in np.lexsort((order, score)).tolist()]
+
+
 def _select(targets, free: list[ChannelClass], group, target: float) -> set[int]:
     """Roots of the classes to remove: lowest score first, whole classes, within the budget and
     the per-layer ratios (skipping a class that does not fit and going on with smaller ones)."""
     numel = {t.param: t.geometry.numel for t in targets}
     hi = {p: budget(group.max_sparsity_ratio_per_op, n) for p, n in numel.items()}
     lo = {p: ceil_budget(group.min_sparsity_ratio_per_op, n) for p, n in numel.items()}
-    ranked = sorted(free, key=lambda c: (c.score(group.criterion_reduce_type), c.order))
+    ranked = _ranked(free, group.criterion_reduce_type)
     pruned: dict[str, int] = defaultdict(int)
     chosen: set[int] = set()
 
@@ -397,9 +413,12 @@ def _select(targets, free: list[ChannelClass], group, target: float) -> set[int]
             pruned[p] += w
 
     by_layer: dict[str, list[ChannelClass]] = defaultdict(list)  # each layer's classes, ranked
+    smallest: dict[str, int] = {}                                 # and its smallest class's weights
     for c in ranked:
-        for p in c.weights:
+        for p, w in c.weights.items():
             by_layer[p].append(c)
+            if w < smallest.get(p, w + 1):
+                smallest[p] = w
     for t in targets:  # min_sparsity_ratio_per_op first
         for c in by_layer[t.param]:
             if pruned[t.param] >= lo[t.param]:
@@ -409,10 +428,9 @@ def _select(targets, free: list[ChannelClass], group, target: float) -> set[int]
     if group.pruning_scope == "local":
         for t in targets:
             goal, p = budget(target, numel[t.param]), t.param
-            layer = by_layer[p]
-            smallest = min((c.weights[p] for c in layer), default=0)
-            for c in layer:
-                if pruned[p] + smallest > goal:
+            least = smallest.get(p, 0)
+            for c in by_layer[p]:
+                if pruned[p] + least > goal:
                     break  # no class of this layer fits any more
                 if c.root not in chosen and pruned[p] + c.weights[p] <= goal and fits(c):
                     take(c)
