@@ -215,7 +215,10 @@ def _heads_axis(an, node, sub: np.ndarray, dims) -> int | None:
 def _distinct_rows(units: np.ndarray) -> np.ndarray:
     """``units`` without repeated rows (a batch merged with the heads, as
     ``nn.MultiheadAttention`` does, repeats each head once per sample), in first-seen order."""
-    first: dict[tuple, int] = {}
+    if units.size > 4096:  # long rows: numpy's unique over rows
+        _, index = np.unique(units, axis=0, return_index=True)
+        return units[np.sort(index)]
+    first: dict[tuple, int] = {}  # a few heads: a dict is much cheaper than sorting rows
     for i, row in enumerate(map(tuple, units.tolist())):
         first.setdefault(row, i)
     return units[np.fromiter(first.values(), dtype=np.int64, count=len(first))]
