@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from ..aten import arg, module_of, op_name, shape_of
+from .modules import compact_class_of
 from .rules import keep, nonzero_reason, register_rule, unknown_op, where
 from .values import Chan, ParamRef, ScaleFold
 
@@ -87,10 +88,16 @@ def _resolve_eps(an, fold: ScaleFold, node: fx.Node) -> str | None:
     except AttributeError:
         module = None
     name = eps_attribute(module, fold.eps) if module is not None else None
+    if name is None and module is not None:  # a compact class holding the code's constant as an attribute
+        compact = compact_class_of(module)
+        name = eps_attribute(compact, fold.eps) if compact is not None else None
+        fold.compact_class = compact if name is not None else None
     if name is None:
         return (f"its epsilon {fold.eps:g} ({where(node)}) is a constant in the code, not an attribute "
                 f"of module {fold.module or 'the model'}, so it cannot be rescaled for the channels kept "
-                f"(keep it as an attribute, e.g. self.eps, to let compaction fold it)")
+                f"(keep it as an attribute, e.g. self.eps, or register a compact class for "
+                f"{type(module).__name__ if module is not None else 'the module'} with "
+                f"fxprune.compaction.register_compact_class)")
     fold.eps_attr = name
     return None
 

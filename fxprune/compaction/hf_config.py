@@ -124,14 +124,39 @@ def update_hf_configs(model: nn.Module, undo=None) -> dict:
                 undo.steps.append((config, "new_attr", "head_dim", None))
             config.head_dim = width[0]
             updated[at + "head_dim"] = [None, width[0]]
+        if not any(k.startswith(at) for k in not_described):
+            shapes = undescribed_shapes(module)
+            if shapes:
+                not_described[at + "<no field>"] = shapes
     return {"updated": updated, "not_described": not_described}
+
+
+def undescribed_shapes(module: nn.Module) -> list[str]:
+    """The parameters of ``module`` (a Hugging Face model) whose shapes a model built from its
+    config would not have (a width the config has no field for: ConvNeXt's MLP is ``4 *
+    hidden_sizes[i]`` in its code), as ``"name (shape), config builds (shape)"``; empty when the
+    config describes every shape, or when the model cannot be built from its config alone."""
+    import torch
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fresh = type(module)(copy.deepcopy(module.config))
+    except Exception:  # a model built from more than its config: nothing to compare with
+        return []
+    built = {n: tuple(p.shape) for n, p in fresh.named_parameters()}
+    return [f"{n} {tuple(p.shape)}, config builds {built[n]}" for n, p in module.named_parameters()
+            if n in built and built[n] != tuple(p.shape)]
 
 
 def warn_not_described(info: dict, why: str = "") -> None:
     """The warning for sizes a Hugging Face config cannot describe."""
     if not info["not_described"]:
         return
-    detail = "; ".join(f"{k}: {sorted(set(v))}" for k, v in info["not_described"].items())
+    def values(v: list) -> str:
+        v = sorted(set(v), key=str)
+        return str(v) if len(v) <= 3 else f"{v[:3]} and {len(v) - 3} more"
+
+    detail = "; ".join(f"{k}: {values(v)}" for k, v in info["not_described"].items())
     warnings.warn(f"the compacted model's sizes differ across layers or from what its Hugging Face config "
                   f"can describe ({detail}{why}): save_pretrained writes the weights but from_pretrained cannot "
                   f"rebuild the model from this config; {RELOAD_HINT}", stacklevel=4)

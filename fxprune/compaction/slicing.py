@@ -198,12 +198,16 @@ def _scale_folds(model, plan, spaces, undo: Undo) -> None:
         scale, eps_scale = fold_factors(total, kept, fold)
         module = model.get_submodule(fold.module)
         if fold.eps is not None and fold.eps != 0:
+            if fold.compact_class is not None and type(module) is not fold.compact_class:
+                undo.set_attr(module, "__class__", fold.compact_class)  # its epsilon is an attribute
             attr = fold.eps_attr or eps_attribute(module, fold.eps)
             if attr is None:
                 raise RuntimeError(f"the epsilon {fold.eps:g} of {fold.module} is not a module attribute")
             eps = fold.eps * eps_scale
             if eps_set.setdefault((fold.module, attr), eps) != eps:
                 raise RuntimeError(f"{fold.module} normalizes channels that lose different counts")
+            if attr not in vars(module):  # a compact class's default: the instance gets its own
+                undo.steps.append((module, "new_attr", attr, None))
             undo.set_attr(module, attr, eps)
         shape = getattr(module, "normalized_shape", None)
         if isinstance(shape, tuple) and len(shape) == 1 and shape[0] == total:

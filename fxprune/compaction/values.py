@@ -91,3 +91,4 @@ class ScaleFold:
     eps_power: float = 1.0
     new_weight: bool = False
     dtype: object = None       # the norm's dtype (for a new weight, or an epsilon left None)
+    compact_class: type | None = None  # the class the module gets, whose ``eps_attr`` holds the epsilon
