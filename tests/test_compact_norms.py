@@ -368,6 +368,47 @@ def test_llama_config_describes_the_compacted_model_and_reloads(tmp_path):
     assert again.model.layers[1].input_layernorm.variance_epsilon == compacted.config.rms_norm_eps
 
 
+def _gemma(tied=True):
+    cfg = transformers.GemmaConfig(hidden_size=32, intermediate_size=64, vocab_size=50, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                   tie_word_embeddings=tied)
+    model = transformers.GemmaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ == "GemmaRMSNorm":   # initialised to zero: 1 + w would be 1
+                m.weight.copy_(torch.rand(m.weight.shape) - 0.5)
+    return model
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gemma_one_plus_weight_norms_are_compacted_exactly_and_reload(tmp_path, tied):
+    # GemmaRMSNorm multiplies by 1 + w: (1 + w') = sqrt(r) (1 + w); the embeddings are scaled by
+    # sqrt(hidden_size) from the config, and the head shares the embedding weight when tied
+    model = _gemma(tied)
+    ids = torch.randint(0, 50, (2, 6))
+    masked, compacted, report = masked_and_compacted(model, LOCAL, (ids,))
+    config = report.compaction["config"]
+    assert config["not_described"] == {}
+    kept = 32 - 9
+    assert config["updated"]["config.hidden_size"] == [32, kept]
+    assert compacted.model.embed_tokens.weight.shape == (50, kept)
+    norm = compacted.model.layers[0].input_layernorm
+    assert norm.eps == pytest.approx(1e-6 * 32 / kept) == compacted.config.rms_norm_eps
+    kept_channels = masked.model.embed_tokens.weight.abs().sum(0) != 0
+    torch.testing.assert_close(1 + norm.weight.detach(), (1 + masked.model.layers[0].input_layernorm.weight.detach()
+                                                          [kept_channels]) * (32 / kept) ** 0.5)
+    assert compacted.model.embed_tokens.scalar_embed_scale == pytest.approx(kept ** 0.5)
+    stream = next(g for g in report.compaction["groups"] if "model.layers.0.self_attn.o_proj" in g["layers"])
+    assert stream["removed"] == 9 and stream["blocked"] == []
+    x = (torch.randint(0, 50, (3, 9)),)
+    assert_same_function(masked, compacted, x)
+    compacted.save_pretrained(tmp_path)
+    again = transformers.GemmaForCausalLM.from_pretrained(tmp_path).eval()
+    assert (again.lm_head.weight is again.model.embed_tokens.weight) == tied
+    assert_same_function(compacted, again, x)
+    assert_same_function(masked, again, x)
+
+
 def test_layers_of_different_sizes_warn_that_the_config_cannot_describe_them():
     model = _llama_gqa()
     config = dict(LOCAL, pruning_scope="global")

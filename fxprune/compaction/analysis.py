@@ -23,7 +23,7 @@ from . import folds, layout, ops  # noqa: F401  (register the built-in rules)
 from .atoms import components
 from .rules import find_rule, unknown_op
 from .values import HEAD_COUNT_ATTRS, HEAD_WIDTH_ATTRS
-from .values import AtomSet, Axis, Chan, ConvGroups, HeadSplit, NormGroups, ParamRef, ScaleFold
+from .values import AtomSet, Axis, Chan, ConvGroups, HeadSplit, NormGroups, ParamRef, ScaleFold, ShiftedParam
 
 __all__ = ["ChannelAnalysis", "AtomSet", "Axis", "Chan", "ConvGroups", "HeadSplit", "NormGroups", "ParamRef",
            "ScaleFold"]
@@ -102,6 +102,8 @@ class ChannelAnalysis:
             self.blocks.append((value, reason))
         elif isinstance(value, ParamRef):
             self.param_blocks.setdefault(value.fqn, reason)
+        elif isinstance(value, ShiftedParam):
+            self.param_blocks.setdefault(value.ref.fqn, reason)
         elif isinstance(value, (list, tuple)):
             for v in value:
                 self.block(v, reason)

@@ -14,12 +14,14 @@ multiple of ``num_attention_heads``). transformers is never imported: a config i
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections import defaultdict
 
 from torch import nn
 
 from ..aten import is_hf_conv1d
+from .slicing import holders
 
 # FFN: the module that widens the hidden state, by its name in the model, and the config field
 FFN_UP = {"intermediate_size": ("mlp.up_proj", "mlp.gate_proj", "intermediate.dense", "mlp.fc1",
@@ -32,6 +34,8 @@ ATTENTION = ((("q_proj", "k_proj"), ("head_dim",)),
              (("query", "key"), ("attention_head_size",)))
 # norms: the module attribute holding the epsilon, the config field it comes from
 NORM_EPS = {"variance_epsilon": ("rms_norm_eps", "layer_norm_epsilon")}
+# the same for RMSNorm classes (by name) that call it eps (Gemma); other modules' eps (LayerNorm) are not
+RMS_NORM_EPS = {"eps": ("rms_norm_eps",)}
 
 RELOAD_HINT = ("save it with torch.save(model) (or its state_dict) and reload it with torch.load "
                "(or load the state dict into the compacted object); pruning_scope 'local' removes the "
@@ -79,7 +83,8 @@ def read_sizes(module: nn.Module) -> dict[str, list]:
         for field, suffixes in FFN_UP.items():
             if name.endswith(suffixes) and (width := _out_features(sub)) is not None:
                 sizes[field].append(width)
-        for attr, fields in NORM_EPS.items():
+        norm_eps = NORM_EPS | RMS_NORM_EPS if type(sub).__name__.endswith("RMSNorm") else NORM_EPS
+        for attr, fields in norm_eps.items():
             eps = getattr(sub, attr, None)
             if isinstance(eps, float):
                 for f in fields:
@@ -91,10 +96,12 @@ def read_sizes(module: nn.Module) -> dict[str, list]:
     return sizes
 
 
-def update_hf_configs(model: nn.Module, undo=None) -> dict:
+def update_hf_configs(model: nn.Module, undo=None, norm_offsets: dict[str, float] | None = None) -> dict:
     """Write the compacted sizes into every Hugging Face config of ``model`` (recorded in
-    ``undo``, a :class:`~.slicing.Undo`, when given). Returns ``{"updated": {field: [old, new]},
-    "not_described": {field: [value per layer...]}}`` with fields named ``<module>.config.<name>``."""
+    ``undo``, a :class:`~.slicing.Undo`, when given). ``norm_offsets``: parameter name -> the
+    number a norm adds to that weight before multiplying (Gemma's ``1 + weight``), as the
+    channel analysis found it. Returns ``{"updated": {field: [old, new]}, "not_described":
+    {field: [value per layer...]}}`` with fields named ``<module>.config.<name>``."""
     updated, not_described = {}, {}
     set_attr = undo.set_attr if undo is not None else setattr
     for prefix, module in hf_models(model):
@@ -115,6 +122,9 @@ def update_hf_configs(model: nn.Module, undo=None) -> dict:
                 updated[at + name] = [old, distinct[0]]
                 if field == "hidden_size":
                     _decoder_output_scale(module, old, distinct[0], undo)
+                    why = _embedding_scale(model, module, old, distinct[0], undo, norm_offsets or {})
+                    if why:
+                        not_described[at + "hidden_size"] = [distinct[0], why]
         width = sorted(set(sizes.get("head_dim", [])))
         if (len(width) == 1 and not hasattr(config, "head_dim") and hasattr(config, "num_attention_heads")
                 and config.hidden_size // config.num_attention_heads != width[0]):
@@ -177,6 +187,49 @@ def _decoder_output_scale(module: nn.Module, old: int, new: int, undo=None) -> N
         undo.set_attr(module, "model_dim", new)
     else:
         norm.weight, module.model_dim = weight, new
+
+
+def _embedding_scale(model: nn.Module, module: nn.Module, old: int, new: int, undo, norm_offsets) -> str:
+    """Gemma multiplies its token embeddings by ``sqrt(hidden_size)``, a buffer (``embed_scale``)
+    set from the config when the model is built, so a model rebuilt from the new ``hidden_size``
+    multiplies by ``sqrt(new)``. The compacted model takes that scale and its embedding weight is
+    multiplied by ``sqrt(old / new)``: the embeddings stay. An output head sharing that weight
+    (tied) would then give logits ``sqrt(old / new)`` times larger, so the final norm's multiplier
+    (its weight plus the offset the channel analysis found: ``1 + w`` for Gemma) is divided by that
+    ratio. Checked with the other updates by one more run. Returns why it could not, or ''."""
+    import torch
+    embed = _input_embeddings(module)
+    scale, buffer = getattr(embed, "scalar_embed_scale", None), getattr(embed, "embed_scale", None)
+    if not (isinstance(scale, float) and isinstance(buffer, torch.Tensor) and buffer.numel() == 1
+            and math.isclose(scale, old ** 0.5, rel_tol=1e-6)):
+        return ""
+    ratio = (old / new) ** 0.5
+    changes = [(embed.weight, embed.weight.detach() * ratio)]
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is embed.weight:
+        decoder = module.get_decoder() if hasattr(module, "get_decoder") else None
+        weight = getattr(getattr(decoder, "norm", None), "weight", None)
+        if not isinstance(weight, nn.Parameter):
+            return (f"its embeddings are scaled by sqrt(hidden_size) ({scale:g}) and its output head shares "
+                    f"their weight, with no final norm weight to take the ratio back")
+        offset = norm_offsets.get(next(n for n, p in model.named_parameters() if p is weight), 0.0)
+        changes.append((weight, (weight.detach() + offset) / ratio - offset))
+    held = holders(model)
+    with torch.no_grad():
+        for old_t, value in changes:
+            new_t = nn.Parameter(value, requires_grad=old_t.requires_grad)
+            for owner, name, kind in held[id(old_t)]:
+                if undo is not None:
+                    undo.set_tensor(owner, name, kind, new_t)
+                else:
+                    owner._parameters[name] = new_t
+        new_buffer = torch.full_like(buffer, new ** 0.5)
+        if undo is not None:
+            undo.set_tensor(embed, "embed_scale", "buffer", new_buffer)
+            undo.set_attr(embed, "scalar_embed_scale", new ** 0.5)
+        else:
+            embed._buffers["embed_scale"], embed.scalar_embed_scale = new_buffer, new ** 0.5
+    return ""
 
 
 def _attention_widths(module: nn.Module):

@@ -220,7 +220,7 @@ def _scale_folds(model, plan, spaces, undo: Undo) -> None:
         if held is None:
             held = holders(model)
         old = get_tensor(model, fold.scale)
-        new = old.detach() * scale
+        new = old.detach() * scale if not fold.offset else (old.detach() + fold.offset) * scale - fold.offset
         if isinstance(old, nn.Parameter):
             new = nn.Parameter(new, requires_grad=old.requires_grad)
         for owner, name, kind in held[id(old)]:
