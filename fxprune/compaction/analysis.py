@@ -44,6 +44,7 @@ class ChannelAnalysis:
         self.blocks: list[tuple[np.ndarray, str]] = []
         self.param_blocks: dict[str, str] = {}     # param used by an op the analysis does not know
         self.head_splits: list[HeadSplit] = []
+        self.packed_modules: set[str] = set()       # attention modules slicing a packed projection at offsets
         self.norm_groups: list[NormGroups] = []
         self.conv_groups: list[ConvGroups] = []
         self.scale_folds: list[ScaleFold] = []     # norms over the channels, rescaled when sliced
@@ -84,6 +85,17 @@ class ChannelAnalysis:
     def head_widths(self, module: str) -> set[int]:
         """The widths module ``module`` records (``embed_dim``, ``head_dim``...)."""
         return self._sizes(module, HEAD_WIDTH_ATTRS)
+
+    def config_head_counts(self, module: str) -> set[int]:
+        """The head counts the config of module ``module`` records (Phi-3's attention reads its
+        query head count from ``self.config``)."""
+        if self.model is None:
+            return set()
+        try:
+            config = getattr(self.model.get_submodule(module), "config", None)
+        except AttributeError:
+            return set()
+        return {v for v in (getattr(config, a, None) for a in HEAD_COUNT_ATTRS) if isinstance(v, int) and v > 1}
 
     def _sizes(self, module: str, names) -> set[int]:
         if self.model is None:

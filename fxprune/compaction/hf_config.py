@@ -21,6 +21,7 @@ from collections import defaultdict
 from torch import nn
 
 from ..aten import is_hf_conv1d
+from .modules import ConfigView
 from .slicing import holders
 
 # FFN: the module that widens the hidden state, by its name in the model, and the config field
@@ -28,6 +29,8 @@ FFN_UP = {"intermediate_size": ("mlp.up_proj", "mlp.gate_proj", "intermediate.de
                                 "feed_forward.w1", "feed_forward.w3"),
           "d_ff": ("DenseReluDense.wi", "DenseReluDense.wi_0", "DenseReluDense.wi_1"),
           "n_inner": ("mlp.c_fc",)}
+# an FFN whose one projection holds several of them (Phi-3's gate_up_proj: gate and up), and how many
+FFN_UP_PACKED = {"intermediate_size": (("mlp.gate_up_proj",), 2)}
 # attention: (query, key) projection names and the module attribute holding the head width
 ATTENTION = ((("q_proj", "k_proj"), ("head_dim",)),
              (("q", "k"), ("key_value_proj_dim",)),
@@ -51,7 +54,7 @@ def hf_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
     seen, out = set(), []
     for name, module in model.named_modules():
         config = getattr(module, "config", None)
-        if _is_config(config) and id(config) not in seen:
+        if _is_config(config) and not isinstance(config, ConfigView) and id(config) not in seen:
             seen.add(id(config))
             out.append((name, module))
     return out
@@ -83,6 +86,9 @@ def read_sizes(module: nn.Module) -> dict[str, list]:
         for field, suffixes in FFN_UP.items():
             if name.endswith(suffixes) and (width := _out_features(sub)) is not None:
                 sizes[field].append(width)
+        for field, (suffixes, pieces) in FFN_UP_PACKED.items():
+            if name.endswith(suffixes) and (width := _out_features(sub)) is not None:
+                sizes[field].append(width // pieces)
         norm_eps = NORM_EPS | RMS_NORM_EPS if type(sub).__name__.endswith("RMSNorm") else NORM_EPS
         for attr, fields in norm_eps.items():
             eps = getattr(sub, attr, None)
@@ -93,7 +99,20 @@ def read_sizes(module: nn.Module) -> dict[str, list]:
         sizes["head_dim"].append(width)
         sizes["num_attention_heads"].append(q.shape[0] // width)
         sizes["num_key_value_heads"].append(k.shape[0] // width)
+    for heads, kv_heads, width in _packed_attention(module):
+        sizes["head_dim"].append(width)
+        sizes["num_attention_heads"].append(heads)
+        sizes["num_key_value_heads"].append(kv_heads)
     return sizes
+
+
+def _packed_attention(module: nn.Module):
+    """(query heads, key/value heads, head width) of every attention whose q, k and v rows are one
+    projection ``qkv_proj`` (Phi-3: the query heads, then as many key as value heads)."""
+    for sub in module.modules():
+        qkv, width, kv = getattr(sub, "qkv_proj", None), getattr(sub, "head_dim", None), getattr(sub, "num_key_value_heads", None)
+        if isinstance(qkv, nn.Linear) and isinstance(width, int) and isinstance(kv, int) and width > 0:
+            yield qkv.out_features // width - 2 * kv, kv, width
 
 
 def update_hf_configs(model: nn.Module, undo=None, norm_offsets: dict[str, float] | None = None) -> dict:

@@ -171,3 +171,22 @@ def compact_class_of(module: nn.Module) -> type | None:
         if where is not None:
             importlib.import_module(where)
     return COMPACT_CLASSES.get(cls)
+
+
+class ConfigView:
+    """A module's own view of a shared (Hugging Face) config: the attributes set on it are its
+    own, every other one is read from the shared config. Compaction gives one to an attention
+    module that reads a head count from the config at run time, so that each layer keeps its own
+    count (Phi-3's packed ``qkv_proj`` is sliced at ``config.num_attention_heads * head_dim``)."""
+
+    def __init__(self, config):
+        self.__dict__["shared"] = config
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name == "shared":  # copy / pickle probe before __init__
+            raise AttributeError(name)
+        return getattr(self.shared, name)
+
+    def __repr__(self) -> str:
+        own = {k: v for k, v in vars(self).items() if k != "shared"}
+        return f"ConfigView({type(self.shared).__name__}, own={own})"

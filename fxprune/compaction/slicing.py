@@ -17,7 +17,7 @@ from torch import nn
 
 from ..aten import is_conv, is_hf_conv1d
 from .folds import eps_attribute, fold_factors
-from .modules import compact_multihead_attention
+from .modules import ConfigView, compact_multihead_attention
 from .values import HEAD_COUNT_ATTRS
 
 # widths of all heads together, rewritten with the head count
@@ -157,10 +157,31 @@ def _heads(model, plan, spaces, undo: Undo) -> None:
                 done.add((split.module, name))
                 undo.set_attr(module, name, kept)
                 break
+        else:
+            _config_head_count(module, split.module, heads, kept, plan.analysis.packed_modules, done, undo)
         for name in ALL_HEADS_WIDTH_ATTRS:
             if (split.module, name) not in done and getattr(module, name, None) == heads * width:
                 done.add((split.module, name))
                 undo.set_attr(module, name, kept * width)
+
+
+def _config_head_count(module, name: str, heads: int, kept: int, packed: set, done: set, undo: Undo) -> None:
+    """A head count an attention module that slices a packed projection reads from its config at
+    run time (Phi-3: ``qkv[..., :config.num_attention_heads * head_dim]``): the module gets its own
+    :class:`~.modules.ConfigView` of the shared config with that count, so that every layer keeps
+    its own (the shared config is updated afterwards, when the layers agree)."""
+    config = getattr(module, "config", None)
+    if name not in packed or config is None:
+        return
+    for attr in HEAD_COUNT_ATTRS:
+        if (name, "config", attr) not in done and getattr(config, attr, None) == heads:
+            done.add((name, "config", attr))
+            if not isinstance(config, ConfigView):
+                undo.set_attr(module, "config", ConfigView(config))
+            view = module.config
+            undo.steps.append((view, "new_attr", attr, None))
+            setattr(view, attr, kept)
+            return
 
 
 def _conv_groups(model, plan, spaces, undo: Undo) -> None:
