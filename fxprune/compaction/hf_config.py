@@ -6,7 +6,10 @@ the compacted modules' shapes (not from how the channels were chosen): the hidde
 embedding's width), the FFN width, the attention and key/value head counts, the head width, and
 the norms' epsilon when compaction rescaled it. A field is written only when every layer agrees;
 when layers differ (e.g. ``pruning_scope: global``) no config can describe the model, and the
-field is left as it was with a warning saying how to save and reload such a model instead.
+field is left as it was with a warning saying how to save and reload such a model instead; so
+does a width no config field describes (found by building the model from the updated config on
+the ``meta`` device and comparing the shapes). Gemma's ``sqrt(hidden_size)`` embedding scale, set
+from the config when the model is built, is rescaled with the hidden size.
 :func:`fit_hf_configs` runs when the channels are selected: it gives back removed hidden channels
 until the config's own validation accepts the sizes kept (Llama requires ``hidden_size`` to be a
 multiple of ``num_attention_heads``). transformers is never imported: a config is recognised by its ``to_dict`` and ``model_type``.
