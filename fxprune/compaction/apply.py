@@ -5,11 +5,12 @@
    the masked model is exactly the function the compacted one computes;
 2. :func:`compact_model` runs the masked model once on the example inputs (its outputs),
    slices the parameters and module attributes (:mod:`.slicing`), and runs it again: the outputs
-   must match (rtol 1e-4). FLOPs before and after are counted from the captured graph's shapes
-   and the sliced ones (:class:`fxprune.flops.GraphFlops`), not on these forwards. If they do not, or the forward fails (a view in the user's code with
+   must match (rtol 1e-4). If they do not, or the forward fails (a view in the user's code with
    a hard-coded channel count, ...), every slicing is undone and each *space* (the channels
    sliced together) is retried alone; the spaces that fail stay masked, uncompacted, and are
-   reported; a Hugging Face model's config gets the new sizes (:mod:`.hf_config`);
+   reported; a Hugging Face model's config gets the new sizes (:mod:`.hf_config`). FLOPs
+   before and after are read from the captured graph's shapes and the sliced ones
+   (:class:`fxprune.flops.GraphFlops`), not counted on these forwards;
 3. :func:`summary` is the report's ``compaction`` entry: parameters and FLOPs before and after,
    and per space the layers, the units (channels, heads, norm groups) removed, and what blocked
    the rest.
@@ -63,7 +64,8 @@ def compact_model(model, plan, example_inputs) -> dict:
             _, flops_after = forward(model, args, kwargs, count_flops=True)
     return {"failed": failed, "params_before": params_before, "params_after": count_params(model),
             "flops_before": flops_before, "flops_after": flops_after, "shapes_before": shapes_before,
-            "config": _update_configs(model, args, kwargs, reference)}
+            "config": _update_configs(model, args, kwargs, reference,
+                                      {f.scale: f.offset for f in plan.analysis.scale_folds if f.scale})}
 
 
 def compacted_shapes(model, plan, spaces: set[int]):
@@ -94,12 +96,12 @@ def compacted_shapes(model, plan, spaces: set[int]):
     return shape
 
 
-def _update_configs(model, args, kwargs, reference) -> dict:
+def _update_configs(model, args, kwargs, reference, norm_offsets) -> dict:
     """Hugging Face configs follow the compacted sizes; a model whose forward reads a size from
     its config (Gemma scales its embeddings by sqrt(hidden_size)) would then compute something
     else: checked on the example inputs, and left as it was with a warning if so."""
     undo = Undo()
-    info = update_hf_configs(model, undo)
+    info = update_hf_configs(model, undo, norm_offsets)
     why = ""
     if undo.steps:
         try:
