@@ -160,19 +160,54 @@ def sparse_gpt_worker(rank: int, world: int, store: str, blocks: int, out: str,
     dist.destroy_process_group()
 
 
+def _rss_parts() -> dict[str, int]:
+    """Resident memory now: total, anonymous (heap, tensors) and file-backed (code, mapped files)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
 def magnitude_worker(rank: int, world: int, store: str, src: str, out: str, tag: str) -> None:
+    import threading
+
     import torch.distributed as dist
 
     import fxprune
+    from fxprune.checkpoint.shards import ShardSet
     _init(rank, world, store)
+    read = [0]                  # weight bytes this rank reads from the shards
+    plain_read = ShardSet.read
+
+    def counted(self, key):
+        entry = self.entries[key]
+        read[0] += entry.end - entry.begin
+        return plain_read(self, key)
+    ShardSet.read = counted
     before = _rss_now()
+    start_parts = _rss_parts()
+    peak = dict(start_parts)
+    stop = threading.Event()
+
+    def sample():               # anonymous and file-backed peaks (ru_maxrss has the total only)
+        while not stop.wait(0.002):
+            for k, v in _rss_parts().items():
+                peak[k] = max(peak[k], v)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     dist.barrier()
     start = time.perf_counter()
     fxprune.prune_checkpoint(src, MAGNITUDE, out)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    stop.set()
+    sampler.join()
+    ShardSet.read = plain_read
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     stats = [None] * world
-    dist.all_gather_object(stats, (peak, peak - before, seconds))
+    dist.all_gather_object(stats, (maxrss, maxrss - before, seconds, peak, start_parts, read[0]))
     if rank == 0:
         torch.save(stats, tag + ".rss.pt")
     dist.destroy_process_group()
@@ -291,9 +326,13 @@ def main() -> None:
             shards = len(list(src.glob("*.safetensors")))
             size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
             print(f"B. global magnitude 1x1 50 % over {src.name}: {size / 1e6:.0f} MB in {shards} shards")
-            print("| run | ranks | load avg before | wall s | peak RSS per rank MB | above start MB |")
-            print("|---|---|---|---|---|---|")
+            print("per rank: peak RSS (ru_maxrss), its anonymous and file-backed parts (sampled every "
+                  "2 ms from /proc/self/status), RSS at the call, weight bytes read from the shards")
+            print("| run | ranks | load avg before | wall s | peak RSS per rank MB | peak anonymous MB | "
+                  "peak file-backed MB | RSS at the call MB | weights read MB |")
+            print("|---|---|---|---|---|---|---|---|---|")
             outs = {}
+            peaks = {1: [], 2: []}
             for r in range(args.repeat):
                 for world in (1, 2):
                     out = work / f"mag{world}-{r}"
@@ -301,10 +340,16 @@ def main() -> None:
                     spawn(magnitude_worker, world, str(src), str(out), str(work / f"mag{world}"))
                     stats = torch.load(work / f"mag{world}.rss.pt")
                     outs[world] = out
-                    print(f"| {r + 1} | {world} | {before} | {max(s[2] for s in stats):.1f} | "
-                          f"{', '.join(f'{s[0] / 1e6:.0f}' for s in stats)} | "
-                          f"{', '.join(f'{s[1] / 1e6:.0f}' for s in stats)} |", flush=True)
-            print(f"\noutputs identical (1 rank vs 2 ranks): {same_checkpoints(outs[1], outs[2])}")
+                    peaks[world].append(max(s[0] for s in stats))
+
+                    def col(i, part=None):
+                        return ", ".join(f"{(s[i] if part is None else s[i][part]) / 1e6:.0f}" for s in stats)
+                    print(f"| {r + 1} | {world} | {before} | {max(s[2] for s in stats):.1f} | {col(0)} | "
+                          f"{col(3, 'RssAnon')} | {col(3, 'RssFile')} | {col(4, 'VmRSS')} | {col(5)} |",
+                          flush=True)
+            print(f"\npeak RSS of the largest rank, per run: 1 rank {', '.join(f'{p / 1e6:.0f}' for p in peaks[1])} MB, "
+                  f"2 ranks {', '.join(f'{p / 1e6:.0f}' for p in peaks[2])} MB")
+            print(f"outputs identical (1 rank vs 2 ranks): {same_checkpoints(outs[1], outs[2])}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

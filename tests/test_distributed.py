@@ -31,8 +31,10 @@ CASES = {
                   "pruning_scope": "local", "block_batch_tokens": 48},
     "wanda_2of4": {"pruning_type": "activation", "pattern": "2:4", "target_sparsity": 0.5,
                    "pruning_scope": "local", "block_batch_tokens": 48},
+    # 2 block batches (72 + 48 tokens), one per rank: each rank's partial Hessian is one float32
+    # product and travels as float32; with 3 block batches (48 tokens) rank 0 sums two, as float64
     "sparse_gpt_1x1": {"pruning_type": "sparse_gpt", "pattern": "1x1", "target_sparsity": 0.5,
-                       "pruning_scope": "local", "block_batch_tokens": 48},
+                       "pruning_scope": "local", "block_batch_tokens": 72},
     "sparse_gpt_2of4": {"pruning_type": "sparse_gpt", "pattern": "2:4", "target_sparsity": 0.5,
                         "pruning_scope": "local", "block_batch_tokens": 48},
 }
