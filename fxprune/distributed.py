@@ -10,19 +10,20 @@ holds the few collective steps fxprune needs. What is split and what is replicat
   ``i % world == rank`` and carries only those hidden states from block to block. After each
   block's dense forward, the statistics are summed over the ranks before any mask is chosen:
   Wanda's per-feature sums of squares are gathered per batch and added in the single-process
-  batch order; SparseGPT's Hessians (float64 sums of float32 products, see
-  ``BlockInputStats.add_hessian``) and sample counts are all-reduced. Both give one process's
-  masks. The SparseGPT work of one block (an inverse factor per distinct input, then the OBS
-  update of the rows) is planned by :func:`plan_sparse_gpt`: each factor on one rank, sent
-  point-to-point to the ranks that need it as soon as it is computed, rows in ranges; one
-  all-gather brings every rank's rows back, so every rank holds the same weights;
+  batch order; SparseGPT's sample counts are all-reduced and each Hessian (float64 sums of
+  float32 products, see ``BlockInputStats.add_hessian``) is summed on the one rank computing its
+  factor. Both give one process's masks. The SparseGPT work of one block (an inverse factor per
+  distinct input, then the OBS update of the rows) is planned by :func:`plan_sparse_gpt`: each
+  factor on one rank, sent point-to-point to the ranks that need it as soon as it is computed,
+  rows in ranges, each range sent to every other rank as soon as it is solved, so every rank
+  holds the same weights;
 - whole-model data-aware groups (global scope, gradient criteria) and everything else are
   replicated: every rank computes the same result from the full calibration;
 - checkpoints: see :mod:`fxprune.checkpoint.sharded`.
 
 Errors: fxprune's collective steps start with a status exchange (an all-gather of one flag per
-rank; the messages follow only when one is set), except the SparseGPT results' all-gather, which
-carries each rank's flag itself. A rank that fails takes part in the next exchange with its
+rank; the messages follow only when one is set), except the SparseGPT step, whose row messages
+carry each rank's flag. A rank that fails takes part in the next exchange with its
 one-line message instead, so every rank raises :class:`DistributedError` naming the failed rank
 and its message; a rank that dies or hangs makes the others' collective fail after the process
 group's timeout (``init_process_group(timeout=...)``; the CLI's ``--timeout``), reported as a
@@ -261,8 +262,6 @@ class Distributed:
             wire = buf.to(self.device)
             sends += [dist.isend(wire, self._peer(r), group=self.group, tag=_tag(_ROWS, k))
                       for r in range(self.world) if r != self.rank]
-            if k in solved:
-                solved[k] = (buf[8:8 + 4 * n].view(torch.float32), buf[8 + 4 * n:].view(torch.bool))
         for work in sends:
             self._wait(work, stage)
         for wire, work in incoming.values():
@@ -273,17 +272,26 @@ class Distributed:
                 self._report(stage, error)
                 raise error
             self.check(stage)           # raises: the failed ranks' messages
-        results = [(torch.empty(rows[g], cols[g], dtype=torch.float32),
-                    torch.empty(rows[g], cols[g], dtype=torch.bool)) for g in range(len(cols))]
-        for k, (g, r, r0, r1) in enumerate(pieces):
+        def piece(k):
+            g, _, r0, r1 = pieces[k]
+            if k not in parts:
+                return solved[k]
             n = (r1 - r0) * cols[g]
-            if k in parts:
-                new = parts[k][8:8 + 4 * n].view(torch.float32)
-                pruned = parts[k][8 + 4 * n:].view(torch.bool)
-            else:
-                new, pruned = solved[k]
-            results[g][0][r0:r1] = new.view(r1 - r0, cols[g])
-            results[g][1][r0:r1] = pruned.view(r1 - r0, cols[g])
+            return (parts[k][8:8 + 4 * n].view(torch.float32).view(r1 - r0, cols[g]),
+                    parts[k][8 + 4 * n:].view(torch.bool).view(r1 - r0, cols[g]))
+
+        results = []
+        for g in range(len(cols)):
+            ks = [k for k, p in enumerate(pieces) if p[0] == g]
+            if len(ks) == 1:                # one range: its tensors as they are, no copy
+                results.append(piece(ks[0]))
+                continue
+            new = torch.empty(rows[g], cols[g], dtype=torch.float32)
+            pruned = torch.empty(rows[g], cols[g], dtype=torch.bool)
+            for k in ks:
+                r0, r1 = pieces[k][2:]
+                new[r0:r1], pruned[r0:r1] = piece(k)
+            results.append((new, pruned))
         return results
 
     def _wait(self, work, stage: str) -> None:
