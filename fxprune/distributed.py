@@ -239,6 +239,7 @@ class Distributed:
         # while this rank still computes)
         mine.sort(key=lambda k: (pieces[k][0] in recvs, -(pieces[k][3] - pieces[k][2]) * cols[pieces[k][0]], k))
         solved: dict[int, tuple[Tensor, Tensor]] = {}
+        owner_failed = False        # a NaN factor: its owner failed (and may send no rows)
         for k in mine:
             g, _, r0, r1 = pieces[k]
             if g in recvs:
@@ -246,6 +247,7 @@ class Distributed:
                 self._wait(work, stage)
                 factors[g] = wire.to("cpu") if wire.device.type != "cpu" else wire
             u = factors.get(g)
+            owner_failed = owner_failed or (u is not None and bool(torch.isnan(u[0, 0])))
             if error is None and u is not None and not bool(torch.isnan(u[0, 0])):
                 try:
                     solved[k] = solve(shared_groups[g], u, r0, r1)
@@ -267,7 +269,7 @@ class Distributed:
         for wire, work in incoming.values():
             self._wait(work, stage)
         parts = {k: wire.cpu() for k, (wire, _) in incoming.items()}
-        if error is not None or any(int(p[:8].view(torch.int64)) for p in parts.values()):
+        if error is not None or owner_failed or any(int(p[:8].view(torch.int64)) for p in parts.values()):
             if error is not None:
                 self._report(stage, error)
                 raise error
