@@ -10,19 +10,20 @@ holds the few collective steps fxprune needs. What is split and what is replicat
   ``i % world == rank`` and carries only those hidden states from block to block. After each
   block's dense forward, the statistics are summed over the ranks before any mask is chosen:
   Wanda's per-feature sums of squares are gathered per batch and added in the single-process
-  batch order; SparseGPT's Hessians (float64 sums of float32 products, see
-  ``BlockInputStats.add_hessian``) and sample counts are all-reduced. Both give one process's
-  masks. The SparseGPT work of one block (an inverse factor per distinct input, then the OBS
-  update of the rows) is planned by :func:`plan_sparse_gpt`: each factor on one rank, sent
-  point-to-point to the ranks that need it as soon as it is computed, rows in ranges; one
-  all-gather brings every rank's rows back, so every rank holds the same weights;
+  batch order; SparseGPT's sample counts are all-reduced and each Hessian (float64 sums of
+  float32 products, see ``BlockInputStats.add_hessian``) is summed on the one rank computing its
+  factor. Both give one process's masks. The SparseGPT work of one block (an inverse factor per
+  distinct input, then the OBS update of the rows) is planned by :func:`plan_sparse_gpt`: each
+  factor on one rank, sent point-to-point to the ranks that need it as soon as it is computed,
+  rows in ranges, each range sent to every other rank as soon as it is solved, so every rank
+  holds the same weights;
 - whole-model data-aware groups (global scope, gradient criteria) and everything else are
   replicated: every rank computes the same result from the full calibration;
 - checkpoints: see :mod:`fxprune.checkpoint.sharded`.
 
 Errors: fxprune's collective steps start with a status exchange (an all-gather of one flag per
-rank; the messages follow only when one is set), except the SparseGPT results' all-gather, which
-carries each rank's flag itself. A rank that fails takes part in the next exchange with its
+rank; the messages follow only when one is set), except the SparseGPT step, whose row messages
+carry each rank's flag. A rank that fails takes part in the next exchange with its
 one-line message instead, so every rank raises :class:`DistributedError` naming the failed rank
 and its message; a rank that dies or hangs makes the others' collective fail after the process
 group's timeout (``init_process_group(timeout=...)``; the CLI's ``--timeout``), reported as a
@@ -175,94 +176,123 @@ class Distributed:
         return _RankInputStats(model, targets, self)
 
     def split_sparse_gpt(self, shared_groups: Sequence[list], factor: Callable,
-                         solve: Callable, cuts: Callable) -> list[tuple[Tensor, Tensor]]:
+                         solve: Callable, cuts: Callable, stats: Any = None) -> list[tuple[Tensor, Tensor]]:
         """The SparseGPT solves of one block's layers, divided among the ranks; every rank
         returns every group's ``(new float32 rows, pruned mask)``.
 
         ``factor(shared)``: the inverse Hessian factor of layers sharing one input;
         ``solve(shared, u, r0, r1)``: rows ``[r0, r1)`` of their stacked 2-D views, updated;
-        ``cuts(shared)``: where their rows may be split. :func:`plan_sparse_gpt` gives each
-        factor to one rank and each rank row ranges so that the ranks' costs are even; a factor
-        needed by another rank is sent as soon as it is computed (point-to-point, in the
-        background), each rank solves its rows with its own factors first, and one all-gather
-        brings every rank's rows (and an error flag: a rank's error stops every rank with its
-        message, without a status exchange per step when all goes well)."""
+        ``cuts(shared)``: where their rows may be split; ``stats``: the block's input statistics
+        (:meth:`block_input_stats`), whose Hessians may still be this rank's partial sums.
+        :func:`plan_sparse_gpt` gives each factor to one rank and each rank row ranges so that
+        the ranks' costs are even. Everything travels point-to-point in the background while the
+        ranks compute: the partial Hessians to the rank computing their factor, each factor to the
+        ranks solving rows with it as soon as it is computed, each solved row range to every other
+        rank as soon as it is solved (with an error flag: a rank's error stops every rank with
+        its message, without a status exchange per step when all goes well). Each rank computes
+        its factors first, then solves the rows of its own factors, largest first, then the
+        others' as their factors arrive."""
         dist = _dist()
         cols = [shared[0].geometry.view_shape[1] for shared in shared_groups]
         rows = [sum(t.geometry.view_shape[0] for t in shared) for shared in shared_groups]
         plan = plan_sparse_gpt(cols, rows, [cuts(shared) for shared in shared_groups], self.world)
         name = shared_groups[0][0].name if shared_groups else ""
         stage = f"the sparse_gpt solves near {name}"
+        pieces = [(g, r, r0, r1) for g in range(len(cols)) for r, r0, r1 in plan.ranges[g]]
+        # post every receive first: the other ranks' rows and the factors this rank needs
+        incoming = {}
+        for k, (g, r, r0, r1) in enumerate(pieces):
+            if r != self.rank:
+                wire = torch.empty(8 + 5 * (r1 - r0) * cols[g], dtype=torch.uint8, device=self.device)
+                incoming[k] = (wire, dist.irecv(wire, self._peer(r), group=self.group, tag=_tag(_ROWS, k)))
+        sends = []
+        gather = (stats.send_hessians(shared_groups, plan.owner, sends)
+                  if hasattr(stats, "send_hessians") else {})
+        recvs = {}
+        for g, owner in enumerate(plan.owner):
+            if owner != self.rank and any(r == self.rank for r, _, _ in plan.ranges[g]):
+                wire = torch.empty(cols[g], cols[g], device=self.device)
+                recvs[g] = (wire, dist.irecv(wire, self._peer(owner), group=self.group, tag=_tag(_FACTOR, g)))
         error: BaseException | None = None
         factors: dict[int, Tensor] = {}
-        sends, recvs = [], {}
-        for g, owner in enumerate(plan.owner):     # every rank walks the groups in one order
-            users = {r for r, _, _ in plan.ranges[g]} - {owner}
-            if owner == self.rank:
+        for g, owner in enumerate(plan.owner):     # this rank's factors, sent as soon as ready
+            if owner != self.rank:
+                continue
+            try:
+                if g in gather:
+                    gather[g](lambda work: self._wait(work, stage))
                 if error is None:
-                    try:
-                        factors[g] = factor(shared_groups[g])
-                    except Exception as e:            # reported with the results below
-                        error = e
-                # a failed factor goes out as NaN: its users skip their rows (the owner reports)
-                u = factors.get(g)
-                wire = (u if u is not None else torch.full((cols[g], cols[g]), float("nan"))
-                        ).to(self.device).contiguous()
-                sends += [dist.isend(wire, self._peer(r), group=self.group, tag=g) for r in sorted(users)]
-            elif self.rank in users:
-                wire = torch.empty(cols[g], cols[g], device=self.device)
-                recvs[g] = (wire, dist.irecv(wire, self._peer(owner), group=self.group, tag=g))
-        mine = [(g, r0, r1) for g in range(len(shared_groups)) for r, r0, r1 in plan.ranges[g]
-                if r == self.rank]
-        solved: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
-        for g, r0, r1 in sorted(mine, key=lambda m: m[0] in recvs):   # own factors first
+                    factors[g] = factor(shared_groups[g])
+            except DistributedError:
+                raise
+            except Exception as e:            # reported with the results below
+                error = e
+            users = {r for r, _, _ in plan.ranges[g]} - {owner}
+            # a failed factor goes out as NaN: its users skip their rows (the owner reports)
+            u = factors.get(g)
+            wire = (u if u is not None else torch.full((cols[g], cols[g]), float("nan"))
+                    ).to(self.device).contiguous()
+            sends += [dist.isend(wire, self._peer(r), group=self.group, tag=_tag(_FACTOR, g))
+                      for r in sorted(users)]
+        mine = [k for k, (g, r, _, _) in enumerate(pieces) if r == self.rank]
+        # own factors first, largest first (the last one's rows are the only ones not sent
+        # while this rank still computes)
+        mine.sort(key=lambda k: (pieces[k][0] in recvs, -(pieces[k][3] - pieces[k][2]) * cols[pieces[k][0]], k))
+        solved: dict[int, tuple[Tensor, Tensor]] = {}
+        owner_failed = False        # a NaN factor: its owner failed (and may send no rows)
+        for k in mine:
+            g, _, r0, r1 = pieces[k]
             if g in recvs:
-                wire, work = recvs[g]
+                wire, work = recvs.pop(g)
                 self._wait(work, stage)
                 factors[g] = wire.to("cpu") if wire.device.type != "cpu" else wire
             u = factors.get(g)
+            owner_failed = owner_failed or (u is not None and bool(torch.isnan(u[0, 0])))
             if error is None and u is not None and not bool(torch.isnan(u[0, 0])):
                 try:
-                    solved[g, r0] = solve(shared_groups[g], u, r0, r1)
+                    solved[k] = solve(shared_groups[g], u, r0, r1)
                 except Exception as e:
                     error = e
+            # per row range: an error flag, then the rows' float32 weights and mask bytes
+            n = (r1 - r0) * cols[g]
+            buf = torch.zeros(8 + 5 * n, dtype=torch.uint8)
+            buf[:8] = torch.tensor([int(error is not None)], dtype=torch.int64).view(torch.uint8)
+            if k in solved:
+                new, pruned = solved[k]
+                buf[8:8 + 4 * n] = new.contiguous().view(-1).view(torch.uint8)
+                buf[8 + 4 * n:] = pruned.contiguous().view(-1).view(torch.uint8)
+            wire = buf.to(self.device)
+            sends += [dist.isend(wire, self._peer(r), group=self.group, tag=_tag(_ROWS, k))
+                      for r in range(self.world) if r != self.rank]
         for work in sends:
             self._wait(work, stage)
-        # one all-gather: per rank a flag, then its rows' float32 weights and mask bytes
-        sizes = [8 + sum((r1 - r0) * cols[g] * 5 for g in range(len(cols))
-                         for r, r0, r1 in plan.ranges[g] if r == k) for k in range(self.world)]
-        buf = torch.zeros(max(sizes), dtype=torch.uint8)
-        buf[:8] = torch.tensor([int(error is not None)], dtype=torch.int64).view(torch.uint8)
-        at = 8
-        for g, r0, r1 in mine:
-            n = (r1 - r0) * cols[g]
-            new, pruned = solved.get((g, r0), (None, None))
-            if new is not None:
-                buf[at:at + 4 * n] = new.contiguous().view(-1).view(torch.uint8)
-                buf[at + 4 * n:at + 5 * n] = pruned.contiguous().view(-1).view(torch.uint8)
-            at += 5 * n
-        parts = [torch.empty_like(buf, device=self.device) for _ in range(self.world)]
-        try:
-            dist.all_gather(parts, buf.to(self.device), group=self.group)
-        except Exception as e:
-            raise DistributedError(f"rank {self.rank}: lost the other ranks at {stage} "
-                                   f"({_one_line(e)})") from None
-        parts = [p.cpu() for p in parts]
-        if error is not None or any(int(p[:8].view(torch.int64)) for p in parts):
+        for wire, work in incoming.values():
+            self._wait(work, stage)
+        parts = {k: wire.cpu() for k, (wire, _) in incoming.items()}
+        if error is not None or owner_failed or any(int(p[:8].view(torch.int64)) for p in parts.values()):
             if error is not None:
                 self._report(stage, error)
                 raise error
             self.check(stage)           # raises: the failed ranks' messages
+        def piece(k):
+            g, _, r0, r1 = pieces[k]
+            if k not in parts:
+                return solved[k]
+            n = (r1 - r0) * cols[g]
+            return (parts[k][8:8 + 4 * n].view(torch.float32).view(r1 - r0, cols[g]),
+                    parts[k][8 + 4 * n:].view(torch.bool).view(r1 - r0, cols[g]))
+
         results = []
-        offsets = [8] * self.world
-        for g, shared in enumerate(shared_groups):
+        for g in range(len(cols)):
+            ks = [k for k, p in enumerate(pieces) if p[0] == g]
+            if len(ks) == 1:                # one range: its tensors as they are, no copy
+                results.append(piece(ks[0]))
+                continue
             new = torch.empty(rows[g], cols[g], dtype=torch.float32)
             pruned = torch.empty(rows[g], cols[g], dtype=torch.bool)
-            for r, r0, r1 in plan.ranges[g]:
-                n, at = (r1 - r0) * cols[g], offsets[r]
-                new[r0:r1] = parts[r][at:at + 4 * n].view(torch.float32).view(r1 - r0, cols[g])
-                pruned[r0:r1] = parts[r][at + 4 * n:at + 5 * n].view(torch.bool).view(r1 - r0, cols[g])
-                offsets[r] += 5 * n
+            for k in ks:
+                r0, r1 = pieces[k][2:]
+                new[r0:r1], pruned[r0:r1] = piece(k)
             results.append((new, pruned))
         return results
 
@@ -400,6 +430,14 @@ def plan_sparse_gpt(cols: Sequence[int], rows: Sequence[int], cuts: Sequence[Seq
     return SparseGPTPlan(owner, ranges, load)
 
 
+# point-to-point message kinds of the SparseGPT step; tags are unique per kind and index
+_FACTOR, _HESSIAN, _ROWS = 0, 1, 2
+
+
+def _tag(kind: int, index: int) -> int:
+    return 3 * index + kind
+
+
 def _describe(e: BaseException) -> str:
     """One line for the other ranks: fxprune's own messages as they are, others with their type."""
     return _one_line(e) if isinstance(e, FxPruneError) else f"{type(e).__name__}: {_one_line(e)}"
@@ -425,6 +463,8 @@ def _rank_stats_class():
             self.d = d
             self.batch = 0
             self.parts: dict[int, list[tuple[int, int, Tensor]]] = {}
+            self.adds: dict[int, int] = {}          # per statistic: Hessian products added here
+            self.partial: dict[int, torch.dtype] = {}   # Hessians still partial: their wire dtype
 
         def new_batch(self, b: int) -> None:
             super().new_batch(b)
@@ -434,6 +474,10 @@ def _rank_stats_class():
             parts = self.parts.setdefault(id(stat), [])
             parts.append((self.batch, len(parts), s))
             super().add_sumsq(stat, s)
+
+        def add_hessian(self, stat, h: Tensor) -> None:
+            self.adds[id(stat)] = self.adds.get(id(stat), 0) + 1
+            super().add_hessian(stat, h)
 
         def reduce(self) -> None:
             stats = []
@@ -453,14 +497,68 @@ def _rank_stats_class():
                         s = s.to(stat.sumsq.device)
                         total = s if total is None else total + s
                     stat.sumsq = total
-            # SparseGPT: float64 Hessians and the sample counts (exact in float64), one all-reduce
+            # SparseGPT: the sample counts are all-reduced (exact in float64). A Hessian (float64
+            # sum of float32 products) is needed by the rank computing its factor only: it stays
+            # partial here and goes there point-to-point (send_hessians), as float32 when every
+            # rank's partial is one float32 product (exact), else as float64. A Hessian feeding
+            # layers of several pruning groups is all-reduced now instead.
             hess = [s for s in stats if s.hessian is not None]
-            counts = torch.tensor([s.count for s in stats], dtype=torch.float64)
-            summed = self.d.all_reduce_sum([s.hessian for s in hess] + [counts])
-            for stat, h in zip(hess, summed):
+            shared = [s for s in hess if len({id(m.group) for m in s.members}) > 1]
+            defer = [s for s in hess if all(s is not x for x in shared)]
+            counts = torch.tensor([s.count for s in stats] + [float(self.adds.get(id(s), 0) > 1) for s in defer],
+                                  dtype=torch.float64)
+            summed = self.d.all_reduce_sum([s.hessian for s in shared] + [counts])
+            for stat, h in zip(shared, summed):
                 stat.hessian = h
-            for stat, c in zip(stats, summed[-1].tolist()):
+            total = summed[-1].tolist()
+            for stat, c in zip(stats, total):
                 stat.count = int(c)
+            for stat, several in zip(defer, total[len(stats):]):
+                self.partial[id(stat)] = torch.float64 if several else torch.float32
+
+        def send_hessians(self, shared_groups, owners: Sequence[int], sends: list) -> dict:
+            """Start moving the partial Hessians of ``shared_groups`` to the rank computing each
+            one's factor (``owners``): this rank's partials go out (``sends`` gets the requests;
+            the partial is dropped here), and for its own groups the first receive is posted.
+            Returns per own group ``finish(wait)``, which waits for the other ranks' partials
+            and sums them, in rank order, into the Hessian."""
+            dist, d = _dist(), self.d
+            finish = {}
+            for g, group in enumerate(shared_groups):
+                stat = self.stat_of[group[0].param]
+                wire = self.partial.pop(id(stat), None)
+                if wire is None:                    # summed already
+                    continue
+                if owners[g] != d.rank:
+                    part = stat.hessian.to(device=d.device, dtype=wire).contiguous()
+                    sends.append(dist.isend(part, d._peer(owners[g]), group=d.group, tag=_tag(_HESSIAN, g)))
+                    stat.hessian = None
+                    continue
+                peers = [r for r in range(d.world) if r != d.rank]
+
+                def post(r, stat=stat, wire=wire, g=g):
+                    buf = torch.empty(stat.hessian.shape, dtype=wire, device=d.device)
+                    return buf, dist.irecv(buf, d._peer(r), group=d.group, tag=_tag(_HESSIAN, g))
+
+                first = post(peers[0])
+
+                def done(wait, stat=stat, peers=peers, first=first, post=post):
+                    # summed in rank order as they arrive: at most two receive buffers at a time
+                    total, nxt, i = None, first, 0
+                    for r in range(d.world):
+                        if r == d.rank:
+                            h = stat.hessian
+                        else:
+                            buf, work = nxt
+                            i += 1
+                            if i < len(peers):
+                                nxt = post(peers[i])
+                            wait(work)
+                            h = buf.to(stat.hessian.device, torch.float64)
+                        total = h if total is None else total.add_(h)
+                    stat.hessian = total
+                finish[g] = done
+            return finish
 
     return RankInputStats
 

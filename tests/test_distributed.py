@@ -31,8 +31,10 @@ CASES = {
                   "pruning_scope": "local", "block_batch_tokens": 48},
     "wanda_2of4": {"pruning_type": "activation", "pattern": "2:4", "target_sparsity": 0.5,
                    "pruning_scope": "local", "block_batch_tokens": 48},
+    # 2 block batches (72 + 48 tokens), one per rank: each rank's partial Hessian is one float32
+    # product and travels as float32; with 3 block batches (48 tokens) rank 0 sums two, as float64
     "sparse_gpt_1x1": {"pruning_type": "sparse_gpt", "pattern": "1x1", "target_sparsity": 0.5,
-                       "pruning_scope": "local", "block_batch_tokens": 48},
+                       "pruning_scope": "local", "block_batch_tokens": 72},
     "sparse_gpt_2of4": {"pruning_type": "sparse_gpt", "pattern": "2:4", "target_sparsity": 0.5,
                         "pruning_scope": "local", "block_batch_tokens": 48},
 }
@@ -96,8 +98,8 @@ def _worker(rank, world, init, out_dir):
     costs = fd.solve_cost, fd.factor_cost
     fd.solve_cost = lambda r, c: float(r) * c * c
     fd.factor_cost = lambda c: float(c) ** 3 / 3
-    sends, isend = [0], dist.isend
-    dist.isend = lambda *a, **k: (sends.__setitem__(0, sends[0] + 1), isend(*a, **k))[1]
+    sends, isend = [0], dist.isend      # factors sent (the other messages: Hessians, rows)
+    dist.isend = lambda *a, **k: (sends.__setitem__(0, sends[0] + (k["tag"] % 3 == fd._FACTOR)), isend(*a, **k))[1]
     split = _weights(fxprune.transform(model, CASES["sparse_gpt_2of4"], EXAMPLE, calibration=calib))
     dist.isend = isend
     rows = seq._sparse_gpt_rows

@@ -269,6 +269,10 @@ class _Job:
         criterion = get_criterion_class(group.pruning_type, group.where)(group)
 
         def scores_of(t):
+            # the previous layer's buffers, freed, go back to the system first: glibc keeps
+            # multi-MB blocks in its heap once they were freed, and the selection passes read
+            # every layer several times, so the resident peak would drift by hundreds of MB
+            release_free_memory()
             weight = self.read_weight(t)
             return weight, _view_scores(criterion, t, weight, f" in {self.src}", _FIX_WEIGHTS)
 

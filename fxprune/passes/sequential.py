@@ -211,7 +211,7 @@ def _sparse_gpt(ctx, group, targets, stats: "BlockInputStats") -> None:
         results = [solve(shared, factor(shared), 0, _stacked_rows(shared)) for shared in shared_groups]
     else:                   # factors and row ranges divided among the ranks, results gathered
         results = ctx.distributed.split_sparse_gpt(
-            shared_groups, factor, solve, lambda shared: row_cuts(shared, adaptive))
+            shared_groups, factor, solve, lambda shared: row_cuts(shared, adaptive), stats=stats)
     for shared, (new, pruned) in zip(shared_groups, results):
         weights = [ctx.model.get_parameter(t.param) for t in shared]
         rows = [t.geometry.view_shape[0] for t in shared]
