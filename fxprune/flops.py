@@ -120,3 +120,181 @@ FUSED_FLOPS = {
 def flop_counter() -> FlopCounterMode:
     """A ``FlopCounterMode`` (no display) that also counts the ops of :data:`FUSED_FLOPS`."""
     return FlopCounterMode(display=False, custom_mapping=FUSED_FLOPS)
+
+
+# ---------------------------------------------------------------------- FLOPs of a captured graph
+# ATen ops (pre-dispatch names, as captured) that dispatch to no op the counter counts: layout,
+# elementwise, norms, reductions, pooling, creation, comparisons. Ops neither here nor in
+# _FORMULAS are run once on meta tensors under the counter (cached by their shapes).
+FLOP_FREE = frozenset("""
+getitem clone contiguous alias detach lift_fresh_copy _to_copy to type_as dropout feature_dropout
+native_dropout relu relu6 gelu silu tanh hardtanh leaky_relu elu selu celu hardswish mish neg abs
+sin cos erf square sign sgn hardshrink softshrink tanhshrink atan asinh sinh tan sigmoid hardsigmoid
+exp softplus log_sigmoid cosh rsqrt reciprocal sqrt log log1p expm1 pow clamp clamp_min clamp_max
+add sub rsub mul div true_divide floor_divide remainder fmod addcmul addcdiv lerp where masked_fill
+maximum minimum eq ne lt le gt ge logical_and logical_or logical_not logical_xor bitwise_and
+bitwise_or bitwise_not bitwise_xor isnan isinf isfinite batch_norm instance_norm
+_native_batch_norm_legit_no_training _native_batch_norm_legit native_batch_norm
+_native_batch_norm_legit_functional group_norm native_group_norm layer_norm native_layer_norm
+rms_norm _fused_rms_norm softmax _softmax log_softmax _log_softmax _safe_softmax mean sum amax amin max min
+prod var std var_mean std_mean argmax argmin cumsum cumprod all any linalg_vector_norm norm
+max_pool1d max_pool2d max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d
+adaptive_avg_pool2d adaptive_avg_pool3d _adaptive_avg_pool2d adaptive_max_pool1d adaptive_max_pool2d
+adaptive_max_pool3d max_pool1d_with_indices max_pool2d_with_indices max_pool3d_with_indices
+upsample_nearest1d upsample_nearest2d upsample_nearest3d upsample_bilinear2d upsample_bicubic2d
+upsample_linear1d upsample_trilinear3d _upsample_nearest_exact2d reflection_pad1d reflection_pad2d
+replicate_pad1d replicate_pad2d constant_pad_nd pad view reshape _unsafe_view flatten unflatten
+squeeze unsqueeze view_as reshape_as transpose permute t swapaxes swapdims numpy_T movedim expand
+expand_as repeat repeat_interleave select slice narrow index_select index gather scatter
+index_put cat concat concatenate stack split split_with_sizes chunk unbind embedding arange full
+zeros ones empty zeros_like ones_like full_like empty_like new_ones new_zeros new_empty new_full
+scalar_tensor tril triu fill fill_ copy copy_ topk sort flip roll diff _assert_tensor_metadata
+sym_size sym_numel sym_stride _assert_scalar sym_constrain_range_for_size
+""".split())
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _dense_flops(s, node) -> int:
+    """``linear(x, W)``: x [..., in] times W [out, in]."""
+    x, w = s(node.args[0]), s(node.args[1])
+    return 2 * _numel(x[:-1]) * _numel(w)
+
+
+def _addmm_flops(s, node) -> int:
+    a, b = s(node.args[1]), s(node.args[2])
+    return 2 * a[0] * a[1] * b[1]
+
+
+def _mm_flops(s, node) -> int:
+    a, b = s(node.args[0]), s(node.args[1])
+    return 2 * a[0] * a[1] * b[1]
+
+
+def _bmm_flops(s, node) -> int:
+    first = 1 if node.target.__name__.startswith("baddbmm") else 0
+    a, b = s(node.args[first]), s(node.args[first + 1])
+    return 2 * a[0] * a[1] * a[2] * b[2]
+
+
+def _matmul_flops(s, node) -> int:
+    """``matmul`` folds into ``dot`` / ``mv`` / ``mm`` / ``bmm``: one multiply-add per output entry
+    and entry of the contracted dim, whatever the ranks."""
+    return 2 * _numel(s(node)) * s(node.args[0])[-1]
+
+
+def _conv_flops(s, node) -> int:
+    from torch.utils.flop_counter import conv_flop_count
+    name = node.target.__name__.split(".")[0]
+    x, w, out = s(node.args[0]), s(node.args[1]), s(node)
+    if name in ("convolution", "_convolution"):
+        transposed = bool(node.args[6] if len(node.args) > 6 else node.kwargs.get("transposed", False))
+    else:
+        transposed = name.startswith("conv_transpose")
+    if len(x) == len(w) - 1:  # an unbatched input: run as a batch of one
+        x, out = (1, *x), (1, *out)
+    return conv_flop_count(list(x), list(w), list(out), transposed)
+
+
+def _sdpa_flops(s, node) -> int:
+    """q @ k^T and probs @ v per batch and head (key/value heads broadcast to the query's)."""
+    q, k, v = s(node.args[0]), s(node.args[1]), s(node.args[2])
+    batch, length, source = _numel(q[:-2]), q[-2], k[-2]
+    return 2 * batch * length * source * q[-1] + 2 * batch * length * source * v[-1]
+
+
+_FORMULAS = {"linear": _dense_flops, "addmm": _addmm_flops, "mm": _mm_flops, "bmm": _bmm_flops,
+             "baddbmm": _bmm_flops, "matmul": _matmul_flops, "scaled_dot_product_attention": _sdpa_flops,
+             **{name: _conv_flops for name in ("conv1d", "conv2d", "conv3d", "convolution", "_convolution",
+                                               "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")}}
+
+
+class GraphFlops:
+    """FLOPs of one run of a captured ATen graph (``torch.export`` or fxprune's trace), read from
+    the shapes it records (``node.meta["val"]``), as :func:`flop_counter` counts them on a forward
+    that takes the captured path, without running one. The dense ops have formulas
+    (:data:`_FORMULAS`: the counter's, for what they dispatch to); ops of :data:`FLOP_FREE`
+    count nothing; any other op is run once on ``meta`` tensors under :func:`flop_counter`
+    (cached by op and shapes). ``count(shape)`` takes ``shape(node) -> tuple``, the shapes of
+    another run (a compacted model's), or None for the recorded ones; it returns None when a node
+    cannot be counted from shapes (then count on a forward)."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+        self.other = any(n.op in ("call_module", "call_method", "get_attr") for n in gm.graph.nodes)
+        self._meta: dict = {}
+
+    def count(self, shape=None) -> int | None:
+        from .aten import op_name, shape_of
+        if self.other:
+            return None
+        s = shape or shape_of
+        total = 0
+        try:
+            for node in self.nodes:
+                name = op_name(node)
+                if name in FLOP_FREE and (_is_aten(node) or name == "getitem") or _is_python_operator(node):
+                    continue
+                formula = _FORMULAS.get(name) if _is_aten(node) else None
+                flops = formula(s, node) if formula is not None else self._on_meta(node, s)
+                if flops is None:
+                    return None
+                total += flops
+        except Exception:  # a shape the formulas do not expect: count on a forward instead
+            return None
+        return int(total)
+
+    def _on_meta(self, node, s) -> int | None:
+        """The counter's FLOPs of ``node`` run once on meta tensors of its input shapes."""
+        if not isinstance(node.target, torch._ops.OpOverload):
+            return None
+        key_parts = []
+
+        def meta(a):
+            if isinstance(a, torch.fx.Node):
+                val = a.meta.get("val")
+                if isinstance(val, torch.Tensor):
+                    shape = s(a)
+                    key_parts.append((tuple(shape), val.dtype))
+                    return torch.empty(shape, dtype=val.dtype, device="meta")
+                if isinstance(val, (int, float, bool)):
+                    key_parts.append(val)
+                    return val
+                raise _NotCountable
+            if isinstance(a, (list, tuple)):
+                return type(a)(meta(x) for x in a)
+            key_parts.append(repr(a))
+            return a
+
+        try:
+            args = [meta(a) for a in node.args]
+            kwargs = {k: meta(v) for k, v in node.kwargs.items()}
+        except _NotCountable:
+            return None
+        key = (node.target, tuple(key_parts), tuple(kwargs))
+        if key not in self._meta:
+            try:
+                with flop_counter() as counter:
+                    node.target(*args, **kwargs)
+                self._meta[key] = int(counter.get_total_flops())
+            except Exception:
+                self._meta[key] = None
+        return self._meta[key]
+
+
+class _NotCountable(Exception):
+    pass
+
+
+def _is_python_operator(node) -> bool:
+    """``operator.mul`` on sizes and the like: Python arithmetic, no tensor op."""
+    return getattr(node.target, "__module__", None) == "_operator"
+
+
+def _is_aten(node) -> bool:
+    return getattr(node.target, "namespace", None) == "aten"

@@ -20,6 +20,7 @@ pass instead of held for every layer at once (magnitude: |w| is cheaper to recom
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -32,6 +33,7 @@ _BINS = 1 << 16
 
 
 # ---------------------------------------------------------------------- budgets
+@functools.lru_cache(maxsize=256)
 def decimal_fraction(value: float) -> Fraction:
     """``value`` as the decimal the user wrote: the shortest decimal repr of the float, exactly.
 

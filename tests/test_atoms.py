@@ -51,3 +51,33 @@ def test_long_chains_resolve():
     x = atoms.new(10_000)
     atoms.union_arrays(x[1:], x[:-1])   # a chain: every atom with its predecessor
     assert (atoms.roots() == 0).all()
+
+
+def test_union_rows_ties_each_row_as_union_all_does():
+    rng = np.random.default_rng(0)
+    for shape in ((5, 4), (3, 1), (1, 6), (2, 3, 4), (0, 3)):
+        one, rows = AtomSet(), AtomSet()
+        for s in (one, rows):
+            s.new(60)
+        arr = rng.integers(0, 60, size=shape)
+        for row in arr.reshape(-1, shape[-1]):
+            one.union_all(row)
+        rows.union_rows(arr)
+        assert np.array_equal(one.roots(), rows.roots()), shape
+
+
+def test_classes_rank_by_score_then_order_as_a_sort_does():
+    """Channel selection ranks classes with one numpy sort: the order of Python's sort on
+    (score, order), ties and the mean's float division included."""
+    from fxprune.compaction.plan import ChannelClass, _ranked
+
+    rng = random.Random(1)
+    classes = []
+    for k in range(400):
+        weights = {f"l{j}": rng.choice((3, 6, 9)) for j in range(rng.randrange(1, 4))}
+        total = rng.choice((0.5, 1.0, 1.0, 2.25, rng.random()))
+        classes.append(ChannelClass(k, k, {p: [0] for p in weights}, weights, total, rng.choice((0.5, total))))
+    rng.shuffle(classes)
+    for reduce_type in ("mean", "sum", "max"):
+        expected = sorted(classes, key=lambda c: (c.score(reduce_type), c.order))
+        assert [c.root for c in _ranked(classes, reduce_type)] == [c.root for c in expected]

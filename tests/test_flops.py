@@ -1,6 +1,8 @@
 """The FLOP count of the compaction report (fxprune/flops.py; docs/design.md, "Compaction"):
 fused attention kernels count what they compute, the same as the unfused path and as the formula
 written out here."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,3 +129,62 @@ def test_vector_products_bilinear_and_rnn_layers_are_counted():
                 + 2 * steps * (4 * 7 * 4 + 4 * 7 * 7))  # LSTM: 4 gates x hidden 7 over input 4 and state 7
     assert total == expected
     assert {"aten.mv", "aten.addmv", "aten.dot", "aten.addr", "aten._trilinear", "aten.mkldnn_rnn_layer"} <= ops
+
+
+# ---------------------------------------------------------------------- FLOPs from the graph
+def _dispatch_flops(model, inputs):
+    with torch.no_grad(), flop_counter() as counter:
+        model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+    return counter.get_total_flops()
+
+
+def _graph_models():
+    """(name, model, inputs): convolutions (residual, depthwise, grouped), nn.MultiheadAttention,
+    a Hugging Face Llama (RoPE, grouped-query attention) and GPT-2 (Conv1D, addmm)."""
+    from test_compact import InvertedResidual, PlainCNN, ResNeXtBlock
+    from tiny_llm import tiny_llama
+    torch.manual_seed(0)
+    out = [("cnn", PlainCNN().eval(), (torch.randn(2, 3, 8, 8),)),
+           ("mobilenet", InvertedResidual().eval(), (torch.randn(2, 3, 8, 8),)),
+           ("resnext", ResNeXtBlock().eval(), (torch.randn(2, 3, 8, 8),)),
+           ("vit", ViTBlock().eval(), (torch.randn(B, L, E),)),
+           ("vector_ops", _VectorOps().eval(), (torch.randn(2, 5, 4), torch.randn(4), torch.randn(6)))]
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64,
+                                                                n_positions=32)).eval()
+    for name, model in (("llama", tiny_llama()), ("gpt2", gpt2)):
+        model.config.use_cache = False  # logits only (torch.export cannot return a cache)
+        out.append((name, model, {"input_ids": torch.randint(0, 64, (2, 12))}))
+    return out
+
+
+def test_graph_flops_equal_the_dispatch_count():
+    """The graph's shapes give exactly what the counter counts on a forward (dense ops by formula,
+    the others (LSTM, bilinear, matrix-vector) on meta tensors), without running the model."""
+    from fxprune.flops import GraphFlops
+    for name, model, inputs in _graph_models():
+        args, kwargs = ((), inputs) if isinstance(inputs, dict) else (inputs, {})
+        gm = torch.export.export(model, args, kwargs, strict=False).graph_module
+        assert GraphFlops(gm).count() == _dispatch_flops(model, inputs), name
+
+
+@pytest.mark.parametrize("name", ["cnn", "mobilenet", "resnext", "vit", "llama", "gpt2"])
+def test_compaction_flops_equal_the_dispatch_count_before_and_after(name, monkeypatch):
+    """The report's FLOPs, counted from the graph (after: from the sliced shapes), equal the
+    counter's on a forward of the model and of the compacted model."""
+    import fxprune.compaction.apply as apply
+
+    def no_forward_counting():
+        raise AssertionError("compaction counted FLOPs on a forward, not from the graph")
+    monkeypatch.setattr(apply, "flop_counter", no_forward_counting)
+    model, inputs = next((m, i) for n, m, i in _graph_models() if n == name)
+    config = {"pattern": "1xchannel", "target_sparsity": 0.5, "pruning_scope": "local"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a target missed by whole classes
+        compacted = fxprune.transform(model, config, inputs, compact=True)
+    monkeypatch.undo()
+    c = fxprune.sparsity_report(compacted).compaction
+    assert sum(g["removed"] for g in c["groups"]) > 0, name      # something was sliced
+    assert c["flops_before"] == _dispatch_flops(model, inputs)
+    assert c["flops_after"] == _dispatch_flops(compacted, inputs) < c["flops_before"]
+

@@ -172,9 +172,11 @@ class ChannelAnalysis:
 
     def spaces(self) -> dict[int, int]:
         """Class root -> space id: classes that share a parameter dim are compacted together."""
-        per_axis = [np.unique(self._roots[ax.atoms]) for ax in self.axes.values()]
+        per_axis = [self._roots[ax.atoms].ravel() for ax in self.axes.values()]
+        per_axis = [r for r in per_axis if r.size]
         if not per_axis:
             return {}
+        # every class of an axis tied to the axis's first (repeats tie nothing new)
         ties = [(np.broadcast_to(r[:1], (r.size - 1,)), r[1:]) for r in per_axis if r.size > 1]
         label = components(self.atoms.size, ties)
         roots = np.unique(np.concatenate(per_axis))

@@ -3,12 +3,14 @@
 1. :func:`zero_removed` zeroes every per-channel tensor of a removed class that the rewrite did
    not (a BatchNorm after an activation, an added per-channel parameter, GroupNorm affine), so
    the masked model is exactly the function the compacted one computes;
-2. :func:`compact_model` runs the masked model once on the example inputs (outputs and FLOPs),
+2. :func:`compact_model` runs the masked model once on the example inputs (its outputs),
    slices the parameters and module attributes (:mod:`.slicing`), and runs it again: the outputs
    must match (rtol 1e-4). If they do not, or the forward fails (a view in the user's code with
    a hard-coded channel count, ...), every slicing is undone and each *space* (the channels
    sliced together) is retried alone; the spaces that fail stay masked, uncompacted, and are
-   reported; a Hugging Face model's config gets the new sizes (:mod:`.hf_config`);
+   reported; a Hugging Face model's config gets the new sizes (:mod:`.hf_config`). FLOPs
+   before and after are read from the captured graph's shapes and the sliced ones
+   (:class:`fxprune.flops.GraphFlops`), not counted on these forwards;
 3. :func:`summary` is the report's ``compaction`` entry: parameters and FLOPs before and after,
    and per space the layers, the units (channels, heads, norm groups) removed, and what blocked
    the rest.
@@ -20,10 +22,12 @@ from collections import Counter
 import numpy as np
 import torch
 
-from ..flops import flop_counter
+from ..aten import shape_of
+from ..flops import GraphFlops, flop_counter
 from ..inputs import output_tensors, split_inputs
 from .hf_config import update_hf_configs, warn_not_described
 from .slicing import Undo, count_params, get_tensor, slice_model
+from .values import Chan, ParamRef
 
 RTOL = 1e-4
 
@@ -34,24 +38,62 @@ def compact_model(model, plan, example_inputs) -> dict:
     args, kwargs = split_inputs(example_inputs)
     params_before = count_params(model)
     shapes_before = {n: list(p.shape) for n, p in model.named_parameters()}
-    reference, flops_before = forward(model, args, kwargs, count_flops=True)
+    graph = GraphFlops(plan.analysis.gm)
+    flops_before = graph.count()
+    on_forward = flops_before is None  # a graph the shapes cannot count: count on the forwards
+    reference, counted = forward(model, args, kwargs, count_flops=on_forward)
+    if on_forward:
+        flops_before = counted
     spaces = sorted({plan.space[r] for r in plan.dead})
     failed: dict[int, str] = {}
-    why, flops_after = _try(model, plan, set(spaces), args, kwargs, reference)
+    good = set(spaces)
+    why, flops_after = _try(model, plan, good, args, kwargs, reference, count_flops=on_forward)
     if why is not None:  # find the spaces that break the model; keep the others
         for s in spaces:
             reason, _ = _try(model, plan, {s}, args, kwargs, reference, keep=False)
             if reason is not None:
                 failed[s] = reason
         good = set(spaces) - set(failed)
-        why, flops_after = _try(model, plan, good, args, kwargs, reference)
+        why, flops_after = _try(model, plan, good, args, kwargs, reference, count_flops=on_forward)
         if why is not None:
             failed.update({s: why for s in good})
-            flops_after = flops_before
+            good, flops_after = set(), flops_before
+    if not on_forward:
+        flops_after = graph.count(compacted_shapes(model, plan, good)) if good else flops_before
+        if flops_after is None:
+            _, flops_after = forward(model, args, kwargs, count_flops=True)
     return {"failed": failed, "params_before": params_before, "params_after": count_params(model),
             "flops_before": flops_before, "flops_after": flops_after, "shapes_before": shapes_before,
             "config": _update_configs(model, args, kwargs, reference,
                                       {f.scale: f.offset for f in plan.analysis.scale_folds if f.scale})}
+
+
+def compacted_shapes(model, plan, spaces: set[int]):
+    """``shape(node)``: the shape a node of the analysed graph has in ``model`` once the removed
+    classes of ``spaces`` are sliced out (a parameter's as ``model`` now holds it; a tensor's
+    channel dims keep the indices not all of whose atoms are removed; any other value as
+    recorded), for :class:`~fxprune.flops.GraphFlops`."""
+    an = plan.analysis
+    cache: dict = {}
+
+    def shape(node):
+        if node in cache:
+            return cache[node]
+        recorded = shape_of(node)
+        v = an.values.get(node)
+        out = recorded
+        if isinstance(v, ParamRef):
+            now = tuple(get_tensor(model, v.fqn).shape)
+            out = tuple(now[p] if p >= 0 else recorded[i] for i, p in enumerate(v.perm))
+        elif isinstance(v, Chan) and recorded is not None:
+            dead = plan.dead_mask(v.atoms.ravel(), spaces).reshape(v.atoms.shape)
+            out = list(recorded)
+            for k, d in enumerate(v.dims):
+                out[d] = int((~np.moveaxis(dead, k, 0).reshape(dead.shape[k], -1).all(axis=1)).sum())
+            out = tuple(out)
+        cache[node] = out
+        return out
+    return shape
 
 
 def _update_configs(model, args, kwargs, reference, norm_offsets) -> dict:
@@ -111,16 +153,17 @@ def forward(model, args, kwargs, count_flops: bool = False):
         model.train(was_training)
 
 
-def _try(model, plan, spaces: set[int], args, kwargs, reference, keep: bool = True):
-    """Slice ``spaces`` and check the outputs: (None, FLOPs) when they match (undone unless
-    ``keep``), else (why not, None), undone."""
+def _try(model, plan, spaces: set[int], args, kwargs, reference, keep: bool = True,
+         count_flops: bool = False):
+    """Slice ``spaces`` and check the outputs: (None, FLOPs if ``count_flops``) when they match
+    (undone unless ``keep``), else (why not, None), undone."""
     try:
         undo = slice_model(model, plan, spaces)
     except Exception as e:
         return f"slicing failed: {type(e).__name__}: {_first_line(e)}", None
     flops = None
     try:
-        out, flops = forward(model, args, kwargs, count_flops=keep)
+        out, flops = forward(model, args, kwargs, count_flops=count_flops and keep)
         why = _mismatch(out, reference)
     except Exception as e:
         why = f"the compacted model fails: {type(e).__name__}: {_first_line(e)}"
@@ -157,12 +200,13 @@ def summary(model, targets, plan, figures: dict) -> dict:
     ``targets``: param -> Target, in graph order; ``figures``: what :func:`compact_model` returned."""
     failed, shapes_before = figures["failed"], figures["shapes_before"]
     names = {t.param: t.name for t in targets.values()}
+    position = {p: i for i, p in enumerate(names)}
     spaces: dict[int, list[int]] = {}
     for root in plan.classes:
         spaces.setdefault(plan.space[root], []).append(root)
     groups = []
     for sid, roots in spaces.items():
-        layers = sorted({p for r in roots for p in plan.classes[r].rows}, key=list(names).index)
+        layers = sorted({p for r in roots for p in plan.classes[r].rows}, key=position.__getitem__)
         blocked = Counter(plan.blocked[r] for r in roots if r in plan.blocked)
         removed = sum(r in plan.dead for r in roots)
         entry = {"layers": [names[p] for p in layers], "units": len(roots),

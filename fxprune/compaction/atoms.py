@@ -44,6 +44,15 @@ class AtomSet:
             self._edges.append((np.full(flat.size - 1, flat[0]), flat[1:]))
             self._roots = None
 
+    def union_rows(self, a: np.ndarray) -> None:
+        """Tie the atoms of each row of ``a`` (its last axis) together, every row at once."""
+        rows = np.asarray(a, dtype=np.int64)
+        rows = rows.reshape(-1, rows.shape[-1]) if rows.ndim else rows.reshape(1, 1)
+        if rows.shape[1] > 1 and rows.shape[0]:
+            first = np.broadcast_to(rows[:, :1], (rows.shape[0], rows.shape[1] - 1))
+            self._edges.append((first.ravel(), rows[:, 1:].ravel()))
+            self._roots = None
+
     def roots(self) -> np.ndarray:
         """The root (smallest atom) of every atom's class, indexed by atom id."""
         if self._roots is None:

@@ -185,8 +185,7 @@ def _reshape(an, node):
         if shrink is None:  # a packing (nn.MultiheadAttention's (3, embed_dim)): later ops decide
             return Chan(tuple(new_dims), sub, xv.zero, xv.why)
         units = np.moveaxis(sub, shrink, 0).reshape(sub.shape[shrink], -1)
-        for row in units:  # only whole units along the other axes can go
-            an.atoms.union_all(row)
+        an.atoms.union_rows(units)  # only whole units along the other axes can go
         an.head_splits.append(HeadSplit(module_of(node), _distinct_rows(units)))
     return Chan(tuple(new_dims), sub, xv.zero, xv.why)
 
@@ -216,8 +215,13 @@ def _heads_axis(an, node, sub: np.ndarray, dims) -> int | None:
 def _distinct_rows(units: np.ndarray) -> np.ndarray:
     """``units`` without repeated rows (a batch merged with the heads, as
     ``nn.MultiheadAttention`` does, repeats each head once per sample), in first-seen order."""
-    _, first = np.unique(units, axis=0, return_index=True)
-    return units[np.sort(first)]
+    if units.size > 4096:  # long rows: numpy's unique over rows
+        _, index = np.unique(units, axis=0, return_index=True)
+        return units[np.sort(index)]
+    first: dict[tuple, int] = {}  # a few heads: a dict is much cheaper than sorting rows
+    for i, row in enumerate(map(tuple, units.tolist())):
+        first.setdefault(row, i)
+    return units[np.fromiter(first.values(), dtype=np.int64, count=len(first))]
 
 
 def _reshape_param(an, node, ref: ParamRef, src, dst):

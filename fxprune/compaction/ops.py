@@ -222,13 +222,11 @@ def _attention_matmul(an, node, av: Chan, bv: Chan, na: int, nb: int):
         hb = ha - (n - na) + (n - nb)
         q, k = _axes(av, (ha, na - 1)), _axes(bv, (hb, nb - 2))
         if q is not None and k is not None and q.shape == k.shape:  # q @ k^T: contract head_dim
-            for h in range(q.shape[0]):
-                an.atoms.union_all(np.concatenate([q[h], k[h]]))
+            an.atoms.union_rows(np.concatenate([q, k], axis=1))
             return Chan((ha + n - na,), q[:, 0].copy(), av.zero or bv.zero, av.why)
         p, v = _axes(av, (ha,)), _axes(bv, (hb, nb - 1))
         if p is not None and v is not None and p.shape[0] == v.shape[0]:  # probs @ v
-            for h in range(v.shape[0]):
-                an.atoms.union_all(np.concatenate([p[h:h + 1], v[h]]))
+            an.atoms.union_rows(np.concatenate([p.reshape(-1, 1), v.reshape(v.shape[0], -1)], axis=1))
             return Chan((ha + n - na, n - 1), v, av.zero or bv.zero, bv.why)
     return unknown_op(an, node, "multiplies activations whose channels it cannot follow")
 
@@ -251,12 +249,13 @@ def _sdpa(an, node):
     head_mask = _head_mask(an, mask, mask_shape, heads)
     if isinstance(head_mask, str):
         return unknown_op(an, node, head_mask)
-    for h in range(heads):  # one head goes as a whole: q, k and v rows together (with
-        # grouped-query attention, a key/value head with every query head of its group)
-        parts = [arrays[0][h], arrays[1][h // group], arrays[2][h // group]]
-        if head_mask is not None:
-            parts.append(head_mask[h:h + 1])
-        an.atoms.union_all(np.concatenate(parts))
+    # one head goes as a whole: q, k and v rows together (with grouped-query attention, a
+    # key/value head with every query head of its group)
+    kv = np.arange(heads) // group
+    parts = [arrays[0].reshape(heads, -1), arrays[1][kv].reshape(heads, -1), arrays[2][kv].reshape(heads, -1)]
+    if head_mask is not None:
+        parts.append(np.asarray(head_mask).reshape(heads, 1))
+    an.atoms.union_rows(np.concatenate(parts, axis=1))
     out = np.repeat(arrays[2], group, axis=0)
     return Chan(hd, out, v.zero, v.why)
 
@@ -317,8 +316,7 @@ def _conv(an, node):
         out = an.axis(wref.fqn, 0, cout, role)
         if chan_in and cin % groups == 0 and cout % groups == 0:
             per_group = np.concatenate([xv.atoms.reshape(groups, -1), out.reshape(groups, -1)], axis=1)
-            for row in per_group:
-                an.atoms.union_all(row)
+            an.atoms.union_rows(per_group)
             an.conv_groups.append(ConvGroups(wref.fqn.rpartition(".")[0], groups, per_group))
         else:
             kind = "depthwise" if wref.shape[1] == 1 else f"grouped (groups={groups})"
@@ -359,8 +357,7 @@ def _group_norm(an, node):
     groups = int(node.args[1])
     w, b = an.value(arg(node, 2, "weight")), an.value(arg(node, 3, "bias"))
     per = xv.atoms.reshape(groups, -1)
-    for row in per:  # exact only when whole norm groups go: their statistics are their own
-        an.atoms.union_all(row)
+    an.atoms.union_rows(per)  # exact only when whole norm groups go: their statistics are their own
     for p in (w, b):
         if isinstance(p, ParamRef):
             an.bind(p, 0, xv.atoms, "zero")

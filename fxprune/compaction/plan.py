@@ -194,21 +194,22 @@ def select_classes(ctx, an: ChannelAnalysis, groups, scores, *, target_sparsity:
     at ``target_sparsity`` (the Pruner's scheduled sparsity). ``an`` may be reused across calls."""
     with gc_paused():
         blocked, classes = _group_classes(ctx, an, groups, scores)
-    dead: set[int] = set()
-    for group in groups:
-        free = [c for c in classes.values() if c.root not in blocked and c.groups == {group.index}]
-        target = group.target_sparsity if target_sparsity is None else target_sparsity
-        dead |= _select(ctx.selected(group), free, group, target)
-    space = an.spaces()
-    if ctx.config.round_channels_to > 1:
-        _round_up(classes, dead, space, ctx.config.round_channels_to,
-                  {g.index: g.criterion_reduce_type for g in groups})
-    if ctx.model is not None:  # a Hugging Face config must still describe the sizes kept
-        fit_hf_configs(ctx.model, an, classes, dead, {g.index: g.criterion_reduce_type for g in groups})
-    for group in groups if warn else ():
-        target = group.target_sparsity if target_sparsity is None else target_sparsity
-        _warn_if_blocked(group, ctx.selected(group), classes, blocked, dead, target)
-    return CompactionPlan(an, classes, blocked, dead, space)
+        dead: set[int] = set()
+        for group in groups:
+            only = {group.index}
+            free = [c for c in classes.values() if c.groups == only and c.root not in blocked]
+            target = group.target_sparsity if target_sparsity is None else target_sparsity
+            dead |= _select(ctx.selected(group), free, group, target)
+        space = an.spaces()
+        if ctx.config.round_channels_to > 1:
+            _round_up(classes, dead, space, ctx.config.round_channels_to,
+                      {g.index: g.criterion_reduce_type for g in groups})
+        if ctx.model is not None:  # a Hugging Face config must still describe the sizes kept
+            fit_hf_configs(ctx.model, an, classes, dead, {g.index: g.criterion_reduce_type for g in groups})
+        for group in groups if warn else ():
+            target = group.target_sparsity if target_sparsity is None else target_sparsity
+            _warn_if_blocked(group, ctx.selected(group), classes, blocked, dead, target)
+        return CompactionPlan(an, classes, blocked, dead, space)
 
 
 def plan_from_masks(ctx, an: ChannelAnalysis, groups, masks) -> CompactionPlan:
@@ -227,8 +228,7 @@ def _group_classes(ctx, an: ChannelAnalysis, groups, scores):
         n = t.pattern.output_channel_block
         ax = an.axes.get((t.param, output_dim(t)))
         if ax is not None and n > 1:
-            for block in ax.atoms.reshape(-1, n):
-                an.atoms.union_all(block)
+            an.atoms.union_rows(ax.atoms.reshape(-1, n))
     an.finalize()
     blocked = _blocked(an, members, ctx.targets)
     classes = _classes(an, members, scores=scores)
@@ -282,33 +282,80 @@ def _blocked(an: ChannelAnalysis, members, targets) -> dict[int, str]:
 
 def _classes(an: ChannelAnalysis, members, scores) -> dict[int, ChannelClass]:
     """The classes holding the members' output channels; with ``scores`` (param -> view
-    scores), each class's score sum and max."""
-    classes: dict[int, ChannelClass] = {}
+    scores), each class's score sum and max. Classes are numbered in order of first appearance
+    (members in order, rows in order) and their score sums added in that order."""
+    layers = []  # (param, cols, group, roots of its rows, row score sums, row score maxes)
     for t in members:
         ax = an.axes.get((t.param, output_dim(t)))
         if ax is None:
             continue  # its output is never used by an op the analysis follows
-        cols, param = t.geometry.view_shape[1], t.param
-        group = t.group.index if t.group is not None else None
+        sums = maxes = None
         if scores is not None:
-            s = scores[param].double()
-            sums, maxes = s.sum(dim=1).tolist(), s.amax(dim=1).tolist()
-        for row, root in enumerate(an.roots(ax.atoms).tolist()):
-            c = classes.get(root)
-            if c is None:
-                c = classes[root] = ChannelClass(root, len(classes))
-            rows = c.rows.get(param)
-            if rows is None:
-                c.rows[param], c.weights[param] = [row], cols
-            else:
-                rows.append(row)
-                c.weights[param] += cols
-            if scores is not None:
-                c.score_sum += sums[row]
-                c.score_max = max(c.score_max, maxes[row])
+            s = scores[t.param]
+            sums, maxes = _row_sums(s), s.amax(dim=1).double().cpu().numpy() if s.shape[1] else np.zeros(s.shape[0])
+        layers.append((t.param, t.geometry.view_shape[1], t.group.index if t.group is not None else None,
+                       an.roots(ax.atoms), sums, maxes))
+    if not layers:
+        return {}
+    all_roots = np.concatenate([r for *_, r, _, _ in layers])
+    uniq, first, inverse = np.unique(all_roots, return_index=True, return_inverse=True)
+    by_order = np.argsort(first, kind="stable")          # class ids in order of first appearance
+    rank = np.empty_like(by_order)
+    rank[by_order] = np.arange(by_order.size)
+    cls = rank[inverse.ravel()]                           # each entry's class, numbered by appearance
+    n = by_order.size
+    score_sum, score_max = np.zeros(n), np.zeros(n)
+    if scores is not None:
+        np.add.at(score_sum, cls, np.concatenate([s for *_, s, _ in layers]))   # in entry order
+        np.maximum.at(score_max, cls, np.concatenate([m for *_, m in layers]))
+    roots = uniq[by_order].tolist()
+    sums_l, maxes_l = score_sum.tolist(), score_max.tolist()
+    classes: dict[int, ChannelClass] = {}
+    out = [None] * n
+    for k, root in enumerate(roots):
+        out[k] = classes[root] = ChannelClass(root, k, {}, {}, sums_l[k], maxes_l[k], set())
+    start = 0
+    for param, cols, group, layer_roots, _, _ in layers:
+        ids = cls[start:start + layer_roots.size]
+        start += layer_roots.size
+        if not ids.size:
+            continue
+        order = np.argsort(ids, kind="stable")            # this layer's rows, by class
+        sorted_ids = ids[order]
+        cuts = np.flatnonzero(np.diff(sorted_ids)) + 1
+        if cuts.size == sorted_ids.size - 1:  # one row per class (the common case)
+            for k, row in zip(sorted_ids.tolist(), order.tolist()):
+                c = out[k]
+                if param in c.rows:
+                    c.rows[param].append(row)
+                    c.weights[param] += cols
+                else:
+                    c.rows[param], c.weights[param] = [row], cols
+                if group is not None:
+                    c.groups.add(group)
+            continue
+        bounds = [0, *cuts.tolist(), sorted_ids.size]
+        rows_sorted = order.tolist()
+        for k, (a, b) in zip(sorted_ids[np.asarray(bounds[:-1], dtype=np.int64)].tolist(), zip(bounds, bounds[1:])):
+            c = out[k]
+            rows = rows_sorted[a:b]
+            old = c.rows.get(param)
+            if old is None:
+                c.rows[param], c.weights[param] = rows, cols * len(rows)
+            else:  # a param reached twice (never in practice: one axis per param dim)
+                old.extend(rows)
+                c.weights[param] += cols * len(rows)
             if group is not None:
                 c.groups.add(group)
     return classes
+
+
+def _row_sums(s: torch.Tensor) -> np.ndarray:
+    """Each row's sum, in float64, a few rows at a time (a float64 copy of a large layer at once
+    would leave the cache: the same sums, slower)."""
+    step = max(1, (1 << 16) // max(s.shape[1], 1))
+    return np.concatenate([s[i:i + step].double().sum(dim=1).cpu().numpy() for i in range(0, s.shape[0], step)]
+                          or [np.zeros(0)])
 
 
 def _round_up(classes, dead: set[int], space, multiple: int, reduce_types) -> None:
@@ -331,13 +378,29 @@ def _round_up(classes, dead: set[int], space, multiple: int, reduce_types) -> No
             kept += rows[c.root]
 
 
+def _ranked(classes: list[ChannelClass], reduce_type: str) -> list[ChannelClass]:
+    """``classes`` by ``(score, order)``, lowest first (``ChannelClass.score``, as arrays)."""
+    if not classes:
+        return []
+    order = np.fromiter((c.order for c in classes), dtype=np.int64, count=len(classes))
+    if reduce_type == "sum":
+        score = np.fromiter((c.score_sum for c in classes), dtype=np.float64, count=len(classes))
+    elif reduce_type == "max":
+        score = np.fromiter((c.score_max for c in classes), dtype=np.float64, count=len(classes))
+    else:  # the mean: the same float division as ChannelClass.score
+        total = np.fromiter((c.score_sum for c in classes), dtype=np.float64, count=len(classes))
+        size = np.fromiter((sum(c.weights.values()) for c in classes), dtype=np.int64, count=len(classes))
+        score = total / np.maximum(size, 1)
+    return [classes[i] for i in np.lexsort((order, score)).tolist()]
+
+
 def _select(targets, free: list[ChannelClass], group, target: float) -> set[int]:
     """Roots of the classes to remove: lowest score first, whole classes, within the budget and
     the per-layer ratios (skipping a class that does not fit and going on with smaller ones)."""
     numel = {t.param: t.geometry.numel for t in targets}
     hi = {p: budget(group.max_sparsity_ratio_per_op, n) for p, n in numel.items()}
     lo = {p: ceil_budget(group.min_sparsity_ratio_per_op, n) for p, n in numel.items()}
-    ranked = sorted(free, key=lambda c: (c.score(group.criterion_reduce_type), c.order))
+    ranked = _ranked(free, group.criterion_reduce_type)
     pruned: dict[str, int] = defaultdict(int)
     chosen: set[int] = set()
 
@@ -350,9 +413,12 @@ def _select(targets, free: list[ChannelClass], group, target: float) -> set[int]
             pruned[p] += w
 
     by_layer: dict[str, list[ChannelClass]] = defaultdict(list)  # each layer's classes, ranked
+    smallest: dict[str, int] = {}                                 # and its smallest class's weights
     for c in ranked:
-        for p in c.weights:
+        for p, w in c.weights.items():
             by_layer[p].append(c)
+            if w < smallest.get(p, w + 1):
+                smallest[p] = w
     for t in targets:  # min_sparsity_ratio_per_op first
         for c in by_layer[t.param]:
             if pruned[t.param] >= lo[t.param]:
@@ -361,9 +427,12 @@ def _select(targets, free: list[ChannelClass], group, target: float) -> set[int]
                 take(c)
     if group.pruning_scope == "local":
         for t in targets:
-            goal = budget(target, numel[t.param])
-            for c in by_layer[t.param]:
-                if c.root not in chosen and pruned[t.param] + c.weights[t.param] <= goal and fits(c):
+            goal, p = budget(target, numel[t.param]), t.param
+            least = smallest.get(p, 0)
+            for c in by_layer[p]:
+                if pruned[p] + least > goal:
+                    break  # no class of this layer fits any more
+                if c.root not in chosen and pruned[p] + c.weights[p] <= goal and fits(c):
                     take(c)
         return chosen
     left = budget(target, sum(numel.values())) - sum(pruned.values())

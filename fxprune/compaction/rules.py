@@ -87,9 +87,7 @@ def whole_along(an, c: Chan, dim: int) -> bool:
     ``dim`` is ``c``'s only channel dim (every channel would become one class)."""
     if dim not in c.dims or len(c.dims) < 2:
         return False
-    rows = np.moveaxis(c.atoms, c.dims.index(dim), -1)
-    for row in rows.reshape(-1, rows.shape[-1]):
-        an.atoms.union_all(row)
+    an.atoms.union_rows(np.moveaxis(c.atoms, c.dims.index(dim), -1))
     return True
 
 
