@@ -306,11 +306,14 @@ class Distributed:
 
     def total_stats(self, stats) -> None:
         """A block-sequential run's counts (``RunStats``) summed over the ranks, in place: block
-        batches, block forwards and spilled tensors (every rank captured every batch)."""
+        batches, block forwards (stopped early or not) and spilled tensors (every rank captured
+        every batch)."""
         self.check("the end of the block-sequential calibration")
         (total,) = self.all_reduce_sum([torch.tensor(
-            [stats.block_batches, stats.block_forwards, stats.spilled], dtype=torch.int64)])
-        stats.block_batches, stats.block_forwards, stats.spilled = (int(x) for x in total.tolist())
+            [stats.block_batches, stats.block_forwards, stats.stopped_early, stats.spilled],
+            dtype=torch.int64)])
+        (stats.block_batches, stats.block_forwards, stats.stopped_early,
+         stats.spilled) = (int(x) for x in total.tolist())
 
     def reduce_block_stats(self, stats, block_name: str) -> None:
         """Sum one block's input statistics over the ranks (every rank ends with the same)."""

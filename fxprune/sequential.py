@@ -254,7 +254,8 @@ class RunStats:
 
     batches: int = 0                 # calibration batches
     block_batches: int = 0           # after merging (each block runs once per block batch)
-    block_forwards: int = 0          # completed forwards of a block
+    block_forwards: int = 0          # calls of a block's forward (stopped ones too)
+    stopped_early: int = 0           # recording forwards ended after their last recorded input
     spilled: int = 0                 # hidden-state tensors written to disk (all blocks)
     peak_cached_bytes: int = 0
 
@@ -267,21 +268,41 @@ class BlockStep:
         self.name = runner.blocks.block_name(index)
         self.recorded = False
 
+    @property
+    def outputs_needed(self) -> bool:
+        """Whether :meth:`record`'s outputs are the next block's inputs (dense propagation). When
+        they are not, a hook may end a recording forward early."""
+        return self.runner.propagation == "dense"
+
     def record(self, context: Callable[[], Any] | None = None,
                on_batch: Callable[[int], None] | None = None) -> None:
         """Run the dense block over every cached input (no gradients, eval mode). ``on_batch(b)``
         is called before batch ``b``; ``context()``, when given, is entered around each batch's
         forward (e.g. a dispatch-mode recorder); forward pre-hooks installed by the caller see
         every layer call. With dense propagation the outputs are kept as the next block's inputs,
-        so no second forward is needed."""
+        so no second forward is needed.
+
+        With pruned propagation the outputs are thrown away, so a hook that has seen everything
+        it records in a batch may raise :class:`~fxprune.criteria.calibration.StopForward`: that
+        batch's forward ends there (the layers after the last recorded input never run)."""
+        from .criteria.calibration import StopForward
+
         r = self.runner
-        keep = r.propagation == "dense"
+        keep = self.outputs_needed
         for b in range(len(r.inputs)):
             if on_batch is not None:
                 on_batch(b)
-            with (context() if context is not None else contextlib.nullcontext()):
-                out = r.calls[b].call(self.block, r.inputs[b])
             r.stats.block_forwards += 1
+            try:
+                with (context() if context is not None else contextlib.nullcontext()):
+                    out = r.calls[b].call(self.block, r.inputs[b])
+            except StopForward:
+                if keep:
+                    raise FxPruneError(f"block {self.name}: a hook stopped a recording forward "
+                                       f"whose outputs are the next block's inputs (dense "
+                                       f"propagation)") from None
+                r.stats.stopped_early += 1
+                continue
             if keep:
                 r.outputs.append(hidden_of(out))
         self.recorded = True

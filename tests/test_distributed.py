@@ -72,8 +72,8 @@ def _worker(rank, world, init, out_dir):
     alone = [dist.new_group([r]) for r in range(world)]   # one-rank groups: the reference
     hang = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=HANG_TIMEOUT_S))
     model, calib = _llama(), _calib()
-    calls = [0]     # forwards of decoder block 0 (the hook travels with transform's copy)
-    model.model.layers[0].register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    calls = [0]     # calls of decoder block 0 (the hook travels with transform's copy)
+    model.model.layers[0].register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
     work = [0, 0]   # SparseGPT on this rank: inverse factors computed, weight rows solved
     import fxprune.passes.sequential as seq
     solve, factor = seq.sparsegpt_prune, seq.inverse_hessian_factor
@@ -218,8 +218,8 @@ def test_sparse_gpt_is_bit_identical_to_one_process(runs, case):
 def test_each_rank_runs_only_its_share_of_the_calibration(runs):
     """5 batches of 24 tokens, merged into block batches of up to 48 tokens: 3 block batches (2,
     2, 1 batches); rank 0 takes block batches 0 and 2, rank 1 block batch 1. A block runs twice
-    per block batch (record, then the pruned block for the next block's inputs). Magnitude needs
-    no calibration forward."""
+    per block batch (record, stopped after its last layer's input, then the pruned block for the
+    next block's inputs). Magnitude needs no calibration forward."""
     for rank, (_, counts) in enumerate(runs["transform"]):
         mine = 2 if rank == 0 else 1
         forwards = {case: (alone[0], par[0]) for case, (alone, par) in counts.items()}

@@ -122,22 +122,29 @@ def test_magnitude_groups_equal_the_whole_model_path_beside_a_block_group():
 def test_block_forwards_are_linear_in_depth(layers, propagation, batch_tokens, block_batches):
     from torch._subclasses.fake_tensor import FakeTensor
     model, calib = _llama(layers), _calib(3)
-    calls, traced = [], []
+    calls, completed, traced = [], [], []
     for layer in model.model.layers:   # a graph capture would trace each block on fake tensors
+        layer.register_forward_pre_hook(
+            lambda m, a: None if isinstance(a[0], FakeTensor) else calls.append(m))
         layer.register_forward_hook(
-            lambda m, a, o: (traced if isinstance(o, FakeTensor) else calls).append(m))
+            lambda m, a, o: (traced if isinstance(o, FakeTensor) else completed).append(m))
     cfg = _cfg("sparse_gpt", "2:4", block_propagation=propagation, block_batch_tokens=batch_tokens)
     out = fxprune.transform(model, cfg, EXAMPLE, calibration=calib, inplace=True)
     # per block and block batch: one forward to record, one to propagate (pruned propagation;
     # the last block's outputs are not needed); dense propagation keeps the recording's outputs
     per_block = 2 if propagation == "pruned" else 1
     expected = per_block * layers * block_batches - (block_batches if per_block == 2 else 0)
+    # with pruned propagation every recording forward stops at down_proj's input (its outputs
+    # are not used); dense propagation needs them whole
+    stopped = layers * block_batches if propagation == "pruned" else 0
     # + the first block once: the layers are discovered from one run on the example inputs, with
     # the later blocks standing in; no graph is captured
     assert len(calls) == expected + 1
+    assert len(completed) == expected - stopped + 1
     assert len(traced) == 0
     info = fxprune.sparsity_report(out).calibration    # the report says the same
-    assert (info["block_forwards"], info["block_batches"], info["batches"]) == (expected, block_batches, 3)
+    assert (info["block_forwards"], info["stopped_early"], info["block_batches"], info["batches"]) == (
+        expected, stopped, block_batches, 3)
     assert info["blocks"] == "model.layers" and info["block_sequential"] == [0]
 
 
@@ -226,3 +233,122 @@ def test_global_scope_stays_on_the_whole_model_path():
     assert all(torch.equal(a[n], b[n]) for n in a)
     with pytest.raises(ConfigError, match="global scope"):
         _prune(model, {**cfg, "block_sequential": True}, calib)
+
+
+class _FunctionalLinear(torch.nn.Module):
+    """A layer that is not an ``nn.Linear``: its input is seen by the dispatch-mode recorder."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n, n) / n ** 0.5)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, n, twice):
+        super().__init__()
+        self.twice = twice
+        self.a, self.b, self.c = _FunctionalLinear(n), torch.nn.Linear(n, n), torch.nn.Linear(n, n)
+
+    def forward(self, x):
+        h = self.b(torch.relu(self.a(x)))
+        if self.twice:      # b's second call comes after c's only one
+            h = self.b(torch.relu(self.c(h)))
+        else:
+            h = self.c(torch.relu(h))
+        return x + h
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self, twice, n=16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(_Block(n, twice) for _ in range(3))
+        self.head = torch.nn.Linear(n, 4)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def _statistics_and_weights(monkeypatch, model, cfg, calib, example, stop):
+    """Each target's input statistic (Wanda's sums of squares, SparseGPT's Hessians) and the
+    pruned weights, with or without the early stop of the recording forwards."""
+    import fxprune.passes.sequential as seqpass
+    seen = {}
+
+    def keep(real, kind):
+        def run(ctx, group, targets, stats):
+            for t in targets:
+                seen[t.param] = (stats.sumsq(t) if kind == "activation" else stats.hessian(t)).clone()
+            return real(ctx, group, targets, stats)
+        return run
+    with monkeypatch.context() as m:
+        m.setattr(seqpass, "_activation", keep(seqpass._activation, "activation"))
+        m.setattr(seqpass, "_sparse_gpt", keep(seqpass._sparse_gpt, "sparse_gpt"))
+        if not stop:
+            m.setattr(seqpass.BlockInputStats, "stop_early", lambda self: None)
+        out = fxprune.transform(copy.deepcopy(model), cfg, example, calibration=calib)
+    return seen, _weights(out), fxprune.sparsity_report(out).calibration
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("criterion", ["activation", "sparse_gpt"])
+def test_recording_forwards_stop_after_the_last_input_with_the_same_results(monkeypatch, arch, criterion):
+    """With pruned propagation a recording forward's outputs are thrown away, so it stops at the
+    last target's input (down_proj's / mlp.c_proj's): statistics and weights are bit-identical
+    to full recording forwards, and the last layer runs only in the propagating forwards."""
+    model = _llama(3) if arch == "llama" else _gpt2()
+    last = model.model.layers[0].mlp.down_proj if arch == "llama" else model.transformer.h[0].mlp.c_proj
+    calls = []
+    last.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))   # it ran
+    cfg, calib = _cfg(criterion, "2:4"), _calib(3)
+    stopped, w_stopped, info = _statistics_and_weights(monkeypatch, model, cfg, calib, EXAMPLE, True)
+    n_stopped = len(calls)
+    calls.clear()
+    full, w_full, info_full = _statistics_and_weights(monkeypatch, model, cfg, calib, EXAMPLE, False)
+    per_block = 7 if arch == "llama" else 4
+    assert len(stopped) == len(full) == per_block * len(find_blocks(model))
+    for n in full:
+        assert stopped[n].dtype == full[n].dtype and torch.equal(stopped[n], full[n]), n
+    for n in w_full:
+        assert torch.equal(w_stopped[n], w_full[n]), n
+    # block 0's last layer runs in the discovery run, then per block batch to record and to
+    # propagate without the stop, only to propagate with it
+    batches, blocks = info["block_batches"], len(find_blocks(model))
+    assert (n_stopped, len(calls)) == (1 + batches, 1 + 2 * batches)
+    assert (info["stopped_early"], info_full["stopped_early"]) == (blocks * batches, 0)
+    assert info["block_forwards"] == info_full["block_forwards"] == (2 * blocks - 1) * batches
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_recording_stops_only_after_every_use_of_every_layer(monkeypatch, twice):
+    """Functional layers (seen by the dispatch recorder) count too, and a layer used twice per
+    forward stops the recording only after its second call."""
+    model = _Stack(twice)
+    calib = [torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    example = (calib[0],)
+    cfg = {**_cfg("activation", "1x1"), "block_batch_tokens": 0, "op_names": ["layers"]}
+    stopped, w_stopped, info = _statistics_and_weights(monkeypatch, model, cfg, calib, example, True)
+    full, w_full, _ = _statistics_and_weights(monkeypatch, model, cfg, calib, example, False)
+    assert sorted(stopped) == sorted(full) and len(full) == 9
+    for n in full:
+        assert torch.equal(stopped[n], full[n]), n
+    for n in w_full:
+        assert torch.equal(w_stopped[n], w_full[n]), n
+    assert info["stopped_early"] == 3 * 3       # every recording forward, 3 batches x 3 blocks
+
+
+def test_dense_propagation_records_whole_forwards():
+    model, calib = _llama(2), _calib()
+    out = _prune(model, _cfg("activation", "2:4", block_propagation="dense"), calib)
+    assert fxprune.sparsity_report(out).calibration["stopped_early"] == 0

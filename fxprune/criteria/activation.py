@@ -53,9 +53,14 @@ class ActivationCriterion(Criterion):
         self.sumsq[t.param] = s if prev is None else prev + s
 
     def feature_norms(self, param_name: str) -> Tensor:
-        """``[rows, cols]`` float32: the input norm each weight of the view multiplies."""
+        """``[rows, cols]`` float32 (a broadcast view): the input norm each weight of the view
+        multiplies. Raises when a norm is not finite."""
         geom = self.geometry[param_name]
         norm = self.sumsq[param_name].sqrt()
+        # checked before the broadcast: once per input feature, not once per weight
+        if not bool(torch.isfinite(norm).all()):
+            raise WeightError(f"the calibration inputs of {param_name} have NaN/inf values (or their "
+                              f"squares overflow float32); check the model and the batches")
         rows, cols = geom.view_shape
         if geom.kind != "conv":
             return norm.reshape(1, cols).expand(rows, cols)
@@ -65,7 +70,4 @@ class ActivationCriterion(Criterion):
 
     def view_scores(self, param_name: str, weight_view: Tensor) -> Tensor:
         norms = self.feature_norms(param_name).to(weight_view.device)
-        if not bool(torch.isfinite(norms).all()):
-            raise WeightError(f"the calibration inputs of {param_name} have NaN/inf values (or their "
-                              f"squares overflow float32); check the model and the batches")
         return weight_view.detach().float().abs() * norms

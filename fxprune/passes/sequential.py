@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from ..criteria import ActivationCriterion, SparseGPTCriterion, get_criterion_class
-from ..criteria.calibration import WeightInputRecorder, _NoFusedFastPaths, require_data, reusable
+from ..criteria.calibration import (StopForward, WeightInputRecorder, _NoFusedFastPaths,
+                                    require_data, reusable)
 from ..criteria.features import linear_features
 from ..criteria.sparse_gpt import inverse_hessian_factor, sparsegpt_prune
 from ..errors import ConfigError, WeightError
@@ -64,7 +65,8 @@ class BlockPlan:
             out["num_blocks"] = len(self.blocks)
         if self.stats is not None:
             out.update(batches=self.stats.batches, block_batches=self.stats.block_batches,
-                       block_forwards=self.stats.block_forwards, spilled=self.stats.spilled)
+                       block_forwards=self.stats.block_forwards,
+                       stopped_early=self.stats.stopped_early, spilled=self.stats.spilled)
         return out
 
     def describe(self) -> str:
@@ -164,6 +166,8 @@ def prune_block(ctx: PruneContext, p: BlockPlan, step: BlockStep) -> None:
             check_finite(t, model.get_parameter(t.param).detach())
     dist = ctx.distributed
     stats = BlockInputStats(model, targets) if dist is None else dist.block_input_stats(model, targets)
+    if not step.outputs_needed:         # pruned propagation: stop each batch after its last input
+        stats.stop_early()
     with stats.installed():
         step.record(context=stats.context, on_batch=stats.new_batch)
     stats.check_complete(step.name)
@@ -179,7 +183,7 @@ def prune_block(ctx: PruneContext, p: BlockPlan, step: BlockStep) -> None:
             _activation(ctx, group, group_targets, stats)
     for t in targets:
         weight = model.get_parameter(t.param)
-        ctx.zero_counts[t.param] = weight.numel() - int(torch.count_nonzero(weight))
+        ctx.zero_counts[t.param] = int((weight == 0).sum())   # (several times faster than count_nonzero)
         t.status = "pruned"
 
 
@@ -338,6 +342,9 @@ class BlockInputStats:
     gate/up) share one statistic, computed once. Other linear-kind uses (functional ``F.linear``)
     are seen by the dispatch-mode recorder. Wanda needs the per-feature sum of squares (the same
     float32 sums, in the same order, as the whole-model path); SparseGPT the Hessian ``X^T X``.
+
+    After :meth:`stop_early`, a batch's forward ends as soon as every target has had its inputs
+    of that batch: the statistics are the same, the layers after the last one never run.
     """
 
     def __init__(self, model: nn.Module, targets):
@@ -347,6 +354,8 @@ class BlockInputStats:
         self.need_sumsq = {t.param for t in targets if t.param not in self.need_hessian}
         self.stat_of: dict[str, _InputStat] = {}
         self.seen: dict[int, tuple[Tensor, _InputStat]] = {}
+        self.stop_after: dict[str, int] | None = None
+        self.calls: dict[str, int] = {}         # calls of each target in this batch
         self.hooked, self.dispatched = [], []
         for t in self.targets:
             owner = _owner(model, t)
@@ -354,8 +363,15 @@ class BlockInputStats:
                 self.hooked.append((owner, t))
             else:
                 self.dispatched.append(t)
-        self.recorder = (WeightInputRecorder(model, self.dispatched, lambda c: self.observe(c.target, c.x))
+        self.recorder = (WeightInputRecorder(model, self.dispatched, lambda c: self._called(c.target, c.x))
                          if self.dispatched else None)
+
+    def stop_early(self) -> None:
+        """End each batch's forward (with :class:`StopForward`, which ``BlockStep.record``
+        catches) once every target has been called as many times as it has uses in one forward
+        of the model (its discovered uses, all inside this block unless the weight is shared:
+        then it never stops). Only for a forward whose outputs are not used."""
+        self.stop_after = {t.param: max(1, len(t.nodes)) for t in self.targets}
 
     @contextlib.contextmanager
     def installed(self):
@@ -378,12 +394,21 @@ class BlockInputStats:
 
     def new_batch(self, b: int) -> None:
         self.seen.clear()
+        self.calls.clear()
 
     def _hook(self, t):
         def pre_hook(module, args):
             if args:
-                self.observe(t, args[0])
+                self._called(t, args[0])
         return pre_hook
+
+    def _called(self, t, x: Tensor) -> None:
+        self.observe(t, x)
+        if self.stop_after is not None:
+            self.calls[t.param] = self.calls.get(t.param, 0) + 1
+            if len(self.calls) == len(self.stop_after) and all(
+                    self.calls[p] >= n for p, n in self.stop_after.items()):
+                raise StopForward
 
     def observe(self, t, x: Tensor) -> None:
         hit = self.seen.get(id(x))
