@@ -102,7 +102,7 @@ def _unique(tensors):
 @contextlib.contextmanager
 def _exporting():
     """The state ``torch.export`` traces in, so models take the same paths: the compiling and
-    exporting flags set (Hugging Face's traceable masks), and no fused fast path of
+    exporting flags set (Hugging Face's traceable masks), cudnn off, and no fused fast path of
     ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` (export skips them because its
     tensors are traced; these ops hide the projections from the analysis)."""
     try:
@@ -111,8 +111,8 @@ def _exporting():
         raise TraceRefused(f"torch has no _compiling_state_context ({e})") from e
     fast_path = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with _compiling_state_context():
+    try:   # cudnn off as in torch.export (batch_norm records the flag); CPU kernels unchanged
+        with _compiling_state_context(), torch.backends.cudnn.flags(enabled=False):
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fast_path)
@@ -233,8 +233,11 @@ class _Recorder:
         out = func(*args, **kwargs)
         if func is torch.ops.prim.device.default:
             return out
-        node = self.graph.create_node("call_function", func, self._arg(args), self._arg(kwargs),
-                                      name=packet.__name__)
+        target = func
+        if func is aten.lift_fresh.default:   # a tensor literal: recorded as torch.export does
+            target = aten.lift_fresh_copy.default
+        node = self.graph.create_node("call_function", target, self._arg(args), self._arg(kwargs),
+                                      name=target.overloadpacket.__name__)
         if self.first_op is None:
             self.first_op = node
         node.meta["nn_module_stack"] = self.stack[-1]
