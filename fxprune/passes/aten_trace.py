@@ -87,8 +87,17 @@ def trace_aten(model: nn.Module, args: tuple, kwargs: dict, canonical: dict[str,
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
     recorder.add_output(list(output_tensors(out)))
-    gm = fx.GraphModule(nn.Module(), recorder.graph)
-    return AtenTrace(gm, recorder.param_of_node)
+    return AtenTrace(_graph_module(recorder.graph), recorder.param_of_node)
+
+
+def _graph_module(graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule whose Python code is generated on first use (``gm.code``, a call): the passes
+    only read the graph."""
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:
+        return fx.GraphModule(nn.Module(), graph)
+    return _LazyGraphModule(nn.Module(), graph)
 
 
 def _unique(tensors):
