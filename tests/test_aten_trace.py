@@ -167,20 +167,35 @@ def test_a_read_of_tensor_values_falls_back_to_torch_export():
     assert ctx.param_of_node and ctx.shapes_known
 
 
+class _Reads(nn.Module):
+    def __init__(self, read):
+        super().__init__()
+        self.fc, self.read = nn.Linear(8, 8), read
+
+    def forward(self, x):
+        return self.read(self.fc(x))
+
+
+VALUE_READS = {
+    "branch": lambda h: h if h.sum() > 0 else -h,
+    "tolist": lambda h: h * h.argmax(-1).tolist()[0],
+    "numpy": lambda h: h * float(h.detach().numpy()[0, 0]),
+    "mask index": lambda h: h[h > 0].sum() + h,
+    "nonzero": lambda h: h + torch.nonzero(h).shape[0],
+}
+
+
+@pytest.mark.parametrize("read", list(VALUE_READS))
+def test_a_graph_that_follows_the_data_is_refused(read):
+    model = _Reads(VALUE_READS[read])
+    with pytest.raises(aten_trace.TraceRefused, match="the graph would depend on tensor values"):
+        aten_trace.trace_aten(model, (torch.randn(2, 8),), {}, canonical_names(model))
+
+
 def test_control_flow_on_data_fails_as_torch_export_fails():
-    class Branch(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(8, 8)
-
-        def forward(self, x):
-            h = self.fc(x)
-            return h if h.sum() > 0 else -h
-
-    with pytest.raises(aten_trace.TraceRefused, match="reads tensor values"):
-        aten_trace.trace_aten(Branch(), (torch.randn(2, 8),), {}, canonical_names(Branch()))
-    with pytest.raises(CaptureError, match="torch.export could not capture Branch"):
-        fxprune.capture(Branch(), (torch.randn(2, 8),))
+    model = _Reads(VALUE_READS["branch"])
+    with pytest.raises(CaptureError, match="torch.export could not capture _Reads"):
+        fxprune.capture(model, (torch.randn(2, 8),))
 
 
 def test_any_failure_of_the_trace_falls_back_silently(monkeypatch):

@@ -22,8 +22,8 @@ and named as ``torch.export`` does (paths under ``model.``).
 A real forward sees one path through the model; so does ``torch.export``, which fails where the
 path depends on tensor values. The trace refuses the same cases, raising :class:`TraceRefused`
 (the capture pass then uses ``torch.export``): an op that reads a tensor's value into Python
-(``item``, ``bool(t)``: control flow on data) or whose output shape depends on values
-(``nonzero``, boolean-mask indexing). Buffers the forward mutates (a BatchNorm's running
+(``item``, ``bool(t)``, ``tolist()``: control flow on data) or whose output shape depends on
+values (``nonzero``, boolean-mask indexing). Buffers the forward mutates (a BatchNorm's running
 statistics in training mode) and the random-number state it draws from are restored.
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def trace_aten(model: nn.Module, args: tuple, kwargs: dict, canonical: dict[str,
     hooks = [nn.modules.module.register_module_forward_pre_hook(recorder.enter_module),
              nn.modules.module.register_module_forward_hook(recorder.exit_module, always_call=True)]
     try:
-        with _exporting(), torch.no_grad(), enable_python_dispatcher(), recorder:
+        with _exporting(), torch.no_grad(), _ValueReads(), enable_python_dispatcher(), recorder:
             out = model(*args, **kwargs)
     finally:
         for h in hooks:
@@ -125,6 +125,19 @@ def _exporting():
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fast_path)
+
+
+class _ValueReads(torch.overrides.TorchFunctionMode):
+    """Refuses the reads of tensor data that bypass the dispatcher (``tolist``, ``numpy``). Being
+    a torch-function mode it also makes ``has_torch_function`` true, as under ``torch.export``,
+    for code that checks it to choose a fused path."""
+
+    READS = frozenset({torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            raise TraceRefused(f"{func.__name__}(): the graph would depend on tensor values")
+        return func(*args, **(kwargs or {}))
 
 
 def _meta(value):
@@ -238,7 +251,7 @@ class _Recorder:
         kwargs = kwargs or {}
         packet = func.overloadpacket
         if packet.__name__ in DATA_DEPENDENT or (packet is aten.index and _bool_index(args)):
-            raise TraceRefused(f"{func} reads tensor values (the graph would follow the data)")
+            raise TraceRefused(f"{func}: the graph would depend on tensor values")
         out = func(*args, **kwargs)
         if func is torch.ops.prim.device.default:
             return out
