@@ -252,7 +252,8 @@ class _Recorder:
         packet = func.overloadpacket
         if packet.__name__ in DATA_DEPENDENT or (packet is aten.index and _bool_index(args)):
             raise TraceRefused(f"{func}: the graph would depend on tensor values")
-        out = func(*args, **kwargs)
+        with torch._C._DisablePythonDispatcher():   # the kernels below need no Python
+            out = func(*args, **kwargs)
         if func is torch.ops.prim.device.default:
             return out
         target = func

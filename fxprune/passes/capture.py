@@ -5,7 +5,9 @@ With ``example_inputs``: the ATen graph of one eager forward, recorded as it run
 cost); where that trace refuses the model (control flow on tensor values) or fails, ``torch.export
 .export(..., strict=False)``, which handles Hugging Face transformers models. Either way
 parameters and buffers are placeholders (``param_of_node`` names them) and every node's
-``meta["val"]`` holds its shape. Without example inputs: ``torch.fx.symbolic_trace``; parameters
+``meta["val"]`` holds its shape. The example inputs run for real once either way (the recorded
+forward, or :func:`~fxprune.passes.run_inputs.check_model_runs` before ``torch.export``, whose
+fake tensors accept inputs a real run rejects), so bad inputs are a ``CaptureError`` that says so. Without example inputs: ``torch.fx.symbolic_trace``; parameters
 are ``get_attr`` nodes and modules ``call_module`` nodes. ``ctx.capture_method`` (the report's
 ``capture``) says which capture was used.
 """
@@ -20,6 +22,7 @@ from ..errors import CaptureError
 from ..inputs import output_tensors, split_inputs
 from .base import Pass
 from .context import ATEN_TRACE_CAPTURE, EXPORT_CAPTURE, SYMBOLIC_CAPTURE, PruneContext
+from .run_inputs import check_model_runs
 
 log = logging.getLogger("fxprune")
 
@@ -61,9 +64,11 @@ class CapturePass(Pass):
         model = ctx.model
         canon = canonical_names(model)
         if ctx.example_inputs is not None:
-            args, kwargs = split_inputs(ctx.example_inputs)
+            args, kwargs = split_inputs(ctx.example_inputs, CaptureError)
             if self.aten_trace and self._trace(ctx, args, kwargs, canon):
-                return
+                return   # the recorded forward ran the inputs for real
+            # torch.export runs fake tensors, which accept inputs a real run rejects: check first
+            check_model_runs(model, args, kwargs)
             try:
                 ep = torch.export.export(_TensorOutputs(model), args, kwargs, strict=False)
             except Exception as e:
