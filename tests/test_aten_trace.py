@@ -241,3 +241,21 @@ def test_a_meta_model_is_traced_without_data():
     weights = [ctx.param_of_node[n.args[1].name] for n in ctx.graph_module.graph.nodes
                if "linear" in str(n.target)]
     assert weights == ["0.weight", "2.weight", "3.weight"]
+
+
+def test_a_buffer_the_forward_replaces_is_put_back():
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls = self.calls + 1          # a new tensor in the buffer slot
+            return self.fc(x)
+
+    model = Counter()
+    buffer = model.calls
+    ctx = _capture(model, (torch.randn(2, 4),), True)
+    assert ctx.capture_method == "aten_trace"
+    assert model.calls is buffer and float(buffer) == 0.0

@@ -68,7 +68,7 @@ def trace_aten(model: nn.Module, args: tuple, kwargs: dict, canonical: dict[str,
     from torch._dispatch.python import enable_python_dispatcher
     recorder = _recorder_class()(model, canonical)
     recorder.add_inputs(args, kwargs)
-    buffers = [(b, b.clone()) for b in _unique(model.buffers())]
+    buffers = _BufferState(model)
     rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     hooks = [nn.modules.module.register_module_forward_pre_hook(recorder.enter_module),
@@ -79,10 +79,7 @@ def trace_aten(model: nn.Module, args: tuple, kwargs: dict, canonical: dict[str,
     finally:
         for h in hooks:
             h.remove()
-        with torch.no_grad():
-            for b, saved in buffers:
-                if b.shape == saved.shape:   # a buffer reassigned in forward is a new tensor
-                    b.copy_(saved)
+        buffers.restore()
         torch.random.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
@@ -100,12 +97,20 @@ def _graph_module(graph: fx.Graph) -> fx.GraphModule:
     return _LazyGraphModule(nn.Module(), graph)
 
 
-def _unique(tensors):
-    seen = set()
-    for t in tensors:
-        if id(t) not in seen:
-            seen.add(id(t))
-            yield t
+class _BufferState:
+    """Every buffer of a model and a copy of its values: ``restore`` undoes what a forward did to
+    them (updated in place, as BatchNorm's statistics in training mode, or reassigned)."""
+
+    def __init__(self, model: nn.Module):
+        self.saved = [(m, name, b, b.clone()) for m in model.modules()
+                      for name, b in m._buffers.items() if b is not None]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for module, name, buffer, values in self.saved:
+                if module._buffers.get(name) is not buffer:
+                    module._buffers[name] = buffer
+                buffer.copy_(values)
 
 
 @contextlib.contextmanager
