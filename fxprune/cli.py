@@ -386,8 +386,7 @@ def cmd_inspect(args) -> int:
                      "shape": list(t.geometry.weight_shape), "view": list(t.geometry.view_shape),
                      "aliases": t.aliases, "fits": fits, "does_not_fit": not_fits})
     if args.json:
-        print(json.dumps({"model": source, "capture": "torch.export" if loaded_inputs is not None or
-                          args.example_inputs else "symbolic_trace", "targets": rows,
+        print(json.dumps({"model": source, "capture": gm.meta["fxprune_capture"], "targets": rows,
                           "registries": registries()}, indent=2))
         return EXIT_OK
     print(f"{len(rows)} prunable weights in {source}:")

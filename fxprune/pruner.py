@@ -44,8 +44,7 @@ from .registry import get_criterion_class
 from .errors import ConfigError, FxPruneError
 from .extensions import calling
 from .geometry import from_view_2d, to_view_2d
-from .passes import (AttachPass, CapturePass, DiscoverPass, PassManager, PruneContext, RecordPass,
-                     RunInputsPass)
+from .passes import AttachPass, CapturePass, DiscoverPass, PassManager, PruneContext, RecordPass
 from .compaction import ChannelAnalysis, joint_selection, plan_from_masks, select_classes, zero_removed
 from .passes.mask import mask_group
 from .passes.rewrite import zero_pruned_channels
@@ -84,7 +83,7 @@ class Pruner:
                                f"parameters (or None), got {type(optimizer).__name__}")
         ctx = PruneContext(model=model, config=PruningConfig.from_any(config),
                            example_inputs=example_inputs)
-        PassManager([RunInputsPass(), CapturePass(), DiscoverPass(), AttachPass()]).run(ctx)
+        PassManager([CapturePass(), DiscoverPass(), AttachPass()]).run(ctx)
         # With example inputs, output-channel groups select coupled channel classes, as transform
         # does: the channel analysis is kept, the rest of the graph is not needed any more.
         joint = [g for g in ctx.groups if ctx.selected(g) and joint_selection(ctx, ctx.selected(g)[0].pattern)]

@@ -118,8 +118,8 @@ def compact(model: nn.Module, example_inputs: Any, *, inplace: bool = False) -> 
                            "example_inputs=(x,)")
     ctx = _context(model, None, example_inputs, inplace=inplace)
     PassManager([p() for p in CAPTURE_PASSES]).run(ctx)
-    if ctx.exported is None:
-        raise FxPruneError("fxprune.compact could not capture the model with torch.export")
+    if not ctx.shapes_known:
+        raise FxPruneError("fxprune.compact could not capture the model's graph with its shapes")
     analysis = ChannelAnalysis(ctx.graph_module, ctx.param_of_node, ctx.model).run()
     plan = plan_zero_channels(ctx.model, ctx.targets.values(), analysis)
     try:
@@ -139,7 +139,9 @@ def compact(model: nn.Module, example_inputs: Any, *, inplace: bool = False) -> 
 def capture(model: nn.Module, example_inputs: Any = None, config: Any = None) -> fx.GraphModule:
     """The captured, annotated graph, for inspection: every node that uses a prunable weight has
     ``node.meta["fxprune"]``, a :class:`~fxprune.passes.Target` (parameter, type, shapes; with a
-    ``config``, also its group, pattern, block layout and status). The model is not modified."""
+    ``config``, also its group, pattern, block layout and status); ``gm.meta["fxprune_capture"]``
+    says how it was captured (``"aten_trace"``, ``"torch.export"``, ``"symbolic_trace"``). The
+    model is not modified."""
     ctx = _context(model, config, example_inputs, inplace=True)
     passes = [p() for p in CAPTURE_PASSES]
     if config is not None:
@@ -147,6 +149,7 @@ def capture(model: nn.Module, example_inputs: Any = None, config: Any = None) ->
     PassManager(passes).run(ctx)
     gm = ctx.graph_module
     gm.meta["fxprune_targets"] = ctx.targets
+    gm.meta["fxprune_capture"] = ctx.capture_method
     return gm
 
 

@@ -52,7 +52,7 @@ def test_eager_discovery_finds_exactly_the_graph_layers(name):
     method, fields, order = _targets(model, [EagerDiscoverPass()])
     assert method == eager.EAGER_CAPTURE
     graph_method, graph_fields, graph_order = _targets(model, [p() for p in CAPTURE_PASSES])
-    assert graph_method == "torch.export"
+    assert graph_method == "aten_trace"
     assert fields == graph_fields            # same layers, names, aliases, layouts, in graph order
     assert order == graph_order              # same last linear (lm_head, or the tied embedding)
     assert len(fields) == {"llama": 22, "llama_tied": 15, "gpt2": 9}[name]
@@ -68,7 +68,7 @@ def test_report_and_weights_equal_the_captured_path(name, config, monkeypatch):
     monkeypatch.setattr(eager, "eligible", lambda ctx: None)     # force the graph capture
     slow = fxprune.transform(model, config, EXAMPLE, calibration=calib)
     a, b = fxprune.sparsity_report(fast).to_dict(), fxprune.sparsity_report(slow).to_dict()
-    assert (a.pop("capture"), b.pop("capture")) == (eager.EAGER_CAPTURE, "torch.export")
+    assert (a.pop("capture"), b.pop("capture")) == (eager.EAGER_CAPTURE, "aten_trace")
     assert a == b
     for (n, p), q in zip(fast.named_parameters(), slow.parameters()):
         assert torch.equal(p, q), n
@@ -111,11 +111,11 @@ def test_a_functional_weight_use_falls_back_to_the_capture():
     model = _Stack().eval()
     x = torch.randn(8, 16)
     method, fields, _ = _targets(model, [EagerDiscoverPass()], example=(x,))
-    assert method == "torch.export"          # fell back: x @ W.t() is not a plain linear call
+    assert method == "aten_trace"            # fell back: x @ W.t() is not a plain linear call
     assert [f[1] for f in fields].count("blocks.1.proj.w") == 1
     out = fxprune.transform(model, WANDA, (x,), calibration=[x, x + 1])
     report = fxprune.sparsity_report(out)
-    assert report.capture == "torch.export"
+    assert report.capture == "aten_trace"
     assert report.layer("blocks.2.proj.w").status == "pruned"        # not skipped
     assert report.calibration["block_sequential"] == [0]
 
@@ -127,7 +127,7 @@ def test_a_group_outside_the_blocks_captures_the_graph():
     cfg = {**WANDA, "exclude_last_linear": False}
     out = fxprune.transform(model, cfg, EXAMPLE, calibration=calib)
     report = fxprune.sparsity_report(out)
-    assert report.capture == "torch.export"
+    assert report.capture == "aten_trace"
     assert report.layer("lm_head").status == "pruned"
     assert "outside model.layers" in report.calibration["whole_model"]["0"]
 

@@ -59,15 +59,23 @@ def test_cnn_channel_pruning_zeroes_bias_and_batchnorm(cnn):
     assert (act[:, dead] == 0).all() and (act[:, ~dead] != 0).any()
 
 
-def test_cnn_export_capture_matches_symbolic_trace(cnn):
+def test_the_three_captures_prune_alike(cnn, monkeypatch):
+    """symbolic_trace (no inputs), the recorded ATen trace and torch.export (the trace refused)."""
+    from fxprune.passes import aten_trace
     config = {"target_sparsity": 0.6, "pattern": "4x1"}
+    x = torch.randn(1, 3, 8, 8)
     a = fxprune.transform(cnn, config)
-    b = fxprune.transform(cnn, config, example_inputs=(torch.randn(1, 3, 8, 8),))
-    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
-        assert torch.equal(p, q), name
-    ra, rb = fxprune.sparsity_report(a), fxprune.sparsity_report(b)
-    assert ra.capture == "symbolic_trace" and rb.capture == "torch.export"
-    assert [r.status for r in ra.layers] == [r.status for r in rb.layers]
+    b = fxprune.transform(cnn, config, example_inputs=(x,))
+
+    def refuse(*args):
+        raise aten_trace.TraceRefused("test")
+    monkeypatch.setattr(aten_trace, "trace_aten", refuse)
+    c = fxprune.transform(cnn, config, example_inputs=(x,))
+    for (name, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(p, q) and torch.equal(p, r), name
+    ra, rb, rc = (fxprune.sparsity_report(m) for m in (a, b, c))
+    assert (ra.capture, rb.capture, rc.capture) == ("symbolic_trace", "aten_trace", "torch.export")
+    assert [r.status for r in ra.layers] == [r.status for r in rb.layers] == [r.status for r in rc.layers]
 
 
 class Functional(nn.Module):

@@ -214,7 +214,7 @@ class _Job:
         layers = [layer_report(t, self.zeros[t.param], t.geometry.numel)
                   for t in self.ctx.targets.values()]
         self.report = build_report(self.ctx, layers)
-        self.report.capture = "meta skeleton, torch.export"
+        self.report.capture = f"meta skeleton, {self.ctx.capture_method}"
         if self.rank0:
             self.report.to_json(out / REPORT_FILE)
 

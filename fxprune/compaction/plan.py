@@ -135,7 +135,7 @@ def output_dim(target) -> int:
 def joint_selection(ctx, pattern) -> bool:
     """Whether a group's masks come from the coupled channel classes: its pattern removes whole
     output channels and the graph was captured with example inputs (so shapes are known)."""
-    return bool(pattern.prunes_output_channels) and ctx.exported is not None
+    return bool(pattern.prunes_output_channels) and ctx.shapes_known
 
 
 def plan_channels(ctx, groups) -> CompactionPlan:

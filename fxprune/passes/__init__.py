@@ -1,4 +1,4 @@
-"""The pass pipeline (docs/design.md, "Pipeline"): run the example inputs, capture, discover,
+"""The pass pipeline (docs/design.md, "Pipeline"): capture (which runs the example inputs), discover,
 attach, check, block_sequential, score, mask, rewrite, record (and, with ``compact=True``, the
 compact pass of :mod:`.compact`)."""
 from .attach import AttachPass
@@ -14,7 +14,7 @@ from .run_inputs import RunInputsPass
 from .score import CheckWeightsPass, ScorePass, score_targets
 from .sequential import BlockSequentialPass
 
-CAPTURE_PASSES = (RunInputsPass, CapturePass, DiscoverPass)
+CAPTURE_PASSES = (CapturePass, DiscoverPass)
 PRUNE_PASSES = (AttachPass, CheckWeightsPass, BlockSequentialPass, ScorePass, MaskPass, RewritePass,
                 RecordPass)
 # transform's pipeline: the layers from one eager run when every group can go block by block

@@ -34,6 +34,13 @@ class Target:
         return self.status == "selected"
 
 
+# How the graph was captured (``PruneContext.capture_method``, the report's ``capture``). The two
+# captures with example inputs record every value's shape (``node.meta["val"]``).
+EXPORT_CAPTURE = "torch.export"
+ATEN_TRACE_CAPTURE = "aten_trace"
+SYMBOLIC_CAPTURE = "symbolic_trace"
+
+
 @dataclass
 class PruneContext:
     model: nn.Module                  # the model being rewritten (a copy unless inplace=True)
@@ -45,7 +52,7 @@ class PruneContext:
     # capture
     graph_module: fx.GraphModule | None = None
     exported: Any = None              # torch.export.ExportedProgram when captured with export
-    capture_method: str = ""
+    capture_method: str = ""          # one of the *_CAPTURE names above (or the eager discovery's)
     param_of_node: dict[str, str] = field(default_factory=dict)   # node name -> param/buffer FQN
     # discover / attach
     targets: dict[str, Target] = field(default_factory=dict)      # by param FQN, graph order
@@ -71,6 +78,12 @@ class PruneContext:
     zero_counts: dict[str, int] = field(default_factory=dict)
     # several processes (torch.distributed): fxprune.distributed.Distributed, else None
     distributed: Any = None
+
+    @property
+    def shapes_known(self) -> bool:
+        """Whether the graph is held and records every value's shape (captured with example
+        inputs), which the channel analysis follows."""
+        return self.graph_module is not None and self.capture_method in (EXPORT_CAPTURE, ATEN_TRACE_CAPTURE)
 
     def tick(self, stage: str, done: int, total: int) -> None:
         if self.progress is None:

@@ -19,7 +19,7 @@ an error in the run, blocks whose parameters differ, or a group that ends up on 
 path (an ``lm_head`` selected, a channel pattern) falls back to the full capture
 (:class:`~fxprune.passes.capture.CapturePass` and
 :class:`~fxprune.passes.discover.DiscoverPass`), so no layer is ever missed. The run also checks
-the example inputs as :class:`~fxprune.passes.run_inputs.RunInputsPass` does, on everything but
+the example inputs as :func:`~fxprune.passes.run_inputs.check_model_runs` does, on everything but
 the later blocks (which are of the first block's class).
 """
 from __future__ import annotations
@@ -40,7 +40,6 @@ from .base import Pass
 from .capture import CapturePass, canonical_names
 from .context import PruneContext
 from .discover import DiscoverPass, add_use, owner_type
-from .run_inputs import RunInputsPass
 
 log = logging.getLogger("fxprune")
 
@@ -267,5 +266,5 @@ class CaptureIfNeededPass(Pass):
 
 def full_capture(ctx: PruneContext) -> None:
     ctx.targets = {}
-    for p in (RunInputsPass(), CapturePass(), DiscoverPass()):
+    for p in (CapturePass(), DiscoverPass()):
         p(ctx)

@@ -35,7 +35,7 @@ class MaskPass(Pass):
         missing = [t.param for t in ctx.selected() if t.param not in ctx.scores]
         if missing:
             raise RuntimeError(f"mask needs scores for {missing[:3]}: run the score pass first")
-        if ctx.compact and ctx.exported is None:
+        if ctx.compact and not ctx.shapes_known:
             raise FxPruneError(
                 "compact=True needs example_inputs: compaction follows tensor shapes through the "
                 "graph, which only a capture with inputs records; pass example_inputs=(x,)")
@@ -50,7 +50,7 @@ class MaskPass(Pass):
                 joint.append(group)
             else:
                 ctx.masks.update(mask_group(group, targets, take_scores(ctx, targets)))
-        if ctx.exported is not None:  # shapes known: the channel plan (empty without joint groups)
+        if ctx.shapes_known:  # the channel plan (empty without joint groups)
             ctx.compaction = plan_channels(ctx, joint)
 
 

@@ -1,9 +1,12 @@
-"""run_inputs: run the model once on ``example_inputs`` before capturing it.
+"""run_inputs: run the model once on ``example_inputs``, so that bad inputs fail early.
 
 ``torch.export`` traces with fake tensors and does not catch everything a real run would (a
 float64 or int64 input to a float32 ``nn.Linear`` is captured without complaint), and a bad input
 found after pruning (by compaction, the export) costs the whole run. One eager forward, without
-gradients and in eval mode, turns such inputs into an error before anything is pruned.
+gradients and in eval mode, turns such inputs into an error before anything is pruned. The
+capture pass does this itself (its recorded trace is a real forward; before ``torch.export`` it
+calls :func:`check_model_runs`); :class:`RunInputsPass` is the check alone, for a pipeline that
+needs it without a capture.
 """
 from __future__ import annotations
 

@@ -1,0 +1,299 @@
+"""aten_trace: the ATen graph of one eager forward, recorded as it runs.
+
+``torch.export.export(..., strict=False)`` traces the model with fake tensors through
+``make_fx`` at the pre-dispatch level: every op goes through a proxy, a fake-tensor kernel, a
+stack-trace summary and an FX node with full metadata, and the export then checks and lifts the
+result. Pruning needs much less: which ATen op consumed which tensor, each value's shape and
+dtype, and which module ran each op. :func:`trace_aten` gets that from one real forward on the
+example inputs: a dispatch mode on the same pre-dispatch key as ``torch.export`` (so the graph
+holds the same ops: ``aten.conv2d``, ``aten.linear``, ``aten.batch_norm``..., not their
+decompositions) writes one node per op, and module hooks keep the module stack. The flags
+``torch.export`` sets while tracing (``torch.compiler.is_exporting()``) are set too, so models
+take the same export-friendly paths (``nn.MultiheadAttention`` its composite path, Hugging Face
+models their traceable masks).
+
+The graph has the layout of an exported program's: parameters and buffers are placeholders
+(``p_<name>``, ``b_<name>``; :attr:`AtenTrace.param_of_node` maps them to names), then the
+tensors of the inputs, then the ops; ``node.meta["val"]`` holds a ``meta`` tensor of each value's
+shape, dtype and strides (a list of them for an op with several outputs, read through
+``operator.getitem`` nodes) and ``node.meta["nn_module_stack"]`` the modules around the op, keyed
+and named as ``torch.export`` does (paths under ``model.``).
+
+A real forward sees one path through the model; so does ``torch.export``, which fails where the
+path depends on tensor values. The trace refuses the same cases, raising :class:`TraceRefused`
+(the capture pass then uses ``torch.export``): an op that reads a tensor's value into Python
+(``item``, ``bool(t)``, ``tolist()``: control flow on data) or whose output shape depends on
+values (``nonzero``, boolean-mask indexing). Buffers the forward mutates (a BatchNorm's running
+statistics in training mode) and the random-number state it draws from are restored.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..inputs import output_tensors
+
+aten = torch.ops.aten
+
+# Ops that read tensor values into Python (the control flow after them follows the data) or whose
+# output shape depends on the values: the recorded path would hold for these inputs only.
+DATA_DEPENDENT = frozenset({
+    "_local_scalar_dense", "item", "is_nonzero", "equal", "allclose", "nonzero", "nonzero_numpy",
+    "masked_select", "_unique", "_unique2", "unique_consecutive", "unique_dim", "bincount",
+    "argwhere",
+})
+
+
+class TraceRefused(Exception):
+    """The model cannot be recorded faithfully (the capture falls back to ``torch.export``)."""
+
+
+@dataclass
+class AtenTrace:
+    graph_module: fx.GraphModule
+    param_of_node: dict[str, str]       # placeholder name -> parameter/buffer name (first alias)
+
+
+def trace_aten(model: nn.Module, args: tuple, kwargs: dict, canonical: dict[str, str]) -> AtenTrace:
+    """The ATen graph of ``model(*args, **kwargs)`` (see the module docstring); ``canonical``
+    maps every parameter/buffer name to its first alias (``capture.canonical_names``).
+    Raises :class:`TraceRefused` where the graph would depend on the inputs' values, and
+    whatever the model raises."""
+    from torch._dispatch.python import enable_python_dispatcher
+    recorder = _recorder_class()(model, canonical)
+    recorder.add_inputs(args, kwargs)
+    buffers = _BufferState(model)
+    rng = torch.random.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    hooks = [nn.modules.module.register_module_forward_pre_hook(recorder.enter_module),
+             nn.modules.module.register_module_forward_hook(recorder.exit_module, always_call=True)]
+    try:
+        with _exporting(), torch.no_grad(), _ValueReads(), enable_python_dispatcher(), recorder:
+            out = model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+        buffers.restore()
+        torch.random.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    recorder.add_output(list(output_tensors(out)))
+    return AtenTrace(_graph_module(recorder.graph), recorder.param_of_node)
+
+
+def _graph_module(graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule whose Python code is generated on first use (``gm.code``, a call): the passes
+    only read the graph."""
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:
+        return fx.GraphModule(nn.Module(), graph)
+    return _LazyGraphModule(nn.Module(), graph)
+
+
+class _BufferState:
+    """Every buffer of a model and a copy of its values: ``restore`` undoes what a forward did to
+    them (updated in place, as BatchNorm's statistics in training mode, or reassigned)."""
+
+    def __init__(self, model: nn.Module):
+        self.saved = [(m, name, b, b.clone()) for m in model.modules()
+                      for name, b in m._buffers.items() if b is not None]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for module, name, buffer, values in self.saved:
+                if module._buffers.get(name) is not buffer:
+                    module._buffers[name] = buffer
+                buffer.copy_(values)
+
+
+@contextlib.contextmanager
+def _exporting():
+    """The state ``torch.export`` traces in, so models take the same paths: the compiling and
+    exporting flags set (Hugging Face's traceable masks), cudnn off, and no fused fast path of
+    ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` (export skips them because its
+    tensors are traced; these ops hide the projections from the analysis)."""
+    try:
+        from torch._export.utils import _compiling_state_context
+    except ImportError as e:   # another torch: the trace is not sure to match, so do not trace
+        raise TraceRefused(f"torch has no _compiling_state_context ({e})") from e
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:   # cudnn off as in torch.export (batch_norm records the flag); CPU kernels unchanged
+        with _compiling_state_context(), torch.backends.cudnn.flags(enabled=False):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+
+
+class _ValueReads(torch.overrides.TorchFunctionMode):
+    """Refuses the reads of tensor data that bypass the dispatcher (``tolist``, ``numpy``). Being
+    a torch-function mode it also makes ``has_torch_function`` true, as under ``torch.export``,
+    for code that checks it to choose a fused path."""
+
+    READS = frozenset({torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            raise TraceRefused(f"{func.__name__}(): the graph would depend on tensor values")
+        return func(*args, **(kwargs or {}))
+
+
+def _meta(value):
+    """A ``meta`` tensor of ``value``'s shape, dtype and strides (lists element-wise)."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    if isinstance(value, (list, tuple)):
+        return type(value)(_meta(v) for v in value)
+    return value
+
+
+def _qualname(module: nn.Module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@functools.cache
+def _recorder_class():
+    # The pre-dispatch mode slot only holds torch's own tracing modes (``_set_mode_pre_dispatch``
+    # checks the type), so the recorder is one of them, with its own ``__torch_dispatch__``;
+    # defined on first use, as importing proxy_tensor is not free.
+    from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode
+    return type("AtenRecorder", (_Recorder, ProxyTorchDispatchMode), {})
+
+
+class _Recorder:
+    """The dispatch mode's body (mixed into torch's ``ProxyTorchDispatchMode``)."""
+
+    def __init__(self, model: nn.Module, canonical: dict[str, str]):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        TorchDispatchMode.__init__(self, torch._C.DispatchKey.PreDispatch)
+        self._mode_key = torch._C._TorchDispatchModeKey.PROXY
+        self.enter_stack = []
+        self.graph = fx.Graph()
+        self.node_of: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.param_of_node: dict[str, str] = {}
+        self.module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+        self.stack: list[dict] = [{}]
+        self.first_op: fx.Node | None = None
+        self.constants = 0
+        self.by_storage: dict | None = None      # (data_ptr, shape, stride, dtype) -> node, on demand
+        self.state: list[torch.Tensor] = []
+        for kind, named in (("p", model.named_parameters()), ("b", model.named_buffers())):
+            for name, t in named:
+                node = self._placeholder(f"{kind}_{name.replace('.', '_')}", t)
+                self.node_of[t] = node
+                self.param_of_node[node.name] = canonical.get(name, name)
+                self.state.append(t)
+
+    # ------------------------------------------------------------------ graph building
+    def _placeholder(self, name: str, t: torch.Tensor) -> fx.Node:
+        if self.first_op is None:
+            node = self.graph.placeholder(name)
+        else:
+            with self.graph.inserting_before(self.first_op):
+                node = self.graph.placeholder(name)
+        node.meta["val"] = _meta(t)
+        return node
+
+    def add_inputs(self, args: tuple, kwargs: dict) -> None:
+        from torch.utils._pytree import tree_flatten_with_path, keystr
+        leaves, _ = tree_flatten_with_path((args, kwargs))
+        for path, leaf in leaves:
+            if isinstance(leaf, torch.Tensor) and leaf not in self.node_of:
+                key = keystr(path[1:])   # "[0]" of args, "['input_ids']" of kwargs
+                name = ("args_" if path[0].idx == 0 else "") + "".join(
+                    c if c.isalnum() else "_" for c in key).strip("_")
+                self.node_of[leaf] = self._placeholder(name or "input", leaf)
+
+    def add_output(self, tensors: list) -> None:
+        self.graph.output(tuple(self._node(t) for t in tensors))
+
+    def _constant(self, t: torch.Tensor) -> fx.Node:
+        """A tensor no op produced: an alias of a parameter/buffer (``.data``, a tensor saved at
+        init), else a constant of the model (a placeholder, as ``torch.export`` lifts it)."""
+        if self.by_storage is None:
+            self.by_storage = {_storage_key(s): self.node_of[s] for s in self.state}
+        node = self.by_storage.get(_storage_key(t))
+        if node is None:
+            node = self._placeholder(f"c_lifted_tensor_{self.constants}", t)
+            self.constants += 1
+        self.node_of[t] = node
+        return node
+
+    def _node(self, t: torch.Tensor) -> fx.Node:
+        node = self.node_of.get(t)
+        return node if node is not None else self._constant(t)
+
+    def _arg(self, a):
+        if isinstance(a, torch.Tensor):
+            return self._node(a)
+        if isinstance(a, (list, tuple)):
+            return type(a)(self._arg(x) for x in a)
+        return a
+
+    # ------------------------------------------------------------------ module stack
+    def enter_module(self, module, _args):
+        name = self.module_names.get(id(module))
+        top = self.stack[-1]
+        if name is not None:
+            path = f"model.{name}" if name else "model"
+            top = {**top, f"L__self__{path}": (path, _qualname(module))}
+        self.stack.append(top)
+
+    def exit_module(self, _module, _args, _out):
+        if len(self.stack) > 1:
+            self.stack.pop()
+
+    # ------------------------------------------------------------------ ops
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func.overloadpacket
+        if packet.__name__ in DATA_DEPENDENT or (packet is aten.index and _bool_index(args)):
+            raise TraceRefused(f"{func}: the graph would depend on tensor values")
+        with torch._C._DisablePythonDispatcher():   # the kernels below need no Python
+            out = func(*args, **kwargs)
+        if func is torch.ops.prim.device.default:
+            return out
+        target = func
+        if func is aten.lift_fresh.default:   # a tensor literal: recorded as torch.export does
+            target = aten.lift_fresh_copy.default
+        node = self.graph.create_node("call_function", target, self._arg(args), self._arg(kwargs),
+                                      name=target.overloadpacket.__name__)
+        if self.first_op is None:
+            self.first_op = node
+        node.meta["nn_module_stack"] = self.stack[-1]
+        node.meta["val"] = _meta(out)
+        if isinstance(out, torch.Tensor):
+            self.node_of[out] = node
+        elif isinstance(out, (list, tuple)):
+            for i, t in enumerate(out):
+                if isinstance(t, torch.Tensor):
+                    item = self.graph.create_node("call_function", operator.getitem, (node, i),
+                                                  name="getitem")
+                    item.meta["nn_module_stack"] = node.meta["nn_module_stack"]
+                    item.meta["val"] = node.meta["val"][i]
+                    self.node_of[t] = item
+        return out
+
+
+def _storage_key(t: torch.Tensor):
+    if t.is_meta:   # no data: tensors of a meta skeleton alias nothing
+        return id(t)
+    try:
+        return t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size(), \
+            tuple(t.shape), t.stride(), t.dtype
+    except (RuntimeError, NotImplementedError):   # no storage (a meta or wrapper tensor)
+        return id(t)
+
+
+def _bool_index(args) -> bool:
+    """``aten.index`` with a boolean mask: the output's length depends on the mask's values."""
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices)

@@ -1,0 +1,261 @@
+"""The recorded ATen trace (the default capture with example inputs) against torch.export: the same
+graph (ops, arguments, module paths, shapes), the same pruning and compaction, a silent fallback
+to torch.export where the trace cannot be trusted, and the model left as it was."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxprune
+from fxprune import examples
+from fxprune.aten import module_of, shape_of
+from fxprune.errors import CaptureError
+from fxprune.passes import aten_trace
+from fxprune.passes.capture import CapturePass, canonical_names
+from fxprune.passes.context import PruneContext
+from fxprune.config import PruningConfig
+from tiny_llm import tiny_llama
+
+CHANNELS = {"pattern": "1xchannel", "target_sparsity": 0.3, "pruning_scope": "local"}
+
+
+class _InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand, depthwise 3x3, 1x1 project, residual."""
+
+    def __init__(self, c, expand=4):
+        super().__init__()
+        h = c * expand
+        self.block = nn.Sequential(
+            nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6(inplace=True),
+            nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU6(inplace=True),
+            nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+class TinyMobileNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
+        self.blocks = nn.Sequential(_InvertedResidual(8), _InvertedResidual(8))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class WithMHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 32)
+        self.att = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.out = nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        h = h + self.att(h, h, h, need_weights=False)[0]
+        return self.out(h + self.mlp(h))
+
+
+def _bn_spread(model):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+MODELS = {
+    "resnet": lambda: (_bn_spread(examples.ResNet(layers=(1, 1, 1, 1), width=8, num_classes=10)),
+                       (torch.randn(2, 3, 32, 32),)),
+    "mobilenet": lambda: (_bn_spread(TinyMobileNet()), (torch.randn(2, 3, 16, 16),)),
+    "llama": lambda: (tiny_llama(2), {"input_ids": torch.randint(0, 64, (2, 12))}),
+    "mha": lambda: (WithMHA().eval(), (torch.randn(2, 5, 16),)),
+}
+
+
+def _capture(model, inputs, trace: bool) -> PruneContext:
+    ctx = PruneContext(model=model, config=PruningConfig.from_any({}), example_inputs=inputs)
+    CapturePass(aten_trace=trace)(ctx)
+    return ctx
+
+
+def _signature(ctx: PruneContext) -> list:
+    """Each op of the graph: target, arguments (parameters by name, inputs by position, other ops
+    by their index), module path, shape and dtype of the result."""
+    index, inputs, out = {}, {}, []
+
+    def arg(a):
+        if isinstance(a, torch.fx.Node):
+            if a.op == "placeholder":
+                name = ctx.param_of_node.get(a.name)
+                return ("param", name) if name is not None else ("input", inputs.setdefault(a, len(inputs)))
+            return ("op", index[a])
+        if isinstance(a, (list, tuple)):
+            return [arg(x) for x in a]
+        return a
+
+    for node in ctx.graph_module.graph.nodes:
+        if node.op != "call_function" or "_assert_tensor_metadata" in str(node.target):
+            continue   # torch.export asserts the dtype after each .to(); nothing to prune there
+        index[node] = len(out)
+        val = node.meta.get("val")
+        out.append((str(node.target), arg(node.args), arg(dict(node.kwargs)), module_of(node),
+                    shape_of(node), getattr(val, "dtype", None)))
+    return out
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_trace_records_the_graph_torch_export_records(name):
+    model, inputs = MODELS[name]()
+    traced, exported = _capture(model, inputs, True), _capture(model, inputs, False)
+    assert (traced.capture_method, exported.capture_method) == ("aten_trace", "torch.export")
+    assert sorted(traced.param_of_node.values()) == sorted(exported.param_of_node.values())
+    ops = _signature(traced)
+    assert ops == _signature(exported)
+    assert len(ops) > 10 and all(shape is not None for *_, shape, _ in ops if _ is not None)
+
+
+def _transform(model, inputs, config, trace: bool, monkeypatch):
+    with monkeypatch.context() as m:
+        if not trace:
+            m.setattr(aten_trace, "trace_aten", _refuse)
+        return fxprune.transform(model, config, inputs, compact=True)
+
+
+def _refuse(*args):
+    raise aten_trace.TraceRefused("refused by the test")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_pruning_and_compaction_are_the_same_with_either_capture(name, monkeypatch):
+    model, inputs = MODELS[name]()
+    a = _transform(model, inputs, CHANNELS, True, monkeypatch)
+    b = _transform(model, inputs, CHANNELS, False, monkeypatch)
+    ra, rb = fxprune.sparsity_report(a).to_dict(), fxprune.sparsity_report(b).to_dict()
+    assert (ra.pop("capture"), rb.pop("capture")) == ("aten_trace", "torch.export")
+    assert ra == rb                                   # every layer's status, zeros, the compaction
+    assert ra["compaction"]["params_after"] < ra["compaction"]["params_before"]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:                                    # same compacted shapes, same kept weights
+        assert sa[key].shape == sb[key].shape and torch.equal(sa[key], sb[key]), key
+    assert any(sa[k].shape != v.shape for k, v in model.state_dict().items())
+
+
+def test_a_read_of_tensor_values_falls_back_to_torch_export():
+    class ConstantRead(nn.Module):   # torch.export folds the constant; the trace does not guess
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(x) * int(torch.tensor(3))
+
+    model, x = ConstantRead(), torch.randn(2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # silently
+        ctx = _capture(model, (x,), True)
+    assert ctx.capture_method == "torch.export"
+    assert ctx.param_of_node and ctx.shapes_known
+
+
+class _Reads(nn.Module):
+    def __init__(self, read):
+        super().__init__()
+        self.fc, self.read = nn.Linear(8, 8), read
+
+    def forward(self, x):
+        return self.read(self.fc(x))
+
+
+VALUE_READS = {
+    "branch": lambda h: h if h.sum() > 0 else -h,
+    "tolist": lambda h: h * h.argmax(-1).tolist()[0],
+    "numpy": lambda h: h * float(h.detach().numpy()[0, 0]),
+    "mask index": lambda h: h[h > 0].sum() + h,
+    "nonzero": lambda h: h + torch.nonzero(h).shape[0],
+}
+
+
+@pytest.mark.parametrize("read", list(VALUE_READS))
+def test_a_graph_that_follows_the_data_is_refused(read):
+    model = _Reads(VALUE_READS[read])
+    with pytest.raises(aten_trace.TraceRefused, match="the graph would depend on tensor values"):
+        aten_trace.trace_aten(model, (torch.randn(2, 8),), {}, canonical_names(model))
+
+
+def test_control_flow_on_data_fails_as_torch_export_fails():
+    model = _Reads(VALUE_READS["branch"])
+    with pytest.raises(CaptureError, match="torch.export could not capture _Reads"):
+        fxprune.capture(model, (torch.randn(2, 8),))
+
+
+def test_any_failure_of_the_trace_falls_back_silently(monkeypatch):
+    model, inputs = MODELS["resnet"]()
+    traced = fxprune.capture(model, inputs)
+
+    def broken(*args):
+        raise RuntimeError("a bug in the trace")
+    monkeypatch.setattr(aten_trace, "trace_aten", broken)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm = fxprune.capture(model, inputs)
+    assert (traced.meta["fxprune_capture"], gm.meta["fxprune_capture"]) == ("aten_trace", "torch.export")
+    assert list(gm.meta["fxprune_targets"]) == list(traced.meta["fxprune_targets"])
+    assert len(gm.meta["fxprune_targets"]) == 18      # 17 convolutions and the classifier
+
+
+def test_a_training_model_keeps_its_statistics_and_the_random_state():
+    """A real forward in training mode updates BatchNorm statistics and draws dropout masks:
+    both are undone, as torch.export (fake tensors) leaves them."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Dropout(0.5), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 4)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 8, 8)
+    rng = torch.random.get_rng_state()
+    gm = fxprune.capture(model, (x,))
+    assert gm.meta["fxprune_capture"] == "aten_trace"
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    bn = next(n for n in gm.graph.nodes if "batch_norm" in str(n.target))
+    assert bn.args[5] is True                                    # recorded in training mode
+    assert any("dropout" in str(n.target) for n in gm.graph.nodes)
+    assert model.training and torch.backends.mha.get_fastpath_enabled()
+
+
+def test_a_meta_model_is_traced_without_data():
+    """A meta-device skeleton (checkpoint pruning): shapes only, parameters kept apart."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 4))
+    ctx = _capture(model, (torch.randn(2, 8, device="meta"),), True)
+    assert ctx.capture_method == "aten_trace"
+    weights = [ctx.param_of_node[n.args[1].name] for n in ctx.graph_module.graph.nodes
+               if "linear" in str(n.target)]
+    assert weights == ["0.weight", "2.weight", "3.weight"]
+
+
+def test_a_buffer_the_forward_replaces_is_put_back():
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls = self.calls + 1          # a new tensor in the buffer slot
+            return self.fc(x)
+
+    model = Counter()
+    buffer = model.calls
+    ctx = _capture(model, (torch.randn(2, 4),), True)
+    assert ctx.capture_method == "aten_trace"
+    assert model.calls is buffer and float(buffer) == 0.0
