@@ -10,7 +10,8 @@ image size, and the transform is fast enough to run them all. ConvNeXt-V2 is the
 (depths 2-2-8-2, widths 80-640), both Hugging Face's ``ConvNextV2ForImageClassification`` and
 timm's layout written here (whose GRN keeps its epsilon as an attribute); the Hugging Face ViT is ViT-S (384 wide, 6 heads, 12 layers) on
 64x64; the language models are 4-layer, 512-wide decoders (8 query heads; 8, 2 and 4 key/value
-heads for Llama, Qwen2 and Mistral), vocabulary 2000, sequence 32; T5 is 4+4 layers, 256 wide.
+heads for Llama, Qwen2 and Mistral; Gemma with 2 and head width 64, Phi-3 with 4), vocabulary
+2000, sequence 32; T5 is 4+4 layers, 256 wide.
 ``IMAGE`` and ``SEQ`` are read when a model or input is built: a bench may set them first.
 """
 from __future__ import annotations
@@ -223,13 +224,13 @@ def vit_hf() -> nn.Module:
         image_size=IMAGE, patch_size=16, num_labels=1000))
 
 
-def _decoder(config_name: str, model_name: str, kv_heads: int):
+def _decoder(config_name: str, model_name: str, kv_heads: int, **extra):
     def build() -> nn.Module:
         import transformers
         config = getattr(transformers, config_name)(
             vocab_size=VOCAB, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
             num_attention_heads=8, num_key_value_heads=kv_heads, max_position_embeddings=256,
-            tie_word_embeddings=False, use_cache=False)
+            tie_word_embeddings=False, use_cache=False, **extra)
         return getattr(transformers, model_name)(config)
     return build
 
@@ -269,6 +270,11 @@ MODELS = {
     "qwen2": (_decoder("Qwen2Config", "Qwen2ForCausalLM", 2), token_inputs, "decoder"),
     "mistral": (_decoder("MistralConfig", "MistralForCausalLM", 4), token_inputs, "decoder"),
     "t5": (t5, seq2seq_inputs, "t5"),
+    # Gemma: norms multiply by 1 + weight, embeddings scaled by sqrt(hidden_size) (head_dim 64, not
+    # Gemma's default 256); Phi-3: packed qkv_proj cut at offsets, packed gate_up_proj
+    "gemma": (_decoder("GemmaConfig", "GemmaForCausalLM", 2, head_dim=64), token_inputs, "decoder"),
+    "phi3": (_decoder("Phi3Config", "Phi3ForCausalLM", 4, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+             token_inputs, "decoder"),
 }
 
 

@@ -14,20 +14,18 @@ shards), pruned into PRUNED_DIR without loading the whole model. Exit codes: 0 o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
 import traceback
 import warnings
 from pathlib import Path
 
 from .errors import describe
+from .staging import StagedOutputs
 
 EXIT_OK, EXIT_VALIDATION, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 REPORT_FILE = "fxprune.report.json"  # extra file inside a saved .pt2
@@ -203,53 +201,6 @@ def _inputs(args, loaded_inputs):
 
 
 # ---------------------------------------------------------------------- commands
-class StagedOutputs:
-    """The files of one command, each written under a temporary directory beside its final path
-    and moved into place by :meth:`commit` only when the whole command succeeded; :meth:`discard`
-    (any failure, an interrupt) removes them, so a failed command leaves nothing half-written.
-
-    A file is staged under its final *name* (in the temporary directory), so companions written
-    next to it (the ONNX external-data file, which the model refers to by name) move with it."""
-
-    def __init__(self):
-        self._staged: list[tuple[Path, Path]] = []   # (temporary directory, final path)
-
-    def path(self, final: str | Path) -> Path:
-        final = Path(final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".fxprune-tmp",
-                                    dir=final.resolve().parent))
-        self._staged.append((tmp, final))
-        return tmp / final.name
-
-    def commit(self) -> None:
-        for tmp, final in self._staged:
-            for f in sorted(tmp.iterdir()):
-                os.replace(f, final.parent / f.name)
-        self.discard()
-
-    def discard(self) -> None:
-        for tmp, _ in self._staged:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self._staged.clear()
-
-    def shown(self, text: str) -> str:
-        """``text`` with every staged path replaced by the path the user asked for."""
-        for tmp, final in self._staged:
-            text = text.replace(str(tmp / final.name), str(final))
-        return text
-
-    @contextlib.contextmanager
-    def transaction(self):
-        try:
-            yield self
-        except Exception as e:   # an error names the user's output path, not the staging one
-            if e.args and isinstance(e.args[0], str):
-                e.args = (self.shown(e.args[0]), *e.args[1:])
-            raise
-        finally:
-            self.discard()   # after commit() there is nothing left to remove
-
-
 def _check_output_flag(flag: str, value: str | None, suffix: str) -> None:
     if not value:
         return
@@ -343,8 +294,7 @@ def cmd_prune_checkpoint(args) -> int:
         if getattr(args, flag):
             raise UsageError(f"--{flag.replace('_', '-')} is not available when pruning a checkpoint "
                              f"directory; load the pruned directory and export it from Python")
-    if args.report and not args.report.endswith(".json"):
-        raise UsageError(f"--report {args.report!r} should end in .json")
+    _check_output_flag("--report", args.report, ".json")   # before the long run, not after it
     bar = ProgressBar(enabled=False if args.quiet or args.json else None)
     report = fxprune.prune_checkpoint(args.model, args.config, args.out, calibration=args.calibration,
                                       format=args.format, progress=bar)

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from .errors import FxPruneError, ReportError
+from .staging import staged_file
 
 REPORT_ATTR = "_fxprune_report"
 
@@ -110,7 +111,8 @@ class SparsityReport:
         text = json.dumps(self.to_dict(), indent=indent)
         if path is not None:
             try:
-                Path(path).write_text(text + "\n")
+                with staged_file(path) as staged:   # whole or not at all
+                    staged.write_text(text + "\n")
             except OSError as e:
                 raise FxPruneError(f"cannot write the report to {str(path)!r}: {e.strerror or e}") from e
         return text

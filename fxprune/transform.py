@@ -3,6 +3,7 @@ the pass pipeline."""
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from torch import fx, nn
 from .compaction import ChannelAnalysis, compact_model, plan_zero_channels, summary
 
 from .config import PruningConfig
+from .criteria.base import get_criterion_class
 from .errors import FxPruneError
 from .report import attach_report, sparsity_report
 from .passes import CAPTURE_PASSES, TRANSFORM_PASSES, AttachPass, PassManager, PruneContext, RecordPass
@@ -34,7 +36,8 @@ def transform(model: nn.Module, config: Any = None, example_inputs: Any = None, 
             modified.
         compact: physically remove pruned channels (channel patterns); defaults to the config's
             ``compact`` key.
-        calibration: an iterable of input batches, for data-aware criteria.
+        calibration: an iterable of input batches, for data-aware criteria (a ``UserWarning``
+            says so when no group uses it; likewise ``loss_fn``).
         loss_fn: ``loss_fn(model, batch) -> loss``, for gradient-based criteria.
         progress: ``progress(stage, done, total)``, called per layer by the long passes (the CLI
             passes a progress bar); None for silence.
@@ -67,6 +70,8 @@ def _transform(model, config, example_inputs, inplace, compact, calibration, los
     ctx = _context(model, config, example_inputs, inplace=inplace)
     ctx.distributed = dist
     ctx.config.warn_unused_schedule()
+    if calibration is not None or loss_fn is not None:
+        _check_data_used(ctx.config, calibration, loss_fn)
     ctx.calibration, ctx.loss_fn, ctx.progress = calibration, loss_fn, progress
     ctx.on_block_start, ctx.on_block_end = on_block_start, on_block_end
     ctx.compact = ctx.config.compact if compact is None else bool(compact)
@@ -75,6 +80,22 @@ def _transform(model, config, example_inputs, inplace, compact, calibration, los
         passes = compact_passes(passes)
     PassManager(passes).run(ctx)
     return ctx.model
+
+
+def _check_data_used(config: PruningConfig, calibration, loss_fn) -> None:
+    """Calibration or a loss that no group uses is most likely a mistake (a magnitude config meant
+    to be Wanda, say): warn rather than silently prune by magnitude. Not an error, so one call
+    can serve a sweep over criteria."""
+    kinds = [get_criterion_class(g.pruning_type, g.where) for g in config.groups()]
+    used = ", ".join(sorted({g.pruning_type for g in config.groups()}))
+    if calibration is not None and not any(k.needs_data for k in kinds):
+        warnings.warn(f"calibration is not used: no pruning group uses a data-aware criterion "
+                      f"(pruning_type: {used}); set pruning_type to activation, sparse_gpt or a "
+                      f"gradient criterion to use it", UserWarning, stacklevel=4)
+    if loss_fn is not None and not any(k.needs_gradients for k in kinds):
+        warnings.warn(f"loss_fn is not used: no pruning group uses a gradient criterion "
+                      f"(pruning_type: {used}); set pruning_type to snip, snip_momentum... to "
+                      f"use it", UserWarning, stacklevel=4)
 
 
 def compact(model: nn.Module, example_inputs: Any, *, inplace: bool = False) -> nn.Module:

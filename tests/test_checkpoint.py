@@ -166,6 +166,13 @@ def test_cli_prunes_a_directory(checkpoints, tmp_path, capsys):
     assert main(["prune", str(checkpoints["llama"]), "--config", str(cfg), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "exists" in err and str(tmp_path / "out") in err
+    # a --report that cannot be written is refused before the run: no pruned directory appears
+    for report, words in ((tmp_path / "no" / "r.json", "does not exist"), (tmp_path / "r.txt", "should end in .json")):
+        assert main(["prune", str(checkpoints["llama"]), "--config", str(cfg), "--out",
+                     str(tmp_path / "out2"), "--report", str(report), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "--report" in err and words in err
+        assert not (tmp_path / "out2").exists()
 
 
 # ---------------------------------------------------------------------- bad input

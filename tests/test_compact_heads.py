@@ -104,6 +104,87 @@ def test_gqa_unit_larger_than_the_local_budget_is_kept_not_blocked():
     assert_equal_on(masked, compacted, (tokens(2, 9),))
 
 
+def _phi3(heads=8, kv_heads=4):
+    torch.manual_seed(0)
+    cfg = transformers.Phi3Config(hidden_size=64, intermediate_size=128, vocab_size=100, num_hidden_layers=2,
+                                  num_attention_heads=heads, num_key_value_heads=kv_heads, pad_token_id=0,
+                                  eos_token_id=1, bos_token_id=2)
+    return transformers.Phi3ForCausalLM(cfg).eval()
+
+
+def test_phi3_packed_qkv_sliced_at_config_offsets_loses_whole_kv_groups_and_reloads(tmp_path):
+    # qkv_proj is cut by qkv[..., :heads * head_dim] (heads read from the config), then the key
+    # and value heads: pieces of unequal size whose offsets follow the head counts rewritten
+    model = _phi3()
+    masked, compacted, report = masked_and_compacted(model, (tokens(2, 8),))
+    for i, layer in enumerate(compacted.model.layers):
+        unit = head_group(report, f"model.layers.{i}.self_attn.qkv_proj")
+        assert (unit["units"], unit["removed"], unit["blocked_units"]) == (4, 1, 0)
+        att = layer.self_attn
+        assert att.qkv_proj.out_features == (6 + 2 * 3) * 8 and att.o_proj.in_features == 6 * 8
+        assert att.num_key_value_heads == 3 and att.num_key_value_groups == 2
+        assert layer.mlp.gate_up_proj.out_features == 2 * (128 - int(0.3 * 128))
+    config = compacted.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (6, 3, 8)
+    assert config.intermediate_size == 128 - int(0.3 * 128)
+    assert report["config"]["not_described"] == {}
+    x = (tokens(3, 11),)
+    assert_equal_on(masked, compacted, x)
+    compacted.save_pretrained(tmp_path)
+    again = transformers.Phi3ForCausalLM.from_pretrained(tmp_path).eval()
+    assert_equal_on(compacted, again, x)
+
+
+def test_phi3_global_removes_kv_groups_per_layer_and_says_the_config_cannot_describe_them():
+    model = _phi3(4, 2)
+    masked, compacted, report = masked_and_compacted(
+        model, (tokens(2, 8),), {**LOCAL, "pruning_scope": "global", "target_sparsity": 0.6})
+    removed = [head_group(report, f"model.layers.{i}.self_attn.qkv_proj")["removed"] for i in range(2)]
+    assert sum(removed) >= 1
+    for r, layer in zip(removed, compacted.model.layers):
+        assert layer.self_attn.num_key_value_heads == 2 - r
+        assert layer.self_attn.qkv_proj.out_features == (2 * (2 - r) + 2 * (2 - r)) * 16
+    assert_equal_on(masked, compacted, (tokens(3, 11),))
+
+
+def test_phi3_layers_keep_their_own_head_counts(tmp_path):
+    # Phi-3 reads the query head count from the shared config: a layer that keeps fewer heads than
+    # the others gets its own view of the config
+    import fxprune
+    from fxprune.compaction.modules import ConfigView
+    model = _phi3(4, 2)
+    with torch.no_grad():  # layer 0 only: key/value head 0 and its query heads 0, 1 (head_dim 16)
+        w = model.model.layers[0].self_attn.qkv_proj.weight
+        w[0:32], w[64:80], w[96:112] = 0, 0, 0
+    with pytest.warns(UserWarning, match=r"config.num_attention_heads: \[2, 4\]"):
+        compacted = fxprune.compact(model, (tokens(2, 8),))
+    first, second = (layer.self_attn for layer in compacted.model.layers)
+    assert first.qkv_proj.out_features == (2 + 2) * 16 and second.qkv_proj.out_features == (4 + 4) * 16
+    assert isinstance(first.config, ConfigView) and first.config.num_attention_heads == 2
+    assert second.config is compacted.config and compacted.config.num_attention_heads == 4
+    assert first.config.vocab_size == compacted.config.vocab_size     # the rest is the shared config's
+    x = (tokens(3, 11),)
+    assert_equal_on(model, compacted, x)
+    torch.save(compacted, tmp_path / "m.pt")
+    assert_equal_on(model, torch.load(tmp_path / "m.pt", weights_only=False), x)
+
+
+def test_slices_of_channels_at_offsets_outside_attention_stay_blocked():
+    class Halves(nn.Module):  # hard-coded offsets no head count rewrites
+        def __init__(self):
+            super().__init__()
+            self.fc, self.a, self.b = nn.Linear(8, 32), nn.Linear(16, 4), nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return self.a(h[..., :16]) + self.b(h[..., 16:])
+
+    masked, compacted, report = masked_and_compacted(Halves().eval(), (torch.randn(2, 8),))
+    assert compacted.fc.out_features == 32
+    reasons = {b["reason"] for g in report["groups"] for b in g["blocked"]}
+    assert any("slice" in r and "indexes the channel dim" in r for r in reasons), reasons
+
+
 # ---------------------------------------------------------------------- T5's relative position bias
 def test_t5_relative_bias_columns_go_with_their_heads():
     torch.manual_seed(0)

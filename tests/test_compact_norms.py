@@ -2,6 +2,8 @@
 residual streams under RMSNorm (Hugging Face Llama / T5, ``nn.RMSNorm`` with and without weight,
 a decomposed norm without weight) and ConvNeXt-V2's global response norm lose channels exactly,
 with the epsilon and the weight rescaled by C / C_kept; LayerNorm stays blocked."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -202,6 +204,84 @@ def test_global_response_norm_with_a_literal_epsilon_is_blocked_with_its_reason(
                for r in reasons), reasons
 
 
+class LiteralEpsGRN(GRN):
+    """A GRN writing its epsilon (a large one, so that its rescaling shows) in the code."""
+
+    def __init__(self, dim):
+        super().__init__(dim)
+        del self.eps
+
+    def forward(self, x):
+        g = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
+        return self.weight * (x * (g / (g.mean(dim=-1, keepdim=True) + 1e-2))) + self.bias + x
+
+
+class CompactLiteralEpsGRN(LiteralEpsGRN):
+    eps = 1e-2
+
+    def forward(self, x):
+        g = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
+        return self.weight * (x * (g / (g.mean(dim=-1, keepdim=True) + self.eps))) + self.bias + x
+
+
+class WrongCompactGRN(LiteralEpsGRN):
+    eps = 1e-2
+
+    def forward(self, x):  # forgets the residual: not what the original computes
+        g = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
+        return self.weight * (x * (g / (g.mean(dim=-1, keepdim=True) + self.eps))) + self.bias
+
+
+@pytest.fixture
+def compact_classes():
+    from fxprune.compaction.modules import COMPACT_CLASSES
+    before = dict(COMPACT_CLASSES)
+    yield COMPACT_CLASSES
+    COMPACT_CLASSES.clear()
+    COMPACT_CLASSES.update(before)
+
+
+def test_a_registered_compact_class_makes_a_literal_epsilon_exact(compact_classes, tmp_path):
+    fxprune.compaction.register_compact_class(LiteralEpsGRN)(CompactLiteralEpsGRN)
+    model = ConvNeXtV2Block()
+    model.grn = LiteralEpsGRN(32)
+    masked, compacted, report = masked_and_compacted(model.eval(), LOCAL, (torch.randn(2, 3, 8, 8),))
+    assert compacted.pwconv1.weight.shape == (23, 8)
+    grn = compacted.grn
+    assert type(grn) is CompactLiteralEpsGRN and isinstance(grn, LiteralEpsGRN)
+    assert vars(grn)["eps"] == pytest.approx(1e-2 * 32 / 23) and CompactLiteralEpsGRN.eps == 1e-2
+    assert set(compacted.state_dict()) == set(model.state_dict())
+    assert type(model.grn) is LiteralEpsGRN and "eps" not in vars(model.grn)  # the caller's model untouched
+    x = (torch.randn(3, 3, 8, 8),)
+    assert_same_function(masked, compacted, x)
+    # the rescaled epsilon matters: the original class with the compacted weights differs
+    plain = copy.deepcopy(compacted)
+    plain.grn.__class__ = LiteralEpsGRN
+    with torch.no_grad():
+        assert not torch.allclose(plain(*x), masked(*x), rtol=1e-4, atol=1e-6)
+    torch.save(compacted, tmp_path / "m.pt")
+    assert_same_function(masked, torch.load(tmp_path / "m.pt", weights_only=False), x)
+
+
+def test_a_compact_class_that_computes_something_else_is_undone(compact_classes):
+    fxprune.compaction.register_compact_class(LiteralEpsGRN)(WrongCompactGRN)
+    model = ConvNeXtV2Block()
+    model.grn = LiteralEpsGRN(32)
+    masked, compacted, report = masked_and_compacted(model.eval(), LOCAL, (torch.randn(2, 3, 8, 8),))
+    assert compacted.pwconv1.weight.shape == (32, 8)            # that space stays masked
+    assert type(compacted.grn) is LiteralEpsGRN and "eps" not in vars(compacted.grn)
+    reasons = [b["reason"] for g in report.compaction["groups"] for b in g["blocked"]]
+    assert any(r.startswith("not compacted: output 0 differs from the masked model's") for r in reasons), reasons
+    assert_same_function(masked, compacted, (torch.randn(3, 3, 8, 8),))
+
+
+def test_register_compact_class_checks_its_arguments():
+    with pytest.raises(TypeError, match="must decorate a subclass of LiteralEpsGRN"):
+        fxprune.compaction.register_compact_class(LiteralEpsGRN)(GRN)
+    with pytest.raises(TypeError, match="needs the nn.Module class"):
+        fxprune.compaction.register_compact_class("LiteralEpsGRN")
+
+
 # ---------------------------------------------------------------------- Hugging Face
 transformers = pytest.importorskip("transformers")
 
@@ -288,6 +368,47 @@ def test_llama_config_describes_the_compacted_model_and_reloads(tmp_path):
     assert again.model.layers[1].input_layernorm.variance_epsilon == compacted.config.rms_norm_eps
 
 
+def _gemma(tied=True):
+    cfg = transformers.GemmaConfig(hidden_size=32, intermediate_size=64, vocab_size=50, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                   tie_word_embeddings=tied)
+    model = transformers.GemmaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ == "GemmaRMSNorm":   # initialised to zero: 1 + w would be 1
+                m.weight.copy_(torch.rand(m.weight.shape) - 0.5)
+    return model
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gemma_one_plus_weight_norms_are_compacted_exactly_and_reload(tmp_path, tied):
+    # GemmaRMSNorm multiplies by 1 + w: (1 + w') = sqrt(r) (1 + w); the embeddings are scaled by
+    # sqrt(hidden_size) from the config, and the head shares the embedding weight when tied
+    model = _gemma(tied)
+    ids = torch.randint(0, 50, (2, 6))
+    masked, compacted, report = masked_and_compacted(model, LOCAL, (ids,))
+    config = report.compaction["config"]
+    assert config["not_described"] == {}
+    kept = 32 - 9
+    assert config["updated"]["config.hidden_size"] == [32, kept]
+    assert compacted.model.embed_tokens.weight.shape == (50, kept)
+    norm = compacted.model.layers[0].input_layernorm
+    assert norm.eps == pytest.approx(1e-6 * 32 / kept) == compacted.config.rms_norm_eps
+    kept_channels = masked.model.embed_tokens.weight.abs().sum(0) != 0
+    torch.testing.assert_close(1 + norm.weight.detach(), (1 + masked.model.layers[0].input_layernorm.weight.detach()
+                                                          [kept_channels]) * (32 / kept) ** 0.5)
+    assert compacted.model.embed_tokens.scalar_embed_scale == pytest.approx(kept ** 0.5)
+    stream = next(g for g in report.compaction["groups"] if "model.layers.0.self_attn.o_proj" in g["layers"])
+    assert stream["removed"] == 9 and stream["blocked"] == []
+    x = (torch.randint(0, 50, (3, 9)),)
+    assert_same_function(masked, compacted, x)
+    compacted.save_pretrained(tmp_path)
+    again = transformers.GemmaForCausalLM.from_pretrained(tmp_path).eval()
+    assert (again.lm_head.weight is again.model.embed_tokens.weight) == tied
+    assert_same_function(compacted, again, x)
+    assert_same_function(masked, again, x)
+
+
 def test_layers_of_different_sizes_warn_that_the_config_cannot_describe_them():
     model = _llama_gqa()
     config = dict(LOCAL, pruning_scope="global")
@@ -372,12 +493,26 @@ def test_llama_config_gets_the_head_counts_and_reloads(tmp_path):
     assert_same_function(masked, again, x)
 
 
-def test_hugging_face_convnextv2_reports_its_literal_epsilon():
-    # a vision model: no token embedding (get_input_embeddings raises), its GRN writes + 1e-6 in the code
+def test_hugging_face_convnextv2_grn_gets_its_compact_class(tmp_path):
+    # a vision model (no token embedding: get_input_embeddings raises) whose GRN writes + 1e-6 in the code
+    from transformers.models.convnextv2.modeling_convnextv2 import ConvNextV2GRN
     cfg = transformers.ConvNextV2Config(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, image_size=32, num_labels=3)
     model = transformers.ConvNextV2ForImageClassification(cfg).eval()
-    masked, compacted, report = masked_and_compacted(model, LOCAL, (torch.randn(1, 3, 32, 32),))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".grn." in name:   # initialised to zero: the norm would do nothing
+                p.normal_(std=0.5)
+    with pytest.warns(UserWarning, match=r"config.<no field>.*pwconv1"):
+        masked, compacted, report = masked_and_compacted(model, LOCAL, (torch.randn(1, 3, 32, 32),))
+    grns = [m for m in compacted.modules() if isinstance(m, ConvNextV2GRN)]
+    assert [type(m).__name__ for m in grns] == ["CompactConvNextV2GRN"] * 2
+    assert [m.weight.shape[-1] for m in grns] == [23, 45]  # 32 and 64 channels at 0.3
+    assert grns[0].eps == pytest.approx(1e-6 * 32 / 23) and grns[1].eps == pytest.approx(1e-6 * 64 / 45)
+    assert set(compacted.state_dict()) == set(model.state_dict())
     reasons = {b["reason"] for g in report.compaction["groups"] for b in g["blocked"]}
-    assert any("grn): reduces over the channel dim" in r and "its epsilon 1e-06" in r for r in reasons), reasons
-    assert report.compaction["config"] == {"updated": {}, "not_described": {}}
-    assert_same_function(masked, compacted, (torch.randn(2, 3, 32, 32),))
+    assert not any("grn" in r for r in reasons), reasons
+    assert list(report.compaction["config"]["not_described"]) == ["config.<no field>"]
+    x = (torch.randn(2, 3, 32, 32),)
+    assert_same_function(masked, compacted, x)
+    torch.save(compacted, tmp_path / "m.pt")
+    assert_same_function(masked, torch.load(tmp_path / "m.pt", weights_only=False), x)

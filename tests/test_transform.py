@@ -429,3 +429,39 @@ def test_recomputed_magnitude_scores_give_the_masks_of_stored_scores(cnn, monkey
     stored = fxprune.transform(cnn, config)
     for (name, p), (_, q) in zip(lazy.named_parameters(), stored.named_parameters()):
         assert torch.equal(p, q), name
+
+
+def test_calibration_no_group_uses_is_warned_about(mlp):
+    x = torch.randn(4, mlp.layers[0].in_features)
+    cfg = {"target_sparsity": 0.5, "pattern": "1x1"}
+    with pytest.warns(UserWarning, match=r"calibration is not used: .*pruning_type: magnitude"):
+        plain = fxprune.transform(mlp, cfg, (x,), calibration=[(x,)])
+    with pytest.warns(UserWarning, match=r"loss_fn is not used"):
+        fxprune.transform(mlp, cfg, (x,), loss_fn=lambda m, b: m(*b).sum())
+    # the warning changes nothing: the same masks as without calibration
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
+                                                 fxprune.transform(mlp, cfg, (x,)).state_dict().values()))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fxprune.transform(mlp, {**cfg, "pruning_type": "activation"}, (x,), calibration=[(x,)])
+
+
+def test_report_write_that_fails_midway_leaves_the_old_file(mlp, tmp_path, monkeypatch):
+    report = fxprune.sparsity_report(fxprune.transform(mlp, {"target_sparsity": 0.5, "pattern": "1x1"}))
+    path = tmp_path / "sparsity.json"
+    path.write_text("old report\n")
+    real_write = type(path).write_text
+
+    def half_then_disk_full(self, text, *args, **kwargs):
+        real_write(self, text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(path), "write_text", half_then_disk_full)
+    with pytest.raises(fxprune.FxPruneError, match="cannot write the report to .*sparsity.json.*No space"):
+        report.to_json(path)
+    monkeypatch.undo()
+    assert path.read_text() == "old report\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["sparsity.json"]   # no staging leftovers
+    report.to_json(path)
+    assert fxprune.SparsityReport.from_json(path).layers == report.layers

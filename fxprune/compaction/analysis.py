@@ -23,7 +23,7 @@ from . import folds, layout, ops  # noqa: F401  (register the built-in rules)
 from .atoms import components
 from .rules import find_rule, unknown_op
 from .values import HEAD_COUNT_ATTRS, HEAD_WIDTH_ATTRS
-from .values import AtomSet, Axis, Chan, ConvGroups, HeadSplit, NormGroups, ParamRef, ScaleFold
+from .values import AtomSet, Axis, Chan, ConvGroups, HeadSplit, NormGroups, ParamRef, ScaleFold, ShiftedParam
 
 __all__ = ["ChannelAnalysis", "AtomSet", "Axis", "Chan", "ConvGroups", "HeadSplit", "NormGroups", "ParamRef",
            "ScaleFold"]
@@ -44,6 +44,7 @@ class ChannelAnalysis:
         self.blocks: list[tuple[np.ndarray, str]] = []
         self.param_blocks: dict[str, str] = {}     # param used by an op the analysis does not know
         self.head_splits: list[HeadSplit] = []
+        self.packed_modules: set[str] = set()       # attention modules slicing a packed projection at offsets
         self.norm_groups: list[NormGroups] = []
         self.conv_groups: list[ConvGroups] = []
         self.scale_folds: list[ScaleFold] = []     # norms over the channels, rescaled when sliced
@@ -85,6 +86,17 @@ class ChannelAnalysis:
         """The widths module ``module`` records (``embed_dim``, ``head_dim``...)."""
         return self._sizes(module, HEAD_WIDTH_ATTRS)
 
+    def config_head_counts(self, module: str) -> set[int]:
+        """The head counts the config of module ``module`` records (Phi-3's attention reads its
+        query head count from ``self.config``)."""
+        if self.model is None:
+            return set()
+        try:
+            config = getattr(self.model.get_submodule(module), "config", None)
+        except AttributeError:
+            return set()
+        return {v for v in (getattr(config, a, None) for a in HEAD_COUNT_ATTRS) if isinstance(v, int) and v > 1}
+
     def _sizes(self, module: str, names) -> set[int]:
         if self.model is None:
             return set()
@@ -102,6 +114,8 @@ class ChannelAnalysis:
             self.blocks.append((value, reason))
         elif isinstance(value, ParamRef):
             self.param_blocks.setdefault(value.fqn, reason)
+        elif isinstance(value, ShiftedParam):
+            self.param_blocks.setdefault(value.ref.fqn, reason)
         elif isinstance(value, (list, tuple)):
             for v in value:
                 self.block(v, reason)

@@ -50,15 +50,16 @@ def compact_model(model, plan, example_inputs) -> dict:
             flops_after = flops_before
     return {"failed": failed, "params_before": params_before, "params_after": count_params(model),
             "flops_before": flops_before, "flops_after": flops_after, "shapes_before": shapes_before,
-            "config": _update_configs(model, args, kwargs, reference)}
+            "config": _update_configs(model, args, kwargs, reference,
+                                      {f.scale: f.offset for f in plan.analysis.scale_folds if f.scale})}
 
 
-def _update_configs(model, args, kwargs, reference) -> dict:
+def _update_configs(model, args, kwargs, reference, norm_offsets) -> dict:
     """Hugging Face configs follow the compacted sizes; a model whose forward reads a size from
     its config (Gemma scales its embeddings by sqrt(hidden_size)) would then compute something
     else: checked on the example inputs, and left as it was with a warning if so."""
     undo = Undo()
-    info = update_hf_configs(model, undo)
+    info = update_hf_configs(model, undo, norm_offsets)
     why = ""
     if undo.steps:
         try:

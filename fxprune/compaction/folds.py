@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from ..aten import arg, module_of, op_name, shape_of
+from .modules import compact_class_of
 from .rules import keep, nonzero_reason, register_rule, unknown_op, where
 from .values import Chan, ParamRef, ScaleFold
 
@@ -87,10 +88,16 @@ def _resolve_eps(an, fold: ScaleFold, node: fx.Node) -> str | None:
     except AttributeError:
         module = None
     name = eps_attribute(module, fold.eps) if module is not None else None
+    if name is None and module is not None:  # a compact class holding the code's constant as an attribute
+        compact = compact_class_of(module)
+        name = eps_attribute(compact, fold.eps) if compact is not None else None
+        fold.compact_class = compact if name is not None else None
     if name is None:
         return (f"its epsilon {fold.eps:g} ({where(node)}) is a constant in the code, not an attribute "
                 f"of module {fold.module or 'the model'}, so it cannot be rescaled for the channels kept "
-                f"(keep it as an attribute, e.g. self.eps, to let compaction fold it)")
+                f"(keep it as an attribute, e.g. self.eps, or register a compact class for "
+                f"{type(module).__name__ if module is not None else 'the module'} with "
+                f"fxprune.compaction.register_compact_class)")
     fold.eps_attr = name
     return None
 
@@ -129,6 +136,10 @@ def match_channel_mean(an, node: fx.Node, xv: Chan) -> ScaleFold | str:
             fqn = _param_of(an, other)
             if name == "mul" and fqn is not None:
                 return _fold(an, node, xv, u, fqn, power, eps, eps_node, eps_power)
+            shifted = _shifted_param_of(an, other, u) if name == "mul" else None
+            if shifted is not None:  # times (offset + w): the factor goes into that sum
+                fqn, offset, add = shifted
+                return _fold(an, node, xv, add, fqn, power, eps, eps_node, eps_power, offset)
             if name == "div" and args[1] is cur:
                 power = -power
             combined = True
@@ -146,11 +157,32 @@ def match_channel_mean(an, node: fx.Node, xv: Chan) -> ScaleFold | str:
     return "its result goes through too many ops"
 
 
-def _fold(an, node, xv, end, fqn, power, eps, eps_node, eps_power) -> ScaleFold | str:
+def _shifted_param_of(an, arg, end: fx.Node) -> tuple[str, float, fx.Node] | None:
+    """(parameter, offset, the add) when ``arg`` is ``offset + parameter`` (through views and casts,
+    ``w - c`` too) used by ``end`` alone: Gemma's ``1 + weight``."""
+    while isinstance(arg, fx.Node) and arg.op == "call_function" and op_name(arg) in _CARRY and arg.args:
+        if _live_users(an, arg) != [end]:
+            return None
+        end, arg = arg, arg.args[0]
+    if not (isinstance(arg, fx.Node) and op_name(arg) in ("add", "sub") and len(arg.args) == 2
+            and arg.kwargs.get("alpha", 1) == 1 and _live_users(an, arg) == [end]):
+        return None
+    a, b = arg.args
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if number(b):
+        fqn, offset = _param_of(an, a), float(b) if op_name(arg) == "add" else -float(b)
+    elif number(a) and op_name(arg) == "add":
+        fqn, offset = _param_of(an, b), float(a)
+    else:
+        return None
+    return (fqn, offset, arg) if fqn is not None else None
+
+
+def _fold(an, node, xv, end, fqn, power, eps, eps_node, eps_power, offset=0.0) -> ScaleFold | str:
     if not _sole_use(an, fqn, end):
         return f"{fqn}, where the channel-count factor would be folded, is also used elsewhere"
     module = module_of(eps_node if eps_node is not None else node)
-    fold = ScaleFold(module, xv.atoms.ravel(), -power, fqn, eps, None, eps_power)
+    fold = ScaleFold(module, xv.atoms.ravel(), -power, fqn, eps, None, eps_power, offset=offset)
     why = _resolve_eps(an, fold, eps_node if eps_node is not None else node)
     return why if why else fold
 

@@ -6,7 +6,10 @@ the compacted modules' shapes (not from how the channels were chosen): the hidde
 embedding's width), the FFN width, the attention and key/value head counts, the head width, and
 the norms' epsilon when compaction rescaled it. A field is written only when every layer agrees;
 when layers differ (e.g. ``pruning_scope: global``) no config can describe the model, and the
-field is left as it was with a warning saying how to save and reload such a model instead.
+field is left as it was with a warning saying how to save and reload such a model instead; so
+does a width no config field describes (found by building the model from the updated config on
+the ``meta`` device and comparing the shapes). Gemma's ``sqrt(hidden_size)`` embedding scale, set
+from the config when the model is built, is rescaled with the hidden size.
 :func:`fit_hf_configs` runs when the channels are selected: it gives back removed hidden channels
 until the config's own validation accepts the sizes kept (Llama requires ``hidden_size`` to be a
 multiple of ``num_attention_heads``). transformers is never imported: a config is recognised by its ``to_dict`` and ``model_type``.
@@ -14,24 +17,31 @@ multiple of ``num_attention_heads``). transformers is never imported: a config i
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections import defaultdict
 
 from torch import nn
 
 from ..aten import is_hf_conv1d
+from .modules import ConfigView
+from .slicing import holders
 
 # FFN: the module that widens the hidden state, by its name in the model, and the config field
 FFN_UP = {"intermediate_size": ("mlp.up_proj", "mlp.gate_proj", "intermediate.dense", "mlp.fc1",
                                 "feed_forward.w1", "feed_forward.w3"),
           "d_ff": ("DenseReluDense.wi", "DenseReluDense.wi_0", "DenseReluDense.wi_1"),
           "n_inner": ("mlp.c_fc",)}
+# an FFN whose one projection holds several of them (Phi-3's gate_up_proj: gate and up), and how many
+FFN_UP_PACKED = {"intermediate_size": (("mlp.gate_up_proj",), 2)}
 # attention: (query, key) projection names and the module attribute holding the head width
 ATTENTION = ((("q_proj", "k_proj"), ("head_dim",)),
              (("q", "k"), ("key_value_proj_dim",)),
              (("query", "key"), ("attention_head_size",)))
 # norms: the module attribute holding the epsilon, the config field it comes from
 NORM_EPS = {"variance_epsilon": ("rms_norm_eps", "layer_norm_epsilon")}
+# the same for RMSNorm classes (by name) that call it eps (Gemma); other modules' eps (LayerNorm) are not
+RMS_NORM_EPS = {"eps": ("rms_norm_eps",)}
 
 RELOAD_HINT = ("save it with torch.save(model) (or its state_dict) and reload it with torch.load "
                "(or load the state dict into the compacted object); pruning_scope 'local' removes the "
@@ -47,7 +57,7 @@ def hf_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
     seen, out = set(), []
     for name, module in model.named_modules():
         config = getattr(module, "config", None)
-        if _is_config(config) and id(config) not in seen:
+        if _is_config(config) and not isinstance(config, ConfigView) and id(config) not in seen:
             seen.add(id(config))
             out.append((name, module))
     return out
@@ -79,7 +89,11 @@ def read_sizes(module: nn.Module) -> dict[str, list]:
         for field, suffixes in FFN_UP.items():
             if name.endswith(suffixes) and (width := _out_features(sub)) is not None:
                 sizes[field].append(width)
-        for attr, fields in NORM_EPS.items():
+        for field, (suffixes, pieces) in FFN_UP_PACKED.items():
+            if name.endswith(suffixes) and (width := _out_features(sub)) is not None:
+                sizes[field].append(width // pieces)
+        norm_eps = NORM_EPS | RMS_NORM_EPS if type(sub).__name__.endswith("RMSNorm") else NORM_EPS
+        for attr, fields in norm_eps.items():
             eps = getattr(sub, attr, None)
             if isinstance(eps, float):
                 for f in fields:
@@ -88,13 +102,28 @@ def read_sizes(module: nn.Module) -> dict[str, list]:
         sizes["head_dim"].append(width)
         sizes["num_attention_heads"].append(q.shape[0] // width)
         sizes["num_key_value_heads"].append(k.shape[0] // width)
+    for heads, kv_heads, width in _packed_attention(module):
+        sizes["head_dim"].append(width)
+        sizes["num_attention_heads"].append(heads)
+        sizes["num_key_value_heads"].append(kv_heads)
     return sizes
 
 
-def update_hf_configs(model: nn.Module, undo=None) -> dict:
+def _packed_attention(module: nn.Module):
+    """(query heads, key/value heads, head width) of every attention whose q, k and v rows are one
+    projection ``qkv_proj`` (Phi-3: the query heads, then as many key as value heads)."""
+    for sub in module.modules():
+        qkv, width, kv = getattr(sub, "qkv_proj", None), getattr(sub, "head_dim", None), getattr(sub, "num_key_value_heads", None)
+        if isinstance(qkv, nn.Linear) and isinstance(width, int) and isinstance(kv, int) and width > 0:
+            yield qkv.out_features // width - 2 * kv, kv, width
+
+
+def update_hf_configs(model: nn.Module, undo=None, norm_offsets: dict[str, float] | None = None) -> dict:
     """Write the compacted sizes into every Hugging Face config of ``model`` (recorded in
-    ``undo``, a :class:`~.slicing.Undo`, when given). Returns ``{"updated": {field: [old, new]},
-    "not_described": {field: [value per layer...]}}`` with fields named ``<module>.config.<name>``."""
+    ``undo``, a :class:`~.slicing.Undo`, when given). ``norm_offsets``: parameter name -> the
+    number a norm adds to that weight before multiplying (Gemma's ``1 + weight``), as the
+    channel analysis found it. Returns ``{"updated": {field: [old, new]}, "not_described":
+    {field: [value per layer...]}}`` with fields named ``<module>.config.<name>``."""
     updated, not_described = {}, {}
     set_attr = undo.set_attr if undo is not None else setattr
     for prefix, module in hf_models(model):
@@ -115,6 +144,9 @@ def update_hf_configs(model: nn.Module, undo=None) -> dict:
                 updated[at + name] = [old, distinct[0]]
                 if field == "hidden_size":
                     _decoder_output_scale(module, old, distinct[0], undo)
+                    why = _embedding_scale(model, module, old, distinct[0], undo, norm_offsets or {})
+                    if why:
+                        not_described[at + "hidden_size"] = [distinct[0], why]
         width = sorted(set(sizes.get("head_dim", [])))
         if (len(width) == 1 and not hasattr(config, "head_dim") and hasattr(config, "num_attention_heads")
                 and config.hidden_size // config.num_attention_heads != width[0]):
@@ -124,14 +156,39 @@ def update_hf_configs(model: nn.Module, undo=None) -> dict:
                 undo.steps.append((config, "new_attr", "head_dim", None))
             config.head_dim = width[0]
             updated[at + "head_dim"] = [None, width[0]]
+        if not any(k.startswith(at) for k in not_described):
+            shapes = undescribed_shapes(module)
+            if shapes:
+                not_described[at + "<no field>"] = shapes
     return {"updated": updated, "not_described": not_described}
+
+
+def undescribed_shapes(module: nn.Module) -> list[str]:
+    """The parameters of ``module`` (a Hugging Face model) whose shapes a model built from its
+    config would not have (a width the config has no field for: ConvNeXt's MLP is ``4 *
+    hidden_sizes[i]`` in its code), as ``"name (shape), config builds (shape)"``; empty when the
+    config describes every shape, or when the model cannot be built from its config alone."""
+    import torch
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fresh = type(module)(copy.deepcopy(module.config))
+    except Exception:  # a model built from more than its config: nothing to compare with
+        return []
+    built = {n: tuple(p.shape) for n, p in fresh.named_parameters()}
+    return [f"{n} {tuple(p.shape)}, config builds {built[n]}" for n, p in module.named_parameters()
+            if n in built and built[n] != tuple(p.shape)]
 
 
 def warn_not_described(info: dict, why: str = "") -> None:
     """The warning for sizes a Hugging Face config cannot describe."""
     if not info["not_described"]:
         return
-    detail = "; ".join(f"{k}: {sorted(set(v))}" for k, v in info["not_described"].items())
+    def values(v: list) -> str:
+        v = sorted(set(v), key=str)
+        return str(v) if len(v) <= 3 else f"{v[:3]} and {len(v) - 3} more"
+
+    detail = "; ".join(f"{k}: {values(v)}" for k, v in info["not_described"].items())
     warnings.warn(f"the compacted model's sizes differ across layers or from what its Hugging Face config "
                   f"can describe ({detail}{why}): save_pretrained writes the weights but from_pretrained cannot "
                   f"rebuild the model from this config; {RELOAD_HINT}", stacklevel=4)
@@ -152,6 +209,49 @@ def _decoder_output_scale(module: nn.Module, old: int, new: int, undo=None) -> N
         undo.set_attr(module, "model_dim", new)
     else:
         norm.weight, module.model_dim = weight, new
+
+
+def _embedding_scale(model: nn.Module, module: nn.Module, old: int, new: int, undo, norm_offsets) -> str:
+    """Gemma multiplies its token embeddings by ``sqrt(hidden_size)``, a buffer (``embed_scale``)
+    set from the config when the model is built, so a model rebuilt from the new ``hidden_size``
+    multiplies by ``sqrt(new)``. The compacted model takes that scale and its embedding weight is
+    multiplied by ``sqrt(old / new)``: the embeddings stay. An output head sharing that weight
+    (tied) would then give logits ``sqrt(old / new)`` times larger, so the final norm's multiplier
+    (its weight plus the offset the channel analysis found: ``1 + w`` for Gemma) is divided by that
+    ratio. Checked with the other updates by one more run. Returns why it could not, or ''."""
+    import torch
+    embed = _input_embeddings(module)
+    scale, buffer = getattr(embed, "scalar_embed_scale", None), getattr(embed, "embed_scale", None)
+    if not (isinstance(scale, float) and isinstance(buffer, torch.Tensor) and buffer.numel() == 1
+            and math.isclose(scale, old ** 0.5, rel_tol=1e-6)):
+        return ""
+    ratio = (old / new) ** 0.5
+    changes = [(embed.weight, embed.weight.detach() * ratio)]
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is embed.weight:
+        decoder = module.get_decoder() if hasattr(module, "get_decoder") else None
+        weight = getattr(getattr(decoder, "norm", None), "weight", None)
+        if not isinstance(weight, nn.Parameter):
+            return (f"its embeddings are scaled by sqrt(hidden_size) ({scale:g}) and its output head shares "
+                    f"their weight, with no final norm weight to take the ratio back")
+        offset = norm_offsets.get(next(n for n, p in model.named_parameters() if p is weight), 0.0)
+        changes.append((weight, (weight.detach() + offset) / ratio - offset))
+    held = holders(model)
+    with torch.no_grad():
+        for old_t, value in changes:
+            new_t = nn.Parameter(value, requires_grad=old_t.requires_grad)
+            for owner, name, kind in held[id(old_t)]:
+                if undo is not None:
+                    undo.set_tensor(owner, name, kind, new_t)
+                else:
+                    owner._parameters[name] = new_t
+        new_buffer = torch.full_like(buffer, new ** 0.5)
+        if undo is not None:
+            undo.set_tensor(embed, "embed_scale", "buffer", new_buffer)
+            undo.set_attr(embed, "scalar_embed_scale", new ** 0.5)
+        else:
+            embed._buffers["embed_scale"], embed.scalar_embed_scale = new_buffer, new ** 0.5
+    return ""
 
 
 def _attention_widths(module: nn.Module):

@@ -289,6 +289,8 @@ def _index(an, node):
         if name == "slice" and shape_of(node)[dim] == src[dim] and arg(node, 4, "step", 1) == 1:
             return keep(xv)  # x[:, :] -- the whole dim
         index = _positions(node, src[dim])
+        if index is not None and xv.dims == (dim,) and _packed_piece(an, node, dim, len(src)):
+            return keep(xv, atoms=xv.atoms[index])
         if index is None or not whole_along(an, xv, dim):
             return unknown_op(an, node, "indexes the channel dim")
         # a dim of whole units (the head dim of whole heads, the q/k/v dim of a packed
@@ -300,6 +302,36 @@ def _index(an, node):
     if name == "select":
         return keep(xv, dims=[d - (d > dim) for d in xv.dims])
     return keep(xv)
+
+
+def _packed_piece(an, node, dim: int, ndim: int) -> bool:
+    """Whether ``node`` is one of the slices that cut a packed projection's channels into
+    consecutive pieces of different sizes at offsets its attention module computes from its head
+    counts (Phi-3's ``qkv_proj``: ``qkv[..., :heads * head_dim]``, then the key and value heads):
+    every use of the tensor is such a slice, together they cover it, and the module records head
+    counts. Each piece then keeps its own channels, and the offsets follow the head counts
+    compaction rewrites (the verification checks that the forward computes them so)."""
+    source, size = node.args[0], shape_of(node.args[0])[dim]
+    ranges = []
+    for u in source.users:
+        if u not in an.live:
+            continue
+        if (op_name(u) != "slice" or u.args[0] is not source or int(arg(u, 1, "dim", 0)) % ndim != dim
+                or arg(u, 4, "step", 1) != 1):
+            return False
+        index = _positions(u, size)
+        if index is None or index.size == 0:
+            return False
+        ranges.append((int(index[0]), int(index[-1]) + 1))
+    ranges.sort()
+    if (len(ranges) < 2 or ranges[0][0] != 0 or ranges[-1][1] != size
+            or any(a[1] != b[0] for a, b in zip(ranges, ranges[1:]))):
+        return False
+    module = module_of(node)
+    if not (an.head_counts(module) or an.config_head_counts(module)):
+        return False
+    an.packed_modules.add(module)
+    return True
 
 
 def _positions(node, size: int):

@@ -1,4 +1,17 @@
-"""Modules compaction swaps in where torch's own cannot run at the compacted sizes.
+"""Modules compaction swaps in where the original cannot run, or cannot stay exact, at the
+compacted sizes: torch's ``nn.MultiheadAttention`` (below), and *compact classes* registered for
+modules whose ``forward`` writes a constant that must change with the channel count.
+
+Compact classes (:func:`register_compact_class`): a module whose code adds a literal epsilon to a
+statistic averaged over the channels (Hugging Face's ``ConvNextV2GRN``: ``g / (g.mean() + 1e-6)``)
+cannot be folded, since the epsilon must be rescaled with the channels kept. A subclass whose
+``forward`` computes the same thing but reads that constant from a class attribute (``eps =
+1e-6``) can stand in for it: compaction sets the instance's ``__class__`` to it and gives the
+instance its rescaled ``eps``. It is never constructed: it must subclass the original (so the
+parameters, buffers, state-dict keys and ``isinstance`` stay) and its class attributes hold the
+original's constants (so it computes exactly what the original does until compaction changes
+them). Built-in compact classes for optional libraries are imported only when a module of theirs
+is compacted (:mod:`.hf_modules`).
 
 ``nn.MultiheadAttention`` ties its query width, its heads' total width and its output width to one
 ``embed_dim`` (its packed in-projection is split as ``(3, embed_dim)`` of the *query's* width, its
@@ -9,6 +22,9 @@ stays true, the state dict keys are the same), whose ``forward`` computes the sa
 the parameters' shapes: ``num_heads`` heads of ``head_dim``, the query width read from the input.
 """
 from __future__ import annotations
+
+import importlib
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -105,3 +121,72 @@ def compact_multihead_attention(module: nn.MultiheadAttention, undo) -> None:
     torch_runs_it = inner == module.embed_dim == module.out_proj.out_features
     if not torch_runs_it and type(module) is nn.MultiheadAttention:
         undo.set_attr(module, "__class__", CompactMultiheadAttention)
+
+
+# original class -> its compact class
+COMPACT_CLASSES: dict[type, type] = {}
+# built-in compact classes of optional libraries, imported on first use:
+# "module.qualname" of the original -> the module that registers its compact class
+_BUILTIN_COMPACT_CLASSES = {
+    "transformers.models.convnextv2.modeling_convnextv2.ConvNextV2GRN": "fxprune.compaction.hf_modules",
+}
+
+
+def register_compact_class(original: type) -> Callable[[type], type]:
+    """Decorator: the class it decorates stands in for ``original`` when compaction must change a
+    constant that ``original.forward`` writes in its code (the epsilon of a norm over the
+    channels)::
+
+        @register_compact_class(MyGRN)
+        class CompactMyGRN(MyGRN):
+            eps = 1e-6                        # the literal MyGRN.forward adds
+            def forward(self, x):             # MyGRN.forward with self.eps for the literal
+                g = x.norm(dim=(1, 2), keepdim=True)
+                return self.gamma * (x * (g / (g.mean(-1, keepdim=True) + self.eps))) + x
+
+    The compact class must subclass ``original`` and is never constructed: a compacted instance
+    gets it as its ``__class__`` and its own rescaled attribute. Registering again replaces."""
+    if not isinstance(original, type) or not issubclass(original, nn.Module):
+        raise TypeError(f"register_compact_class needs the nn.Module class the compact class stands in "
+                        f"for, e.g. @register_compact_class(MyGRN); got {original!r}")
+
+    def register(compact: type) -> type:
+        if not isinstance(compact, type) or not issubclass(compact, original) or compact is original:
+            raise TypeError(f"@register_compact_class({original.__qualname__}) must decorate a subclass of "
+                            f"{original.__qualname__} (so parameters, state-dict keys and isinstance stay); "
+                            f"got {compact!r}")
+        COMPACT_CLASSES[original] = compact
+        return compact
+    return register
+
+
+def compact_class_of(module: nn.Module) -> type | None:
+    """The compact class registered for ``module``'s exact class (a subclass may compute something
+    else), importing a built-in one on first use; ``module``'s own class when it already is one."""
+    cls = type(module)
+    if cls in COMPACT_CLASSES.values():
+        return cls
+    if cls not in COMPACT_CLASSES:
+        where = _BUILTIN_COMPACT_CLASSES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if where is not None:
+            importlib.import_module(where)
+    return COMPACT_CLASSES.get(cls)
+
+
+class ConfigView:
+    """A module's own view of a shared (Hugging Face) config: the attributes set on it are its
+    own, every other one is read from the shared config. Compaction gives one to an attention
+    module that reads a head count from the config at run time, so that each layer keeps its own
+    count (Phi-3's packed ``qkv_proj`` is sliced at ``config.num_attention_heads * head_dim``)."""
+
+    def __init__(self, config):
+        self.__dict__["shared"] = config
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name == "shared":  # copy / pickle probe before __init__
+            raise AttributeError(name)
+        return getattr(self.shared, name)
+
+    def __repr__(self) -> str:
+        own = {k: v for k, v in vars(self).items() if k != "shared"}
+        return f"ConfigView({type(self.shared).__name__}, own={own})"

@@ -10,7 +10,7 @@ from torch import fx
 
 from ..aten import BATCH_NORM_ARGS, BATCH_NORM_TUPLE_OPS, CONV_ND_ARGS, CONVOLUTION_ARGS, GENERAL_CONVOLUTIONS, arg, named_arg, op_name, shape_of
 from .rules import keep, nonzero_reason, register_rule, unknown_op, where, whole_along
-from .values import Chan, ConvGroups, NormGroups, ParamRef
+from .values import Chan, ConvGroups, NormGroups, ParamRef, ShiftedParam
 
 # ---------------------------------------------------------------------- elementwise
 PASS_THROUGH = ("clone", "contiguous", "alias", "detach", "lift_fresh_copy", "_to_copy", "to",
@@ -70,7 +70,8 @@ def _binary(an, node):
     chans = [(i, Chan(tuple(d + n - len(shapes[i]) for d in v.dims), v.atoms, v.zero, v.why))
              for i, v in enumerate(vals) if isinstance(v, Chan)]
     if not chans:
-        return unknown_op(an, node, "computes a new weight")
+        shifted = _shifted_param(kind, vals, operands, node)
+        return shifted if shifted is not None else unknown_op(an, node, "computes a new weight")
     i, c = chans[0]
     if tuple(out_shape[d] for d in c.dims) != c.atoms.shape:
         return unknown_op(an, node, "broadcasts a channel dim")
@@ -104,6 +105,10 @@ def _binary(an, node):
     if isinstance(other, ParamRef) and len(c.dims) == 1 and other.perm[aligned[c.dims[0]]] >= 0:
         an.bind(other, aligned[c.dims[0]], c.atoms, "zero" if additive else "slice")
         return keep(c)
+    if (isinstance(other, ShiftedParam) and kind == "mul" and len(c.dims) == 1
+            and other.ref.perm[aligned[c.dims[0]]] >= 0):  # x * (1 + w): w sliced with x's channels
+        an.bind(other.ref, aligned[c.dims[0]], c.atoms, "slice")
+        return keep(c)
     if not isinstance(other, Chan) and set(full) != set(c.dims):
         # varies along some channel dims only (RoPE's cos/sin along the head dim, not the heads):
         # exact when those dims never lose entries, so whole units of the others go
@@ -111,6 +116,17 @@ def _binary(an, node):
             whole_along(an, c, d)
         return keep(c, False, where(node)) if additive else keep(c)
     an.block(c, f"{where(node)}: combines the channels with {_origin(an, other_arg)}")
+    return None
+
+
+def _shifted_param(kind: str, vals, operands, node) -> ShiftedParam | None:
+    """``w + c``, ``c + w`` or ``w - c`` of a parameter ``w`` and a number ``c``, else None."""
+    if kind not in ("add", "sub") or node.kwargs.get("alpha", 1) != 1:
+        return None
+    for i in (0, 1) if kind == "add" else (0,):
+        c = operands[1 - i]
+        if isinstance(vals[i], ParamRef) and isinstance(c, numbers.Real) and not isinstance(c, bool):
+            return ShiftedParam(vals[i], float(c) if kind == "add" else -float(c))
     return None
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..aten import is_conv, is_hf_conv1d
 from .folds import eps_attribute, fold_factors
-from .modules import compact_multihead_attention
+from .modules import ConfigView, compact_multihead_attention
 from .values import HEAD_COUNT_ATTRS
 
 # widths of all heads together, rewritten with the head count
@@ -157,10 +157,31 @@ def _heads(model, plan, spaces, undo: Undo) -> None:
                 done.add((split.module, name))
                 undo.set_attr(module, name, kept)
                 break
+        else:
+            _config_head_count(module, split.module, heads, kept, plan.analysis.packed_modules, done, undo)
         for name in ALL_HEADS_WIDTH_ATTRS:
             if (split.module, name) not in done and getattr(module, name, None) == heads * width:
                 done.add((split.module, name))
                 undo.set_attr(module, name, kept * width)
+
+
+def _config_head_count(module, name: str, heads: int, kept: int, packed: set, done: set, undo: Undo) -> None:
+    """A head count an attention module that slices a packed projection reads from its config at
+    run time (Phi-3: ``qkv[..., :config.num_attention_heads * head_dim]``): the module gets its own
+    :class:`~.modules.ConfigView` of the shared config with that count, so that every layer keeps
+    its own (the shared config is updated afterwards, when the layers agree)."""
+    config = getattr(module, "config", None)
+    if name not in packed or config is None:
+        return
+    for attr in HEAD_COUNT_ATTRS:
+        if (name, "config", attr) not in done and getattr(config, attr, None) == heads:
+            done.add((name, "config", attr))
+            if not isinstance(config, ConfigView):
+                undo.set_attr(module, "config", ConfigView(config))
+            view = module.config
+            undo.steps.append((view, "new_attr", attr, None))
+            setattr(view, attr, kept)
+            return
 
 
 def _conv_groups(model, plan, spaces, undo: Undo) -> None:
@@ -198,12 +219,16 @@ def _scale_folds(model, plan, spaces, undo: Undo) -> None:
         scale, eps_scale = fold_factors(total, kept, fold)
         module = model.get_submodule(fold.module)
         if fold.eps is not None and fold.eps != 0:
+            if fold.compact_class is not None and type(module) is not fold.compact_class:
+                undo.set_attr(module, "__class__", fold.compact_class)  # its epsilon is an attribute
             attr = fold.eps_attr or eps_attribute(module, fold.eps)
             if attr is None:
                 raise RuntimeError(f"the epsilon {fold.eps:g} of {fold.module} is not a module attribute")
             eps = fold.eps * eps_scale
             if eps_set.setdefault((fold.module, attr), eps) != eps:
                 raise RuntimeError(f"{fold.module} normalizes channels that lose different counts")
+            if attr not in vars(module):  # a compact class's default: the instance gets its own
+                undo.steps.append((module, "new_attr", attr, None))
             undo.set_attr(module, attr, eps)
         shape = getattr(module, "normalized_shape", None)
         if isinstance(shape, tuple) and len(shape) == 1 and shape[0] == total:
@@ -216,7 +241,7 @@ def _scale_folds(model, plan, spaces, undo: Undo) -> None:
         if held is None:
             held = holders(model)
         old = get_tensor(model, fold.scale)
-        new = old.detach() * scale
+        new = old.detach() * scale if not fold.offset else (old.detach() + fold.offset) * scale - fold.offset
         if isinstance(old, nn.Parameter):
             new = nn.Parameter(new, requires_grad=old.requires_grad)
         for owner, name, kind in held[id(old)]:

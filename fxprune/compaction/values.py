@@ -29,6 +29,16 @@ class ParamRef:
     shape: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class ShiftedParam:
+    """A parameter plus a number (``1 + weight``: Gemma's RMSNorm scales by it). Multiplying
+    channels by it ties the parameter's entries to them like the parameter itself (sliced with
+    them); any other use blocks, as for a new tensor."""
+
+    ref: ParamRef
+    offset: float
+
+
 @dataclass
 class Axis:
     """Atoms bound to one dim of a parameter/buffer; ``roles``: source (a layer's output
@@ -79,6 +89,7 @@ class ScaleFold:
     that compaction keeps exact by rescaling: with C channels of which C_kept stay, and r = C /
     C_kept, the module attribute ``eps_attr`` (its epsilon, added to the statistic raised to
     ``eps_power``) is multiplied by ``r ** eps_power`` and the tensor ``scale`` by ``r ** power``
+    (``scale + offset`` when the norm multiplies by that sum)
     (see docs/compact.md, "Norms over the channels"). ``scale`` None with ``new_weight``: the
     module (``nn.RMSNorm`` without affine) gets a weight holding ``r ** power``."""
 
@@ -91,3 +102,5 @@ class ScaleFold:
     eps_power: float = 1.0
     new_weight: bool = False
     dtype: object = None       # the norm's dtype (for a new weight, or an epsilon left None)
+    compact_class: type | None = None  # the class the module gets, whose ``eps_attr`` holds the epsilon
+    offset: float = 0.0        # the norm multiplies by scale + offset (``1 + weight``): that sum is rescaled

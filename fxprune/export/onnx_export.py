@@ -10,6 +10,7 @@ import torch
 
 import fxprune
 from fxprune.errors import FxPruneError
+from fxprune.staging import staged_file
 
 from .errors import ExportError, ValidationError
 from .metadata import REPORT_KEY, VERSION_KEY
@@ -93,7 +94,8 @@ def to_onnx(model: torch.nn.Module, example_inputs, path, *, dynamic_shapes=None
         if report is not None:
             program.model.metadata_props[REPORT_KEY] = report.to_json()
         try:
-            program.save(str(path), external_data=external_data)
+            with staged_file(path) as staged:   # the file (and its .data) whole or not at all
+                program.save(str(staged), external_data=external_data)
         except OSError as e:
             raise ExportError(f"could not write {path}: {e}") from e
 
