@@ -165,7 +165,7 @@ def test_shared_inputs_get_one_hessian(monkeypatch):
     factors = []
     real = seqpass.inverse_hessian_factor
     monkeypatch.setattr(seqpass, "inverse_hessian_factor",
-                        lambda H, d, name="": factors.append(name) or real(H, d, name))
+                        lambda H, d, name="", **kw: factors.append(name) or real(H, d, name, **kw))
     _prune(_llama(2), _cfg("sparse_gpt", "2:4"), _calib())
     # q/k/v one, o one, gate/up one, down one: 4 per block
     assert len(factors) == 8

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fxprune.criteria.sparse_gpt import (inverse_hessian_factor, lower_triangular_inverse,
-                                         sparsegpt_prune, unstructured_block_mask)
+                                         reverse_square_, sparsegpt_prune, unstructured_block_mask)
 from fxprune.patterns.ninm import NInMPattern, n_lowest_of_each_column
 
 def _paper_sparsegpt(W, H, sparsity=0.0, prunen=0, prunem=0, blocksize=128, percdamp=0.01):
@@ -161,6 +161,38 @@ def test_lower_triangular_inverse(n):
     batch = torch.stack([L, L.t().flip(0, 1)])                      # [2, n, n], both lower
     outs = lower_triangular_inverse(batch, torch.zeros(2, n, n))
     torch.testing.assert_close(outs.double(), torch.linalg.inv(batch.double()), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 5), (2, 7, 7), (300, 300), (1, 363, 363)])
+def test_reverse_square_in_place_equals_flip(shape):
+    # 363^2 = 131769 entries: two full chunks and a partial one, and a middle entry that stays
+    A = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    expected = A.flip(-2, -1)
+    ptr = A.data_ptr()
+    out = reverse_square_(A)
+    assert out.data_ptr() == ptr and torch.equal(out, expected)
+    with pytest.raises(ValueError, match="contiguous"):
+        reverse_square_(torch.zeros(4, 4).t()[:, :3])
+
+
+def test_inverse_hessian_factor_overwrite_gives_the_same_bits():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(500, 2, 260, generator=g)
+    X[:, 1, 17] = 0                                   # a dead column
+    H = torch.einsum("tgi,tgj->gij", X, X) / 500
+    kept = H.clone()
+    expected = inverse_hessian_factor(H, 0.01)
+    assert torch.equal(H, kept)                       # without overwrite H is left as it was
+    got = inverse_hessian_factor(H.clone(), 0.01, overwrite=True)
+    assert torch.equal(got, expected)
+    assert torch.equal(got, got.triu())
+    # U^T U is the dampened inverse Hessian
+    damped = kept.double().clone()
+    d = damped.diagonal(dim1=-2, dim2=-1)
+    d.masked_fill_(d == 0, 1.0)
+    d.add_(0.01 * d.mean(dim=-1, keepdim=True))
+    torch.testing.assert_close(got.double().mT @ got.double(), torch.linalg.inv(damped),
+                               rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["2:4", "fixed"])

@@ -62,7 +62,8 @@ class SparseGPTCriterion(Criterion):
             desc = f"{self.name}: Hessians" + (f" {i + 1}/{len(chunks)}" if len(chunks) > 1 else "")
             hessians = self._collect(ctx, chunk, desc, stop_early=len(chunks) > 1)
             for t in chunk:
-                u = inverse_hessian_factor(hessians.pop(t.param), self.percdamp, t.name)
+                u = inverse_hessian_factor(hessians.pop(t.param), self.percdamp, t.name,
+                                           overwrite=True)
                 self.diag[t.param] = u.diagonal(dim1=-2, dim2=-1).clone()
 
     def view_scores(self, param_name: str, weight_view: Tensor) -> Tensor:
@@ -78,7 +79,8 @@ class SparseGPTCriterion(Criterion):
             desc = f"{self.name}: update {i + 1}/{len(chunks)}"
             hessians = self._collect(ctx, chunk, desc, stop_early=True)
             for t in chunk:
-                u = inverse_hessian_factor(hessians.pop(t.param), self.percdamp, t.name)
+                u = inverse_hessian_factor(hessians.pop(t.param), self.percdamp, t.name,
+                                           overwrite=True)
                 self._update_layer(ctx, t, u)
         self.diag.clear()
 
@@ -134,18 +136,20 @@ class SparseGPTCriterion(Criterion):
         return hessians
 
 
-def inverse_hessian_factor(H: Tensor, percdamp: float, name: str = "") -> Tensor:
+def inverse_hessian_factor(H: Tensor, percdamp: float, name: str = "", *,
+                           overwrite: bool = False) -> Tensor:
     """Upper Cholesky factor ``U`` of ``(H + damp I)^-1`` per group (``[groups, cols, cols]``).
 
     Columns whose input is always zero ("dead") get ``H_jj = 1`` so ``H`` stays invertible; their
     row of ``U`` then carries no update to other columns. A factorization that fails is retried
-    with ten times the dampening, up to four times.
+    with ten times the dampening, up to four times. ``overwrite=True`` lets it use ``H``'s memory
+    (contiguous; its contents are lost): one ``cols x cols`` matrix fewer at a time.
     """
     # With J the reversal, J H J = M M^T gives H^-1 = A^T A for the upper A = J M^-1 J: the
     # upper factor of H^-1 from one Cholesky and one triangular inverse (blocked, matrix
-    # products: about 1.7x faster than a triangular solve against the identity), with few
-    # n x n temporaries (a 1376-column Hessian is 7.5 MB).
-    H = H.flip(-2, -1)                                   # J H J: a copy, changed in place below
+    # products: about 1.7x faster than a triangular solve against the identity). Memory: the
+    # reversed H, then M, then M^-1 written over the reversed H (a 1376-column matrix is 7.5 MB).
+    H = reverse_square_(H) if overwrite else H.flip(-2, -1)   # J H J, changed in place below
     diag = H.diagonal(dim1=-2, dim2=-1)
     diag.masked_fill_(diag == 0, 1.0)
     base = diag.clone()
@@ -155,17 +159,35 @@ def inverse_hessian_factor(H: Tensor, percdamp: float, name: str = "") -> Tensor
         diag.copy_(base + damp * mean_diag)
         M, info = torch.linalg.cholesky_ex(H)
         if int(info.abs().sum()) == 0:
-            del H
-            Minv = lower_triangular_inverse(M, torch.zeros_like(M))
+            U = reverse_square_(lower_triangular_inverse(M, H.zero_()))
             del M
-            U = Minv.flip(-2, -1)
-            del Minv
             if bool(torch.isfinite(U).all()):
                 return U
             break
         damp *= 10
     raise WeightError(f"sparse_gpt: the Hessian of {name} is not positive definite even with "
                       f"dampening {damp / 10:g}; check the calibration data")
+
+
+_REVERSE_CHUNK = 1 << 16
+
+
+def reverse_square_(A: Tensor) -> Tensor:
+    """``A.flip(-2, -1)`` in place, for contiguous ``A`` (``[..., n, n]``): reversing both axes of a
+    matrix reverses its entries in memory order, done by swapping chunks from both ends (small
+    temporaries instead of a copy of the matrix). Returns ``A``."""
+    if not A.is_contiguous():
+        raise ValueError("reverse_square_ needs a contiguous tensor")
+    n = A.shape[-1] * A.shape[-2]
+    for flat in A.reshape(-1, n).unbind(0):
+        half = n // 2
+        for s in range(0, half, _REVERSE_CHUNK):
+            e = min(s + _REVERSE_CHUNK, half)
+            head, tail = flat[s:e], flat[n - e:n - s]
+            kept = head.flip(0)
+            head.copy_(tail.flip(0))
+            tail.copy_(kept)
+    return A
 
 
 def lower_triangular_inverse(L: Tensor, out: Tensor, base: int = 128) -> Tensor:
@@ -357,4 +379,4 @@ def _hessian_bytes(t) -> int:
 
 
 __all__ = ["SparseGPTCriterion", "inverse_hessian_factor", "lower_triangular_inverse", "obs_prune",
-           "sparsegpt_prune", "unstructured_block_mask"]
+           "reverse_square_", "sparsegpt_prune", "unstructured_block_mask"]

@@ -211,12 +211,7 @@ def _sparse_gpt(ctx, group, targets, stats: "BlockInputStats") -> None:
     def solve(shared, u: Tensor, r0: int, r1: int) -> tuple[Tensor, Tensor]:
         return _sparse_gpt_rows(ctx, group, shared, u, r0, r1, criterion, pattern, adaptive)
 
-    if ctx.distributed is None:
-        results = [solve(shared, factor(shared), 0, _stacked_rows(shared)) for shared in shared_groups]
-    else:                   # factors and row ranges divided among the ranks, results gathered
-        results = ctx.distributed.split_sparse_gpt(
-            shared_groups, factor, solve, lambda shared: row_cuts(shared, adaptive), stats=stats)
-    for shared, (new, pruned) in zip(shared_groups, results):
+    def apply(shared, new: Tensor, pruned: Tensor) -> None:
         weights = [ctx.model.get_parameter(t.param) for t in shared]
         rows = [t.geometry.view_shape[0] for t in shared]
         masks = {}
@@ -226,6 +221,15 @@ def _sparse_gpt(ctx, group, targets, stats: "BlockInputStats") -> None:
             with torch.no_grad():
                 w.copy_(from_view_2d(part, t.geometry).to(dtype=w.dtype))
         _apply_masks(ctx, shared, masks)
+
+    if ctx.distributed is None:     # each group written as soon as solved: one result at a time
+        for shared in shared_groups:
+            apply(shared, *solve(shared, factor(shared), 0, _stacked_rows(shared)))
+    else:                   # factors and row ranges divided among the ranks, results gathered
+        results = ctx.distributed.split_sparse_gpt(
+            shared_groups, factor, solve, lambda shared: row_cuts(shared, adaptive), stats=stats)
+        for shared, (new, pruned) in zip(shared_groups, results):
+            apply(shared, new, pruned)
 
 
 def _stacked_rows(shared) -> int:
@@ -253,9 +257,11 @@ def row_cuts(shared, adaptive: str | None) -> list[int]:
 
 
 def _sparse_gpt_factor(stats: "BlockInputStats", criterion, shared) -> Tensor:
-    """The upper Cholesky factor of the inverse Hessian of layers sharing one input."""
+    """The upper Cholesky factor of the inverse Hessian of layers sharing one input (their
+    Hessian sum is released: each group's factor is computed once)."""
     lead = shared[0]
-    return inverse_hessian_factor(stats.hessian(lead).unsqueeze(0), criterion.percdamp, lead.name)[0]
+    return inverse_hessian_factor(stats.take_hessian(lead).unsqueeze(0), criterion.percdamp,
+                                  lead.name, overwrite=True)[0]
 
 
 def _sparse_gpt_rows(ctx, group, shared, u: Tensor, r0: int, r1: int, criterion, pattern,
@@ -357,6 +363,7 @@ class BlockInputStats:
         self.stop_after: dict[str, int] | None = None
         self.calls: dict[str, int] = {}         # calls of each target in this batch
         self.hooked, self.dispatched = [], []
+        self._scratch: Tensor | None = None
         for t in self.targets:
             owner = _owner(model, t)
             if owner is not None and (isinstance(owner, nn.Linear) or type(owner).__name__ == "Conv1D"):
@@ -382,6 +389,7 @@ class BlockInputStats:
             for h in handles:
                 h.remove()
             self.seen.clear()
+            self._scratch = None
 
     def context(self):
         if self.recorder is None:
@@ -441,7 +449,7 @@ class BlockInputStats:
         if want_sumsq:
             self.add_sumsq(stat, feats.pow(2).sum(dim=0))
         if want_hessian:
-            self.add_hessian(stat, feats.T @ feats)
+            self.add_hessian(stat, self._gram(feats))
         stat.count += feats.shape[0]
 
     def add_sumsq(self, stat: _InputStat, s: Tensor) -> None:
@@ -449,16 +457,27 @@ class BlockInputStats:
         contribution too, to sum all ranks' in the single-process order)."""
         stat.sumsq = s if stat.sumsq is None else stat.sumsq + s
 
+    def _gram(self, feats: Tensor) -> Tensor:
+        """``X^T X`` (float32) written into a scratch buffer that the next call reuses: one
+        block's calls make the same few large products, and a fresh ``in x in`` temporary per
+        call (plus its float64 copy) fragmented the heap by more than the statistics' size."""
+        n = feats.shape[1]
+        need = n * n
+        if self._scratch is None or self._scratch.numel() < need or self._scratch.dtype != feats.dtype \
+                or self._scratch.device != feats.device:
+            self._scratch = None
+            self._scratch = torch.empty(need, dtype=feats.dtype, device=feats.device)
+        return torch.mm(feats.T, feats, out=self._scratch[:need].view(n, n))
+
     def add_hessian(self, stat: _InputStat, h: Tensor) -> None:
-        """One call's float32 ``X^T X`` into the float64 running sum. A float64 sum of float32
+        """One call's float32 ``X^T X`` into the float64 running sum (``h`` may be a scratch
+        buffer that the next call overwrites: keep a copy to keep it). A float64 sum of float32
         products rounds only where one entry's products span more than about 2^29 in magnitude,
         so the float32 Hessian does not depend on the order of the sum (block batches split
         over ranks and all-reduced) but in such rare entries; SparseGPT's masks then match."""
-        h = h.double()
         if stat.hessian is None:
-            stat.hessian = h
-        else:
-            stat.hessian.add_(h)
+            stat.hessian = torch.zeros(h.shape, dtype=torch.float64, device=h.device)
+        stat.hessian.add_(h)            # float32 into float64 in place: no float64 temporary
 
     def _fill_missing(self, stat: _InputStat, t, x: Tensor) -> None:
         """A layer joining a shared input in the first batch may need what the others did not."""
@@ -468,7 +487,7 @@ class BlockInputStats:
             self.add_sumsq(stat, feats.pow(2).sum(dim=0))
         if t.param in self.need_hessian and stat.hessian is None:
             feats = self._features(t, x) if feats is None else feats
-            self.add_hessian(stat, feats.T @ feats)
+            self.add_hessian(stat, self._gram(feats))
 
     def check_complete(self, block_name: str) -> None:
         missing = [t.name for t in self.targets if t.param not in self.stat_of]
@@ -480,8 +499,17 @@ class BlockInputStats:
         return self.stat_of[t.param].sumsq
 
     def hessian(self, t) -> Tensor:
+        """The float32 mean ``X^T X`` (divided in float64, rounded once to float32; no float64
+        temporary)."""
         stat = self.stat_of[t.param]
-        return (stat.hessian / max(stat.count, 1)).float()
+        out = torch.empty(stat.hessian.shape, dtype=torch.float32, device=stat.hessian.device)
+        return torch.div(stat.hessian, max(stat.count, 1), out=out)
+
+    def take_hessian(self, t) -> Tensor:
+        """:meth:`hessian`, releasing the float64 sum (of every layer sharing the input)."""
+        h = self.hessian(t)
+        self.stat_of[t.param].hessian = None
+        return h
 
     def shared_groups(self, targets) -> list[list]:
         """``targets`` grouped by shared input statistic, in first-seen order."""
