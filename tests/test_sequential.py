@@ -352,3 +352,26 @@ def test_dense_propagation_records_whole_forwards():
     model, calib = _llama(2), _calib()
     out = _prune(model, _cfg("activation", "2:4", block_propagation="dense"), calib)
     assert fxprune.sparsity_report(out).calibration["stopped_early"] == 0
+
+
+def test_sparse_gpt_groups_sharing_an_input_each_get_its_hessian():
+    """q_proj in one group, k/v_proj (same input) in another: the second group still finds the
+    shared Hessian after the first took its factor, and gets what one group gives them (rows are
+    independent under N:M: same masks, weights equal up to the BLAS row blocking)."""
+    ids = token_batches(4)
+    two_four = {"pattern": "2:4", "target_sparsity": 0.5}
+    base = {"pruning_type": "sparse_gpt", "pruning_scope": "local"}
+    split = fxprune.transform(tiny_llama(), {**base, "pruning_configs": [
+        {"op_names": ["q_proj"], **two_four}, {"op_names": ["k_proj", "v_proj"], **two_four}]},
+        (ids[0],), calibration=ids)
+    whole = fxprune.transform(tiny_llama(), {**base, "pruning_configs": [
+        {"op_names": ["q_proj", "k_proj", "v_proj"], **two_four}]}, (ids[0],), calibration=ids)
+    assert fxprune.sparsity_report(split).calibration["block_sequential"] == [0, 1]
+    checked = 0
+    for (name, a), (_, b) in zip(split.named_parameters(), whole.named_parameters()):
+        if any(k in name for k in ("q_proj", "k_proj", "v_proj")):
+            assert torch.equal(a == 0, b == 0), name
+            assert int((a == 0).sum()) == a.numel() // 2, name
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+            checked += 1
+    assert checked == 6

@@ -260,7 +260,7 @@ def _sparse_gpt_factor(stats: "BlockInputStats", criterion, shared) -> Tensor:
     """The upper Cholesky factor of the inverse Hessian of layers sharing one input (their
     Hessian sum is released: each group's factor is computed once)."""
     lead = shared[0]
-    return inverse_hessian_factor(stats.take_hessian(lead).unsqueeze(0), criterion.percdamp,
+    return inverse_hessian_factor(stats.take_hessian(shared).unsqueeze(0), criterion.percdamp,
                                   lead.name, overwrite=True)[0]
 
 
@@ -364,6 +364,7 @@ class BlockInputStats:
         self.calls: dict[str, int] = {}         # calls of each target in this batch
         self.hooked, self.dispatched = [], []
         self._scratch: Tensor | None = None
+        self._untaken: dict[int, set[str]] = {}   # per Hessian: layers yet to take it
         for t in self.targets:
             owner = _owner(model, t)
             if owner is not None and (isinstance(owner, nn.Linear) or type(owner).__name__ == "Conv1D"):
@@ -505,10 +506,17 @@ class BlockInputStats:
         out = torch.empty(stat.hessian.shape, dtype=torch.float32, device=stat.hessian.device)
         return torch.div(stat.hessian, max(stat.count, 1), out=out)
 
-    def take_hessian(self, t) -> Tensor:
-        """:meth:`hessian`, releasing the float64 sum (of every layer sharing the input)."""
-        h = self.hessian(t)
-        self.stat_of[t.param].hessian = None
+    def take_hessian(self, shared) -> Tensor:
+        """:meth:`hessian` of the layers ``shared`` (one input); the float64 sum is released
+        once every layer using it has taken it (layers of other groups may share the input)."""
+        lead = shared[0]
+        h = self.hessian(lead)
+        stat = self.stat_of[lead.param]
+        left = self._untaken.setdefault(
+            id(stat), {p for p, s in self.stat_of.items() if s is stat and p in self.need_hessian})
+        left.difference_update(t.param for t in shared)
+        if not left:
+            stat.hessian = None
         return h
 
     def shared_groups(self, targets) -> list[list]:
