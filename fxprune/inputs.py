@@ -2,6 +2,7 @@
 compaction, export and the CLI)."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Mapping
 from typing import Iterator
@@ -43,3 +44,21 @@ def output_tensors(out) -> Iterator[torch.Tensor]:
     elif isinstance(out, (tuple, list)):
         for v in out:
             yield from output_tensors(v)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode inside (deterministic: no dropout, BatchNorm running statistics); after, every
+    module gets its own training flag back (a submodule the caller froze in eval stays so). A
+    module loaded from a ``.pt2`` archive (``ExportedProgram.module()``) has its mode fixed at
+    export and refuses ``eval()``: it is used as it is."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass
+    try:
+        yield model
+    finally:
+        for m, training in flags:
+            m.training = training

@@ -411,7 +411,7 @@ class BlockSequentialRunner:
     # -------------------------------------------------------------- blocks
     def run(self, process: Callable[[BlockStep], None]) -> RunStats:
         """Capture, then ``process`` every block in order; returns the counts."""
-        from .criteria.calibration import eval_mode
+        from .inputs import eval_mode
 
         try:
             with eval_mode(self.model), torch.no_grad():

@@ -473,3 +473,20 @@ def test_report_write_that_fails_midway_leaves_the_old_file(mlp, tmp_path, monke
     assert [p.name for p in tmp_path.iterdir()] == ["sparsity.json"]   # no staging leftovers
     report.to_json(path)
     assert fxprune.SparsityReport.from_json(path).layers == report.layers
+
+
+@pytest.mark.parametrize("how", ["compact", "activation"])
+def test_each_modules_training_flag_is_kept(how):
+    """A model in training with one submodule frozen in eval (a common fine-tuning setup) comes
+    back so: the passes run it in eval mode and give every module its own flag back."""
+    model = SmallCNN().train()
+    model.bn1.eval()
+    x = torch.randn(2, 3, 8, 8)
+    if how == "compact":
+        out = fxprune.transform(model, {"pattern": "1xchannel", "target_sparsity": 0.25,
+                                        "op_names": ["conv3"]}, (x,), compact=True, inplace=True)
+    else:
+        out = fxprune.transform(model, {"pruning_type": "activation", "target_sparsity": 0.5},
+                                (x,), calibration=[(x,)], inplace=True)
+    assert out is model and model.training and model.conv1.training and model.fc.training
+    assert not model.bn1.training

@@ -24,7 +24,7 @@ import torch
 
 from ..aten import shape_of
 from ..flops import GraphFlops, flop_counter
-from ..inputs import output_tensors, split_inputs
+from ..inputs import eval_mode, output_tensors, split_inputs
 from .hf_config import update_hf_configs, warn_not_described
 from .slicing import Undo, count_params, get_tensor, slice_model
 from .values import Chan, ParamRef
@@ -139,18 +139,14 @@ def zero_removed(model, plan) -> None:
 
 
 def forward(model, args, kwargs, count_flops: bool = False):
-    """The model's output tensors on the example inputs, in eval mode (mode restored), and FLOPs."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if count_flops:
-                with flop_counter() as counter:
-                    out = model(*args, **kwargs)
-                return [t.detach() for t in output_tensors(out)], int(counter.get_total_flops())
-            return [t.detach() for t in output_tensors(model(*args, **kwargs))], None
-    finally:
-        model.train(was_training)
+    """The model's output tensors on the example inputs, in eval mode (every module's mode
+    restored), and FLOPs."""
+    with eval_mode(model), torch.no_grad():
+        if count_flops:
+            with flop_counter() as counter:
+                out = model(*args, **kwargs)
+            return [t.detach() for t in output_tensors(out)], int(counter.get_total_flops())
+        return [t.detach() for t in output_tensors(model(*args, **kwargs))], None
 
 
 def _try(model, plan, spaces: set[int], args, kwargs, reference, keep: bool = True,

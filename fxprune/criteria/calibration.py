@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -27,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..aten import CONVOLUTION_ARGS, GENERAL_CONVOLUTIONS, LINEAR_WEIGHT_ARGS
 from ..checks import nonfinite_count, nonfinite_input_message
 from ..errors import CaptureError, ConfigError, FxPruneError, WeightError, describe
-from ..inputs import split_inputs
+from ..inputs import eval_mode, split_inputs
 
 
 def require_data(ctx, pruning_type: str, *, loss: bool = False) -> None:
@@ -60,19 +59,6 @@ def reusable(calibration: Iterable) -> Sequence | Iterable:
 def run_batch(model: nn.Module, batch: Any):
     args, kwargs = split_inputs(batch)
     return model(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Run ``model`` in eval mode (deterministic: no dropout, BatchNorm running stats), then
-    restore every module's own training flag."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in flags:
-            m.training = training
 
 
 @dataclass

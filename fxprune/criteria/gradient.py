@@ -24,7 +24,8 @@ from ..errors import CaptureError, ExtensionError, FxPruneError, WeightError, de
 from ..geometry import to_view_2d
 from ..progress import progress
 from .base import Criterion, register_criterion
-from .calibration import eval_mode, require_data
+from ..inputs import eval_mode
+from .calibration import require_data
 
 
 @register_criterion("gradient")

@@ -13,10 +13,9 @@
 """
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -24,28 +23,11 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from ..inputs import INPUTS_HELP, forward_signature, split_inputs as _split_inputs
+from ..inputs import INPUTS_HELP, eval_mode, forward_signature, split_inputs as _split_inputs
 from .errors import ExportError
 from .metadata import read_metadata, report_from_metadata
 from .results import Check
 from .sparsity import sparsity_checks
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode inside, the caller's mode restored after. A module loaded from a ``.pt2``
-    archive (``ExportedProgram.module()``) has its mode fixed at export and refuses
-    ``eval()``; it is used as it is."""
-    was_training = model.training
-    try:
-        model.eval()
-    except NotImplementedError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def split_inputs(example_inputs) -> tuple[tuple, dict]:

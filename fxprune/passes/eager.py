@@ -183,7 +183,7 @@ def _same_structure(blocks: BlockList) -> bool:
 def eager_uses(model: nn.Module, blocks: BlockList, example_inputs, canonical) -> list[_Use]:
     """The weight uses of one run of ``model`` on ``example_inputs`` with the later blocks
     standing in (see the module docstring); raises :class:`_Fallback`."""
-    from ..criteria.calibration import eval_mode
+    from ..inputs import eval_mode
 
     if not _same_structure(blocks):
         raise _Fallback("the blocks differ in their parameters")

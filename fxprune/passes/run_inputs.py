@@ -10,13 +10,12 @@ needs it without a capture.
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from torch import nn
 
 from ..errors import CaptureError, describe
-from ..inputs import INPUTS_HELP, forward_signature, split_inputs
+from ..inputs import INPUTS_HELP, eval_mode, forward_signature, split_inputs
 from .base import Pass
 from .context import PruneContext
 
@@ -35,7 +34,7 @@ def check_model_runs(model: nn.Module, args: tuple, kwargs: dict) -> None:
     """``model(*args, **kwargs)`` in eval mode without gradients; a ``CaptureError`` with the
     model's signature when it fails. Every module's training flag is restored."""
     try:
-        with _eval(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*args, **kwargs)
     except Exception as e:
         signature = forward_signature(model)
@@ -43,17 +42,3 @@ def check_model_runs(model: nn.Module, args: tuple, kwargs: dict) -> None:
                            f"({describe(e)}); "
                            f"{INPUTS_HELP}, with the dtypes and shapes the model expects; here "
                            f"{signature}") from e
-
-
-@contextlib.contextmanager
-def _eval(model: nn.Module):
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-    except NotImplementedError:  # a torch.export module has its mode fixed at export
-        pass
-    try:
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
