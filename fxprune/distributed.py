@@ -176,7 +176,7 @@ class Distributed:
         return _RankInputStats(model, targets, self)
 
     def split_sparse_gpt(self, shared_groups: Sequence[list], factor: Callable,
-                         solve: Callable, cuts: Callable, stats: Any = None) -> list[tuple[Tensor, Tensor]]:
+                         solve: Callable, cuts: Callable, stats: Any) -> list[tuple[Tensor, Tensor]]:
         """The SparseGPT solves of one block's layers, divided among the ranks; every rank
         returns every group's ``(new float32 rows, pruned mask)``.
 
@@ -206,8 +206,7 @@ class Distributed:
                 wire = torch.empty(8 + 5 * (r1 - r0) * cols[g], dtype=torch.uint8, device=self.device)
                 incoming[k] = (wire, dist.irecv(wire, self._peer(r), group=self.group, tag=_tag(_ROWS, k)))
         sends = []
-        gather = (stats.send_hessians(shared_groups, plan.owner, sends)
-                  if hasattr(stats, "send_hessians") else {})
+        gather = stats.send_hessians(shared_groups, plan.owner, sends)
         recvs = {}
         for g, owner in enumerate(plan.owner):
             if owner != self.rank and any(r == self.rank for r, _, _ in plan.ranges[g]):
@@ -247,8 +246,9 @@ class Distributed:
                 self._wait(work, stage)
                 factors[g] = wire.to("cpu") if wire.device.type != "cpu" else wire
             u = factors.get(g)
-            owner_failed = owner_failed or (u is not None and bool(torch.isnan(u[0, 0])))
-            if error is None and u is not None and not bool(torch.isnan(u[0, 0])):
+            failed_factor = u is not None and bool(torch.isnan(u[0, 0]))
+            owner_failed = owner_failed or failed_factor
+            if error is None and u is not None and not failed_factor:
                 try:
                     solved[k] = solve(shared_groups[g], u, r0, r1)
                 except Exception as e:

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, FxPruneError
+from .inputs import eval_mode
 
 BlockHook = Callable[[int, str, nn.Module], None]
 
@@ -411,8 +412,6 @@ class BlockSequentialRunner:
     # -------------------------------------------------------------- blocks
     def run(self, process: Callable[[BlockStep], None]) -> RunStats:
         """Capture, then ``process`` every block in order; returns the counts."""
-        from .inputs import eval_mode
-
         try:
             with eval_mode(self.model), torch.no_grad():
                 self.capture()

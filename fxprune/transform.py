@@ -86,8 +86,9 @@ def _check_data_used(config: PruningConfig, calibration, loss_fn) -> None:
     """Calibration or a loss that no group uses is most likely a mistake (a magnitude config meant
     to be Wanda, say): warn rather than silently prune by magnitude. Not an error, so one call
     can serve a sweep over criteria."""
-    kinds = [get_criterion_class(g.pruning_type, g.where) for g in config.groups()]
-    used = ", ".join(sorted({g.pruning_type for g in config.groups()}))
+    groups = config.groups()
+    kinds = [get_criterion_class(g.pruning_type, g.where) for g in groups]
+    used = ", ".join(sorted({g.pruning_type for g in groups}))
     if calibration is not None and not any(k.needs_data for k in kinds):
         warnings.warn(f"calibration is not used: no pruning group uses a data-aware criterion "
                       f"(pruning_type: {used}); set pruning_type to activation, sparse_gpt or a "

@@ -159,7 +159,7 @@ def _try(model, plan, spaces: set[int], args, kwargs, reference, keep: bool = Tr
         return f"slicing failed: {type(e).__name__}: {_first_line(e)}", None
     flops = None
     try:
-        out, flops = forward(model, args, kwargs, count_flops=count_flops and keep)
+        out, flops = forward(model, args, kwargs, count_flops=count_flops)
         why = _mismatch(out, reference)
     except Exception as e:
         why = f"the compacted model fails: {type(e).__name__}: {_first_line(e)}"

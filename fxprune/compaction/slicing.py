@@ -18,10 +18,9 @@ from torch import nn
 from ..aten import is_conv, is_hf_conv1d
 from .folds import eps_attribute, fold_factors
 from .modules import ConfigView, compact_multihead_attention
-from .values import HEAD_COUNT_ATTRS
+from .values import ALL_HEADS_WIDTH_ATTRS, HEAD_COUNT_ATTRS
 
 # widths of all heads together, rewritten with the head count
-ALL_HEADS_WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size")
 
 
 class Undo:

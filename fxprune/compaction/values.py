@@ -53,7 +53,8 @@ class Axis:
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head", "num_key_value_heads",
                     "num_kv_heads")
 # Module attributes that record a width of the attention (embedding, all heads, one head).
-HEAD_WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size", "embed_dim", "kdim", "vdim", "head_dim",
+ALL_HEADS_WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size")   # every head's width together
+HEAD_WIDTH_ATTRS = (*ALL_HEADS_WIDTH_ATTRS, "embed_dim", "kdim", "vdim", "head_dim",
                     "attention_head_size", "hidden_size")
 
 

@@ -10,12 +10,13 @@ import torch
 
 import fxprune
 from fxprune.errors import FxPruneError
+from fxprune.inputs import eval_mode
 from fxprune.staging import staged_file
 
 from .errors import ExportError, ValidationError
 from .metadata import REPORT_KEY, VERSION_KEY
 from .results import ExportResult, format_checks
-from .validate import eval_mode, ort_latency, run_torch, split_inputs, validate_onnx
+from .validate import ort_latency, run_torch, split_inputs, validate_onnx
 
 
 def _output_path(path) -> Path:
@@ -97,7 +98,8 @@ def to_onnx(model: torch.nn.Module, example_inputs, path, *, dynamic_shapes=None
             with staged_file(path) as staged:   # the file (and its .data) whole or not at all
                 program.save(str(staged), external_data=external_data)
         except OSError as e:
-            raise ExportError(f"could not write {path}: {e}") from e
+            # strerror, not str(e): its file name would be the staging path, not the user's
+            raise ExportError(f"could not write {path}: {e.strerror or e}") from e
 
         data_path = _data_path(path)
         size = path.stat().st_size + (data_path.stat().st_size if data_path else 0)

@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from ..inputs import split_inputs
+from ..inputs import eval_mode, split_inputs
 from ..registry import get_criterion_class
 from ..sequential import BlockList, BlockStandIn, find_blocks, release_free_memory
 from .attach import AttachPass
@@ -183,8 +183,6 @@ def _same_structure(blocks: BlockList) -> bool:
 def eager_uses(model: nn.Module, blocks: BlockList, example_inputs, canonical) -> list[_Use]:
     """The weight uses of one run of ``model`` on ``example_inputs`` with the later blocks
     standing in (see the module docstring); raises :class:`_Fallback`."""
-    from ..inputs import eval_mode
-
     if not _same_structure(blocks):
         raise _Fallback("the blocks differ in their parameters")
     args, kwargs = split_inputs(example_inputs)

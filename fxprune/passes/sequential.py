@@ -512,8 +512,7 @@ class BlockInputStats:
         lead = shared[0]
         h = self.hessian(lead)
         stat = self.stat_of[lead.param]
-        left = self._untaken.setdefault(
-            id(stat), {p for p, s in self.stat_of.items() if s is stat and p in self.need_hessian})
+        left = self._untaken.setdefault(id(stat), {m.param for m in stat.members} & self.need_hessian)
         left.difference_update(t.param for t in shared)
         if not left:
             stat.hessian = None
