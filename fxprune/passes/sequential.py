@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -359,7 +360,10 @@ class BlockInputStats:
         self.need_hessian = {t.param for t in targets if _is_sparse_gpt(t.group)}
         self.need_sumsq = {t.param for t in targets if t.param not in self.need_hessian}
         self.stat_of: dict[str, _InputStat] = {}
-        self.seen: dict[int, tuple[Tensor, _InputStat]] = {}
+        # input id -> (weak reference to it, its statistic): a weak reference lets an input die
+        # when the forward drops it (q/k/v's input is dead by the MLP), and tells a new tensor
+        # given a dead one's id apart from it
+        self.seen: dict[int, tuple[weakref.ref, _InputStat]] = {}
         self.stop_after: dict[str, int] | None = None
         self.calls: dict[str, int] = {}         # calls of each target in this batch
         self.hooked, self.dispatched = [], []
@@ -422,7 +426,7 @@ class BlockInputStats:
     def observe(self, t, x: Tensor) -> None:
         hit = self.seen.get(id(x))
         stat = self.stat_of.get(t.param)
-        if hit is not None and hit[0] is x:
+        if hit is not None and hit[0]() is x:
             shared = hit[1]
             if stat is None:                     # first batch: join the input's statistic
                 self.stat_of[t.param] = shared
@@ -435,7 +439,7 @@ class BlockInputStats:
             stat = self.stat_of[t.param] = _InputStat()
             stat.members.append(t)
         self._accumulate(stat, t, x)
-        self.seen[id(x)] = (x, stat)             # holds x: its id cannot be reused meanwhile
+        self.seen[id(x)] = (weakref.ref(x), stat)
 
     def _features(self, t, x: Tensor) -> Tensor:
         return linear_features(x, t.geometry, t.name)
