@@ -151,10 +151,10 @@ KEYS: tuple[Key, ...] = (
         doc="the ModuleList of repeated blocks; null finds the largest one"),
     Key("activation_cache_mb", 1024, GLOBAL, "a number >= 0 (MiB)", _number(0.0, float("inf")),
         doc="RAM for the hidden states cached between blocks; beyond it they spill to temp files"),
-    Key("block_batch_tokens", None, GLOBAL, "an integer >= 0 or null", lambda v: v is None or (
-        not isinstance(v, bool) and isinstance(v, int) and v >= 0),
+    Key("block_batch_tokens", 512, GLOBAL, "an integer >= 0", lambda v: not isinstance(v, bool)
+        and isinstance(v, int) and v >= 0,
         doc="calibration batches are concatenated into block batches of up to this many tokens "
-            "(0: as given; null: 256 when a sparse_gpt group runs block by block, else 512)"),
+            "(0: as given)"),
 )
 
 KEY = {k.name: k for k in KEYS}

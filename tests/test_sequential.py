@@ -375,19 +375,3 @@ def test_sparse_gpt_groups_sharing_an_input_each_get_its_hessian():
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
             checked += 1
     assert checked == 6
-
-
-@pytest.mark.parametrize("pt,default_tokens,block_batches", [
-    ("sparse_gpt", 256, 2),     # SparseGPT: smaller block batches, a lower peak under its Hessians
-    ("activation", 512, 1)])
-def test_block_batch_tokens_default_depends_on_the_criterion(pt, default_tokens, block_batches):
-    g = torch.Generator().manual_seed(3)
-    calib = [torch.randint(0, 64, (16, 12), generator=g) for _ in range(2)]   # 192 tokens each
-    model = _llama(2)
-    default = _prune(model, _cfg(pt, "2:4"), calib)
-    explicit = _prune(model, _cfg(pt, "2:4", block_batch_tokens=default_tokens), calib)
-    other = _prune(model, _cfg(pt, "2:4", block_batch_tokens=768 - default_tokens), calib)
-    assert fxprune.sparsity_report(default).calibration["block_batches"] == block_batches
-    assert fxprune.sparsity_report(other).calibration["block_batches"] == 3 - block_batches
-    d, e = _weights(default), _weights(explicit)
-    assert all(torch.equal(d[n], e[n]) for n in d)

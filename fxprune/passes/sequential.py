@@ -32,8 +32,7 @@ from ..criteria.sparse_gpt import inverse_hessian_factor, sparsegpt_prune
 from ..errors import ConfigError, WeightError
 from ..geometry import from_view_2d, to_view_2d
 from ..selection import budget
-from ..sequential import (DEFAULT_BATCH_TOKENS, BlockList, BlockSequentialRunner, BlockStep,
-                          RunStats, find_blocks)
+from ..sequential import BlockList, BlockSequentialRunner, BlockStep, RunStats, find_blocks
 from .base import Pass
 from .context import PruneContext
 from .mask import check_mask, mask_group
@@ -145,7 +144,7 @@ class BlockSequentialPass(Pass):
             ctx.model, p.blocks, reusable(ctx.calibration),
             propagation=ctx.config.block_propagation,
             cache_bytes=int(ctx.config.activation_cache_mb * (1 << 20)),
-            batch_tokens=block_batch_tokens(ctx.config.block_batch_tokens, p.groups),
+            batch_tokens=ctx.config.block_batch_tokens,
             on_block_start=ctx.on_block_start, on_block_end=ctx.on_block_end,
             progress=ctx.tick if ctx.progress is not None else None,
             # data-parallel: this rank's share of the block batches
@@ -153,24 +152,6 @@ class BlockSequentialPass(Pass):
         p.stats = runner.run(lambda step: prune_block(ctx, p, step))
         if ctx.distributed is not None:     # the report counts every rank's share of the work
             ctx.distributed.total_stats(p.stats)
-
-
-# Default block batch sizes (config ``block_batch_tokens: null``). A recording forward's
-# temporaries grow with its tokens and, for SparseGPT, sit on top of the block's Hessians: on the
-# bench's trained Llama 256-token batches lowered SparseGPT's peak by 1-5 MB (and its spread
-# between runs) for about 5 % more CPU time, while Wanda, whose statistics are small and whose
-# time is mostly the forwards, is fastest with 512 (docs/llm.md, "Memory").
-SPARSE_GPT_BATCH_TOKENS = 256
-
-
-def block_batch_tokens(configured: int | None, groups) -> int:
-    """The block batch size: the configured one, else 256 tokens when a group of ``groups`` is
-    SparseGPT, else the engine's default (512)."""
-    if configured is not None:
-        return configured
-    if any(_is_sparse_gpt(g) for g in groups):
-        return SPARSE_GPT_BATCH_TOKENS
-    return DEFAULT_BATCH_TOKENS
 
 
 # ---------------------------------------------------------------------------- per block
