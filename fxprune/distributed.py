@@ -199,12 +199,17 @@ class Distributed:
         name = shared_groups[0][0].name if shared_groups else ""
         stage = f"the sparse_gpt solves near {name}"
         pieces = [(g, r, r0, r1) for g in range(len(cols)) for r, r0, r1 in plan.ranges[g]]
-        # post every receive first: the other ranks' rows and the factors this rank needs
+        # post every receive first: the other ranks' rows and the factors this rank needs. A row
+        # range comes as three messages (error flag, float32 rows, mask bytes) received straight
+        # into the result tensors: no packing on either side
         incoming = {}
         for k, (g, r, r0, r1) in enumerate(pieces):
             if r != self.rank:
-                wire = torch.empty(8 + 5 * (r1 - r0) * cols[g], dtype=torch.uint8, device=self.device)
-                incoming[k] = (wire, dist.irecv(wire, self._peer(r), group=self.group, tag=_tag(_ROWS, k)))
+                parts = (torch.empty(1, dtype=torch.int64, device=self.device),
+                         torch.empty(r1 - r0, cols[g], dtype=torch.float32, device=self.device),
+                         torch.empty(r1 - r0, cols[g], dtype=torch.uint8, device=self.device))
+                incoming[k] = (parts, [dist.irecv(x, self._peer(r), group=self.group, tag=_tag(kind, k))
+                                       for kind, x in zip(_ROW_KINDS, parts)])
         sends = []
         gather = stats.send_hessians(shared_groups, plan.owner, sends)
         recvs = {}
@@ -253,34 +258,35 @@ class Distributed:
                     solved[k] = solve(shared_groups[g], u, r0, r1)
                 except Exception as e:
                     error = e
-            # per row range: an error flag, then the rows' float32 weights and mask bytes
-            n = (r1 - r0) * cols[g]
-            buf = torch.zeros(8 + 5 * n, dtype=torch.uint8)
-            buf[:8] = torch.tensor([int(error is not None)], dtype=torch.int64).view(torch.uint8)
+            # per row range: an error flag, then the rows' float32 weights and mask bytes (zeros
+            # of the same sizes after an error: the receives are posted already)
             if k in solved:
-                new, pruned = solved[k]
-                buf[8:8 + 4 * n] = new.contiguous().view(-1).view(torch.uint8)
-                buf[8 + 4 * n:] = pruned.contiguous().view(-1).view(torch.uint8)
-            wire = buf.to(self.device)
-            sends += [dist.isend(wire, self._peer(r), group=self.group, tag=_tag(_ROWS, k))
-                      for r in range(self.world) if r != self.rank]
+                new, pruned = (x.contiguous() for x in solved[k])
+            else:
+                new = torch.zeros(r1 - r0, cols[g], dtype=torch.float32)
+                pruned = torch.zeros(r1 - r0, cols[g], dtype=torch.bool)
+            parts = [torch.tensor([int(error is not None)], dtype=torch.int64), new,
+                     pruned.view(torch.uint8)]
+            parts = [x.to(self.device) for x in parts]
+            sends += [dist.isend(x, self._peer(r), group=self.group, tag=_tag(kind, k))
+                      for r in range(self.world) if r != self.rank
+                      for kind, x in zip(_ROW_KINDS, parts)]
         for work in sends:
             self._wait(work, stage)
-        for wire, work in incoming.values():
-            self._wait(work, stage)
-        parts = {k: wire.cpu() for k, (wire, _) in incoming.items()}
-        if error is not None or owner_failed or any(int(p[:8].view(torch.int64)) for p in parts.values()):
+        for _, works in incoming.values():
+            for work in works:
+                self._wait(work, stage)
+        received = {k: tuple(x.cpu() for x in parts) for k, (parts, _) in incoming.items()}
+        if error is not None or owner_failed or any(int(flag) for flag, _, _ in received.values()):
             if error is not None:
                 self._report(stage, error)
                 raise error
             self.check(stage)           # raises: the failed ranks' messages
         def piece(k):
-            g, _, r0, r1 = pieces[k]
-            if k not in parts:
+            if k not in received:
                 return solved[k]
-            n = (r1 - r0) * cols[g]
-            return (parts[k][8:8 + 4 * n].view(torch.float32).view(r1 - r0, cols[g]),
-                    parts[k][8 + 4 * n:].view(torch.bool).view(r1 - r0, cols[g]))
+            _, new, pruned = received[k]
+            return new, pruned.view(torch.bool)
 
         results = []
         for g in range(len(cols)):
@@ -434,11 +440,13 @@ def plan_sparse_gpt(cols: Sequence[int], rows: Sequence[int], cuts: Sequence[Seq
 
 
 # point-to-point message kinds of the SparseGPT step; tags are unique per kind and index
-_FACTOR, _HESSIAN, _ROWS = 0, 1, 2
+_FACTOR, _HESSIAN, _ROWS_FLAG, _ROWS_NEW, _ROWS_MASK = range(5)
+_KINDS = 5
+_ROW_KINDS = (_ROWS_FLAG, _ROWS_NEW, _ROWS_MASK)
 
 
 def _tag(kind: int, index: int) -> int:
-    return 3 * index + kind
+    return _KINDS * index + kind
 
 
 def _describe(e: BaseException) -> str:
@@ -478,9 +486,24 @@ def _rank_stats_class():
             parts.append((self.batch, len(parts), s))
             super().add_sumsq(stat, s)
 
+        def _gram(self, feats: Tensor) -> Tensor:
+            # a fresh product: the first one of each input is kept as this rank's partial
+            return torch.mm(feats.T, feats)
+
         def add_hessian(self, stat, h: Tensor) -> None:
-            self.adds[id(stat)] = self.adds.get(id(stat), 0) + 1
-            super().add_hessian(stat, h)
+            """This rank's partial Hessian: its first float32 product as it is (it travels as
+            float32, exactly, when every rank has one), the float64 sum from the second on (the
+            same bits as the single-process sum: a float32 product is exact in float64). A
+            float64 buffer per input would cost a rank that does not compute its factor one
+            allocation, fill and conversion per block for nothing."""
+            n = self.adds.get(id(stat), 0)
+            self.adds[id(stat)] = n + 1
+            if n == 0:
+                stat.hessian = h
+            elif stat.hessian.dtype != torch.float64:
+                stat.hessian = stat.hessian.to(torch.float64).add_(h)
+            else:
+                stat.hessian.add_(h)
 
         def reduce(self) -> None:
             stats = []
@@ -510,7 +533,7 @@ def _rank_stats_class():
             defer = [s for s in hess if all(s is not x for x in shared)]
             counts = torch.tensor([s.count for s in stats] + [float(self.adds.get(id(s), 0) > 1) for s in defer],
                                   dtype=torch.float64)
-            summed = self.d.all_reduce_sum([s.hessian for s in shared] + [counts])
+            summed = self.d.all_reduce_sum([s.hessian.to(torch.float64) for s in shared] + [counts])
             for stat, h in zip(shared, summed):
                 stat.hessian = h
             total = summed[-1].tolist()
@@ -546,7 +569,8 @@ def _rank_stats_class():
                 first = post(peers[0])
 
                 def done(wait, stat=stat, peers=peers, first=first, post=post):
-                    # summed in rank order as they arrive: at most two receive buffers at a time
+                    # summed in float64, in rank order as they arrive: at most two receive
+                    # buffers at a time (float32 ones are added as they are: exact in float64)
                     total, nxt, i = None, first, 0
                     for r in range(d.world):
                         if r == d.rank:
@@ -557,8 +581,11 @@ def _rank_stats_class():
                             if i < len(peers):
                                 nxt = post(peers[i])
                             wait(work)
-                            h = buf.to(stat.hessian.device, torch.float64)
-                        total = h if total is None else total.add_(h)
+                            h = buf.to(stat.hessian.device)
+                        if total is None:
+                            total = h.to(torch.float64) if h.dtype != torch.float64 else h
+                        else:
+                            total.add_(h)
                     stat.hessian = total
                 finish[g] = done
             return finish

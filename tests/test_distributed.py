@@ -99,7 +99,7 @@ def _worker(rank, world, init, out_dir):
     fd.solve_cost = lambda r, c: float(r) * c * c
     fd.factor_cost = lambda c: float(c) ** 3 / 3
     sends, isend = [0], dist.isend      # factors sent (the other messages: Hessians, rows)
-    dist.isend = lambda *a, **k: (sends.__setitem__(0, sends[0] + (k["tag"] % 3 == fd._FACTOR)), isend(*a, **k))[1]
+    dist.isend = lambda *a, **k: (sends.__setitem__(0, sends[0] + (k["tag"] % fd._KINDS == fd._FACTOR)), isend(*a, **k))[1]
     split = _weights(fxprune.transform(model, CASES["sparse_gpt_2of4"], EXAMPLE, calibration=calib))
     dist.isend = isend
     rows = seq._sparse_gpt_rows
