@@ -119,6 +119,63 @@ class Timeline:
             setattr(owner, attr, fn)
 
 
+class Counters:
+    """Per-rank, load-independent counts of the phase: minor page faults (``ru_minflt``: fresh
+    memory touched, about 2 us of CPU each here), bytes sent (point-to-point and tensor
+    collectives) and the SparseGPT plan of each block (its estimated cost and FLOPs per rank)."""
+
+    def __init__(self):
+        self.sent = {"p2p": 0, "collective": 0}
+        self.plans = []
+        self.saved = []
+
+    def install(self) -> None:
+        import torch.distributed as dist
+
+        import fxprune.distributed as fd
+        counters = self
+
+        def counting(owner, attr, kind):
+            fn = getattr(owner, attr)
+            self.saved.append((owner, attr, fn))
+
+            def counted(tensor, *args, **kwargs):
+                for t in tensor if isinstance(tensor, (list, tuple)) else [tensor]:
+                    counters.sent[kind] += t.numel() * t.element_size()
+                return fn(tensor, *args, **kwargs)
+            setattr(owner, attr, counted)
+        counting(dist, "isend", "p2p")
+        counting(dist, "send", "p2p")
+        counting(dist, "all_reduce", "collective")
+        plan = fd.plan_sparse_gpt
+        self.saved.append((fd, "plan_sparse_gpt", plan))
+
+        def planned(cols, rows, cuts, world):
+            out = plan(cols, rows, cuts, world)
+            counters.plans.append((list(cols), out))
+            return out
+        fd.plan_sparse_gpt = planned
+
+    def uninstall(self) -> None:
+        for owner, attr, fn in reversed(self.saved):
+            setattr(owner, attr, fn)
+
+
+def plan_work(plans, world: int) -> tuple[list[float], list[float]]:
+    """Estimated cost (the planner's units) and FLOPs of the SparseGPT step per rank, summed over
+    the blocks: an inverse factor ~ 2/3 n^3 (Cholesky and triangular inverse), the OBS update of
+    ``rows`` rows ~ rows x cols^2 (each pruned column's error spread over the later columns)."""
+    cost, flops = [0.0] * world, [0.0] * world
+    for cols, plan in plans:
+        for r in range(world):
+            cost[r] += plan.load[r]
+        for g, owner in enumerate(plan.owner):
+            flops[owner] += 2 / 3 * cols[g] ** 3
+            for r, r0, r1 in plan.ranges[g]:
+                flops[r] += (r1 - r0) * cols[g] ** 2
+    return cost, flops
+
+
 def sparse_gpt_worker(rank: int, world: int, store: str, blocks: int, out: str,
                       timeline: bool = False) -> None:
     import torch.distributed as dist
@@ -126,24 +183,31 @@ def sparse_gpt_worker(rank: int, world: int, store: str, blocks: int, out: str,
     import fxprune
     _init(rank, world, store)
     tl = Timeline() if timeline else None
+    counters = Counters()
     model = llm_model(blocks)
     g = torch.Generator().manual_seed(1)
     calibration = [torch.randint(0, 8000, (1, 128), generator=g) for _ in range(16)]
-    marks = {}
+    marks = {"blocks": []}
     # the phase starts when the capture ends (not with an on_block_start hook: with one, the
     # pass checks the weights a streaming caller loaded, work a plain call does not do)
     from fxprune.sequential import BlockSequentialRunner
     capture = BlockSequentialRunner.capture
 
+    def mark():     # wall, process CPU, minor page faults
+        return (time.perf_counter(), time.process_time(),
+                resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+
     def captured(runner):
         capture(runner)
-        marks["start"] = (time.perf_counter(), time.process_time())
+        marks["start"] = mark()
         marks["tl0"] = Timeline.now()
+        counters.install()
         if tl is not None:
             tl.install()
 
     def end(i, name, block):
-        marks["end"] = (time.perf_counter(), time.process_time())
+        marks["end"] = mark()
+        marks["blocks"].append(marks["end"])
         marks["tl1"] = Timeline.now()
 
     BlockSequentialRunner.capture = captured
@@ -151,11 +215,16 @@ def sparse_gpt_worker(rank: int, world: int, store: str, blocks: int, out: str,
     fxprune.transform(model, SPARSE_GPT, (calibration[0],), inplace=True, calibration=calibration,
                       on_block_end=end)
     BlockSequentialRunner.capture = capture
+    counters.uninstall()
     if tl is not None:
         tl.uninstall()
     span = [b - a for a, b in zip(marks["tl0"], marks["tl1"])]
-    seconds = (marks["end"][0] - marks["start"][0], marks["end"][1] - marks["start"][1],
-               span, tl.sums if tl is not None else None)
+    ends = [marks["start"]] + marks["blocks"]
+    per_block = [b[1] - a[1] for a, b in zip(ends, ends[1:])]     # process CPU of each block
+    seconds = {"wall": marks["end"][0] - marks["start"][0], "cpu": marks["end"][1] - marks["start"][1],
+               "span": span, "timeline": tl.sums if tl is not None else None,
+               "block_cpu": per_block, "faults": marks["end"][2] - marks["start"][2],
+               "sent": dict(counters.sent), "work": plan_work(counters.plans, world)}
     if rank == 0:
         weights = {n: p.detach().clone() for n, p in model.named_parameters()
                    if ".layers." in n and n.endswith("proj.weight")}
@@ -262,7 +331,8 @@ def print_timelines(timelines) -> None:
     print("| run | processes | rank | work | calls | wall s | CPU s | run-queue wait s | blocked s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r, world, times in timelines:
-        for rank, (_, _, span, sums) in enumerate(times):
+        for rank, t in enumerate(times):
+            span, sums = t["span"], t["timeline"]
             rows = sorted(sums.items(), key=lambda kv: -kv[1][1])
             rest = [span[0] - sum(v[1] for v in sums.values()), span[1] - sum(v[2] for v in sums.values()),
                     span[2] - sum(v[3] for v in sums.values())]
@@ -286,27 +356,37 @@ def main() -> None:
             print(f"A. block-sequential sparse_gpt 2:4, {args.blocks} blocks, 16 x 128 tokens, 1 thread per process")
             print("| run | processes | load avg (1/5/15 min) before | calibration + update: wall s, "
                   "slowest rank | run-queue wait s per rank | wall - run-queue wait s per rank | "
-                  "CPU s per rank |")
-            print("|---|---|---|---|---|---|---|")
+                  "CPU s per rank | critical path CPU s | minor faults per rank (k) | "
+                  "MB sent per rank (p2p + collective) |")
+            print("|---|---|---|---|---|---|---|---|---|---|")
             wall = {1: [], 2: []}
             own = {1: [], 2: []}     # wall minus the time spent ready to run on a busy machine
             cpu = {1: [], 2: []}
+            path = {1: [], 2: []}    # sum over blocks of the slowest rank's CPU in that block
             results = {}
             timelines = []
+            work_split = {}
             for r in range(args.repeat):
                 for world in (1, 2):
                     tag = str(work / f"sgpt{world}")
                     before = load()
                     spawn(sparse_gpt_worker, world, args.blocks, tag, args.timeline)
-                    times = torch.load(tag + ".times.pt")
-                    wall[world].append(max(t[0] for t in times))
-                    cpu[world].append(max(t[1] for t in times))
-                    own[world].append(max(t[2][0] - t[2][2] for t in times))
+                    times = torch.load(tag + ".times.pt", weights_only=False)
+                    wall[world].append(max(t["wall"] for t in times))
+                    cpu[world].append(max(t["cpu"] for t in times))
+                    own[world].append(max(t["span"][0] - t["span"][2] for t in times))
+                    path[world].append(sum(max(b) for b in zip(*(t["block_cpu"] for t in times))))
+                    work_split[world] = times[0]["work"]
                     results[world] = torch.load(tag + ".result.pt")
+                    def col(fn):
+                        return ", ".join(fn(t) for t in times)
                     print(f"| {r + 1} | {world} | {before} | {wall[world][-1]:.2f} | "
-                          f"{', '.join(f'{t[2][2]:.2f}' for t in times)} | "
-                          f"{', '.join(f'{t[2][0] - t[2][2]:.2f}' for t in times)} | "
-                          f"{', '.join(f'{t[1]:.2f}' for t in times)} |", flush=True)
+                          f"{col(lambda t: format(t['span'][2], '.2f'))} | "
+                          f"{col(lambda t: format(t['span'][0] - t['span'][2], '.2f'))} | "
+                          f"{col(lambda t: format(t['cpu'], '.2f'))} | {path[world][-1]:.2f} | "
+                          f"{col(lambda t: format(t['faults'] / 1e3, '.1f'))} | "
+                          f"{col(lambda t: format(t['sent']['p2p'] / 1e6, '.1f') + ' + ' + format(t['sent']['collective'] / 1e6, '.3f'))} |",
+                          flush=True)
                     timelines.append((r, world, times))
             if args.timeline:
                 print_timelines(timelines)
@@ -316,14 +396,24 @@ def main() -> None:
             same = [n for n in one if torch.equal(one[n] == 0, two[n] == 0)]
             diff = max(float((one[n] - two[n]).abs().max()) for n in same) if same else float("nan")
             ratios = sorted(a / b for a, b in zip(wall[1], wall[2]))
-            print(f"\nwall, best of {args.repeat}: 1 process {min(wall[1]):.2f} s, 2 processes "
+            (cost1, flops1), (cost2, flops2) = work_split[1], work_split[2]
+            print(f"\nSparseGPT step, all blocks (the plan, load-independent): estimated cost 1 process "
+                  f"{cost1[0]:.3g}, 2 processes {', '.join(f'{c:.3g}' for c in cost2)} per rank "
+                  f"(largest / even share {max(cost2) / (sum(cost2) / 2):.3f}); GFLOPs 1 process "
+                  f"{flops1[0] / 1e9:.2f}, 2 processes {', '.join(f'{f / 1e9:.2f}' for f in flops2)} per rank")
+            print(f"wall, best of {args.repeat}: 1 process {min(wall[1]):.2f} s, 2 processes "
                   f"{min(wall[2]):.2f} s: speedup {min(wall[1]) / min(wall[2]):.2f}x (target >= 1.6x); "
                   f"per pair {', '.join(f'{x:.2f}x' for x in ratios)}")
             print(f"wall minus run-queue wait (the main thread's time ready to run while other jobs "
                   f"held the cores), slowest rank, best: 1 process {min(own[1]):.2f} s, 2 processes "
                   f"{min(own[2]):.2f} s: {min(own[1]) / min(own[2]):.2f}x")
             print(f"CPU time of the slowest rank (load-independent), best: 1 process "
-                  f"{min(cpu[1]):.2f} s, 2 processes {min(cpu[2]):.2f} s: {min(cpu[1]) / min(cpu[2]):.2f}x")
+                  f"{min(cpu[1]):.2f} s, 2 processes {min(cpu[2]):.2f} s: {min(cpu[1]) / min(cpu[2]):.2f}x; "
+                  f"per pair {', '.join(f'{a / b:.2f}x' for a, b in zip(cpu[1], cpu[2]))}")
+            print(f"critical path (sum over blocks of the slowest rank's CPU in the block: the wall time "
+                  f"on an idle machine if waiting cost nothing), best: 1 process {min(path[1]):.2f} s, "
+                  f"2 processes {min(path[2]):.2f} s: {min(path[1]) / min(path[2]):.2f}x; per pair "
+                  f"{', '.join(f'{a / b:.2f}x' for a, b in zip(path[1], path[2]))}")
             print(f"masks: {flips} of {total} entries differ ({len(same)} of {len(one)} layers "
                   f"identical); max |weight difference| on the identical layers {diff:.2e}\n")
         if "B" not in args.skip:

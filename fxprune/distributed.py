@@ -476,6 +476,7 @@ def _rank_stats_class():
             self.parts: dict[int, list[tuple[int, int, Tensor]]] = {}
             self.adds: dict[int, int] = {}          # per statistic: Hessian products added here
             self.partial: dict[int, torch.dtype] = {}   # Hessians still partial: their wire dtype
+            self.means: dict[int, Tensor] = {}     # summed over the ranks: the float32 mean
 
         def new_batch(self, b: int) -> None:
             super().new_batch(b)
@@ -485,6 +486,10 @@ def _rank_stats_class():
             parts = self.parts.setdefault(id(stat), [])
             parts.append((self.batch, len(parts), s))
             super().add_sumsq(stat, s)
+
+        def hessian(self, t) -> Tensor:
+            mean = self.means.pop(id(self.stat_of[t.param]), None)
+            return mean if mean is not None else super().hessian(t)
 
         def _gram(self, feats: Tensor) -> Tensor:
             # a fresh product: the first one of each input is kept as this rank's partial
@@ -570,7 +575,8 @@ def _rank_stats_class():
 
                 def done(wait, stat=stat, peers=peers, first=first, post=post):
                     # summed in float64, in rank order as they arrive: at most two receive
-                    # buffers at a time (float32 ones are added as they are: exact in float64)
+                    # buffers at a time (float32 ones are added as they are: exact in float64);
+                    # the last addition is fused with the mean (mean_of_sum)
                     total, nxt, i = None, first, 0
                     for r in range(d.world):
                         if r == d.rank:
@@ -583,14 +589,38 @@ def _rank_stats_class():
                             wait(work)
                             h = buf.to(stat.hessian.device)
                         if total is None:
-                            total = h.to(torch.float64) if h.dtype != torch.float64 else h
-                        else:
+                            total = h
+                        elif r < d.world - 1:       # every buffer here is this rank's to change
+                            total = total if total.dtype == torch.float64 else total.to(torch.float64)
                             total.add_(h)
-                    stat.hessian = total
+                        else:
+                            self.means[id(stat)] = mean_of_sum(total, h, max(stat.count, 1))
+                    stat.hessian = None
                 finish[g] = done
             return finish
 
     return RankInputStats
+
+
+_MEAN_CHUNK = 1 << 16
+
+
+def mean_of_sum(a: Tensor, b: Tensor, count: int) -> Tensor:
+    """``((a + b) / count)`` rounded to float32, the sum and the division in float64: the same
+    bits as ``BlockInputStats.hessian`` of the float64 sum ``a + b``, without that sum's
+    full-size float64 buffer (chunk by chunk through a small one; the result is written over a
+    float32 operand when there is one: both are consumed)."""
+    out = a if a.dtype == torch.float32 else b if b.dtype == torch.float32 else torch.empty(
+        a.shape, dtype=torch.float32, device=a.device)
+    fa, fb, fo = a.reshape(-1), b.reshape(-1), out.view(-1)
+    tmp = torch.empty(min(_MEAN_CHUNK, fa.numel()), dtype=torch.float64, device=a.device)
+    for s in range(0, fa.numel(), _MEAN_CHUNK):
+        e = min(s + _MEAN_CHUNK, fa.numel())
+        t = tmp[:e - s]
+        t.copy_(fa[s:e])
+        t.add_(fb[s:e])
+        torch.div(t, count, out=fo[s:e])
+    return out
 
 
 _RANK_STATS = None
