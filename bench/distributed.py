@@ -127,6 +127,7 @@ class Counters:
     def __init__(self):
         self.sent = {"p2p": 0, "collective": 0}
         self.plans = []
+        self.spent = []
         self.saved = []
 
     def install(self) -> None:
@@ -150,30 +151,41 @@ class Counters:
         plan = fd.plan_sparse_gpt
         self.saved.append((fd, "plan_sparse_gpt", plan))
 
-        def planned(cols, rows, cuts, world):
-            out = plan(cols, rows, cuts, world)
-            counters.plans.append((list(cols), out))
+        def planned(cols, rows, cuts, world, **scales):
+            out = plan(cols, rows, cuts, world, **scales)
+            counters.plans.append((list(cols), out, bool(scales.get("factor_scale"))))
             return out
         fd.plan_sparse_gpt = planned
+        split = fd.Distributed.split_sparse_gpt
+        self.saved.append((fd.Distributed, "split_sparse_gpt", split))
+
+        def timed(d, *args, **kwargs):      # the CPU of this rank's factors and solves
+            out = split(d, *args, **kwargs)
+            counters.spent.append(sum(d.measured[-1][1]) if d.measured else float("nan"))
+            return out
+        fd.Distributed.split_sparse_gpt = timed
 
     def uninstall(self) -> None:
         for owner, attr, fn in reversed(self.saved):
             setattr(owner, attr, fn)
 
 
-def plan_work(plans, world: int) -> tuple[list[float], list[float]]:
-    """Estimated cost (the planner's units) and FLOPs of the SparseGPT step per rank, summed over
-    the blocks: an inverse factor ~ 2/3 n^3 (Cholesky and triangular inverse), the OBS update of
-    ``rows`` rows ~ rows x cols^2 (each pruned column's error spread over the later columns)."""
-    cost, flops = [0.0] * world, [0.0] * world
-    for cols, plan in plans:
-        for r in range(world):
-            cost[r] += plan.load[r]
+def plan_work(plans, world: int) -> dict:
+    """The SparseGPT step's FLOPs per rank over all blocks (an inverse factor ~ 2/3 n^3:
+    Cholesky and triangular inverse; the OBS update of ``rows`` rows ~ rows x cols^2: each
+    pruned column's error spread over the later columns), and the plan's cost per rank over the
+    blocks planned with measured costs (from the second on; in CPU seconds predicted)."""
+    flops, predicted = [0.0] * world, [0.0] * world
+    for cols, plan, scaled in plans:
         for g, owner in enumerate(plan.owner):
             flops[owner] += 2 / 3 * cols[g] ** 3
             for r, r0, r1 in plan.ranges[g]:
                 flops[r] += (r1 - r0) * cols[g] ** 2
-    return cost, flops
+        for r in range(world):
+            predicted[r] += plan.load[r] if scaled else 0.0
+    moved = sum(1 for _, plan, _ in plans for g, owner in enumerate(plan.owner)
+                if any(r != owner for r, _, _ in plan.ranges[g]))
+    return {"flops": flops, "predicted": predicted, "factors_sent": moved}
 
 
 def sparse_gpt_worker(rank: int, world: int, store: str, blocks: int, out: str,
@@ -224,7 +236,8 @@ def sparse_gpt_worker(rank: int, world: int, store: str, blocks: int, out: str,
     seconds = {"wall": marks["end"][0] - marks["start"][0], "cpu": marks["end"][1] - marks["start"][1],
                "span": span, "timeline": tl.sums if tl is not None else None,
                "block_cpu": per_block, "faults": marks["end"][2] - marks["start"][2],
-               "sent": dict(counters.sent), "work": plan_work(counters.plans, world)}
+               "sent": dict(counters.sent), "work": plan_work(counters.plans, world),
+               "sparse_gpt_cpu": sum(counters.spent)}
     if rank == 0:
         weights = {n: p.detach().clone() for n, p in model.named_parameters()
                    if ".layers." in n and n.endswith("proj.weight")}
@@ -377,6 +390,8 @@ def main() -> None:
                     own[world].append(max(t["span"][0] - t["span"][2] for t in times))
                     path[world].append(sum(max(b) for b in zip(*(t["block_cpu"] for t in times))))
                     work_split[world] = times[0]["work"]
+                    if world == 2:
+                        last2 = times
                     results[world] = torch.load(tag + ".result.pt")
                     def col(fn):
                         return ", ".join(fn(t) for t in times)
@@ -396,11 +411,15 @@ def main() -> None:
             same = [n for n in one if torch.equal(one[n] == 0, two[n] == 0)]
             diff = max(float((one[n] - two[n]).abs().max()) for n in same) if same else float("nan")
             ratios = sorted(a / b for a, b in zip(wall[1], wall[2]))
-            (cost1, flops1), (cost2, flops2) = work_split[1], work_split[2]
-            print(f"\nSparseGPT step, all blocks (the plan, load-independent): estimated cost 1 process "
-                  f"{cost1[0]:.3g}, 2 processes {', '.join(f'{c:.3g}' for c in cost2)} per rank "
-                  f"(largest / even share {max(cost2) / (sum(cost2) / 2):.3f}); GFLOPs 1 process "
-                  f"{flops1[0] / 1e9:.2f}, 2 processes {', '.join(f'{f / 1e9:.2f}' for f in flops2)} per rank")
+            w2 = work_split[2]
+            flops = w2["flops"]
+            pred = w2["predicted"]
+            print(f"\nSparseGPT step, all blocks, 2 processes (last run): GFLOPs per rank "
+                  f"{', '.join(f'{f / 1e9:.2f}' for f in flops)} (of {sum(flops) / 1e9:.2f}; largest / even "
+                  f"share {max(flops) / (sum(flops) / 2):.3f}); factors computed on another rank than "
+                  f"their rows: {w2['factors_sent']}; plan from the measured costs (blocks 2-{args.blocks}), "
+                  f"CPU s predicted per rank {', '.join(f'{p:.3f}' for p in pred)}, timed per rank "
+                  f"(all blocks) {', '.join(format(t['sparse_gpt_cpu'], '.3f') for t in last2)}")
             print(f"wall, best of {args.repeat}: 1 process {min(wall[1]):.2f} s, 2 processes "
                   f"{min(wall[2]):.2f} s: speedup {min(wall[1]) / min(wall[2]):.2f}x (target >= 1.6x); "
                   f"per pair {', '.join(f'{x:.2f}x' for x in ratios)}")
