@@ -7,8 +7,10 @@ A. Block-sequential SparseGPT (2:4, local, every decoder Linear) on the LLM benc
    sequences of 128 tokens given as 16 batches, merged into block batches of 1024 tokens (two
    block batches, one per rank with 2 processes; the same merging with 1 process). Time of the
    calibration + update phase: from the end of the capture (the calibration run up to the first
-   block) to the last block's end (``on_block_end``), the slowest rank's. Also checks that both
-   runs give the same masks, and reports the SparseGPT weight difference.
+   block) to the last block's end (``on_block_end``), the slowest rank's; the critical path (per
+   block, the slowest rank's CPU, summed); per rank the page faults and bytes sent, and the
+   SparseGPT step's FLOPs, planned and timed CPU. Also checks that both runs give the same
+   masks, and reports the SparseGPT weight difference.
 B. Global magnitude (1x1, 50 %) over a multi-shard checkpoint (random Llama, hidden 1024, FFN 2816,
    6 layers, vocab 8000, float32, 64 MB shards), 1 rank against 2 ranks: peak RSS per rank
    (``ru_maxrss``), its anonymous and file-backed parts, the RSS at the call and the weight bytes
