@@ -204,6 +204,18 @@ class Cut:
             pruned &= ~excluded
         return pruned
 
+    def pruned_part(self, keys: Tensor, ties_before: int) -> tuple[Tensor, int]:
+        """:meth:`pruned` on one part of the layer's keys (parts taken in flat order, none
+        excluded), given how many ties the earlier parts took: the part's mask and the ties taken
+        up to its end. The parts' masks, concatenated, equal the whole layer's mask."""
+        if self.count == 0:
+            return torch.zeros(keys.shape, dtype=torch.bool, device=keys.device), ties_before
+        if self.all_ties:
+            return keys <= self.threshold, ties_before
+        ties = keys == self.threshold
+        pruned = (keys < self.threshold) | _first_true(ties.reshape(-1), self.ties - ties_before).view(keys.shape)
+        return pruned, min(self.ties, ties_before + int(torch.count_nonzero(ties)))
+
 
 Cut.NOTHING = Cut(-1, 0, True, 0)
 
