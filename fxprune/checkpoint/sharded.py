@@ -168,12 +168,12 @@ class OneRank:
         return list(tensors)
 
 
-def row_pieces(rows: int, cols: int, world: int, limit: int = PIECE_ELEMENTS) -> list[list[tuple[int, int]]]:
+def row_pieces(rows: int, cols: int, world: int, limit: int | None = None) -> list[list[tuple[int, int]]]:
     """Each rank's pieces of a ``[rows, cols]`` tensor, as row ranges ``(start, stop)``: rank
     ``r`` takes the ``r``-th of ``world`` even row ranges, cut into pieces of at most ``limit``
-    entries (at least one row). Every rank computes the same pieces; in rank order, then piece
+    entries (default :data:`PIECE_ELEMENTS`; at least one row). Every rank computes the same pieces; in rank order, then piece
     order, they cover the rows once, in order."""
-    step = max(1, limit // max(cols, 1))
+    step = max(1, (PIECE_ELEMENTS if limit is None else limit) // max(cols, 1))
     out = []
     for r in range(world):
         start, stop = rows * r // world, rows * (r + 1) // world
