@@ -135,7 +135,7 @@ def _worker(rank, world, init, out_dir):
     # checkpoints: each case pruned by one process (per rank, its own output) and by both ranks
     src = os.path.join(out_dir, "llama")
     errors = {}
-    # global 1x1 magnitude works in row pieces: 3 rows of 64 at most, so the pieces and the tie
+    # global 1x1 magnitude works in row pieces: 200 entries (6 rows of 32) at most, so the pieces and the tie
     # split cross the ranks' row ranges; weight bytes read by each run
     import fxprune.checkpoint.sharded as sharded
     from fxprune.checkpoint.shards import ShardSet

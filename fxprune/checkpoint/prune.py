@@ -278,7 +278,7 @@ class _Job:
 
         if not pattern.layers_are_independent() and _ranks_with_plans(pattern):
             from .sharded import OneRank, prune_rows, rows_apply
-            if rows_apply(self, targets, pattern, criterion):
+            if rows_apply(targets, pattern, criterion):
                 def scores_of_rows(t, start, stop):
                     release_free_memory()
                     weight = self.shards.read_rows(self.key_of[t.param], start, stop)

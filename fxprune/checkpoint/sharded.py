@@ -1,16 +1,24 @@
-"""Checkpoints on several processes (``torch.distributed``): each rank owns some shard files.
+"""Checkpoints on several processes (``torch.distributed``), and the row-piece selection that
+also bounds one process's memory.
 
 - Shard files are assigned to ranks by size (largest first, to the least loaded rank); a rank
-  reads the weights of its own shards only (magnitude) and writes its own output shards; rank 0
-  writes the index, config and tokenizer files and the report, into one temporary directory that
-  rank 0 renames to ``out_dir`` once every rank has finished (``out_dir`` on a filesystem every
-  rank sees, for several nodes).
-- Magnitude, local scope: each rank prunes its own layers. Global scope with the built-in
-  ranking: the exact threshold and tie split come from histograms of the score bits summed over
-  the ranks (the two-pass radix select of :mod:`fxprune.selection`, with all-reduced counts), and
-  every rank decides the same per-layer cuts as one process does: bit-identical masks. Other
-  global rankings (channel blocks of differing sizes, user patterns) are decided on every rank
-  from all layers' scores (replicated reads), each rank writing its own layers.
+  writes its own output shards; rank 0 writes the index, config and tokenizer files and the
+  report, into one temporary directory that rank 0 renames to ``out_dir`` once every rank has
+  finished (``out_dir`` on a filesystem every rank sees, for several nodes).
+- Magnitude, global scope, 1x1 blocks, ``[out, in]`` weights (Linear; the usual LLM case): the
+  work goes by row pieces (:func:`prune_rows`). In the selection passes every rank reads its
+  share of the rows of every weight (rank ``r`` the ``r``-th of ``world`` even row ranges), cut
+  into pieces of at most :data:`PIECE_ELEMENTS` entries; the exact threshold and tie split come
+  from histograms of the score bits summed over the ranks (the two-pass radix select of
+  :mod:`fxprune.selection`, with all-reduced counts). The owner of a weight's shard then masks
+  and writes it piece by piece, in the same pieces. So no rank holds more than its share of one
+  weight (and of :data:`PIECE_ELEMENTS`) at a time, and the reads are split evenly. One process
+  runs the same code with one share per weight. Bit-identical masks.
+- Other magnitude groups: local scope, each rank prunes the layers of its own shards; other
+  global rankings with uniform blocks (4x1, N:M below its full target...): the same radix select
+  over whole layers, each rank reading the layers of its own shards. Rankings over blocks of
+  differing sizes and user patterns are decided on every rank from all layers' scores
+  (replicated reads), each rank writing its own layers.
 - ``activation`` / ``sparse_gpt``: data-parallel block-sequential calibration
   (:mod:`fxprune.distributed`); every rank loads each block (the weights are replicated), the
   rank owning a weight's shard writes it.
@@ -116,6 +124,7 @@ def sharded_cut(d, layers: list[int], k: int, keys: dict, excluded: dict) -> lis
     hi = int(torch.searchsorted(high.cumsum(0), k))
     del high
     in_bin: dict[int, list[torch.Tensor]] = {}
+    start = hi << 16
 
     def low_bits():
         below = torch.zeros(len(layers), dtype=torch.int64)
@@ -123,10 +132,11 @@ def sharded_cut(d, layers: list[int], k: int, keys: dict, excluded: dict) -> lis
         for j, i in own:
             in_bin[j] = []
             for kk in parts(i):
-                top = kk >> 16      # (counts with count_nonzero: a bool .sum() makes an int64 copy)
-                below[j] += int(torch.count_nonzero(top < hi))
-                in_bin[j].append(kk[top == hi] & 0xFFFF)
-                del top
+                # high bits below / equal to hi, compared on the keys themselves (finite float
+                # bits: no overflow), with bool temporaries only (count_nonzero: a bool .sum()
+                # makes an int64 copy)
+                below[j] += int(torch.count_nonzero(kk < start))
+                in_bin[j].append(kk[(kk >= start) & (kk < start + (1 << 16))] & 0xFFFF)
                 low += _histogram(in_bin[j][-1])
         return below, low
 
@@ -171,8 +181,8 @@ class OneRank:
 def row_pieces(rows: int, cols: int, world: int, limit: int | None = None) -> list[list[tuple[int, int]]]:
     """Each rank's pieces of a ``[rows, cols]`` tensor, as row ranges ``(start, stop)``: rank
     ``r`` takes the ``r``-th of ``world`` even row ranges, cut into pieces of at most ``limit``
-    entries (default :data:`PIECE_ELEMENTS`; at least one row). Every rank computes the same pieces; in rank order, then piece
-    order, they cover the rows once, in order."""
+    entries (default :data:`PIECE_ELEMENTS`; at least one row). Every rank computes the same
+    pieces; in rank order, then piece order, they cover the rows once, in order."""
     step = max(1, (PIECE_ELEMENTS if limit is None else limit) // max(cols, 1))
     out = []
     for r in range(world):
@@ -181,7 +191,7 @@ def row_pieces(rows: int, cols: int, world: int, limit: int | None = None) -> li
     return out
 
 
-def rows_apply(job, targets, pattern, criterion) -> bool:
+def rows_apply(targets, pattern, criterion) -> bool:
     """Whether a global group can be selected and written in row pieces: the built-in magnitude
     (scores entry by entry), 1x1 blocks ranked by the base selection with no per-layer minimum,
     and weights whose 2-D view is the stored ``[out, in]`` tensor (rows of the view are rows of
