@@ -351,6 +351,7 @@ class _Job:
         zeros = 0
         for share in row_pieces(entry.rows, entry.numel // max(entry.rows, 1), world):
             for start, stop in share:
+                release_free_memory()   # the last piece's freed buffer stays resident until trimmed
                 zeros += _count_zeros(self.shards.read_rows(key, start, stop))
         release_free_memory()
         return zeros
