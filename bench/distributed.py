@@ -11,8 +11,9 @@ A. Block-sequential SparseGPT (2:4, local, every decoder Linear) on the LLM benc
    runs give the same masks, and reports the SparseGPT weight difference.
 B. Global magnitude (1x1, 50 %) over a multi-shard checkpoint (random Llama, hidden 1024, FFN 2816,
    6 layers, vocab 8000, float32, 64 MB shards), 1 rank against 2 ranks: peak RSS per rank
-   (``ru_maxrss``), its anonymous and file-backed parts, the RSS at the call and the weight bytes
-   each rank reads; the outputs must be equal.
+   (``ru_maxrss``), its anonymous and file-backed parts, the RSS at the call, the RSS once the
+   skeleton is built and its targets found (what every rank holds) and the peak's part above it
+   (the tensor work), and the weight bytes each rank reads; the outputs must be equal.
 
 The machine is shared: runs alternate (1, 2, 1, 2...) and the load average is printed with each.
 """

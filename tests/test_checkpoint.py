@@ -67,6 +67,7 @@ CASES = {
     "2:4 local": {"target_sparsity": 0.5, "pattern": "2:4"},
     "unstructured local": {"target_sparsity": 0.55, "pattern": "1x1"},
     "unstructured global": GLOBAL_1X1,
+    "unstructured global, last linear too": {**GLOBAL_1X1, "exclude_last_linear": False},
     "2:4 global below N/M": {"target_sparsity": 0.3, "pattern": "2:4", "pruning_scope": "global"},
     "4x1 global, capped, last linear too": {"target_sparsity": 0.6, "pattern": "4x1", "pruning_scope": "global",
                                             "max_sparsity_ratio_per_op": 0.7, "exclude_last_linear": False},
