@@ -13,8 +13,9 @@ A. Block-sequential SparseGPT (2:4, local, every decoder Linear) on the LLM benc
    masks, and reports the SparseGPT weight difference.
 B. Global magnitude (1x1, 50 %) over a multi-shard checkpoint (random Llama, hidden 1024, FFN 2816,
    6 layers, vocab 8000, float32, 64 MB shards), 1 rank against 2 ranks: peak RSS per rank
-   (``ru_maxrss``), its anonymous and file-backed parts, the RSS at the call and the weight bytes
-   each rank reads; the outputs must be equal.
+   (``ru_maxrss``), its anonymous and file-backed parts, the RSS at the call, the RSS once the
+   skeleton is built and its targets found (what every rank holds) and the peak's part above it
+   (the tensor work), and the weight bytes each rank reads; the outputs must be equal.
 
 The machine is shared: runs alternate (1, 2, 1, 2...) and the load average is printed with each.
 """
@@ -271,14 +272,20 @@ def magnitude_worker(rank: int, world: int, store: str, src: str, out: str, tag:
     import fxprune
     from fxprune.checkpoint.shards import ShardSet
     _init(rank, world, store)
+    from fxprune.checkpoint.prune import _Job
     read = [0]                  # weight bytes this rank reads from the shards
-    plain_read = ShardSet.read
+    plain_read, plain_init = ShardSet._read, _Job.__init__
 
-    def counted(self, key):
-        entry = self.entries[key]
-        read[0] += entry.end - entry.begin
-        return plain_read(self, key)
-    ShardSet.read = counted
+    def counted(entry, begin, end):
+        read[0] += end - begin
+        return plain_read(entry, begin, end)
+
+    def init(self, *args, **kwargs):   # what every rank holds: imports, the skeleton, its targets
+        plain_init(self, *args, **kwargs)
+        held.update(_rss_parts())
+    ShardSet._read = staticmethod(counted)
+    _Job.__init__ = init
+    held: dict[str, int] = {}
     before = _rss_now()
     start_parts = _rss_parts()
     peak = dict(start_parts)
@@ -296,10 +303,10 @@ def magnitude_worker(rank: int, world: int, store: str, src: str, out: str, tag:
     seconds = time.perf_counter() - start
     stop.set()
     sampler.join()
-    ShardSet.read = plain_read
+    ShardSet._read, _Job.__init__ = staticmethod(plain_read), plain_init
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     stats = [None] * world
-    dist.all_gather_object(stats, (maxrss, maxrss - before, seconds, peak, start_parts, read[0]))
+    dist.all_gather_object(stats, (maxrss, maxrss - before, seconds, peak, start_parts, read[0], held))
     if rank == 0:
         torch.save(stats, tag + ".rss.pt")
     dist.destroy_process_group()
@@ -446,10 +453,13 @@ def main() -> None:
             size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
             print(f"B. global magnitude 1x1 50 % over {src.name}: {size / 1e6:.0f} MB in {shards} shards")
             print("per rank: peak RSS (ru_maxrss), its anonymous and file-backed parts (sampled every "
-                  "2 ms from /proc/self/status), RSS at the call, weight bytes read from the shards")
+                  "2 ms from /proc/self/status), RSS at the call, RSS once the skeleton is built and "
+                  "its targets found (what every rank holds), the peak's part above that (the "
+                  "tensor work), weight bytes read from the shards")
             print("| run | ranks | load avg before | wall s | peak RSS per rank MB | peak anonymous MB | "
-                  "peak file-backed MB | RSS at the call MB | weights read MB |")
-            print("|---|---|---|---|---|---|---|---|---|")
+                  "peak file-backed MB | RSS at the call MB | RSS with the skeleton MB | "
+                  "peak above it MB | weights read MB |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|")
             outs = {}
             peaks = {1: [], 2: []}
             for r in range(args.repeat):
@@ -461,10 +471,14 @@ def main() -> None:
                     outs[world] = out
                     peaks[world].append(max(s[0] for s in stats))
 
+                    above = ", ".join(f"{(s[0] - s[6]['VmRSS']) / 1e6:.0f}" for s in stats)
+
                     def col(i, part=None):
                         return ", ".join(f"{(s[i] if part is None else s[i][part]) / 1e6:.0f}" for s in stats)
                     print(f"| {r + 1} | {world} | {before} | {max(s[2] for s in stats):.1f} | {col(0)} | "
-                          f"{col(3, 'RssAnon')} | {col(3, 'RssFile')} | {col(4, 'VmRSS')} | {col(5)} |",
+                          f"{col(3, 'RssAnon')} | {col(3, 'RssFile')} | {col(4, 'VmRSS')} | "
+                          f"{col(6, 'VmRSS')} | {above} | "
+                          f"{col(5)} |",
                           flush=True)
             print(f"\npeak RSS of the largest rank, per run: 1 rank {', '.join(f'{p / 1e6:.0f}' for p in peaks[1])} MB, "
                   f"2 ranks {', '.join(f'{p / 1e6:.0f}' for p in peaks[2])} MB")

@@ -145,11 +145,23 @@ def _worker(rank, world, init, out_dir):
     # checkpoints: each case pruned by one process (per rank, its own output) and by both ranks
     src = os.path.join(out_dir, "llama")
     errors = {}
+    # global 1x1 magnitude works in row pieces: 200 entries (6 rows of 32) at most, so the pieces and the tie
+    # split cross the ranks' row ranges; weight bytes read by each run
+    import fxprune.checkpoint.sharded as sharded
+    from fxprune.checkpoint.shards import ShardSet
+    plain_read, read = ShardSet._read, [0]
+    ShardSet._read = staticmethod(lambda entry, b, e: (read.__setitem__(0, read[0] + e - b), plain_read(entry, b, e))[1])
+    sharded.PIECE_ELEMENTS, reads = 200, {}
     for name, cfg in CHECKPOINT_CASES.items():
         calibration = os.path.join(out_dir, "ids.pt") if cfg["pruning_type"] != "magnitude" else None
+        read[0] = 0
         fxprune.prune_checkpoint(src, cfg, os.path.join(out_dir, f"{name}.alone{rank}"),
                                  calibration=calibration, group=alone[rank])
+        reads[name], read[0] = [read[0]], 0
         fxprune.prune_checkpoint(src, cfg, os.path.join(out_dir, f"{name}.both"), calibration=calibration)
+        reads[name].append(read[0])
+    ShardSet._read = staticmethod(plain_read)
+    errors["reads"] = reads
     try:    # exists: rank 0 finds it, both stop
         fxprune.prune_checkpoint(src, CHECKPOINT_CASES["magnitude_global_1x1"],
                                  os.path.join(out_dir, "magnitude_local_2of4.both"))
@@ -346,6 +358,14 @@ def test_sharded_checkpoint_is_bit_identical_to_one_process(runs, case):
     zeros = sum(int((t == 0).sum()) - int((dense[k] == 0).sum()) for k, t in _tensors(both).items())
     assert zeros > 0
     assert not [p for p in out.iterdir() if ".partial-" in p.name]     # no leftovers
+
+
+def test_sharded_global_magnitude_splits_the_reads_between_the_ranks(runs):
+    # each rank reads its half of every weight's rows in the selection passes and writes its own
+    # shards: together they read what one process reads, each well under it
+    (alone0, both0), (alone1, both1) = (r["reads"]["magnitude_global_1x1"] for r in runs["checkpoint_errors"])
+    assert alone0 == alone1 == both0 + both1
+    assert max(both0, both1) < 0.7 * alone0
 
 
 def test_sharded_checkpoint_error_stops_both_ranks(runs):
