@@ -375,3 +375,21 @@ def test_sparse_gpt_groups_sharing_an_input_each_get_its_hessian():
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
             checked += 1
     assert checked == 6
+
+
+def test_block_statistics_hold_no_input_alive_between_batches(monkeypatch):
+    """The inputs a block's statistics have seen (to share one statistic between q/k/v) are
+    remembered by weak reference: once a batch's forward is over, none of them is kept alive."""
+    import fxprune.passes.sequential as seqpass
+    checked = []
+    real = seqpass.BlockInputStats.new_batch
+
+    def new_batch(self, b):
+        if b:
+            assert self.seen and all(ref() is None for ref, _ in self.seen.values())
+            checked.append(b)
+        return real(self, b)
+    monkeypatch.setattr(seqpass.BlockInputStats, "new_batch", new_batch)
+    model = _llama(2)
+    _prune(model, _cfg("sparse_gpt", "2:4", block_batch_tokens=0), _calib(3), inplace=True)
+    assert checked == [1, 2, 1, 2]      # 3 block batches, 2 blocks
