@@ -150,7 +150,7 @@ def _fxprune_runner(job):
 
     crit, pattern = METHODS[job["method"]][:2]
     config = {"pruning_type": crit, "pattern": pattern, "target_sparsity": TARGET,
-              "pruning_scope": "local"}
+              "pruning_scope": "local", **job.get("fx_config", {})}
 
     def prepare(model, calib):
         b = job["fx_calib_batch"]
@@ -343,6 +343,8 @@ class Runner:
     def tools(self) -> dict:
         """tool -> (interpreter, fxprune source tree)."""
         tools = {"fxprune": (sys.executable, self.args.fxprune_path)}
+        for spec in self.args.fx_variant or []:
+            tools[f"fxprune {spec}"] = (sys.executable, self.args.fxprune_path)
         if self.args.baseline_path:
             tools[BASELINE] = (sys.executable, self.args.baseline_path)
         if self.peer:
@@ -362,7 +364,8 @@ class Runner:
                 job = {"tool": tool, "method": method, "model": model_label,
                        "model_dir": str(model_dir), "threads": self.args.threads,
                        "fxprune_path": tools[tool][1],
-                       "fx_calib_batch": self.args.fx_calib_batch, "pattern_check": pattern}
+                       "fx_calib_batch": self.args.fx_calib_batch, "pattern_check": pattern,
+                       "fx_config": fx_config(tool)}
                 if save:
                     job["save"] = str(self.cache / "out" / _slug(f"{model_label}-{method}-{tool}-{rep}-{os.getpid()}.safetensors"))
                     Path(job["save"]).parent.mkdir(parents=True, exist_ok=True)
@@ -375,6 +378,21 @@ class Runner:
                     r["weights"] = job["save"]
                 results[tool].append(r)
         return results
+
+
+def fx_config(tool: str) -> dict:
+    """The config keys a ``--fx-variant`` tool ("fxprune key=value,key=value") adds (values
+    read as JSON, else as strings)."""
+    if not tool.startswith("fxprune "):
+        return {}
+    out = {}
+    for item in tool[len("fxprune "):].split(","):
+        key, _, value = item.partition("=")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value.strip()
+    return out
 
 
 # ====================================================================== tables
@@ -397,13 +415,14 @@ def trained_table(results: dict, dense_ppl: float, basis: str) -> str:
             "time / peer (<= 0.5)", "RSS <= peer", "ppl <= peer"]
     rows = [["dense", "", "", "", "", f"{dense_ppl:.4f}", "0", "", "", ""]]
     for method, per_tool in results.items():
-        fx, peer = per_tool["fxprune"], per_tool.get(PEER)
+        peer = per_tool.get(PEER)
         for tool, runs in per_tool.items():
+            fx = runs
             cells = [method, tool, _span([r["time"] for r in runs], "{:.2f}"),
                      _span([r["peak_mb"] for r in runs], "{:.0f}"),
                      _span([r["forwards"] for r in runs], "{:d}"),
                      _span([r["ppl"] for r in runs], "{:.4f}"), _sparsity_cell(runs)]
-            if tool == "fxprune" and peer:
+            if tool != PEER and tool != BASELINE and peer:
                 ratio = min(r["time"] for r in fx) / min(r["time"] for r in peer)
                 rss_ok = min(r["peak_mb"] for r in fx) <= min(r["peak_mb"] for r in peer)
                 ppl_ok = max(r["ppl"] for r in fx) <= min(r["ppl"] for r in peer)
@@ -500,6 +519,9 @@ def main(argv=None) -> None:
     ap.add_argument("--peer-python", help="interpreter with llmcompressor installed "
                                           "(default $FXPRUNE_BENCH_PEER_PYTHON, .venv-llmc)")
     ap.add_argument("--no-peer", action="store_true", help="fxprune only")
+    ap.add_argument("--fx-variant", action="append", metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="also run fxprune with these config keys (JSON values), as one more tool "
+                         "in the alternation, e.g. true_sequential=false; repeatable")
     ap.add_argument("--baseline-path", help="also run the fxprune of this source tree (e.g. an "
                                             "export of main), as a third tool in the alternation")
     ap.add_argument("--time", choices=["wall", "cpu"], default="wall",
