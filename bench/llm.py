@@ -61,6 +61,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 SEQ = 128                 # calibration and evaluation sequence length (tokens)
 CALIB_SEQUENCES = 16
+CALIB_SEED = 123          # the trained model's calibration draw
 TARGET = 0.5
 
 # The trained model: small enough to train in minutes on 2 cores, shaped like the depth models
@@ -110,7 +111,7 @@ def worker(job: dict) -> dict:
     with torch.no_grad():
         for p in model.parameters():
             p.sum()
-    calib = torch.load(Path(job["model_dir"]) / "calibration.pt")
+    calib = torch.load(job.get("calibration") or Path(job["model_dir"]) / "calibration.pt")
     counts = {"real": 0, "traced": 0}
 
     def count(module, args, kwargs):
@@ -257,12 +258,29 @@ def trained_model(cache: Path):
         model = _llama(TRAINED, TRAINING["seed"])
         quality.train_lm(model, train, steps=TRAINING["steps"], lr=TRAINING["lr"],
                          seed=TRAINING["seed"], batch=TRAINING["batch"], log_every=25)
-        g = torch.Generator().manual_seed(123)
+        g = torch.Generator().manual_seed(CALIB_SEED)
         calib = quality.lm_batch(train, CALIB_SEQUENCES, g)
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_model_dir(path, model.eval(), calib)
         log(f"trained in {time.time() - start:.0f}s")
     return path, held, perplexity_of(path, None, held)
+
+
+def trained_calibration(cache: Path, seed: int | None) -> Path | None:
+    """The trained model's calibration drawn with ``seed`` (None: the one saved with the model)."""
+    import quality
+    import torch
+
+    if seed is None:
+        return None
+    path = cache / "calibration" / f"stdlib-{_tag(TRAINED, TRAINING, SEQ, CALIB_SEQUENCES)}-{seed}.pt"
+    if not path.exists():
+        train, _ = quality.stdlib_corpus(4_000_000, 400_000)
+        ids = quality.lm_batch(train, CALIB_SEQUENCES, torch.Generator().manual_seed(seed))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ids, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+    return path
 
 
 def random_model(cache: Path, blocks: int) -> Path:
@@ -351,7 +369,8 @@ class Runner:
             tools[PEER] = (self.peer, self.args.fxprune_path)
         return tools
 
-    def alternate(self, model_label: str, model_dir: Path, method: str, save: bool) -> dict:
+    def alternate(self, model_label: str, model_dir: Path, method: str, save: bool,
+                  calibration: Path | None = None) -> dict:
         """``reps`` runs of each tool, alternating (the order turns by one tool per repetition);
         results[tool] is a list of run dicts."""
         tools = self.tools()
@@ -366,6 +385,8 @@ class Runner:
                        "fxprune_path": tools[tool][1],
                        "fx_calib_batch": self.args.fx_calib_batch, "pattern_check": pattern,
                        "fx_config": fx_config(tool)}
+                if calibration is not None:
+                    job["calibration"] = str(calibration)
                 if save:
                     job["save"] = str(self.cache / "out" / _slug(f"{model_label}-{method}-{tool}-{rep}-{os.getpid()}.safetensors"))
                     Path(job["save"]).parent.mkdir(parents=True, exist_ok=True)
@@ -522,6 +543,10 @@ def main(argv=None) -> None:
     ap.add_argument("--fx-variant", action="append", metavar="KEY=VALUE[,KEY=VALUE]",
                     help="also run fxprune with these config keys (JSON values), as one more tool "
                          "in the alternation, e.g. true_sequential=false; repeatable")
+    ap.add_argument("--calib-seeds", type=int, nargs="+", metavar="SEED",
+                    help="trained part: run every method once per calibration draw (16 x 128 "
+                         "bytes of the training text drawn with this seed; the default draw is "
+                         f"seed {CALIB_SEED})")
     ap.add_argument("--baseline-path", help="also run the fxprune of this source tree (e.g. an "
                                             "export of main), as a third tool in the alternation")
     ap.add_argument("--time", choices=["wall", "cpu"], default="wall",
@@ -577,11 +602,14 @@ def main(argv=None) -> None:
     if trained_dir:
         results = {}
         for method in methods:
-            results[method] = runner.alternate("trained", trained_dir, method, save=True)
-            for runs in results[method].values():
-                for r in runs:
-                    r["ppl"] = perplexity_of(trained_dir, Path(r["weights"]), held)
-                    Path(r["weights"]).unlink()
+            for seed in args.calib_seeds or [None]:
+                key = method if seed is None else f"{method}, calibration seed {seed}"
+                results[key] = runner.alternate("trained", trained_dir, method, save=True,
+                                                calibration=trained_calibration(cache, seed))
+                for runs in results[key].values():
+                    for r in runs:
+                        r["ppl"] = perplexity_of(trained_dir, Path(r["weights"]), held)
+                        Path(r["weights"]).unlink()
         sections.append(f"### Trained Llama ({TRAINED['num_hidden_layers']} blocks, hidden "
                         f"{TRAINED['hidden_size']}, FFN {TRAINED['intermediate_size']}, byte "
                         f"vocabulary), {CALIB_SEQUENCES} x {SEQ} calibration, local scope, "

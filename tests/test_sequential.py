@@ -514,3 +514,9 @@ def test_true_sequential_with_dense_propagation_passes_on_the_dense_block():
 def test_true_sequential_must_be_a_bool():
     with pytest.raises(ConfigError, match="true_sequential"):
         _prune(_llama(2), _cfg("sparse_gpt", "2:4", true_sequential="yes"), _calib())
+
+
+def test_true_sequential_on_the_whole_model_path_warns():
+    model, calib = _llama(2), _calib()
+    with pytest.warns(UserWarning, match=r"true_sequential .*pruning_configs\[0\].*block_sequential is false"):
+        _prune(model, _cfg("activation", "2:4", true_sequential=True, block_sequential=False), calib)

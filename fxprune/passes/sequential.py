@@ -136,6 +136,11 @@ class BlockSequentialPass(Pass):
     def call(self, ctx: PruneContext) -> None:
         p = plan(ctx)
         ctx.block_plan = p
+        if ctx.config.true_sequential and p.whole_model:
+            import warnings
+            warnings.warn("true_sequential applies to block-sequential calibration only; "
+                          + "; ".join(f"pruning_configs[{i}] records every layer at once ({r})"
+                                      for i, r in p.whole_model.items()), stacklevel=2)
         if p.blocks is None or not p.groups:
             log.info("fxprune: %s", p.describe())
             return
