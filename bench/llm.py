@@ -44,6 +44,11 @@ say so and only fxprune runs.
 
 On a shared, loaded machine wall times are noise: ``--threads 1 --time cpu`` compares the CPU
 time of the pruning calls instead (one thread: what each call takes alone on one core).
+
+``--fx-variant KEY=VALUE[,KEY=VALUE]`` adds fxprune with those config keys as one more tool in
+the alternation (e.g. ``true_sequential=true``); ``--calib-seeds 1 2 3`` runs the trained part
+once per calibration draw (16 x 128 bytes of the training text drawn with that seed), to tell a
+difference in perplexity from the noise of one draw.
 """
 from __future__ import annotations
 

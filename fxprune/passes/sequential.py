@@ -185,6 +185,7 @@ def prune_block(ctx: PruneContext, p: BlockPlan, step: BlockStep) -> None:
                 _activation(ctx, group, group_targets, stats)
         p.stages += 1
         left = [t for t in left if t.param not in stage]
+        del stats               # not alive during the next stage's recording
     for t in targets:
         weight = model.get_parameter(t.param)
         ctx.zero_counts[t.param] = int((weight == 0).sum())   # (several times faster than count_nonzero)
@@ -487,6 +488,10 @@ class BlockInputStats:
         self.observe(t, x)
         self.calls[t.param] = self.calls.get(t.param, 0) + 1
         if self.stop_after is not None:
+            if self.uses[t.param] == 1:     # the layers sharing this input (known after the
+                for m in self.stat_of[t.param].members:   # first batch) have nothing more to add
+                    if self.uses[m.param] == 1:
+                        self.calls.setdefault(m.param, 1)
             if len(self.calls) == len(self.stop_after) and all(
                     self.calls[p] >= n for p, n in self.stop_after.items()):
                 raise StopForward
