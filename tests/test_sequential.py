@@ -520,3 +520,18 @@ def test_true_sequential_on_the_whole_model_path_warns():
     model, calib = _llama(2), _calib()
     with pytest.warns(UserWarning, match=r"true_sequential .*pruning_configs\[0\].*block_sequential is false"):
         _prune(model, _cfg("activation", "2:4", true_sequential=True, block_sequential=False), calib)
+
+
+def test_true_sequential_recording_forwards_run_only_up_to_their_stage():
+    """Block 0's linear products with 3 block batches: the discovery run (7); stage q/k/v: the
+    first batch runs to o_proj's pre-hook (3), the others stop at q_proj's (0: k/v share its
+    input); stage o: 4 then 3 + 3; stage gate/up: 6 then 4 + 4 (up shares gate's input); stage
+    down: 6 x 3; then the pruned block propagates (7 x 3)."""
+    model = _llama(2)
+    runs = []
+    for m in model.model.layers[0].modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda *a: runs.append(1))
+    cfg = _cfg("sparse_gpt", "2:4", true_sequential=True, block_batch_tokens=0)
+    fxprune.transform(model, cfg, EXAMPLE, calibration=_calib(3), inplace=True)
+    assert len(runs) == 7 + 3 + (4 + 3 + 3) + (6 + 4 + 4) + 6 * 3 + 7 * 3
