@@ -286,8 +286,9 @@ def test_sparse_gpt_work_is_split_between_the_ranks(runs):
             assert counts[case][0][1] == (8, 512)                  # alone: 2 blocks x (4, 256)
         factors = [counts[case][1][1][0] for counts in per_rank]
         rows = [counts[case][1][1][1] for counts in per_rank]
-        assert sum(factors) == 8 and min(factors) > 0
-        assert sum(rows) == 512 and min(rows) > 0
+        assert sum(factors) == 8 and sum(rows) == 512             # each piece on one rank
+        if case != "sparse_gpt_1x1_true_sequential":    # (a stage's step has a single factor)
+            assert min(factors) > 0 and min(rows) > 0
     assert per_rank[0]["wanda_1x1"][1][1] == (0, 0)
 
 
