@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..selection import budget, ceil_budget
+from ..selection import budget, ceil_budget, materialize
 from .analysis import ChannelAnalysis
 from .hf_config import fit_hf_configs
 from .slicing import get_tensor
@@ -151,10 +151,11 @@ def plan_channels(ctx, groups) -> CompactionPlan:
     notes.update({t.param: NO_USE for t in members if (t.param, output_dim(t)) not in plan.analysis.axes})
     plan.notes = notes
     dead_rows = plan.dead_rows()
-    for t in members:
-        keep = torch.ones(t.geometry.view_shape, dtype=torch.bool)
+    for t in members:  # whole rows: one flag per row, seen as the view's shape (no copy)
+        rows, cols = t.geometry.view_shape
+        keep = torch.ones(rows, dtype=torch.bool)
         keep[torch.as_tensor(dead_rows[t.param], dtype=torch.long)] = False
-        ctx.masks[t.param] = keep
+        ctx.masks[t.param] = keep[:, None].expand(rows, cols)
         ctx.scores.pop(t.param, None)
     return plan
 
@@ -290,8 +291,8 @@ def _classes(an: ChannelAnalysis, members, scores) -> dict[int, ChannelClass]:
         if ax is None:
             continue  # its output is never used by an op the analysis follows
         sums = maxes = None
-        if scores is not None:
-            s = scores[t.param]
+        if scores is not None:  # one layer's scores at a time (a LazyScores computed here)
+            s = materialize(scores[t.param])
             sums, maxes = _row_sums(s), s.amax(dim=1).double().cpu().numpy() if s.shape[1] else np.zeros(s.shape[0])
         layers.append((t.param, t.geometry.view_shape[1], t.group.index if t.group is not None else None,
                        an.roots(ax.atoms), sums, maxes))

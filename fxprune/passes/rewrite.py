@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..compaction import zero_removed
+from ..compaction import output_dim, zero_removed
 from ..geometry import from_view_2d
 from ..extensions import calling
 from .base import Pass
@@ -50,17 +50,34 @@ def apply_keep_mask(model, t, keep: torch.Tensor) -> None:
     """Zero the weights of ``t`` that ``keep`` (the view's keep-mask) prunes, in place, and the
     bias/BatchNorm entries of whole pruned channels. Call under ``torch.no_grad()``."""
     weight = model.get_parameter(t.param)
+    if t.pattern.prunes_output_channels:
+        # rows are kept or pruned whole (checked with the mask): only the pruned rows are
+        # touched, as ``mul_`` by the mask would (a zero keeps the weight's sign)
+        dead = dead_rows(keep)
+        index = dead.nonzero().flatten().to(weight.device)
+        if index.numel():
+            dim = output_dim(t)
+            weight.index_copy_(dim, index, weight.index_select(dim, index).mul_(0))
+        _zero_followers(model, t, dead)
+        return
     weight.mul_(from_view_2d(keep, t.geometry).to(device=weight.device, dtype=weight.dtype))
-    zero_pruned_channels(model, t, keep)
+
+
+def dead_rows(keep: torch.Tensor) -> torch.Tensor:
+    """The rows (output channels) a whole-row keep-mask prunes."""
+    return ~keep[:, 0] if keep.shape[1] else torch.ones(keep.shape[0], dtype=torch.bool, device=keep.device)
 
 
 def zero_pruned_channels(model, t, keep: torch.Tensor) -> None:
     """Output-channel patterns: zero the bias and BatchNorm entries of the channels that ``keep``
     (the view's keep-mask) prunes whole; other patterns: nothing."""
     if t.pattern.prunes_output_channels:
-        dead = ~keep.any(dim=1)  # rows of the view are output channels
-        for name in ([t.bias] if t.bias else []) + t.channel_followers:
-            _zero_channels(model, name, dead)
+        _zero_followers(model, t, ~keep.any(dim=1))  # rows of the view are output channels
+
+
+def _zero_followers(model, t, dead: torch.Tensor) -> None:
+    for name in ([t.bias] if t.bias else []) + t.channel_followers:
+        _zero_channels(model, name, dead)
 
 
 def _zero_channels(model, name: str, dead: torch.Tensor) -> None:

@@ -13,7 +13,6 @@ from typing import Sequence
 import torch
 
 from ..checks import check_weights
-from ..compaction import joint_selection
 from ..criteria import Criterion
 from ..registry import get_criterion_class
 from ..errors import ExtensionError, WeightError
@@ -53,10 +52,10 @@ class ScorePass(Pass):
             with calling(criterion, "prepare", f"for {group.where}"):
                 criterion.prepare(ctx)
             ctx.criteria[group.index] = criterion  # the rewrite pass calls its update_weights
-            # joint channel selection reads every layer's scores at once: real tensors
-            lazy = not joint_selection(ctx, targets[0].pattern)
+            # lazy where the criterion can (|w|): a layer's scores are computed when the mask
+            # pass reads them and freed after, never held for every layer at once
             for t in targets:
-                ctx.scores.update(score_targets(ctx.model, [t], criterion, lazy=lazy))
+                ctx.scores.update(score_targets(ctx.model, [t], criterion, lazy=True))
                 done += 1
                 ctx.tick("score", done, total)
 
