@@ -2,7 +2,6 @@
 the pass pipeline."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
 from typing import Any
@@ -11,7 +10,6 @@ import torch
 from torch import fx, nn
 
 from .compaction import ChannelAnalysis, compact_model, plan_zero_channels, summary
-from .compaction.plan import gc_paused
 
 from .config import PruningConfig
 from .criteria.base import get_criterion_class
@@ -80,13 +78,7 @@ def _transform(model, config, example_inputs, inplace, compact, calibration, los
     passes = [p() for p in TRANSFORM_PASSES]
     if ctx.compact:  # coupled channels (selected as one by the mask pass) removed physically
         passes = compact_passes(passes)
-    # A one-shot transform allocates a captured graph and many small objects next to a model of
-    # millions: the cyclic collector would walk them all, often, for nothing it can free (as
-    # torch.compile does, it is paused and the caller's setting restored). Calibration runs the
-    # model on many batches, whose garbage the collector must keep bounded: left on.
-    one_shot = calibration is None and loss_fn is None
-    with gc_paused() if one_shot else contextlib.nullcontext():
-        PassManager(passes).run(ctx)
+    PassManager(passes).run(ctx)
     return ctx.model
 
 

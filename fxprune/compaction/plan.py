@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..selection import budget, ceil_budget, materialize
+from ..selection import LazyScores, Scores, budget, ceil_budget
 from .analysis import ChannelAnalysis
 from .hf_config import fit_hf_configs
 from .slicing import get_tensor
@@ -291,9 +291,8 @@ def _classes(an: ChannelAnalysis, members, scores) -> dict[int, ChannelClass]:
         if ax is None:
             continue  # its output is never used by an op the analysis follows
         sums = maxes = None
-        if scores is not None:  # one layer's scores at a time (a LazyScores computed here)
-            s = materialize(scores[t.param])
-            sums, maxes = _row_sums(s), s.amax(dim=1).double().cpu().numpy() if s.shape[1] else np.zeros(s.shape[0])
+        if scores is not None:
+            sums, maxes = _row_stats(scores[t.param])
         layers.append((t.param, t.geometry.view_shape[1], t.group.index if t.group is not None else None,
                        an.roots(ax.atoms), sums, maxes))
     if not layers:
@@ -351,12 +350,21 @@ def _classes(an: ChannelAnalysis, members, scores) -> dict[int, ChannelClass]:
     return classes
 
 
-def _row_sums(s: torch.Tensor) -> np.ndarray:
-    """Each row's sum, in float64, a few rows at a time (a float64 copy of a large layer at once
-    would leave the cache: the same sums, slower)."""
-    step = max(1, (1 << 16) // max(s.shape[1], 1))
-    return np.concatenate([s[i:i + step].double().sum(dim=1).cpu().numpy() for i in range(0, s.shape[0], step)]
-                          or [np.zeros(0)])
+def _row_stats(scores: Scores) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's score sum (in float64) and max, a few rows at a time: a float64 copy of a large
+    layer at once would leave the cache, and lazy scores that compute rows alone (|w|) are never
+    held whole."""
+    rows, cols = scores.shape
+    if isinstance(scores, LazyScores) and scores.rows is None:
+        scores = scores()
+    part = scores.rows if isinstance(scores, LazyScores) else (lambda a, b: scores[a:b])
+    step = max(1, (1 << 16) // max(cols, 1))
+    sums, maxes = [np.zeros(0)], [np.zeros(0)]
+    for start in range(0, rows, step):
+        s = part(start, min(start + step, rows))
+        sums.append(s.double().sum(dim=1).cpu().numpy())
+        maxes.append(s.amax(dim=1).double().cpu().numpy() if cols else np.zeros(s.shape[0]))
+    return np.concatenate(sums), np.concatenate(maxes)
 
 
 def _round_up(classes, dead: set[int], space, multiple: int, reduce_types) -> None:
