@@ -238,7 +238,9 @@ class GraphFlops:
         try:
             for node in self.nodes:
                 name = op_name(node)
-                if name in FLOP_FREE and (_is_aten(node) or name == "getitem") or _is_python_operator(node):
+                # an in-place variant (relu_, add_) computes what its op does
+                free = name in FLOP_FREE or (name.endswith("_") and name[:-1] in FLOP_FREE)
+                if free and (_is_aten(node) or name == "getitem") or _is_python_operator(node):
                     continue
                 formula = _FORMULAS.get(name) if _is_aten(node) else None
                 flops = formula(s, node) if formula is not None else self._on_meta(node, s)
