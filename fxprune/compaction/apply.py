@@ -26,7 +26,7 @@ from ..aten import shape_of
 from ..flops import GraphFlops, flop_counter
 from ..inputs import eval_mode, output_tensors, split_inputs
 from .hf_config import update_hf_configs, warn_not_described
-from .slicing import Undo, count_params, get_tensor, slice_model
+from .slicing import Undo, count_params, slice_model, tensor_getter
 from .values import Chan, ParamRef
 
 RTOL = 1e-4
@@ -78,6 +78,7 @@ def compacted_shapes(model, plan, spaces: set[int]):
     recorded), for :class:`~fxprune.flops.GraphFlops`."""
     an = plan.analysis
     cache: dict = {}
+    tensor = tensor_getter(model)
 
     def shape(node):
         if node in cache:
@@ -86,7 +87,7 @@ def compacted_shapes(model, plan, spaces: set[int]):
         v = an.values.get(node)
         out = recorded
         if isinstance(v, ParamRef):
-            now = tuple(get_tensor(model, v.fqn).shape)
+            now = tuple(tensor(v.fqn).shape)
             out = tuple(now[p] if p >= 0 else recorded[i] for i, p in enumerate(v.perm))
         elif isinstance(v, Chan) and recorded is not None:
             dead = plan.dead_mask(v.atoms.ravel(), spaces).reshape(v.atoms.shape)
@@ -137,13 +138,14 @@ def nothing_to_compact(model, plan) -> dict:
 
 def zero_removed(model, plan) -> None:
     """Zero the removed classes' entries of every source/zero-role tensor (biases, norm affine)."""
+    tensor = tensor_getter(model)
     with torch.no_grad():
         for (fqn, dim), ax in plan.analysis.axes.items():
             if not ax.roles & {"source", "zero"}:
                 continue
             dead = plan.dead_mask(ax.atoms)
             if dead.any():
-                t = get_tensor(model, fqn)
+                t = tensor(fqn)
                 t.index_fill_(dim, torch.as_tensor(np.flatnonzero(dead), device=t.device), 0)
 
 

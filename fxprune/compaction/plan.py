@@ -409,44 +409,48 @@ def _select(targets, free: list[ChannelClass], group, target: float) -> set[int]
     numel = {t.param: t.geometry.numel for t in targets}
     hi = {p: budget(group.max_sparsity_ratio_per_op, n) for p, n in numel.items()}
     lo = {p: ceil_budget(group.min_sparsity_ratio_per_op, n) for p, n in numel.items()}
-    ranked = _ranked(free, group.criterion_reduce_type)
-    pruned: dict[str, int] = defaultdict(int)
+    # each class as (root, its (layer, weights) pairs): the loops below run once per class and
+    # layer, tens of thousands of times on a transformer
+    ranked = [(c.root, tuple(c.weights.items())) for c in _ranked(free, group.criterion_reduce_type)]
+    pruned: dict[str, int] = dict.fromkeys(numel, 0)
     chosen: set[int] = set()
 
-    def fits(c: ChannelClass) -> bool:
-        return all(pruned[p] + w <= hi[p] for p, w in c.weights.items())
-
-    def take(c: ChannelClass) -> None:
-        chosen.add(c.root)
-        for p, w in c.weights.items():
+    def take_if_fits(root, items) -> bool:
+        for p, w in items:
+            if pruned[p] + w > hi[p]:
+                return False
+        chosen.add(root)
+        for p, w in items:
             pruned[p] += w
+        return True
 
-    by_layer: dict[str, list[ChannelClass]] = defaultdict(list)  # each layer's classes, ranked
-    smallest: dict[str, int] = {}                                 # and its smallest class's weights
-    for c in ranked:
-        for p, w in c.weights.items():
-            by_layer[p].append(c)
+    by_layer: dict[str, list] = defaultdict(list)  # each layer's classes, ranked, with their weights there
+    smallest: dict[str, int] = {}                  # and its smallest class's weights
+    for root, items in ranked:
+        for p, w in items:
+            by_layer[p].append((root, items, w))
             if w < smallest.get(p, w + 1):
                 smallest[p] = w
     for t in targets:  # min_sparsity_ratio_per_op first
-        for c in by_layer[t.param]:
-            if pruned[t.param] >= lo[t.param]:
+        p = t.param
+        for root, items, _ in by_layer[p]:
+            if pruned[p] >= lo[p]:
                 break
-            if c.root not in chosen and fits(c):
-                take(c)
+            if root not in chosen:
+                take_if_fits(root, items)
     if group.pruning_scope == "local":
         for t in targets:
-            goal, p = budget(target, numel[t.param]), t.param
-            least = smallest.get(p, 0)
-            for c in by_layer[p]:
+            p = t.param
+            goal, least = budget(target, numel[p]), smallest.get(p, 0)
+            for root, items, w in by_layer[p]:
                 if pruned[p] + least > goal:
                     break  # no class of this layer fits any more
-                if c.root not in chosen and pruned[p] + c.weights[p] <= goal and fits(c):
-                    take(c)
+                if root not in chosen and pruned[p] + w <= goal:
+                    take_if_fits(root, items)
         return chosen
     left = budget(target, sum(numel.values())) - sum(pruned.values())
-    for c in ranked:
-        if c.root not in chosen and c.size <= left and fits(c):
-            take(c)
-            left -= c.size
+    for root, items in ranked:
+        size = sum(w for _, w in items)
+        if root not in chosen and size <= left and take_if_fits(root, items):
+            left -= size
     return chosen

@@ -75,10 +75,11 @@ def slice_model(model: nn.Module, plan, spaces: set[int]) -> Undo:
     undo = Undo()
     held = holders(model)
     touched: dict[int, nn.Module] = {}
+    tensor = tensor_getter(model)
     try:
         with torch.no_grad():
             for fqn, cuts in cut_plan(plan, spaces).items():
-                old = get_tensor(model, fqn)
+                old = tensor(fqn)
                 new = old.detach()
                 for dim, keep in cuts:
                     if keep.size == 0:
@@ -110,6 +111,21 @@ def get_tensor(model: nn.Module, fqn: str) -> torch.Tensor:
     module = model.get_submodule(module_name)
     t = module._parameters.get(name)
     return t if t is not None else module._buffers[name]
+
+
+def tensor_getter(model: nn.Module):
+    """:func:`get_tensor` for many names, the modules looked up once (``get_submodule`` walks
+    and checks every step of a path); for loops that replace tensors, not modules."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+
+    def get(fqn: str) -> torch.Tensor:
+        module_name, _, name = fqn.rpartition(".")
+        module = modules.get(module_name)
+        if module is None:
+            return get_tensor(model, fqn)
+        t = module._parameters.get(name)
+        return t if t is not None else module._buffers[name]
+    return get
 
 
 def sync_sizes(module: nn.Module, undo: Undo) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..compaction import output_dim, zero_removed
+from ..compaction import joint_selection, output_dim, zero_removed
 from ..geometry import from_view_2d
 from ..extensions import calling
 from .base import Pass
@@ -41,9 +41,21 @@ class RewritePass(Pass):
         model = ctx.model
         with torch.no_grad():
             for done, t in enumerate(targets, 1):
-                apply_keep_mask(model, t, ctx.masks[t.param])
+                if not _zeroed_by_plan(ctx, t):
+                    apply_keep_mask(model, t, ctx.masks[t.param])
                 t.status = "pruned"
                 ctx.tick("rewrite", done, len(targets))
+
+
+def _zeroed_by_plan(ctx: PruneContext, t) -> bool:
+    """Whether :func:`zero_removed` zeroes what ``t``'s mask prunes: the rows of its removed
+    channel classes (its mask is those rows alone), on an output axis the plan zeroes (source
+    role), with the bias and norm entries they feed; or its mask prunes nothing."""
+    plan = ctx.compaction
+    if plan is None or plan.analysis is None or not joint_selection(ctx, t.pattern):
+        return False
+    ax = plan.analysis.axes.get((t.param, output_dim(t)))
+    return ax is None or bool(ax.roles & {"source", "zero"})
 
 
 def apply_keep_mask(model, t, keep: torch.Tensor) -> None:
