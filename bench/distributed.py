@@ -7,12 +7,15 @@ A. Block-sequential SparseGPT (2:4, local, every decoder Linear) on the LLM benc
    sequences of 128 tokens given as 16 batches, merged into block batches of 1024 tokens (two
    block batches, one per rank with 2 processes; the same merging with 1 process). Time of the
    calibration + update phase: from the end of the capture (the calibration run up to the first
-   block) to the last block's end (``on_block_end``), the slowest rank's. Also checks that both
-   runs give the same masks, and reports the SparseGPT weight difference.
+   block) to the last block's end (``on_block_end``), the slowest rank's; the critical path (per
+   block, the slowest rank's CPU, summed); per rank the page faults and bytes sent, and the
+   SparseGPT step's FLOPs, planned and timed CPU. Also checks that both runs give the same
+   masks, and reports the SparseGPT weight difference.
 B. Global magnitude (1x1, 50 %) over a multi-shard checkpoint (random Llama, hidden 1024, FFN 2816,
    6 layers, vocab 8000, float32, 64 MB shards), 1 rank against 2 ranks: peak RSS per rank
-   (``ru_maxrss``), its anonymous and file-backed parts, the RSS at the call and the weight bytes
-   each rank reads; the outputs must be equal.
+   (``ru_maxrss``), its anonymous and file-backed parts, the RSS at the call, the RSS once the
+   skeleton is built and its targets found (what every rank holds) and the peak's part above it
+   (the tensor work), and the weight bytes each rank reads; the outputs must be equal.
 
 The machine is shared: runs alternate (1, 2, 1, 2...) and the load average is printed with each.
 """
@@ -119,6 +122,76 @@ class Timeline:
             setattr(owner, attr, fn)
 
 
+class Counters:
+    """Per-rank, load-independent counts of the phase: minor page faults (``ru_minflt``: fresh
+    memory touched, about 2 us of CPU each here), bytes sent (point-to-point and tensor
+    collectives) and the SparseGPT plan of each block (its estimated cost and FLOPs per rank)."""
+
+    def __init__(self):
+        self.sent = {"p2p": 0, "collective": 0}
+        self.plans = []
+        self.spent = []
+        self.saved = []
+
+    def install(self) -> None:
+        import torch.distributed as dist
+
+        import fxprune.distributed as fd
+        counters = self
+
+        def counting(owner, attr, kind):
+            fn = getattr(owner, attr)
+            self.saved.append((owner, attr, fn))
+
+            def counted(tensor, *args, **kwargs):
+                for t in tensor if isinstance(tensor, (list, tuple)) else [tensor]:
+                    counters.sent[kind] += t.numel() * t.element_size()
+                return fn(tensor, *args, **kwargs)
+            setattr(owner, attr, counted)
+        counting(dist, "isend", "p2p")
+        counting(dist, "send", "p2p")
+        counting(dist, "all_reduce", "collective")
+        plan = fd.plan_sparse_gpt
+        self.saved.append((fd, "plan_sparse_gpt", plan))
+
+        def planned(cols, rows, cuts, world, **scales):
+            out = plan(cols, rows, cuts, world, **scales)
+            counters.plans.append((list(cols), out, bool(scales.get("factor_scale"))))
+            return out
+        fd.plan_sparse_gpt = planned
+        split = fd.Distributed.split_sparse_gpt
+        self.saved.append((fd.Distributed, "split_sparse_gpt", split))
+
+        def timed(d, *args, **kwargs):      # the CPU of this rank's factors and solves
+            out = split(d, *args, **kwargs)
+            measured = getattr(d, "measured", None)
+            counters.spent.append(sum(measured[-1][1]) if measured else float("nan"))
+            return out
+        fd.Distributed.split_sparse_gpt = timed
+
+    def uninstall(self) -> None:
+        for owner, attr, fn in reversed(self.saved):
+            setattr(owner, attr, fn)
+
+
+def plan_work(plans, world: int) -> dict:
+    """The SparseGPT step's FLOPs per rank over all blocks (an inverse factor ~ 2/3 n^3:
+    Cholesky and triangular inverse; the OBS update of ``rows`` rows ~ rows x cols^2: each
+    pruned column's error spread over the later columns), and the plan's cost per rank over the
+    blocks planned with measured costs (from the second on; in CPU seconds predicted)."""
+    flops, predicted = [0.0] * world, [0.0] * world
+    for cols, plan, scaled in plans:
+        for g, owner in enumerate(plan.owner):
+            flops[owner] += 2 / 3 * cols[g] ** 3
+            for r, r0, r1 in plan.ranges[g]:
+                flops[r] += (r1 - r0) * cols[g] ** 2
+        for r in range(world):
+            predicted[r] += plan.load[r] if scaled else 0.0
+    moved = sum(1 for _, plan, _ in plans for g, owner in enumerate(plan.owner)
+                if any(r != owner for r, _, _ in plan.ranges[g]))
+    return {"flops": flops, "predicted": predicted, "factors_sent": moved}
+
+
 def sparse_gpt_worker(rank: int, world: int, store: str, blocks: int, out: str,
                       timeline: bool = False) -> None:
     import torch.distributed as dist
@@ -126,24 +199,31 @@ def sparse_gpt_worker(rank: int, world: int, store: str, blocks: int, out: str,
     import fxprune
     _init(rank, world, store)
     tl = Timeline() if timeline else None
+    counters = Counters()
     model = llm_model(blocks)
     g = torch.Generator().manual_seed(1)
     calibration = [torch.randint(0, 8000, (1, 128), generator=g) for _ in range(16)]
-    marks = {}
+    marks = {"blocks": []}
     # the phase starts when the capture ends (not with an on_block_start hook: with one, the
     # pass checks the weights a streaming caller loaded, work a plain call does not do)
     from fxprune.sequential import BlockSequentialRunner
     capture = BlockSequentialRunner.capture
 
+    def mark():     # wall, process CPU, minor page faults
+        return (time.perf_counter(), time.process_time(),
+                resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+
     def captured(runner):
         capture(runner)
-        marks["start"] = (time.perf_counter(), time.process_time())
+        marks["start"] = mark()
         marks["tl0"] = Timeline.now()
+        counters.install()
         if tl is not None:
             tl.install()
 
     def end(i, name, block):
-        marks["end"] = (time.perf_counter(), time.process_time())
+        marks["end"] = mark()
+        marks["blocks"].append(marks["end"])
         marks["tl1"] = Timeline.now()
 
     BlockSequentialRunner.capture = captured
@@ -151,11 +231,17 @@ def sparse_gpt_worker(rank: int, world: int, store: str, blocks: int, out: str,
     fxprune.transform(model, SPARSE_GPT, (calibration[0],), inplace=True, calibration=calibration,
                       on_block_end=end)
     BlockSequentialRunner.capture = capture
+    counters.uninstall()
     if tl is not None:
         tl.uninstall()
     span = [b - a for a, b in zip(marks["tl0"], marks["tl1"])]
-    seconds = (marks["end"][0] - marks["start"][0], marks["end"][1] - marks["start"][1],
-               span, tl.sums if tl is not None else None)
+    ends = [marks["start"]] + marks["blocks"]
+    per_block = [b[1] - a[1] for a, b in zip(ends, ends[1:])]     # process CPU of each block
+    seconds = {"wall": marks["end"][0] - marks["start"][0], "cpu": marks["end"][1] - marks["start"][1],
+               "span": span, "timeline": tl.sums if tl is not None else None,
+               "block_cpu": per_block, "faults": marks["end"][2] - marks["start"][2],
+               "sent": dict(counters.sent), "work": plan_work(counters.plans, world),
+               "sparse_gpt_cpu": sum(counters.spent)}
     if rank == 0:
         weights = {n: p.detach().clone() for n, p in model.named_parameters()
                    if ".layers." in n and n.endswith("proj.weight")}
@@ -186,14 +272,20 @@ def magnitude_worker(rank: int, world: int, store: str, src: str, out: str, tag:
     import fxprune
     from fxprune.checkpoint.shards import ShardSet
     _init(rank, world, store)
+    from fxprune.checkpoint.prune import _Job
     read = [0]                  # weight bytes this rank reads from the shards
-    plain_read = ShardSet.read
+    plain_read, plain_init = ShardSet._read, _Job.__init__
 
-    def counted(self, key):
-        entry = self.entries[key]
-        read[0] += entry.end - entry.begin
-        return plain_read(self, key)
-    ShardSet.read = counted
+    def counted(entry, begin, end):
+        read[0] += end - begin
+        return plain_read(entry, begin, end)
+
+    def init(self, *args, **kwargs):   # what every rank holds: imports, the skeleton, its targets
+        plain_init(self, *args, **kwargs)
+        held.update(_rss_parts())
+    ShardSet._read = staticmethod(counted)
+    _Job.__init__ = init
+    held: dict[str, int] = {}
     before = _rss_now()
     start_parts = _rss_parts()
     peak = dict(start_parts)
@@ -211,10 +303,10 @@ def magnitude_worker(rank: int, world: int, store: str, src: str, out: str, tag:
     seconds = time.perf_counter() - start
     stop.set()
     sampler.join()
-    ShardSet.read = plain_read
+    ShardSet._read, _Job.__init__ = staticmethod(plain_read), plain_init
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     stats = [None] * world
-    dist.all_gather_object(stats, (maxrss, maxrss - before, seconds, peak, start_parts, read[0]))
+    dist.all_gather_object(stats, (maxrss, maxrss - before, seconds, peak, start_parts, read[0], held))
     if rank == 0:
         torch.save(stats, tag + ".rss.pt")
     dist.destroy_process_group()
@@ -262,7 +354,8 @@ def print_timelines(timelines) -> None:
     print("| run | processes | rank | work | calls | wall s | CPU s | run-queue wait s | blocked s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r, world, times in timelines:
-        for rank, (_, _, span, sums) in enumerate(times):
+        for rank, t in enumerate(times):
+            span, sums = t["span"], t["timeline"]
             rows = sorted(sums.items(), key=lambda kv: -kv[1][1])
             rest = [span[0] - sum(v[1] for v in sums.values()), span[1] - sum(v[2] for v in sums.values()),
                     span[2] - sum(v[3] for v in sums.values())]
@@ -286,27 +379,39 @@ def main() -> None:
             print(f"A. block-sequential sparse_gpt 2:4, {args.blocks} blocks, 16 x 128 tokens, 1 thread per process")
             print("| run | processes | load avg (1/5/15 min) before | calibration + update: wall s, "
                   "slowest rank | run-queue wait s per rank | wall - run-queue wait s per rank | "
-                  "CPU s per rank |")
-            print("|---|---|---|---|---|---|---|")
+                  "CPU s per rank | critical path CPU s | minor faults per rank (k) | "
+                  "MB sent per rank (p2p + collective) |")
+            print("|---|---|---|---|---|---|---|---|---|---|")
             wall = {1: [], 2: []}
             own = {1: [], 2: []}     # wall minus the time spent ready to run on a busy machine
             cpu = {1: [], 2: []}
+            path = {1: [], 2: []}    # sum over blocks of the slowest rank's CPU in that block
             results = {}
             timelines = []
+            work_split = {}
             for r in range(args.repeat):
                 for world in (1, 2):
                     tag = str(work / f"sgpt{world}")
                     before = load()
                     spawn(sparse_gpt_worker, world, args.blocks, tag, args.timeline)
-                    times = torch.load(tag + ".times.pt")
-                    wall[world].append(max(t[0] for t in times))
-                    cpu[world].append(max(t[1] for t in times))
-                    own[world].append(max(t[2][0] - t[2][2] for t in times))
+                    times = torch.load(tag + ".times.pt", weights_only=False)
+                    wall[world].append(max(t["wall"] for t in times))
+                    cpu[world].append(max(t["cpu"] for t in times))
+                    own[world].append(max(t["span"][0] - t["span"][2] for t in times))
+                    path[world].append(sum(max(b) for b in zip(*(t["block_cpu"] for t in times))))
+                    work_split[world] = times[0]["work"]
+                    if world == 2:
+                        last2 = times
                     results[world] = torch.load(tag + ".result.pt")
+                    def col(fn):
+                        return ", ".join(fn(t) for t in times)
                     print(f"| {r + 1} | {world} | {before} | {wall[world][-1]:.2f} | "
-                          f"{', '.join(f'{t[2][2]:.2f}' for t in times)} | "
-                          f"{', '.join(f'{t[2][0] - t[2][2]:.2f}' for t in times)} | "
-                          f"{', '.join(f'{t[1]:.2f}' for t in times)} |", flush=True)
+                          f"{col(lambda t: format(t['span'][2], '.2f'))} | "
+                          f"{col(lambda t: format(t['span'][0] - t['span'][2], '.2f'))} | "
+                          f"{col(lambda t: format(t['cpu'], '.2f'))} | {path[world][-1]:.2f} | "
+                          f"{col(lambda t: format(t['faults'] / 1e3, '.1f'))} | "
+                          f"{col(lambda t: format(t['sent']['p2p'] / 1e6, '.1f') + ' + ' + format(t['sent']['collective'] / 1e6, '.3f'))} |",
+                          flush=True)
                     timelines.append((r, world, times))
             if args.timeline:
                 print_timelines(timelines)
@@ -316,14 +421,28 @@ def main() -> None:
             same = [n for n in one if torch.equal(one[n] == 0, two[n] == 0)]
             diff = max(float((one[n] - two[n]).abs().max()) for n in same) if same else float("nan")
             ratios = sorted(a / b for a, b in zip(wall[1], wall[2]))
-            print(f"\nwall, best of {args.repeat}: 1 process {min(wall[1]):.2f} s, 2 processes "
+            w2 = work_split[2]
+            flops = w2["flops"]
+            pred = w2["predicted"]
+            print(f"\nSparseGPT step, all blocks, 2 processes (last run): GFLOPs per rank "
+                  f"{', '.join(f'{f / 1e9:.2f}' for f in flops)} (of {sum(flops) / 1e9:.2f}; largest / even "
+                  f"share {max(flops) / (sum(flops) / 2):.3f}); factors computed on another rank than "
+                  f"their rows: {w2['factors_sent']}; plan from the measured costs (blocks 2-{args.blocks}), "
+                  f"CPU s predicted per rank {', '.join(f'{p:.3f}' for p in pred)}, timed per rank "
+                  f"(all blocks) {', '.join(format(t['sparse_gpt_cpu'], '.3f') for t in last2)}")
+            print(f"wall, best of {args.repeat}: 1 process {min(wall[1]):.2f} s, 2 processes "
                   f"{min(wall[2]):.2f} s: speedup {min(wall[1]) / min(wall[2]):.2f}x (target >= 1.6x); "
                   f"per pair {', '.join(f'{x:.2f}x' for x in ratios)}")
             print(f"wall minus run-queue wait (the main thread's time ready to run while other jobs "
                   f"held the cores), slowest rank, best: 1 process {min(own[1]):.2f} s, 2 processes "
                   f"{min(own[2]):.2f} s: {min(own[1]) / min(own[2]):.2f}x")
             print(f"CPU time of the slowest rank (load-independent), best: 1 process "
-                  f"{min(cpu[1]):.2f} s, 2 processes {min(cpu[2]):.2f} s: {min(cpu[1]) / min(cpu[2]):.2f}x")
+                  f"{min(cpu[1]):.2f} s, 2 processes {min(cpu[2]):.2f} s: {min(cpu[1]) / min(cpu[2]):.2f}x; "
+                  f"per pair {', '.join(f'{a / b:.2f}x' for a, b in zip(cpu[1], cpu[2]))}")
+            print(f"critical path (sum over blocks of the slowest rank's CPU in the block: the wall time "
+                  f"on an idle machine if waiting cost nothing), best: 1 process {min(path[1]):.2f} s, "
+                  f"2 processes {min(path[2]):.2f} s: {min(path[1]) / min(path[2]):.2f}x; per pair "
+                  f"{', '.join(f'{a / b:.2f}x' for a, b in zip(path[1], path[2]))}")
             print(f"masks: {flips} of {total} entries differ ({len(same)} of {len(one)} layers "
                   f"identical); max |weight difference| on the identical layers {diff:.2e}\n")
         if "B" not in args.skip:
@@ -334,10 +453,13 @@ def main() -> None:
             size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
             print(f"B. global magnitude 1x1 50 % over {src.name}: {size / 1e6:.0f} MB in {shards} shards")
             print("per rank: peak RSS (ru_maxrss), its anonymous and file-backed parts (sampled every "
-                  "2 ms from /proc/self/status), RSS at the call, weight bytes read from the shards")
+                  "2 ms from /proc/self/status), RSS at the call, RSS once the skeleton is built and "
+                  "its targets found (what every rank holds), the peak's part above that (the "
+                  "tensor work), weight bytes read from the shards")
             print("| run | ranks | load avg before | wall s | peak RSS per rank MB | peak anonymous MB | "
-                  "peak file-backed MB | RSS at the call MB | weights read MB |")
-            print("|---|---|---|---|---|---|---|---|---|")
+                  "peak file-backed MB | RSS at the call MB | RSS with the skeleton MB | "
+                  "peak above it MB | weights read MB |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|")
             outs = {}
             peaks = {1: [], 2: []}
             for r in range(args.repeat):
@@ -349,10 +471,14 @@ def main() -> None:
                     outs[world] = out
                     peaks[world].append(max(s[0] for s in stats))
 
+                    above = ", ".join(f"{(s[0] - s[6]['VmRSS']) / 1e6:.0f}" for s in stats)
+
                     def col(i, part=None):
                         return ", ".join(f"{(s[i] if part is None else s[i][part]) / 1e6:.0f}" for s in stats)
                     print(f"| {r + 1} | {world} | {before} | {max(s[2] for s in stats):.1f} | {col(0)} | "
-                          f"{col(3, 'RssAnon')} | {col(3, 'RssFile')} | {col(4, 'VmRSS')} | {col(5)} |",
+                          f"{col(3, 'RssAnon')} | {col(3, 'RssFile')} | {col(4, 'VmRSS')} | "
+                          f"{col(6, 'VmRSS')} | {above} | "
+                          f"{col(5)} |",
                           flush=True)
             print(f"\npeak RSS of the largest rank, per run: 1 rank {', '.join(f'{p / 1e6:.0f}' for p in peaks[1])} MB, "
                   f"2 ranks {', '.join(f'{p / 1e6:.0f}' for p in peaks[2])} MB")

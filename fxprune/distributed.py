@@ -32,6 +32,7 @@ group's timeout (``init_process_group(timeout=...)``; the CLI's ``--timeout``), 
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -79,6 +80,10 @@ class Distributed:
                        if backend == "nccl" else torch.device("cpu"))
         self.steps = 0
         self.batch_index: list[int] = []       # global index of each local calibration batch
+        # SparseGPT steps: this rank's CPU time per group (not yet shared with the other ranks),
+        # and per step geometry the measured / modelled cost ratios the next plans use
+        self.measured: list[tuple[tuple, list[float], list[float]]] = []
+        self.scales: dict[tuple, tuple[list[float], list[float]]] = {}
 
     # ------------------------------------------------------------------ errors
     def check(self, stage: str, error: str | None = None) -> None:
@@ -195,16 +200,25 @@ class Distributed:
         dist = _dist()
         cols = [shared[0].geometry.view_shape[1] for shared in shared_groups]
         rows = [sum(t.geometry.view_shape[0] for t in shared) for shared in shared_groups]
-        plan = plan_sparse_gpt(cols, rows, [cuts(shared) for shared in shared_groups], self.world)
+        key = tuple(zip(cols, rows))
+        factor_scale, solve_scale = self.scales.get(key, (None, None))
+        plan = plan_sparse_gpt(cols, rows, [cuts(shared) for shared in shared_groups], self.world,
+                               factor_scale=factor_scale, solve_scale=solve_scale)
+        spent = [0.0] * (2 * len(cols))     # this rank's CPU s per group: factor, then solves
         name = shared_groups[0][0].name if shared_groups else ""
         stage = f"the sparse_gpt solves near {name}"
         pieces = [(g, r, r0, r1) for g in range(len(cols)) for r, r0, r1 in plan.ranges[g]]
-        # post every receive first: the other ranks' rows and the factors this rank needs
+        # post every receive first: the other ranks' rows and the factors this rank needs. A row
+        # range comes as three messages (error flag, float32 rows, mask bytes) received straight
+        # into the result tensors: no packing on either side
         incoming = {}
         for k, (g, r, r0, r1) in enumerate(pieces):
             if r != self.rank:
-                wire = torch.empty(8 + 5 * (r1 - r0) * cols[g], dtype=torch.uint8, device=self.device)
-                incoming[k] = (wire, dist.irecv(wire, self._peer(r), group=self.group, tag=_tag(_ROWS, k)))
+                parts = (torch.empty(1, dtype=torch.int64, device=self.device),
+                         torch.empty(r1 - r0, cols[g], dtype=torch.float32, device=self.device),
+                         torch.empty(r1 - r0, cols[g], dtype=torch.uint8, device=self.device))
+                incoming[k] = (parts, [dist.irecv(x, self._peer(r), group=self.group, tag=_tag(kind, k))
+                                       for kind, x in zip(_ROW_KINDS, parts)])
         sends = []
         gather = stats.send_hessians(shared_groups, plan.owner, sends)
         recvs = {}
@@ -221,7 +235,9 @@ class Distributed:
                 if g in gather:
                     gather[g](lambda work: self._wait(work, stage))
                 if error is None:
+                    start = time.thread_time()
                     factors[g] = factor(shared_groups[g])
+                    spent[g] += time.thread_time() - start
             except DistributedError:
                 raise
             except Exception as e:            # reported with the results below
@@ -250,38 +266,45 @@ class Distributed:
             owner_failed = owner_failed or failed_factor
             if error is None and u is not None and not failed_factor:
                 try:
+                    start = time.thread_time()
                     solved[k] = solve(shared_groups[g], u, r0, r1)
+                    spent[len(cols) + g] += time.thread_time() - start
                 except Exception as e:
                     error = e
-            # per row range: an error flag, then the rows' float32 weights and mask bytes
-            n = (r1 - r0) * cols[g]
-            buf = torch.zeros(8 + 5 * n, dtype=torch.uint8)
-            buf[:8] = torch.tensor([int(error is not None)], dtype=torch.int64).view(torch.uint8)
+            # per row range: an error flag, then the rows' float32 weights and mask bytes (zeros
+            # of the same sizes after an error: the receives are posted already)
             if k in solved:
-                new, pruned = solved[k]
-                buf[8:8 + 4 * n] = new.contiguous().view(-1).view(torch.uint8)
-                buf[8 + 4 * n:] = pruned.contiguous().view(-1).view(torch.uint8)
-            wire = buf.to(self.device)
-            sends += [dist.isend(wire, self._peer(r), group=self.group, tag=_tag(_ROWS, k))
-                      for r in range(self.world) if r != self.rank]
+                new, pruned = (x.contiguous() for x in solved[k])
+            else:
+                new = torch.zeros(r1 - r0, cols[g], dtype=torch.float32)
+                pruned = torch.zeros(r1 - r0, cols[g], dtype=torch.bool)
+            parts = [torch.tensor([int(error is not None)], dtype=torch.int64), new,
+                     pruned.view(torch.uint8)]
+            parts = [x.to(self.device) for x in parts]
+            sends += [dist.isend(x, self._peer(r), group=self.group, tag=_tag(kind, k))
+                      for r in range(self.world) if r != self.rank
+                      for kind, x in zip(_ROW_KINDS, parts)]
         for work in sends:
             self._wait(work, stage)
-        for wire, work in incoming.values():
-            self._wait(work, stage)
-        parts = {k: wire.cpu() for k, (wire, _) in incoming.items()}
-        if error is not None or owner_failed or any(int(p[:8].view(torch.int64)) for p in parts.values()):
+        for _, works in incoming.values():
+            for work in works:
+                self._wait(work, stage)
+        received = {k: tuple(x.cpu() for x in parts) for k, (parts, _) in incoming.items()}
+        if error is not None or owner_failed or any(int(flag) for flag, _, _ in received.values()):
             if error is not None:
                 self._report(stage, error)
                 raise error
             self.check(stage)           # raises: the failed ranks' messages
         def piece(k):
-            g, _, r0, r1 = pieces[k]
-            if k not in parts:
+            if k not in received:
                 return solved[k]
-            n = (r1 - r0) * cols[g]
-            return (parts[k][8:8 + 4 * n].view(torch.float32).view(r1 - r0, cols[g]),
-                    parts[k][8 + 4 * n:].view(torch.bool).view(r1 - r0, cols[g]))
+            _, new, pruned = received[k]
+            return new, pruned.view(torch.bool)
 
+        if self.device.type == "cpu":   # GPU kernels run asynchronously: CPU time says nothing
+            modelled = [factor_cost(c) for c in cols] + [
+                sum(solve_cost(r1 - r0, cols[g]) for _, r0, r1 in plan.ranges[g]) for g in range(len(cols))]
+            self.measured.append((key, spent, modelled))
         results = []
         for g in range(len(cols)):
             ks = [k for k, p in enumerate(pieces) if p[0] == g]
@@ -295,6 +318,10 @@ class Distributed:
                 new[r0:r1], pruned[r0:r1] = piece(k)
             results.append((new, pruned))
         return results
+
+    def learn_costs(self, measured: list, spent: list[float]) -> None:
+        """Keep :func:`learned_scales` of the last SparseGPT steps for the next plans."""
+        self.scales.update(learned_scales(measured, spent))
 
     def _wait(self, work, stage: str) -> None:
         try:
@@ -378,30 +405,55 @@ class SparseGPTPlan:
 
     owner: list[int]                               # rank computing each group's inverse factor
     ranges: list[list[tuple[int, int, int]]]       # per group: (rank, r0, r1), in row order
-    load: list[float]                              # estimated cost per rank
+    load: list[float]                              # estimated cost per rank (waits excluded)
 
 
 def plan_sparse_gpt(cols: Sequence[int], rows: Sequence[int], cuts: Sequence[Sequence[int]],
-                    world: int) -> SparseGPTPlan:
+                    world: int, *, factor_scale: Sequence[float] | None = None,
+                    solve_scale: Sequence[float] | None = None) -> SparseGPTPlan:
     """Start from whole groups (a group's factor and all its rows on one rank), placed largest
     first on the least loaded rank; then split the costliest piece in two at the allowed cut
     (``cuts[g]``) that evens its halves (the half with the factor stays with it, and may have no
-    rows), re-place, and
-    keep the placement with the lowest maximum load. Deterministic: every rank plans the same."""
+    rows), re-place, and keep the placement that ends first (the largest rank load, plus any
+    wait for a factor computed on another rank). Last, single factors move to other ranks than
+    their rows (no extra compute: one matrix sent) while that ends sooner. Costs are
+    :func:`factor_cost` and :func:`solve_cost` times group ``g``'s ``factor_scale[g]`` and
+    ``solve_scale[g]`` (time measured / cost modelled on an earlier block, see
+    :func:`learned_scales`; 1 when not given). Deterministic: every rank plans the same."""
+    n = len(cols)
+    fs = list(factor_scale) if factor_scale is not None else [1.0] * n
+    ss = list(solve_scale) if solve_scale is not None else [1.0] * n
+
     def cost(piece) -> float:
         g, r0, r1, with_factor = piece
-        return ((factor_cost(cols[g]) if with_factor else 0.0)
-                + (solve_cost(r1 - r0, cols[g]) if r1 > r0 else 0.0))
+        return ((factor_cost(cols[g]) * fs[g] if with_factor else 0.0)
+                + (solve_cost(r1 - r0, cols[g]) * ss[g] if r1 > r0 else 0.0))
+
+    def finish(pieces, owners) -> float:
+        # when the last rank is done, computing as split_sparse_gpt does: its factors in group
+        # order, then the rows of its own factors, largest first, then the rows of factors from
+        # other ranks (largest first), each once its factor is ready on its owner
+        owner = {g: r for (g, _, _, with_factor), r in zip(pieces, owners) if with_factor}
+        ready, clock = {}, [0.0] * world
+        for g in sorted(owner):
+            clock[owner[g]] += factor_cost(cols[g]) * fs[g]
+            ready[g] = clock[owner[g]]
+        rows_of = sorted(((owner[g] != r, -(r1 - r0) * cols[g], g, r0, r1, r)
+                          for (g, r0, r1, _), r in zip(pieces, owners) if r1 > r0))
+        for _, _, g, r0, r1, r in rows_of:
+            clock[r] = max(clock[r], ready[g]) + solve_cost(r1 - r0, cols[g]) * ss[g]
+        return max(clock)
+
+    def placed(pieces, owners):
+        load = [0.0] * world
+        for p, r in zip(pieces, owners):
+            load[r] += cost(p)
+        return finish(pieces, owners), len(pieces), pieces, owners, load
 
     def place(pieces):
-        costs = [cost(p) for p in pieces]
-        owners = assign(costs, world)
-        load = [0.0] * world
-        for c, r in zip(costs, owners):
-            load[r] += c
-        return max(load), len(pieces), pieces, owners, load
+        return placed(pieces, assign([cost(p) for p in pieces], world))
 
-    pieces = [(g, 0, rows[g], True) for g in range(len(cols))]
+    pieces = [(g, 0, rows[g], True) for g in range(n)]
     best = place(pieces)
     for _ in range(4 * world if world > 1 else 0):
         for p in sorted(pieces, key=lambda p: (-cost(p), p[0], p[1])):
@@ -418,6 +470,25 @@ def plan_sparse_gpt(cols: Sequence[int], rows: Sequence[int], cuts: Sequence[Seq
         trial = place(pieces)
         if trial[0] < best[0] * 0.999:
             best = trial
+    # then move single factors to other ranks (away from their rows: one matrix sent, no
+    # extra compute) while that ends the step sooner
+    for _ in range(n if world > 1 else 0):
+        _, _, pieces, owners, _ = best
+        found = best
+        for i, (g, r0, r1, with_factor) in enumerate(pieces):
+            for r in range(world) if with_factor else ():
+                if r == owners[i]:
+                    continue
+                if r1 > r0:         # the factor leaves its rows' piece
+                    trial = placed(pieces[:i] + [(g, r0, r0, True), (g, r0, r1, False)] + pieces[i + 1:],
+                                   owners[:i] + [r, owners[i]] + owners[i + 1:])
+                else:
+                    trial = placed(pieces, owners[:i] + [r] + owners[i + 1:])
+                if trial[0] < found[0] * 0.999:
+                    found = trial
+        if found is best:
+            break
+        best = found
     _, _, pieces, owners, load = best
     owner = [0] * len(cols)
     ranges: list[list[tuple[int, int, int]]] = [[] for _ in cols]
@@ -433,12 +504,34 @@ def plan_sparse_gpt(cols: Sequence[int], rows: Sequence[int], cuts: Sequence[Seq
     return SparseGPTPlan(owner, ranges, load)
 
 
+def learned_scales(measured: Sequence[tuple[tuple, list[float], list[float]]],
+                   spent: Sequence[float]) -> dict[tuple, tuple[list[float], list[float]]]:
+    """Per SparseGPT step geometry (``measured``: ``(key, this rank's times, modelled costs)``
+    per step, the times and costs per group: factors, then solves), the ratio of the CPU time
+    the work took to the cost model's estimate, for factors and for solves: ``spent`` holds the
+    times summed over the ranks (each piece is timed on the one rank that computed it), in the
+    order of ``measured``. The next plan for that geometry (the next block's) uses the ratios, so
+    the split follows what the work costs on this machine; every rank gets the same numbers. A
+    step with an untimed group is skipped."""
+    out, at = {}, 0
+    for key, mine, modelled in measured:
+        total = spent[at:at + len(mine)]
+        at += len(mine)
+        ratios = [t / m if t > 0 and m > 0 else None for t, m in zip(total, modelled)]
+        if ratios and all(r is not None for r in ratios):
+            n = len(ratios) // 2
+            out[key] = (ratios[:n], ratios[n:])
+    return out
+
+
 # point-to-point message kinds of the SparseGPT step; tags are unique per kind and index
-_FACTOR, _HESSIAN, _ROWS = 0, 1, 2
+_FACTOR, _HESSIAN, _ROWS_FLAG, _ROWS_NEW, _ROWS_MASK = range(5)
+_KINDS = 5
+_ROW_KINDS = (_ROWS_FLAG, _ROWS_NEW, _ROWS_MASK)
 
 
 def _tag(kind: int, index: int) -> int:
-    return 3 * index + kind
+    return _KINDS * index + kind
 
 
 def _describe(e: BaseException) -> str:
@@ -468,6 +561,7 @@ def _rank_stats_class():
             self.parts: dict[int, list[tuple[int, int, Tensor]]] = {}
             self.adds: dict[int, int] = {}          # per statistic: Hessian products added here
             self.partial: dict[int, torch.dtype] = {}   # Hessians still partial: their wire dtype
+            self.means: dict[int, Tensor] = {}     # summed over the ranks: the float32 mean
 
         def new_batch(self, b: int) -> None:
             super().new_batch(b)
@@ -478,9 +572,28 @@ def _rank_stats_class():
             parts.append((self.batch, len(parts), s))
             super().add_sumsq(stat, s)
 
+        def hessian(self, t) -> Tensor:
+            mean = self.means.pop(id(self.stat_of[t.param]), None)
+            return mean if mean is not None else super().hessian(t)
+
+        def _gram(self, feats: Tensor) -> Tensor:
+            # a fresh product: the first one of each input is kept as this rank's partial
+            return torch.mm(feats.T, feats)
+
         def add_hessian(self, stat, h: Tensor) -> None:
-            self.adds[id(stat)] = self.adds.get(id(stat), 0) + 1
-            super().add_hessian(stat, h)
+            """This rank's partial Hessian: its first float32 product as it is (it travels as
+            float32, exactly, when every rank has one), the float64 sum from the second on (the
+            same bits as the single-process sum: a float32 product is exact in float64). A
+            float64 buffer per input would cost a rank that does not compute its factor one
+            allocation, fill and conversion per block for nothing."""
+            n = self.adds.get(id(stat), 0)
+            self.adds[id(stat)] = n + 1
+            if n == 0:
+                stat.hessian = h
+            elif stat.hessian.dtype != torch.float64:
+                stat.hessian = stat.hessian.to(torch.float64).add_(h)
+            else:
+                stat.hessian.add_(h)
 
         def reduce(self) -> None:
             stats = []
@@ -508,9 +621,13 @@ def _rank_stats_class():
             hess = [s for s in stats if s.hessian is not None]
             shared = [s for s in hess if len({id(m.group) for m in s.members}) > 1]
             defer = [s for s in hess if all(s is not x for x in shared)]
-            counts = torch.tensor([s.count for s in stats] + [float(self.adds.get(id(s), 0) > 1) for s in defer],
-                                  dtype=torch.float64)
-            summed = self.d.all_reduce_sum([s.hessian for s in shared] + [counts])
+            # (with the CPU times of the ranks' last SparseGPT steps: every piece was timed on
+            # the one rank that computed it, so the sum is each piece's time)
+            measured, self.d.measured = self.d.measured, []
+            counts = torch.tensor([s.count for s in stats] + [float(self.adds.get(id(s), 0) > 1) for s in defer]
+                                  + [x for _, spent, _ in measured for x in spent], dtype=torch.float64)
+            summed = self.d.all_reduce_sum([s.hessian.to(torch.float64) for s in shared] + [counts])
+            self.d.learn_costs(measured, summed[-1][len(counts) - sum(len(m[1]) for m in measured):].tolist())
             for stat, h in zip(shared, summed):
                 stat.hessian = h
             total = summed[-1].tolist()
@@ -546,7 +663,9 @@ def _rank_stats_class():
                 first = post(peers[0])
 
                 def done(wait, stat=stat, peers=peers, first=first, post=post):
-                    # summed in rank order as they arrive: at most two receive buffers at a time
+                    # summed in float64, in rank order as they arrive: at most two receive
+                    # buffers at a time (float32 ones are added as they are: exact in float64);
+                    # the last addition is fused with the mean (mean_of_sum)
                     total, nxt, i = None, first, 0
                     for r in range(d.world):
                         if r == d.rank:
@@ -557,13 +676,40 @@ def _rank_stats_class():
                             if i < len(peers):
                                 nxt = post(peers[i])
                             wait(work)
-                            h = buf.to(stat.hessian.device, torch.float64)
-                        total = h if total is None else total.add_(h)
-                    stat.hessian = total
+                            h = buf.to(stat.hessian.device)
+                        if total is None:
+                            total = h
+                        elif r < d.world - 1:       # every buffer here is this rank's to change
+                            total = total if total.dtype == torch.float64 else total.to(torch.float64)
+                            total.add_(h)
+                        else:
+                            self.means[id(stat)] = mean_of_sum(total, h, max(stat.count, 1))
+                    stat.hessian = None
                 finish[g] = done
             return finish
 
     return RankInputStats
+
+
+_MEAN_CHUNK = 1 << 16
+
+
+def mean_of_sum(a: Tensor, b: Tensor, count: int) -> Tensor:
+    """``((a + b) / count)`` rounded to float32, the sum and the division in float64: the same
+    bits as ``BlockInputStats.hessian`` of the float64 sum ``a + b``, without that sum's
+    full-size float64 buffer (chunk by chunk through a small one; the result is written over a
+    float32 operand when there is one: both are consumed)."""
+    out = a if a.dtype == torch.float32 else b if b.dtype == torch.float32 else torch.empty(
+        a.shape, dtype=torch.float32, device=a.device)
+    fa, fb, fo = a.reshape(-1), b.reshape(-1), out.view(-1)
+    tmp = torch.empty(min(_MEAN_CHUNK, fa.numel()), dtype=torch.float64, device=a.device)
+    for s in range(0, fa.numel(), _MEAN_CHUNK):
+        e = min(s + _MEAN_CHUNK, fa.numel())
+        t = tmp[:e - s]
+        t.copy_(fa[s:e])
+        t.add_(fb[s:e])
+        torch.div(t, count, out=fo[s:e])
+    return out
 
 
 _RANK_STATS = None
@@ -577,4 +723,4 @@ def _RankInputStats(model, targets, d):
 
 
 __all__ = ["Distributed", "DistributedError", "SparseGPTPlan", "assign", "factor_cost", "init_from_env",
-           "plan_sparse_gpt", "rank", "resolve", "solve_cost"]
+           "learned_scales", "mean_of_sum", "plan_sparse_gpt", "rank", "resolve", "solve_cost"]

@@ -208,6 +208,23 @@ class Cut:
             pruned &= ~excluded
         return pruned
 
+    def pruned_part(self, keys: Tensor, ties_before: int) -> tuple[Tensor, int]:
+        """:meth:`pruned` on one part of the layer's keys (parts taken in flat order, none
+        excluded), given how many ties the earlier parts took: the part's mask and the ties taken
+        up to its end. The parts' masks, concatenated, equal the whole layer's mask."""
+        if self.count == 0:
+            return torch.zeros(keys.shape, dtype=torch.bool, device=keys.device), ties_before
+        if self.all_ties:
+            return keys <= self.threshold, ties_before
+        ties = keys == self.threshold
+        n_ties = int(torch.count_nonzero(ties))
+        pruned = keys < self.threshold
+        if ties_before < self.ties and n_ties:
+            # the indices of the part's ties (not a cumsum: 8 bytes per entry of the part)
+            first = ties.reshape(-1).nonzero()[:self.ties - ties_before, 0]
+            pruned.view(-1)[first] = True
+        return pruned, min(self.ties, ties_before + n_ties)
+
 
 Cut.NOTHING = Cut(-1, 0, True, 0)
 

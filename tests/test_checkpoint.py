@@ -67,6 +67,7 @@ CASES = {
     "2:4 local": {"target_sparsity": 0.5, "pattern": "2:4"},
     "unstructured local": {"target_sparsity": 0.55, "pattern": "1x1"},
     "unstructured global": GLOBAL_1X1,
+    "unstructured global, last linear too": {**GLOBAL_1X1, "exclude_last_linear": False},
     "2:4 global below N/M": {"target_sparsity": 0.3, "pattern": "2:4", "pruning_scope": "global"},
     "4x1 global, capped, last linear too": {"target_sparsity": 0.6, "pattern": "4x1", "pruning_scope": "global",
                                             "max_sparsity_ratio_per_op": 0.7, "exclude_last_linear": False},
@@ -74,7 +75,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("model,case", [("llama", c) for c in CASES if c != "unstructured local"] + [
-    ("gpt2", "unstructured local"), ("gpt2", "4x1 global, capped, last linear too")])
+    ("gpt2", "unstructured local"), ("gpt2", "unstructured global"), ("gpt2", "4x1 global, capped, last linear too")])
 def test_checkpoint_equals_in_memory_transform(checkpoints, tmp_path, model, case):
     src, config = checkpoints[model], CASES[case]
     report = fxprune.prune_checkpoint(src, config, tmp_path / "out")
@@ -97,6 +98,31 @@ def test_global_ties_are_split_across_layers(checkpoints):
     k = sum(r.zeros for r in report.pruned_layers)
     kth = torch.sort(values).values[k - 1]
     assert kth > 0 and int((values < kth).sum()) < k < int((values <= kth).sum())
+
+
+def test_global_1x1_in_row_pieces_equals_in_memory(checkpoints, tmp_path, monkeypatch):
+    # Pieces of 15 rows of 64 (7 of 128): the selection passes and the writes work piece by piece,
+    # the tie split crosses pieces, a capped layer is selected by itself; same bits, fewer bytes
+    # held at once.
+    import fxprune.checkpoint.sharded as sharded
+    from fxprune.checkpoint.shards import ShardSet
+    src = checkpoints["llama"]
+    config = {**GLOBAL_1X1, "max_sparsity_ratio_per_op": 0.62}
+    largest, read = [], ShardSet._read
+
+    def counted(entry, begin, end):
+        largest.append(end - begin)
+        return read(entry, begin, end)
+    monkeypatch.setattr(ShardSet, "_read", staticmethod(counted))
+    monkeypatch.setattr(sharded, "PIECE_ELEMENTS", 1000)
+    report = fxprune.prune_checkpoint(src, config, tmp_path / "out")
+    expected = _in_memory(src, config)
+    _assert_same_weights(expected, tmp_path / "out")
+    assert [(r.param, r.zeros) for r in report.layers] == \
+           [(r.param, r.zeros) for r in fxprune.sparsity_report(expected).layers]
+    capped = [r for r in report.pruned_layers if r.zeros == int(0.62 * r.numel)]
+    assert capped and len(capped) < len(report.pruned_layers)
+    assert max(largest) == 15 * 64 * 4     # float32 rows of 64 entries, 15 per piece at most
 
 
 def test_shard_layout_index_and_side_files_are_kept(checkpoints, tmp_path):

@@ -79,6 +79,13 @@ def _worker(rank, world, init, out_dir):
     solve, factor = seq.sparsegpt_prune, seq.inverse_hessian_factor
     seq.sparsegpt_prune = lambda W, *a, **k: (work.__setitem__(1, work[1] + W.shape[0]), solve(W, *a, **k))[1]
     seq.inverse_hessian_factor = lambda *a, **k: (work.__setitem__(0, work[0] + 1), factor(*a, **k))[1]
+    import fxprune.distributed as fd
+    learned, learn = {}, fd.Distributed.learn_costs     # the cost ratios each rank learned
+
+    def learning(self, measured, spent):
+        learn(self, measured, spent)
+        learned.setdefault(name, []).append({k: v for k, v in self.scales.items()})
+    fd.Distributed.learn_costs = learning
     results, forwards = {}, {}
     for name, cfg in CASES.items():
         calls[0] = work[0] = work[1] = 0
@@ -89,17 +96,19 @@ def _worker(rank, world, init, out_dir):
         results[name] = (_weights(ref), _weights(par))
         forwards[name] = (alone_counts, (calls[0], tuple(work)))
     seq.sparsegpt_prune, seq.inverse_hessian_factor = solve, factor
+    fd.Distributed.learn_costs = learn
     torch.save((results, forwards), os.path.join(out_dir, f"transform.{rank}.pt"))
+    torch.save(learned, os.path.join(out_dir, f"learned.{rank}.pt"))
 
     # pure FLOP costs: the plan sends factors to the other rank (q/k/v's and down's factors on
     # rank 1, their rows on rank 0); then a solve that fails on rank 1 only
-    import fxprune.distributed as fd
     from fxprune.errors import WeightError
-    costs = fd.solve_cost, fd.factor_cost
+    costs, learn = (fd.solve_cost, fd.factor_cost), fd.Distributed.learn_costs
     fd.solve_cost = lambda r, c: float(r) * c * c
     fd.factor_cost = lambda c: float(c) ** 3 / 3
+    fd.Distributed.learn_costs = lambda *a: None      # the same plan in every block
     sends, isend = [0], dist.isend      # factors sent (the other messages: Hessians, rows)
-    dist.isend = lambda *a, **k: (sends.__setitem__(0, sends[0] + (k["tag"] % 3 == fd._FACTOR)), isend(*a, **k))[1]
+    dist.isend = lambda *a, **k: (sends.__setitem__(0, sends[0] + (k["tag"] % fd._KINDS == fd._FACTOR)), isend(*a, **k))[1]
     split = _weights(fxprune.transform(model, CASES["sparse_gpt_2of4"], EXAMPLE, calibration=calib))
     dist.isend = isend
     rows = seq._sparse_gpt_rows
@@ -110,6 +119,7 @@ def _worker(rank, world, init, out_dir):
     error, seconds = _attempt(lambda: fxprune.transform(model, CASES["sparse_gpt_2of4"], EXAMPLE, calibration=calib))
     seq._sparse_gpt_rows = rows
     fd.solve_cost, fd.factor_cost = costs
+    fd.Distributed.learn_costs = learn
     torch.save((split, sends[0], error, seconds), os.path.join(out_dir, f"split.{rank}.pt"))
 
     # rank 1's calibration holds a token id past the vocabulary: it fails in its embedding
@@ -135,11 +145,23 @@ def _worker(rank, world, init, out_dir):
     # checkpoints: each case pruned by one process (per rank, its own output) and by both ranks
     src = os.path.join(out_dir, "llama")
     errors = {}
+    # global 1x1 magnitude works in row pieces: 200 entries (6 rows of 32) at most, so the pieces and the tie
+    # split cross the ranks' row ranges; weight bytes read by each run
+    import fxprune.checkpoint.sharded as sharded
+    from fxprune.checkpoint.shards import ShardSet
+    plain_read, read = ShardSet._read, [0]
+    ShardSet._read = staticmethod(lambda entry, b, e: (read.__setitem__(0, read[0] + e - b), plain_read(entry, b, e))[1])
+    sharded.PIECE_ELEMENTS, reads = 200, {}
     for name, cfg in CHECKPOINT_CASES.items():
         calibration = os.path.join(out_dir, "ids.pt") if cfg["pruning_type"] != "magnitude" else None
+        read[0] = 0
         fxprune.prune_checkpoint(src, cfg, os.path.join(out_dir, f"{name}.alone{rank}"),
                                  calibration=calibration, group=alone[rank])
+        reads[name], read[0] = [read[0]], 0
         fxprune.prune_checkpoint(src, cfg, os.path.join(out_dir, f"{name}.both"), calibration=calibration)
+        reads[name].append(read[0])
+    ShardSet._read = staticmethod(plain_read)
+    errors["reads"] = reads
     try:    # exists: rank 0 finds it, both stop
         fxprune.prune_checkpoint(src, CHECKPOINT_CASES["magnitude_global_1x1"],
                                  os.path.join(out_dir, "magnitude_local_2of4.both"))
@@ -174,7 +196,7 @@ def runs(tmp_path_factory):
     init = f"file://{out / 'store'}"
     mp.spawn(_worker, args=(WORLD, init, str(out)), nprocs=WORLD)
     runs = {part: [torch.load(out / f"{part}.{r}.pt") for r in range(WORLD)]
-            for part in ("transform", "error", "checkpoint_errors", "split")}
+            for part in ("transform", "error", "checkpoint_errors", "split", "learned")}
     runs["hang"] = torch.load(out / "hang.0.pt")
     runs["dir"] = out
     return runs
@@ -213,6 +235,22 @@ def test_sparse_gpt_is_bit_identical_to_one_process(runs, case):
             changed += ".layers." in n and not torch.equal(ref[n], _llama().get_parameter(n).detach() * (ref[n] != 0))
         assert changed == 14                      # the OBS update changed every pruned layer
     _assert_same(per_rank[0][case][1], per_rank[1][case][1])   # every rank holds the same
+
+
+def test_every_rank_learns_the_same_costs_from_the_first_block(runs):
+    """The SparseGPT step times its factors and solves; the times travel with the next block's
+    counts, so block 2's plan uses costs measured on block 1, the same numbers on every rank
+    (the results above, with these plans, are still one process's)."""
+    per_rank = runs["learned"]
+    for case in ("sparse_gpt_1x1", "sparse_gpt_2of4"):
+        steps = [learned[case] for learned in per_rank]
+        assert steps[0] == steps[1]
+        first, scales = steps[0]                # at each block's reduction: none before block 1
+        assert first == {} and len(scales) == 1  # before block 2: one geometry (a decoder block)
+        (factor_scale, solve_scale), = scales.values()
+        assert len(factor_scale) == len(solve_scale) == 4
+        assert all(x > 0 for x in factor_scale + solve_scale)
+    assert per_rank[0]["wanda_1x1"] == [{}, {}]          # Wanda: nothing timed
 
 
 def test_each_rank_runs_only_its_share_of_the_calibration(runs):
@@ -322,6 +360,14 @@ def test_sharded_checkpoint_is_bit_identical_to_one_process(runs, case):
     assert not [p for p in out.iterdir() if ".partial-" in p.name]     # no leftovers
 
 
+def test_sharded_global_magnitude_splits_the_reads_between_the_ranks(runs):
+    # each rank reads its half of every weight's rows in the selection passes and writes its own
+    # shards: together they read what one process reads, each well under it
+    (alone0, both0), (alone1, both1) = (r["reads"]["magnitude_global_1x1"] for r in runs["checkpoint_errors"])
+    assert alone0 == alone1 == both0 + both1
+    assert max(both0, both1) < 0.7 * alone0
+
+
 def test_sharded_checkpoint_error_stops_both_ranks(runs):
     (kind0, msg0), (kind1, msg1) = (r["exists"] for r in runs["checkpoint_errors"])
     assert kind0 == "CheckpointError" and "exists" in msg0
@@ -372,6 +418,63 @@ def test_sparse_gpt_plan_splits_the_work_at_allowed_cuts(monkeypatch):
     # unstructured masks: whole layers only
     plan = d.plan_sparse_gpt([512], [1536], [[0, 512, 1024, 1536]], 2)
     assert all(r0 in (0, 512, 1024) for _, r0, _ in plan.ranges[0])
+
+
+def test_sparse_gpt_plan_follows_measured_costs():
+    """Scaled by measured / modelled cost (here: the small layers' solves dearer than modelled,
+    down_proj's cheaper), the plan moves the q/k/v and o factors to down_proj's rank: their rows
+    stay, the loads even out, and their factors are computed first, before the rows need them."""
+    import fxprune.distributed as d
+    cols, rows = [512, 512, 512, 1376], [1536, 512, 2752, 512]
+    cuts = [list(range(0, r, 64)) + [r] for r in rows]
+    model = d.plan_sparse_gpt(cols, rows, cuts, 2)
+    fs, ss = [0.84, 0.84, 0.84, 0.73], [0.82, 0.75, 1.02, 0.74]
+    plan = d.plan_sparse_gpt(cols, rows, cuts, 2, factor_scale=fs, solve_scale=ss)
+    assert plan.owner == [0, 0, 1, 0]
+    assert plan.ranges == [[(1, 0, 1536)], [(1, 0, 512)], [(1, 0, 2752)], [(0, 0, 512)]]
+    scaled = [0.0, 0.0]
+    for g, owner in enumerate(plan.owner):
+        scaled[owner] += d.factor_cost(cols[g]) * fs[g]
+        for r, r0, r1 in plan.ranges[g]:
+            scaled[r] += d.solve_cost(r1 - r0, cols[g]) * ss[g]
+    assert scaled == pytest.approx(plan.load)
+    assert max(plan.load) < 1.01 * sum(plan.load) / 2
+    # the model's whole-group plan, costed the same way, is 9 % above an even share
+    whole = [0.0, 0.0]
+    for g, owner in enumerate(model.owner):
+        whole[owner] += d.factor_cost(cols[g]) * fs[g] + d.solve_cost(rows[g], cols[g]) * ss[g]
+    assert max(whole) > 1.08 * sum(whole) / 2
+    # unscaled, the whole groups stay together
+    assert model.owner == [1, 1, 1, 0]
+
+
+def test_learned_scales_are_time_over_modelled_cost():
+    import fxprune.distributed as d
+    key = ((512, 1536), (1376, 512))
+    measured = [(key, [0.5, 0.0, 0.0, 2.0], [10.0, 20.0, 1.0, 4.0]),      # this rank's times
+                (("other",), [0.0, 0.0], [1.0, 1.0])]                        # a step not timed
+    scales = d.learned_scales(measured, [0.5, 1.0, 3.0, 2.0, 0.0, 0.0])      # summed over ranks
+    assert scales == {key: ([0.05, 0.05], [3.0, 0.5])}
+
+
+def test_mean_of_sum_is_the_float64_sum_divided_once():
+    """The two ranks' partial Hessians summed and averaged chunk by chunk give the bits of
+    the float64 sum divided by the count and rounded once to float32 (BlockInputStats.hessian),
+    for float32 and float64 partials, written over a float32 operand."""
+    import fxprune.distributed as d
+    g = torch.Generator().manual_seed(0)
+    for n, (da, db) in [(300, (torch.float32, torch.float32)), (97, (torch.float64, torch.float32)),
+                        (64, (torch.float64, torch.float64))]:
+        x = torch.randn(200, n, generator=g) * torch.rand(n, generator=g) * 1e3
+        y = torch.randn(150, n, generator=g)
+        a, b = (x.T @ x).to(da), (y.T @ y).to(db)
+        ref = torch.empty(n, n)
+        torch.div(torch.zeros(n, n, dtype=torch.float64).add_(a).add_(b), 350, out=ref)
+        a2, b2 = a.clone(), b.clone()
+        got = d.mean_of_sum(a2, b2, 350)
+        assert got.dtype == torch.float32 and torch.equal(got, ref)
+        assert (got.data_ptr() == a2.data_ptr()) == (da == torch.float32)
+        assert not torch.equal(ref, (a.float() + b.float()) / 350)     # float32 sums differ
 
 
 def test_cli_under_torchrun_writes_what_one_process_writes(tmp_path):

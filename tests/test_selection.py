@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fxprune.selection import keys_of, kth_key, prune_k_smallest, select_global
+from fxprune.selection import cut_k_smallest, keys_of, kth_key, prune_k_smallest, select_global
 
 
 def _reference_k_smallest(scores, k):
@@ -125,3 +125,46 @@ def test_lazy_scores_select_exactly_like_tensors():
     got = select_global(lazy, [1, 1], 6000, [100, 0], [4000, 2500])
     want = select_global(scores, [1, 1], 6000, [100, 0], [4000, 2500])
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("k", [1, 333, 1000, 1500, 2000])
+def test_a_cut_applied_in_parts_equals_the_whole_layer_mask(k):
+    # few distinct values: the threshold is a tie that the parts must split in flat order
+    gen = torch.Generator().manual_seed(k)
+    scores = [(torch.rand(700, generator=gen) * 5).floor() / 5, (torch.rand(1300, generator=gen) * 5).floor() / 5]
+    keys = [keys_of(s) for s in scores]
+    cuts = cut_k_smallest(keys, k)
+    assert k == 2000 or any(not c.all_ties for c in cuts)
+    for cut, kk in zip(cuts, keys):
+        whole = cut.pruned(kk)
+        n = kk.numel()
+        for bounds in ([0, n], [0, 1, 2, 100, 101, 650, n], list(range(0, n, 7)) + [n]):
+            ties, parts = 0, []
+            for a, b in zip(bounds, bounds[1:]):
+                part, ties = cut.pruned_part(kk[a:b], ties)
+                parts.append(part)
+            assert torch.equal(torch.cat(parts), whole)
+            if not cut.all_ties:
+                assert ties == cut.ties
+
+
+def test_sharded_cut_over_row_parts_equals_the_whole_selection():
+    from fxprune.checkpoint.sharded import OneRank, sharded_cut
+    gen = torch.Generator().manual_seed(0)
+    scores = [(torch.rand(60, 10, generator=gen) * 7).floor() / 7, (torch.rand(40, 10, generator=gen) * 7).floor() / 7]
+    keys = [keys_of(s).reshape(-1) for s in scores]
+    for k in (1, 250, 500, 999):
+        parts = {i: list(kk.split(130)) for i, kk in enumerate(keys)}
+        assert sharded_cut(OneRank(), [0, 1], k, parts, {}) == cut_k_smallest(keys, k)
+
+
+def test_row_pieces_cover_each_rank_share_in_order():
+    from fxprune.checkpoint.sharded import row_pieces
+    for rows, cols, world, limit in [(10, 4, 1, 100), (10, 4, 2, 9), (7, 3, 3, 1), (1, 8, 2, 4), (2816, 1024, 2, 1 << 24)]:
+        shares = row_pieces(rows, cols, world, limit)
+        assert len(shares) == world
+        flat = [p for share in shares for p in share]
+        assert [a for a, _ in flat] == [0] + [b for _, b in flat[:-1]] and flat[-1][1] == rows
+        assert all(b > a and ((b - a) * cols <= limit or b - a == 1) for a, b in flat)
+        sizes = [sum(b - a for a, b in share) for share in shares]   # even shares
+        assert max(sizes) - min(sizes) <= 1

@@ -204,7 +204,7 @@ class _Job:
         def count_the_rest():
             for t in self.ctx.targets.values():
                 if t.param not in self.zeros and self.owns(t):
-                    self.zeros[t.param] = _count_zeros(self.shards.read(self.key_of[t.param]))
+                    self.zeros[t.param] = self.count_zeros(self.key_of[t.param])
         if self.dist is None:
             count_the_rest()
         else:   # each rank counted its own layers
@@ -276,6 +276,17 @@ class _Job:
             weight = self.read_weight(t)
             return weight, _view_scores(criterion, t, weight, f" in {self.src}", _FIX_WEIGHTS)
 
+        if not pattern.layers_are_independent() and _ranks_with_plans(pattern):
+            from .sharded import OneRank, prune_rows, rows_apply
+            if rows_apply(targets, pattern, criterion):
+                def scores_of_rows(t, start, stop):
+                    release_free_memory()
+                    weight = self.shards.read_rows(self.key_of[t.param], start, stop)
+                    return weight, _view_scores(criterion, t, weight,
+                                                f" (rows {start}-{stop - 1}) in {self.src}", _FIX_WEIGHTS)
+                prune_rows(self, targets, pattern, scores_of_rows, self.dist or OneRank())
+                return
+
         if self.dist is not None:
             from .sharded import prune_streaming
             done = prune_streaming(self, group, scores_of)
@@ -306,6 +317,44 @@ class _Job:
             weight, scores = scores_of(t)
             keep = mask_group(group, [t], {t.param: scores}, warn=False)[t.param]
             self.write_pruned(t, weight, keep)
+
+    def write_rows(self, t, cut, pieces, scores_of_rows) -> None:
+        """Mask and write the weight of ``t`` piece by piece (row ranges, in order) with its share
+        ``cut`` of a global selection over 1x1 blocks."""
+        key = self.key_of[t.param]
+        ties = zeros = 0
+        for n, (start, stop) in enumerate(pieces):
+            weight, scores = scores_of_rows(t, start, stop)
+            pruned, ties = cut.pruned_part(scores.view(torch.int32), ties)
+            del scores
+            # as weight.mul_(keep) in write_pruned (a pruned negative weight becomes -0.0), with
+            # bool temporaries only
+            negative = torch.signbit(weight)
+            negative &= pruned
+            weight.masked_fill_(pruned, 0.0)
+            weight.masked_fill_(negative, -0.0)
+            del pruned, negative
+            self.writer.write_rows(key, start, weight, last=n == len(pieces) - 1)
+            zeros += _count_zeros(weight)
+            del weight
+        if not pieces:
+            self.writer.write(key, self.read_weight(t))
+        self.zeros[t.param] = zeros
+        self._ticker.done(t.name)
+        release_free_memory()
+
+    def count_zeros(self, key: str) -> int:
+        """Zeros of a tensor that is not rewritten, read piece by piece."""
+        from .sharded import row_pieces
+        entry = self.shards.entries[key]
+        world = 1 if self.dist is None else self.dist.world
+        zeros = 0
+        for share in row_pieces(entry.rows, entry.numel // max(entry.rows, 1), world):
+            for start, stop in share:
+                release_free_memory()   # the last piece's freed buffer stays resident until trimmed
+                zeros += _count_zeros(self.shards.read_rows(key, start, stop))
+        release_free_memory()
+        return zeros
 
     @staticmethod
     def lazy_block_scores(pattern: BasePattern, targets, scores_of) -> dict[str, LazyScores]:

@@ -55,6 +55,15 @@ class TensorEntry:
             n *= d
         return n
 
+    @property
+    def rows(self) -> int:
+        """Length of the first dimension (1 for a scalar)."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_bytes(self) -> int:
+        return (self.end - self.begin) // self.rows if self.rows else 0
+
 
 class ShardSet:
     """Every tensor of a model directory's safetensors weights: sharded (``model.safetensors.index.json``
@@ -101,17 +110,29 @@ class ShardSet:
     def read(self, key: str) -> torch.Tensor:
         """The tensor ``key``, read into fresh memory."""
         entry = self.entries[key]
+        return self._read(entry, entry.begin, entry.end).reshape(entry.shape)
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of the tensor ``key`` (its first dimension), read into fresh
+        memory: a row range is one contiguous byte range of the shard."""
+        entry = self.entries[key]
+        row = entry.row_bytes
+        return self._read(entry, entry.begin + start * row, entry.begin + stop * row).reshape(
+            stop - start, *entry.shape[1:])
+
+    @staticmethod
+    def _read(entry: TensorEntry, begin: int, end: int) -> torch.Tensor:
         dtype = DTYPES.get(entry.dtype)
         if dtype is None:
-            raise CheckpointError(f"{entry.file.name}: tensor {key!r} has dtype {entry.dtype!r}, "
+            raise CheckpointError(f"{entry.file.name}: tensor {entry.key!r} has dtype {entry.dtype!r}, "
                                   f"which torch cannot read")
-        buffer = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
         with open(entry.file, "rb") as f:
-            f.seek(entry.begin)
+            f.seek(begin)
             if f.readinto(buffer.numpy()) != buffer.numel():
-                raise CheckpointError(f"{entry.file.name} is truncated: tensor {key!r} ends past "
+                raise CheckpointError(f"{entry.file.name} is truncated: tensor {entry.key!r} ends past "
                                       f"the end of the file; re-copy the shard")
-        return buffer.view(dtype).reshape(entry.shape)
+        return buffer.view(dtype)
 
 
 def _read_header(path: Path) -> list[TensorEntry]:
@@ -172,11 +193,26 @@ class ShardWriter:
         if DTYPES[entry.dtype] != tensor.dtype or entry.shape != tuple(tensor.shape):
             raise FxPruneError(f"internal: {key} would change from {entry.dtype} {entry.shape} to "
                                f"{tensor.dtype} {tuple(tensor.shape)}")
+        self._write(entry, entry.begin, tensor)
+        self.pending.discard(key)
+
+    def write_rows(self, key: str, start: int, rows: torch.Tensor, last: bool) -> None:
+        """Rows ``start...`` of the tensor ``key`` (``rows``: some of its first-dimension rows);
+        ``last``: the tensor's final piece (every row is then written)."""
+        entry = self.shards.entries[key]
+        if DTYPES[entry.dtype] != rows.dtype or entry.shape[1:] != tuple(rows.shape[1:]) \
+                or start + rows.shape[0] > entry.rows:
+            raise FxPruneError(f"internal: rows {start}+{rows.shape[0]} of {key} ({entry.dtype} "
+                               f"{entry.shape}) given as {rows.dtype} {tuple(rows.shape)}")
+        self._write(entry, entry.begin + start * entry.row_bytes, rows)
+        if last:
+            self.pending.discard(key)
+
+    def _write(self, entry: TensorEntry, offset: int, tensor: torch.Tensor) -> None:
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
         with open(self.out_dir / entry.file.name, "r+b") as f:
-            f.seek(entry.begin)
+            f.seek(offset)
             f.write(data.numpy().data)
-        self.pending.discard(key)
 
     def finish(self) -> None:
         """Every tensor announced as rewritten was written (else its bytes would be a hole)."""
