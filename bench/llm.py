@@ -44,6 +44,11 @@ say so and only fxprune runs.
 
 On a shared, loaded machine wall times are noise: ``--threads 1 --time cpu`` compares the CPU
 time of the pruning calls instead (one thread: what each call takes alone on one core).
+
+``--fx-variant KEY=VALUE[,KEY=VALUE]`` adds fxprune with those config keys as one more tool in
+the alternation (e.g. ``true_sequential=true``); ``--calib-seeds 1 2 3`` runs the trained part
+once per calibration draw (16 x 128 bytes of the training text drawn with that seed), to tell a
+difference in perplexity from the noise of one draw.
 """
 from __future__ import annotations
 
@@ -61,6 +66,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 SEQ = 128                 # calibration and evaluation sequence length (tokens)
 CALIB_SEQUENCES = 16
+CALIB_SEED = 123          # the trained model's calibration draw
 TARGET = 0.5
 
 # The trained model: small enough to train in minutes on 2 cores, shaped like the depth models
@@ -110,7 +116,7 @@ def worker(job: dict) -> dict:
     with torch.no_grad():
         for p in model.parameters():
             p.sum()
-    calib = torch.load(Path(job["model_dir"]) / "calibration.pt")
+    calib = torch.load(job.get("calibration") or Path(job["model_dir"]) / "calibration.pt")
     counts = {"real": 0, "traced": 0}
 
     def count(module, args, kwargs):
@@ -150,7 +156,7 @@ def _fxprune_runner(job):
 
     crit, pattern = METHODS[job["method"]][:2]
     config = {"pruning_type": crit, "pattern": pattern, "target_sparsity": TARGET,
-              "pruning_scope": "local"}
+              "pruning_scope": "local", **job.get("fx_config", {})}
 
     def prepare(model, calib):
         b = job["fx_calib_batch"]
@@ -257,12 +263,29 @@ def trained_model(cache: Path):
         model = _llama(TRAINED, TRAINING["seed"])
         quality.train_lm(model, train, steps=TRAINING["steps"], lr=TRAINING["lr"],
                          seed=TRAINING["seed"], batch=TRAINING["batch"], log_every=25)
-        g = torch.Generator().manual_seed(123)
+        g = torch.Generator().manual_seed(CALIB_SEED)
         calib = quality.lm_batch(train, CALIB_SEQUENCES, g)
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_model_dir(path, model.eval(), calib)
         log(f"trained in {time.time() - start:.0f}s")
     return path, held, perplexity_of(path, None, held)
+
+
+def trained_calibration(cache: Path, seed: int | None) -> Path | None:
+    """The trained model's calibration drawn with ``seed`` (None: the one saved with the model)."""
+    import quality
+    import torch
+
+    if seed is None:
+        return None
+    path = cache / "calibration" / f"stdlib-{_tag(TRAINED, TRAINING, SEQ, CALIB_SEQUENCES)}-{seed}.pt"
+    if not path.exists():
+        train, _ = quality.stdlib_corpus(4_000_000, 400_000)
+        ids = quality.lm_batch(train, CALIB_SEQUENCES, torch.Generator().manual_seed(seed))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ids, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+    return path
 
 
 def random_model(cache: Path, blocks: int) -> Path:
@@ -343,13 +366,16 @@ class Runner:
     def tools(self) -> dict:
         """tool -> (interpreter, fxprune source tree)."""
         tools = {"fxprune": (sys.executable, self.args.fxprune_path)}
+        for spec in self.args.fx_variant or []:
+            tools[f"fxprune {spec}"] = (sys.executable, self.args.fxprune_path)
         if self.args.baseline_path:
             tools[BASELINE] = (sys.executable, self.args.baseline_path)
         if self.peer:
             tools[PEER] = (self.peer, self.args.fxprune_path)
         return tools
 
-    def alternate(self, model_label: str, model_dir: Path, method: str, save: bool) -> dict:
+    def alternate(self, model_label: str, model_dir: Path, method: str, save: bool,
+                  calibration: Path | None = None) -> dict:
         """``reps`` runs of each tool, alternating (the order turns by one tool per repetition);
         results[tool] is a list of run dicts."""
         tools = self.tools()
@@ -362,7 +388,10 @@ class Runner:
                 job = {"tool": tool, "method": method, "model": model_label,
                        "model_dir": str(model_dir), "threads": self.args.threads,
                        "fxprune_path": tools[tool][1],
-                       "fx_calib_batch": self.args.fx_calib_batch, "pattern_check": pattern}
+                       "fx_calib_batch": self.args.fx_calib_batch, "pattern_check": pattern,
+                       "fx_config": fx_config(tool)}
+                if calibration is not None:
+                    job["calibration"] = str(calibration)
                 if save:
                     job["save"] = str(self.cache / "out" / _slug(f"{model_label}-{method}-{tool}-{rep}-{os.getpid()}.safetensors"))
                     Path(job["save"]).parent.mkdir(parents=True, exist_ok=True)
@@ -375,6 +404,21 @@ class Runner:
                     r["weights"] = job["save"]
                 results[tool].append(r)
         return results
+
+
+def fx_config(tool: str) -> dict:
+    """The config keys a ``--fx-variant`` tool ("fxprune key=value,key=value") adds (values
+    read as JSON, else as strings)."""
+    if not tool.startswith("fxprune "):
+        return {}
+    out = {}
+    for item in tool[len("fxprune "):].split(","):
+        key, _, value = item.partition("=")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value.strip()
+    return out
 
 
 # ====================================================================== tables
@@ -397,13 +441,14 @@ def trained_table(results: dict, dense_ppl: float, basis: str) -> str:
             "time / peer (<= 0.5)", "RSS <= peer", "ppl <= peer"]
     rows = [["dense", "", "", "", "", f"{dense_ppl:.4f}", "0", "", "", ""]]
     for method, per_tool in results.items():
-        fx, peer = per_tool["fxprune"], per_tool.get(PEER)
+        peer = per_tool.get(PEER)
         for tool, runs in per_tool.items():
+            fx = runs
             cells = [method, tool, _span([r["time"] for r in runs], "{:.2f}"),
                      _span([r["peak_mb"] for r in runs], "{:.0f}"),
                      _span([r["forwards"] for r in runs], "{:d}"),
                      _span([r["ppl"] for r in runs], "{:.4f}"), _sparsity_cell(runs)]
-            if tool == "fxprune" and peer:
+            if tool != PEER and tool != BASELINE and peer:
                 ratio = min(r["time"] for r in fx) / min(r["time"] for r in peer)
                 rss_ok = min(r["peak_mb"] for r in fx) <= min(r["peak_mb"] for r in peer)
                 ppl_ok = max(r["ppl"] for r in fx) <= min(r["ppl"] for r in peer)
@@ -500,6 +545,13 @@ def main(argv=None) -> None:
     ap.add_argument("--peer-python", help="interpreter with llmcompressor installed "
                                           "(default $FXPRUNE_BENCH_PEER_PYTHON, .venv-llmc)")
     ap.add_argument("--no-peer", action="store_true", help="fxprune only")
+    ap.add_argument("--fx-variant", action="append", metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="also run fxprune with these config keys (JSON values), as one more tool "
+                         "in the alternation, e.g. true_sequential=false; repeatable")
+    ap.add_argument("--calib-seeds", type=int, nargs="+", metavar="SEED",
+                    help="trained part: run every method once per calibration draw (16 x 128 "
+                         "bytes of the training text drawn with this seed; the default draw is "
+                         f"seed {CALIB_SEED})")
     ap.add_argument("--baseline-path", help="also run the fxprune of this source tree (e.g. an "
                                             "export of main), as a third tool in the alternation")
     ap.add_argument("--time", choices=["wall", "cpu"], default="wall",
@@ -555,11 +607,14 @@ def main(argv=None) -> None:
     if trained_dir:
         results = {}
         for method in methods:
-            results[method] = runner.alternate("trained", trained_dir, method, save=True)
-            for runs in results[method].values():
-                for r in runs:
-                    r["ppl"] = perplexity_of(trained_dir, Path(r["weights"]), held)
-                    Path(r["weights"]).unlink()
+            for seed in args.calib_seeds or [None]:
+                key = method if seed is None else f"{method}, calibration seed {seed}"
+                results[key] = runner.alternate("trained", trained_dir, method, save=True,
+                                                calibration=trained_calibration(cache, seed))
+                for runs in results[key].values():
+                    for r in runs:
+                        r["ppl"] = perplexity_of(trained_dir, Path(r["weights"]), held)
+                        Path(r["weights"]).unlink()
         sections.append(f"### Trained Llama ({TRAINED['num_hidden_layers']} blocks, hidden "
                         f"{TRAINED['hidden_size']}, FFN {TRAINED['intermediate_size']}, byte "
                         f"vocabulary), {CALIB_SEQUENCES} x {SEQ} calibration, local scope, "

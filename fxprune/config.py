@@ -151,6 +151,9 @@ KEYS: tuple[Key, ...] = (
         doc="the ModuleList of repeated blocks; null finds the largest one"),
     Key("activation_cache_mb", 1024, GLOBAL, "a number >= 0 (MiB)", _number(0.0, float("inf")),
         doc="RAM for the hidden states cached between blocks; beyond it they spill to temp files"),
+    Key("true_sequential", False, GLOBAL, "true or false", _is_bool,
+        doc="block by block: prune a block's layers in stages in forward order (q/k/v; o; "
+            "gate/up; down), each stage's inputs recorded with the earlier stages pruned"),
     Key("block_batch_tokens", 512, GLOBAL, "an integer >= 0", lambda v: not isinstance(v, bool)
         and isinstance(v, int) and v >= 0,
         doc="calibration batches are concatenated into block batches of up to this many tokens "

@@ -271,21 +271,24 @@ class BlockStep:
 
     @property
     def outputs_needed(self) -> bool:
-        """Whether :meth:`record`'s outputs are the next block's inputs (dense propagation). When
-        they are not, a hook may end a recording forward early."""
-        return self.runner.propagation == "dense"
+        """Whether the next :meth:`record`'s outputs are the next block's inputs: with dense
+        propagation, those of the first record (the dense block's). When they are not, a hook
+        may end a recording forward early."""
+        return self.runner.propagation == "dense" and not self.recorded
 
     def record(self, context: Callable[[], Any] | None = None,
                on_batch: Callable[[int], None] | None = None) -> None:
-        """Run the dense block over every cached input (no gradients, eval mode). ``on_batch(b)``
+        """Run the block over every cached input (no gradients, eval mode). ``on_batch(b)``
         is called before batch ``b``; ``context()``, when given, is entered around each batch's
         forward (e.g. a dispatch-mode recorder); forward pre-hooks installed by the caller see
-        every layer call. With dense propagation the outputs are kept as the next block's inputs,
-        so no second forward is needed.
+        every layer call. With dense propagation the first record's outputs (the dense block's)
+        are kept as the next block's inputs, so no second forward is needed.
 
-        With pruned propagation the outputs are thrown away, so a hook that has seen everything
-        it records in a batch may raise :class:`~fxprune.criteria.calibration.StopForward`: that
-        batch's forward ends there (the layers after the last recorded input never run)."""
+        May be called more than once (the block's layers pruned in stages, each recorded with
+        the earlier ones pruned). When :attr:`outputs_needed` is false the outputs are thrown
+        away, so a hook that has seen everything it records in a batch may raise
+        :class:`~fxprune.criteria.calibration.StopForward`: that batch's forward ends there
+        (the layers after the last recorded input never run)."""
         from .criteria.calibration import StopForward
 
         r = self.runner

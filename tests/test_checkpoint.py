@@ -289,10 +289,12 @@ def test_training_criteria_are_refused(checkpoints, tmp_path):
 
 
 # ---------------------------------------------------------------------- data-aware criteria
-@pytest.mark.parametrize("model,criterion,pattern", [("llama", "activation", "2:4"), ("gpt2", "activation", "1x1"),
-                                                     ("llama", "sparse_gpt", "2:4")])
-def test_calibrated_checkpoint_equals_in_memory_block_sequential(checkpoints, tmp_path, model, criterion, pattern):
-    config = {"target_sparsity": 0.5, "pattern": pattern, "pruning_type": criterion, "pruning_scope": "local"}
+@pytest.mark.parametrize("model,criterion,pattern,extra", [
+    ("llama", "activation", "2:4", {}), ("gpt2", "activation", "1x1", {}), ("llama", "sparse_gpt", "2:4", {}),
+    ("gpt2", "sparse_gpt", "1x1", {"true_sequential": True})])
+def test_calibrated_checkpoint_equals_in_memory_block_sequential(checkpoints, tmp_path, model, criterion, pattern, extra):
+    config = {"target_sparsity": 0.5, "pattern": pattern, "pruning_type": criterion, "pruning_scope": "local",
+              **extra}
     torch.manual_seed(1)
     ids = torch.randint(0, VOCAB, (6, 16))
     torch.save(ids, tmp_path / "ids.pt")

@@ -19,7 +19,7 @@ def test_every_key_is_a_field_with_its_declared_default():
     assert group_fields == ["index", *[k for k in GROUP_KEYS if k not in SCHEDULE_KEYS], "schedule"]
     assert set(GLOBAL_KEYS) == {"pruning_configs", "exclude_last_linear", "compact", "round_channels_to",
                                 "block_sequential", "block_propagation", "block_list", "activation_cache_mb",
-                                "block_batch_tokens"}
+                                "block_batch_tokens", "true_sequential"}
 
 
 def test_groups_inherit_the_global_keys():

@@ -37,6 +37,10 @@ CASES = {
                        "pruning_scope": "local", "block_batch_tokens": 72},
     "sparse_gpt_2of4": {"pruning_type": "sparse_gpt", "pattern": "2:4", "target_sparsity": 0.5,
                         "pruning_scope": "local", "block_batch_tokens": 48},
+    # a block's layers in 4 stages: statistics reduced and solves split per stage
+    "sparse_gpt_1x1_true_sequential": {"pruning_type": "sparse_gpt", "pattern": "1x1",
+                                       "target_sparsity": 0.5, "pruning_scope": "local",
+                                       "block_batch_tokens": 72, "true_sequential": True},
 }
 
 
@@ -224,7 +228,7 @@ def test_bit_identical_to_one_process(runs, case):
     _assert_same(per_rank[0][case][1], per_rank[1][case][1])
 
 
-@pytest.mark.parametrize("case", ["sparse_gpt_1x1", "sparse_gpt_2of4"])
+@pytest.mark.parametrize("case", ["sparse_gpt_1x1", "sparse_gpt_2of4", "sparse_gpt_1x1_true_sequential"])
 def test_sparse_gpt_is_bit_identical_to_one_process(runs, case):
     per_rank = [results for results, _ in runs["transform"]]
     for ref, par in (r[case] for r in per_rank):
@@ -267,6 +271,9 @@ def test_each_rank_runs_only_its_share_of_the_calibration(runs):
         # block by block, the layers come from one eager run on the example inputs (block 0 once)
         for case in ("wanda_1x1", "sparse_gpt_2of4"):
             assert forwards[case] == (1 + 2 * 3, 1 + 2 * mine)
+        # true_sequential: 4 recording forwards per block batch (one per stage), 2 block batches
+        # of 72 + 48 tokens, one per rank
+        assert forwards["sparse_gpt_1x1_true_sequential"] == (1 + 5 * 2, 1 + 5 * 1)
 
 
 def test_sparse_gpt_work_is_split_between_the_ranks(runs):
@@ -274,13 +281,14 @@ def test_sparse_gpt_work_is_split_between_the_ranks(runs):
     on one rank only, and 256 weight rows (q/k/v 64, o 32, gate/up 128, down 32) split between
     the ranks; one process does all of it."""
     per_rank = [counts for _, counts in runs["transform"]]
-    for case in ("sparse_gpt_1x1", "sparse_gpt_2of4"):
+    for case in ("sparse_gpt_1x1", "sparse_gpt_2of4", "sparse_gpt_1x1_true_sequential"):
         for counts in per_rank:
             assert counts[case][0][1] == (8, 512)                  # alone: 2 blocks x (4, 256)
         factors = [counts[case][1][1][0] for counts in per_rank]
         rows = [counts[case][1][1][1] for counts in per_rank]
-        assert sum(factors) == 8 and min(factors) > 0
-        assert sum(rows) == 512 and min(rows) > 0
+        assert sum(factors) == 8 and sum(rows) == 512             # each piece on one rank
+        if case != "sparse_gpt_1x1_true_sequential":    # (a stage's step has a single factor)
+            assert min(factors) > 0 and min(rows) > 0
     assert per_rank[0]["wanda_1x1"][1][1] == (0, 0)
 
 

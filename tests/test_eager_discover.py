@@ -60,7 +60,8 @@ def test_eager_discovery_finds_exactly_the_graph_layers(name):
 
 @pytest.mark.parametrize("name,config", [
     ("llama", WANDA), ("gpt2", WANDA),
-    ("llama", {**WANDA, "pruning_type": "sparse_gpt", "pattern": "1x1"})])
+    ("llama", {**WANDA, "pruning_type": "sparse_gpt", "pattern": "1x1"}),
+    ("gpt2", {**WANDA, "pruning_type": "sparse_gpt", "true_sequential": True})])
 def test_report_and_weights_equal_the_captured_path(name, config, monkeypatch):
     calib = token_batches(2)
     model = MODELS[name]()

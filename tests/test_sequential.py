@@ -375,3 +375,163 @@ def test_sparse_gpt_groups_sharing_an_input_each_get_its_hessian():
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
             checked += 1
     assert checked == 6
+
+
+# ---------------------------------------------------------------------------- true sequential
+def _stages(monkeypatch, model, cfg, calib, example=EXAMPLE):
+    """(block index, stage's layer names) per recording pass, the statistics of each stage's
+    layers as recorded, and the pruned model."""
+    import fxprune.passes.sequential as seqpass
+    stages, recorded = [], {}
+    real = seqpass.record_inputs
+
+    def record(ctx, step, targets, stage=False):
+        stats = real(ctx, step, targets, stage)
+        stages.append((step.index, [t.name.split(".", 3)[-1] for t in stats.targets]))
+        for t in stats.targets:
+            recorded[t.param] = (stats.hessian(t) if t.param in stats.need_hessian else stats.sumsq(t)).clone()
+        return stats
+    with monkeypatch.context() as m:
+        m.setattr(seqpass, "record_inputs", record)
+        out = fxprune.transform(copy.deepcopy(model), cfg, example, calibration=calib)
+    return stages, recorded, out
+
+
+LLAMA_STAGES = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+GPT2_STAGES = [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("criterion,pattern", [("sparse_gpt", "1x1"), ("activation", "2:4")])
+def test_true_sequential_stages_follow_the_forward(monkeypatch, arch, criterion, pattern):
+    """Layers sharing an input form one stage, stages in forward order; every stage's recording
+    forward stops after its last input; masks keep their exact counts."""
+    model = _llama(2) if arch == "llama" else _gpt2()
+    calib = _calib(3)
+    stages, _, out = _stages(monkeypatch, model, _cfg(criterion, pattern, true_sequential=True), calib)
+    expected = LLAMA_STAGES if arch == "llama" else GPT2_STAGES
+    assert stages == [(i, s) for i in range(2) for s in expected]
+    info = fxprune.sparsity_report(out).calibration
+    batches = info["block_batches"]
+    assert info["stages"] == 8
+    # per block and block batch: one recording forward per stage (each stopped) and, but after
+    # the last block, one propagating forward
+    assert (info["block_forwards"], info["stopped_early"]) == ((8 + 1) * batches, 8 * batches)
+    layers = [layer for layer in fxprune.sparsity_report(out).layers if layer.status == "pruned"]
+    assert len(layers) == (14 if arch == "llama" else 8)
+    assert all(layer.zeros == layer.numel // 2 for layer in layers)
+    off, _, _ = _stages(monkeypatch, model, _cfg(criterion, pattern), calib)
+    assert [len(s) for _, s in off] == [7 if arch == "llama" else 4] * 2   # one pass per block
+
+
+def _independent_statistics(model, layer_names, calib, hessian):
+    """Layers' input statistics from forwards of the whole model, computed as the block path
+    does (per batch: float32 ``X^T X`` summed in float64 then averaged, or the float32 sum of
+    squares)."""
+    totals, counts = {}, dict.fromkeys(layer_names, 0)
+
+    def hook(name):
+        def pre(m, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            part = (x.T @ x).double() if hessian else x.pow(2).sum(dim=0)
+            totals[name] = part if name not in totals else totals[name] + part
+            counts[name] += x.shape[0]
+        return pre
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in layer_names]
+    with torch.no_grad():
+        for ids in calib:
+            model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    return {n: (totals[n] / counts[n]).float() if hessian else totals[n] for n in layer_names}
+
+
+@pytest.mark.parametrize("criterion", ["sparse_gpt", "activation"])
+def test_true_sequential_stage_statistics_see_the_earlier_stages_pruned(monkeypatch, criterion):
+    """Stage k of block i is recorded on the block whose earlier stages carry their final pruned
+    weights and whose later ones are still dense, blocks 0..i-1 pruned: the same statistics as
+    whole-model forwards of exactly that model (calibration batches as given, so the sums run in
+    the same order), and not those of the block with its earlier stages unpruned."""
+    model, calib = _llama(2), _calib(2)
+    cfg = _cfg(criterion, "2:4", true_sequential=True, block_batch_tokens=0)
+    stages, recorded, out = _stages(monkeypatch, model, cfg, calib)
+    final, dense = _weights(out), _weights(model)
+    hessian = criterion == "sparse_gpt"
+    checked = differs = 0
+    for k, (i, names) in enumerate(stages):
+        earlier = {f"model.layers.{i}.{n}.weight" for j, s in stages[:k] if j == i for n in s}
+        layers = [f"model.layers.{i}.{n}" for n in names]
+        for prefix_pruned in (True, False) if earlier else (True,):
+            reference = copy.deepcopy(model)
+            with torch.no_grad():
+                for n, p in reference.named_parameters():
+                    if any(n.startswith(f"model.layers.{j}.") for j in range(i)) or (
+                            prefix_pruned and n in earlier):
+                        p.copy_(final[n])
+            expected = _independent_statistics(reference, layers, calib, hessian)
+            for layer in layers:
+                got = recorded[layer + ".weight"]
+                if prefix_pruned:
+                    torch.testing.assert_close(got, expected[layer], rtol=1e-6, atol=1e-7)
+                    checked += 1
+                else:
+                    differs += not torch.allclose(got, expected[layer], rtol=1e-4, atol=1e-6)
+    assert checked == 14
+    assert differs == 8          # o, gate, up, down of both blocks
+
+
+def test_true_sequential_splits_where_a_layer_is_used_twice(monkeypatch):
+    """A layer used twice keeps the layers between its uses in its stage; the others each get
+    their own."""
+    calib = [torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    cfg = {**_cfg("activation", "1x1"), "block_batch_tokens": 0, "op_names": ["layers"],
+           "true_sequential": True}
+    once, _, _ = _stages(monkeypatch, _Stack(False), cfg, calib, (calib[0],))
+    twice, _, out = _stages(monkeypatch, _Stack(True), cfg, calib, (calib[0],))
+    assert [s for i, s in once if i == 0] == [["a"], ["b"], ["c"]]
+    assert [s for i, s in twice if i == 0] == [["a"], ["b", "c"]]
+    assert all(layer.zeros == layer.numel // 2 for layer in fxprune.sparsity_report(out).layers
+               if layer.status == "pruned")
+
+
+def test_true_sequential_with_dense_propagation_passes_on_the_dense_block():
+    """With dense propagation the first stage's recording forward runs whole (its outputs, the
+    dense block's, are the next block's inputs); the later stages' forwards stop early. Block
+    1's first stage (q/k/v) therefore sees what it sees without true_sequential."""
+    model, calib = _llama(2), _calib(3)
+    cfg = _cfg("sparse_gpt", "2:4", block_propagation="dense", block_batch_tokens=0)
+    on = fxprune.transform(model, {**cfg, "true_sequential": True}, EXAMPLE, calibration=calib)
+    off = fxprune.transform(model, cfg, EXAMPLE, calibration=calib)
+    info = fxprune.sparsity_report(on).calibration
+    assert (info["block_forwards"], info["stopped_early"], info["stages"]) == (2 * 4 * 3, 2 * 3 * 3, 8)
+    a, b = _weights(on), _weights(off)
+    for n in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
+        assert torch.equal(a[n], b[n]), n
+    assert not torch.equal(a["model.layers.0.mlp.down_proj.weight"], b["model.layers.0.mlp.down_proj.weight"])
+
+
+def test_true_sequential_must_be_a_bool():
+    with pytest.raises(ConfigError, match="true_sequential"):
+        _prune(_llama(2), _cfg("sparse_gpt", "2:4", true_sequential="yes"), _calib())
+
+
+def test_true_sequential_on_the_whole_model_path_warns():
+    model, calib = _llama(2), _calib()
+    with pytest.warns(UserWarning, match=r"true_sequential .*pruning_configs\[0\].*block_sequential is false"):
+        _prune(model, _cfg("activation", "2:4", true_sequential=True, block_sequential=False), calib)
+
+
+def test_true_sequential_recording_forwards_run_only_up_to_their_stage():
+    """Block 0's linear products with 3 block batches: the discovery run (7); stage q/k/v: the
+    first batch runs to o_proj's pre-hook (3), the others stop at q_proj's (0: k/v share its
+    input); stage o: 4 then 3 + 3; stage gate/up: 6 then 4 + 4 (up shares gate's input); stage
+    down: 6 x 3; then the pruned block propagates (7 x 3)."""
+    model = _llama(2)
+    runs = []
+    for m in model.model.layers[0].modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda *a: runs.append(1))
+    cfg = _cfg("sparse_gpt", "2:4", true_sequential=True, block_batch_tokens=0)
+    fxprune.transform(model, cfg, EXAMPLE, calibration=_calib(3), inplace=True)
+    assert len(runs) == 7 + 3 + (4 + 3 + 3) + (6 + 4 + 4) + 6 * 3 + 7 * 3

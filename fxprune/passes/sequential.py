@@ -53,6 +53,7 @@ class BlockPlan:
     by_block: dict[int, list] = field(default_factory=dict)
     whole_model: dict[int, str] = field(default_factory=dict)   # group index -> reason
     stats: RunStats | None = None
+    stages: int = 0             # recording passes: one per block, or per stage (true_sequential)
 
     def summary(self) -> dict | None:
         """For the sparsity report: the path taken and, block-sequentially, what it ran."""
@@ -66,7 +67,8 @@ class BlockPlan:
         if self.stats is not None:
             out.update(batches=self.stats.batches, block_batches=self.stats.block_batches,
                        block_forwards=self.stats.block_forwards,
-                       stopped_early=self.stats.stopped_early, spilled=self.stats.spilled)
+                       stopped_early=self.stats.stopped_early, spilled=self.stats.spilled,
+                       stages=self.stages)
         return out
 
     def describe(self) -> str:
@@ -134,6 +136,11 @@ class BlockSequentialPass(Pass):
     def call(self, ctx: PruneContext) -> None:
         p = plan(ctx)
         ctx.block_plan = p
+        if ctx.config.true_sequential and p.whole_model:
+            import warnings
+            warnings.warn("true_sequential applies to block-sequential calibration only; "
+                          + "; ".join(f"pruning_configs[{i}] records every layer at once ({r})"
+                                      for i, r in p.whole_model.items()), stacklevel=2)
         if p.blocks is None or not p.groups:
             log.info("fxprune: %s", p.describe())
             return
@@ -164,27 +171,44 @@ def prune_block(ctx: PruneContext, p: BlockPlan, step: BlockStep) -> None:
         check_not_meta(model, targets)  # (the check pass saw the weights of everything else)
         for t in targets:
             check_finite(t, model.get_parameter(t.param).detach())
+    left = list(targets)
+    while left:     # true_sequential: one stage of layers at a time, the earlier ones pruned
+        stats = record_inputs(ctx, step, left, stage=ctx.config.true_sequential)
+        stage = {t.param for t in stats.targets}
+        for group in p.groups:
+            group_targets = [t for t in stats.targets if t.group is group]
+            if not group_targets:
+                continue
+            if _is_sparse_gpt(group):
+                _sparse_gpt(ctx, group, group_targets, stats)
+            else:
+                _activation(ctx, group, group_targets, stats)
+        p.stages += 1
+        left = [t for t in left if t.param not in stage]
+        del stats               # not alive during the next stage's recording
+    for t in targets:
+        weight = model.get_parameter(t.param)
+        ctx.zero_counts[t.param] = int((weight == 0).sum())   # (several times faster than count_nonzero)
+        t.status = "pruned"
+
+
+def record_inputs(ctx: PruneContext, step: BlockStep, targets, stage: bool = False) -> "BlockInputStats":
+    """The input statistics of ``targets`` (layers of block ``step`` not pruned yet) from one
+    recording pass over the block batches; with ``stage``, of the first stage among them only
+    (see :meth:`BlockInputStats.first_stage_only`): the returned statistics' ``targets``."""
     dist = ctx.distributed
+    model = ctx.model
     stats = BlockInputStats(model, targets) if dist is None else dist.block_input_stats(model, targets)
-    if not step.outputs_needed:         # pruned propagation: stop each batch after its last input
+    if stage:
+        stats.first_stage_only()
+    if not step.outputs_needed:         # outputs thrown away: stop each batch after its last input
         stats.stop_early()
     with stats.installed():
         step.record(context=stats.context, on_batch=stats.new_batch)
     stats.check_complete(step.name)
     if dist is not None:                # data-parallel: sum the statistics of every rank's batches
         dist.reduce_block_stats(stats, step.name)
-    for group in p.groups:
-        group_targets = [t for t in targets if t.group is group]
-        if not group_targets:
-            continue
-        if _is_sparse_gpt(group):
-            _sparse_gpt(ctx, group, group_targets, stats)
-        else:
-            _activation(ctx, group, group_targets, stats)
-    for t in targets:
-        weight = model.get_parameter(t.param)
-        ctx.zero_counts[t.param] = int((weight == 0).sum())   # (several times faster than count_nonzero)
-        t.status = "pruned"
+    return stats
 
 
 def _is_sparse_gpt(group) -> bool:
@@ -351,6 +375,10 @@ class BlockInputStats:
 
     After :meth:`stop_early`, a batch's forward ends as soon as every target has had its inputs
     of that batch: the statistics are the same, the layers after the last one never run.
+
+    After :meth:`first_stage_only`, only the first *stage* of the targets is recorded (the
+    ``targets`` are narrowed to it once it is known): the targets called first in the forward,
+    with every target sharing their input (q/k/v; gate/up).
     """
 
     def __init__(self, model: nn.Module, targets):
@@ -362,6 +390,11 @@ class BlockInputStats:
         self.seen: dict[int, tuple[Tensor, _InputStat]] = {}
         self.stop_after: dict[str, int] | None = None
         self.calls: dict[str, int] = {}         # calls of each target in this batch
+        # uses of each target in one forward of the model (all inside this block unless the
+        # weight is shared: then they never all come)
+        self.uses = {t.param: max(1, len(t.nodes)) for t in self.targets}
+        self.stage: dict[str, object] | None = None   # first_stage_only: its members so far
+        self.stage_open = False
         self.hooked, self.dispatched = [], []
         self._scratch: Tensor | None = None
         self._untaken: dict[int, set[str]] = {}   # per Hessian: layers yet to take it
@@ -379,7 +412,43 @@ class BlockInputStats:
         catches) once every target has been called as many times as it has uses in one forward
         of the model (its discovered uses, all inside this block unless the weight is shared:
         then it never stops). Only for a forward whose outputs are not used."""
-        self.stop_after = {t.param: max(1, len(t.nodes)) for t in self.targets}
+        self.stop_after = {t.param: self.uses[t.param] for t in self.targets}
+
+    def first_stage_only(self) -> None:
+        """Record only the first stage of the targets (true sequential pruning: the later stages
+        are recorded again once this one is pruned). The stage is found in the first batch's
+        forward: the first target called, every target called with an input some member had
+        (the same tensor: q/k/v after the input norm, gate/up after the post-attention norm),
+        and every target called before all members have had all their uses (a weight used
+        twice keeps its later layers in its stage; a weight also used outside the block takes
+        every later layer). The first other call ends the stage: ``targets`` become its
+        members, and the forward stops there if :meth:`stop_early` allows."""
+        self.stage, self.stage_open = {}, True
+
+    def _stage_takes(self, t, x: Tensor) -> bool:
+        if t.param in self.stage:
+            return True
+        if not self.stage_open:
+            return False
+        hit = self.seen.get(id(x))
+        if not self.stage or (hit is not None and hit[0] is x) or not all(
+                self.calls.get(p, 0) >= self.uses[p] for p in self.stage):
+            self.stage[t.param] = t
+            return True
+        self._close_stage()
+        if self.stop_after is not None:
+            raise StopForward
+        return False
+
+    def _close_stage(self) -> None:
+        """The stage is known: the targets are its members (all targets when none was called,
+        so that :meth:`check_complete` names them)."""
+        self.stage_open = False
+        members = [t for t in self.targets if t.param in self.stage]
+        if members:
+            self.targets = members
+            if self.stop_after is not None:
+                self.stop_after = {t.param: self.stop_after[t.param] for t in members}
 
     @contextlib.contextmanager
     def installed(self):
@@ -402,6 +471,8 @@ class BlockInputStats:
         return stack
 
     def new_batch(self, b: int) -> None:
+        if self.stage_open and b > 0:   # the first batch ran every target it calls
+            self._close_stage()
         self.seen.clear()
         self.calls.clear()
 
@@ -412,9 +483,15 @@ class BlockInputStats:
         return pre_hook
 
     def _called(self, t, x: Tensor) -> None:
+        if self.stage is not None and not self._stage_takes(t, x):
+            return
         self.observe(t, x)
+        self.calls[t.param] = self.calls.get(t.param, 0) + 1
         if self.stop_after is not None:
-            self.calls[t.param] = self.calls.get(t.param, 0) + 1
+            if self.uses[t.param] == 1:     # the layers sharing this input (known after the
+                for m in self.stat_of[t.param].members:   # first batch) have nothing more to add
+                    if self.uses[m.param] == 1:
+                        self.calls.setdefault(m.param, 1)
             if len(self.calls) == len(self.stop_after) and all(
                     self.calls[p] >= n for p, n in self.stop_after.items()):
                 raise StopForward
@@ -491,6 +568,8 @@ class BlockInputStats:
             self.add_hessian(stat, self._gram(feats))
 
     def check_complete(self, block_name: str) -> None:
+        if self.stage_open:
+            self._close_stage()
         missing = [t.name for t in self.targets if t.param not in self.stat_of]
         if missing:
             raise WeightError(f"block {block_name}: the calibration never ran layer(s) {missing[:5]}; "
