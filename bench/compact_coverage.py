@@ -18,14 +18,29 @@ default) and ``compact=True``, and reported:
 - whether the compacted model equals the masked one (``compact=False``, same masks) on fresh
   inputs (rtol 1e-4 of the output's largest magnitude),
 - FLOPs before and after (``fxprune.flops``) and any FLOP-bearing op the counter does not count,
-- transform time: CPU time (``time.process_time``) of ``fxprune.transform(..., inplace=True,
-  compact=True)`` with one thread, and of Torch-Pruning's ``MetaPruner`` (dependency graph and
-  ``step()``) on the same model, ``local`` at the same ratio, magnitude importance, last linear
-  ignored, heads declared as its examples do. Each job is its own process and prunes two copies
-  of the model: the first run is *cold* (one call in a fresh process, after the imports: the
-  modules torch.export loads on first use, about 3 s, are imported beforehand as
-  ``torch_pruning`` is), the second *warm*. The two tools alternate (fxprune first in odd
-  repetitions, the peer in even ones) and the table shows the fastest of ``--reps``.
+- transform time: CPU time (``time.process_time``) with one thread, from the same starting point
+  on both sides (the model built and in eval mode, its example inputs at hand) to a pruned model:
+
+  - fxprune: ``fxprune.transform(model, config, inputs, inplace=True, compact=True)``, all of it:
+    the capture (one recorded eager forward), discovery, channel analysis, scores, the coupled
+    class selection, the rewrite (the masked model), the sparsity report, then the slicing, the
+    exactness check (one plain forward each of the masked and the compacted model, compared),
+    the FLOPs before and after, the Hugging Face config update, and the report's ``compaction``
+    entry. ``inplace=True`` because Torch-Pruning prunes in place; the default copy of the model
+    is not timed.
+  - Torch-Pruning: ``MetaPruner(model, inputs, ...)`` (its ``DependencyGraph``, built by tracing
+    one eager forward's autograd graph) and ``pruner.step()`` (magnitude importance and the
+    physical pruning), ``local`` at the same ratio, magnitude importance, last linear ignored,
+    heads declared as its examples do. It makes no exactness check, counts no FLOPs and writes
+    no report; the head attributes its examples fix by hand afterwards are not timed.
+
+  Each job is its own process and prunes two copies of the model: the first run is *cold* (one
+  call in a fresh process, after the imports: the modules torch.export loads on first use, about
+  3 s, are imported beforehand as ``torch_pruning`` is), the second *warm*. The two tools
+  alternate (fxprune first in odd repetitions, the peer in even ones); the coverage table shows
+  the fastest of ``--reps``, and the time table every run, the fastest and the median, with the
+  load average before and after (``--time-only`` prints the time table alone, without the
+  coverage checks).
 
 Torch-Pruning is an optional bench extra in its own virtual environment (``make
 bench-compact-peer``: torch 2.13.0 first, then torch-pruning 1.6.1 and transformers). Without it
@@ -320,6 +335,7 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-python", default=None, help="an interpreter with torch_pruning")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--timeout", type=float, default=300, help="seconds a worker may run (wall)")
+    ap.add_argument("--time-only", action="store_true", help="the transform time table alone")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -330,7 +346,7 @@ def main(argv=None) -> int:
     peer = peer_python(args)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     log(f"peer: {peer or 'none (make bench-compact-peer or --peer-python)'}")
-    rows = []
+    rows, load = [], os.getloadavg()
     for name in args.models:
         runs = {"fxprune": [], "peer": []}
         for rep in range(args.reps):
@@ -338,13 +354,49 @@ def main(argv=None) -> int:
             for tool in order:
                 if tool == "peer" and not peer:
                     continue
-                job = {"tool": tool, "model": name, "sparsity": args.sparsity, "full": rep == 0}
+                job = {"tool": tool, "model": name, "sparsity": args.sparsity,
+                       "full": rep == 0 and not args.time_only}
                 out = _spawn(peer if tool == "peer" else sys.executable, job, args.timeout)
                 runs[tool].append(out)
                 log(f"{name} {tool} rep {rep}: " + (out.get("error") or f"{out['seconds']:.2f}s / {out['warm']:.2f}s CPU"))
         rows.append((name, runs))
-    print(table(rows, args.sparsity))
+    if not args.time_only:
+        print(table(rows, args.sparsity))
+        print()
+    print(time_table(rows, args.sparsity, load, os.getloadavg()))
     return 0
+
+
+def time_table(rows, sparsity, load_before, load_after) -> str:
+    """Every timed run of both tools, cold and warm, with the fastest and the median."""
+    import statistics
+
+    def runs(results, key):  # runs that finished (a crashed peer run has a time, not a warm one)
+        return [r[key] for r in results if "warm" in r]
+
+    def cell(values):
+        if not values:
+            return "-"
+        return (" ".join(f"{v:.2f}" for v in values)
+                + f" (min {min(values):.2f}, median {statistics.median(values):.2f})")
+
+    def ratio(a, b, f):
+        return f"{f(a) / f(b):.2f}" if a and b else "-"
+
+    head = ("model", "fxprune cold", "tp cold", "fxprune warm", "tp warm",
+            "fxprune / tp cold (min, median)", "fxprune / tp warm (min, median)")
+    lines = [f"transform time, 1xchannel at {sparsity}, local: CPU s with 1 thread, every run in "
+             f"the order made (tools alternating); load average {load_before[0]:.1f} before, "
+             f"{load_after[0]:.1f} after",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows:
+        fc, fw = runs(r["fxprune"], "seconds"), runs(r["fxprune"], "warm")
+        tc, tw = runs(r["peer"], "seconds"), runs(r["peer"], "warm")
+        med = statistics.median
+        lines.append("| " + " | ".join([
+            name, cell(fc), cell(tc), cell(fw), cell(tw),
+            f"{ratio(fc, tc, min)}, {ratio(fc, tc, med)}", f"{ratio(fw, tw, min)}, {ratio(fw, tw, med)}"]) + " |")
+    return "\n".join(lines)
 
 
 def table(rows, sparsity) -> str:

@@ -166,20 +166,13 @@ def _dense_flops(s, node) -> int:
     return 2 * _numel(x[:-1]) * _numel(w)
 
 
-def _addmm_flops(s, node) -> int:
-    a, b = s(node.args[1]), s(node.args[2])
-    return 2 * a[0] * a[1] * b[1]
-
-
-def _mm_flops(s, node) -> int:
-    a, b = s(node.args[0]), s(node.args[1])
-    return 2 * a[0] * a[1] * b[1]
-
-
-def _bmm_flops(s, node) -> int:
-    first = 1 if node.target.__name__.startswith("baddbmm") else 0
-    a, b = s(node.args[first]), s(node.args[first + 1])
-    return 2 * a[0] * a[1] * a[2] * b[2]
+def _counter_formula(name: str, arity: int):
+    """``torch.utils.flop_counter``'s formula ``name`` on the shapes of the node's first ``arity``
+    arguments (the counter's own arithmetic, not restated)."""
+    def flops(s, node) -> int:
+        from torch.utils import flop_counter as counter
+        return getattr(counter, name)(*(tuple(s(a)) for a in node.args[:arity]))
+    return flops
 
 
 def _matmul_flops(s, node) -> int:
@@ -208,8 +201,9 @@ def _sdpa_flops(s, node) -> int:
     return 2 * batch * length * source * q[-1] + 2 * batch * length * source * v[-1]
 
 
-_FORMULAS = {"linear": _dense_flops, "addmm": _addmm_flops, "mm": _mm_flops, "bmm": _bmm_flops,
-             "baddbmm": _bmm_flops, "matmul": _matmul_flops, "scaled_dot_product_attention": _sdpa_flops,
+_FORMULAS = {"linear": _dense_flops, "addmm": _counter_formula("addmm_flop", 3),
+             "mm": _counter_formula("mm_flop", 2), "bmm": _counter_formula("bmm_flop", 2),
+             "baddbmm": _counter_formula("baddbmm_flop", 3), "matmul": _matmul_flops, "scaled_dot_product_attention": _sdpa_flops,
              **{name: _conv_flops for name in ("conv1d", "conv2d", "conv3d", "convolution", "_convolution",
                                                "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")}}
 
@@ -238,7 +232,9 @@ class GraphFlops:
         try:
             for node in self.nodes:
                 name = op_name(node)
-                if name in FLOP_FREE and (_is_aten(node) or name == "getitem") or _is_python_operator(node):
+                # an in-place variant (relu_, add_) computes what its op does
+                free = name in FLOP_FREE or (name.endswith("_") and name[:-1] in FLOP_FREE)
+                if free and (_is_aten(node) or name == "getitem") or _is_python_operator(node):
                     continue
                 formula = _FORMULAS.get(name) if _is_aten(node) else None
                 flops = formula(s, node) if formula is not None else self._on_meta(node, s)

@@ -57,6 +57,17 @@ def to_view_2d(weight: Tensor, geom: WeightGeometry) -> Tensor:
     return weight.permute(dims).reshape(geom.view_shape)
 
 
+def view_rows(weight: Tensor, geom: WeightGeometry, start: int, stop: int) -> Tensor:
+    """Rows ``start:stop`` of :func:`to_view_2d` (the same values), copying only those rows."""
+    if geom.layout == "out_in":
+        return weight[start:stop]
+    if geom.layout == "in_out":
+        return weight[:, start:stop].t()
+    part = weight[start:stop]
+    rows = WeightGeometry(geom.layout, tuple(part.shape), geom.groups)
+    return to_view_2d(part, rows)
+
+
 def from_view_2d(view: Tensor, geom: WeightGeometry) -> Tensor:
     """Inverse of :func:`to_view_2d`: a tensor shaped like the weight."""
     if geom.layout == "out_in":

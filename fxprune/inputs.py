@@ -53,12 +53,14 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     module loaded from a ``.pt2`` archive (``ExportedProgram.module()``) has its mode fixed at
     export and refuses ``eval()``: it is used as it is."""
     flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-    except NotImplementedError:
-        pass
+    if any(training for _, training in flags):  # else already in eval mode, as usual after a first call
+        try:
+            model.eval()
+        except NotImplementedError:
+            pass
     try:
         yield model
     finally:
         for m, training in flags:
-            m.training = training
+            if m.training != training:  # nn.Module's __setattr__ is slow: only the flags that moved
+                m.training = training

@@ -54,13 +54,17 @@ def ceil_budget(target: float, total: int) -> int:
 
 class LazyScores:
     """Scores computed on demand. ``compute()`` returns the tensor (of ``shape``); ``sample(idx)``
-    returns a random-sample-worthy subset of its values cheaply (any order is fine)."""
+    returns a random-sample-worthy subset of its values cheaply (any order is fine);
+    ``rows(start, stop)``, when given, computes rows ``start:stop`` alone (the same values), so a
+    reader going a few rows at a time never holds the whole tensor."""
 
     def __init__(self, compute: Callable[[], Tensor], shape, device=None,
-                 sample: Callable[[Tensor], Tensor] | None = None):
+                 sample: Callable[[Tensor], Tensor] | None = None,
+                 rows: Callable[[int, int], Tensor] | None = None):
         self.compute, self.shape = compute, tuple(shape)
         self.device = torch.device("cpu") if device is None else device
         self._sample = sample
+        self.rows = rows
 
     def __call__(self) -> Tensor:
         return self.compute()

@@ -5,7 +5,7 @@ import torch
 
 import fxprune
 from fxprune.config import PruningConfig
-from fxprune.geometry import WeightGeometry, from_view_2d, to_view_2d
+from fxprune.geometry import WeightGeometry, from_view_2d, to_view_2d, view_rows
 from inc_reference import inc_masks
 
 
@@ -36,6 +36,15 @@ def test_view_2d_round_trip_and_conv_layout():
     assert torch.equal(from_view_2d(view, geom), w)
     lin = torch.randn(5, 7)
     assert torch.equal(from_view_2d(to_view_2d(lin, WeightGeometry("in_out", (5, 7))), WeightGeometry("in_out", (5, 7))), lin)
+
+
+@pytest.mark.parametrize("layout, shape", [("out_in", (6, 5)), ("in_out", (5, 6)), ("conv", (6, 3, 2, 5))])
+def test_view_rows_are_the_views_rows(layout, shape):
+    w = torch.randn(shape)
+    geom = WeightGeometry(layout, shape)
+    view = to_view_2d(w, geom)
+    for start, stop in ((0, 6), (1, 4), (5, 6), (3, 3)):
+        assert torch.equal(view_rows(w, geom, start, stop), view[start:stop])
 
 
 @pytest.mark.parametrize("pattern,block", [("4x1", (4, 1)), ("1x4", (1, 4)), ("2x2", (2, 2)),

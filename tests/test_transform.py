@@ -35,6 +35,23 @@ def test_inplace_prunes_the_callers_model(mlp):
     assert out is mlp and _zeros(mlp.layers[0].weight) > 0
 
 
+def test_the_heap_is_frozen_for_the_collector_while_the_passes_run_and_unfrozen_after(mlp):
+    import gc
+    seen = []
+    progress = lambda stage, done, total: seen.append(gc.get_freeze_count())  # noqa: E731
+    assert gc.get_freeze_count() == 0
+    fxprune.transform(mlp, {"target_sparsity": 0.5, "pattern": "1x1"}, progress=progress)
+    assert seen and min(seen) > 0            # the objects that existed before are out of its walks
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
+    gc.freeze()                              # a caller that froze objects itself is left alone
+    try:
+        frozen = gc.get_freeze_count()
+        fxprune.transform(mlp, {"target_sparsity": 0.5, "pattern": "1x1"})
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+
+
 def test_parameters_keep_identity_dtype_and_requires_grad(mlp):
     pruned = fxprune.transform(mlp, {"target_sparsity": 0.5, "pattern": "1x1"}, inplace=True)
     assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in pruned.parameters())

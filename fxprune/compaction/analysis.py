@@ -89,22 +89,19 @@ class ChannelAnalysis:
     def config_head_counts(self, module: str) -> set[int]:
         """The head counts the config of module ``module`` records (Phi-3's attention reads its
         query head count from ``self.config``)."""
-        if self.model is None:
-            return set()
-        try:
-            config = getattr(self.model.get_submodule(module), "config", None)
-        except AttributeError:
-            return set()
-        return {v for v in (getattr(config, a, None) for a in HEAD_COUNT_ATTRS) if isinstance(v, int) and v > 1}
+        return self._sizes(module, HEAD_COUNT_ATTRS, of_config=True)
 
-    def _sizes(self, module: str, names) -> set[int]:
+    def _sizes(self, module: str, names, of_config: bool = False) -> set[int]:
+        """The sizes > 1 that module ``module`` (or its ``config``) records under ``names``."""
         if self.model is None:
             return set()
         try:
-            m = self.model.get_submodule(module)
+            holder = self.model.get_submodule(module)
         except AttributeError:
             return set()
-        return {v for v in (getattr(m, a, None) for a in names) if isinstance(v, int) and v > 1}
+        if of_config:
+            holder = getattr(holder, "config", None)
+        return {v for v in (getattr(holder, a, None) for a in names) if isinstance(v, int) and v > 1}
 
     def block(self, value, reason: str) -> None:
         """Mark every atom in ``value`` (a Chan, list of them, atom array) unprunable."""

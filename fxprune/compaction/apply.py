@@ -26,7 +26,7 @@ from ..aten import shape_of
 from ..flops import GraphFlops, flop_counter
 from ..inputs import eval_mode, output_tensors, split_inputs
 from .hf_config import update_hf_configs, warn_not_described
-from .slicing import Undo, count_params, get_tensor, slice_model
+from .slicing import Undo, count_params, slice_model, tensor_getter
 from .values import Chan, ParamRef
 
 RTOL = 1e-4
@@ -45,27 +45,30 @@ def compact_model(model, plan, example_inputs) -> dict:
     if on_forward:
         flops_before = counted
     spaces = sorted({plan.space[r] for r in plan.dead})
+    offsets = {f.scale: f.offset for f in plan.analysis.scale_folds if f.scale}
     failed: dict[int, str] = {}
     good = set(spaces)
-    why, flops_after = _try(model, plan, good, args, kwargs, reference, count_flops=on_forward)
+    # the configs are updated with the slicing, so one forward checks both
+    why, flops_after, config = _try(model, plan, good, args, kwargs, reference, count_flops=on_forward,
+                                    norm_offsets=offsets)
     if why is not None:  # find the spaces that break the model; keep the others
         for s in spaces:
-            reason, _ = _try(model, plan, {s}, args, kwargs, reference, keep=False)
+            reason, _, _ = _try(model, plan, {s}, args, kwargs, reference, keep=False)
             if reason is not None:
                 failed[s] = reason
         good = set(spaces) - set(failed)
-        why, flops_after = _try(model, plan, good, args, kwargs, reference, count_flops=on_forward)
+        why, flops_after, _ = _try(model, plan, good, args, kwargs, reference, count_flops=on_forward)
         if why is not None:
             failed.update({s: why for s in good})
             good, flops_after = set(), flops_before
+        config = _update_configs(model, args, kwargs, reference, offsets)
     if not on_forward:
         flops_after = graph.count(compacted_shapes(model, plan, good)) if good else flops_before
         if flops_after is None:
             _, flops_after = forward(model, args, kwargs, count_flops=True)
     return {"failed": failed, "params_before": params_before, "params_after": count_params(model),
             "flops_before": flops_before, "flops_after": flops_after, "shapes_before": shapes_before,
-            "config": _update_configs(model, args, kwargs, reference,
-                                      {f.scale: f.offset for f in plan.analysis.scale_folds if f.scale})}
+            "config": config}
 
 
 def compacted_shapes(model, plan, spaces: set[int]):
@@ -75,6 +78,7 @@ def compacted_shapes(model, plan, spaces: set[int]):
     recorded), for :class:`~fxprune.flops.GraphFlops`."""
     an = plan.analysis
     cache: dict = {}
+    tensor = tensor_getter(model)
 
     def shape(node):
         if node in cache:
@@ -83,7 +87,7 @@ def compacted_shapes(model, plan, spaces: set[int]):
         v = an.values.get(node)
         out = recorded
         if isinstance(v, ParamRef):
-            now = tuple(get_tensor(model, v.fqn).shape)
+            now = tuple(tensor(v.fqn).shape)
             out = tuple(now[p] if p >= 0 else recorded[i] for i, p in enumerate(v.perm))
         elif isinstance(v, Chan) and recorded is not None:
             dead = plan.dead_mask(v.atoms.ravel(), spaces).reshape(v.atoms.shape)
@@ -102,18 +106,24 @@ def _update_configs(model, args, kwargs, reference, norm_offsets) -> dict:
     else: checked on the example inputs, and left as it was with a warning if so."""
     undo = Undo()
     info = update_hf_configs(model, undo, norm_offsets)
-    why = ""
+    mismatch = None
     if undo.steps:
-        try:
-            out, _ = forward(model, args, kwargs)
-            mismatch = _mismatch(out, reference)
-        except Exception as e:
-            mismatch = f"the model fails: {type(e).__name__}: {_first_line(e)}"
+        mismatch, _, error = _check(model, args, kwargs, reference)
         if mismatch is not None:
+            mismatch = mismatch if error is None else f"the model fails: {error}"
             undo.restore()
-            info = {"updated": {}, "not_described": {k: [new] for k, (_, new) in info["updated"].items()}
-                    | info["not_described"]}
-            why = f"; with these sizes in its config the model computes something else: {mismatch}"
+    return _configs_checked(info, mismatch)
+
+
+def _configs_checked(info: dict, mismatch: str | None) -> dict:
+    """The report's config entry (and its warning) once the configs were checked: with a
+    ``mismatch``, the new sizes were left out of the configs (the model computes something else
+    with them)."""
+    why = ""
+    if mismatch is not None:
+        info = {"updated": {}, "not_described": {k: [new] for k, (_, new) in info["updated"].items()}
+                | info["not_described"]}
+        why = f"; with these sizes in its config the model computes something else: {mismatch}"
     warn_not_described(info, why)
     return info
 
@@ -128,13 +138,14 @@ def nothing_to_compact(model, plan) -> dict:
 
 def zero_removed(model, plan) -> None:
     """Zero the removed classes' entries of every source/zero-role tensor (biases, norm affine)."""
+    tensor = tensor_getter(model)
     with torch.no_grad():
         for (fqn, dim), ax in plan.analysis.axes.items():
             if not ax.roles & {"source", "zero"}:
                 continue
             dead = plan.dead_mask(ax.atoms)
             if dead.any():
-                t = get_tensor(model, fqn)
+                t = tensor(fqn)
                 t.index_fill_(dim, torch.as_tensor(np.flatnonzero(dead), device=t.device), 0)
 
 
@@ -150,22 +161,43 @@ def forward(model, args, kwargs, count_flops: bool = False):
 
 
 def _try(model, plan, spaces: set[int], args, kwargs, reference, keep: bool = True,
-         count_flops: bool = False):
-    """Slice ``spaces`` and check the outputs: (None, FLOPs if ``count_flops``) when they match
-    (undone unless ``keep``), else (why not, None), undone."""
+         count_flops: bool = False, norm_offsets: dict | None = None):
+    """Slice ``spaces`` and check the outputs: (None, FLOPs if ``count_flops``, config entry)
+    when they match (undone unless ``keep``), else (why not, None, None), undone. With
+    ``norm_offsets``, the Hugging Face configs are updated too (:func:`_update_configs`) and
+    checked by the same forward: if only they make it differ, they are left as they were."""
     try:
         undo = slice_model(model, plan, spaces)
     except Exception as e:
-        return f"slicing failed: {type(e).__name__}: {_first_line(e)}", None
-    flops = None
+        return f"slicing failed: {type(e).__name__}: {_first_line(e)}", None, None
+    configs, info = Undo(), None
+    if norm_offsets is not None:
+        info = update_hf_configs(model, configs, norm_offsets)
+    why, flops, error = _check(model, args, kwargs, reference, count_flops)
+    config = None
+    if why is None:
+        config = None if info is None else _configs_checked(info, None)
+    elif configs.steps:  # the configs' doing, or the slicing's?
+        configs.restore()
+        mismatch = why if error is None else f"the model fails: {error}"
+        why, flops, error = _check(model, args, kwargs, reference, count_flops)
+        if why is None:
+            config = _configs_checked(info, mismatch)
+    if why is not None or not keep:
+        configs.restore()
+        undo.restore()
+    return why, flops, config
+
+
+def _check(model, args, kwargs, reference, count_flops: bool = False):
+    """(why the compacted model's outputs differ from ``reference`` or None, FLOPs if
+    ``count_flops``, the error it raised or None)."""
     try:
         out, flops = forward(model, args, kwargs, count_flops=count_flops)
-        why = _mismatch(out, reference)
+        return _mismatch(out, reference), flops, None
     except Exception as e:
-        why = f"the compacted model fails: {type(e).__name__}: {_first_line(e)}"
-    if why is not None or not keep:
-        undo.restore()
-    return why, flops
+        error = f"{type(e).__name__}: {_first_line(e)}"
+        return f"the compacted model fails: {error}", None, error
 
 
 def _mismatch(out, reference) -> str | None:

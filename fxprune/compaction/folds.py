@@ -15,7 +15,7 @@ from torch import fx
 
 from ..aten import arg, module_of, op_name, shape_of
 from .modules import compact_class_of
-from .rules import keep, nonzero_reason, register_rule, unknown_op, where
+from .rules import keep, nonzero_reason, param_plus_number, register_rule, unknown_op, where
 from .values import Chan, ParamRef, ScaleFold
 
 # ops a scalar factor passes through unchanged (first argument)
@@ -164,18 +164,15 @@ def _shifted_param_of(an, arg, end: fx.Node) -> tuple[str, float, fx.Node] | Non
         if _live_users(an, arg) != [end]:
             return None
         end, arg = arg, arg.args[0]
-    if not (isinstance(arg, fx.Node) and op_name(arg) in ("add", "sub") and len(arg.args) == 2
-            and arg.kwargs.get("alpha", 1) == 1 and _live_users(an, arg) == [end]):
+    if not (isinstance(arg, fx.Node) and op_name(arg) in ("add", "sub") and _live_users(an, arg) == [end]):
         return None
-    a, b = arg.args
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-    if number(b):
-        fqn, offset = _param_of(an, a), float(b) if op_name(arg) == "add" else -float(b)
-    elif number(a) and op_name(arg) == "add":
-        fqn, offset = _param_of(an, b), float(a)
-    else:
-        return None
-    return (fqn, offset, arg) if fqn is not None else None
+    fqns: dict[int, str | None] = {}
+
+    def is_param(i: int) -> bool:
+        fqns[i] = _param_of(an, arg.args[i])
+        return fqns[i] is not None
+    found = param_plus_number(op_name(arg), arg.args, arg, is_param)
+    return None if found is None else (fqns[found[0]], found[1], arg)
 
 
 def _fold(an, node, xv, end, fqn, power, eps, eps_node, eps_power, offset=0.0) -> ScaleFold | str:

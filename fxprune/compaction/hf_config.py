@@ -25,7 +25,7 @@ from torch import nn
 
 from ..aten import is_hf_conv1d
 from .modules import ConfigView
-from .slicing import holders
+from .slicing import holders, replace_tensor, tensor_getter
 
 # FFN: the module that widens the hidden state, by its name in the model, and the config field
 FFN_UP = {"intermediate_size": ("mlp.up_proj", "mlp.gate_proj", "intermediate.dense", "mlp.fc1",
@@ -239,12 +239,7 @@ def _embedding_scale(model: nn.Module, module: nn.Module, old: int, new: int, un
     held = holders(model)
     with torch.no_grad():
         for old_t, value in changes:
-            new_t = nn.Parameter(value, requires_grad=old_t.requires_grad)
-            for owner, name, kind in held[id(old_t)]:
-                if undo is not None:
-                    undo.set_tensor(owner, name, kind, new_t)
-                else:
-                    owner._parameters[name] = new_t
+            replace_tensor(held, old_t, nn.Parameter(value, requires_grad=old_t.requires_grad), undo)
         new_buffer = torch.full_like(buffer, new ** 0.5)
         if undo is not None:
             undo.set_tensor(embed, "embed_scale", "buffer", new_buffer)
@@ -272,7 +267,12 @@ def fit_hf_configs(model: nn.Module, an, classes, dead: set, reduce_types: dict)
     models = hf_models(model)
     if not models:
         return
-    fqn_of = {id(t): fqn for (fqn, _), _ in an.axes.items() for t in [_tensor(model, fqn)] if t is not None}
+    tensor, fqn_of = tensor_getter(model), {}
+    for fqn, _ in an.axes:
+        try:
+            fqn_of[id(tensor(fqn))] = fqn
+        except (AttributeError, KeyError):  # not a tensor of the model (any more)
+            pass
 
     def kept(fqn: str, dim: int) -> int | None:
         ax = an.axes.get((fqn, dim))
@@ -315,10 +315,3 @@ def fit_hf_configs(model: nn.Module, an, classes, dead: set, reduce_types: dict)
                 dead.discard(removed.pop())
 
 
-def _tensor(model, fqn):
-    module_name, _, name = fqn.rpartition(".")
-    try:
-        module = model.get_submodule(module_name)
-    except AttributeError:
-        return None
-    return module._parameters.get(name, module._buffers.get(name))

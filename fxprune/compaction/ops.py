@@ -9,7 +9,7 @@ import numpy as np
 from torch import fx
 
 from ..aten import BATCH_NORM_ARGS, BATCH_NORM_TUPLE_OPS, CONV_ND_ARGS, CONVOLUTION_ARGS, GENERAL_CONVOLUTIONS, arg, named_arg, op_name, shape_of
-from .rules import keep, nonzero_reason, register_rule, unknown_op, where, whole_along
+from .rules import keep, nonzero_reason, param_plus_number, register_rule, unknown_op, where, whole_along
 from .values import Chan, ConvGroups, NormGroups, ParamRef, ShiftedParam
 
 # ---------------------------------------------------------------------- elementwise
@@ -121,13 +121,8 @@ def _binary(an, node):
 
 def _shifted_param(kind: str, vals, operands, node) -> ShiftedParam | None:
     """``w + c``, ``c + w`` or ``w - c`` of a parameter ``w`` and a number ``c``, else None."""
-    if kind not in ("add", "sub") or node.kwargs.get("alpha", 1) != 1:
-        return None
-    for i in (0, 1) if kind == "add" else (0,):
-        c = operands[1 - i]
-        if isinstance(vals[i], ParamRef) and isinstance(c, numbers.Real) and not isinstance(c, bool):
-            return ShiftedParam(vals[i], float(c) if kind == "add" else -float(c))
-    return None
+    found = param_plus_number(kind, operands, node, lambda i: isinstance(vals[i], ParamRef))
+    return None if found is None else ShiftedParam(vals[found[0]], found[1])
 
 
 def _broadcast_atoms(small: Chan, big: Chan, small_shape, n: int) -> np.ndarray | None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..selection import budget, ceil_budget
+from ..selection import LazyScores, Scores, budget, ceil_budget
 from .analysis import ChannelAnalysis
 from .hf_config import fit_hf_configs
 from .slicing import get_tensor
@@ -151,10 +151,11 @@ def plan_channels(ctx, groups) -> CompactionPlan:
     notes.update({t.param: NO_USE for t in members if (t.param, output_dim(t)) not in plan.analysis.axes})
     plan.notes = notes
     dead_rows = plan.dead_rows()
-    for t in members:
-        keep = torch.ones(t.geometry.view_shape, dtype=torch.bool)
+    for t in members:  # whole rows: one flag per row, seen as the view's shape (no copy)
+        rows, cols = t.geometry.view_shape
+        keep = torch.ones(rows, dtype=torch.bool)
         keep[torch.as_tensor(dead_rows[t.param], dtype=torch.long)] = False
-        ctx.masks[t.param] = keep
+        ctx.masks[t.param] = keep[:, None].expand(rows, cols)
         ctx.scores.pop(t.param, None)
     return plan
 
@@ -291,8 +292,7 @@ def _classes(an: ChannelAnalysis, members, scores) -> dict[int, ChannelClass]:
             continue  # its output is never used by an op the analysis follows
         sums = maxes = None
         if scores is not None:
-            s = scores[t.param]
-            sums, maxes = _row_sums(s), s.amax(dim=1).double().cpu().numpy() if s.shape[1] else np.zeros(s.shape[0])
+            sums, maxes = _row_stats(scores[t.param])
         layers.append((t.param, t.geometry.view_shape[1], t.group.index if t.group is not None else None,
                        an.roots(ax.atoms), sums, maxes))
     if not layers:
@@ -350,12 +350,21 @@ def _classes(an: ChannelAnalysis, members, scores) -> dict[int, ChannelClass]:
     return classes
 
 
-def _row_sums(s: torch.Tensor) -> np.ndarray:
-    """Each row's sum, in float64, a few rows at a time (a float64 copy of a large layer at once
-    would leave the cache: the same sums, slower)."""
-    step = max(1, (1 << 16) // max(s.shape[1], 1))
-    return np.concatenate([s[i:i + step].double().sum(dim=1).cpu().numpy() for i in range(0, s.shape[0], step)]
-                          or [np.zeros(0)])
+def _row_stats(scores: Scores) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's score sum (in float64) and max, a few rows at a time: a float64 copy of a large
+    layer at once would leave the cache, and lazy scores that compute rows alone (|w|) are never
+    held whole."""
+    rows, cols = scores.shape
+    if isinstance(scores, LazyScores) and scores.rows is None:
+        scores = scores()
+    part = scores.rows if isinstance(scores, LazyScores) else (lambda a, b: scores[a:b])
+    step = max(1, (1 << 18) // max(cols, 1))  # a 2 MB float64 block: stays in the cache
+    sums, maxes = [np.zeros(0)], [np.zeros(0)]
+    for start in range(0, rows, step):
+        s = part(start, min(start + step, rows))
+        sums.append(s.double().sum(dim=1).cpu().numpy())
+        maxes.append(s.amax(dim=1).double().cpu().numpy() if cols else np.zeros(s.shape[0]))
+    return np.concatenate(sums), np.concatenate(maxes)
 
 
 def _round_up(classes, dead: set[int], space, multiple: int, reduce_types) -> None:
@@ -400,44 +409,48 @@ def _select(targets, free: list[ChannelClass], group, target: float) -> set[int]
     numel = {t.param: t.geometry.numel for t in targets}
     hi = {p: budget(group.max_sparsity_ratio_per_op, n) for p, n in numel.items()}
     lo = {p: ceil_budget(group.min_sparsity_ratio_per_op, n) for p, n in numel.items()}
-    ranked = _ranked(free, group.criterion_reduce_type)
-    pruned: dict[str, int] = defaultdict(int)
+    # each class as (root, its (layer, weights) pairs): the loops below run once per class and
+    # layer, tens of thousands of times on a transformer
+    ranked = [(c.root, tuple(c.weights.items())) for c in _ranked(free, group.criterion_reduce_type)]
+    pruned: dict[str, int] = dict.fromkeys(numel, 0)
     chosen: set[int] = set()
 
-    def fits(c: ChannelClass) -> bool:
-        return all(pruned[p] + w <= hi[p] for p, w in c.weights.items())
-
-    def take(c: ChannelClass) -> None:
-        chosen.add(c.root)
-        for p, w in c.weights.items():
+    def take_if_fits(root, items) -> bool:
+        for p, w in items:
+            if pruned[p] + w > hi[p]:
+                return False
+        chosen.add(root)
+        for p, w in items:
             pruned[p] += w
+        return True
 
-    by_layer: dict[str, list[ChannelClass]] = defaultdict(list)  # each layer's classes, ranked
-    smallest: dict[str, int] = {}                                 # and its smallest class's weights
-    for c in ranked:
-        for p, w in c.weights.items():
-            by_layer[p].append(c)
+    by_layer: dict[str, list] = defaultdict(list)  # each layer's classes, ranked, with their weights there
+    smallest: dict[str, int] = {}                  # and its smallest class's weights
+    for root, items in ranked:
+        for p, w in items:
+            by_layer[p].append((root, items, w))
             if w < smallest.get(p, w + 1):
                 smallest[p] = w
     for t in targets:  # min_sparsity_ratio_per_op first
-        for c in by_layer[t.param]:
-            if pruned[t.param] >= lo[t.param]:
+        p = t.param
+        for root, items, _ in by_layer[p]:
+            if pruned[p] >= lo[p]:
                 break
-            if c.root not in chosen and fits(c):
-                take(c)
+            if root not in chosen:
+                take_if_fits(root, items)
     if group.pruning_scope == "local":
         for t in targets:
-            goal, p = budget(target, numel[t.param]), t.param
-            least = smallest.get(p, 0)
-            for c in by_layer[p]:
+            p = t.param
+            goal, least = budget(target, numel[p]), smallest.get(p, 0)
+            for root, items, w in by_layer[p]:
                 if pruned[p] + least > goal:
                     break  # no class of this layer fits any more
-                if c.root not in chosen and pruned[p] + c.weights[p] <= goal and fits(c):
-                    take(c)
+                if root not in chosen and pruned[p] + w <= goal:
+                    take_if_fits(root, items)
         return chosen
     left = budget(target, sum(numel.values())) - sum(pruned.values())
-    for c in ranked:
-        if c.root not in chosen and c.size <= left and fits(c):
-            take(c)
-            left -= c.size
+    for root, items in ranked:
+        size = sum(w for _, w in items)
+        if root not in chosen and size <= left and take_if_fits(root, items):
+            left -= size
     return chosen

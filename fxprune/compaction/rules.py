@@ -23,6 +23,7 @@ A rule registered under a built-in name replaces it. The built-in rules are in :
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable
 
 import numpy as np
@@ -96,3 +97,14 @@ def nonzero_reason(c: Chan, node: fx.Node) -> str:
     return f"{c.why} makes pruned channels nonzero before {where(node)}"
 
 
+def param_plus_number(kind: str, operands, node: fx.Node, is_param: Callable[[int], bool]) -> tuple[int, float] | None:
+    """(which operand is the parameter, the number added to it) when ``node`` (an ``add`` or
+    ``sub``, ``kind``, of ``operands``) computes ``w + c``, ``c + w`` or ``w - c`` of a parameter
+    ``w`` (``is_param(i)``: operand i is one) and a number ``c``; else None."""
+    if kind not in ("add", "sub") or node.kwargs.get("alpha", 1) != 1 or len(operands) != 2:
+        return None
+    for i in (0, 1) if kind == "add" else (0,):
+        c = operands[1 - i]
+        if isinstance(c, numbers.Real) and not isinstance(c, bool) and is_param(i):
+            return i, float(c) if kind == "add" else -float(c)
+    return None

@@ -60,6 +60,19 @@ def holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
     return out
 
 
+def replace_tensor(held: dict, old: torch.Tensor, new: torch.Tensor, undo: Undo | None = None) -> list[nn.Module]:
+    """Put ``new`` wherever ``old`` is held (``held``: :func:`holders`), recorded in ``undo`` when
+    given (tied weights stay tied); returns the modules that held it."""
+    owners = []
+    for module, name, kind in held[id(old)]:
+        if undo is not None:
+            undo.set_tensor(module, name, kind, new)
+        else:
+            (module._parameters if kind == "param" else module._buffers)[name] = new
+        owners.append(module)
+    return owners
+
+
 def cut_plan(plan, spaces: set[int]) -> dict[str, list[tuple[int, np.ndarray]]]:
     """fqn -> [(dim, kept indices)] for the dims that lose entries when ``spaces`` are compacted."""
     cuts: dict[str, list] = defaultdict(list)
@@ -75,10 +88,11 @@ def slice_model(model: nn.Module, plan, spaces: set[int]) -> Undo:
     undo = Undo()
     held = holders(model)
     touched: dict[int, nn.Module] = {}
+    tensor = tensor_getter(model)
     try:
         with torch.no_grad():
             for fqn, cuts in cut_plan(plan, spaces).items():
-                old = get_tensor(model, fqn)
+                old = tensor(fqn)
                 new = old.detach()
                 for dim, keep in cuts:
                     if keep.size == 0:
@@ -87,8 +101,7 @@ def slice_model(model: nn.Module, plan, spaces: set[int]) -> Undo:
                 new = new.contiguous()
                 if isinstance(old, nn.Parameter):
                     new = nn.Parameter(new, requires_grad=old.requires_grad)
-                for module, name, kind in held[id(old)]:
-                    undo.set_tensor(module, name, kind, new)
+                for module in replace_tensor(held, old, new, undo):
                     touched[id(module)] = module
             _conv_groups(model, plan, spaces, undo)  # before sync_sizes: in_channels reads groups
             for module in touched.values():
@@ -110,6 +123,21 @@ def get_tensor(model: nn.Module, fqn: str) -> torch.Tensor:
     module = model.get_submodule(module_name)
     t = module._parameters.get(name)
     return t if t is not None else module._buffers[name]
+
+
+def tensor_getter(model: nn.Module):
+    """:func:`get_tensor` for many names, the modules looked up once (``get_submodule`` walks
+    and checks every step of a path); for loops that replace tensors, not modules."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+
+    def get(fqn: str) -> torch.Tensor:
+        module_name, _, name = fqn.rpartition(".")
+        module = modules.get(module_name)
+        if module is None:
+            return get_tensor(model, fqn)
+        t = module._parameters.get(name)
+        return t if t is not None else module._buffers[name]
+    return get
 
 
 def sync_sizes(module: nn.Module, undo: Undo) -> None:
@@ -243,8 +271,7 @@ def _scale_folds(model, plan, spaces, undo: Undo) -> None:
         new = old.detach() * scale if not fold.offset else (old.detach() + fold.offset) * scale - fold.offset
         if isinstance(old, nn.Parameter):
             new = nn.Parameter(new, requires_grad=old.requires_grad)
-        for owner, name, kind in held[id(old)]:
-            undo.set_tensor(owner, name, kind, new)
+        replace_tensor(held, old, new, undo)
 
 
 def count_params(model: nn.Module) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..geometry import WeightGeometry, to_view_2d
+from ..geometry import WeightGeometry, to_view_2d, view_rows
 from ..selection import LazyScores
 from .base import Criterion, register_criterion
 
@@ -19,4 +19,5 @@ class MagnitudeCriterion(Criterion):
         # |w| costs one cheap pass: recomputing it beats holding a float32 copy of every weight.
         return LazyScores(lambda: self.view_scores(param_name, to_view_2d(weight, geometry)),
                           geometry.view_shape, weight.device,
-                          sample=lambda index: weight.reshape(-1)[index].float().abs())
+                          sample=lambda index: weight.reshape(-1)[index].float().abs(),
+                          rows=lambda start, stop: self.view_scores(param_name, view_rows(weight, geometry, start, stop)))

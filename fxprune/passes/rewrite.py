@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..compaction import zero_removed
+from ..compaction import joint_selection, output_dim, zero_removed
 from ..geometry import from_view_2d
 from ..extensions import calling
 from .base import Pass
@@ -41,26 +41,55 @@ class RewritePass(Pass):
         model = ctx.model
         with torch.no_grad():
             for done, t in enumerate(targets, 1):
-                apply_keep_mask(model, t, ctx.masks[t.param])
+                if not _zeroed_by_plan(ctx, t):
+                    apply_keep_mask(model, t, ctx.masks[t.param])
                 t.status = "pruned"
                 ctx.tick("rewrite", done, len(targets))
+
+
+def _zeroed_by_plan(ctx: PruneContext, t) -> bool:
+    """Whether :func:`zero_removed` zeroes what ``t``'s mask prunes: the rows of its removed
+    channel classes (its mask is those rows alone), on an output axis the plan zeroes (source
+    role), with the bias and norm entries they feed; or its mask prunes nothing."""
+    plan = ctx.compaction
+    if plan is None or plan.analysis is None or not joint_selection(ctx, t.pattern):
+        return False
+    ax = plan.analysis.axes.get((t.param, output_dim(t)))
+    return ax is None or bool(ax.roles & {"source", "zero"})
 
 
 def apply_keep_mask(model, t, keep: torch.Tensor) -> None:
     """Zero the weights of ``t`` that ``keep`` (the view's keep-mask) prunes, in place, and the
     bias/BatchNorm entries of whole pruned channels. Call under ``torch.no_grad()``."""
     weight = model.get_parameter(t.param)
+    if t.pattern.prunes_output_channels:
+        # rows are kept or pruned whole (checked with the mask): only the pruned rows are
+        # touched, as ``mul_`` by the mask would (a zero keeps the weight's sign)
+        dead = dead_rows(keep)
+        index = dead.nonzero().flatten().to(weight.device)
+        if index.numel():
+            dim = output_dim(t)
+            weight.index_copy_(dim, index, weight.index_select(dim, index).mul_(0))
+        _zero_followers(model, t, dead)
+        return
     weight.mul_(from_view_2d(keep, t.geometry).to(device=weight.device, dtype=weight.dtype))
-    zero_pruned_channels(model, t, keep)
+
+
+def dead_rows(keep: torch.Tensor) -> torch.Tensor:
+    """The rows (output channels) a whole-row keep-mask prunes."""
+    return ~keep[:, 0] if keep.shape[1] else torch.ones(keep.shape[0], dtype=torch.bool, device=keep.device)
 
 
 def zero_pruned_channels(model, t, keep: torch.Tensor) -> None:
     """Output-channel patterns: zero the bias and BatchNorm entries of the channels that ``keep``
     (the view's keep-mask) prunes whole; other patterns: nothing."""
     if t.pattern.prunes_output_channels:
-        dead = ~keep.any(dim=1)  # rows of the view are output channels
-        for name in ([t.bias] if t.bias else []) + t.channel_followers:
-            _zero_channels(model, name, dead)
+        _zero_followers(model, t, ~keep.any(dim=1))  # rows of the view are output channels
+
+
+def _zero_followers(model, t, dead: torch.Tensor) -> None:
+    for name in ([t.bias] if t.bias else []) + t.channel_followers:
+        _zero_channels(model, name, dead)
 
 
 def _zero_channels(model, name: str, dead: torch.Tensor) -> None:

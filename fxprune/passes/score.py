@@ -13,7 +13,6 @@ from typing import Sequence
 import torch
 
 from ..checks import check_weights
-from ..compaction import joint_selection
 from ..criteria import Criterion
 from ..registry import get_criterion_class
 from ..errors import ExtensionError, WeightError
@@ -53,23 +52,27 @@ class ScorePass(Pass):
             with calling(criterion, "prepare", f"for {group.where}"):
                 criterion.prepare(ctx)
             ctx.criteria[group.index] = criterion  # the rewrite pass calls its update_weights
-            # joint channel selection reads every layer's scores at once: real tensors
-            lazy = not joint_selection(ctx, targets[0].pattern)
+            # lazy where the criterion can (|w|): a layer's scores are computed when the mask
+            # pass reads them and freed after, never held for every layer at once; the check
+            # pass has just checked every selected weight for NaN/inf
             for t in targets:
-                ctx.scores.update(score_targets(ctx.model, [t], criterion, lazy=lazy))
+                ctx.scores.update(score_targets(ctx.model, [t], criterion, lazy=True, checked=True))
                 done += 1
                 ctx.tick("score", done, total)
 
 
 def score_targets(model: torch.nn.Module, targets: Sequence[Target], criterion: Criterion, *,
-                  lazy: bool = False, when: str = "", fix: str = FIX_WEIGHTS) -> dict[str, Scores]:
+                  lazy: bool = False, when: str = "", fix: str = FIX_WEIGHTS,
+                  checked: bool = False) -> dict[str, Scores]:
     """Checked scores of ``targets`` (any subset of a group's selected targets), param -> scores.
 
     Each is view-shaped float32, finite, >= 0 and +0.0 where the weight is zero. With ``lazy``,
     a criterion that recomputes its scores cheaply (magnitude) gives a
     :class:`~fxprune.selection.LazyScores` instead of a tensor held for the layer. The criterion
     must be prepared (``criterion.prepare(ctx)`` for data-aware ones). A NaN/inf weight is a
-    WeightError naming the layer, ``when`` (e.g. " at step 3") and ``fix``.
+    WeightError naming the layer, ``when`` (e.g. " at step 3") and ``fix``; ``checked``: the
+    weights were checked for NaN/inf already (:class:`CheckWeightsPass`), which lazy scores
+    (computed from them later, unchecked) then do not repeat.
     """
     check_not_meta(model, targets)
     out: dict[str, Scores] = {}
@@ -78,7 +81,8 @@ def score_targets(model: torch.nn.Module, targets: Sequence[Target], criterion: 
         with calling(criterion, "lazy_scores", f"for {layer_of(t)}"):
             source = criterion.lazy_scores(t.param, weight, t.geometry) if lazy else None
         if source is not None:  # recomputed when needed (|w|): not held for every layer
-            check_finite(t, weight, when, fix)
+            if not checked:
+                check_finite(t, weight, when, fix)
             out[t.param] = source
         else:
             out[t.param] = _view_scores(criterion, t, weight, when, fix)
