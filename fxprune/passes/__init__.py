@@ -15,11 +15,12 @@ from .score import CheckWeightsPass, ScorePass, score_targets
 from .sequential import BlockSequentialPass
 
 CAPTURE_PASSES = (CapturePass, DiscoverPass)
-PRUNE_PASSES = (AttachPass, CheckWeightsPass, BlockSequentialPass, ScorePass, MaskPass, RewritePass,
-                RecordPass)
+# the passes after the layers are known and their patterns attached
+_AFTER_ATTACH = (CheckWeightsPass, BlockSequentialPass, ScorePass, MaskPass, RewritePass, RecordPass)
+PRUNE_PASSES = (AttachPass, *_AFTER_ATTACH)
 # transform's pipeline: the layers from one eager run when every group can go block by block
 # (falling back to the capture passes otherwise, see passes/eager.py)
-TRANSFORM_PASSES = (EagerDiscoverPass, AttachPass, CaptureIfNeededPass, *PRUNE_PASSES[1:])
+TRANSFORM_PASSES = (EagerDiscoverPass, AttachPass, CaptureIfNeededPass, *_AFTER_ATTACH)
 
 __all__ = ["AttachPass", "BlockSequentialPass", "CaptureIfNeededPass", "CapturePass", "EagerDiscoverPass", "CheckWeightsPass", "DiscoverPass",
            "MaskPass", "Pass", "PassManager", "PruneContext", "RecordPass", "RewritePass",

@@ -39,6 +39,8 @@ class Target:
 EXPORT_CAPTURE = "torch.export"
 ATEN_TRACE_CAPTURE = "aten_trace"
 SYMBOLIC_CAPTURE = "symbolic_trace"
+# no graph: the layers found from one eager run of the blocks (passes/eager.py)
+EAGER_CAPTURE = "eager (blocks from the first block)"
 
 
 @dataclass

@@ -38,12 +38,10 @@ from ..sequential import BlockList, BlockStandIn, find_blocks, release_free_memo
 from .attach import AttachPass
 from .base import Pass
 from .capture import CapturePass, canonical_names
-from .context import PruneContext
+from .context import EAGER_CAPTURE, PruneContext
 from .discover import DiscoverPass, add_use, owner_type
 
 log = logging.getLogger("fxprune")
-
-EAGER_CAPTURE = "eager (blocks from the first block)"
 
 # reading a weight's metadata is not a use
 _METADATA = {"dtype", "device", "shape", "is_meta", "requires_grad", "is_cuda", "layout",
