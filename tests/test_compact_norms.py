@@ -185,25 +185,6 @@ def test_global_response_norm_with_addcmul_is_compacted_exactly():
     assert_same_function(masked, compacted, (torch.randn(3, 3, 8, 8),))
 
 
-def test_global_response_norm_with_a_literal_epsilon_is_blocked_with_its_reason():
-    class LiteralEps(GRN):  # Hugging Face's ConvNextV2GRN writes 1e-6 in the code
-        def __init__(self, dim):
-            super().__init__(dim)
-            del self.eps
-
-        def forward(self, x):
-            g = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
-            return self.weight * (x * (g / (g.mean(dim=-1, keepdim=True) + 1e-6))) + self.bias + x
-
-    model = ConvNeXtV2Block()
-    model.grn = LiteralEps(32)
-    _, compacted, report = masked_and_compacted(model.eval(), LOCAL, (torch.randn(2, 3, 8, 8),))
-    assert compacted.pwconv1.weight.shape == (32, 8)
-    reasons = {b["reason"] for g in report.compaction["groups"] for b in g["blocked"]}
-    assert any("its epsilon 1e-06 (add (grn)) is a constant in the code, not an attribute of module grn" in r
-               for r in reasons), reasons
-
-
 class LiteralEpsGRN(GRN):
     """A GRN writing its epsilon (a large one, so that its rescaling shows) in the code."""
 
@@ -214,6 +195,17 @@ class LiteralEpsGRN(GRN):
     def forward(self, x):
         g = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
         return self.weight * (x * (g / (g.mean(dim=-1, keepdim=True) + 1e-2))) + self.bias + x
+
+
+def test_global_response_norm_with_a_literal_epsilon_is_blocked_with_its_reason():
+    # as Hugging Face's ConvNextV2GRN (1e-6 in its code) when no compact class is registered
+    model = ConvNeXtV2Block()
+    model.grn = LiteralEpsGRN(32)
+    _, compacted, report = masked_and_compacted(model.eval(), LOCAL, (torch.randn(2, 3, 8, 8),))
+    assert compacted.pwconv1.weight.shape == (32, 8)
+    reasons = {b["reason"] for g in report.compaction["groups"] for b in g["blocked"]}
+    assert any("its epsilon 0.01 (add (grn)) is a constant in the code, not an attribute of module grn" in r
+               for r in reasons), reasons
 
 
 class CompactLiteralEpsGRN(LiteralEpsGRN):
