@@ -88,7 +88,7 @@ class Pruner:
         # does: the channel analysis is kept, the rest of the graph is not needed any more.
         joint = [g for g in ctx.groups if ctx.selected(g) and joint_selection(ctx, ctx.selected(g)[0].pattern)]
         self._analysis = ChannelAnalysis(ctx.graph_module, ctx.param_of_node, ctx.model).run() if joint else None
-        ctx.graph_module = ctx.exported = None
+        ctx.graph_module = None
         self.model, self.ctx, self.optimizer = model, ctx, optimizer
         self.groups = [self._group(g, ctx) for g in ctx.groups if ctx.selected(g)]
         check_weights(model, ctx.selected())

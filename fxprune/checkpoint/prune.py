@@ -135,7 +135,7 @@ class _Job:
             from .sharded import own_files
             self.own_files = own_files(self.shards, dist)
         PassManager([CapturePass(), DiscoverPass(), AttachPass()]).run(self.ctx)
-        self.ctx.graph_module = self.ctx.exported = None   # only the targets are needed
+        self.ctx.graph_module = None   # only the targets are needed
         self.keys = KeyMap(self.shards, getattr(self.model, "base_model_prefix", ""))
         self._names: dict[int, list[str]] = {}   # every name of each (tied) parameter
         for name, p in self.model.named_parameters(remove_duplicate=False):

@@ -55,7 +55,6 @@ class CapturePass(Pass):
                      type(e).__name__, _first_line(e))
             return False
         ctx.graph_module = trace.graph_module
-        ctx.exported = None
         ctx.capture_method = ATEN_TRACE_CAPTURE
         ctx.param_of_node = trace.param_of_node
         return True
@@ -79,7 +78,6 @@ class CapturePass(Pass):
             sig = ep.graph_signature
             names = {node: fqn.removeprefix("model.") for node, fqn in
                      {**sig.inputs_to_parameters, **sig.inputs_to_buffers}.items()}
-            ctx.exported = ep
             ctx.graph_module = ep.graph_module
             ctx.capture_method = EXPORT_CAPTURE
             ctx.param_of_node = {node: canon.get(fqn, fqn) for node, fqn in names.items()}

@@ -53,7 +53,6 @@ class PruneContext:
     compact: bool = False             # run the compact pass after rewrite
     # capture
     graph_module: fx.GraphModule | None = None
-    exported: Any = None              # torch.export.ExportedProgram when captured with export
     capture_method: str = ""          # one of the *_CAPTURE names above (or the eager discovery's)
     param_of_node: dict[str, str] = field(default_factory=dict)   # node name -> param/buffer FQN
     # discover / attach

@@ -18,7 +18,7 @@ from ..aten import (ADDMM_BIAS, CONV_ND, LINEAR_WEIGHT_ARGS, arg, batch_norm_pos
 from ..geometry import WeightGeometry
 from .base import Pass
 from .capture import canonical_names
-from .context import PruneContext, Target
+from .context import SYMBOLIC_CAPTURE, PruneContext, Target
 
 def add_use(ctx: PruneContext, canonical: dict[str, str], param: str, layout: str, op: str,
             groups: int, bias: str | None, owner: str | None, label: str, position: int) -> Target:
@@ -60,7 +60,7 @@ class DiscoverPass(Pass):
 
     def call(self, ctx: PruneContext) -> None:
         self.ctx = ctx
-        self.modules = dict(ctx.graph_module.named_modules()) if ctx.capture_method == "symbolic_trace" else {}
+        self.modules = dict(ctx.graph_module.named_modules()) if ctx.capture_method == SYMBOLIC_CAPTURE else {}
         self.canonical = canonical_names(ctx.model)
         opaque = []
         for position, node in enumerate(ctx.graph_module.graph.nodes):
