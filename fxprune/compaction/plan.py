@@ -398,7 +398,7 @@ def _ranked(classes: list[ChannelClass], reduce_type: str) -> list[ChannelClass]
         score = np.fromiter((c.score_max for c in classes), dtype=np.float64, count=len(classes))
     else:  # the mean: the same float division as ChannelClass.score
         total = np.fromiter((c.score_sum for c in classes), dtype=np.float64, count=len(classes))
-        size = np.fromiter((sum(c.weights.values()) for c in classes), dtype=np.int64, count=len(classes))
+        size = np.fromiter((c.size for c in classes), dtype=np.int64, count=len(classes))
         score = total / np.maximum(size, 1)
     return [classes[i] for i in np.lexsort((order, score)).tolist()]
 
@@ -411,7 +411,7 @@ def _select(targets, free: list[ChannelClass], group, target: float) -> set[int]
     lo = {p: ceil_budget(group.min_sparsity_ratio_per_op, n) for p, n in numel.items()}
     # each class as (root, its (layer, weights) pairs): the loops below run once per class and
     # layer, tens of thousands of times on a transformer
-    ranked = [(c.root, tuple(c.weights.items())) for c in _ranked(free, group.criterion_reduce_type)]
+    ranked = [(c.root, tuple(c.weights.items()), c.size) for c in _ranked(free, group.criterion_reduce_type)]
     pruned: dict[str, int] = dict.fromkeys(numel, 0)
     chosen: set[int] = set()
 
@@ -426,7 +426,7 @@ def _select(targets, free: list[ChannelClass], group, target: float) -> set[int]
 
     by_layer: dict[str, list] = defaultdict(list)  # each layer's classes, ranked, with their weights there
     smallest: dict[str, int] = {}                  # and its smallest class's weights
-    for root, items in ranked:
+    for root, items, _ in ranked:
         for p, w in items:
             by_layer[p].append((root, items, w))
             if w < smallest.get(p, w + 1):
@@ -449,8 +449,7 @@ def _select(targets, free: list[ChannelClass], group, target: float) -> set[int]
                     take_if_fits(root, items)
         return chosen
     left = budget(target, sum(numel.values())) - sum(pruned.values())
-    for root, items in ranked:
-        size = sum(w for _, w in items)
+    for root, items, size in ranked:
         if root not in chosen and size <= left and take_if_fits(root, items):
             left -= size
     return chosen
