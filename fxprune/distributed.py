@@ -559,7 +559,6 @@ def _rank_stats_class():
             self.d = d
             self.batch = 0
             self.parts: dict[int, list[tuple[int, int, Tensor]]] = {}
-            self.adds: dict[int, int] = {}          # per statistic: Hessian products added here
             self.partial: dict[int, torch.dtype] = {}   # Hessians still partial: their wire dtype
             self.means: dict[int, Tensor] = {}     # summed over the ranks: the float32 mean
 
@@ -586,9 +585,7 @@ def _rank_stats_class():
             same bits as the single-process sum: a float32 product is exact in float64). A
             float64 buffer per input would cost a rank that does not compute its factor one
             allocation, fill and conversion per block for nothing."""
-            n = self.adds.get(id(stat), 0)
-            self.adds[id(stat)] = n + 1
-            if n == 0:
+            if stat.hessian is None:
                 stat.hessian = h
             elif stat.hessian.dtype != torch.float64:
                 stat.hessian = stat.hessian.to(torch.float64).add_(h)
@@ -624,13 +621,13 @@ def _rank_stats_class():
             # (with the CPU times of the ranks' last SparseGPT steps: every piece was timed on
             # the one rank that computed it, so the sum is each piece's time)
             measured, self.d.measured = self.d.measured, []
-            counts = torch.tensor([s.count for s in stats] + [float(self.adds.get(id(s), 0) > 1) for s in defer]
+            counts = torch.tensor([s.count for s in stats] + [float(s.hessian.dtype == torch.float64) for s in defer]
                                   + [x for _, spent, _ in measured for x in spent], dtype=torch.float64)
             summed = self.d.all_reduce_sum([s.hessian.to(torch.float64) for s in shared] + [counts])
-            self.d.learn_costs(measured, summed[-1][len(counts) - sum(len(m[1]) for m in measured):].tolist())
+            total = summed[-1].tolist()
+            self.d.learn_costs(measured, total[len(stats) + len(defer):])
             for stat, h in zip(shared, summed):
                 stat.hessian = h
-            total = summed[-1].tolist()
             for stat, c in zip(stats, total):
                 stat.count = int(c)
             for stat, several in zip(defer, total[len(stats):]):
