@@ -174,8 +174,11 @@ def _radix_select(live: Sequence[Scores], k: int) -> tuple[int, list[int], list[
 
 
 def _first_true(mask: Tensor, n: int) -> Tensor:
-    """``mask`` with only its first ``n`` True entries kept."""
-    return mask & (mask.cumsum(0) <= n)
+    """``mask`` with only its first ``n`` True entries (in flat order) kept: from the indices of
+    its True entries, not a cumsum (8 bytes per entry)."""
+    out = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+    out.view(-1)[mask.reshape(-1).nonzero()[:max(n, 0), 0]] = True
+    return out
 
 
 @dataclass(frozen=True)
@@ -220,9 +223,7 @@ class Cut:
         n_ties = int(torch.count_nonzero(ties))
         pruned = keys < self.threshold
         if ties_before < self.ties and n_ties:
-            # the indices of the part's ties (not a cumsum: 8 bytes per entry of the part)
-            first = ties.reshape(-1).nonzero()[:self.ties - ties_before, 0]
-            pruned.view(-1)[first] = True
+            pruned |= _first_true(ties, self.ties - ties_before)
         return pruned, min(self.ties, ties_before + n_ties)
 
 
