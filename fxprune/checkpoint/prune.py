@@ -344,7 +344,8 @@ class _Job:
         release_free_memory()
 
     def count_zeros(self, key: str) -> int:
-        """Zeros of a tensor that is not rewritten, read piece by piece."""
+        """Zeros of a tensor that is not rewritten, read piece by piece: in pieces of one rank's
+        share, so that no rank holds more of a weight than its share at a time."""
         from .sharded import row_pieces
         entry = self.shards.entries[key]
         world = 1 if self.dist is None else self.dist.world

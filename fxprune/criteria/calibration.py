@@ -164,7 +164,7 @@ def record_inputs(ctx, targets: Sequence, observe: Callable[[WeightCall], None],
     from ..progress import progress
 
     model = ctx.model
-    stop_after = {t.param: max(1, len(t.nodes)) for t in targets} if stop_early else None
+    stop_after = {t.param: t.uses_per_forward for t in targets} if stop_early else None
     used: set[str] = set()
     n_batches = 0
 

@@ -33,6 +33,11 @@ class Target:
     def selected(self) -> bool:
         return self.status == "selected"
 
+    @property
+    def uses_per_forward(self) -> int:
+        """Calls of the weight in one forward (its graph uses; one when found without a graph)."""
+        return max(1, len(self.nodes))
+
 
 # How the graph was captured (``PruneContext.capture_method``, the report's ``capture``). The two
 # captures with example inputs record every value's shape (``node.meta["val"]``).

@@ -396,8 +396,8 @@ class BlockInputStats:
         self.calls: dict[str, int] = {}         # calls of each target in this batch
         # uses of each target in one forward of the model (all inside this block unless the
         # weight is shared: then they never all come)
-        self.uses = {t.param: max(1, len(t.nodes)) for t in self.targets}
-        self.stage: dict[str, object] | None = None   # first_stage_only: its members so far
+        self.uses = {t.param: t.uses_per_forward for t in self.targets}
+        self.stage: set[str] | None = None   # first_stage_only: its members' params so far
         self.stage_open = False
         self.hooked, self.dispatched = [], []
         self._scratch: Tensor | None = None
@@ -427,7 +427,7 @@ class BlockInputStats:
         twice keeps its later layers in its stage; a weight also used outside the block takes
         every later layer). The first other call ends the stage: ``targets`` become its
         members, and the forward stops there if :meth:`stop_early` allows."""
-        self.stage, self.stage_open = {}, True
+        self.stage, self.stage_open = set(), True
 
     def _stage_takes(self, t, x: Tensor) -> bool:
         if t.param in self.stage:
@@ -437,7 +437,7 @@ class BlockInputStats:
         hit = self.seen.get(id(x))
         if not self.stage or (hit is not None and hit[0]() is x) or not all(
                 self.calls.get(p, 0) >= self.uses[p] for p in self.stage):
-            self.stage[t.param] = t
+            self.stage.add(t.param)
             return True
         self._close_stage()
         if self.stop_after is not None:
