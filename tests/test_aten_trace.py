@@ -17,6 +17,7 @@ from fxprune.passes import aten_trace
 from fxprune.passes.capture import CapturePass, canonical_names
 from fxprune.passes.context import PruneContext
 from fxprune.config import PruningConfig
+from test_compact import randomize_bn
 from tiny_llm import tiny_llama
 
 CHANNELS = {"pattern": "1xchannel", "target_sparsity": 0.3, "pruning_scope": "local"}
@@ -62,20 +63,10 @@ class WithMHA(nn.Module):
         return self.out(h + self.mlp(h))
 
 
-def _bn_spread(model):
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model.eval()
-
-
 MODELS = {
-    "resnet": lambda: (_bn_spread(examples.ResNet(layers=(1, 1, 1, 1), width=8, num_classes=10)),
+    "resnet": lambda: (randomize_bn(examples.ResNet(layers=(1, 1, 1, 1), width=8, num_classes=10)).eval(),
                        (torch.randn(2, 3, 32, 32),)),
-    "mobilenet": lambda: (_bn_spread(TinyMobileNet()), (torch.randn(2, 3, 16, 16),)),
+    "mobilenet": lambda: (randomize_bn(TinyMobileNet()).eval(), (torch.randn(2, 3, 16, 16),)),
     "llama": lambda: (tiny_llama(2), {"input_ids": torch.randint(0, 64, (2, 12))}),
     "mha": lambda: (WithMHA().eval(), (torch.randn(2, 5, 16),)),
 }
@@ -120,7 +111,7 @@ def test_the_trace_records_the_graph_torch_export_records(name):
     assert sorted(traced.param_of_node.values()) == sorted(exported.param_of_node.values())
     ops = _signature(traced)
     assert ops == _signature(exported)
-    assert len(ops) > 10 and all(shape is not None for *_, shape, _ in ops if _ is not None)
+    assert len(ops) > 10 and all(shape is not None for *_, shape, dtype in ops if dtype is not None)
 
 
 def _transform(model, inputs, config, trace: bool, monkeypatch):
