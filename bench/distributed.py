@@ -52,11 +52,6 @@ def llm_model(blocks: int):
     return LlamaForCausalLM(cfg).eval()
 
 
-def _rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _init(rank: int, world: int, store: str) -> None:
     import torch.distributed as dist
     torch.set_num_threads(1)
@@ -286,7 +281,6 @@ def magnitude_worker(rank: int, world: int, store: str, src: str, out: str, tag:
     ShardSet._read = staticmethod(counted)
     _Job.__init__ = init
     held: dict[str, int] = {}
-    before = _rss_now()
     start_parts = _rss_parts()
     peak = dict(start_parts)
     stop = threading.Event()
@@ -306,7 +300,7 @@ def magnitude_worker(rank: int, world: int, store: str, src: str, out: str, tag:
     ShardSet._read, _Job.__init__ = staticmethod(plain_read), plain_init
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     stats = [None] * world
-    dist.all_gather_object(stats, (maxrss, maxrss - before, seconds, peak, start_parts, read[0], held))
+    dist.all_gather_object(stats, (maxrss, seconds, peak, start_parts, read[0], held))
     if rank == 0:
         torch.save(stats, tag + ".rss.pt")
     dist.destroy_process_group()
@@ -388,7 +382,6 @@ def main() -> None:
             path = {1: [], 2: []}    # sum over blocks of the slowest rank's CPU in that block
             results = {}
             timelines = []
-            work_split = {}
             for r in range(args.repeat):
                 for world in (1, 2):
                     tag = str(work / f"sgpt{world}")
@@ -399,7 +392,6 @@ def main() -> None:
                     cpu[world].append(max(t["cpu"] for t in times))
                     own[world].append(max(t["span"][0] - t["span"][2] for t in times))
                     path[world].append(sum(max(b) for b in zip(*(t["block_cpu"] for t in times))))
-                    work_split[world] = times[0]["work"]
                     if world == 2:
                         last2 = times
                     results[world] = torch.load(tag + ".result.pt")
@@ -421,7 +413,7 @@ def main() -> None:
             same = [n for n in one if torch.equal(one[n] == 0, two[n] == 0)]
             diff = max(float((one[n] - two[n]).abs().max()) for n in same) if same else float("nan")
             ratios = sorted(a / b for a, b in zip(wall[1], wall[2]))
-            w2 = work_split[2]
+            w2 = last2[0]["work"]
             flops = w2["flops"]
             pred = w2["predicted"]
             print(f"\nSparseGPT step, all blocks, 2 processes (last run): GFLOPs per rank "
@@ -471,14 +463,14 @@ def main() -> None:
                     outs[world] = out
                     peaks[world].append(max(s[0] for s in stats))
 
-                    above = ", ".join(f"{(s[0] - s[6]['VmRSS']) / 1e6:.0f}" for s in stats)
+                    above = ", ".join(f"{(s[0] - s[5]['VmRSS']) / 1e6:.0f}" for s in stats)
 
                     def col(i, part=None):
                         return ", ".join(f"{(s[i] if part is None else s[i][part]) / 1e6:.0f}" for s in stats)
-                    print(f"| {r + 1} | {world} | {before} | {max(s[2] for s in stats):.1f} | {col(0)} | "
-                          f"{col(3, 'RssAnon')} | {col(3, 'RssFile')} | {col(4, 'VmRSS')} | "
-                          f"{col(6, 'VmRSS')} | {above} | "
-                          f"{col(5)} |",
+                    print(f"| {r + 1} | {world} | {before} | {max(s[1] for s in stats):.1f} | {col(0)} | "
+                          f"{col(2, 'RssAnon')} | {col(2, 'RssFile')} | {col(3, 'VmRSS')} | "
+                          f"{col(5, 'VmRSS')} | {above} | "
+                          f"{col(4)} |",
                           flush=True)
             print(f"\npeak RSS of the largest rank, per run: 1 rank {', '.join(f'{p / 1e6:.0f}' for p in peaks[1])} MB, "
                   f"2 ranks {', '.join(f'{p / 1e6:.0f}' for p in peaks[2])} MB")

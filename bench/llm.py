@@ -443,15 +443,14 @@ def trained_table(results: dict, dense_ppl: float, basis: str) -> str:
     for method, per_tool in results.items():
         peer = per_tool.get(PEER)
         for tool, runs in per_tool.items():
-            fx = runs
             cells = [method, tool, _span([r["time"] for r in runs], "{:.2f}"),
                      _span([r["peak_mb"] for r in runs], "{:.0f}"),
                      _span([r["forwards"] for r in runs], "{:d}"),
                      _span([r["ppl"] for r in runs], "{:.4f}"), _sparsity_cell(runs)]
             if tool != PEER and tool != BASELINE and peer:
-                ratio = min(r["time"] for r in fx) / min(r["time"] for r in peer)
-                rss_ok = min(r["peak_mb"] for r in fx) <= min(r["peak_mb"] for r in peer)
-                ppl_ok = max(r["ppl"] for r in fx) <= min(r["ppl"] for r in peer)
+                ratio = min(r["time"] for r in runs) / min(r["time"] for r in peer)
+                rss_ok = min(r["peak_mb"] for r in runs) <= min(r["peak_mb"] for r in peer)
+                ppl_ok = max(r["ppl"] for r in runs) <= min(r["ppl"] for r in peer)
                 cells += [f"{ratio:.2f} {_verdict(ratio <= 0.5)}", _verdict(rss_ok), _verdict(ppl_ok)]
             else:
                 cells += ["", "", ""]
