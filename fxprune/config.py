@@ -110,6 +110,9 @@ KEYS: tuple[Key, ...] = (
         doc="no selected layer stays below it"),
     Key("criterion_reduce_type", "mean", GROUP, f"one of {list(REDUCE_TYPES)}", _one_of(*REDUCE_TYPES),
         doc="block score = mean / sum / max of its element scores"),
+    Key("sparse_gpt_refine_steps", 0, GROUP, "an integer >= 0", _int_at_least_zero,
+        doc="sparse_gpt: conjugate-gradient steps that re-fit each layer's kept weights to its "
+            "calibration error once the mask is chosen (0: SparseGPT as published)"),
     # INC's training-schedule keys: accepted so an INC config pastes as is; they only matter for
     # gradual pruning during training (fxprune.Pruner), not for the one-shot transform.
     Key("start_step", 0, GROUP, "an integer >= 0", _int_at_least_zero, schedule=True,

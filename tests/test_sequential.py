@@ -553,3 +553,52 @@ def test_true_sequential_recording_forwards_run_only_up_to_their_stage():
     cfg = _cfg("sparse_gpt", "2:4", true_sequential=True, block_batch_tokens=0)
     fxprune.transform(model, cfg, EXAMPLE, calibration=_calib(3), inplace=True)
     assert len(runs) == 7 + 3 + (4 + 3 + 3) + (6 + 4 + 4) + 6 * 3 + 7 * 3
+
+
+def _block0_inputs(model, calib):
+    """Every block-0 Linear's calibration inputs in the dense model, [tokens, in]."""
+    xs, handles = {}, []
+    for name, m in model.model.layers[0].named_modules():
+        if isinstance(m, torch.nn.Linear):
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, args, name=name: xs.setdefault(name, []).append(
+                    args[0].reshape(-1, args[0].shape[-1]))))
+    with torch.no_grad():
+        for ids in calib:
+            model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    return {n: torch.cat(v).double() for n, v in xs.items()}
+
+
+@pytest.mark.parametrize("pattern,block_sequential", [("1x1", True), ("2:4", False)])
+def test_sparse_gpt_refine_steps_keep_masks_and_lower_the_layer_error(pattern, block_sequential):
+    """``sparse_gpt_refine_steps`` re-fits the kept weights once the masks are chosen: block 0's
+    masks are those of plain SparseGPT (its inputs are the dense model's either way), every
+    layer keeps its exact count, and each block-0 layer's error on its calibration inputs,
+    ||(W' - W) X||, is lower than plain SparseGPT's."""
+    model, calib = _llama(2), _calib()
+    xs = _block0_inputs(model, calib)
+    dense = {n: m.weight.detach().double() for n, m in model.model.layers[0].named_modules()
+             if isinstance(m, torch.nn.Linear)}
+    cfg = _cfg("sparse_gpt", pattern, block_sequential=block_sequential)
+    plain = _prune(model, cfg, calib)
+    refined = _prune(model, {**cfg, "sparse_gpt_refine_steps": 30}, calib)
+    assert model.model.layers[0].self_attn.q_proj.weight.count_nonzero() == \
+        model.model.layers[0].self_attn.q_proj.weight.numel()          # the caller's model untouched
+    for name, m in refined.model.layers.named_modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        w = m.weight.detach()
+        if pattern == "2:4":
+            assert torch.equal((w.reshape(-1, 4) == 0).sum(1), torch.full((w.numel() // 4,), 2)), name
+        else:
+            assert int((w == 0).sum()) == w.numel() // 2, name
+        if name.startswith("0."):
+            base = plain.model.layers.get_submodule(name).weight.detach()
+            assert torch.equal(w == 0, base == 0), name
+            x, w0 = xs[name[2:]], dense[name[2:]]
+            err = lambda v: float(((v.double() - w0) @ x.T).pow(2).sum())
+            assert err(w) < err(base), name
+    with pytest.raises(ConfigError, match="sparse_gpt_refine_steps"):
+        _prune(model, {**cfg, "sparse_gpt_refine_steps": -1}, calib)

@@ -6,7 +6,8 @@ import threading
 import pytest
 import torch
 
-from fxprune.criteria.sparse_gpt import (inverse_hessian_factor, lower_triangular_inverse,
+from fxprune.criteria.sparse_gpt import (hessian_from_factor, inverse_hessian_factor,
+                                         lower_triangular_inverse, refine_kept_weights,
                                          reverse_square_, sparsegpt_prune, unstructured_block_mask)
 from fxprune.patterns.ninm import NInMPattern, n_lowest_of_each_column
 
@@ -237,3 +238,96 @@ def test_unstructured_rows_split_with_a_gathering_select_block():
     assert torch.equal(pw, torch.cat([p for _, p in results]))
     torch.testing.assert_close(whole, torch.cat([w for w, _ in results]), rtol=0, atol=1e-5)
     assert int(pw[:12].sum()) == counts[0] and int(pw[12:].sum()) == counts[1]
+
+
+# ---------------------------------------------------------------- refinement of the kept weights
+def _damped(H, percdamp=0.01):
+    return H + percdamp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
+
+
+def _exact_kept(W, pruned, H):
+    """Each row's kept weights minimising (x - w) H (x - w)^T with the pruned ones at zero: one
+    float64 solve per row, H_KK x_K = (w H)_K (an independent computation of the optimum)."""
+    W, H = W.double(), H.double()
+    out = torch.zeros_like(W)
+    for r in range(W.shape[0]):
+        k = (~pruned[r]).nonzero()[:, 0]
+        out[r, k] = torch.linalg.solve(H[k][:, k], (W[r] @ H)[k])
+    return out
+
+
+def _error(X, W, H):
+    """Per row: (x - w) H (x - w)^T, float64."""
+    D = X.double() - W.double()
+    return ((D @ H.double()) * D).sum(1)
+
+
+def test_hessian_from_factor_inverts_the_factor():
+    W, H = _layer(cols=80)
+    U = inverse_hessian_factor(H.double().unsqueeze(0), 0.01)[0]
+    torch.testing.assert_close(hessian_from_factor(U), _damped(H.double()), rtol=1e-9, atol=1e-9)
+
+
+def test_refine_reaches_the_exact_masked_least_squares_solution():
+    W, H = _layer(rows=12, cols=40)
+    W, Hd = W.double(), _damped(H.double())
+    g = torch.Generator().manual_seed(5)
+    pruned = torch.rand(W.shape, generator=g) < 0.5
+    pruned[3] = True                                          # a row with nothing kept
+    start = torch.where(pruned, 0.0, W)                       # plain magnitude-style start
+    got = refine_kept_weights(W, start, pruned, Hd, steps=40)  # CG: exact after <= 40 steps
+    assert torch.equal(got[pruned], torch.zeros(int(pruned.sum()), dtype=got.dtype))
+    torch.testing.assert_close(got, _exact_kept(W, pruned, Hd), rtol=0, atol=1e-8)
+
+
+def test_refine_steps_never_raise_the_error_of_any_row():
+    W, H = _layer(rows=16, cols=64)
+    U = inverse_hessian_factor(H.unsqueeze(0), 0.01)[0]
+    obs, pruned = sparsegpt_prune(W, U, 32, counts=[W.numel() // 2], rows=[W.shape[0]])
+    W, obs, Hd = W.double(), obs.double(), _damped(H.double())     # float64 steps from here
+    errors = [_error(obs, W, Hd)]
+    for steps in (1, 2, 4, 8, 16):
+        errors.append(_error(refine_kept_weights(W, obs, pruned, Hd, steps), W, Hd))
+    for before, after in zip(errors, errors[1:]):
+        assert bool((after <= before * (1 + 1e-12)).all())
+    optimum = _error(_exact_kept(W, pruned, Hd), W, Hd)
+    assert bool((errors[0] > optimum * 1.01).all())           # the OBS pass leaves a gap ...
+    torch.testing.assert_close(errors[-1], optimum, rtol=1e-6, atol=0)   # ... that the steps close
+
+
+@pytest.mark.parametrize("kind", ["unstructured", "2:4", "fixed"])
+def test_sparsegpt_prune_with_refine_steps_keeps_the_mask_and_counts(kind):
+    W, H = _layer(rows=24, cols=80)
+    U = inverse_hessian_factor(H.unsqueeze(0), 0.01)[0]
+    W_before = W.clone()
+    if kind == "unstructured":
+        args = dict(counts=[W.numel() // 2], rows=[W.shape[0]])
+    elif kind == "2:4":
+        args = dict(n_of_m=(2, 4))
+    else:
+        args = dict(fixed=torch.rand(W.shape, generator=torch.Generator().manual_seed(3)) < 0.4)
+    obs, pruned = sparsegpt_prune(W, U, 32, **args)
+    new, pruned_refined = sparsegpt_prune(W, U, 32, refine_steps=80, **args)
+    assert torch.equal(W, W_before)                           # the input is not changed
+    assert torch.equal(pruned_refined, pruned)                # the same mask ...
+    assert torch.equal(new == 0, pruned)                      # ... exactly zero, the rest not
+    if kind == "2:4":
+        assert torch.equal(pruned.reshape(-1, 4).sum(1), torch.full((W.numel() // 4,), 2))
+    elif kind == "unstructured":
+        assert int(pruned.sum()) == W.numel() // 2
+    Hd = _damped(H.double())
+    torch.testing.assert_close(new.double(), _exact_kept(W, pruned, Hd), rtol=0, atol=2e-3)
+    assert bool((_error(new, W, Hd) < _error(obs, W, Hd)).all())
+
+
+def test_refine_in_row_chunks_equals_one_chunk(monkeypatch):
+    import fxprune.criteria.sparse_gpt as sg
+
+    W, H = _layer(rows=40, cols=64)
+    Hd = _damped(H)
+    pruned = torch.rand(W.shape, generator=torch.Generator().manual_seed(2)) < 0.5
+    start = torch.where(pruned, 0.0, W)
+    whole = refine_kept_weights(W, start, pruned, Hd, 10)
+    monkeypatch.setattr(sg, "REFINE_ROWS", 16)                # chunks of 16, 16 and 8 rows
+    torch.testing.assert_close(refine_kept_weights(W, start, pruned, Hd, 10), whole,
+                               rtol=0, atol=1e-6)

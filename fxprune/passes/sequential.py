@@ -28,7 +28,7 @@ from ..criteria import ActivationCriterion, SparseGPTCriterion, get_criterion_cl
 from ..criteria.calibration import (StopForward, WeightInputRecorder, _NoFusedFastPaths,
                                     require_data, reusable)
 from ..criteria.features import linear_features
-from ..criteria.sparse_gpt import inverse_hessian_factor, sparsegpt_prune
+from ..criteria.sparse_gpt import inverse_hessian_factor, refine_steps, sparsegpt_prune
 from ..errors import ConfigError, WeightError
 from ..geometry import from_view_2d, to_view_2d
 from ..selection import budget
@@ -298,20 +298,22 @@ def _sparse_gpt_rows(ctx, group, shared, u: Tensor, r0: int, r1: int, criterion,
     views = [to_view_2d(w.detach(), t.geometry).float() for w, t in zip(weights, shared)]
     rows = [v.shape[0] for v in views]
     W = (torch.cat(views) if len(views) > 1 else views[0])[r0:r1]
+    steps = refine_steps(group)
     if adaptive == "n_of_m":
         new, pruned = sparsegpt_prune(W, u, criterion.blocksize,
-                                      n_of_m=(pattern.n, pattern.m))
+                                      n_of_m=(pattern.n, pattern.m), refine_steps=steps)
     elif adaptive == "unstructured":
         starts = [sum(rows[:i]) for i in range(len(rows))]
         inside = [i for i, s in enumerate(starts) if s >= r0 and s + rows[i] <= r1]
         counts = [_local_count(pattern, shared[i]) for i in inside]
         new, pruned = sparsegpt_prune(W, u, criterion.blocksize, counts=counts,
-                                      rows=[rows[i] for i in inside])
+                                      rows=[rows[i] for i in inside], refine_steps=steps)
     else:  # fixed mask: SparseGPT's saliency through the pattern, then the OBS update
         criterion.diag = {t.param: u.diagonal().unsqueeze(0) for t in shared}
         masks = mask_group(group, shared, score_targets(ctx.model, shared, criterion))
         fixed = torch.cat([~masks[t.param] for t in shared])[r0:r1]
-        new, pruned = sparsegpt_prune(W, u, criterion.blocksize, fixed=fixed)
+        new, pruned = sparsegpt_prune(W, u, criterion.blocksize, fixed=fixed,
+                                      refine_steps=steps)
     if not bool(torch.isfinite(new).all()):
         raise WeightError(f"sparse_gpt produced non-finite weights for {shared[0].name}; raise "
                           f"SparseGPTCriterion.percdamp or check the calibration data")
