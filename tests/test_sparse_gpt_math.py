@@ -197,12 +197,15 @@ def test_inverse_hessian_factor_overwrite_gives_the_same_bits():
 
 
 @pytest.mark.parametrize("kind", ["2:4", "fixed"])
-def test_rows_solved_apart_equal_the_whole(kind):
-    """N:M and fixed masks: rows are independent given U (a split across processes by rows)."""
+@pytest.mark.parametrize("refine_steps", [0, 12])
+def test_rows_solved_apart_equal_the_whole(kind, refine_steps):
+    """N:M and fixed masks: rows are independent given U (a split across processes by rows),
+    with the kept weights re-fitted or not."""
     W, H = _layer(rows=30, cols=96)
     U = inverse_hessian_factor(H.unsqueeze(0), 0.01)[0]
     fixed = torch.rand(W.shape, generator=torch.Generator().manual_seed(1)) < 0.5
     kw = (lambda r: {"n_of_m": (2, 4)}) if kind == "2:4" else (lambda r: {"fixed": fixed[r]})
+    kw = (lambda r, kw=kw: {**kw(r), "refine_steps": refine_steps})
     whole, pw = sparsegpt_prune(W, U, 32, **kw(slice(None)))
     parts = [sparsegpt_prune(W[r], U, 32, **kw(r)) for r in (slice(0, 11), slice(11, 30))]
     assert torch.equal(pw, torch.cat([p for _, p in parts]))
