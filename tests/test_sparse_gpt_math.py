@@ -312,6 +312,11 @@ def test_sparsegpt_prune_with_refine_steps_keeps_the_mask_and_counts(kind):
     obs, pruned = sparsegpt_prune(W, U, 32, **args)
     new, pruned_refined = sparsegpt_prune(W, U, 32, refine_steps=80, **args)
     assert torch.equal(W, W_before)                           # the input is not changed
+    # a column-major W (a Hugging Face Conv1D weight's view): the OBS pass works in W's own
+    # memory there, and the re-fit must still start from the dense weights
+    W_cols = W.t().contiguous().t()
+    new_cols, _ = sparsegpt_prune(W_cols, U, 32, refine_steps=80, **args)
+    torch.testing.assert_close(new_cols, new, rtol=0, atol=1e-5)
     assert torch.equal(pruned_refined, pruned)                # the same mask ...
     assert torch.equal(new == 0, pruned)                      # ... exactly zero, the rest not
     if kind == "2:4":

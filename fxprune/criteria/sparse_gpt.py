@@ -311,8 +311,9 @@ def sparsegpt_prune(W: Tensor, U: Tensor, blocksize: int = 128, *, fixed: Tensor
                 raise ValueError("sparsegpt_prune needs fixed=, n_of_m= or counts= with rows=")
             select_block = functools.partial(unstructured_block_mask, counts=counts, rows=rows,
                                              cols=cols)
-    if refine_steps and W.t().is_contiguous():               # WT below would alias W
-        W = W.clone()
+    dense = W
+    if refine_steps and W.t().is_contiguous():   # WT below is W itself (updated in place)
+        dense = W.clone(memory_format=torch.contiguous_format)
     WT = W.t().contiguous()                                   # [cols, rows]
     prunedT = torch.zeros(WT.shape, dtype=torch.bool, device=W.device)
     diag = U.diagonal()
@@ -359,7 +360,7 @@ def sparsegpt_prune(W: Tensor, U: Tensor, blocksize: int = 128, *, fixed: Tensor
             WT[c1:].addmm_(V[:, width:].t(), E1, alpha=-1.0)
     new, pruned = WT.t().contiguous(), prunedT.t().contiguous()
     if refine_steps:
-        new = refine_kept_weights(W, new, pruned, hessian_from_factor(U), refine_steps)
+        new = refine_kept_weights(dense, new, pruned, hessian_from_factor(U), refine_steps)
     return new, pruned
 
 
