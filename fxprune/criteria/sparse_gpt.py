@@ -11,7 +11,9 @@ group), dampened by ``percdamp`` x mean(diag H), and ``U`` the upper Cholesky fa
    and counts are exact.
 2. :meth:`update_weights` (called by the rewrite pass with the masks): SparseGPT's column-by-column
    OBS update with lazy batches of ``blocksize`` columns, for the pattern's fixed mask. Pruned
-   weights end exactly zero; the kept ones absorb the error.
+   weights end exactly zero; the kept ones absorb the error. With the group key
+   ``sparse_gpt_refine_steps``, conjugate-gradient steps then re-fit the kept weights to the
+   layer's calibration error (:func:`refine_kept_weights`).
 
 Memory is bounded: Hessians are collected for a chunk of layers at a time (at most
 ``max_hessian_bytes`` per chunk, one calibration pass per chunk) and freed once used; only the
@@ -89,7 +91,7 @@ class SparseGPTCriterion(Criterion):
         groups = u.shape[0]
         view = group_of_rows(to_view_2d(weight.detach(), t.geometry).float(), groups)
         pruned = group_of_rows(~ctx.masks[t.param].to(view.device), groups)
-        steps = refine_steps(self.group)
+        steps = group_refine_steps(self.group)
         new = torch.stack([obs_prune(view[g], pruned[g], u[g], self.blocksize, steps)
                            for g in range(groups)])
         if not bool(torch.isfinite(new).all()):
@@ -387,8 +389,8 @@ def refine_kept_weights(dense: Tensor, start: Tensor, pruned: Tensor, H: Tensor,
     pruned *before* it, so its error can be several times the optimum for the same mask. With
     the Jacobi preconditioner (``diag H``) and a start at the OBS solution, a few tens of steps
     reach the optimum closely; each step is one ``[rows, cols] x [cols, cols]`` product. A
-    preconditioned CG step never raises the error, so every step helps. Returns a new float32
-    tensor, zero where ``pruned``.
+    preconditioned CG step never raises this calibration error (held-out quality is another
+    matter: docs/llm.md). Returns a new float32 tensor, zero where ``pruned``.
     """
     out = torch.empty_like(start)
     dinv = 1.0 / H.diagonal()
@@ -435,7 +437,7 @@ def unstructured_block_mask(saliency: Tensor, c0: int, c1: int, *, counts: list[
     return out
 
 
-def refine_steps(group) -> int:
+def group_refine_steps(group) -> int:
     """The group's ``sparse_gpt_refine_steps`` (0 without a group: SparseGPT as published)."""
     return getattr(group, "sparse_gpt_refine_steps", 0) if group is not None else 0
 

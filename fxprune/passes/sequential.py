@@ -28,7 +28,7 @@ from ..criteria import ActivationCriterion, SparseGPTCriterion, get_criterion_cl
 from ..criteria.calibration import (StopForward, WeightInputRecorder, _NoFusedFastPaths,
                                     require_data, reusable)
 from ..criteria.features import linear_features
-from ..criteria.sparse_gpt import inverse_hessian_factor, refine_steps, sparsegpt_prune
+from ..criteria.sparse_gpt import group_refine_steps, inverse_hessian_factor, sparsegpt_prune
 from ..errors import ConfigError, WeightError
 from ..geometry import from_view_2d, to_view_2d
 from ..selection import budget
@@ -298,7 +298,7 @@ def _sparse_gpt_rows(ctx, group, shared, u: Tensor, r0: int, r1: int, criterion,
     views = [to_view_2d(w.detach(), t.geometry).float() for w, t in zip(weights, shared)]
     rows = [v.shape[0] for v in views]
     W = (torch.cat(views) if len(views) > 1 else views[0])[r0:r1]
-    steps = refine_steps(group)
+    steps = group_refine_steps(group)
     if adaptive == "n_of_m":
         new, pruned = sparsegpt_prune(W, u, criterion.blocksize,
                                       n_of_m=(pattern.n, pattern.m), refine_steps=steps)
