@@ -160,24 +160,33 @@ class ChannelAnalysis:
     def roots(self, atoms: np.ndarray) -> np.ndarray:
         return self._roots[atoms]
 
-    def blocked_roots(self) -> dict[int, str]:
-        out: dict[int, str] = {}
-        for atoms, reason in self.blocks:
-            for r in np.unique(self.roots(atoms)).tolist():
-                out.setdefault(r, reason)
-        return out
+    def blocked_roots(self, more=()) -> dict[int, str]:
+        """Root -> why its class is blocked: the reason of the first block holding one of its
+        atoms, this analysis's blocks first, then ``more`` ((atoms, reason) pairs), in order."""
+        blocks = [*self.blocks, *more]
+        if not blocks:
+            return {}
+        roots = np.concatenate([self.roots(atoms).ravel() for atoms, _ in blocks])
+        block = np.repeat(np.arange(len(blocks)), [atoms.size for atoms, _ in blocks])
+        uniq, first = np.unique(roots, return_index=True)
+        by_block = np.lexsort((uniq, block[first]))       # in the order the blocks name them
+        reasons = [why for _, why in blocks]
+        return dict(zip(uniq[by_block].tolist(), [reasons[b] for b in block[first[by_block]].tolist()]))
 
     def spaces(self) -> dict[int, int]:
-        """Class root -> space id: classes that share a parameter dim are compacted together."""
+        """Class root -> space id: classes that share a parameter dim are compacted together. The
+        id is the space's smallest root."""
         per_axis = [self._roots[ax.atoms].ravel() for ax in self.axes.values()]
-        per_axis = [r for r in per_axis if r.size]
-        if not per_axis:
+        sizes = np.array([r.size for r in per_axis], dtype=np.int64)
+        if not sizes.sum():
             return {}
-        # every class of an axis tied to the axis's first (repeats tie nothing new)
-        ties = [(np.broadcast_to(r[:1], (r.size - 1,)), r[1:]) for r in per_axis if r.size > 1]
-        label = components(self.atoms.size, ties)
-        roots = np.unique(np.concatenate(per_axis))
-        return dict(zip(roots.tolist(), label[roots].tolist()))
+        roots, dense = np.unique(np.concatenate(per_axis), return_inverse=True)   # classes, numbered 0..
+        dense = dense.ravel()
+        starts = np.cumsum(sizes) - sizes
+        first = np.repeat(dense[np.minimum(starts, dense.size - 1)], sizes)      # every class of an axis
+        ties = first != dense                                                    # tied to the axis's first
+        label = components(roots.size, [(first[ties], dense[ties])])
+        return dict(zip(roots.tolist(), roots[label].tolist()))
 
 
 def _live_nodes(graph: fx.Graph) -> set[fx.Node]:

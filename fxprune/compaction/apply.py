@@ -17,7 +17,7 @@
 """
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 
 import numpy as np
 import torch
@@ -229,15 +229,22 @@ def summary(model, targets, plan, figures: dict) -> dict:
     failed, shapes_before = figures["failed"], figures["shapes_before"]
     names = {t.param: t.name for t in targets.values()}
     position = {p: i for i, p in enumerate(names)}
-    spaces: dict[int, list[int]] = {}
-    for root in plan.classes:
-        spaces.setdefault(plan.space[root], []).append(root)
+    classes = plan.classes
+    dead, space = plan.of_classes()
+    is_blocked = classes.member(plan.blocked)
+    by_space = np.argsort(space, kind="stable")                   # each space's classes, in class order
+    cuts = np.flatnonzero(np.diff(space[by_space])) + 1
+    span = max(len(classes.params), 1)
+    layers_of = defaultdict(list)                                 # space -> its layers
+    for key in np.unique(space[classes.link_class] * span + classes.link_layer).tolist():
+        layers_of[key // span].append(classes.params[key % span])
     groups = []
-    for sid, roots in spaces.items():
-        layers = sorted({p for r in roots for p in plan.classes[r].rows}, key=position.__getitem__)
-        blocked = Counter(plan.blocked[r] for r in roots if r in plan.blocked)
-        removed = sum(r in plan.dead for r in roots)
-        entry = {"layers": [names[p] for p in layers], "units": len(roots),
+    for members in sorted(np.split(by_space, cuts) if by_space.size else [], key=lambda m: m[0]):
+        sid = int(space[members[0]])                              # spaces in order of their first class
+        layers = sorted(layers_of[sid], key=position.__getitem__)
+        blocked = Counter(plan.blocked[r] for r in classes.roots[members[is_blocked[members]]].tolist())
+        removed = int(dead[members].sum())
+        entry = {"layers": [names[p] for p in layers], "units": int(members.size),
                  "removed": 0 if sid in failed else removed, "blocked_units": sum(blocked.values()),
                  "blocked": [{"reason": why, "units": n} for why, n in blocked.most_common()]}
         if sid in failed:
