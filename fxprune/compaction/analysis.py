@@ -175,18 +175,25 @@ class ChannelAnalysis:
 
     def spaces(self) -> dict[int, int]:
         """Class root -> space id: classes that share a parameter dim are compacted together. The
-        id is the space's smallest root."""
-        per_axis = [self._roots[ax.atoms].ravel() for ax in self.axes.values()]
-        sizes = np.array([r.size for r in per_axis], dtype=np.int64)
-        if not sizes.sum():
+        id is the space's smallest root. Computed over the dims (a few hundred) rather than the
+        classes (thousands): dims that share a class are one space."""
+        per_axis = [ax.atoms.ravel() for ax in self.axes.values()]
+        sizes = [a.size for a in per_axis]
+        if not sum(sizes):
             return {}
-        roots, dense = np.unique(np.concatenate(per_axis), return_inverse=True)   # classes, numbered 0..
-        dense = dense.ravel()
-        starts = np.cumsum(sizes) - sizes
-        first = np.repeat(dense[np.minimum(starts, dense.size - 1)], sizes)      # every class of an axis
-        ties = first != dense                                                    # tied to the axis's first
-        label = components(roots.size, [(first[ties], dense[ties])])
-        return dict(zip(roots.tolist(), roots[label].tolist()))
+        root = self._roots[np.concatenate(per_axis)]
+        axis = np.repeat(np.arange(len(per_axis)), sizes)
+        first_axis = np.full(self.atoms.size, len(per_axis))
+        np.minimum.at(first_axis, root, axis)                  # each class's first dim
+        other = first_axis[root]
+        tie = (axis * len(per_axis) + other)[other != axis]   # dim -> a dim it shares a class with
+        tie = tie[np.flatnonzero(np.diff(tie, prepend=-1))]   # a dim's atoms repeat the same few ties
+        label = components(len(per_axis), [np.divmod(tie, len(per_axis))])   # each dim's space
+        roots = np.flatnonzero(first_axis < len(per_axis))
+        space = label[first_axis[roots]]
+        smallest = np.full(len(per_axis), self.atoms.size)
+        np.minimum.at(smallest, space, roots)                  # each space's smallest root
+        return dict(zip(roots.tolist(), smallest[space].tolist()))
 
 
 def _live_nodes(graph: fx.Graph) -> set[fx.Node]:

@@ -7,6 +7,8 @@ min-label hooking and pointer jumping. The root of a class is its smallest (olde
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -20,7 +22,7 @@ class AtomSet:
 
     def new(self, shape) -> np.ndarray:
         """Fresh atoms, one per entry of ``shape``."""
-        n = int(np.prod(shape, dtype=np.int64))
+        n = math.prod(shape) if isinstance(shape, (tuple, list)) else int(shape)
         start, self.size = self.size, self.size + n
         self._roots = None
         return np.arange(start, start + n, dtype=np.int64).reshape(shape)

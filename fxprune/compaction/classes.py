@@ -76,6 +76,11 @@ class ChannelClasses:
         found = self._index[np.minimum(np.searchsorted(self.roots, roots, sorter=self._index), self.roots.size - 1)]
         return np.where(self.roots[found] == roots, found, -1)
 
+    def links_of(self, chosen: np.ndarray) -> np.ndarray:
+        """The links of classes ``chosen`` (class numbers), class after class."""
+        count = self.link_start[chosen + 1] - self.link_start[chosen]
+        return np.repeat(self.link_start[chosen] - np.cumsum(count) + count, count) + np.arange(count.sum())
+
     def member(self, roots) -> np.ndarray:
         """Whether each class's root is in ``roots`` (bool over classes)."""
         out = np.zeros(len(self), dtype=bool)

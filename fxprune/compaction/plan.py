@@ -64,14 +64,20 @@ class CompactionPlan:
 
     def dead_mask(self, atoms: np.ndarray, spaces: set[int] | None = None) -> np.ndarray:
         """Whether each atom of ``atoms`` belongs to a removed class (of one of ``spaces``)."""
-        roots = self.analysis.roots(atoms)
         dead_roots, space_of = self._lookups()
-        dead = dead_roots[roots]
         if spaces is not None:
+            dead_roots = self._dead_in(frozenset(spaces), dead_roots, space_of)
+        return dead_roots[self.analysis.roots(atoms)]
+
+    def _dead_in(self, spaces: frozenset, dead_roots: np.ndarray, space_of: np.ndarray) -> np.ndarray:
+        """Whether the class of root r is removed and in ``spaces``, over atom ids; the last set
+        asked for is kept (slicing and FLOP counting ask for one set node after node)."""
+        cached = getattr(self, "_dead_in_cache", None)
+        if cached is None or cached[0] != spaces or cached[1] is not dead_roots:
             chosen = np.zeros(space_of.size + 1, dtype=bool)  # the last entry: no space (-1)
             chosen[list(spaces)] = True
-            dead &= chosen[space_of[roots]]
-        return dead
+            cached = self._dead_in_cache = (spaces, dead_roots, dead_roots & chosen[space_of])
+        return cached[2]
 
     def __post_init__(self):
         self.dead = frozenset(self.dead)  # fixed once planned: the lookups below rely on it
@@ -324,29 +330,26 @@ def _select(targets, classes: ChannelClasses, free: np.ndarray, group, target: f
         for i, numel in layers:
             candidates, weights = by_layer[i]
             if candidates.size:
-                walk.fill(candidates, weights, budget(target, numel), walk.pruned, i)
+                walk.fill(candidates, weights, budget(target, numel), i)
         return walk.taken
     total = sum(t.geometry.numel for t in targets)
-    walk.fill(order, classes.size[order], budget(target, total) - int(walk.pruned.sum()), None, None)
+    walk.fill(order, classes.size[order], budget(target, total) - int(walk.pruned.sum()))
     return walk.taken
 
 
 def _by_layer(classes: ChannelClasses, order: np.ndarray, layers: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """layer -> (the ranked classes of ``order`` that hold rows of it, their weights there)."""
-    rank = np.full(len(classes), -1, dtype=np.int64)
-    rank[order] = np.arange(order.size)
-    link_rank = rank[classes.link_class]
-    links = np.flatnonzero(link_rank >= 0)
-    links = links[np.lexsort((link_rank[links], classes.link_layer[links]))]   # by layer, then rank
-    bounds = np.searchsorted(classes.link_layer[links], np.arange(len(classes.params) + 1))
-    return {i: (classes.link_class[links[bounds[i]:bounds[i + 1]]], classes.link_weight[links[bounds[i]:bounds[i + 1]]])
+    links = classes.links_of(order)                              # in rank order
+    by_layer = links[np.argsort(classes.link_layer[links], kind="stable")]
+    bounds = np.searchsorted(classes.link_layer[by_layer], np.arange(len(classes.params) + 1))
+    return {i: (classes.link_class[by_layer[bounds[i]:bounds[i + 1]]], classes.link_weight[by_layer[bounds[i]:bounds[i + 1]]])
             for i in layers}
 
 
 class _Walk:
     """The greedy walk over ranked classes: the weights pruned per layer, the classes taken, and
     each layer's cap (``max_sparsity_ratio_per_op``). :meth:`fill` takes the leading run of
-    classes that all fit at once, with array sums, and walks the rest one at a time: the result
+    classes that all fit, at once with array sums, and walks the rest one at a time: the result
     is the one-at-a-time walk's."""
 
     def __init__(self, classes: ChannelClasses, caps: dict[int, int]):
@@ -355,69 +358,78 @@ class _Walk:
         self.cap = np.zeros(len(classes.params), dtype=np.int64)   # layers of other groups: no free class
         self.cap[list(caps)] = list(caps.values())
         self.taken = np.zeros(len(classes), dtype=bool)
-        self._start = classes.link_start.tolist()
-        self._layer, self._weight = classes.link_layer.tolist(), classes.link_weight.tolist()
+        self._links = None
 
     def take_if_fits(self, k: int) -> bool:
         """Take class ``k`` if every layer it holds rows of stays within its cap."""
-        links = range(self._start[k], self._start[k + 1])
+        if self._links is None:  # Python lists: this runs once per class walked one at a time
+            c = self.classes
+            self._links = (c.link_start.tolist(), c.link_layer.tolist(), c.link_weight.tolist())
+        start, layer, weight = self._links
+        links = range(start[k], start[k + 1])
         pruned, cap = self.pruned, self.cap
-        if any(pruned[self._layer[j]] + self._weight[j] > cap[self._layer[j]] for j in links):
+        if any(pruned[layer[j]] + weight[j] > cap[layer[j]] for j in links):
             return False
         self.taken[k] = True
         for j in links:
-            pruned[self._layer[j]] += self._weight[j]
+            pruned[layer[j]] += weight[j]
         return True
 
-    def fill(self, candidates: np.ndarray, weights: np.ndarray, goal: int, counted, layer) -> None:
-        """Walk ``candidates`` (ranked, with ``weights`` against the goal) and take each one not
-        taken yet whose weight still fits in ``goal`` and that fits the caps. Against a layer's
-        goal (``counted`` is ``pruned`` and ``layer`` given), what that layer already prunes
-        counts; else (the global budget) ``goal`` is what is left."""
+    def fill(self, candidates: np.ndarray, weights: np.ndarray, goal: int, layer: int | None = None) -> None:
+        """Walk ``candidates`` (ranked, with their ``weights`` against ``goal``) and take each one
+        not taken yet whose weight fits in what ``goal`` has left and that fits the caps. With
+        ``layer``, ``goal`` is that layer's and what it already prunes counts; without, ``goal``
+        is the budget left."""
         least = int(weights.min()) if weights.size else 0    # of all of a layer's classes, taken or not
         rest = ~self.taken[candidates]
         candidates, weights = candidates[rest], weights[rest]
-        used = int(counted[layer]) if layer is not None else 0
-        lead = self._leading_fit(candidates, weights, goal - used)
-        self._take_all(candidates[:lead])
+        used = int(self.pruned[layer]) if layer is not None else 0
+        lead = int(np.searchsorted(np.cumsum(weights), goal - used, side="right"))   # fit the goal in a row
+        lead = self._take_leading(candidates[:lead])
         used += int(weights[:lead].sum())
         smallest = np.minimum.accumulate(weights[::-1])[::-1] if layer is None else None
-        for i, k in enumerate(candidates[lead:].tolist(), start=lead):
+        for i in range(lead, candidates.size):
             if layer is not None:
-                used = int(counted[layer])
+                used = int(self.pruned[layer])
                 if used + least > goal:
                     break  # no class of this layer fits any more
             elif smallest[i] > goal - used:
                 break  # no class left fits in the budget
             w = int(weights[i])
-            if used + w <= goal and self.take_if_fits(k) and layer is None:
+            if used + w <= goal and self.take_if_fits(int(candidates[i])) and layer is None:
                 used += w
 
-    def _leading_fit(self, candidates: np.ndarray, weights: np.ndarray, room: int) -> int:
-        """How many candidates, from the first, are taken one after another: each fits in what
-        ``room`` has left and keeps every layer it holds rows of within its cap."""
-        lead = int(np.searchsorted(np.cumsum(weights), room, side="right"))
-        if not lead:
-            return 0
-        c = self.classes
-        first, count = c.link_start[candidates[:lead]], np.diff(c.link_start)[candidates[:lead]]
-        owner = np.repeat(np.arange(lead), count)                   # each link's candidate
-        links = np.repeat(first - np.cumsum(count) + count, count) + np.arange(owner.size)
-        layer = c.link_layer[links]
-        by_layer = np.lexsort((owner, layer))                       # each layer's links in rank order
-        layer, owner, weight = layer[by_layer], owner[by_layer], c.link_weight[links][by_layer]
-        running = np.cumsum(weight)
-        starts = np.flatnonzero(np.r_[True, layer[1:] != layer[:-1]])
-        running -= np.repeat(running[starts] - weight[starts], np.diff(np.r_[starts, layer.size]))
-        over = self.pruned[layer] + running > self.cap[layer]
-        return int(owner[over].min()) if over.any() else lead
-
-    def _take_all(self, candidates: np.ndarray) -> None:
+    def _take_leading(self, candidates: np.ndarray) -> int:
+        """Take the candidates, from the first, while each keeps every layer it holds rows of
+        within its cap (given those before it); returns how many were taken."""
         if not candidates.size:
-            return
-        c = self.classes
+            return 0
+        added = self._weights_per_layer(candidates)
+        if np.any(self.pruned + added > self.cap):  # rare: find the first candidate that breaks a cap
+            candidates = candidates[:_first_over(self.classes, candidates, self.cap - self.pruned)]
+            added = self._weights_per_layer(candidates)
         self.taken[candidates] = True
-        hit = np.zeros(len(c), dtype=bool)
-        hit[candidates] = True
-        links = hit[c.link_class]
-        np.add.at(self.pruned, c.link_layer[links], c.link_weight[links])
+        self.pruned += added
+        return candidates.size
+
+    def _weights_per_layer(self, candidates: np.ndarray) -> np.ndarray:
+        """The weights ``candidates`` hold in each layer, together."""
+        c = self.classes
+        links = c.links_of(candidates)
+        # float64 sums of weight counts are exact (far below 2**53)
+        return np.bincount(c.link_layer[links], weights=c.link_weight[links], minlength=len(c.params)).astype(np.int64)
+
+
+def _first_over(classes: ChannelClasses, candidates: np.ndarray, room: np.ndarray) -> int:
+    """The first of ``candidates`` (in order) at which some layer's running weight passes its
+    ``room``, or how many there are."""
+    links = classes.links_of(candidates)
+    owner = np.repeat(np.arange(candidates.size), np.diff(classes.link_start)[candidates])   # each link's candidate
+    layer = classes.link_layer[links]
+    by_layer = np.argsort(layer * candidates.size + owner)          # each layer's links in rank order
+    layer, owner, weight = layer[by_layer], owner[by_layer], classes.link_weight[links][by_layer]
+    running = np.cumsum(weight)
+    starts = np.flatnonzero(np.diff(layer, prepend=-1))
+    running -= np.repeat(running[starts] - weight[starts], np.diff(starts, append=layer.size))
+    over = running > room[layer]
+    return int(owner[over].min()) if over.any() else candidates.size
