@@ -78,6 +78,7 @@ def compacted_shapes(model, plan, spaces: set[int]):
     recorded), for :class:`~fxprune.flops.GraphFlops`."""
     an = plan.analysis
     cache: dict = {}
+    kept_of: dict[int, tuple] = {}   # id(atoms) -> (atoms, kept per channel dim): values share atoms
     tensor = tensor_getter(model)
 
     def shape(node):
@@ -90,14 +91,25 @@ def compacted_shapes(model, plan, spaces: set[int]):
             now = tuple(tensor(v.fqn).shape)
             out = tuple(now[p] if p >= 0 else recorded[i] for i, p in enumerate(v.perm))
         elif isinstance(v, Chan) and recorded is not None:
-            dead = plan.dead_mask(v.atoms.ravel(), spaces).reshape(v.atoms.shape)
+            known = kept_of.get(id(v.atoms))
+            if known is None:
+                dead = plan.dead_mask(v.atoms.ravel(), spaces).reshape(v.atoms.shape)
+                known = kept_of[id(v.atoms)] = (v.atoms, kept_per_dim(dead))
             out = list(recorded)
-            for k, d in enumerate(v.dims):
-                out[d] = int((~np.moveaxis(dead, k, 0).reshape(dead.shape[k], -1).all(axis=1)).sum())
+            for d, kept in zip(v.dims, known[1]):
+                out[d] = kept
             out = tuple(out)
         cache[node] = out
         return out
     return shape
+
+
+def kept_per_dim(dead: np.ndarray) -> list[int]:
+    """For each dim of ``dead`` (whether each atom is removed), how many of its indices keep an
+    atom (an index goes only when all its atoms do)."""
+    if dead.ndim == 1:
+        return [int(dead.size - np.count_nonzero(dead))]
+    return [int((~np.moveaxis(dead, k, 0).reshape(dead.shape[k], -1).all(axis=1)).sum()) for k in range(dead.ndim)]
 
 
 def _update_configs(model, args, kwargs, reference, norm_offsets) -> dict:
