@@ -28,8 +28,8 @@ class ChannelClasses:
         n_layers = len(self.params)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])     # layer l's rows: entries offsets[l]:offsets[l+1]
         entry_root = np.concatenate(layer_roots) if n_layers else np.zeros(0, dtype=np.int64)
-        uniq, first, inverse = np.unique(entry_root, return_index=True, return_inverse=True)
-        by_order = np.argsort(first, kind="stable")                 # class ids in order of first appearance
+        uniq, first_row, inverse = np.unique(entry_root, return_index=True, return_inverse=True)
+        by_order = np.argsort(first_row, kind="stable")             # class ids in order of first appearance
         rank = np.empty_like(by_order)
         rank[by_order] = np.arange(by_order.size)
         self.entry_class = rank[inverse.ravel()]                    # each row's class
@@ -40,16 +40,19 @@ class ChannelClasses:
             np.add.at(self.score_sum, self.entry_class, np.concatenate(sums))   # in entry order
             np.maximum.at(self.score_max, self.entry_class, np.concatenate(maxes))
         entry_layer = np.repeat(np.arange(n_layers, dtype=np.int64), sizes)
-        link_key, entry_link = np.unique(self.entry_class * max(n_layers, 1) + entry_layer, return_inverse=True)
-        self.link_class, self.link_layer = np.divmod(link_key, max(n_layers, 1))   # by class, then layer
-        self.link_rows = np.bincount(entry_link.ravel(), minlength=link_key.size)
+        by_class = np.argsort(self.entry_class, kind="stable")     # rows by class, then layer (rows are layer by layer)
+        cls, layer = self.entry_class[by_class], entry_layer[by_class]
+        link_row = np.flatnonzero(np.diff(cls, prepend=-1) | np.diff(layer, prepend=-1))   # each link's first row
+        self.link_class, self.link_layer = cls[link_row], layer[link_row]   # links by class, then layer
+        self.link_rows = np.diff(link_row, append=cls.size)
         self.link_weight = self.link_rows * np.asarray(cols, dtype=np.int64)[self.link_layer] if n_layers \
             else np.zeros(0, dtype=np.int64)
         self.link_start = np.searchsorted(self.link_class, np.arange(n + 1))   # class k: links link_start[k]:[k+1]
         self.size = np.add.reduceat(self.link_weight, self.link_start[:-1]) if n else np.zeros(0, dtype=np.int64)
         # the groups of each class's layers: one (the class's group), none or several (-1)
         link_group = np.asarray(layer_groups, dtype=np.int64)[self.link_layer] if n_layers else self.link_layer
-        pair = np.unique(self.link_class[link_group >= 0] * _GROUP_SPAN + link_group[link_group >= 0])
+        pair = np.sort(self.link_class[link_group >= 0] * _GROUP_SPAN + link_group[link_group >= 0])
+        pair = pair[np.flatnonzero(np.diff(pair, prepend=-1))]      # each (class, group) once
         self.pair_class, self.pair_group = np.divmod(pair, _GROUP_SPAN)   # (class, group), sorted
         per_class = np.bincount(self.pair_class, minlength=n)
         self.group = np.full(n, -1, dtype=np.int64)

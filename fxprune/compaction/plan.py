@@ -340,7 +340,10 @@ def _select(targets, classes: ChannelClasses, free: np.ndarray, group, target: f
 def _by_layer(classes: ChannelClasses, order: np.ndarray, layers: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """layer -> (the ranked classes of ``order`` that hold rows of it, their weights there)."""
     links = classes.links_of(order)                              # in rank order
-    by_layer = links[np.argsort(classes.link_layer[links], kind="stable")]
+    layer = classes.link_layer[links]
+    if len(classes.params) <= np.iinfo(np.uint16).max:  # numpy's stable sort of 16-bit ints is a radix sort
+        layer = layer.astype(np.uint16)
+    by_layer = links[np.argsort(layer, kind="stable")]
     bounds = np.searchsorted(classes.link_layer[by_layer], np.arange(len(classes.params) + 1))
     return {i: (classes.link_class[by_layer[bounds[i]:bounds[i + 1]]], classes.link_weight[by_layer[bounds[i]:bounds[i + 1]]])
             for i in layers}
