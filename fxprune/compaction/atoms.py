@@ -72,17 +72,16 @@ def components(n: int, edges: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray
         return label
     u = np.concatenate([e[0] for e in edges])
     v = np.concatenate([e[1] for e in edges])
+    lu, lv = u, v                       # the labels of the ends (each node its own at first)
     while True:
-        lu, lv = label[u], label[v]
         differ = lu != lv
         if not differ.any():
             return label
-        lu, lv = lu[differ], lv[differ]
-        hi, lo = np.maximum(lu, lv), np.minimum(lu, lv)
-        np.minimum.at(label, hi, lo)    # hook each root under the smaller one it is tied to
+        u, v, lu, lv = u[differ], v[differ], lu[differ], lv[differ]
+        np.minimum.at(label, np.maximum(lu, lv), np.minimum(lu, lv))   # hook each root under the smaller one
         while True:                     # pointer jumping: every node points at its root again
             nxt = label[label]
             if np.array_equal(nxt, label):
                 break
             label = nxt
-        u, v = u[differ], v[differ]
+        lu, lv = label[u], label[v]

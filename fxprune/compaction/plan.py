@@ -285,27 +285,24 @@ def _round_up(classes: ChannelClasses, removed: np.ndarray, space: dict[int, int
               score: np.ndarray) -> None:
     """Give back the best-scoring removed classes of each space until its first layer keeps a
     multiple of ``multiple`` channels (or all of them). ``removed`` (bool over classes) is updated."""
-    by_space: dict[int, list[int]] = defaultdict(list)
-    for k, root in enumerate(classes.roots.tolist()):
-        by_space[space[root]].append(k)
-    for members in by_space.values():
-        members = np.asarray(members)
-        first = classes.link_start[members[0]]
-        layer = classes.link_layer[first]         # the first layer of the space's first class
-        rows = np.zeros(members.size, dtype=np.int64)
-        for i, k in enumerate(members.tolist()):  # each class's rows in that layer
-            links = slice(classes.link_start[k], classes.link_start[k + 1])
-            rows[i] = classes.link_rows[links][classes.link_layer[links] == layer].sum()
-        total = int(rows.sum())
-        kept = total - int(rows[removed[members]].sum())
+    class_space = np.fromiter((space[r] for r in classes.roots.tolist()), dtype=np.int64, count=len(classes))
+    by_space = np.argsort(class_space, kind="stable")             # each space's classes, in class order
+    starts = np.flatnonzero(np.diff(class_space[by_space], prepend=-1))
+    sizes = np.diff(starts, append=by_space.size)
+    layer = np.empty(len(classes), dtype=np.int64)                # the first layer of its space's first class
+    layer[by_space] = np.repeat(classes.link_layer[classes.link_start[by_space[starts]]], sizes)
+    there = classes.link_layer == layer[classes.link_class]
+    rows = np.zeros(len(classes), dtype=np.int64)                 # each class's rows in that layer
+    rows[classes.link_class[there]] = classes.link_rows[there]
+    for members in np.split(by_space, starts[1:]):
+        total = int(rows[members].sum())
+        kept = total - int(rows[members[removed[members]]].sum())
         goal = min(total, -(-kept // multiple) * multiple)
-        back = members[removed[members] & (rows > 0)]
-        back = ranked(score, back)
-        rows_of = dict(zip(members.tolist(), rows.tolist()))
-        while kept < goal and back.size:
-            k, back = int(back[-1]), back[:-1]
+        back = ranked(score, members[removed[members] & (rows[members] > 0)]).tolist()   # best last
+        while kept < goal and back:
+            k = back.pop()
             removed[k] = False
-            kept += rows_of[k]
+            kept += int(rows[k])
 
 
 def _select(targets, classes: ChannelClasses, free: np.ndarray, group, target: float) -> np.ndarray:
