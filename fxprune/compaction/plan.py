@@ -25,7 +25,6 @@ an already-pruned model (``fxprune.compact``).
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -147,7 +146,7 @@ def plan_zero_channels(model, targets, an: ChannelAnalysis) -> CompactionPlan:
             if tensor.dim() == 0 or tensor.shape[dim] != ax.atoms.size:
                 continue
             nonzero = (tensor.detach().movedim(dim, 0).reshape(ax.atoms.size, -1) != 0).any(dim=1)
-            live[an.roots(ax.atoms)[nonzero.numpy()]] = True
+            live[an.roots(ax.atoms)[nonzero.cpu().numpy()]] = True
     dead = ~live[classes.roots] & ~classes.member(blocked)
     notes = {t.param: NO_USE for t in members if (t.param, output_dim(t)) not in an.axes}
     return CompactionPlan(an, classes, blocked, set(classes.roots[dead].tolist()), an.spaces(), notes)
