@@ -274,9 +274,9 @@ def _row_stats(scores: Scores) -> tuple[np.ndarray, np.ndarray]:
     step = max(1, (1 << 18) // max(cols, 1))  # a 2 MB float64 block: stays in the cache
     sums, maxes = [np.zeros(0)], [np.zeros(0)]
     for start in range(0, rows, step):
-        s = part(start, min(start + step, rows)).double()  # the max of float64 copies is the copy of the max
-        sums.append(s.sum(dim=1).cpu().numpy())
-        maxes.append(s.amax(dim=1).cpu().numpy() if cols else np.zeros(s.shape[0]))
+        s = part(start, min(start + step, rows))
+        sums.append(s.double().sum(dim=1).cpu().numpy())
+        maxes.append(s.amax(dim=1).double().cpu().numpy() if cols else np.zeros(s.shape[0]))
     return np.concatenate(sums), np.concatenate(maxes)
 
 
