@@ -430,7 +430,7 @@ class BlockSequentialRunner:
                     self._swap()
                     if self.on_block_end is not None:
                         self.on_block_end(i, name, block)
-                    release_free_memory(above=BLOCK_FREE_BYTES)
+                    release_free_memory()
                     if self.progress is not None:
                         self.progress("blocks", i + 1, n)
         finally:
@@ -543,56 +543,22 @@ def merge_calls(calls: list[BlockCall], hidden: list[Tensor], max_tokens: int
     return out
 
 
-# Free heap the block runner leaves to the next block: glibc itself keeps up to twice its largest
-# mmap threshold (2 x 32 MB) at the top of its heap before trimming, and a trim below that only
-# makes the next block's forward fault the same pages in again (the blocks repeat their shapes)
-BLOCK_FREE_BYTES = 64 << 20
-
-_libc = None
+_malloc_trim = None
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
-
-
-def _glibc():
-    global _libc
-    if _libc is None:
-        _libc = False
-        if sys.platform.startswith("linux"):
-            with contextlib.suppress(OSError, AttributeError):
-                libc = ctypes.CDLL("libc.so.6")
-                libc.malloc_trim          # not glibc (musl): neither call
-                _libc = libc
-    return _libc
-
-
-def heap_free_bytes() -> int | None:
-    """The free bytes inside glibc's heaps (``mallinfo2``'s ``fordblks``, all arenas): memory
-    freed but still mapped. None without glibc 2.33+."""
-    libc = _glibc()
-    if not libc or not hasattr(libc, "mallinfo2"):
-        return None
-    libc.mallinfo2.restype = _MallInfo2
-    return int(libc.mallinfo2().fordblks)
-
-
-def release_free_memory(above: int = 0) -> None:
+def release_free_memory() -> None:
     """Give the heap's free memory back to the system (glibc only; elsewhere nothing). After large
     frees glibc raises its mmap threshold, so the next block's multi-MB temporaries come from the
     heap and stay mapped once freed: without a trim between blocks, resident memory creeps up with
-    depth although nothing is alive. With ``above``, only when the heap holds more than that many
-    free bytes (always when that cannot be read)."""
-    libc = _glibc()
-    if not libc:
-        return
-    if above > 0:
-        free = heap_free_bytes()
-        if free is not None and free <= above:
-            return
-    libc.malloc_trim(0)
+    depth although nothing is alive."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        _malloc_trim = False
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+    if _malloc_trim:
+        _malloc_trim(0)
 
 
 def iter_blocks(blocks: BlockList) -> Iterator[tuple[int, str, nn.Module]]:

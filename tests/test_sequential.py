@@ -181,45 +181,6 @@ def test_spilled_activations_give_the_same_result():
         assert torch.equal(w, in_ram[n]), n
 
 
-def test_block_runner_hands_the_heap_back_only_when_much_of_it_is_free(monkeypatch):
-    """Between blocks the runner trims the heap (malloc_trim) only when more than
-    BLOCK_FREE_BYTES of it is free: a smaller free heap is what the next block reuses."""
-    import fxprune.sequential as engine
-
-    trims, free = [], [0]
-
-    class Libc:
-        def malloc_trim(self, pad):
-            trims.append(pad)
-
-    monkeypatch.setattr(engine, "_libc", Libc())
-    monkeypatch.setattr(engine, "heap_free_bytes", lambda: free[0])
-    model, calib = _llama(3), _calib()
-    free[0] = engine.BLOCK_FREE_BYTES
-    _prune(model, _cfg("sparse_gpt", "2:4"), calib)
-    others = len(trims)             # the layer discovery's eager run trims once, whatever is free
-    assert others <= 1
-    free[0] = engine.BLOCK_FREE_BYTES + 1
-    _prune(model, _cfg("sparse_gpt", "2:4"), calib)
-    assert len(trims) == 2 * others + 3                 # and the runner after each of the 3 blocks
-    monkeypatch.setattr(engine, "heap_free_bytes", lambda: None)    # unknown: trimmed
-    engine.release_free_memory(above=engine.BLOCK_FREE_BYTES)
-    assert len(trims) == 2 * others + 4
-
-
-def test_heap_free_bytes_reads_glibc():
-    import sys
-
-    from fxprune.sequential import heap_free_bytes
-    free = heap_free_bytes()
-    if sys.platform.startswith("linux") and free is None:
-        pytest.skip("not glibc 2.33 or later")
-    if free is not None:
-        big = torch.ones(1 << 20)      # 4 MB, freed into the heap or unmapped: never negative
-        del big
-        assert isinstance(free, int) and free >= 0 and heap_free_bytes() >= 0
-
-
 def test_hooks_stream_blocks_from_meta():
     """A caller may keep the blocks on the meta device, load each in on_block_start and release
     it in on_block_end: the result equals the in-memory one."""
