@@ -69,15 +69,18 @@ def test_union_rows_ties_each_row_as_union_all_does():
 def test_classes_rank_by_score_then_order_as_a_sort_does():
     """Channel selection ranks classes with one numpy sort: the order of Python's sort on
     (score, order), ties and the mean's float division included."""
-    from fxprune.compaction.plan import ChannelClass, _ranked
+    from fxprune.compaction.classes import class_score, ranked
 
     rng = random.Random(1)
-    classes = []
-    for k in range(400):
-        weights = {f"l{j}": rng.choice((3, 6, 9)) for j in range(rng.randrange(1, 4))}
-        total = rng.choice((0.5, 1.0, 1.0, 2.25, rng.random()))
-        classes.append(ChannelClass(k, k, {p: [0] for p in weights}, weights, total, rng.choice((0.5, total))))
-    rng.shuffle(classes)
+    sizes, sums, maxes = [], [], []
+    for _ in range(400):
+        sizes.append(sum(rng.choice((3, 6, 9)) for _ in range(rng.randrange(1, 4))))
+        sums.append(rng.choice((0.5, 1.0, 1.0, 2.25, rng.random())))
+        maxes.append(rng.choice((0.5, sums[-1])))
+    candidates = np.array(sorted(rng.sample(range(400), 300)))
+    python_score = {"sum": lambda k: sums[k], "max": lambda k: maxes[k],
+                    "mean": lambda k: sums[k] / max(sizes[k], 1)}
     for reduce_type in ("mean", "sum", "max"):
-        expected = sorted(classes, key=lambda c: (c.score(reduce_type), c.order))
-        assert [c.root for c in _ranked(classes, reduce_type)] == [c.root for c in expected]
+        score = class_score(np.array(sums), np.array(maxes), np.array(sizes), reduce_type)
+        expected = sorted(candidates.tolist(), key=lambda k: (python_score[reduce_type](k), k))
+        assert ranked(score, candidates).tolist() == expected

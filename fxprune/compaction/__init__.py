@@ -5,6 +5,7 @@
 - :mod:`.rules`: the rules registry (:func:`register_rule`: add a rule for your own op);
   built-in rules in :mod:`.ops` and :mod:`.layout`, norms averaging over the channels (RMSNorm,
   GRN: epsilon and weight rescaled) in :mod:`.folds`;
+- :mod:`.classes`: the coupled classes as arrays (:class:`ChannelClasses`), scored and ranked;
 - :mod:`.plan`: coupled classes selected by score (:func:`plan_channels`) or found zero in an
   already-pruned model (:func:`plan_zero_channels`);
 - :mod:`.slicing`: physical removal on the user's modules, with undo;

@@ -160,24 +160,40 @@ class ChannelAnalysis:
     def roots(self, atoms: np.ndarray) -> np.ndarray:
         return self._roots[atoms]
 
-    def blocked_roots(self) -> dict[int, str]:
-        out: dict[int, str] = {}
-        for atoms, reason in self.blocks:
-            for r in np.unique(self.roots(atoms)).tolist():
-                out.setdefault(r, reason)
-        return out
+    def blocked_roots(self, more=()) -> dict[int, str]:
+        """Root -> why its class is blocked: the reason of the first block holding one of its
+        atoms, this analysis's blocks first, then ``more`` ((atoms, reason) pairs), in order."""
+        blocks = [*self.blocks, *more]
+        if not blocks:
+            return {}
+        roots = np.concatenate([self.roots(atoms).ravel() for atoms, _ in blocks])
+        block = np.repeat(np.arange(len(blocks)), [atoms.size for atoms, _ in blocks])
+        uniq, first = np.unique(roots, return_index=True)
+        by_block = np.lexsort((uniq, block[first]))       # in the order the blocks name them
+        reasons = [why for _, why in blocks]
+        return dict(zip(uniq[by_block].tolist(), [reasons[b] for b in block[first[by_block]].tolist()]))
 
     def spaces(self) -> dict[int, int]:
-        """Class root -> space id: classes that share a parameter dim are compacted together."""
-        per_axis = [self._roots[ax.atoms].ravel() for ax in self.axes.values()]
-        per_axis = [r for r in per_axis if r.size]
-        if not per_axis:
+        """Class root -> space id: classes that share a parameter dim are compacted together. The
+        id is the space's smallest root. Computed over the dims (a few hundred) rather than the
+        classes (thousands): dims that share a class are one space."""
+        per_axis = [ax.atoms.ravel() for ax in self.axes.values()]
+        sizes = [a.size for a in per_axis]
+        if not sum(sizes):
             return {}
-        # every class of an axis tied to the axis's first (repeats tie nothing new)
-        ties = [(np.broadcast_to(r[:1], (r.size - 1,)), r[1:]) for r in per_axis if r.size > 1]
-        label = components(self.atoms.size, ties)
-        roots = np.unique(np.concatenate(per_axis))
-        return dict(zip(roots.tolist(), label[roots].tolist()))
+        root = self._roots[np.concatenate(per_axis)]
+        axis = np.repeat(np.arange(len(per_axis)), sizes)
+        first_axis = np.full(self.atoms.size, len(per_axis))
+        np.minimum.at(first_axis, root, axis)                  # each class's first dim
+        other = first_axis[root]
+        tie = (axis * len(per_axis) + other)[other != axis]   # dim -> a dim it shares a class with
+        tie = tie[np.flatnonzero(np.diff(tie, prepend=-1))]   # a dim's atoms repeat the same few ties
+        label = components(len(per_axis), [np.divmod(tie, len(per_axis))])   # each dim's space
+        roots = np.flatnonzero(first_axis < len(per_axis))
+        space = label[first_axis[roots]]
+        smallest = np.full(len(per_axis), self.atoms.size)
+        np.minimum.at(smallest, space, roots)                  # each space's smallest root
+        return dict(zip(roots.tolist(), smallest[space].tolist()))
 
 
 def _live_nodes(graph: fx.Graph) -> set[fx.Node]:

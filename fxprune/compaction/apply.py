@@ -17,7 +17,7 @@
 """
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 
 import numpy as np
 import torch
@@ -78,6 +78,7 @@ def compacted_shapes(model, plan, spaces: set[int]):
     recorded), for :class:`~fxprune.flops.GraphFlops`."""
     an = plan.analysis
     cache: dict = {}
+    kept_of: dict[int, tuple] = {}   # id(atoms) -> (atoms, kept per channel dim): values share atoms
     tensor = tensor_getter(model)
 
     def shape(node):
@@ -90,14 +91,25 @@ def compacted_shapes(model, plan, spaces: set[int]):
             now = tuple(tensor(v.fqn).shape)
             out = tuple(now[p] if p >= 0 else recorded[i] for i, p in enumerate(v.perm))
         elif isinstance(v, Chan) and recorded is not None:
-            dead = plan.dead_mask(v.atoms.ravel(), spaces).reshape(v.atoms.shape)
+            known = kept_of.get(id(v.atoms))
+            if known is None:
+                dead = plan.dead_mask(v.atoms.ravel(), spaces).reshape(v.atoms.shape)
+                known = kept_of[id(v.atoms)] = (v.atoms, kept_per_dim(dead))
             out = list(recorded)
-            for k, d in enumerate(v.dims):
-                out[d] = int((~np.moveaxis(dead, k, 0).reshape(dead.shape[k], -1).all(axis=1)).sum())
+            for d, kept in zip(v.dims, known[1]):
+                out[d] = kept
             out = tuple(out)
         cache[node] = out
         return out
     return shape
+
+
+def kept_per_dim(dead: np.ndarray) -> list[int]:
+    """For each dim of ``dead`` (whether each atom is removed), how many of its indices keep an
+    atom (an index goes only when all its atoms do)."""
+    if dead.ndim == 1:
+        return [int(dead.size - np.count_nonzero(dead))]
+    return [int((~np.moveaxis(dead, k, 0).reshape(dead.shape[k], -1).all(axis=1)).sum()) for k in range(dead.ndim)]
 
 
 def _update_configs(model, args, kwargs, reference, norm_offsets) -> dict:
@@ -229,15 +241,22 @@ def summary(model, targets, plan, figures: dict) -> dict:
     failed, shapes_before = figures["failed"], figures["shapes_before"]
     names = {t.param: t.name for t in targets.values()}
     position = {p: i for i, p in enumerate(names)}
-    spaces: dict[int, list[int]] = {}
-    for root in plan.classes:
-        spaces.setdefault(plan.space[root], []).append(root)
+    classes = plan.classes
+    dead, space = plan.of_classes()
+    is_blocked = classes.member(plan.blocked)
+    by_space = np.argsort(space, kind="stable")                   # each space's classes, in class order
+    cuts = np.flatnonzero(np.diff(space[by_space])) + 1
+    span = max(len(classes.params), 1)
+    layers_of = defaultdict(list)                                 # space -> its layers
+    for key in np.unique(space[classes.link_class] * span + classes.link_layer).tolist():
+        layers_of[key // span].append(classes.params[key % span])
     groups = []
-    for sid, roots in spaces.items():
-        layers = sorted({p for r in roots for p in plan.classes[r].rows}, key=position.__getitem__)
-        blocked = Counter(plan.blocked[r] for r in roots if r in plan.blocked)
-        removed = sum(r in plan.dead for r in roots)
-        entry = {"layers": [names[p] for p in layers], "units": len(roots),
+    for members in sorted(np.split(by_space, cuts) if by_space.size else [], key=lambda m: m[0]):
+        sid = int(space[members[0]])                              # spaces in order of their first class
+        layers = sorted(layers_of[sid], key=position.__getitem__)
+        blocked = Counter(plan.blocked[r] for r in classes.roots[members[is_blocked[members]]].tolist())
+        removed = int(dead[members].sum())
+        entry = {"layers": [names[p] for p in layers], "units": int(members.size),
                  "removed": 0 if sid in failed else removed, "blocked_units": sum(blocked.values()),
                  "blocked": [{"reason": why, "units": n} for why, n in blocked.most_common()]}
         if sid in failed:

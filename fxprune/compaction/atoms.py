@@ -7,6 +7,8 @@ min-label hooking and pointer jumping. The root of a class is its smallest (olde
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -20,7 +22,7 @@ class AtomSet:
 
     def new(self, shape) -> np.ndarray:
         """Fresh atoms, one per entry of ``shape``."""
-        n = int(np.prod(shape, dtype=np.int64))
+        n = math.prod(shape) if isinstance(shape, (tuple, list)) else int(shape)
         start, self.size = self.size, self.size + n
         self._roots = None
         return np.arange(start, start + n, dtype=np.int64).reshape(shape)
@@ -70,17 +72,16 @@ def components(n: int, edges: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray
         return label
     u = np.concatenate([e[0] for e in edges])
     v = np.concatenate([e[1] for e in edges])
+    lu, lv = u, v                       # the labels of the ends (each node its own at first)
     while True:
-        lu, lv = label[u], label[v]
         differ = lu != lv
         if not differ.any():
             return label
-        lu, lv = lu[differ], lv[differ]
-        hi, lo = np.maximum(lu, lv), np.minimum(lu, lv)
-        np.minimum.at(label, hi, lo)    # hook each root under the smaller one it is tied to
+        u, v, lu, lv = u[differ], v[differ], lu[differ], lv[differ]
+        np.minimum.at(label, np.maximum(lu, lv), np.minimum(lu, lv))   # hook each root under the smaller one
         while True:                     # pointer jumping: every node points at its root again
             nxt = label[label]
             if np.array_equal(nxt, label):
                 break
             label = nxt
-        u, v = u[differ], v[differ]
+        lu, lv = label[u], label[v]

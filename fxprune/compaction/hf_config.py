@@ -21,9 +21,11 @@ import math
 import warnings
 from collections import defaultdict
 
+import numpy as np
 from torch import nn
 
 from ..aten import is_hf_conv1d
+from .classes import ranked
 from .modules import ConfigView
 from .slicing import holders, replace_tensor, tensor_getter
 
@@ -260,10 +262,11 @@ def _attention_widths(module: nn.Module):
                 break
 
 
-def fit_hf_configs(model: nn.Module, an, classes, dead: set, reduce_types: dict) -> None:
+def fit_hf_configs(model: nn.Module, an, classes, removed: np.ndarray, score: np.ndarray) -> None:
     """Give back removed channels of a Hugging Face model's hidden size until its config accepts
     the sizes kept (Llama, Qwen2, Mistral require hidden_size to be a multiple of
-    num_attention_heads): the best-scoring removed hidden channels first. ``dead`` is updated."""
+    num_attention_heads): the best-scoring removed hidden channels first. ``classes``: the
+    :class:`~.plan.ChannelClasses`; ``removed`` (bool over them) is updated; ``score``: theirs."""
     models = hf_models(model)
     if not models:
         return
@@ -273,12 +276,14 @@ def fit_hf_configs(model: nn.Module, an, classes, dead: set, reduce_types: dict)
             fqn_of[id(tensor(fqn))] = fqn
         except (AttributeError, KeyError):  # not a tensor of the model (any more)
             pass
+    dead_root = np.zeros(an.atoms.size, dtype=bool)
+    dead_root[classes.roots[removed]] = True
 
     def kept(fqn: str, dim: int) -> int | None:
         ax = an.axes.get((fqn, dim))
         if ax is None:
             return None
-        return int(sum(r not in dead for r in an.roots(ax.atoms).tolist()))
+        return int((~dead_root[an.roots(ax.atoms)]).sum())
 
     for _, module in models:
         config = module.config
@@ -295,23 +300,26 @@ def fit_hf_configs(model: nn.Module, an, classes, dead: set, reduce_types: dict)
             kv.add((k.shape[0] if nk is None else nk) // width)
         if len(heads) > 1 or len(kv) > 1:
             continue  # layers differ: no config describes them anyway
-        roots = an.roots(stream.atoms).tolist()
-        removed = sorted({r for r in roots if r in dead and r in classes},
-                         key=lambda r: (classes[r].score(reduce_types.get(next(iter(classes[r].groups), None), "mean")),
-                                        classes[r].order))
+        of_channel = classes.index(an.roots(stream.atoms).ravel())   # each hidden channel's class, or -1
+        dead_channel = (of_channel >= 0) & removed[np.maximum(of_channel, 0)]
+        channels = np.bincount(of_channel[dead_channel], minlength=len(classes))  # per removed class
+        back = ranked(score, np.unique(of_channel[dead_channel])).tolist()   # best last
+        hidden = int(of_channel.size - dead_channel.sum())
         trial = copy.deepcopy(config)
         if heads:
             trial.num_attention_heads = heads.pop()
             if getattr(trial, "num_key_value_heads", None) is not None:
                 trial.num_key_value_heads = kv.pop()
         while True:
-            trial.hidden_size = sum(r not in dead for r in roots)
+            trial.hidden_size = hidden
             try:
                 trial.validate_architecture()
                 break
             except ValueError:
-                if not removed:
+                if not back:
                     break
-                dead.discard(removed.pop())
+                k = back.pop()
+                removed[k] = dead_root[classes.roots[k]] = False
+                hidden += int(channels[k])
 
 

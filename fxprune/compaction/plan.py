@@ -24,10 +24,7 @@ an already-pruned model (``fxprune.compact``).
 """
 from __future__ import annotations
 
-import contextlib
-import gc
 import warnings
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +32,7 @@ import torch
 
 from ..selection import LazyScores, Scores, budget, ceil_budget
 from .analysis import ChannelAnalysis
+from .classes import ChannelClasses, class_score, ranked
 from .hf_config import fit_hf_configs
 from .slicing import get_tensor
 
@@ -42,57 +40,43 @@ NOT_COMPACTED = "not compacted: pattern {!r} does not remove output channels (us
 NO_USE = "not compacted: no op the channel analysis follows uses its output"
 
 
-@dataclass(slots=True)
-class ChannelClass:
-    root: int
-    order: int                                   # first appearance, breaks score ties
-    rows: dict[str, list[int]] = field(default_factory=dict)     # param -> rows
-    weights: dict[str, int] = field(default_factory=dict)        # param -> weights
-    score_sum: float = 0.0
-    score_max: float = 0.0
-    groups: set = field(default_factory=set)
-
-    @property
-    def size(self) -> int:
-        return sum(self.weights.values())
-
-    def score(self, reduce_type: str) -> float:
-        if reduce_type == "sum":
-            return self.score_sum
-        if reduce_type == "max":
-            return self.score_max
-        return self.score_sum / max(self.size, 1)
-
-
 @dataclass
 class CompactionPlan:
     """What the mask pass decided, for the compact pass: the analysis, the removed classes."""
 
     analysis: ChannelAnalysis
-    classes: dict[int, ChannelClass]              # candidate classes (with masked rows) by root
+    classes: ChannelClasses                       # candidate classes (with masked rows)
     blocked: dict[int, str]                       # root -> why it cannot be removed
     dead: frozenset[int]                          # roots of removed classes (fixed)
     space: dict[int, int]                         # root -> space (classes sliced together)
     notes: dict[str, str] = field(default_factory=dict)  # param -> why its layer is not compacted
 
-    def dead_rows(self) -> dict[str, list[int]]:
-        """param -> the output channels (rows of its 2-D view) the removed classes hold."""
-        rows: dict[str, list[int]] = defaultdict(list)
-        for root in self.dead:
-            for param, r in self.classes[root].rows.items():
-                rows[param].extend(r)
-        return rows
+    def dead_rows(self) -> dict[str, np.ndarray]:
+        """param -> the output channels (rows of its 2-D view) the removed classes hold, for every
+        layer that has classes."""
+        return self.classes.rows(self.classes.member(self.dead))
+
+    def of_classes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(whether each class is removed, its space), arrays over ``classes``."""
+        dead_roots, space_of = self._lookups()
+        return dead_roots[self.classes.roots], space_of[self.classes.roots]
 
     def dead_mask(self, atoms: np.ndarray, spaces: set[int] | None = None) -> np.ndarray:
         """Whether each atom of ``atoms`` belongs to a removed class (of one of ``spaces``)."""
-        roots = self.analysis.roots(atoms)
         dead_roots, space_of = self._lookups()
-        dead = dead_roots[roots]
         if spaces is not None:
+            dead_roots = self._dead_in(frozenset(spaces), dead_roots, space_of)
+        return dead_roots[self.analysis.roots(atoms)]
+
+    def _dead_in(self, spaces: frozenset, dead_roots: np.ndarray, space_of: np.ndarray) -> np.ndarray:
+        """Whether the class of root r is removed and in ``spaces``, over atom ids; the last set
+        asked for is kept (slicing and FLOP counting ask for one set node after node)."""
+        cached = getattr(self, "_dead_in_cache", None)
+        if cached is None or cached[0] != spaces or cached[1] is not dead_roots:
             chosen = np.zeros(space_of.size + 1, dtype=bool)  # the last entry: no space (-1)
             chosen[list(spaces)] = True
-            dead &= chosen[space_of[roots]]
-        return dead
+            cached = self._dead_in_cache = (spaces, dead_roots, dead_roots & chosen[space_of])
+        return cached[2]
 
     def __post_init__(self):
         self.dead = frozenset(self.dead)  # fixed once planned: the lookups below rely on it
@@ -113,20 +97,6 @@ class CompactionPlan:
         return cached[1], cached[2]
 
 
-@contextlib.contextmanager
-def gc_paused():
-    """Pause the cyclic garbage collector while classes are built: thousands of small objects
-    allocated next to a captured graph of millions otherwise trigger collections that walk the
-    whole graph and cost more than the work itself (nothing built here forms a cycle)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def output_dim(target) -> int:
     """The dim of the weight that indexes output channels (the rows of the 2-D view)."""
     return 1 if target.geometry.layout == "in_out" else 0
@@ -145,7 +115,7 @@ def plan_channels(ctx, groups) -> CompactionPlan:
     notes = {t.param: NOT_COMPACTED.format(g.pattern)
              for g in ctx.groups if g not in groups for t in ctx.selected(g)}
     if not groups:
-        return CompactionPlan(None, {}, {}, set(), {}, notes)
+        return CompactionPlan(None, ChannelClasses((), (), (), ()), {}, set(), {}, notes)
     plan = select_classes(ctx, ChannelAnalysis(ctx.graph_module, ctx.param_of_node, ctx.model).run(), groups, ctx.scores)
     members = [t for g in groups for t in ctx.selected(g)]
     notes.update({t.param: NO_USE for t in members if (t.param, output_dim(t)) not in plan.analysis.axes})
@@ -154,7 +124,7 @@ def plan_channels(ctx, groups) -> CompactionPlan:
     for t in members:  # whole rows: one flag per row, seen as the view's shape (no copy)
         rows, cols = t.geometry.view_shape
         keep = torch.ones(rows, dtype=torch.bool)
-        keep[torch.as_tensor(dead_rows[t.param], dtype=torch.long)] = False
+        keep[torch.as_tensor(dead_rows.get(t.param, ()), dtype=torch.long)] = False
         ctx.masks[t.param] = keep[:, None].expand(rows, cols)
         ctx.scores.pop(t.param, None)
     return plan
@@ -166,10 +136,8 @@ def plan_zero_channels(model, targets, an: ChannelAnalysis) -> CompactionPlan:
     an.finalize()
     members = list(targets)
     blocked = _blocked(an, members, {t.param: t for t in members})
-    with gc_paused():
-        classes = _classes(an, members, scores=None)
-    dead = set()
-    zero_entry: dict[int, bool] = defaultdict(lambda: True)
+    classes = _classes(an, members, scores=None)
+    live = np.zeros(an.atoms.size, dtype=bool)  # per root: some entry of its channels is nonzero
     with torch.no_grad():
         for (fqn, dim), ax in an.axes.items():
             if not ax.roles & {"source", "zero"}:
@@ -178,14 +146,10 @@ def plan_zero_channels(model, targets, an: ChannelAnalysis) -> CompactionPlan:
             if tensor.dim() == 0 or tensor.shape[dim] != ax.atoms.size:
                 continue
             nonzero = (tensor.detach().movedim(dim, 0).reshape(ax.atoms.size, -1) != 0).any(dim=1)
-            for root, live in zip(an.roots(ax.atoms).tolist(), nonzero.tolist()):
-                if live:
-                    zero_entry[root] = False
-    for root in classes:
-        if root not in blocked and zero_entry[root]:
-            dead.add(root)
+            live[an.roots(ax.atoms)[nonzero.cpu().numpy()]] = True
+    dead = ~live[classes.roots] & ~classes.member(blocked)
     notes = {t.param: NO_USE for t in members if (t.param, output_dim(t)) not in an.axes}
-    return CompactionPlan(an, classes, blocked, dead, an.spaces(), notes)
+    return CompactionPlan(an, classes, blocked, set(classes.roots[dead].tolist()), an.spaces(), notes)
 
 
 def select_classes(ctx, an: ChannelAnalysis, groups, scores, *, target_sparsity: float | None = None,
@@ -193,33 +157,34 @@ def select_classes(ctx, an: ChannelAnalysis, groups, scores, *, target_sparsity:
     """The plan of ``groups`` (of ``ctx``, patterns that remove output channels): their coupled
     classes, ranked by ``scores`` (param -> view scores) and selected at each group's target, or
     at ``target_sparsity`` (the Pruner's scheduled sparsity). ``an`` may be reused across calls."""
-    with gc_paused():
-        blocked, classes = _group_classes(ctx, an, groups, scores)
-        dead: set[int] = set()
-        for group in groups:
-            only = {group.index}
-            free = [c for c in classes.values() if c.groups == only and c.root not in blocked]
-            target = group.target_sparsity if target_sparsity is None else target_sparsity
-            dead |= _select(ctx.selected(group), free, group, target)
-        space = an.spaces()
-        if ctx.config.round_channels_to > 1:
-            _round_up(classes, dead, space, ctx.config.round_channels_to,
-                      {g.index: g.criterion_reduce_type for g in groups})
-        if ctx.model is not None:  # a Hugging Face config must still describe the sizes kept
-            fit_hf_configs(ctx.model, an, classes, dead, {g.index: g.criterion_reduce_type for g in groups})
-        for group in groups if warn else ():
-            target = group.target_sparsity if target_sparsity is None else target_sparsity
-            _warn_if_blocked(group, ctx.selected(group), classes, blocked, dead, target)
-        return CompactionPlan(an, classes, blocked, dead, space)
+    blocked, classes = _group_classes(ctx, an, groups, scores)
+    is_blocked = classes.member(blocked)
+    reduce_types = {g.index: g.criterion_reduce_type for g in groups}
+    removed = np.zeros(len(classes), dtype=bool)
+    for group in groups:
+        free = (classes.group == group.index) & ~is_blocked
+        target = group.target_sparsity if target_sparsity is None else target_sparsity
+        removed |= _select(ctx.selected(group), classes, free, group, target)
+    space = an.spaces()
+    if ctx.config.round_channels_to > 1:
+        _round_up(classes, removed, space, ctx.config.round_channels_to, classes.scores(reduce_types))
+    if ctx.model is not None:  # a Hugging Face config must still describe the sizes kept
+        fit_hf_configs(ctx.model, an, classes, removed, classes.scores(reduce_types))
+    for group in groups if warn else ():
+        target = group.target_sparsity if target_sparsity is None else target_sparsity
+        _warn_if_blocked(group, ctx.selected(group), classes, blocked, is_blocked, removed, target)
+    return CompactionPlan(an, classes, blocked, set(classes.roots[removed].tolist()), space)
 
 
 def plan_from_masks(ctx, an: ChannelAnalysis, groups, masks) -> CompactionPlan:
     """The plan whose removed classes are those every row of which ``masks`` (param -> keep-mask
     on the view) prunes: a Pruner resumed from its saved masks."""
     blocked, classes = _group_classes(ctx, an, groups, None)
-    dead = {root for root, c in classes.items() if root not in blocked
-            and not any(bool(masks[p][rows].any()) for p, rows in c.rows.items())}
-    return CompactionPlan(an, classes, blocked, dead, an.spaces())
+    row_kept = np.concatenate([masks[p].any(dim=1).cpu().numpy() for p in classes.params]) if classes.params \
+        else np.zeros(0, dtype=bool)
+    kept = np.bincount(classes.entry_class[row_kept], minlength=len(classes)) > 0
+    dead = ~kept & ~classes.member(blocked)
+    return CompactionPlan(an, classes, blocked, set(classes.roots[dead].tolist()), an.spaces())
 
 
 def _group_classes(ctx, an: ChannelAnalysis, groups, scores):
@@ -233,40 +198,39 @@ def _group_classes(ctx, an: ChannelAnalysis, groups, scores):
     an.finalize()
     blocked = _blocked(an, members, ctx.targets)
     classes = _classes(an, members, scores=scores)
-    for root, c in classes.items():
-        if len(c.groups) > 1:
-            blocked.setdefault(root, f"couples layers of pruning_configs {sorted(c.groups)}")
+    for k, groups_of in classes.several_groups().items():
+        blocked.setdefault(int(classes.roots[k]), f"couples layers of pruning_configs {groups_of}")
     return blocked, classes
 
 
-def _warn_if_blocked(group, targets, classes, blocked, dead, target: float) -> None:
+def _warn_if_blocked(group, targets, classes, blocked, is_blocked, removed, target: float) -> None:
     """The target-missed warning of channel classes: blocked classes are kept, so a group whose
     target needs them falls short; say by how much and why (whole classes alone round a count
     down by less than one class, which is not warned about)."""
-    mine = [c for c in classes.values() if group.index in c.groups]
-    stuck = [c for c in mine if c.root in blocked]
-    if not stuck:
+    mine = classes.in_group(group.index)
+    stuck = np.flatnonzero(mine & is_blocked)
+    if not stuck.size:
         return
     numel = {t.param: t.geometry.numel for t in targets}
     if group.pruning_scope == "local":
         wanted = sum(budget(target, n) for n in numel.values())
     else:
         wanted = budget(target, sum(numel.values()))
-    pruned = sum(c.size for c in mine if c.root in dead)
-    if wanted - pruned <= max(c.size for c in mine):
+    pruned = int(classes.size[mine & removed].sum())
+    if wanted - pruned <= int(classes.size[mine].max()):
         return
     total = sum(numel.values())
     warnings.warn(
         f"{group.where} (pattern {group.pattern!r}, {len(targets)} layers): achieved sparsity "
-        f"{pruned / total:.4f}, target_sparsity {target:g}: {len(stuck)} of {len(mine)} "
-        f"coupled channel units cannot be removed exactly and are kept (e.g. {blocked[stuck[0].root]}); "
+        f"{pruned / total:.4f}, target_sparsity {target:g}: {stuck.size} of {int(mine.sum())} "
+        f"coupled channel units cannot be removed exactly and are kept (e.g. {blocked[int(classes.roots[stuck[0]])]}); "
         f"with compact=True the report's compaction entry lists every reason", stacklevel=4)
 
 
 def _blocked(an: ChannelAnalysis, members, targets) -> dict[int, str]:
     """Classes the analysis blocked, and those also produced by a layer that is not a member."""
-    blocked = an.blocked_roots()
     is_member = {(t.param, output_dim(t)) for t in members}
+    more = []
     for (fqn, dim), ax in an.axes.items():  # channels also produced by a layer that is not pruned
         if "source" in ax.roles and (fqn, dim) not in is_member:
             t = targets.get(fqn)
@@ -276,78 +240,27 @@ def _blocked(an: ChannelAnalysis, members, targets) -> dict[int, str]:
                 why = f"{t.name}, pruned with pattern {t.group.pattern!r} in pruning_configs[{t.group.index}]"
             else:
                 why = f"{t.name} ({t.status})"
-            for r in np.unique(an.roots(ax.atoms)).tolist():
-                blocked.setdefault(r, f"coupled with {why}")
-    return blocked
+            more.append((ax.atoms, f"coupled with {why}"))
+    return an.blocked_roots(more)
 
 
-def _classes(an: ChannelAnalysis, members, scores) -> dict[int, ChannelClass]:
+def _classes(an: ChannelAnalysis, members, scores) -> ChannelClasses:
     """The classes holding the members' output channels; with ``scores`` (param -> view
-    scores), each class's score sum and max. Classes are numbered in order of first appearance
-    (members in order, rows in order) and their score sums added in that order."""
-    layers = []  # (param, cols, group, roots of its rows, row score sums, row score maxes)
+    scores), each class's score sum and max."""
+    params, cols, groups, roots, sums, maxes = [], [], [], [], [], []
     for t in members:
         ax = an.axes.get((t.param, output_dim(t)))
         if ax is None:
             continue  # its output is never used by an op the analysis follows
-        sums = maxes = None
+        params.append(t.param)
+        cols.append(t.geometry.view_shape[1])
+        groups.append(t.group.index if t.group is not None else -1)
+        roots.append(an.roots(ax.atoms).ravel())
         if scores is not None:
-            sums, maxes = _row_stats(scores[t.param])
-        layers.append((t.param, t.geometry.view_shape[1], t.group.index if t.group is not None else None,
-                       an.roots(ax.atoms), sums, maxes))
-    if not layers:
-        return {}
-    all_roots = np.concatenate([r for *_, r, _, _ in layers])
-    uniq, first, inverse = np.unique(all_roots, return_index=True, return_inverse=True)
-    by_order = np.argsort(first, kind="stable")          # class ids in order of first appearance
-    rank = np.empty_like(by_order)
-    rank[by_order] = np.arange(by_order.size)
-    cls = rank[inverse.ravel()]                           # each entry's class, numbered by appearance
-    n = by_order.size
-    score_sum, score_max = np.zeros(n), np.zeros(n)
-    if scores is not None:
-        np.add.at(score_sum, cls, np.concatenate([s for *_, s, _ in layers]))   # in entry order
-        np.maximum.at(score_max, cls, np.concatenate([m for *_, m in layers]))
-    roots = uniq[by_order].tolist()
-    sums_l, maxes_l = score_sum.tolist(), score_max.tolist()
-    classes: dict[int, ChannelClass] = {}
-    out = [None] * n
-    for k, root in enumerate(roots):
-        out[k] = classes[root] = ChannelClass(root, k, {}, {}, sums_l[k], maxes_l[k], set())
-    start = 0
-    for param, cols, group, layer_roots, _, _ in layers:
-        ids = cls[start:start + layer_roots.size]
-        start += layer_roots.size
-        if not ids.size:
-            continue
-        order = np.argsort(ids, kind="stable")            # this layer's rows, by class
-        sorted_ids = ids[order]
-        cuts = np.flatnonzero(np.diff(sorted_ids)) + 1
-        if cuts.size == sorted_ids.size - 1:  # one row per class (the common case)
-            for k, row in zip(sorted_ids.tolist(), order.tolist()):
-                c = out[k]
-                if param in c.rows:
-                    c.rows[param].append(row)
-                    c.weights[param] += cols
-                else:
-                    c.rows[param], c.weights[param] = [row], cols
-                if group is not None:
-                    c.groups.add(group)
-            continue
-        bounds = [0, *cuts.tolist(), sorted_ids.size]
-        rows_sorted = order.tolist()
-        for k, (a, b) in zip(sorted_ids[np.asarray(bounds[:-1], dtype=np.int64)].tolist(), zip(bounds, bounds[1:])):
-            c = out[k]
-            rows = rows_sorted[a:b]
-            old = c.rows.get(param)
-            if old is None:
-                c.rows[param], c.weights[param] = rows, cols * len(rows)
-            else:  # a param reached twice (never in practice: one axis per param dim)
-                old.extend(rows)
-                c.weights[param] += cols * len(rows)
-            if group is not None:
-                c.groups.add(group)
-    return classes
+            row_sums, row_maxes = _row_stats(scores[t.param])
+            sums.append(row_sums)
+            maxes.append(row_maxes)
+    return ChannelClasses(params, cols, groups, roots, sums if scores is not None else None, maxes)
 
 
 def _row_stats(scores: Scores) -> tuple[np.ndarray, np.ndarray]:
@@ -367,89 +280,155 @@ def _row_stats(scores: Scores) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(sums), np.concatenate(maxes)
 
 
-def _round_up(classes, dead: set[int], space, multiple: int, reduce_types) -> None:
+def _round_up(classes: ChannelClasses, removed: np.ndarray, space: dict[int, int], multiple: int,
+              score: np.ndarray) -> None:
     """Give back the best-scoring removed classes of each space until its first layer keeps a
-    multiple of ``multiple`` channels (or all of them)."""
-    by_space = defaultdict(list)
-    for c in classes.values():
-        by_space[space[c.root]].append(c)
-    for members in by_space.values():
-        layer = next(iter(members[0].rows))
-        rows = {c.root: len(c.rows.get(layer, ())) for c in members}
-        total = sum(rows.values())
-        kept = total - sum(rows[c.root] for c in members if c.root in dead)
+    multiple of ``multiple`` channels (or all of them). ``removed`` (bool over classes) is updated."""
+    class_space = np.fromiter((space[r] for r in classes.roots.tolist()), dtype=np.int64, count=len(classes))
+    by_space = np.argsort(class_space, kind="stable")             # each space's classes, in class order
+    starts = np.flatnonzero(np.diff(class_space[by_space], prepend=-1))
+    sizes = np.diff(starts, append=by_space.size)
+    layer = np.empty(len(classes), dtype=np.int64)                # the first layer of its space's first class
+    layer[by_space] = np.repeat(classes.link_layer[classes.link_start[by_space[starts]]], sizes)
+    there = classes.link_layer == layer[classes.link_class]
+    rows = np.zeros(len(classes), dtype=np.int64)                 # each class's rows in that layer
+    rows[classes.link_class[there]] = classes.link_rows[there]
+    for members in np.split(by_space, starts[1:]):
+        total = int(rows[members].sum())
+        kept = total - int(rows[members[removed[members]]].sum())
         goal = min(total, -(-kept // multiple) * multiple)
-        removed = sorted((c for c in members if c.root in dead and rows[c.root]),
-                         key=lambda c: (c.score(reduce_types[next(iter(c.groups))]), c.order))
-        while kept < goal and removed:
-            c = removed.pop()
-            dead.discard(c.root)
-            kept += rows[c.root]
+        back = ranked(score, members[removed[members] & (rows[members] > 0)]).tolist()   # best last
+        while kept < goal and back:
+            k = back.pop()
+            removed[k] = False
+            kept += int(rows[k])
 
 
-def _ranked(classes: list[ChannelClass], reduce_type: str) -> list[ChannelClass]:
-    """``classes`` by ``(score, order)``, lowest first (``ChannelClass.score``, as arrays)."""
-    if not classes:
-        return []
-    order = np.fromiter((c.order for c in classes), dtype=np.int64, count=len(classes))
-    if reduce_type == "sum":
-        score = np.fromiter((c.score_sum for c in classes), dtype=np.float64, count=len(classes))
-    elif reduce_type == "max":
-        score = np.fromiter((c.score_max for c in classes), dtype=np.float64, count=len(classes))
-    else:  # the mean: the same float division as ChannelClass.score
-        total = np.fromiter((c.score_sum for c in classes), dtype=np.float64, count=len(classes))
-        size = np.fromiter((c.size for c in classes), dtype=np.int64, count=len(classes))
-        score = total / np.maximum(size, 1)
-    return [classes[i] for i in np.lexsort((order, score)).tolist()]
+def _select(targets, classes: ChannelClasses, free: np.ndarray, group, target: float) -> np.ndarray:
+    """The classes to remove (bool over ``classes``, of the ``free`` ones): lowest score first,
+    whole classes, within the budget and the per-layer ratios (skipping a class that does not fit
+    and going on with smaller ones)."""
+    layer_of = {p: i for i, p in enumerate(classes.params)}
+    walk = _Walk(classes, {layer_of[t.param]: budget(group.max_sparsity_ratio_per_op, t.geometry.numel)
+                           for t in targets if t.param in layer_of})
+    order = ranked(class_score(classes.score_sum, classes.score_max, classes.size, group.criterion_reduce_type),
+                   np.flatnonzero(free))
+    layers = [(layer_of[t.param], t.geometry.numel) for t in targets if t.param in layer_of]
+    by_layer = _by_layer(classes, order, [i for i, _ in layers])
+    for i, numel in layers:  # min_sparsity_ratio_per_op first
+        least = ceil_budget(group.min_sparsity_ratio_per_op, numel)
+        for k in by_layer[i][0].tolist() if least > 0 else ():
+            if walk.pruned[i] >= least:
+                break
+            if not walk.taken[k]:
+                walk.take_if_fits(k)
+    if group.pruning_scope == "local":
+        for i, numel in layers:
+            candidates, weights = by_layer[i]
+            if candidates.size:
+                walk.fill(candidates, weights, budget(target, numel), i)
+        return walk.taken
+    total = sum(t.geometry.numel for t in targets)
+    walk.fill(order, classes.size[order], budget(target, total) - int(walk.pruned.sum()))
+    return walk.taken
 
 
-def _select(targets, free: list[ChannelClass], group, target: float) -> set[int]:
-    """Roots of the classes to remove: lowest score first, whole classes, within the budget and
-    the per-layer ratios (skipping a class that does not fit and going on with smaller ones)."""
-    numel = {t.param: t.geometry.numel for t in targets}
-    hi = {p: budget(group.max_sparsity_ratio_per_op, n) for p, n in numel.items()}
-    lo = {p: ceil_budget(group.min_sparsity_ratio_per_op, n) for p, n in numel.items()}
-    # each class as (root, its (layer, weights) pairs): the loops below run once per class and
-    # layer, tens of thousands of times on a transformer
-    ranked = [(c.root, tuple(c.weights.items()), c.size) for c in _ranked(free, group.criterion_reduce_type)]
-    pruned: dict[str, int] = dict.fromkeys(numel, 0)
-    chosen: set[int] = set()
+def _by_layer(classes: ChannelClasses, order: np.ndarray, layers: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """layer -> (the ranked classes of ``order`` that hold rows of it, their weights there)."""
+    links = classes.links_of(order)                              # in rank order
+    layer = classes.link_layer[links]
+    if len(classes.params) <= np.iinfo(np.uint16).max:  # numpy's stable sort of 16-bit ints is a radix sort
+        layer = layer.astype(np.uint16)
+    by_layer = links[np.argsort(layer, kind="stable")]
+    bounds = np.searchsorted(classes.link_layer[by_layer], np.arange(len(classes.params) + 1))
+    return {i: (classes.link_class[by_layer[bounds[i]:bounds[i + 1]]], classes.link_weight[by_layer[bounds[i]:bounds[i + 1]]])
+            for i in layers}
 
-    def take_if_fits(root, items) -> bool:
-        for p, w in items:
-            if pruned[p] + w > hi[p]:
-                return False
-        chosen.add(root)
-        for p, w in items:
-            pruned[p] += w
+
+class _Walk:
+    """The greedy walk over ranked classes: the weights pruned per layer, the classes taken, and
+    each layer's cap (``max_sparsity_ratio_per_op``). :meth:`fill` takes the leading run of
+    classes that all fit, at once with array sums, and walks the rest one at a time: the result
+    is the one-at-a-time walk's."""
+
+    def __init__(self, classes: ChannelClasses, caps: dict[int, int]):
+        self.classes = classes
+        self.pruned = np.zeros(len(classes.params), dtype=np.int64)
+        self.cap = np.zeros(len(classes.params), dtype=np.int64)   # layers of other groups: no free class
+        self.cap[list(caps)] = list(caps.values())
+        self.taken = np.zeros(len(classes), dtype=bool)
+        self._links = None
+
+    def take_if_fits(self, k: int) -> bool:
+        """Take class ``k`` if every layer it holds rows of stays within its cap."""
+        if self._links is None:  # Python lists: this runs once per class walked one at a time
+            c = self.classes
+            self._links = (c.link_start.tolist(), c.link_layer.tolist(), c.link_weight.tolist())
+        start, layer, weight = self._links
+        links = range(start[k], start[k + 1])
+        pruned, cap = self.pruned, self.cap
+        if any(pruned[layer[j]] + weight[j] > cap[layer[j]] for j in links):
+            return False
+        self.taken[k] = True
+        for j in links:
+            pruned[layer[j]] += weight[j]
         return True
 
-    by_layer: dict[str, list] = defaultdict(list)  # each layer's classes, ranked, with their weights there
-    smallest: dict[str, int] = {}                  # and its smallest class's weights
-    for root, items, _ in ranked:
-        for p, w in items:
-            by_layer[p].append((root, items, w))
-            if w < smallest.get(p, w + 1):
-                smallest[p] = w
-    for t in targets:  # min_sparsity_ratio_per_op first
-        p = t.param
-        for root, items, _ in by_layer[p]:
-            if pruned[p] >= lo[p]:
-                break
-            if root not in chosen:
-                take_if_fits(root, items)
-    if group.pruning_scope == "local":
-        for t in targets:
-            p = t.param
-            goal, least = budget(target, numel[p]), smallest.get(p, 0)
-            for root, items, w in by_layer[p]:
-                if pruned[p] + least > goal:
+    def fill(self, candidates: np.ndarray, weights: np.ndarray, goal: int, layer: int | None = None) -> None:
+        """Walk ``candidates`` (ranked, with their ``weights`` against ``goal``) and take each one
+        not taken yet whose weight fits in what ``goal`` has left and that fits the caps. With
+        ``layer``, ``goal`` is that layer's and what it already prunes counts; without, ``goal``
+        is the budget left."""
+        least = int(weights.min()) if weights.size else 0    # of all of a layer's classes, taken or not
+        rest = ~self.taken[candidates]
+        candidates, weights = candidates[rest], weights[rest]
+        used = int(self.pruned[layer]) if layer is not None else 0
+        lead = int(np.searchsorted(np.cumsum(weights), goal - used, side="right"))   # fit the goal in a row
+        lead = self._take_leading(candidates[:lead])
+        used += int(weights[:lead].sum())
+        smallest = np.minimum.accumulate(weights[::-1])[::-1] if layer is None else None
+        for i in range(lead, candidates.size):
+            if layer is not None:
+                used = int(self.pruned[layer])
+                if used + least > goal:
                     break  # no class of this layer fits any more
-                if root not in chosen and pruned[p] + w <= goal:
-                    take_if_fits(root, items)
-        return chosen
-    left = budget(target, sum(numel.values())) - sum(pruned.values())
-    for root, items, size in ranked:
-        if root not in chosen and size <= left and take_if_fits(root, items):
-            left -= size
-    return chosen
+            elif smallest[i] > goal - used:
+                break  # no class left fits in the budget
+            w = int(weights[i])
+            if used + w <= goal and self.take_if_fits(int(candidates[i])) and layer is None:
+                used += w
+
+    def _take_leading(self, candidates: np.ndarray) -> int:
+        """Take the candidates, from the first, while each keeps every layer it holds rows of
+        within its cap (given those before it); returns how many were taken."""
+        if not candidates.size:
+            return 0
+        added = self._weights_per_layer(candidates)
+        if np.any(self.pruned + added > self.cap):  # rare: find the first candidate that breaks a cap
+            candidates = candidates[:_first_over(self.classes, candidates, self.cap - self.pruned)]
+            added = self._weights_per_layer(candidates)
+        self.taken[candidates] = True
+        self.pruned += added
+        return candidates.size
+
+    def _weights_per_layer(self, candidates: np.ndarray) -> np.ndarray:
+        """The weights ``candidates`` hold in each layer, together."""
+        c = self.classes
+        links = c.links_of(candidates)
+        # float64 sums of weight counts are exact (far below 2**53)
+        return np.bincount(c.link_layer[links], weights=c.link_weight[links], minlength=len(c.params)).astype(np.int64)
+
+
+def _first_over(classes: ChannelClasses, candidates: np.ndarray, room: np.ndarray) -> int:
+    """The first of ``candidates`` (in order) at which some layer's running weight passes its
+    ``room``, or how many there are."""
+    links = classes.links_of(candidates)
+    owner = np.repeat(np.arange(candidates.size), np.diff(classes.link_start)[candidates])   # each link's candidate
+    layer = classes.link_layer[links]
+    by_layer = np.argsort(layer * candidates.size + owner)          # each layer's links in rank order
+    layer, owner, weight = layer[by_layer], owner[by_layer], classes.link_weight[links][by_layer]
+    running = np.cumsum(weight)
+    starts = np.flatnonzero(np.diff(layer, prepend=-1))
+    running -= np.repeat(running[starts] - weight[starts], np.diff(starts, append=layer.size))
+    over = running > room[layer]
+    return int(owner[over].min()) if over.any() else candidates.size
