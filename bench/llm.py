@@ -409,7 +409,7 @@ class Runner:
 def fx_config(tool: str) -> dict:
     """The config keys a ``--fx-variant`` tool ("fxprune key=value,key=value") adds (values
     read as JSON, else as strings)."""
-    if not tool.startswith("fxprune "):
+    if not tool.startswith("fxprune ") or tool == BASELINE:
         return {}
     out = {}
     for item in tool[len("fxprune "):].split(","):

@@ -84,6 +84,7 @@ class Distributed:
         # and per step geometry the measured / modelled cost ratios the next plans use
         self.measured: list[tuple[tuple, list[float], list[float]]] = []
         self.scales: dict[tuple, tuple[list[float], list[float]]] = {}
+        self.zero_shares: dict[str, int] = {}   # zeros counted in this rank's rows, per weight
 
     # ------------------------------------------------------------------ errors
     def check(self, stage: str, error: str | None = None) -> None:
@@ -331,16 +332,29 @@ class Distributed:
                                    f"({_one_line(e)}); another rank stopped or is stuck longer "
                                    f"than the process group's timeout") from None
 
-    def total_stats(self, stats) -> None:
+    def count_zeros_share(self, param: str, weight: Tensor) -> None:
+        """Count the zeros of this rank's share of ``weight``'s rows (dim 0, ``world`` even
+        ranges); :meth:`total_stats` sums the shares into the zero counts (every rank holds the
+        same weights: one rank counting all of them repeats the others' work)."""
+        from .passes.sequential import count_zeros
+
+        n = weight.shape[0]
+        self.zero_shares[param] = count_zeros(weight[n * self.rank // self.world:n * (self.rank + 1) // self.world])
+
+    def total_stats(self, stats, zero_counts: dict[str, int] | None = None) -> None:
         """A block-sequential run's counts (``RunStats``) summed over the ranks, in place: block
         batches, block forwards (stopped early or not) and spilled tensors (every rank captured
-        every batch)."""
+        every batch); and into ``zero_counts``, the zeros each rank counted in its share of the
+        pruned weights (:meth:`count_zeros_share`), in the same all-reduce."""
         self.check("the end of the block-sequential calibration")
+        shares, self.zero_shares = self.zero_shares, {}
         (total,) = self.all_reduce_sum([torch.tensor(
-            [stats.block_batches, stats.block_forwards, stats.stopped_early, stats.spilled],
-            dtype=torch.int64)])
-        (stats.block_batches, stats.block_forwards, stats.stopped_early,
-         stats.spilled) = (int(x) for x in total.tolist())
+            [stats.block_batches, stats.block_forwards, stats.stopped_early, stats.spilled,
+             *shares.values()], dtype=torch.int64)])
+        total = [int(x) for x in total.tolist()]
+        stats.block_batches, stats.block_forwards, stats.stopped_early, stats.spilled = total[:4]
+        if zero_counts is not None:
+            zero_counts.update(zip(shares, total[4:]))
 
     def reduce_block_stats(self, stats, block_name: str) -> None:
         """Sum one block's input statistics over the ranks (every rank ends with the same)."""

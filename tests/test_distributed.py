@@ -90,7 +90,7 @@ def _worker(rank, world, init, out_dir):
         learn(self, measured, spent)
         learned.setdefault(name, []).append({k: v for k, v in self.scales.items()})
     fd.Distributed.learn_costs = learning
-    results, forwards = {}, {}
+    results, forwards, zeros = {}, {}, {}
     for name, cfg in CASES.items():
         calls[0] = work[0] = work[1] = 0
         ref = fxprune.transform(model, cfg, EXAMPLE, calibration=calib, group=alone[rank])
@@ -99,10 +99,13 @@ def _worker(rank, world, init, out_dir):
         par = fxprune.transform(model, cfg, EXAMPLE, calibration=calib)
         results[name] = (_weights(ref), _weights(par))
         forwards[name] = (alone_counts, (calls[0], tuple(work)))
+        zeros[name] = tuple({layer.param: layer.zeros for layer in fxprune.sparsity_report(m).layers}
+                            for m in (ref, par))
     seq.sparsegpt_prune, seq.inverse_hessian_factor = solve, factor
     fd.Distributed.learn_costs = learn
     torch.save((results, forwards), os.path.join(out_dir, f"transform.{rank}.pt"))
     torch.save(learned, os.path.join(out_dir, f"learned.{rank}.pt"))
+    torch.save(zeros, os.path.join(out_dir, f"zeros.{rank}.pt"))
 
     # pure FLOP costs: the plan sends factors to the other rank (q/k/v's and down's factors on
     # rank 1, their rows on rank 0); then a solve that fails on rank 1 only
@@ -200,7 +203,7 @@ def runs(tmp_path_factory):
     init = f"file://{out / 'store'}"
     mp.spawn(_worker, args=(WORLD, init, str(out)), nprocs=WORLD)
     runs = {part: [torch.load(out / f"{part}.{r}.pt") for r in range(WORLD)]
-            for part in ("transform", "error", "checkpoint_errors", "split", "learned")}
+            for part in ("transform", "error", "checkpoint_errors", "split", "learned", "zeros")}
     runs["hang"] = torch.load(out / "hang.0.pt")
     runs["dir"] = out
     return runs
@@ -239,6 +242,17 @@ def test_sparse_gpt_is_bit_identical_to_one_process(runs, case):
             changed += ".layers." in n and not torch.equal(ref[n], _llama().get_parameter(n).detach() * (ref[n] != 0))
         assert changed == 14                      # the OBS update changed every pruned layer
     _assert_same(per_rank[0][case][1], per_rank[1][case][1])   # every rank holds the same
+
+
+def test_report_counts_the_zeros_of_every_weight(runs):
+    """Block by block, each rank counts the zeros of its share of a pruned weight's rows and the
+    shares are summed: the report's counts are one process's and those of the weights."""
+    for zeros, (results, _) in zip(runs["zeros"], runs["transform"]):
+        for case, (alone, both) in zeros.items():
+            ref = results[case][0]
+            assert alone == both == {n: int((ref[n] == 0).sum()) for n in alone}, case
+            pruned = [z for n, z in alone.items() if ".layers." in n]
+            assert len(pruned) == 14 and all(pruned), case
 
 
 def test_every_rank_learns_the_same_costs_from_the_first_block(runs):

@@ -268,7 +268,8 @@ def sparsegpt_prune(W: Tensor, U: Tensor, blocksize: int = 128, *, fixed: Tensor
                     select_block: Callable[[Tensor, int, int], Tensor] | None = None,
                     refine_steps: int = 0) -> tuple[Tensor, Tensor]:
     """SparseGPT on ``W`` (``[rows, cols]`` float32, the rows of one or more layers that share
-    the inverse-Hessian factor ``U``): returns the updated weights and the pruned mask.
+    the inverse-Hessian factor ``U``): returns the updated weights, zero where pruned, and the
+    pruned mask.
 
     The mask is either ``fixed`` (chosen beforehand) or chosen *adaptively*, as the paper does:
     each block of ``blocksize`` columns picks its mask on the weights already updated by the
