@@ -85,32 +85,32 @@ class CompactionPlan:
 
     def dead_mask(self, atoms: np.ndarray, spaces: set[int] | None = None) -> np.ndarray:
         """Whether each atom of ``atoms`` belongs to a removed class (of one of ``spaces``)."""
-        return self._dead_roots(spaces)[self.analysis.roots(atoms)]
+        roots = self.analysis.roots(atoms)
+        dead_roots, space_of = self._lookups()
+        dead = dead_roots[roots]
+        if spaces is not None:
+            chosen = np.zeros(space_of.size + 1, dtype=bool)  # the last entry: no space (-1)
+            chosen[list(spaces)] = True
+            dead &= chosen[space_of[roots]]
+        return dead
 
     def __post_init__(self):
         self.dead = frozenset(self.dead)  # fixed once planned: the lookups below rely on it
 
-    def _dead_roots(self, spaces: set[int] | None) -> np.ndarray:
-        """Whether the class of root r is removed (and in one of ``spaces``), an array over atom
-        ids, built once per plan and set of spaces (``dead`` and ``space`` are not changed after
-        planning; the slicing asks for every tensor dim)."""
-        key = (id(self.dead), id(self.space), self.analysis.atoms.size,
-               None if spaces is None else frozenset(spaces))
+    def _lookups(self) -> tuple[np.ndarray, np.ndarray]:
+        """(is the class of root r removed, the space of root r or -1), arrays over atom ids,
+        built once per plan (``dead`` and ``space`` are not changed after planning)."""
+        key = (id(self.dead), id(self.space), self.analysis.atoms.size)
         cached = getattr(self, "_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        n = self.analysis.atoms.size
-        dead = np.zeros(n, dtype=bool)
-        dead[np.fromiter(self.dead, dtype=np.int64, count=len(self.dead))] = True
-        if spaces is not None:
+        if cached is None or cached[0] != key:
+            n = self.analysis.atoms.size
+            dead_roots = np.zeros(n, dtype=bool)
+            dead_roots[np.fromiter(self.dead, dtype=np.int64, count=len(self.dead))] = True
             space_of = np.full(n, -1, dtype=np.int64)
             if self.space:
                 space_of[np.fromiter(self.space, dtype=np.int64, count=len(self.space))] = list(self.space.values())
-            chosen = np.zeros(n + 1, dtype=bool)  # the last entry: no space (-1)
-            chosen[list(spaces)] = True
-            dead &= chosen[space_of]
-        self._cache = (key, dead)
-        return dead
+            cached = self._cache = (key, dead_roots, space_of)
+        return cached[1], cached[2]
 
 
 @contextlib.contextmanager
