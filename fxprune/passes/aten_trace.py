@@ -278,10 +278,14 @@ class _Recorder:
         target, name = _recorded_as(func)
         if target is None or (name == "index" and _bool_index(args)):
             raise TraceRefused(f"{func}: the graph would depend on tensor values")
-        with torch._C._DisablePythonDispatcher():   # the kernels below need no Python
+        # neither the kernel nor the recording (meta tensors of the outputs) needs Python dispatch
+        with torch._C._DisablePythonDispatcher():
             out = func(*args, **kwargs)
-        if func is torch.ops.prim.device.default:
-            return out
+            if func is not torch.ops.prim.device.default:
+                self._record(target, name, args, kwargs, out)
+        return out
+
+    def _record(self, target, name: str, args, kwargs, out) -> None:
         node = self.graph.create_node("call_function", target, self._arg(args), self._arg(kwargs), name=name)
         if self.first_op is None:
             self.first_op = node
@@ -297,7 +301,6 @@ class _Recorder:
                     item.meta["nn_module_stack"] = node.meta["nn_module_stack"]
                     item.meta["val"] = node.meta["val"][i]
                     self._set_node(t, item)
-        return out
 
 
 @functools.cache
