@@ -276,7 +276,7 @@ class _Recorder:
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         target, name = _recorded_as(func)
-        if target is None or (name == "index" and _bool_index(args)):
+        if target is None or (name == "index" and func.overloadpacket is aten.index and _bool_index(args)):
             raise TraceRefused(f"{func}: the graph would depend on tensor values")
         # neither the kernel nor the recording (meta tensors of the outputs) needs Python dispatch
         with torch._C._DisablePythonDispatcher():
