@@ -54,15 +54,22 @@ def transform(model: nn.Module, config: Any = None, example_inputs: Any = None, 
     The report is available as ``fxprune.sparsity_report(pruned)``.
     """
     _check_arguments(inplace=inplace, compact=compact, loss_fn=loss_fn, progress=progress)
-    from .distributed import resolve
-
-    dist = resolve(group)
+    dist = _distributed(group)
     if dist is None:
         return _transform(model, config, example_inputs, inplace, compact, calibration, loss_fn,
                           progress, on_block_start, on_block_end, None)
     with dist.guard("the end of transform"):   # one rank's error stops every rank
         return _transform(model, config, example_inputs, inplace, compact, calibration, loss_fn,
                           progress if dist.rank == 0 else None, on_block_start, on_block_end, dist)
+
+
+def _distributed(group):
+    """:func:`fxprune.distributed.resolve`; its module (collectives, the work split) is loaded only
+    when there may be several processes: a group given, or torch.distributed's default one set up."""
+    if group is None and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    from .distributed import resolve
+    return resolve(group)
 
 
 def _transform(model, config, example_inputs, inplace, compact, calibration, loss_fn, progress,

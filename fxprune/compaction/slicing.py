@@ -73,13 +73,18 @@ def replace_tensor(held: dict, old: torch.Tensor, new: torch.Tensor, undo: Undo 
     return owners
 
 
-def cut_plan(plan, spaces: set[int]) -> dict[str, list[tuple[int, np.ndarray]]]:
+def cut_plan(plan, spaces: set[int]) -> dict[str, list[tuple[int, torch.Tensor]]]:
     """fqn -> [(dim, kept indices)] for the dims that lose entries when ``spaces`` are compacted."""
     cuts: dict[str, list] = defaultdict(list)
+    # one index tensor per kept set: a BatchNorm's four tensors and its conv's rows share one
+    kept_indices: dict[bytes, torch.Tensor] = {}
     for (fqn, dim), ax in plan.analysis.axes.items():
         dead = plan.dead_mask(ax.atoms, spaces)
         if dead.any():
-            cuts[fqn].append((dim, np.flatnonzero(~dead)))
+            keep = kept_indices.get(dead.tobytes())
+            if keep is None:
+                keep = kept_indices[dead.tobytes()] = torch.from_numpy(np.flatnonzero(~dead))
+            cuts[fqn].append((dim, keep))
     return cuts
 
 
@@ -92,12 +97,11 @@ def slice_model(model: nn.Module, plan, spaces: set[int]) -> Undo:
     try:
         with torch.no_grad():
             for fqn, cuts in cut_plan(plan, spaces).items():
-                old = tensor(fqn)
-                new = old.detach()
+                old = new = tensor(fqn)
                 for dim, keep in cuts:
-                    if keep.size == 0:
+                    if keep.numel() == 0:
                         raise RuntimeError(f"compaction would remove every entry of dim {dim} of {fqn}")
-                    new = new.index_select(dim, torch.as_tensor(keep, device=new.device))
+                    new = new.index_select(dim, keep.to(new.device))
                 new = new.contiguous()
                 if isinstance(old, nn.Parameter):
                     new = nn.Parameter(new, requires_grad=old.requires_grad)

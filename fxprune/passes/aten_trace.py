@@ -31,11 +31,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import operator
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..inputs import output_tensors
 
@@ -177,20 +177,35 @@ class _Recorder:
         self._mode_key = torch._C._TorchDispatchModeKey.PROXY
         self.enter_stack = []
         self.graph = fx.Graph()
-        self.node_of: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        # id(tensor) -> (weak reference, node): a plain dict, the reference telling a live tensor
+        # from a dead one whose id was reused (torch's WeakIdKeyDictionary costs a Python object
+        # per lookup, and the trace looks up every argument of every op)
+        self.node_of: dict[int, tuple[weakref.ref, fx.Node]] = {}
         self.param_of_node: dict[str, str] = {}
-        self.module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
         self.stack: list[dict] = [{}]
         self.first_op: fx.Node | None = None
         self.constants = 0
         self.by_storage: dict | None = None      # (data_ptr, shape, stride, dtype) -> node, on demand
         self.state: list[torch.Tensor] = []
-        for kind, named in (("p", model.named_parameters()), ("b", model.named_buffers())):
-            for name, t in named:
-                node = self._placeholder(f"{kind}_{name.replace('.', '_')}", t)
-                self.node_of[t] = node
-                self.param_of_node[node.name] = canonical.get(name, name)
-                self.state.append(t)
+        # one walk of the modules: the stack entry each module pushes (under its last name), then
+        # the placeholders of the parameters and the buffers, in named_parameters' order and
+        # under its names (each module and tensor under its first name)
+        self.stack_entry: dict[int, tuple[str, tuple[str, str]]] = {}
+        modules: dict[int, tuple[str, nn.Module]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            path = f"model.{name}" if name else "model"
+            self.stack_entry[id(module)] = (f"L__self__{path}", (path, _qualname(module)))
+            modules.setdefault(id(module), (name, module))
+        for kind, store in (("p", "_parameters"), ("b", "_buffers")):
+            for prefix, module in modules.values():
+                for name, t in getattr(module, store).items():
+                    if t is None or id(t) in self.node_of:
+                        continue
+                    full = f"{prefix}.{name}" if prefix else name
+                    node = self._placeholder(f"{kind}_{full.replace('.', '_')}", t)
+                    self._set_node(t, node)
+                    self.param_of_node[node.name] = canonical.get(full, full)
+                    self.state.append(t)
 
     # ------------------------------------------------------------------ graph building
     def _placeholder(self, name: str, t: torch.Tensor) -> fx.Node:
@@ -206,11 +221,11 @@ class _Recorder:
         from torch.utils._pytree import tree_flatten_with_path, keystr
         leaves, _ = tree_flatten_with_path((args, kwargs))
         for path, leaf in leaves:
-            if isinstance(leaf, torch.Tensor) and leaf not in self.node_of:
+            if isinstance(leaf, torch.Tensor) and self._node_of(leaf) is None:
                 key = keystr(path[1:])   # "[0]" of args, "['input_ids']" of kwargs
                 name = ("args_" if path[0].idx == 0 else "") + "".join(
                     c if c.isalnum() else "_" for c in key).strip("_")
-                self.node_of[leaf] = self._placeholder(name or "input", leaf)
+                self._set_node(leaf, self._placeholder(name or "input", leaf))
 
     def add_output(self, tensors: list) -> None:
         self.graph.output(tuple(self._node(t) for t in tensors))
@@ -219,32 +234,38 @@ class _Recorder:
         """A tensor no op produced: an alias of a parameter/buffer (``.data``, a tensor saved at
         init), else a constant of the model (a placeholder, as ``torch.export`` lifts it)."""
         if self.by_storage is None:
-            self.by_storage = {_storage_key(s): self.node_of[s] for s in self.state}
+            self.by_storage = {_storage_key(s): self._node_of(s) for s in self.state}
         node = self.by_storage.get(_storage_key(t))
         if node is None:
             node = self._placeholder(f"c_lifted_tensor_{self.constants}", t)
             self.constants += 1
-        self.node_of[t] = node
+        self._set_node(t, node)
         return node
 
+    def _set_node(self, t: torch.Tensor, node: fx.Node) -> None:
+        self.node_of[id(t)] = (weakref.ref(t), node)
+
+    def _node_of(self, t: torch.Tensor) -> fx.Node | None:
+        hit = self.node_of.get(id(t))
+        return hit[1] if hit is not None and hit[0]() is t else None
+
     def _node(self, t: torch.Tensor) -> fx.Node:
-        node = self.node_of.get(t)
+        node = self._node_of(t)
         return node if node is not None else self._constant(t)
 
     def _arg(self, a):
         if isinstance(a, torch.Tensor):
             return self._node(a)
         if isinstance(a, (list, tuple)):
-            return type(a)(self._arg(x) for x in a)
+            return type(a)([self._arg(x) for x in a])
         return a
 
     # ------------------------------------------------------------------ module stack
     def enter_module(self, module, _args):
-        name = self.module_names.get(id(module))
+        entry = self.stack_entry.get(id(module))
         top = self.stack[-1]
-        if name is not None:
-            path = f"model.{name}" if name else "model"
-            top = {**top, f"L__self__{path}": (path, _qualname(module))}
+        if entry is not None:
+            top = {**top, entry[0]: entry[1]}
         self.stack.append(top)
 
     def exit_module(self, _module, _args, _out):
@@ -254,24 +275,24 @@ class _Recorder:
     # ------------------------------------------------------------------ ops
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        packet = func.overloadpacket
-        if packet.__name__ in DATA_DEPENDENT or (packet is aten.index and _bool_index(args)):
+        target, name = _recorded_as(func)
+        if target is None or (name == "index" and func.overloadpacket is aten.index and _bool_index(args)):
             raise TraceRefused(f"{func}: the graph would depend on tensor values")
-        with torch._C._DisablePythonDispatcher():   # the kernels below need no Python
+        # neither the kernel nor the recording (meta tensors of the outputs) needs Python dispatch
+        with torch._C._DisablePythonDispatcher():
             out = func(*args, **kwargs)
-        if func is torch.ops.prim.device.default:
-            return out
-        target = func
-        if func is aten.lift_fresh.default:   # a tensor literal: recorded as torch.export does
-            target = aten.lift_fresh_copy.default
-        node = self.graph.create_node("call_function", target, self._arg(args), self._arg(kwargs),
-                                      name=target.overloadpacket.__name__)
+            if func is not torch.ops.prim.device.default:
+                self._record(target, name, args, kwargs, out)
+        return out
+
+    def _record(self, target, name: str, args, kwargs, out) -> None:
+        node = self.graph.create_node("call_function", target, self._arg(args), self._arg(kwargs), name=name)
         if self.first_op is None:
             self.first_op = node
         node.meta["nn_module_stack"] = self.stack[-1]
         node.meta["val"] = _meta(out)
         if isinstance(out, torch.Tensor):
-            self.node_of[out] = node
+            self._set_node(out, node)
         elif isinstance(out, (list, tuple)):
             for i, t in enumerate(out):
                 if isinstance(t, torch.Tensor):
@@ -279,8 +300,18 @@ class _Recorder:
                                                   name="getitem")
                     item.meta["nn_module_stack"] = node.meta["nn_module_stack"]
                     item.meta["val"] = node.meta["val"][i]
-                    self.node_of[t] = item
-        return out
+                    self._set_node(t, item)
+
+
+@functools.cache
+def _recorded_as(func) -> tuple:
+    """(the graph target of an op, its node name), or (None, None) for an op the trace refuses
+    (:data:`DATA_DEPENDENT`); once per op overload, as every recorded op asks."""
+    if func.overloadpacket.__name__ in DATA_DEPENDENT:
+        return None, None
+    # a tensor literal is recorded as torch.export records it
+    target = aten.lift_fresh_copy.default if func is aten.lift_fresh.default else func
+    return target, target.overloadpacket.__name__
 
 
 def _storage_key(t: torch.Tensor):

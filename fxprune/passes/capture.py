@@ -20,6 +20,7 @@ from torch import fx, nn
 
 from ..errors import CaptureError
 from ..inputs import output_tensors, split_inputs
+from . import aten_trace
 from .base import Pass
 from .context import ATEN_TRACE_CAPTURE, EXPORT_CAPTURE, SYMBOLIC_CAPTURE, PruneContext
 from .run_inputs import check_model_runs
@@ -47,9 +48,8 @@ class CapturePass(Pass):
 
     def _trace(self, ctx: PruneContext, args: tuple, kwargs: dict, canon: dict[str, str]) -> bool:
         """Capture with the recorded ATen trace; False (and nothing set) when it cannot."""
-        from .aten_trace import trace_aten
         try:
-            trace = trace_aten(ctx.model, args, kwargs, canon)
+            trace = aten_trace.trace_aten(ctx.model, args, kwargs, canon)
         except Exception as e:  # refused or failed: torch.export decides (and explains a failure)
             log.info("fxprune: capturing with torch.export (the ATen trace stopped: %s: %s)",
                      type(e).__name__, _first_line(e))
