@@ -304,33 +304,51 @@ def plan_global(scores: Sequence[Scores], block_weights: Sequence[int], budget: 
     forced = [None if c is None else c.pruned(kk) for c, kk in zip(forced_cuts, keys)]
     budget_left = budget - sum(m * b for m, b in zip(min_blocks, block_weights))
     uniform = len(set(block_weights)) == 1
-    fixed: dict[int, int] = {}  # layer -> final block count, for layers that hit their max
-    while True:
-        free = [i for i in range(n) if i not in fixed]
-        residual = budget_left - sum((fixed[i] - min_blocks[i]) * block_weights[i] for i in fixed)
-        capacity = [max_blocks[i] - min_blocks[i] for i in free]
+
+    def select(free, residual, capacity):
         if uniform:
-            k = max(0, min(residual // block_weights[0] if free else 0, sum(capacity)))
-            cuts = cut_k_smallest([keys[i] for i in free], k, [forced[i] for i in free])
-            counts = [c.count for c in cuts]
-        else:
-            chosen = _prefix_by_weight([scores[i] for i in free], [block_weights[i] for i in free],
-                                       max(0, residual), [forced[i] for i in free], capacity)
-            counts = [int(c.sum()) for c in chosen]
-        over = [i for i, c, cap in zip(free, counts, capacity) if c > cap]
-        if not over:
-            break
-        for i in over:
-            fixed[i] = max_blocks[i]
+            return cut_k_smallest([keys[i] for i in free], blocks_within(residual, block_weights[0], capacity),
+                                  [forced[i] for i in free])
+        return _prefix_by_weight([scores[i] for i in free], [block_weights[i] for i in free],
+                                 max(0, residual), [forced[i] for i in free], capacity)
+    count = (lambda c: c.count) if uniform else (lambda c: int(c.sum()))
+    free, chosen, fixed = capped_selection(min_blocks, max_blocks, block_weights, budget_left, select, count)
     plans: list[LayerPlan | None] = [None] * n
     for j, i in enumerate(free):
         if uniform:
-            plans[i] = LayerPlan(cuts[j], forced_cuts[i])
+            plans[i] = LayerPlan(chosen[j], forced_cuts[i])
         else:
             plans[i] = LayerPlan(mask=chosen[j] if forced[i] is None else chosen[j] | forced[i])
-    for i, count in fixed.items():
-        plans[i] = LayerPlan(cut_k_smallest([keys[i]], count)[0])
+    for i, blocks in fixed.items():
+        plans[i] = LayerPlan(cut_k_smallest([keys[i]], blocks)[0])
     return plans  # type: ignore[return-value]
+
+
+def capped_selection(min_blocks: Sequence[int], max_blocks: Sequence[int], block_weights: Sequence[int],
+                     budget_left: int, select: Callable, count: Callable = lambda cut: cut.count):
+    """The per-layer cap of a global selection. ``select(free, residual, capacity)`` selects
+    within ``residual`` (entries left once every layer has its minimum and the capped layers
+    their maximum) over the ``free`` layers (indices, in order), each taking at most
+    ``capacity`` blocks above its minimum, and returns one selection per free layer (``count``:
+    its block count). A layer whose selection passes its capacity is fixed at its maximum and the
+    rest selected again. Returns ``(free, selections, fixed)``, ``fixed``: layer -> block count."""
+    fixed: dict[int, int] = {}
+    while True:
+        free = [i for i in range(len(min_blocks)) if i not in fixed]
+        residual = budget_left - sum((fixed[i] - min_blocks[i]) * block_weights[i] for i in fixed)
+        capacity = [max_blocks[i] - min_blocks[i] for i in free]
+        chosen = select(free, residual, capacity)
+        over = [i for i, c, cap in zip(free, chosen, capacity) if count(c) > cap]
+        if not over:
+            return free, chosen, fixed
+        for i in over:
+            fixed[i] = max_blocks[i]
+
+
+def blocks_within(residual: int, block_weight: int, capacity: Sequence[int]) -> int:
+    """How many blocks of ``block_weight`` entries a uniform selection takes: as many as
+    ``residual`` entries hold, at most the free layers' total ``capacity``."""
+    return max(0, min(residual // block_weight if capacity else 0, sum(capacity)))
 
 
 def _prefix_by_weight(scores: Sequence[Tensor], block_weights: Sequence[int], budget: int,

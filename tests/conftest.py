@@ -54,3 +54,13 @@ def cnn():
         model.bn1.running_var.uniform_(0.5, 2)
         model.bn1.bias.uniform_(-1, 1)
     return model
+
+
+def refuse_aten_trace(patch) -> None:
+    """Make the recorded ATen trace refuse every model, so the capture falls back to torch.export
+    (``patch``: ``monkeypatch`` or one of its contexts)."""
+    from fxprune.passes import aten_trace
+
+    def refuse(*args):
+        raise aten_trace.TraceRefused("refused by the test")
+    patch.setattr(aten_trace, "trace_aten", refuse)

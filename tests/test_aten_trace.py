@@ -17,6 +17,7 @@ from fxprune.passes import aten_trace
 from fxprune.passes.capture import CapturePass, canonical_names
 from fxprune.passes.context import PruneContext
 from fxprune.config import PruningConfig
+from conftest import refuse_aten_trace
 from test_compact import randomize_bn
 from tiny_llm import tiny_llama
 
@@ -117,12 +118,8 @@ def test_the_trace_records_the_graph_torch_export_records(name):
 def _transform(model, inputs, config, trace: bool, monkeypatch):
     with monkeypatch.context() as m:
         if not trace:
-            m.setattr(aten_trace, "trace_aten", _refuse)
+            refuse_aten_trace(m)
         return fxprune.transform(model, config, inputs, compact=True)
-
-
-def _refuse(*args):
-    raise aten_trace.TraceRefused("refused by the test")
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -10,19 +10,13 @@ import fxprune.passes.eager as eager
 from fxprune.config import PruningConfig
 from fxprune.errors import CaptureError
 from fxprune.passes import CAPTURE_PASSES, EagerDiscoverPass, PassManager, PruneContext
-from tiny_llm import tiny_llama, token_batches
+from tiny_llm import tiny_gpt2, tiny_llama, token_batches
 
 transformers = pytest.importorskip("transformers")
 
 EXAMPLE = (torch.zeros(1, 12, dtype=torch.long),)
 WANDA = {"pruning_type": "activation", "pattern": "2:4", "target_sparsity": 0.5,
          "pruning_scope": "local"}
-
-
-def _gpt2():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)
-    return transformers.GPT2LMHeadModel(cfg).eval()
 
 
 def _tied_llama():
@@ -33,7 +27,7 @@ def _tied_llama():
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-MODELS = {"llama": lambda: tiny_llama(3), "llama_tied": _tied_llama, "gpt2": _gpt2}
+MODELS = {"llama": lambda: tiny_llama(3), "llama_tied": _tied_llama, "gpt2": tiny_gpt2}
 
 
 def _targets(model, passes, config=WANDA, example=EXAMPLE):

@@ -142,17 +142,15 @@ def _graph_models():
     """(name, model, inputs): convolutions (residual, depthwise, grouped), nn.MultiheadAttention,
     a Hugging Face Llama (RoPE, grouped-query attention) and GPT-2 (Conv1D, addmm)."""
     from test_compact import InvertedResidual, PlainCNN, ResNeXtBlock
-    from tiny_llm import tiny_llama
+    from tiny_llm import tiny_gpt2, tiny_llama
     torch.manual_seed(0)
     out = [("cnn", PlainCNN().eval(), (torch.randn(2, 3, 8, 8),)),
            ("mobilenet", InvertedResidual().eval(), (torch.randn(2, 3, 8, 8),)),
            ("resnext", ResNeXtBlock().eval(), (torch.randn(2, 3, 8, 8),)),
            ("vit", ViTBlock().eval(), (torch.randn(B, L, E),)),
            ("vector_ops", _VectorOps().eval(), (torch.randn(2, 5, 4), torch.randn(4), torch.randn(6)))]
-    transformers = pytest.importorskip("transformers")
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64,
-                                                                n_positions=32)).eval()
-    for name, model in (("llama", tiny_llama()), ("gpt2", gpt2)):
+    pytest.importorskip("transformers")
+    for name, model in (("llama", tiny_llama()), ("gpt2", tiny_gpt2())):
         model.config.use_cache = False  # logits only (torch.export cannot return a cache)
         out.append((name, model, {"input_ids": torch.randint(0, 64, (2, 12))}))
     return out

@@ -8,7 +8,7 @@ import torch
 import fxprune
 from fxprune.errors import ConfigError
 from fxprune.sequential import find_blocks
-from tiny_llm import tiny_llama, token_batches
+from tiny_llm import tiny_gpt2, tiny_llama, token_batches
 
 transformers = pytest.importorskip("transformers")
 
@@ -62,9 +62,7 @@ def test_activation_dense_propagation_equals_whole_model_masks(batch_tokens):
 
 
 def test_gpt2_conv1d_blocks_dense_propagation_equals_whole_model():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)
-    model, calib = transformers.GPT2LMHeadModel(cfg).eval(), _calib()
+    model, calib = tiny_gpt2(), _calib()
     assert find_blocks(model).name == "transformer.h"
     whole = _weights(_prune(model, _cfg("activation", "2:4", block_sequential=False), calib))
     seq = _weights(_prune(model, _cfg("activation", "2:4", block_sequential=True,
@@ -278,28 +276,8 @@ class _Stack(torch.nn.Module):
 def _statistics_and_weights(monkeypatch, model, cfg, calib, example, stop):
     """Each target's input statistic (Wanda's sums of squares, SparseGPT's Hessians) and the
     pruned weights, with or without the early stop of the recording forwards."""
-    import fxprune.passes.sequential as seqpass
-    seen = {}
-
-    def keep(real, kind):
-        def run(ctx, group, targets, stats):
-            for t in targets:
-                seen[t.param] = (stats.sumsq(t) if kind == "activation" else stats.hessian(t)).clone()
-            return real(ctx, group, targets, stats)
-        return run
-    with monkeypatch.context() as m:
-        m.setattr(seqpass, "_activation", keep(seqpass._activation, "activation"))
-        m.setattr(seqpass, "_sparse_gpt", keep(seqpass._sparse_gpt, "sparse_gpt"))
-        if not stop:
-            m.setattr(seqpass.BlockInputStats, "stop_early", lambda self: None)
-        out = fxprune.transform(copy.deepcopy(model), cfg, example, calibration=calib)
-    return seen, _weights(out), fxprune.sparsity_report(out).calibration
-
-
-def _gpt2():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)
-    return transformers.GPT2LMHeadModel(cfg).eval()
+    _, recorded, out = _stages(monkeypatch, model, cfg, calib, example, stop)
+    return recorded, _weights(out), fxprune.sparsity_report(out).calibration
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -308,7 +286,7 @@ def test_recording_forwards_stop_after_the_last_input_with_the_same_results(monk
     """With pruned propagation a recording forward's outputs are thrown away, so it stops at the
     last target's input (down_proj's / mlp.c_proj's): statistics and weights are bit-identical
     to full recording forwards, and the last layer runs only in the propagating forwards."""
-    model = _llama(3) if arch == "llama" else _gpt2()
+    model = _llama(3) if arch == "llama" else tiny_gpt2()
     last = model.model.layers[0].mlp.down_proj if arch == "llama" else model.transformer.h[0].mlp.c_proj
     calls = []
     last.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))   # it ran
@@ -397,9 +375,10 @@ def test_block_statistics_hold_no_input_alive_between_batches(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- true sequential
-def _stages(monkeypatch, model, cfg, calib, example=EXAMPLE):
+def _stages(monkeypatch, model, cfg, calib, example=EXAMPLE, stop=True):
     """(block index, stage's layer names) per recording pass, the statistics of each stage's
-    layers as recorded, and the pruned model."""
+    layers as recorded (Wanda's sums of squares, SparseGPT's Hessians), and the pruned model;
+    ``stop=False`` turns off the early stop of the recording forwards."""
     import fxprune.passes.sequential as seqpass
     stages, recorded = [], {}
     real = seqpass.record_inputs
@@ -412,6 +391,8 @@ def _stages(monkeypatch, model, cfg, calib, example=EXAMPLE):
         return stats
     with monkeypatch.context() as m:
         m.setattr(seqpass, "record_inputs", record)
+        if not stop:
+            m.setattr(seqpass.BlockInputStats, "stop_early", lambda self: None)
         out = fxprune.transform(copy.deepcopy(model), cfg, example, calibration=calib)
     return stages, recorded, out
 
@@ -426,7 +407,7 @@ GPT2_STAGES = [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]]
 def test_true_sequential_stages_follow_the_forward(monkeypatch, arch, criterion, pattern):
     """Layers sharing an input form one stage, stages in forward order; every stage's recording
     forward stops after its last input; masks keep their exact counts."""
-    model = _llama(2) if arch == "llama" else _gpt2()
+    model = _llama(2) if arch == "llama" else tiny_gpt2()
     calib = _calib(3)
     stages, _, out = _stages(monkeypatch, model, _cfg(criterion, pattern, true_sequential=True), calib)
     expected = LLAMA_STAGES if arch == "llama" else GPT2_STAGES

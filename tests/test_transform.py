@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune
-from conftest import MLP, SmallCNN
+from conftest import MLP, SmallCNN, refuse_aten_trace
 
 
 def _zeros(t):
@@ -78,15 +78,11 @@ def test_cnn_channel_pruning_zeroes_bias_and_batchnorm(cnn):
 
 def test_the_three_captures_prune_alike(cnn, monkeypatch):
     """symbolic_trace (no inputs), the recorded ATen trace and torch.export (the trace refused)."""
-    from fxprune.passes import aten_trace
     config = {"target_sparsity": 0.6, "pattern": "4x1"}
     x = torch.randn(1, 3, 8, 8)
     a = fxprune.transform(cnn, config)
     b = fxprune.transform(cnn, config, example_inputs=(x,))
-
-    def refuse(*args):
-        raise aten_trace.TraceRefused("test")
-    monkeypatch.setattr(aten_trace, "trace_aten", refuse)
+    refuse_aten_trace(monkeypatch)
     c = fxprune.transform(cnn, config, example_inputs=(x,))
     for (name, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
         assert torch.equal(p, q) and torch.equal(p, r), name

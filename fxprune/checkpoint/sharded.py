@@ -31,7 +31,8 @@ from typing import Callable
 import torch
 
 from ..distributed import Distributed, assign
-from ..selection import Cut, LayerPlan, LazyScores, _histogram, budget, cut_k_smallest, keys_of, materialize
+from ..selection import (Cut, LayerPlan, LazyScores, _histogram, blocks_within, budget, capped_selection,
+                         cut_k_smallest, keys_of, materialize)
 from .shards import ShardSet
 
 
@@ -74,18 +75,10 @@ def sharded_plans(d: Distributed, pattern, targets, block_scores: dict) -> dict[
     forced_cuts = {i: cut_k_smallest([kk], mins[i])[0] if mins[i] > 0 else None for i, kk in keys.items()}
     forced = {i: None if c is None else c.pruned(keys[i]) for i, c in forced_cuts.items()}
     budget_left = total_budget - sum(m * weight for m in mins)
-    fixed: dict[int, int] = {}
-    while True:
-        free = [i for i in range(n) if i not in fixed]
-        residual = budget_left - sum((fixed[i] - mins[i]) * weight for i in fixed)
-        capacity = [maxs[i] - mins[i] for i in free]
-        k = max(0, min(residual // weight if free else 0, sum(capacity)))
-        cuts = sharded_cut(d, free, k, {i: [kk] for i, kk in keys.items()}, forced)
-        over = [i for i, c, cap in zip(free, cuts, capacity) if c.count > cap]
-        if not over:
-            break
-        for i in over:
-            fixed[i] = maxs[i]
+    parts = {i: [kk] for i, kk in keys.items()}
+    free, cuts, fixed = capped_selection(
+        mins, maxs, [weight] * n, budget_left,
+        lambda free, residual, capacity: sharded_cut(d, free, blocks_within(residual, weight, capacity), parts, forced))
     plans = {}
     for j, i in enumerate(free):
         if i in keys:
@@ -222,16 +215,10 @@ def prune_rows(job, targets, pattern, scores_of_rows: Callable, d) -> None:
     layouts = [t.layout for t in targets]
     maxs = [pattern.block_bounds(lay)[1] for lay in layouts]
     total_budget = budget(pattern.target_sparsity, sum(lay.numel for lay in layouts))
-    fixed: dict[int, int] = {}
-    while True:     # :func:`fxprune.selection.plan_global` with no per-layer minimum
-        free = [i for i in range(len(targets)) if i not in fixed]
-        k = max(0, min(total_budget - sum(fixed.values()), sum(maxs[i] for i in free)))
-        cuts = dict(zip(free, sharded_cut(d, free, k, keys, {})))
-        over = [i for i in free if cuts[i].count > maxs[i]]
-        if not over:
-            break
-        for i in over:
-            fixed[i] = maxs[i]
+    free, chosen, fixed = capped_selection(       # 1x1 blocks (a block is one entry), no minimum
+        [0] * len(targets), maxs, [1] * len(targets), total_budget,
+        lambda free, residual, capacity: sharded_cut(d, free, blocks_within(residual, 1, capacity), keys, {}))
+    cuts = dict(zip(free, chosen))
     for i, count in fixed.items():
         cuts[i] = sharded_cut(d, [i], count, keys, {})[0]
     del keys
