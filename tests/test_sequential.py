@@ -165,10 +165,11 @@ def test_shared_inputs_get_one_hessian(monkeypatch):
     monkeypatch.setattr(seqpass, "inverse_hessian_factor",
                         lambda H, d, name="", **kw: factors.append(name) or real(H, d, name, **kw))
     _prune(_llama(2), _cfg("sparse_gpt", "2:4"), _calib())
-    # q/k/v one, o one, gate/up one, down one: 4 per block
+    # q/k/v one, o one, gate/up one, down one: 4 per block; the widest input (down's) first, so
+    # that its Hessian sum, the largest, is released before the others' solves
     assert len(factors) == 8
-    assert factors[:4] == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj",
-                           "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.down_proj"]
+    assert factors[:4] == ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj",
+                           "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.gate_proj"]
 
 
 def test_spilled_activations_give_the_same_result():
@@ -583,3 +584,28 @@ def test_sparse_gpt_refine_steps_keep_masks_and_lower_the_layer_error(pattern, b
             assert err(w) < err(base), name
     with pytest.raises(ConfigError, match="sparse_gpt_refine_steps"):
         _prune(model, {**cfg, "sparse_gpt_refine_steps": -1}, calib)
+
+
+def test_hessian_sums_and_means_by_chunks_equal_whole_tensor_operations():
+    """The float64 running sum and its float32 mean, formed piece by piece (no float64 copy of
+    a whole product), have the bits of the whole-tensor ``add_`` and ``div``."""
+    from fxprune.passes import sequential as ps
+
+    g = torch.Generator().manual_seed(0)
+    n = 300                          # 90000 entries: not a multiple of the chunk
+    assert (n * n) % ps.CONVERT_CHUNK
+    parts = [torch.randn(n, n, generator=g) * 10 ** k for k in (-3, 0, 4)]
+    total, whole = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
+    for p in parts:
+        ps.add_in_chunks_(total, p)
+        whole.add_(p)
+    assert torch.equal(total, whole)
+
+    class _Stats(ps.BlockInputStats):
+        def __init__(self):             # only what hessian() reads
+            self.stat_of = {"w": ps._InputStat()}
+
+    stats = _Stats()
+    stats.stat_of["w"].hessian, stats.stat_of["w"].count = total, 1536
+    mean = stats.hessian(type("T", (), {"param": "w"})())
+    assert mean.dtype == torch.float32 and torch.equal(mean, (whole / 1536).to(torch.float32))

@@ -258,13 +258,19 @@ def _sparse_gpt(ctx, group, targets, stats: "BlockInputStats") -> None:
                 zero_pruned_channels(ctx.model, t, keep)
 
     if ctx.distributed is None:     # each group written as soon as solved: one result at a time
-        for shared in shared_groups:
+        # the widest input first: its Hessian sum, the largest statistic, is released before the
+        # other groups' working copies are made (the groups are independent: same results)
+        for shared in sorted(shared_groups, key=_input_width, reverse=True):
             apply(shared, *solve(shared, factor(shared), 0, _stacked_rows(shared)))
     else:                   # factors and row ranges divided among the ranks, results gathered
         results = ctx.distributed.split_sparse_gpt(
             shared_groups, factor, solve, lambda shared: row_cuts(shared, adaptive), stats=stats)
         for shared, (new, pruned) in zip(shared_groups, results):
             apply(shared, new, pruned)
+
+
+def _input_width(shared) -> int:
+    return shared[0].geometry.view_shape[1]
 
 
 def _stacked_rows(shared) -> int:
@@ -412,7 +418,6 @@ class BlockInputStats:
         self.stage: set[str] | None = None   # first_stage_only: its members' params so far
         self.stage_open = False
         self.hooked, self.dispatched = [], []
-        self._scratch: Tensor | None = None
         self._untaken: dict[int, set[str]] = {}   # per Hessian: layers yet to take it
         for t in self.targets:
             owner = _owner(model, t)
@@ -475,7 +480,6 @@ class BlockInputStats:
             for h in handles:
                 h.remove()
             self.seen.clear()
-            self._scratch = None
 
     def context(self):
         if self.recorder is None:
@@ -552,26 +556,19 @@ class BlockInputStats:
         stat.sumsq = s if stat.sumsq is None else stat.sumsq + s
 
     def _gram(self, feats: Tensor) -> Tensor:
-        """``X^T X`` (float32) written into a scratch buffer that the next call reuses: one
-        block's calls make the same few large products, and a fresh ``in x in`` temporary per
-        call (plus its float64 copy) fragmented the heap by more than the statistics' size."""
-        n = feats.shape[1]
-        need = n * n
-        if self._scratch is None or self._scratch.numel() < need or self._scratch.dtype != feats.dtype \
-                or self._scratch.device != feats.device:
-            self._scratch = None
-            self._scratch = torch.empty(need, dtype=feats.dtype, device=feats.device)
-        return torch.mm(feats.T, feats, out=self._scratch[:need].view(n, n))
+        """``X^T X`` (float32), a fresh product freed once added: a buffer kept for the next call
+        would be alive through the rest of the forward, at the moment its activations peak."""
+        return torch.mm(feats.T, feats)
 
     def add_hessian(self, stat: _InputStat, h: Tensor) -> None:
-        """One call's float32 ``X^T X`` into the float64 running sum (``h`` may be a scratch
-        buffer that the next call overwrites: keep a copy to keep it). A float64 sum of float32
-        products rounds only where one entry's products span more than about 2^29 in magnitude,
-        so the float32 Hessian does not depend on the order of the sum (block batches split
-        over ranks and all-reduced) but in such rare entries; SparseGPT's masks then match."""
+        """One call's float32 ``X^T X`` into the float64 running sum, in place. A float64 sum of
+        float32 products rounds only where one entry's products span more than about 2^29 in
+        magnitude, so the float32 Hessian does not depend on the order of the sum (block batches
+        split over ranks and all-reduced) but in such rare entries; SparseGPT's masks then
+        match."""
         if stat.hessian is None:
             stat.hessian = torch.zeros(h.shape, dtype=torch.float64, device=h.device)
-        stat.hessian.add_(h)            # float32 into float64 in place: no float64 temporary
+        add_in_chunks_(stat.hessian, h)
 
     def _fill_missing(self, stat: _InputStat, t, x: Tensor) -> None:
         """A layer joining a shared input in the first batch may need what the others did not."""
@@ -599,7 +596,11 @@ class BlockInputStats:
         temporary)."""
         stat = self.stat_of[t.param]
         out = torch.empty(stat.hessian.shape, dtype=torch.float32, device=stat.hessian.device)
-        return torch.div(stat.hessian, max(stat.count, 1), out=out)
+        total, mean, count = stat.hessian.view(-1), out.view(-1), max(stat.count, 1)
+        for s in range(0, total.numel(), CONVERT_CHUNK):    # (a whole-matrix division would
+            e = min(s + CONVERT_CHUNK, total.numel())      # make a float64 quotient first)
+            torch.div(total[s:e], count, out=mean[s:e])
+        return out
 
     def take_hessian(self, shared) -> Tensor:
         """:meth:`hessian` of the layers ``shared`` (one input); the float64 sum is released
@@ -619,6 +620,22 @@ class BlockInputStats:
         for t in targets:
             out.setdefault(id(self.stat_of[t.param]), []).append(t)
         return list(out.values())
+
+
+# Elements per step when float32 meets float64 (Hessian sums and means): an operation mixing the two
+# dtypes makes a converted copy of its whole operand first, 8 bytes per entry of the largest
+# Hessian; by steps, the copy is this small.
+CONVERT_CHUNK = 1 << 15
+
+
+def add_in_chunks_(total: Tensor, part: Tensor) -> Tensor:
+    """``total += part`` in place for a float64 ``total`` and a float32 ``part`` of one shape
+    (contiguous): the same bits as ``total.add_(part)``, through small converted pieces."""
+    flat_total, flat_part = total.view(-1), part.reshape(-1)
+    for s in range(0, flat_total.numel(), CONVERT_CHUNK):
+        e = min(s + CONVERT_CHUNK, flat_total.numel())
+        flat_total[s:e].add_(flat_part[s:e])
+    return total
 
 
 def _owner(model: nn.Module, t):
