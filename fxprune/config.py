@@ -279,14 +279,23 @@ class _PruningConfigMethods:
         for group in self.groups():
             _validate_group(group)
 
-    def warn_unused_schedule(self) -> None:
-        """The one-shot transform ignores INC's training-schedule keys: say so instead of silently."""
-        set_keys = sorted({k for g in self.groups() for k, v in g.schedule.items()
-                           if v != KEY[k].default})
+    def warn_ignored_keys(self) -> None:
+        """Say so, instead of silently, where a one-shot run ignores a key that was set: INC's
+        training-schedule keys, and ``sparse_gpt_refine_steps`` on a group of another criterion."""
+        groups = self.groups()
+        set_keys = sorted({k for g in groups for k, v in g.schedule.items() if v != KEY[k].default})
         if set_keys:
             warnings.warn(
                 f"config keys {set_keys} set a training schedule; fxprune.transform prunes in one "
                 f"shot and does not use them", stacklevel=3)
+        from .criteria import get_criterion_class
+        from .criteria.sparse_gpt import SparseGPTCriterion
+        for g in groups:
+            if g.sparse_gpt_refine_steps and not issubclass(get_criterion_class(g.pruning_type, g.where),
+                                                            SparseGPTCriterion):
+                warnings.warn(f"{g.where}: sparse_gpt_refine_steps applies to pruning_type "
+                              f"sparse_gpt only; this group's is {g.pruning_type}, so it is not used",
+                              stacklevel=3)
 
 
 # The typed config: one field per key of KEYS. Build it directly (``PruningConfig(pattern="2:4")``)

@@ -559,7 +559,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def _rank_stats_class():
-    from .passes.sequential import BlockInputStats
+    from .passes.sequential import BlockInputStats, add_in_chunks_
 
     class RankInputStats(BlockInputStats):
         """One block's input statistics over this rank's batches, reducible over the ranks.
@@ -589,10 +589,6 @@ def _rank_stats_class():
             mean = self.means.pop(id(self.stat_of[t.param]), None)
             return mean if mean is not None else super().hessian(t)
 
-        def _gram(self, feats: Tensor) -> Tensor:
-            # a fresh product: the first one of each input is kept as this rank's partial
-            return torch.mm(feats.T, feats)
-
         def add_hessian(self, stat, h: Tensor) -> None:
             """This rank's partial Hessian: its first float32 product as it is (it travels as
             float32, exactly, when every rank has one), the float64 sum from the second on (the
@@ -600,11 +596,10 @@ def _rank_stats_class():
             float64 buffer per input would cost a rank that does not compute its factor one
             allocation, fill and conversion per block for nothing."""
             if stat.hessian is None:
-                stat.hessian = h
-            elif stat.hessian.dtype != torch.float64:
-                stat.hessian = stat.hessian.to(torch.float64).add_(h)
+                stat.hessian = h        # the base _gram's product is fresh: kept as it is
             else:
-                stat.hessian.add_(h)
+                stat.hessian = add_in_chunks_(stat.hessian if stat.hessian.dtype == torch.float64
+                                              else stat.hessian.to(torch.float64), h)
 
         def reduce(self) -> None:
             stats = []
@@ -691,8 +686,8 @@ def _rank_stats_class():
                         if total is None:
                             total = h
                         elif r < d.world - 1:       # every buffer here is this rank's to change
-                            total = total if total.dtype == torch.float64 else total.to(torch.float64)
-                            total.add_(h)
+                            total = add_in_chunks_(
+                                total if total.dtype == torch.float64 else total.to(torch.float64), h)
                         else:
                             self.means[id(stat)] = mean_of_sum(total, h, max(stat.count, 1))
                     stat.hessian = None
@@ -702,9 +697,6 @@ def _rank_stats_class():
     return RankInputStats
 
 
-_MEAN_CHUNK = 1 << 16
-
-
 def mean_of_sum(a: Tensor, b: Tensor, count: int) -> Tensor:
     """``((a + b) / count)`` rounded to float32, the sum and the division in float64: the same
     bits as ``BlockInputStats.hessian`` of the float64 sum ``a + b``, without that sum's
@@ -712,10 +704,12 @@ def mean_of_sum(a: Tensor, b: Tensor, count: int) -> Tensor:
     float32 operand when there is one: both are consumed)."""
     out = a if a.dtype == torch.float32 else b if b.dtype == torch.float32 else torch.empty(
         a.shape, dtype=torch.float32, device=a.device)
+    from .passes.sequential import conversion_step
     fa, fb, fo = a.reshape(-1), b.reshape(-1), out.view(-1)
-    tmp = torch.empty(min(_MEAN_CHUNK, fa.numel()), dtype=torch.float64, device=a.device)
-    for s in range(0, fa.numel(), _MEAN_CHUNK):
-        e = min(s + _MEAN_CHUNK, fa.numel())
+    step = conversion_step(fa)
+    tmp = torch.empty(min(step, fa.numel()), dtype=torch.float64, device=a.device)
+    for s in range(0, fa.numel(), step):
+        e = min(s + step, fa.numel())
         t = tmp[:e - s]
         t.copy_(fa[s:e])
         t.add_(fb[s:e])

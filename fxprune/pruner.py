@@ -253,11 +253,8 @@ class Pruner:
         if self._analysis is not None and g.pattern.prunes_output_channels:
             plan = select_classes(self.ctx, self._analysis, [g.config], scores, target_sparsity=ratio,
                                   warn=last)
-            dead = plan.dead_rows()
-            keep = {}
-            for t in g.targets:
-                keep[t.param] = torch.ones(t.geometry.view_shape, dtype=torch.bool)
-                keep[t.param][torch.as_tensor(dead[t.param], dtype=torch.long)] = False
+            kept = plan.kept_rows(g.targets)
+            keep = {t.param: kept[t.param][:, None].expand(t.geometry.view_shape).clone() for t in g.targets}
             return g.completed + 1, keep, plan
         return g.completed + 1, mask_group(g.config, g.targets, scores, target_sparsity=ratio, warn=last), None
 

@@ -76,7 +76,7 @@ def _transform(model, config, example_inputs, inplace, compact, calibration, los
                on_block_start, on_block_end, dist) -> nn.Module:
     ctx = _context(model, config, example_inputs, inplace=inplace)
     ctx.distributed = dist
-    ctx.config.warn_unused_schedule()
+    ctx.config.warn_ignored_keys()
     if calibration is not None or loss_fn is not None:
         _check_data_used(ctx.config, calibration, loss_fn)
     ctx.calibration, ctx.loss_fn, ctx.progress = calibration, loss_fn, progress

@@ -104,3 +104,19 @@ def test_classes_are_numbered_by_first_appearance_with_their_rows_and_weights():
     assert {p: r.tolist() for p, r in classes.rows(np.array([False, True, True])).items()} == {"a": [2], "b": [0, 1]}
     assert 9 in classes and 7 not in classes and classes.index(np.array([9, 7, 5])).tolist() == [2, -1, 0]
     assert classes.scores({0: "sum", 1: "max"}).tolist() == [3.0, 12.0 / 7, 16.0]
+
+
+def test_kept_rows_cover_every_target_including_layers_without_classes():
+    """A plan's row keep flags: the rows of removed classes go, every other row stays, and a
+    target with no class at all (its output is not followed by the analysis) keeps all rows."""
+    from fxprune.compaction.plan import CompactionPlan
+    roots = [np.array([0, 1, 0, 2]), np.array([1, 3, 3])]
+    sums = [np.ones(4), np.ones(3)]
+    classes = ChannelClasses(["a", "b"], [1, 1], [0, 0], roots, sums, [s / 2 for s in sums])
+    plan = CompactionPlan(None, classes, {}, {0, 3}, {})
+    targets = [SimpleNamespace(param=p, geometry=SimpleNamespace(view_shape=(rows, 5)))
+               for p, rows in (("a", 4), ("b", 3), ("outside", 6))]
+    kept = plan.kept_rows(targets)
+    assert kept["a"].tolist() == [False, True, False, True]
+    assert kept["b"].tolist() == [True, False, False]
+    assert kept["outside"].tolist() == [True] * 6

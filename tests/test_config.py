@@ -70,3 +70,16 @@ def test_every_key_is_documented_in_the_design_reference():
     text = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text()
     missing = [k.name for k in KEYS if f"`{k.name}`" not in text]
     assert missing == []
+
+
+def test_refine_steps_on_a_group_of_another_criterion_warn_naming_the_group():
+    import warnings
+    cfg = PruningConfig.from_any({"pruning_configs": [
+        {"op_names": ["fc1"], "pruning_type": "sparse_gpt", "sparse_gpt_refine_steps": 5},
+        {"op_names": ["fc2"], "pruning_type": "magnitude", "sparse_gpt_refine_steps": 5}]})
+    with pytest.warns(UserWarning, match=r"pruning_configs\[1\]: sparse_gpt_refine_steps applies to "
+                                         r"pruning_type sparse_gpt only; this group's is magnitude"):
+        cfg.warn_ignored_keys()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PruningConfig.from_any({"pruning_type": "sparse_gpt", "sparse_gpt_refine_steps": 5}).warn_ignored_keys()

@@ -37,6 +37,10 @@ CASES = {
                        "pruning_scope": "local", "block_batch_tokens": 72},
     "sparse_gpt_2of4": {"pruning_type": "sparse_gpt", "pattern": "2:4", "target_sparsity": 0.5,
                         "pruning_scope": "local", "block_batch_tokens": 48},
+    # the kept weights re-fitted after each solve, on the rows each rank solved
+    "sparse_gpt_2of4_refit": {"pruning_type": "sparse_gpt", "pattern": "2:4", "target_sparsity": 0.5,
+                              "pruning_scope": "local", "block_batch_tokens": 48,
+                              "sparse_gpt_refine_steps": 5},
     # a block's layers in 4 stages: statistics reduced and solves split per stage
     "sparse_gpt_1x1_true_sequential": {"pruning_type": "sparse_gpt", "pattern": "1x1",
                                        "target_sparsity": 0.5, "pruning_scope": "local",
@@ -231,7 +235,8 @@ def test_bit_identical_to_one_process(runs, case):
     _assert_same(per_rank[0][case][1], per_rank[1][case][1])
 
 
-@pytest.mark.parametrize("case", ["sparse_gpt_1x1", "sparse_gpt_2of4", "sparse_gpt_1x1_true_sequential"])
+@pytest.mark.parametrize("case", ["sparse_gpt_1x1", "sparse_gpt_2of4", "sparse_gpt_2of4_refit",
+                                  "sparse_gpt_1x1_true_sequential"])
 def test_sparse_gpt_is_bit_identical_to_one_process(runs, case):
     per_rank = [results for results, _ in runs["transform"]]
     for ref, par in (r[case] for r in per_rank):

@@ -125,7 +125,7 @@ class _Job:
         self.hf_config = load_config(src)
         self.shards = ShardSet(src)
         cfg = PruningConfig.from_any(config)
-        cfg.warn_unused_schedule()
+        cfg.warn_ignored_keys()
         self.model = build_skeleton(self.hf_config)
         self.ctx = PruneContext(model=self.model, config=cfg,
                                 example_inputs=example_inputs(self.hf_config))

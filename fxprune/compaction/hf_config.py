@@ -266,7 +266,7 @@ def fit_hf_configs(model: nn.Module, an, classes, removed: np.ndarray, score: np
     """Give back removed channels of a Hugging Face model's hidden size until its config accepts
     the sizes kept (Llama, Qwen2, Mistral require hidden_size to be a multiple of
     num_attention_heads): the best-scoring removed hidden channels first. ``classes``: the
-    :class:`~.plan.ChannelClasses`; ``removed`` (bool over them) is updated; ``score``: theirs."""
+    :class:`~.classes.ChannelClasses`; ``removed`` (bool over them) is updated; ``score``: theirs."""
     models = hf_models(model)
     if not models:
         return

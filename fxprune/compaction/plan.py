@@ -56,6 +56,17 @@ class CompactionPlan:
         layer that has classes."""
         return self.classes.rows(self.classes.member(self.dead))
 
+    def kept_rows(self, targets) -> dict[str, torch.Tensor]:
+        """param -> whether each output channel (row of its 2-D view) stays, for every one of
+        ``targets`` (a layer with no class keeps all its rows)."""
+        dead = self.dead_rows()
+        out = {}
+        for t in targets:
+            keep = torch.ones(t.geometry.view_shape[0], dtype=torch.bool)
+            keep[torch.as_tensor(dead.get(t.param, ()), dtype=torch.long)] = False
+            out[t.param] = keep
+        return out
+
     def of_classes(self) -> tuple[np.ndarray, np.ndarray]:
         """(whether each class is removed, its space), arrays over ``classes``."""
         dead_roots, space_of = self._lookups()
@@ -120,12 +131,9 @@ def plan_channels(ctx, groups) -> CompactionPlan:
     members = [t for g in groups for t in ctx.selected(g)]
     notes.update({t.param: NO_USE for t in members if (t.param, output_dim(t)) not in plan.analysis.axes})
     plan.notes = notes
-    dead_rows = plan.dead_rows()
+    kept = plan.kept_rows(members)
     for t in members:  # whole rows: one flag per row, seen as the view's shape (no copy)
-        rows, cols = t.geometry.view_shape
-        keep = torch.ones(rows, dtype=torch.bool)
-        keep[torch.as_tensor(dead_rows.get(t.param, ()), dtype=torch.long)] = False
-        ctx.masks[t.param] = keep[:, None].expand(rows, cols)
+        ctx.masks[t.param] = kept[t.param][:, None].expand(t.geometry.view_shape)
         ctx.scores.pop(t.param, None)
     return plan
 
@@ -166,10 +174,11 @@ def select_classes(ctx, an: ChannelAnalysis, groups, scores, *, target_sparsity:
         target = group.target_sparsity if target_sparsity is None else target_sparsity
         removed |= _select(ctx.selected(group), classes, free, group, target)
     space = an.spaces()
+    score = classes.scores(reduce_types)
     if ctx.config.round_channels_to > 1:
-        _round_up(classes, removed, space, ctx.config.round_channels_to, classes.scores(reduce_types))
+        _round_up(classes, removed, space, ctx.config.round_channels_to, score)
     if ctx.model is not None:  # a Hugging Face config must still describe the sizes kept
-        fit_hf_configs(ctx.model, an, classes, removed, classes.scores(reduce_types))
+        fit_hf_configs(ctx.model, an, classes, removed, score)
     for group in groups if warn else ():
         target = group.target_sparsity if target_sparsity is None else target_sparsity
         _warn_if_blocked(group, ctx.selected(group), classes, blocked, is_blocked, removed, target)

@@ -362,8 +362,8 @@ def sparsegpt_prune(W: Tensor, U: Tensor, blocksize: int = 128, *, fixed: Tensor
         if c1 < cols:
             WT[c1:].addmm_(V[:, width:].t(), E1, alpha=-1.0)
     new, pruned = WT.t().contiguous(), prunedT.t().contiguous()
-    if refine_steps:
-        new = refine_kept_weights(dense, new, pruned, hessian_from_factor(U), refine_steps)
+    if refine_steps:        # (conjugate gradients end in at most `cols` steps: more are no use)
+        new = refine_kept_weights(dense, new, pruned, hessian_from_factor(U), min(refine_steps, cols))
     return new, pruned
 
 
@@ -375,8 +375,8 @@ def hessian_from_factor(U: Tensor) -> Tensor:
     return inv_lower.t() @ inv_lower
 
 
-# Rows of one conjugate-gradient chunk: rows are independent, so the five [rows, cols] work
-# tensors are held for a chunk at a time (a multiple of 64 rows, like the solves' row cuts).
+# Rows of one conjugate-gradient chunk: rows are independent, so the [rows, cols] work tensors
+# (about seven at a step's peak) are held for a chunk at a time (a multiple of 64 rows, like the solves' row cuts).
 REFINE_ROWS = 1024
 
 
@@ -391,7 +391,7 @@ def refine_kept_weights(dense: Tensor, start: Tensor, pruned: Tensor, H: Tensor,
     the Jacobi preconditioner (``diag H``) and a start at the OBS solution, a few tens of steps
     reach the optimum closely; each step is one ``[rows, cols] x [cols, cols]`` product. A
     preconditioned CG step never raises this calibration error (held-out quality is another
-    matter: docs/llm.md). Returns a new float32 tensor, zero where ``pruned``.
+    matter: docs/llm.md). Returns a new tensor of ``start``'s dtype, zero where ``pruned``.
     """
     out = torch.empty_like(start)
     dinv = 1.0 / H.diagonal()

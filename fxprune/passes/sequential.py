@@ -147,6 +147,8 @@ class BlockSequentialPass(Pass):
             return
         require_data(ctx, p.groups[0].pruning_type)
         log.info("fxprune: %s", p.describe())
+        if ctx.distributed is not None:     # a group= reused after a failed run starts afresh
+            ctx.distributed.zero_shares.clear()
         runner = BlockSequentialRunner(
             ctx.model, p.blocks, reusable(ctx.calibration),
             propagation=ctx.config.block_propagation,
@@ -597,9 +599,9 @@ class BlockInputStats:
         stat = self.stat_of[t.param]
         out = torch.empty(stat.hessian.shape, dtype=torch.float32, device=stat.hessian.device)
         total, mean, count = stat.hessian.view(-1), out.view(-1), max(stat.count, 1)
-        for s in range(0, total.numel(), CONVERT_CHUNK):    # (a whole-matrix division would
-            e = min(s + CONVERT_CHUNK, total.numel())      # make a float64 quotient first)
-            torch.div(total[s:e], count, out=mean[s:e])
+        step = conversion_step(total)      # (a whole-matrix division would make a float64
+        for s in range(0, total.numel(), step):             # quotient first on the CPU)
+            torch.div(total[s:s + step], count, out=mean[s:s + step])
         return out
 
     def take_hessian(self, shared) -> Tensor:
@@ -622,19 +624,26 @@ class BlockInputStats:
         return list(out.values())
 
 
-# Elements per step when float32 meets float64 (Hessian sums and means): an operation mixing the two
-# dtypes makes a converted copy of its whole operand first, 8 bytes per entry of the largest
-# Hessian; by steps, the copy is this small.
+# Elements per step when float32 meets float64 (Hessian sums and means): on the CPU an operation
+# mixing the two dtypes makes a converted copy of its whole operand first, 8 bytes per entry of
+# the largest Hessian; by steps, the copy is this small.
 CONVERT_CHUNK = 1 << 15
 
 
+def conversion_step(t: Tensor) -> int:
+    """How many entries of ``t`` one mixed-dtype step takes: :data:`CONVERT_CHUNK` on the CPU;
+    all of them elsewhere (GPU kernels convert as they go, and a step is a kernel launch)."""
+    return CONVERT_CHUNK if t.device.type == "cpu" else max(t.numel(), 1)
+
+
 def add_in_chunks_(total: Tensor, part: Tensor) -> Tensor:
-    """``total += part`` in place for a float64 ``total`` and a float32 ``part`` of one shape
-    (contiguous): the same bits as ``total.add_(part)``, through small converted pieces."""
-    flat_total, flat_part = total.view(-1), part.reshape(-1)
-    for s in range(0, flat_total.numel(), CONVERT_CHUNK):
-        e = min(s + CONVERT_CHUNK, flat_total.numel())
-        flat_total[s:e].add_(flat_part[s:e])
+    """``total += part`` in place for a float64 ``total`` and a float32 (or float64) ``part`` of
+    one shape, both contiguous: the same bits as ``total.add_(part)``, through small converted
+    pieces."""
+    flat_total, flat_part = total.view(-1), part.view(-1)
+    step = conversion_step(total)
+    for s in range(0, flat_total.numel(), step):
+        flat_total[s:s + step].add_(flat_part[s:s + step])
     return total
 
 
