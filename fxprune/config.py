@@ -288,11 +288,8 @@ class _PruningConfigMethods:
             warnings.warn(
                 f"config keys {set_keys} set a training schedule; fxprune.transform prunes in one "
                 f"shot and does not use them", stacklevel=3)
-        from .criteria import get_criterion_class
-        from .criteria.sparse_gpt import SparseGPTCriterion
         for g in groups:
-            if g.sparse_gpt_refine_steps and not issubclass(get_criterion_class(g.pruning_type, g.where),
-                                                            SparseGPTCriterion):
+            if g.sparse_gpt_refine_steps and g.pruning_type != "sparse_gpt":
                 warnings.warn(f"{g.where}: sparse_gpt_refine_steps applies to pruning_type "
                               f"sparse_gpt only; this group's is {g.pruning_type}, so it is not used",
                               stacklevel=3)
