@@ -543,7 +543,11 @@ def main(argv: list[str] | None = None) -> int:
                 started = init_from_env(args.timeout)
                 if _rank() != 0:
                     args.quiet = True       # only rank 0 prints the table and the progress
-            return args.run(args)
+            code = args.run(args)
+            if started:     # every rank done before the group is torn down: a rank leaving
+                import torch.distributed    # first can abort a peer's gloo threads at exit
+                torch.distributed.barrier()
+            return code
         except (UsageError, FxPruneError, OSError) as e:  # the input, the files or the disk
             from .distributed import DistributedError
             if args.debug:
