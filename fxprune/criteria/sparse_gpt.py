@@ -141,19 +141,26 @@ class SparseGPTCriterion(Criterion):
 
 
 def inverse_hessian_factor(H: Tensor, percdamp: float, name: str = "", *,
-                           overwrite: bool = False) -> Tensor:
+                           overwrite: bool = False, order: Tensor | None = None) -> Tensor:
     """Upper Cholesky factor ``U`` of ``(H + damp I)^-1`` per group (``[groups, cols, cols]``).
 
     Columns whose input is always zero ("dead") get ``H_jj = 1`` so ``H`` stays invertible; their
     row of ``U`` then carries no update to other columns. A factorization that fails is retried
     with ten times the dampening, up to four times. ``overwrite=True`` lets it use ``H``'s memory
     (contiguous; its contents are lost): one ``cols x cols`` matrix fewer at a time.
+
+    ``order`` (a permutation of the columns, e.g. :func:`act_order`): ``U`` is the factor of
+    ``H`` with its rows and columns taken in that order (``H[order][:, order]``), for
+    :func:`sparsegpt_prune` with the same ``order``.
     """
     # With J the reversal, J H J = M M^T gives H^-1 = A^T A for the upper A = J M^-1 J: the
     # upper factor of H^-1 from one Cholesky and one triangular inverse (blocked, matrix
     # products: about 1.7x faster than a triangular solve against the identity). Memory: the
     # reversed H, then M, then M^-1 written over the reversed H (a 1376-column matrix is 7.5 MB).
-    H = reverse_square_(H) if overwrite else H.flip(-2, -1)   # J H J, changed in place below
+    if order is not None:       # J P H P^T J in one permutation: the order reversed
+        H = permute_square(H, order.flip(0), overwrite)
+    else:
+        H = reverse_square_(H) if overwrite else H.flip(-2, -1)   # J H J, changed in place below
     diag = H.diagonal(dim1=-2, dim2=-1)
     diag.masked_fill_(diag == 0, 1.0)
     base = diag.clone()
@@ -171,6 +178,25 @@ def inverse_hessian_factor(H: Tensor, percdamp: float, name: str = "", *,
         damp *= 10
     raise WeightError(f"sparse_gpt: the Hessian of {name} is not positive definite even with "
                       f"dampening {damp / 10:g}; check the calibration data")
+
+
+def act_order(diag_h: Tensor) -> Tensor:
+    """The columns by descending ``diag(H)`` (ties to the lower index): the order in which
+    :func:`sparsegpt_prune` takes them with its ``order`` argument (GPTQ's "act order"). The
+    columns with the most input energy go first, while the most later columns remain to absorb
+    the error of their pruned weights."""
+    return torch.argsort(diag_h, descending=True, stable=True)
+
+
+def permute_square(A: Tensor, perm: Tensor, overwrite: bool = False) -> Tensor:
+    """``A[..., perm, :][..., perm]`` for ``[..., n, n]`` ``A``; ``overwrite=True`` writes it into
+    ``A`` (contiguous; one ``n x n`` temporary instead of two)."""
+    rows = A.index_select(-2, perm)
+    if overwrite:
+        if not A.is_contiguous():
+            raise ValueError("permute_square(overwrite=True) needs a contiguous tensor")
+        return torch.index_select(rows, -1, perm, out=A)
+    return rows.index_select(-1, perm)
 
 
 _REVERSE_CHUNK = 1 << 16
@@ -266,7 +292,7 @@ def sparsegpt_prune(W: Tensor, U: Tensor, blocksize: int = 128, *, fixed: Tensor
                     counts: list[int] | None = None, rows: list[int] | None = None,
                     n_of_m: tuple[int, int] | None = None,
                     select_block: Callable[[Tensor, int, int], Tensor] | None = None,
-                    refine_steps: int = 0) -> tuple[Tensor, Tensor]:
+                    refine_steps: int = 0, order: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """SparseGPT on ``W`` (``[rows, cols]`` float32, the rows of one or more layers that share
     the inverse-Hessian factor ``U``): returns the updated weights, zero where pruned, and the
     pruned mask.
@@ -290,12 +316,27 @@ def sparsegpt_prune(W: Tensor, U: Tensor, blocksize: int = 128, *, fixed: Tensor
     row's kept weights to the layer objective (:func:`refine_kept_weights`), which the OBS pass
     only approximates; the mask is unchanged.
 
+    ``order`` (a permutation of the columns, e.g. :func:`act_order`; unstructured and fixed masks
+    only): the columns are processed in that order, ``U`` being the factor of the Hessian taken
+    in it (:func:`inverse_hessian_factor` with the same ``order``); ``fixed``, the results and the
+    blocks' shares refer to the permuted columns, and the results come back in ``W``'s order.
+    N:M groups are runs of ``m`` columns of the original order, so ``n_of_m`` takes no ``order``.
+
     Rows are independent given ``U`` except for the unstructured choice: for a fixed mask or N:M,
     ``sparsegpt_prune(W[r0:r1], ...)`` gives rows ``r0:r1`` of the whole result (same masks).
 
     The work is done on ``W`` transposed (columns contiguous), where the column-by-column rank-1
     updates run on contiguous memory (about 100x faster on CPU than on a column slice).
     """
+    if order is not None:
+        if n_of_m is not None:
+            raise ValueError("sparsegpt_prune: N:M groups keep the original column order "
+                             "(no order= with n_of_m=)")
+        new, pruned = sparsegpt_prune(
+            W[:, order], U, blocksize, fixed=None if fixed is None else fixed[:, order],
+            counts=counts, rows=rows, select_block=select_block, refine_steps=refine_steps)
+        back = torch.argsort(order)
+        return new[:, back], pruned[:, back]
     n_rows, cols = W.shape
     adaptive_nm = n_of_m is not None
     panel = PANEL
@@ -443,6 +484,11 @@ def group_refine_steps(group) -> int:
     return getattr(group, "sparse_gpt_refine_steps", 0) if group is not None else 0
 
 
+def group_act_order(group) -> bool:
+    """The group's ``sparse_gpt_act_order`` (True without a group)."""
+    return getattr(group, "sparse_gpt_act_order", True) if group is not None else True
+
+
 def _groups(t) -> int:
     return t.geometry.groups if t.geometry.kind == "conv" else 1
 
@@ -452,6 +498,7 @@ def _hessian_bytes(t) -> int:
     return 4 * _groups(t) * cols * cols
 
 
-__all__ = ["SparseGPTCriterion", "hessian_from_factor", "inverse_hessian_factor",
-           "lower_triangular_inverse", "obs_prune", "refine_kept_weights", "reverse_square_",
-           "sparsegpt_prune", "unstructured_block_mask"]
+__all__ = ["SparseGPTCriterion", "act_order", "group_act_order",
+           "hessian_from_factor", "inverse_hessian_factor",
+           "lower_triangular_inverse", "obs_prune", "permute_square", "refine_kept_weights",
+           "reverse_square_", "sparsegpt_prune", "unstructured_block_mask"]

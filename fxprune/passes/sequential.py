@@ -28,7 +28,8 @@ from ..criteria import ActivationCriterion, SparseGPTCriterion, get_criterion_cl
 from ..criteria.calibration import (StopForward, WeightInputRecorder, _NoFusedFastPaths,
                                     require_data, reusable)
 from ..criteria.features import linear_features
-from ..criteria.sparse_gpt import group_refine_steps, inverse_hessian_factor, sparsegpt_prune
+from ..criteria.sparse_gpt import (act_order, group_act_order, group_refine_steps,
+                                   inverse_hessian_factor, sparsegpt_prune)
 from ..errors import ConfigError, WeightError
 from ..geometry import from_view_2d, to_view_2d
 from ..selection import budget
@@ -242,11 +243,17 @@ def _sparse_gpt(ctx, group, targets, stats: "BlockInputStats") -> None:
     adaptive = adaptive_mode(pattern)
     shared_groups = stats.shared_groups(targets)       # layers with one input: one factor
 
+    def order(shared) -> Tensor | None:
+        # from the sum of squared inputs (diag H up to the count), which every rank holds whole
+        # (the Hessian itself only on the rank computing the factor): the same order everywhere
+        return act_order(stats.sumsq(shared[0])) if _uses_act_order(shared[0]) else None
+
     def factor(shared) -> Tensor:
-        return _sparse_gpt_factor(stats, criterion, shared)
+        return _sparse_gpt_factor(stats, criterion, shared, order(shared))
 
     def solve(shared, u: Tensor, r0: int, r1: int) -> tuple[Tensor, Tensor]:
-        return _sparse_gpt_rows(ctx, group, shared, u, r0, r1, criterion, pattern, adaptive)
+        return _sparse_gpt_rows(ctx, group, shared, u, r0, r1, criterion, pattern, adaptive,
+                                order(shared))
 
     def apply(shared, new: Tensor, pruned: Tensor) -> None:
         weights = [ctx.model.get_parameter(t.param) for t in shared]
@@ -299,19 +306,28 @@ def row_cuts(shared, adaptive: str | None) -> list[int]:
     return list(range(0, total, ROW_ALIGN)) + [total]
 
 
-def _sparse_gpt_factor(stats: "BlockInputStats", criterion, shared) -> Tensor:
-    """The upper Cholesky factor of the inverse Hessian of layers sharing one input (their
-    Hessian sum is released: each group's factor is computed once)."""
+def _uses_act_order(t) -> bool:
+    """SparseGPT takes the columns of ``t`` (and of the layers sharing its input) by descending
+    input energy: for unstructured masks chosen block by block, unless the group says not to."""
+    return (_is_sparse_gpt(t.group) and group_act_order(t.group)
+            and adaptive_mode(t.pattern) == "unstructured")
+
+
+def _sparse_gpt_factor(stats: "BlockInputStats", criterion, shared, order=None) -> Tensor:
+    """The upper Cholesky factor of the inverse Hessian of layers sharing one input, its columns
+    taken in ``order`` if given (their Hessian sum is released: each group's factor is computed
+    once)."""
     lead = shared[0]
     return inverse_hessian_factor(stats.take_hessian(shared).unsqueeze(0), criterion.percdamp,
-                                  lead.name, overwrite=True)[0]
+                                  lead.name, overwrite=True, order=order)[0]
 
 
 def _sparse_gpt_rows(ctx, group, shared, u: Tensor, r0: int, r1: int, criterion, pattern,
-                     adaptive) -> tuple[Tensor, Tensor]:
+                     adaptive, order=None) -> tuple[Tensor, Tensor]:
     """Rows ``[r0, r1)`` of the stacked float32 2-D views of layers sharing one input, updated by
-    SparseGPT with the inverse factor ``u``, and their pruned mask. For unstructured masks
-    ``r0`` and ``r1`` are layer boundaries (see :func:`row_cuts`)."""
+    SparseGPT with the inverse factor ``u`` (of the columns in ``order``, if given), and their
+    pruned mask. For unstructured masks ``r0`` and ``r1`` are layer boundaries (see
+    :func:`row_cuts`)."""
     weights = [ctx.model.get_parameter(t.param) for t in shared]
     views = [to_view_2d(w.detach(), t.geometry).float() for w, t in zip(weights, shared)]
     rows = [v.shape[0] for v in views]
@@ -325,7 +341,8 @@ def _sparse_gpt_rows(ctx, group, shared, u: Tensor, r0: int, r1: int, criterion,
         inside = [i for i, s in enumerate(starts) if s >= r0 and s + rows[i] <= r1]
         counts = [_local_count(pattern, shared[i]) for i in inside]
         new, pruned = sparsegpt_prune(W, u, criterion.blocksize, counts=counts,
-                                      rows=[rows[i] for i in inside], refine_steps=steps)
+                                      rows=[rows[i] for i in inside], refine_steps=steps,
+                                      order=order)
     else:  # fixed mask: SparseGPT's saliency through the pattern, then the OBS update
         criterion.diag = {t.param: u.diagonal().unsqueeze(0) for t in shared}
         masks = mask_group(group, shared, score_targets(ctx.model, shared, criterion))
@@ -392,7 +409,8 @@ class BlockInputStats:
     pre-hook on its module; layers that receive the very same input tensor in a forward (q/k/v,
     gate/up) share one statistic, computed once. Other linear-kind uses (functional ``F.linear``)
     are seen by the dispatch-mode recorder. Wanda needs the per-feature sum of squares (the same
-    float32 sums, in the same order, as the whole-model path); SparseGPT the Hessian ``X^T X``.
+    float32 sums, in the same order, as the whole-model path); SparseGPT the Hessian ``X^T X``,
+    and the sum of squares too where it takes the columns by descending input energy.
 
     After :meth:`stop_early`, a batch's forward ends as soon as every target has had its inputs
     of that batch: the statistics are the same, the layers after the last one never run.
@@ -406,7 +424,9 @@ class BlockInputStats:
         self.model = model
         self.targets = list(targets)
         self.need_hessian = {t.param for t in targets if _is_sparse_gpt(t.group)}
-        self.need_sumsq = {t.param for t in targets if t.param not in self.need_hessian}
+        # Wanda's statistic; also SparseGPT's column order where it takes one (_uses_act_order)
+        self.need_sumsq = {t.param for t in targets
+                           if t.param not in self.need_hessian or _uses_act_order(t)}
         self.stat_of: dict[str, _InputStat] = {}
         # input id -> (weak reference to it, its statistic): a weak reference lets an input die
         # when the forward drops it (q/k/v's input is dead by the MLP), and tells a new tensor
