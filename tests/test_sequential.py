@@ -609,3 +609,37 @@ def test_hessian_sums_and_means_by_chunks_equal_whole_tensor_operations():
     stats.stat_of["w"].hessian, stats.stat_of["w"].count = total, 1536
     mean = stats.hessian(type("T", (), {"param": "w"})())
     assert mean.dtype == torch.float32 and torch.equal(mean, (whole / 1536).to(torch.float32))
+
+
+def test_sparse_gpt_unstructured_takes_the_columns_in_act_order():
+    """Local 1x1 SparseGPT processes each layer's columns by descending input energy (the
+    default), or left to right with ``sparse_gpt_act_order: false``. Block 0's o_proj (its own
+    input, the dense model's) equals an independent computation: the Hessian from whole-model
+    forwards, the order from its diagonal, the paper's algorithm on the permuted columns; every
+    layer keeps exactly half its weights either way; 2:4 ignores the key."""
+    from fxprune.criteria.sparse_gpt import act_order, inverse_hessian_factor, sparsegpt_prune
+
+    model, calib = _llama(2), _calib()
+    name = "model.layers.0.self_attn.o_proj"
+    H = _independent_statistics(model, [name], calib, hessian=True)[name]
+    order = act_order(H.diagonal())
+    W = model.get_submodule(name).weight.detach()
+    U = inverse_hessian_factor(H.unsqueeze(0), 0.01, order=order)[0]
+    expected, expected_mask = sparsegpt_prune(W, U, 128, counts=[W.numel() // 2],
+                                              rows=[W.shape[0]], order=order)
+    natural = inverse_hessian_factor(H.unsqueeze(0), 0.01)[0]
+    _, natural_mask = sparsegpt_prune(W, natural, 128, counts=[W.numel() // 2], rows=[W.shape[0]])
+    assert not torch.equal(expected_mask, natural_mask)      # the order matters on this layer
+    outs = {flag: _prune(model, _cfg("sparse_gpt", sparse_gpt_act_order=flag), calib)
+            for flag in (True, False)}
+    for flag, mask in ((True, expected_mask), (False, natural_mask)):
+        got = outs[flag].get_submodule(name).weight.detach()
+        assert torch.equal(got == 0, mask), flag
+        if flag:
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        for n, m in outs[flag].model.layers.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                assert int((m.weight == 0).sum()) == m.weight.numel() // 2, n
+    two_four = [_weights(_prune(model, _cfg("sparse_gpt", "2:4", sparse_gpt_act_order=flag), calib))
+                for flag in (True, False)]
+    assert all(torch.equal(two_four[0][n], two_four[1][n]) for n in two_four[0])

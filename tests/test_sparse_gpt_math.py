@@ -1,14 +1,16 @@
 """SparseGPT's per-layer math (``fxprune/criteria/sparse_gpt.py``): the column loop against a
-float64 transcription of the paper's algorithm, the adaptive N:M choice, the triangular inverse,
-and the row split (rows solved apart equal the whole)."""
+float64 transcription of the paper's algorithm (in the original column order and in act order),
+the adaptive N:M choice, the triangular inverse, and the row split (rows solved apart equal the
+whole)."""
 import threading
 
 import pytest
 import torch
 
-from fxprune.criteria.sparse_gpt import (hessian_from_factor, inverse_hessian_factor,
-                                         lower_triangular_inverse, refine_kept_weights,
-                                         reverse_square_, sparsegpt_prune, unstructured_block_mask)
+from fxprune.criteria.sparse_gpt import (act_order, hessian_from_factor, inverse_hessian_factor,
+                                         lower_triangular_inverse, permute_square,
+                                         refine_kept_weights, reverse_square_, sparsegpt_prune,
+                                         unstructured_block_mask)
 from fxprune.patterns.ninm import NInMPattern, n_lowest_of_each_column
 
 def _paper_sparsegpt(W, H, sparsity=0.0, prunen=0, prunem=0, blocksize=128, percdamp=0.01):
@@ -339,3 +341,66 @@ def test_refine_in_row_chunks_equals_one_chunk(monkeypatch):
     monkeypatch.setattr(sg, "REFINE_ROWS", 16)                # chunks of 16, 16 and 8 rows
     torch.testing.assert_close(refine_kept_weights(W, start, pruned, Hd, 10), whole,
                                rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- act order
+def test_act_order_is_descending_diag_with_ties_to_the_lower_index():
+    d = torch.tensor([1.0, 3.0, 0.0, 3.0, 2.0, 1.0])
+    assert act_order(d).tolist() == [1, 3, 4, 0, 5, 2]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_permute_square_equals_indexing(overwrite):
+    A = torch.randn(2, 7, 7, generator=torch.Generator().manual_seed(0))
+    perm = torch.randperm(7, generator=torch.Generator().manual_seed(1))
+    expected = A[:, perm][:, :, perm]
+    got = permute_square(A.clone() if overwrite else A, perm, overwrite=overwrite)
+    assert torch.equal(got, expected)
+
+
+def test_inverse_hessian_factor_with_an_order_is_the_factor_of_the_permuted_hessian():
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(300, 90, generator=g) * torch.rand(90, generator=g) * 3
+    X[:, 11] = 0                                       # a dead column
+    H = (X.T @ X / 300).unsqueeze(0)
+    order = act_order(H[0].diagonal())
+    expected = inverse_hessian_factor(H[:, order][:, :, order].contiguous(), 0.01)
+    assert torch.equal(inverse_hessian_factor(H, 0.01, order=order), expected)
+    assert torch.equal(inverse_hessian_factor(H.clone(), 0.01, overwrite=True, order=order), expected)
+
+
+# 80 columns in blocks of 32 (a partial last block), 328 in blocks of 128
+@pytest.mark.parametrize("shape,blocksize", [((24, 80), 32), ((40, 328), 128)])
+@pytest.mark.parametrize("kind", ["unstructured", "fixed"])
+def test_act_order_equals_the_paper_on_the_permuted_columns(kind, shape, blocksize):
+    """With ``order``, SparseGPT is the paper's algorithm run on the columns (and the Hessian)
+    taken in that order, the results put back in the original order: the float64 transcription
+    on the permuted layer, un-permuted, gives the same mask (exact per-layer count, each block's
+    share counted in the processing order) and weights."""
+    W, H = _layer(*shape)
+    order = act_order(H.diagonal())
+    assert not torch.equal(order, torch.arange(shape[1]))  # a real permutation of this layer
+    back = torch.argsort(order)
+    U = inverse_hessian_factor(H.unsqueeze(0), 0.01, order=order)[0]
+    Wp, Hp = W[:, order], H[order][:, order]
+    if kind == "unstructured":
+        k = W.numel() // 2
+        ref, ref_mask = _paper_sparsegpt(Wp, Hp, sparsity=0.5, blocksize=blocksize)
+        new, pruned = sparsegpt_prune(W, U, blocksize, counts=[k], rows=[W.shape[0]], order=order)
+        assert int(pruned.sum()) == k
+        first = order[:blocksize]                          # the first block: the top-energy columns
+        assert int(pruned[:, first].sum()) == (k * blocksize) // shape[1]
+    else:
+        fixed = torch.rand(W.shape, generator=torch.Generator().manual_seed(3)) < 0.4
+        ref, ref_mask = _fixed_reference(Wp, Hp, fixed[:, order], blocksize), fixed[:, order]
+        new, pruned = sparsegpt_prune(W, U, blocksize, fixed=fixed, order=order)
+    assert torch.equal(pruned, ref_mask[:, back])
+    assert torch.equal(new == 0, pruned | (W == 0))
+    torch.testing.assert_close(new.double(), ref[:, back], rtol=0, atol=2e-4)
+
+
+def test_act_order_is_refused_for_n_of_m():
+    W, H = _layer()
+    U = inverse_hessian_factor(H.unsqueeze(0), 0.01)[0]
+    with pytest.raises(ValueError, match="N:M groups keep the original column order"):
+        sparsegpt_prune(W, U, 32, n_of_m=(2, 4), order=torch.arange(W.shape[1]).flip(0))
