@@ -183,8 +183,8 @@ def inverse_hessian_factor(H: Tensor, percdamp: float, name: str = "", *,
 def act_order(diag_h: Tensor) -> Tensor:
     """The columns by descending ``diag(H)`` (ties to the lower index): the order in which
     :func:`sparsegpt_prune` takes them with its ``order`` argument (GPTQ's "act order"). The
-    columns with the most input energy go first, while the most later columns remain to absorb
-    the error of their pruned weights."""
+    columns with the most input energy go first, while nearly all the others are still there to
+    absorb their pruned weights' error."""
     return torch.argsort(diag_h, descending=True, stable=True)
 
 
