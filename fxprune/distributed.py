@@ -198,8 +198,8 @@ class Distributed:
         ranks solving rows with it as soon as it is computed, each solved row range to every other
         rank as soon as it is solved (with an error flag: a rank's error stops every rank with
         its message, without a status exchange per step when all goes well). Each rank computes
-        its factors first, then solves the rows of its own factors, largest first, then the
-        others' as their factors arrive. It returns once its own solves are done and sent: the
+        its factors first, then solves its rows in group order (the forward's: the other ranks'
+        next forward needs the first layers first). It returns once its own solves are done and sent: the
         other ranks' rows may still be on their way (:meth:`SolvedRows.get` waits for a group's)."""
         dist = _dist()
         self.drain()
@@ -254,10 +254,9 @@ class Distributed:
                     ).to(self.device).contiguous()
             sends += [dist.isend(wire, self._peer(r), group=self.group, tag=_tag(_FACTOR, g))
                       for r in sorted(users)]
+        # in the order of the forward (groups come first-seen): the other ranks write and use
+        # the first layers' rows in their next forward while this rank solves the later ones
         mine = [k for k, (g, r, _, _) in enumerate(pieces) if r == self.rank]
-        # own factors first, largest first (the last one's rows are the only ones not sent
-        # while this rank still computes)
-        mine.sort(key=lambda k: (pieces[k][0] in recvs, -(pieces[k][3] - pieces[k][2]) * cols[pieces[k][0]], k))
         solved: dict[int, tuple[Tensor, Tensor]] = {}
         owner_failed = False        # a NaN factor: its owner failed (and may send no rows)
         for k in mine:
@@ -492,16 +491,13 @@ def plan_sparse_gpt(cols: Sequence[int], rows: Sequence[int], cuts: Sequence[Seq
 
     def finish(pieces, owners) -> float:
         # when the last rank is done, computing as split_sparse_gpt does: its factors in group
-        # order, then the rows of its own factors, largest first, then the rows of factors from
-        # other ranks (largest first), each once its factor is ready on its owner
+        # order, then its rows in group order (the forward's), each once its factor is ready
         owner = {g: r for (g, _, _, with_factor), r in zip(pieces, owners) if with_factor}
         ready, clock = {}, [0.0] * world
         for g in sorted(owner):
             clock[owner[g]] += factor_cost(cols[g]) * fs[g]
             ready[g] = clock[owner[g]]
-        rows_of = sorted(((owner[g] != r, -(r1 - r0) * cols[g], g, r0, r1, r)
-                          for (g, r0, r1, _), r in zip(pieces, owners) if r1 > r0))
-        for _, _, g, r0, r1, r in rows_of:
+        for g, r0, r1, r in sorted((g, r0, r1, r) for (g, r0, r1, _), r in zip(pieces, owners) if r1 > r0):
             clock[r] = max(clock[r], ready[g]) + solve_cost(r1 - r0, cols[g]) * ss[g]
         return max(clock)
 
