@@ -175,7 +175,8 @@ def report(world: int, results: list[dict], blocks: int, events: bool) -> None:
             vals = [r["sums"].get((b, label)) for r in results]
             if any(vals):
                 vals = [v or [0, 0.0, 0.0, 0.0, 0.0] for v in vals]
-                parts.append(f"{label} " + "/".join(f"{v[2] * 1e3:.0f}({(v[1] - v[2] - v[3]) * 1e3:.0f})" for v in vals))
+                parts.append(f"{label} " + "/".join(
+                    f"{v[2] * 1e3:.0f}({(v[1] - v[2] - v[3]) * 1e3:.0f})" for v in vals))
         print(f"  block {b}: " + "; ".join(parts))
     if events and world > 1:
         t0 = min(r["t0"] for r in results)

@@ -199,8 +199,9 @@ class Distributed:
         rank as soon as it is solved (with an error flag: a rank's error stops every rank with
         its message, without a status exchange per step when all goes well). Each rank computes
         its factors first, then solves its rows in group order (the forward's: the other ranks'
-        next forward needs the first layers first). It returns once its own solves are done and sent: the
-        other ranks' rows may still be on their way (:meth:`SolvedRows.get` waits for a group's)."""
+        next forward needs the first layers first). It returns once its own solves are done and
+        sent: the other ranks' rows may still be on their way (:meth:`SolvedRows.get` waits for
+        a group's)."""
         dist = _dist()
         self.drain()
         cols = [shared[0].geometry.view_shape[1] for shared in shared_groups]
