@@ -25,6 +25,7 @@ import torch
 from ..aten import shape_of
 from ..flops import GraphFlops, flop_counter
 from ..inputs import eval_mode, output_tensors, split_inputs
+from .classes import sorted_unique
 from .hf_config import update_hf_configs, warn_not_described
 from .slicing import Undo, count_params, slice_model, tensor_getter
 from .values import Chan, ParamRef
@@ -248,7 +249,7 @@ def summary(model, targets, plan, figures: dict) -> dict:
     cuts = np.flatnonzero(np.diff(space[by_space])) + 1
     span = max(len(classes.params), 1)
     layers_of = defaultdict(list)                                 # space -> its layers
-    for key in np.unique(space[classes.link_class] * span + classes.link_layer).tolist():
+    for key in sorted_unique(space[classes.link_class] * span + classes.link_layer).tolist():
         layers_of[key // span].append(classes.params[key % span])
     groups = []
     for members in sorted(np.split(by_space, cuts) if by_space.size else [], key=lambda m: m[0]):
