@@ -155,6 +155,12 @@ def _meta(value):
     return value
 
 
+def _snake_case(name: str) -> str:
+    """The node name ``graph.placeholder(name)`` asks for (fx's snake case of ``name``); a name
+    without capitals is its own, so fx's regular expression runs only on the others."""
+    return name if name == name.lower() else fx.graph._snake_case(name)
+
+
 def _qualname(module: nn.Module) -> str:
     cls = type(module)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -211,11 +217,22 @@ class _Recorder:
     # ------------------------------------------------------------------ graph building
     def _placeholder(self, name: str, t: torch.Tensor) -> fx.Node:
         if self.first_op is None:
-            node = self.graph.placeholder(name)
+            node = self._new_node("placeholder", name, (), {}, _snake_case(name))
         else:
             with self.graph.inserting_before(self.first_op):
-                node = self.graph.placeholder(name)
+                node = self._new_node("placeholder", name, (), {}, _snake_case(name))
         node.meta["val"] = _meta(t)
+        return node
+
+    def _new_node(self, op: str, target, args: tuple, kwargs: dict, name: str) -> fx.Node:
+        """``graph.create_node(op, target, args, kwargs, name=name)``, the arguments set on the
+        node after it is made: the same node, without ``create_node``'s walk over every argument
+        (a check for symbolic sizes, which a real forward does not have)."""
+        node = self.graph.create_node(op, target, name=name)
+        if args:
+            node.args = args
+        if kwargs:
+            node.kwargs = kwargs
         return node
 
     def add_inputs(self, args: tuple, kwargs: dict) -> None:
@@ -289,7 +306,7 @@ class _Recorder:
         return out
 
     def _record(self, target, name: str, args, kwargs, out) -> None:
-        node = self.graph.create_node("call_function", target, self._arg(args), self._arg(kwargs), name=name)
+        node = self._new_node("call_function", target, self._arg(args), self._arg(kwargs), name)
         if self.first_op is None:
             self.first_op = node
         node.meta["nn_module_stack"] = self.stack[-1]
@@ -299,8 +316,7 @@ class _Recorder:
         elif isinstance(out, (list, tuple)):
             for i, t in enumerate(out):
                 if isinstance(t, torch.Tensor):
-                    item = self.graph.create_node("call_function", operator.getitem, (node, i),
-                                                  name="getitem")
+                    item = self._new_node("call_function", operator.getitem, (node, i), {}, "getitem")
                     item.meta["nn_module_stack"] = node.meta["nn_module_stack"]
                     item.meta["val"] = node.meta["val"][i]
                     self._set_node(t, item)
