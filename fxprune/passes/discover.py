@@ -13,8 +13,8 @@ import warnings
 from torch import fx, nn
 
 from ..errors import FxPruneError
-from ..aten import (ADDMM_BIAS, CONV_ND, LINEAR_WEIGHT_ARGS, arg, batch_norm_positions, conv_positions,
-                    is_conv, is_hf_conv1d, is_weight_layer, named_arg, op_name)
+from ..aten import (ADDMM_BIAS, CONV_ND, LINEAR_WEIGHT_ARGS, ModuleLookup, arg, batch_norm_positions,
+                    conv_positions, is_conv, is_hf_conv1d, is_weight_layer, named_arg, op_name)
 from ..geometry import WeightGeometry
 from .base import Pass
 from .capture import canonical_names
@@ -54,41 +54,6 @@ def owner_type(model: nn.Module, param: str, lookup: "ModuleLookup | None" = Non
     except AttributeError:
         return None
     return type(owner).__name__ if is_weight_layer(owner) else None
-
-
-class ModuleLookup:
-    """``model.get_submodule`` / ``get_parameter`` for many names, and each parameter's aliases in
-    ``canonical``, from one walk of the modules and one of the names (``get_submodule`` walks and
-    checks every step of a path, and the aliases of one name would scan every name). A name the
-    walk does not know goes to ``model``'s own methods (same results and errors)."""
-
-    def __init__(self, model: nn.Module, canonical: dict[str, str]):
-        self.model, self.canonical = model, canonical
-        self._modules: dict[str, nn.Module] | None = None
-        self._aliases: dict[str, list[str]] | None = None
-
-    def submodule(self, name: str) -> nn.Module:
-        if self._modules is None:
-            self._modules = dict(self.model.named_modules(remove_duplicate=False))
-        module = self._modules.get(name)
-        return module if module is not None else self.model.get_submodule(name)
-
-    def parameter(self, name: str) -> nn.Parameter:
-        module_name, _, attr = name.rpartition(".")
-        if self._modules is None:
-            self._modules = dict(self.model.named_modules(remove_duplicate=False))
-        module = self._modules.get(module_name)
-        p = module._parameters.get(attr) if module is not None else None
-        return p if p is not None else self.model.get_parameter(name)
-
-    def aliases(self, param: str) -> list[str]:
-        """The other names of ``param`` (tied weights), in ``canonical``'s order."""
-        if self._aliases is None:
-            self._aliases = {}
-            for a, c in self.canonical.items():
-                if a != c:
-                    self._aliases.setdefault(c, []).append(a)
-        return self._aliases.get(param, [])
 
 
 class DiscoverPass(Pass):
