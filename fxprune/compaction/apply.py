@@ -151,15 +151,20 @@ def nothing_to_compact(model, plan) -> dict:
 
 def zero_removed(model, plan) -> None:
     """Zero the removed classes' entries of every source/zero-role tensor (biases, norm affine)."""
+    axes = [(key, ax.atoms.ravel()) for key, ax in plan.analysis.axes.items() if ax.roles & {"source", "zero"}]
+    if not axes:
+        return
+    # one lookup for the atoms of every axis, then each axis's removed entries
+    ends = np.cumsum([atoms.size for _, atoms in axes])
+    hit = np.flatnonzero(plan.dead_mask(np.concatenate([atoms for _, atoms in axes])))
+    owner = np.searchsorted(ends, hit, side="right")             # the axis of each removed entry
+    bounds = np.searchsorted(owner, np.arange(len(axes) + 1))
     tensor = tensor_getter(model)
     with torch.no_grad():
-        for (fqn, dim), ax in plan.analysis.axes.items():
-            if not ax.roles & {"source", "zero"}:
-                continue
-            dead = plan.dead_mask(ax.atoms)
-            if dead.any():
-                t = tensor(fqn)
-                t.index_fill_(dim, torch.as_tensor(np.flatnonzero(dead), device=t.device), 0)
+        for i in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():
+            (fqn, dim), start = axes[i][0], int(ends[i] - axes[i][1].size)
+            t = tensor(fqn)
+            t.index_fill_(dim, torch.as_tensor(hit[bounds[i]:bounds[i + 1]] - start, device=t.device), 0)
 
 
 def forward(model, args, kwargs, count_flops: bool = False):
