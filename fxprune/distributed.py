@@ -336,7 +336,7 @@ class Distributed:
         """Count the zeros of this rank's share of ``weight``'s rows (dim 0, ``world`` even
         ranges); :meth:`total_stats` sums the shares into the zero counts (every rank holds the
         same weights: one rank counting all of them repeats the others' work)."""
-        from .passes.sequential import count_zeros
+        from .report import count_zeros
 
         n = weight.shape[0]
         self.zero_shares[param] = count_zeros(weight[n * self.rank // self.world:n * (self.rank + 1) // self.world])

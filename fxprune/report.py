@@ -10,12 +10,28 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import FxPruneError, ReportError
 from .staging import staged_file
 
 REPORT_ATTR = "_fxprune_report"
+
+# Entries compared at a time by count_zeros: bounds its bool temporary (1 MiB) on a large weight.
+ZERO_COUNT_PIECE = 1 << 20
+
+
+def count_zeros(tensor: torch.Tensor) -> int:
+    """The zero entries of ``tensor`` (``-0.0`` counts), the count every report holds.
+
+    ``count_nonzero(t == 0)`` is several times faster on CPU than ``count_nonzero(t)`` on a float
+    tensor or ``(t == 0).sum()``; the comparison goes in row pieces of at most
+    ``ZERO_COUNT_PIECE`` entries, so a large weight never needs a same-sized temporary."""
+    if tensor.dim() == 0 or tensor.numel() <= ZERO_COUNT_PIECE:
+        return int(torch.count_nonzero(tensor == 0))
+    rows = max(1, ZERO_COUNT_PIECE // (tensor.numel() // tensor.shape[0]))
+    return sum(int(torch.count_nonzero(piece == 0)) for piece in tensor.split(rows))
 
 
 @dataclass

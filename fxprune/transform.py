@@ -14,7 +14,7 @@ from .compaction import ChannelAnalysis, compact_model, plan_zero_channels, summ
 from .config import PruningConfig
 from .criteria.base import get_criterion_class
 from .errors import FxPruneError
-from .report import attach_report, sparsity_report
+from .report import attach_report, count_zeros, sparsity_report
 from .passes import CAPTURE_PASSES, TRANSFORM_PASSES, AttachPass, PassManager, PruneContext, RecordPass
 from .passes.compact import compact_passes
 
@@ -135,7 +135,7 @@ def compact(model: nn.Module, example_inputs: Any, *, inplace: bool = False) -> 
     except FxPruneError:  # not pruned by fxprune: record what the weights hold
         for t in ctx.targets.values():
             w = ctx.model.get_parameter(t.param)
-            t.status = "pruned" if int(torch.count_nonzero(w)) < w.numel() else "excluded: no zero weights"
+            t.status = "pruned" if count_zeros(w) else "excluded: no zero weights"
         RecordPass()(ctx)
         report = ctx.report
     figures = compact_model(ctx.model, plan, example_inputs)

@@ -503,3 +503,24 @@ def test_each_modules_training_flag_is_kept(how):
                                 (x,), calibration=[(x,)], inplace=True)
     assert out is model and model.training and model.conv1.training and model.fc.training
     assert not model.bn1.training
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_count_zeros_counts_signed_zeros_in_pieces_and_views(monkeypatch, dtype):
+    from fxprune import report
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 29, generator=g).to(dtype)
+    w[torch.rand(37, 29, generator=g) < 0.4] = 0.0
+    w[torch.rand(37, 29, generator=g) < 0.1] = -0.0
+    expected = sum(1 for x in w.flatten().tolist() if x == 0.0)
+    assert expected > 400
+    assert report.count_zeros(w) == expected
+    assert report.count_zeros(w.t()) == expected          # a transposed (HF Conv1D) view
+    assert report.count_zeros(w[0]) == sum(1 for x in w[0].tolist() if x == 0.0)
+    assert report.count_zeros(torch.tensor(0.0)) == 1
+    monkeypatch.setattr(report, "ZERO_COUNT_PIECE", 50)   # pieces of one row (29 entries) and of
+    assert report.count_zeros(w) == expected               # one row (37 entries): every row counted
+    assert report.count_zeros(w.t()) == expected
+    monkeypatch.setattr(report, "ZERO_COUNT_PIECE", 100)  # pieces of 3 rows, the last one partial
+    assert report.count_zeros(w) == expected

@@ -37,7 +37,7 @@ from ..passes.mask import check_mask, mask_group
 from ..passes.record import build_report, layer_report
 from ..passes.score import _view_scores
 from ..patterns.base import BasePattern
-from ..report import SparsityReport
+from ..report import SparsityReport, count_zeros
 from ..selection import LazyScores
 from ..sequential import find_blocks, release_free_memory
 from .shards import PRUNABLE_DTYPES, CheckpointError, ShardSet, ShardWriter
@@ -228,7 +228,7 @@ class _Job:
         if not self.owns(t):        # another rank writes it
             return
         self.writer.write(self.key_of[t.param], weight)
-        self.zeros[t.param] = _count_zeros(weight)
+        self.zeros[t.param] = count_zeros(weight)
         if getattr(t.pattern, "prunes_output_channels", False):
             for name in ([t.bias] if t.bias else []) + t.channel_followers:
                 key = self.keys.find([name])
@@ -248,7 +248,7 @@ class _Job:
         with torch.no_grad():
             weight.mul_(from_view_2d(keep, t.geometry).to(dtype=weight.dtype))
         self.writer.write(self.key_of[t.param], weight)
-        self.zeros[t.param] = _count_zeros(weight)
+        self.zeros[t.param] = count_zeros(weight)
         if getattr(t.pattern, "prunes_output_channels", False):
             dead = ~keep.any(dim=1)
             for name in ([t.bias] if t.bias else []) + t.channel_followers:
@@ -335,7 +335,7 @@ class _Job:
             weight.masked_fill_(negative, -0.0)
             del pruned, negative
             self.writer.write_rows(key, start, weight, last=n == len(pieces) - 1)
-            zeros += _count_zeros(weight)
+            zeros += count_zeros(weight)
             del weight
         if not pieces:
             self.writer.write(key, self.read_weight(t))
@@ -353,7 +353,7 @@ class _Job:
         for share in row_pieces(entry.rows, entry.numel // max(entry.rows, 1), world):
             for start, stop in share:
                 release_free_memory()   # the last piece's freed buffer stays resident until trimmed
-                zeros += _count_zeros(self.shards.read_rows(key, start, stop))
+                zeros += count_zeros(self.shards.read_rows(key, start, stop))
         release_free_memory()
         return zeros
 
@@ -382,10 +382,6 @@ def _ranks_with_plans(pattern: BasePattern) -> bool:
     cls = type(pattern)
     own_masks = cls.get_masks.__module__.startswith("fxprune.patterns")
     return own_masks and cls.get_masks_global is BasePattern.get_masks_global
-
-
-def _count_zeros(t: torch.Tensor) -> int:
-    return t.numel() - int(torch.count_nonzero(t))
 
 
 class _BlockTicker:

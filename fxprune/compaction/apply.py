@@ -25,6 +25,7 @@ import torch
 from ..aten import shape_of
 from ..flops import GraphFlops, flop_counter
 from ..inputs import eval_mode, output_tensors, split_inputs
+from ..report import count_zeros
 from .classes import sorted_unique
 from .hf_config import update_hf_configs, warn_not_described
 from .slicing import Undo, count_params, slice_model, tensor_getter
@@ -270,7 +271,7 @@ def summary(model, targets, plan, figures: dict) -> dict:
         groups.append(entry)
     current = dict(model.named_parameters())
     layers = {n: {"shape_before": shape, "shape_after": list(current[n].shape),
-                  "zeros_after": int(current[n].numel() - torch.count_nonzero(current[n]))}
+                  "zeros_after": count_zeros(current[n])}
               for n, shape in shapes_before.items() if n in current and list(current[n].shape) != shape}
     return {"params_before": figures["params_before"], "params_after": figures["params_after"],
             "flops_before": figures["flops_before"], "flops_after": figures["flops_after"],

@@ -5,7 +5,7 @@ import torch
 
 from .._version import __version__
 from ..aten import ModuleLookup
-from ..report import LayerReport, SparsityReport, attach_report
+from ..report import LayerReport, SparsityReport, attach_report, count_zeros
 from .base import Pass
 from .context import PruneContext
 
@@ -22,7 +22,7 @@ class RecordPass(Pass):
             if t.param in ctx.zero_counts:   # counted when pruned (the weight may be released)
                 zeros = ctx.zero_counts[t.param]
             else:
-                zeros = numel - int(torch.count_nonzero(weight))
+                zeros = count_zeros(weight)
             layers.append(layer_report(t, zeros, numel))
         ctx.report = build_report(ctx, layers)
         attach_report(ctx.model, ctx.report)

@@ -31,6 +31,7 @@ from ..criteria.features import linear_features
 from ..criteria.sparse_gpt import group_refine_steps, inverse_hessian_factor, sparsegpt_prune
 from ..errors import ConfigError, WeightError
 from ..geometry import from_view_2d, to_view_2d
+from ..report import count_zeros
 from ..selection import budget
 from ..sequential import BlockList, BlockSequentialRunner, BlockStep, RunStats, find_blocks
 from .base import Pass
@@ -216,12 +217,6 @@ def record_inputs(ctx: PruneContext, step: BlockStep, targets, stage: bool = Fal
     if dist is not None:                # data-parallel: sum the statistics of every rank's batches
         dist.reduce_block_stats(stats, step.name)
     return stats
-
-
-def count_zeros(weight: Tensor) -> int:
-    """The zero entries of ``weight`` (``(w == 0).sum()``: several times faster than
-    ``count_nonzero`` on CPU)."""
-    return int((weight == 0).sum())
 
 
 def _is_sparse_gpt(group) -> bool:
