@@ -85,6 +85,7 @@ class Distributed:
         self.measured: list[tuple[tuple, list[float], list[float]]] = []
         self.scales: dict[tuple, tuple[list[float], list[float]]] = {}
         self.zero_shares: dict[str, int] = {}   # zeros counted in this rank's rows, per weight
+        self.pending_sends: list = []       # point-to-point sends not waited yet (see drain)
 
     # ------------------------------------------------------------------ errors
     def check(self, stage: str, error: str | None = None) -> None:
@@ -182,9 +183,10 @@ class Distributed:
         return _RankInputStats(model, targets, self)
 
     def split_sparse_gpt(self, shared_groups: Sequence[list], factor: Callable,
-                         solve: Callable, cuts: Callable, stats: Any) -> list[tuple[Tensor, Tensor]]:
+                         solve: Callable, cuts: Callable, stats: Any) -> "SolvedRows":
         """The SparseGPT solves of one block's layers, divided among the ranks; every rank
-        returns every group's ``(new float32 rows, pruned mask)``.
+        gets every group's ``(new float32 rows, pruned mask)`` from the returned
+        :class:`SolvedRows`, group by group as the other ranks' rows arrive.
 
         ``factor(shared)``: the inverse Hessian factor of layers sharing one input;
         ``solve(shared, u, r0, r1)``: rows ``[r0, r1)`` of their stacked 2-D views, updated;
@@ -196,9 +198,12 @@ class Distributed:
         ranks solving rows with it as soon as it is computed, each solved row range to every other
         rank as soon as it is solved (with an error flag: a rank's error stops every rank with
         its message, without a status exchange per step when all goes well). Each rank computes
-        its factors first, then solves the rows of its own factors, largest first, then the
-        others' as their factors arrive."""
+        its factors first, then solves its rows in group order (the forward's: the other ranks'
+        next forward needs the first layers first). It returns once its own solves are done and
+        sent: the other ranks' rows may still be on their way (:meth:`SolvedRows.get` waits for
+        a group's)."""
         dist = _dist()
+        self.drain()
         cols = [shared[0].geometry.view_shape[1] for shared in shared_groups]
         rows = [sum(t.geometry.view_shape[0] for t in shared) for shared in shared_groups]
         key = tuple(zip(cols, rows))
@@ -250,10 +255,9 @@ class Distributed:
                     ).to(self.device).contiguous()
             sends += [dist.isend(wire, self._peer(r), group=self.group, tag=_tag(_FACTOR, g))
                       for r in sorted(users)]
+        # in the order of the forward (groups come first-seen): the other ranks write and use
+        # the first layers' rows in their next forward while this rank solves the later ones
         mine = [k for k, (g, r, _, _) in enumerate(pieces) if r == self.rank]
-        # own factors first, largest first (the last one's rows are the only ones not sent
-        # while this rank still computes)
-        mine.sort(key=lambda k: (pieces[k][0] in recvs, -(pieces[k][3] - pieces[k][2]) * cols[pieces[k][0]], k))
         solved: dict[int, tuple[Tensor, Tensor]] = {}
         owner_failed = False        # a NaN factor: its owner failed (and may send no rows)
         for k in mine:
@@ -285,44 +289,33 @@ class Distributed:
             sends += [dist.isend(x, self._peer(r), group=self.group, tag=_tag(kind, k))
                       for r in range(self.world) if r != self.rank
                       for kind, x in zip(_ROW_KINDS, parts)]
-        for work in sends:
-            self._wait(work, stage)
-        for _, works in incoming.values():
-            for work in works:
-                self._wait(work, stage)
-        received = {k: tuple(x.cpu() for x in parts) for k, (parts, _) in incoming.items()}
-        if error is not None or owner_failed or any(int(flag) for flag, _, _ in received.values()):
-            if error is not None:
-                self._report(stage, error)
-                raise error
-            self.check(stage)           # raises: the failed ranks' messages
-        def piece(k):
-            if k not in received:
-                return solved[k]
-            _, new, pruned = received[k]
-            return new, pruned.view(torch.bool)
-
+        # this rank's sends complete in the background (waited at the next collective step):
+        # what follows (writing rows, the next forward) does not wait for the transfers
+        self.pending_sends += sends
         if self.device.type == "cpu":   # GPU kernels run asynchronously: CPU time says nothing
             modelled = [factor_cost(c) for c in cols] + [
                 sum(solve_cost(r1 - r0, cols[g]) for _, r0, r1 in plan.ranges[g]) for g in range(len(cols))]
             self.measured.append((key, spent, modelled))
-        results = []
-        for g in range(len(cols)):
-            ks = [k for k, p in enumerate(pieces) if p[0] == g]
-            if len(ks) == 1:                # one range: its tensors as they are, no copy
-                results.append(piece(ks[0]))
-                continue
-            new = torch.empty(rows[g], cols[g], dtype=torch.float32)
-            pruned = torch.empty(rows[g], cols[g], dtype=torch.bool)
-            for k in ks:
-                r0, r1 = pieces[k][2:]
-                new[r0:r1], pruned[r0:r1] = piece(k)
-            results.append((new, pruned))
-        return results
+        arriving = SolvedRows(self, stage, cols, rows, pieces, solved, incoming)
+        if error is not None or owner_failed:
+            self.drain(stage)
+            arriving.wait_all()
+            if error is not None:
+                self._report(stage, error)
+                raise error
+            self.check(stage)           # raises: the failed ranks' messages
+        return arriving
 
     def learn_costs(self, measured: list, spent: list[float]) -> None:
         """Keep :func:`learned_scales` of the last SparseGPT steps for the next plans."""
         self.scales.update(learned_scales(measured, spent))
+
+    def drain(self, stage: str = "the sparse_gpt solves") -> None:
+        """Wait for this rank's point-to-point sends still in flight (a step's sends complete in
+        the background; every collective step waits for them first)."""
+        sends, self.pending_sends = self.pending_sends, []
+        for work in sends:
+            self._wait(work, stage)
 
     def _wait(self, work, stage: str) -> None:
         try:
@@ -346,6 +339,7 @@ class Distributed:
         batches, block forwards (stopped early or not) and spilled tensors (every rank captured
         every batch); and into ``zero_counts``, the zeros each rank counted in its share of the
         pruned weights (:meth:`count_zeros_share`), in the same all-reduce."""
+        self.drain()
         self.check("the end of the block-sequential calibration")
         shares, self.zero_shares = self.zero_shares, {}
         (total,) = self.all_reduce_sum([torch.tensor(
@@ -358,8 +352,61 @@ class Distributed:
 
     def reduce_block_stats(self, stats, block_name: str) -> None:
         """Sum one block's input statistics over the ranks (every rank ends with the same)."""
+        self.drain()
         self.check(f"block {block_name}")
         stats.reduce()
+
+
+class SolvedRows:
+    """The rows of one SparseGPT step (:meth:`Distributed.split_sparse_gpt`): this rank's own,
+    and the other ranks' as they arrive. :meth:`get` waits for one group's pieces only, so a
+    rank can write and use the layers whose rows are in while the others' are still on their
+    way; :meth:`wait_all` waits for everything left. A piece flagged by a failed rank makes
+    every rank raise with that rank's message (a status exchange the failed rank joins)."""
+
+    def __init__(self, d: Distributed, stage: str, cols, rows, pieces, solved, incoming):
+        self.d, self.stage = d, stage
+        self.cols, self.rows, self.pieces = cols, rows, pieces
+        self.solved, self.incoming = solved, incoming
+        self.received: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def _receive(self, k: int) -> tuple[Tensor, Tensor]:
+        if k in self.solved:
+            return self.solved[k]
+        if k not in self.received:
+            parts, works = self.incoming.pop(k)
+            for work in works:
+                self.d._wait(work, self.stage)
+            flag, new, pruned = (x.cpu() for x in parts)
+            if int(flag):
+                self.d.check(self.stage)        # raises: the failed ranks' messages
+            self.received[k] = (new, pruned.view(torch.bool))
+        return self.received[k]
+
+    def wait_all(self) -> None:
+        """Wait for every piece not received yet (without checking their flags)."""
+        for k in list(self.incoming):
+            parts, works = self.incoming.pop(k)
+            for work in works:
+                self.d._wait(work, self.stage)
+            self.received[k] = (parts[1].cpu(), parts[2].cpu().view(torch.bool))
+
+    def ready(self, g: int) -> bool:
+        """Whether group ``g``'s rows are all here (solved on this rank or received)."""
+        return all(k in self.solved or k in self.received
+                   for k, p in enumerate(self.pieces) if p[0] == g)
+
+    def get(self, g: int) -> tuple[Tensor, Tensor]:
+        """Group ``g``'s ``(new float32 rows, pruned mask)``, once all its pieces are in."""
+        ks = [k for k, p in enumerate(self.pieces) if p[0] == g]
+        if len(ks) == 1:                # one range: its tensors as they are, no copy
+            return self._receive(ks[0])
+        new = torch.empty(self.rows[g], self.cols[g], dtype=torch.float32)
+        pruned = torch.empty(self.rows[g], self.cols[g], dtype=torch.bool)
+        for k in ks:
+            r0, r1 = self.pieces[k][2:]
+            new[r0:r1], pruned[r0:r1] = self._receive(k)
+        return new, pruned
 
 
 def init_from_env(timeout_s: float) -> bool:
@@ -445,16 +492,13 @@ def plan_sparse_gpt(cols: Sequence[int], rows: Sequence[int], cuts: Sequence[Seq
 
     def finish(pieces, owners) -> float:
         # when the last rank is done, computing as split_sparse_gpt does: its factors in group
-        # order, then the rows of its own factors, largest first, then the rows of factors from
-        # other ranks (largest first), each once its factor is ready on its owner
+        # order, then its rows in group order (the forward's), each once its factor is ready
         owner = {g: r for (g, _, _, with_factor), r in zip(pieces, owners) if with_factor}
         ready, clock = {}, [0.0] * world
         for g in sorted(owner):
             clock[owner[g]] += factor_cost(cols[g]) * fs[g]
             ready[g] = clock[owner[g]]
-        rows_of = sorted(((owner[g] != r, -(r1 - r0) * cols[g], g, r0, r1, r)
-                          for (g, r0, r1, _), r in zip(pieces, owners) if r1 > r0))
-        for _, _, g, r0, r1, r in rows_of:
+        for g, r0, r1, r in sorted((g, r0, r1, r) for (g, r0, r1, _), r in zip(pieces, owners) if r1 > r0):
             clock[r] = max(clock[r], ready[g]) + solve_cost(r1 - r0, cols[g]) * ss[g]
         return max(clock)
 
@@ -727,5 +771,5 @@ def _RankInputStats(model, targets, d):
     return _RANK_STATS(model, targets, d)
 
 
-__all__ = ["Distributed", "DistributedError", "SparseGPTPlan", "assign", "factor_cost", "init_from_env",
+__all__ = ["Distributed", "DistributedError", "SolvedRows", "SparseGPTPlan", "assign", "factor_cost", "init_from_env",
            "learned_scales", "mean_of_sum", "plan_sparse_gpt", "rank", "resolve", "solve_cost"]

@@ -268,6 +268,29 @@ class BlockStep:
         self.runner, self.index, self.block = runner, index, block
         self.name = runner.blocks.block_name(index)
         self.recorded = False
+        self._deferred: list[tuple[Callable[[], None], Callable[[], None] | None]] = []
+
+    def defer(self, finish: Callable[[], None], cleanup: Callable[[], None] | None = None) -> None:
+        """Run ``finish()`` once the block's pruned forward has made the next block's inputs
+        (right after ``process`` when there is none: the last block, dense propagation), before
+        ``on_block_end``; ``cleanup()`` runs after it, or instead of it when the block fails.
+        For work ``process`` may leave to the forward (weights written by hooks as it reaches
+        them) and must finish before the block is handed back."""
+        self._deferred.append((finish, cleanup))
+
+    def finish(self) -> None:
+        """The deferred work (:meth:`defer`), in order; then every cleanup."""
+        try:
+            for fn, _ in self._deferred:
+                fn()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for _, cleanup in deferred:
+            if cleanup is not None:
+                cleanup()
 
     @property
     def outputs_needed(self) -> bool:
@@ -424,9 +447,13 @@ class BlockSequentialRunner:
                     if self.on_block_start is not None:
                         self.on_block_start(i, name, block)
                     step = BlockStep(self, i, block)
-                    process(step)
-                    if i + 1 < n:
-                        self._propagate(step)
+                    try:
+                        process(step)
+                        if i + 1 < n:
+                            self._propagate(step)
+                        step.finish()
+                    finally:
+                        step.close()
                     self._swap()
                     if self.on_block_end is not None:
                         self.on_block_end(i, name, block)

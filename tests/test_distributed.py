@@ -94,6 +94,16 @@ def _worker(rank, world, init, out_dir):
         learn(self, measured, spent)
         learned.setdefault(name, []).append({k: v for k, v in self.scales.items()})
     fd.Distributed.learn_costs = learning
+    late, plain_add, plain_finish = {}, seq.LateWrites.add, seq.LateWrites.finish
+
+    def deferring(self, g, modules):    # a group whose rows come from the other rank
+        self.deferred = getattr(self, "deferred", 0) + 1
+        plain_add(self, g, modules)
+
+    def finishing(self):                # the block's end: groups no forward has written yet
+        late.setdefault(name, []).append((self.deferred, len(self.pending)))
+        plain_finish(self)
+    seq.LateWrites.add, seq.LateWrites.finish = deferring, finishing
     results, forwards, zeros = {}, {}, {}
     for name, cfg in CASES.items():
         calls[0] = work[0] = work[1] = 0
@@ -106,7 +116,9 @@ def _worker(rank, world, init, out_dir):
         zeros[name] = tuple({layer.param: layer.zeros for layer in fxprune.sparsity_report(m).layers}
                             for m in (ref, par))
     seq.sparsegpt_prune, seq.inverse_hessian_factor = solve, factor
+    seq.LateWrites.add, seq.LateWrites.finish = plain_add, plain_finish
     fd.Distributed.learn_costs = learn
+    torch.save(late, os.path.join(out_dir, f"late.{rank}.pt"))
     torch.save((results, forwards), os.path.join(out_dir, f"transform.{rank}.pt"))
     torch.save(learned, os.path.join(out_dir, f"learned.{rank}.pt"))
     torch.save(zeros, os.path.join(out_dir, f"zeros.{rank}.pt"))
@@ -207,7 +219,7 @@ def runs(tmp_path_factory):
     init = f"file://{out / 'store'}"
     mp.spawn(_worker, args=(WORLD, init, str(out)), nprocs=WORLD)
     runs = {part: [torch.load(out / f"{part}.{r}.pt") for r in range(WORLD)]
-            for part in ("transform", "error", "checkpoint_errors", "split", "learned", "zeros")}
+            for part in ("transform", "error", "checkpoint_errors", "split", "learned", "zeros", "late")}
     runs["hang"] = torch.load(out / "hang.0.pt")
     runs["dir"] = out
     return runs
@@ -309,6 +321,18 @@ def test_sparse_gpt_work_is_split_between_the_ranks(runs):
         if case != "sparse_gpt_1x1_true_sequential":    # (a stage's step has a single factor)
             assert min(factors) > 0 and min(rows) > 0
     assert per_rank[0]["wanda_1x1"][1][1] == (0, 0)
+
+
+def test_rows_from_the_other_rank_are_written_as_the_next_forward_reaches_them(runs):
+    """A rank writes the rows it solved at once and the other rank's when the pruned forward
+    that makes the next block's inputs reaches their layer (a pre-hook: it starts that forward
+    while they may still be arriving); the last block has no such forward, so its other rank's
+    rows are all written at its end. The results above are still one process's."""
+    for late in runs["late"]:
+        for case in ("sparse_gpt_1x1", "sparse_gpt_2of4"):
+            (first_deferred, first_left), (last_deferred, last_left) = late[case]   # 2 blocks
+            assert first_deferred > 0 and first_left == 0
+            assert last_left == last_deferred > 0
 
 
 def test_factors_sent_between_ranks_give_the_same_result(runs):

@@ -216,6 +216,46 @@ def test_hooks_stream_blocks_from_meta():
     assert q.zeros == q.numel // 2 and q.status == "pruned"
 
 
+def test_deferred_block_work_runs_after_the_pruned_forward_before_on_block_end():
+    """``step.defer(finish, cleanup)``: work left to the forward that makes the next block's
+    inputs (weights written by hooks as it reaches them) is finished right after that forward,
+    or after ``process`` for the last block, before ``on_block_end``; when the block fails, only
+    the cleanup runs."""
+    from fxprune.sequential import BlockSequentialRunner
+
+    model, calib = _llama(2), _calib()      # 3 batches, kept apart: 3 forwards per block run
+    blocks = find_blocks(model)
+    events = []
+    for i, block in enumerate(blocks.modules):
+        block.register_forward_hook(lambda m, a, o, i=i: events.append(("forward", i)))
+
+    def process(step):
+        step.record()
+        events.append(("process", step.index))
+        step.defer(lambda: events.append(("finish", step.index)),
+                   cleanup=lambda: events.append(("cleanup", step.index)))
+
+    def run(model, blocks):
+        BlockSequentialRunner(model, blocks, calib, batch_tokens=0,
+                              on_block_end=lambda i, n, b: events.append(("end", i))).run(process)
+
+    run(model, blocks)
+    assert events == ([("forward", 0)] * 3 + [("process", 0)] + [("forward", 0)] * 3
+                      + [("finish", 0), ("cleanup", 0), ("end", 0)]
+                      + [("forward", 1)] * 3 + [("process", 1), ("finish", 1), ("cleanup", 1), ("end", 1)])
+    events.clear()
+    calls = [0]
+
+    def fail_in_the_pruned_forward(module, args):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise RuntimeError("the pruned forward failed")
+    blocks.modules[0].register_forward_pre_hook(fail_in_the_pruned_forward)
+    with pytest.raises(RuntimeError, match="the pruned forward failed"):
+        run(model, blocks)
+    assert events == [("forward", 0)] * 3 + [("process", 0), ("cleanup", 0)]
+
+
 def test_block_sequential_true_without_blocks_is_a_config_error(mlp):
     with pytest.raises(ConfigError, match="block_sequential: true"):
         fxprune.transform(mlp, _cfg("activation", block_sequential=True),

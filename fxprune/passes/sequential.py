@@ -176,6 +176,7 @@ def prune_block(ctx: PruneContext, p: BlockPlan, step: BlockStep) -> None:
         for t in targets:
             check_finite(t, model.get_parameter(t.param).detach())
     left = list(targets)
+    late = []       # rows of other ranks still arriving (data-parallel SparseGPT)
     while left:     # true_sequential: one stage of layers at a time, the earlier ones pruned
         stats = record_inputs(ctx, step, left, stage=ctx.config.true_sequential)
         stage = {t.param for t in stats.targets}
@@ -184,20 +185,31 @@ def prune_block(ctx: PruneContext, p: BlockPlan, step: BlockStep) -> None:
             if not group_targets:
                 continue
             if _is_sparse_gpt(group):
-                _sparse_gpt(ctx, group, group_targets, stats)
+                writes = _sparse_gpt(ctx, group, group_targets, stats)
+                if writes is not None:
+                    late.append(writes)
             else:
                 _activation(ctx, group, group_targets, stats)
         p.stages += 1
         left = [t for t in left if t.param not in stage]
         del stats               # not alive during the next stage's recording
-    dist = ctx.distributed
-    for t in targets:
-        weight = model.get_parameter(t.param).detach()
-        if dist is None:
-            ctx.zero_counts[t.param] = count_zeros(weight)
-        else:               # each rank counts its share of the rows; summed at the end
-            dist.count_zeros_share(t.param, weight)
-        t.status = "pruned"
+
+    def finish() -> None:
+        for writes in late:
+            writes.finish()
+        dist = ctx.distributed
+        for t in targets:
+            weight = model.get_parameter(t.param).detach()
+            if dist is None:
+                ctx.zero_counts[t.param] = count_zeros(weight)
+            else:               # each rank counts its share of the rows; summed at the end
+                dist.count_zeros_share(t.param, weight)
+            t.status = "pruned"
+
+    if late:    # the rows still arriving are written as the pruned forward reaches their layers
+        step.defer(finish, cleanup=lambda: [writes.close() for writes in late])
+    else:
+        finish()
 
 
 def record_inputs(ctx: PruneContext, step: BlockStep, targets, stage: bool = False) -> "BlockInputStats":
@@ -259,11 +271,49 @@ def _sparse_gpt(ctx, group, targets, stats: "BlockInputStats") -> None:
         # other groups' working copies are made (the groups are independent: same results)
         for shared in sorted(shared_groups, key=_input_width, reverse=True):
             apply(shared, *solve(shared, factor(shared), 0, _stacked_rows(shared)))
-    else:                   # factors and row ranges divided among the ranks, results gathered
-        results = ctx.distributed.split_sparse_gpt(
+    else:   # factors and row ranges divided among the ranks; the other ranks' rows are written
+        # when they are needed (the next forward reaching their layer) or at the block's end
+        arriving = ctx.distributed.split_sparse_gpt(
             shared_groups, factor, solve, lambda shared: row_cuts(shared, adaptive), stats=stats)
-        for shared, (new, pruned) in zip(shared_groups, results):
-            apply(shared, new, pruned)
+        writes = LateWrites(lambda g: apply(shared_groups[g], *arriving.get(g)))
+        for g, shared in enumerate(shared_groups):
+            modules = [_owner(ctx.model, t) for t in shared]
+            if arriving.ready(g) or any(m is None or t.uses_per_forward != 1
+                                        for m, t in zip(modules, shared)):
+                writes.write(g)
+            else:
+                writes.add(g, modules)
+        return writes if writes.pending else None
+
+
+class LateWrites:
+    """Writes of layers whose solved rows come from other ranks, done when first needed: a
+    forward pre-hook on each layer's module writes its group before the layer runs (so a rank
+    starts the pruned block's forward while rows are still on their way), :meth:`finish`
+    writes the rest; ``write(g)`` waits for group ``g``'s rows and writes them."""
+
+    def __init__(self, write):
+        self._write = write
+        self.pending: dict[int, list] = {}      # group -> its hook handles
+
+    def add(self, g: int, modules) -> None:
+        self.pending[g] = [m.register_forward_pre_hook(lambda module, args, g=g: self.write(g))
+                           for m in dict.fromkeys(modules)]
+
+    def write(self, g: int) -> None:
+        for handle in self.pending.pop(g, []):
+            handle.remove()
+        self._write(g)
+
+    def finish(self) -> None:
+        for g in sorted(self.pending):
+            self.write(g)
+
+    def close(self) -> None:
+        for handles in self.pending.values():
+            for handle in handles:
+                handle.remove()
+        self.pending.clear()
 
 
 def _input_width(shared) -> int:
