@@ -121,3 +121,41 @@ def is_conv(module: Any) -> bool:
 def is_weight_layer(module: Any) -> bool:
     """A module that *is* a linear or convolution op: ``nn.Linear``, ``nn.ConvNd``, HF ``Conv1D``."""
     return isinstance(module, nn.Linear) or is_conv(module) or is_hf_conv1d(module)
+
+
+class ModuleLookup:
+    """``model.get_submodule`` / ``get_parameter`` for many names, and each parameter's aliases in
+    ``canonical`` (``capture.canonical_names``), from one walk of the modules and one of the names
+    (``get_submodule`` walks and checks every step of a path, about 14 us a call, and the aliases
+    of one name would scan every name). A name the walk does not know goes to ``model``'s own
+    methods (same results and errors). For one pass's loop over the targets: the modules are
+    looked up once, so a module replaced after that is not seen (tensors replaced are)."""
+
+    def __init__(self, model: nn.Module, canonical: dict[str, str] | None = None):
+        self.model, self.canonical = model, canonical or {}
+        self._modules: dict[str, nn.Module] | None = None
+        self._aliases: dict[str, list[str]] | None = None
+
+    def submodule(self, name: str) -> nn.Module:
+        module = self._module(name)
+        return module if module is not None else self.model.get_submodule(name)
+
+    def parameter(self, name: str) -> nn.Parameter:
+        module_name, _, attr = name.rpartition(".")
+        module = self._module(module_name)
+        p = module._parameters.get(attr) if module is not None else None
+        return p if p is not None else self.model.get_parameter(name)
+
+    def _module(self, name: str) -> nn.Module | None:
+        if self._modules is None:
+            self._modules = dict(self.model.named_modules(remove_duplicate=False))
+        return self._modules.get(name)
+
+    def aliases(self, param: str) -> list[str]:
+        """The other names of ``param`` (tied weights), in ``canonical``'s order."""
+        if self._aliases is None:
+            self._aliases = {}
+            for a, c in self.canonical.items():
+                if a != c:
+                    self._aliases.setdefault(c, []).append(a)
+        return self._aliases.get(param, [])

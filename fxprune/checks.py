@@ -7,6 +7,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from .aten import ModuleLookup
 from .errors import WeightError
 
 RANKABLE = "real floating point (float32, float16, bfloat16, float64)"
@@ -32,8 +33,9 @@ def check_weight(t, weight: Tensor) -> None:
 
 def check_weights(model: nn.Module, targets: Iterable) -> None:
     """:func:`check_weight` for every target, in graph order."""
+    lookup = ModuleLookup(model)
     for t in targets:
-        check_weight(t, model.get_parameter(t.param).detach())
+        check_weight(t, lookup.parameter(t.param).detach())
 
 
 def nonfinite_count(x: Tensor) -> int:

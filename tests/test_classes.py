@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from fxprune.compaction.classes import ChannelClasses, class_score
+from fxprune.compaction.classes import ChannelClasses, class_score, sorted_unique
 from fxprune.compaction.plan import _select
 from fxprune.selection import budget, ceil_budget
 
@@ -120,3 +120,14 @@ def test_kept_rows_cover_every_target_including_layers_without_classes():
     assert kept["a"].tolist() == [False, True, False, True]
     assert kept["b"].tolist() == [True, False, False]
     assert kept["outside"].tolist() == [True] * 6
+
+
+def test_sorted_unique_is_numpy_unique():
+    rng = np.random.default_rng(0)
+    for size in (0, 1, 2, 7, 500):
+        for high in (1, 4, 1000):
+            values = rng.integers(-3, high, size)
+            expected = np.unique(values)
+            got = sorted_unique(values)
+            assert got.dtype == expected.dtype and got.tolist() == expected.tolist()
+    assert sorted_unique(np.array([[3, 1], [1, 3]])).tolist() == [1, 3]   # any shape, flattened

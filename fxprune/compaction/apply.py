@@ -26,6 +26,7 @@ from ..aten import shape_of
 from ..flops import GraphFlops, flop_counter
 from ..inputs import eval_mode, output_tensors, split_inputs
 from ..report import count_zeros
+from .classes import sorted_unique
 from .hf_config import update_hf_configs, warn_not_described
 from .slicing import Undo, count_params, slice_model, tensor_getter
 from .values import Chan, ParamRef
@@ -151,15 +152,20 @@ def nothing_to_compact(model, plan) -> dict:
 
 def zero_removed(model, plan) -> None:
     """Zero the removed classes' entries of every source/zero-role tensor (biases, norm affine)."""
+    axes = [(key, ax.atoms.ravel()) for key, ax in plan.analysis.axes.items() if ax.roles & {"source", "zero"}]
+    if not axes:
+        return
+    # one lookup for the atoms of every axis, then each axis's removed entries
+    ends = np.cumsum([atoms.size for _, atoms in axes])
+    hit = np.flatnonzero(plan.dead_mask(np.concatenate([atoms for _, atoms in axes])))
+    owner = np.searchsorted(ends, hit, side="right")             # the axis of each removed entry
+    bounds = np.searchsorted(owner, np.arange(len(axes) + 1))
     tensor = tensor_getter(model)
     with torch.no_grad():
-        for (fqn, dim), ax in plan.analysis.axes.items():
-            if not ax.roles & {"source", "zero"}:
-                continue
-            dead = plan.dead_mask(ax.atoms)
-            if dead.any():
-                t = tensor(fqn)
-                t.index_fill_(dim, torch.as_tensor(np.flatnonzero(dead), device=t.device), 0)
+        for i in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():
+            (fqn, dim), start = axes[i][0], int(ends[i] - axes[i][1].size)
+            t = tensor(fqn)
+            t.index_fill_(dim, torch.as_tensor(hit[bounds[i]:bounds[i + 1]] - start, device=t.device), 0)
 
 
 def forward(model, args, kwargs, count_flops: bool = False):
@@ -249,7 +255,7 @@ def summary(model, targets, plan, figures: dict) -> dict:
     cuts = np.flatnonzero(np.diff(space[by_space])) + 1
     span = max(len(classes.params), 1)
     layers_of = defaultdict(list)                                 # space -> its layers
-    for key in np.unique(space[classes.link_class] * span + classes.link_layer).tolist():
+    for key in sorted_unique(space[classes.link_class] * span + classes.link_layer).tolist():
         layers_of[key // span].append(classes.params[key % span])
     groups = []
     for members in sorted(np.split(by_space, cuts) if by_space.size else [], key=lambda m: m[0]):

@@ -67,16 +67,19 @@ class AtomSet:
 
 def components(n: int, edges: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """Connected components of ``n`` nodes: ``label[i]`` is the smallest node of i's component."""
-    label = np.arange(n, dtype=np.int64)
     if not edges:
-        return label
-    u = np.concatenate([e[0] for e in edges])
-    v = np.concatenate([e[1] for e in edges])
+        return np.arange(n, dtype=np.int64)
+    # worked in int32 where the ids fit (half the memory to write and fault in: the temporaries
+    # are as large as the edge list), returned as int64
+    dtype = np.int32 if n <= np.iinfo(np.int32).max else np.int64
+    label = np.arange(n, dtype=dtype)
+    u = np.concatenate([e[0] for e in edges], dtype=dtype, casting="same_kind")
+    v = np.concatenate([e[1] for e in edges], dtype=dtype, casting="same_kind")
     lu, lv = u, v                       # the labels of the ends (each node its own at first)
     while True:
         differ = lu != lv
         if not differ.any():
-            return label
+            return label.astype(np.int64, copy=False)
         u, v, lu, lv = u[differ], v[differ], lu[differ], lv[differ]
         np.minimum.at(label, np.maximum(lu, lv), np.minimum(lu, lv))   # hook each root under the smaller one
         while True:                     # pointer jumping: every node points at its root again

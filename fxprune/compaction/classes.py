@@ -134,6 +134,15 @@ def class_score(score_sum: np.ndarray, score_max: np.ndarray, size: np.ndarray, 
     return score_sum / np.maximum(size, 1)
 
 
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """The distinct values of an integer array, increasing: ``np.unique(values)`` by one sort
+    (``np.unique`` without indices imports ``numpy.ma`` on first use, about 12 ms of a cold run)."""
+    values = np.sort(values, axis=None)
+    if values.size < 2:
+        return values
+    return values[np.concatenate(([True], values[1:] != values[:-1]))]
+
+
 def ranked(score: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     """``candidates`` (class numbers, increasing) by ``(score, number)``, lowest first."""
     return candidates[np.argsort(score[candidates], kind="stable")]

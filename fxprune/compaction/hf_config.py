@@ -25,7 +25,7 @@ import numpy as np
 from torch import nn
 
 from ..aten import is_hf_conv1d
-from .classes import ranked
+from .classes import ranked, sorted_unique
 from .modules import ConfigView
 from .slicing import holders, replace_tensor, tensor_getter
 
@@ -303,7 +303,7 @@ def fit_hf_configs(model: nn.Module, an, classes, removed: np.ndarray, score: np
         of_channel = classes.index(an.roots(stream.atoms).ravel())   # each hidden channel's class, or -1
         dead_channel = (of_channel >= 0) & removed[np.maximum(of_channel, 0)]
         channels = np.bincount(of_channel[dead_channel], minlength=len(classes))  # per removed class
-        back = ranked(score, np.unique(of_channel[dead_channel])).tolist()   # best last
+        back = ranked(score, sorted_unique(of_channel[dead_channel])).tolist()   # best last
         hidden = int(of_channel.size - dead_channel.sum())
         trial = copy.deepcopy(config)
         if heads:

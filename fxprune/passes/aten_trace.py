@@ -74,7 +74,8 @@ def trace_aten(model: nn.Module, args: tuple, kwargs: dict, canonical: dict[str,
     hooks = [nn.modules.module.register_module_forward_pre_hook(recorder.enter_module),
              nn.modules.module.register_module_forward_hook(recorder.exit_module, always_call=True)]
     try:
-        with _exporting(), torch.no_grad(), _ValueReads(), enable_python_dispatcher(), recorder:
+        with _exporting(), torch.no_grad(), _ValueReads(), enable_python_dispatcher(), recorder, \
+                _direct_dispatch(recorder):
             out = model(*args, **kwargs)
     finally:
         for h in hooks:
@@ -154,6 +155,12 @@ def _meta(value):
     return value
 
 
+def _snake_case(name: str) -> str:
+    """The node name ``graph.placeholder(name)`` asks for (fx's snake case of ``name``); a name
+    without capitals is its own, so fx's regular expression runs only on the others."""
+    return name if name == name.lower() else fx.graph._snake_case(name)
+
+
 def _qualname(module: nn.Module) -> str:
     cls = type(module)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -210,11 +217,22 @@ class _Recorder:
     # ------------------------------------------------------------------ graph building
     def _placeholder(self, name: str, t: torch.Tensor) -> fx.Node:
         if self.first_op is None:
-            node = self.graph.placeholder(name)
+            node = self._new_node("placeholder", name, (), {}, _snake_case(name))
         else:
             with self.graph.inserting_before(self.first_op):
-                node = self.graph.placeholder(name)
+                node = self._new_node("placeholder", name, (), {}, _snake_case(name))
         node.meta["val"] = _meta(t)
+        return node
+
+    def _new_node(self, op: str, target, args: tuple, kwargs: dict, name: str) -> fx.Node:
+        """``graph.create_node(op, target, args, kwargs, name=name)``, the arguments set on the
+        node after it is made: the same node, without ``create_node``'s walk over every argument
+        (a check for symbolic sizes, which a real forward does not have)."""
+        node = self.graph.create_node(op, target, name=name)
+        if args:
+            node.args = args
+        if kwargs:
+            node.kwargs = kwargs
         return node
 
     def add_inputs(self, args: tuple, kwargs: dict) -> None:
@@ -274,7 +292,9 @@ class _Recorder:
 
     # ------------------------------------------------------------------ ops
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        return self.dispatch(func, args, kwargs or {})
+
+    def dispatch(self, func, args, kwargs):
         target, name = _recorded_as(func)
         if target is None or (name == "index" and func.overloadpacket is aten.index and _bool_index(args)):
             raise TraceRefused(f"{func}: the graph would depend on tensor values")
@@ -286,7 +306,7 @@ class _Recorder:
         return out
 
     def _record(self, target, name: str, args, kwargs, out) -> None:
-        node = self.graph.create_node("call_function", target, self._arg(args), self._arg(kwargs), name=name)
+        node = self._new_node("call_function", target, self._arg(args), self._arg(kwargs), name)
         if self.first_op is None:
             self.first_op = node
         node.meta["nn_module_stack"] = self.stack[-1]
@@ -296,11 +316,58 @@ class _Recorder:
         elif isinstance(out, (list, tuple)):
             for i, t in enumerate(out):
                 if isinstance(t, torch.Tensor):
-                    item = self.graph.create_node("call_function", operator.getitem, (node, i),
-                                                  name="getitem")
+                    item = self._new_node("call_function", operator.getitem, (node, i), {}, "getitem")
                     item.meta["nn_module_stack"] = node.meta["nn_module_stack"]
                     item.meta["val"] = node.meta["val"][i]
                     self._set_node(t, item)
+
+
+@contextlib.contextmanager
+def _direct_dispatch(recorder: _Recorder):
+    """While ``recorder`` is the only pre-dispatch mode, each op's PreDispatch step calls it
+    directly. Torch's own step (``OpOverload._get_dispatch``, asked on every call because it is
+    never cached while a mode is set) builds a handler and a context manager per call, pops the
+    mode and pushes it back, and flattens the op's arguments to find tensor subclasses, which the
+    recorder does not use: about a quarter of the trace's time on a small convolutional model. The
+    step kept here does what that one leaves the recorder to see: the PreDispatch key is off while
+    the op runs (as with the mode popped), the op, its arguments and keyword arguments are the
+    same. Any other case (another mode, another key, the Python key excluded as by ``torch.tensor``
+    building its data) goes to torch's step; a torch without these
+    internals gets its own step throughout (the same graph, more slowly)."""
+    from torch import _ops
+    get_dispatch = getattr(_ops.OpOverload, "_get_dispatch", None)
+    state = getattr(_ops, "mode_stack_state_for_pre_dispatch", None)
+    include = getattr(torch._C, "_dispatch_tls_set_dispatch_key_included", None)
+    excluded = getattr(torch._C, "_dispatch_tls_is_dispatch_key_excluded", None)
+    pre = getattr(torch._C.DispatchKey, "PreDispatch", None)
+    python = getattr(torch._C.DispatchKey, "Python", None)
+    if None in (get_dispatch, state, include, excluded, pre, python):
+        yield
+        return
+    stack = state()
+    handlers: dict = {}
+    record = recorder.dispatch
+
+    def step(op, key):
+        if key == pre and stack.get(0) is recorder and stack.get(1) is None \
+                and getattr(stack, "_schema_check_mode", None) is None and not excluded(python):
+            handler = handlers.get(op)
+            if handler is None:
+                def handler(*args, **kwargs):
+                    include(pre, False)
+                    try:
+                        return record(op, args, kwargs)
+                    finally:
+                        include(pre, True)
+                handlers[op] = handler
+            return handler
+        return get_dispatch(op, key)
+
+    _ops.OpOverload._get_dispatch = step
+    try:
+        yield
+    finally:
+        _ops.OpOverload._get_dispatch = get_dispatch
 
 
 @functools.cache

@@ -13,24 +13,28 @@ import warnings
 from torch import fx, nn
 
 from ..errors import FxPruneError
-from ..aten import (ADDMM_BIAS, CONV_ND, LINEAR_WEIGHT_ARGS, arg, batch_norm_positions, conv_positions,
-                    is_conv, is_hf_conv1d, is_weight_layer, named_arg, op_name)
+from ..aten import (ADDMM_BIAS, CONV_ND, LINEAR_WEIGHT_ARGS, ModuleLookup, arg, batch_norm_positions,
+                    conv_positions, is_conv, is_hf_conv1d, is_weight_layer, named_arg, op_name)
 from ..geometry import WeightGeometry
 from .base import Pass
 from .capture import canonical_names
 from .context import SYMBOLIC_CAPTURE, PruneContext, Target
 
 def add_use(ctx: PruneContext, canonical: dict[str, str], param: str, layout: str, op: str,
-            groups: int, bias: str | None, owner: str | None, label: str, position: int) -> Target:
+            groups: int, bias: str | None, owner: str | None, label: str, position: int,
+            lookup: "ModuleLookup | None" = None) -> Target:
     """Record one use of ``param`` as a weight: its Target is made at the first use (graph order
     is target order); ``position`` is that of the last use. The one place a Target is built from a
-    use, for the graph discovery and for :mod:`.eager`'s."""
-    weight = ctx.model.get_parameter(param)
+    use, for the graph discovery and for :mod:`.eager`'s. ``lookup``: a :class:`ModuleLookup` of
+    ``ctx.model`` and ``canonical``, for many uses."""
+    weight = lookup.parameter(param) if lookup is not None else ctx.model.get_parameter(param)
     geom = WeightGeometry(layout, tuple(weight.shape), groups)
     target = ctx.targets.get(param)
     if target is None:
         module_name = param[: -len(".weight")] if param.endswith(".weight") else param
-        aliases = [a.removesuffix(".weight") for a, c in canonical.items() if c == param and a != param]
+        aliases = [a.removesuffix(".weight") for a in
+                   (lookup.aliases(param) if lookup is not None else
+                    [a for a, c in canonical.items() if c == param and a != param])]
         target = Target(param=param, name=module_name, module_type=owner or _kind_name(op),
                         op=op, geometry=geom, bias=bias, aliases=aliases)
         ctx.targets[param] = target
@@ -42,10 +46,11 @@ def add_use(ctx: PruneContext, canonical: dict[str, str], param: str, layout: st
     return target
 
 
-def owner_type(model: nn.Module, param: str) -> str | None:
+def owner_type(model: nn.Module, param: str, lookup: "ModuleLookup | None" = None) -> str | None:
     """Class name of the module owning ``param`` when that module *is* the op (nn.Linear...)."""
     try:
-        owner = model.get_submodule(param.rpartition(".")[0])
+        name = param.rpartition(".")[0]
+        owner = lookup.submodule(name) if lookup is not None else model.get_submodule(name)
     except AttributeError:
         return None
     return type(owner).__name__ if is_weight_layer(owner) else None
@@ -62,6 +67,7 @@ class DiscoverPass(Pass):
         self.ctx = ctx
         self.modules = dict(ctx.graph_module.named_modules()) if ctx.capture_method == SYMBOLIC_CAPTURE else {}
         self.canonical = canonical_names(ctx.model)
+        self.lookup = ModuleLookup(ctx.model, self.canonical)
         opaque = []
         for position, node in enumerate(ctx.graph_module.graph.nodes):
             use = self._weight_use(node)
@@ -71,7 +77,7 @@ class DiscoverPass(Pass):
                 continue
             param, layout, op, groups, bias, owner = use
             target = add_use(ctx, self.canonical, param, layout, op, groups, bias, owner, node.name,
-                             position)
+                             position, self.lookup)
             # Every BatchNorm fed by any use of the weight (a shared conv, a branch beside the BN).
             for user in node.users:
                 for name in self._bn_params(user, node):
@@ -87,7 +93,7 @@ class DiscoverPass(Pass):
     def _param(self, arg) -> str | None:
         if isinstance(arg, fx.Node):
             name = self.ctx.param_of_node.get(arg.name)
-            if name is not None and _is_parameter(self.ctx.model, name):
+            if name is not None and _is_parameter(self.lookup, name):
                 return name
         return None
 
@@ -126,12 +132,12 @@ class DiscoverPass(Pass):
             return None
         if param is None:
             return None
-        weight = self.ctx.model.get_parameter(param)
+        weight = self.lookup.parameter(param)
         if layout != "conv" and weight.dim() != 2:
             return None
         if op is None:
             op = f"conv{weight.dim() - 2}d"
-        return param, layout, op, int(groups or 1), self._param(bias), owner_type(self.ctx.model, param)
+        return param, layout, op, int(groups or 1), self._param(bias), owner_type(self.ctx.model, param, self.lookup)
 
     def _module_use(self, node: fx.Node):
         module = self.modules.get(node.target)
@@ -209,9 +215,9 @@ def _is_transpose(node: fx.Node) -> bool:
     return False
 
 
-def _is_parameter(model: nn.Module, name: str) -> bool:
+def _is_parameter(lookup: ModuleLookup, name: str) -> bool:
     try:
-        model.get_parameter(name)
+        lookup.parameter(name)
         return True
     except AttributeError:
         return False

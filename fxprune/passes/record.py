@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .._version import __version__
+from ..aten import ModuleLookup
 from ..report import LayerReport, SparsityReport, attach_report, count_zeros
 from .base import Pass
 from .context import PruneContext
@@ -14,8 +15,9 @@ class RecordPass(Pass):
 
     def call(self, ctx: PruneContext) -> None:
         layers = []
+        lookup = ModuleLookup(ctx.model)
         for t in ctx.targets.values():
-            weight = ctx.model.get_parameter(t.param).detach()
+            weight = lookup.parameter(t.param).detach()
             numel = weight.numel()
             if t.param in ctx.zero_counts:   # counted when pruned (the weight may be released)
                 zeros = ctx.zero_counts[t.param]

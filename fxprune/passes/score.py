@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from ..aten import ModuleLookup
 from ..checks import check_weights
 from ..criteria import Criterion
 from ..registry import get_criterion_class
@@ -40,7 +41,8 @@ class ScorePass(Pass):
     name = "score"
 
     def call(self, ctx: PruneContext) -> None:
-        check_not_meta(ctx.model, ctx.selected())
+        lookup = ModuleLookup(ctx.model)
+        check_not_meta(ctx.model, ctx.selected(), lookup)
         done, total = 0, len(ctx.selected())
         for group in ctx.groups:
             targets = ctx.selected(group)
@@ -56,14 +58,15 @@ class ScorePass(Pass):
             # pass reads them and freed after, never held for every layer at once; the check
             # pass has just checked every selected weight for NaN/inf
             for t in targets:
-                ctx.scores.update(score_targets(ctx.model, [t], criterion, lazy=True, checked=True))
+                ctx.scores.update(score_targets(ctx.model, [t], criterion, lazy=True, checked=True,
+                                                lookup=lookup))
                 done += 1
                 ctx.tick("score", done, total)
 
 
 def score_targets(model: torch.nn.Module, targets: Sequence[Target], criterion: Criterion, *,
                   lazy: bool = False, when: str = "", fix: str = FIX_WEIGHTS,
-                  checked: bool = False) -> dict[str, Scores]:
+                  checked: bool = False, lookup: ModuleLookup | None = None) -> dict[str, Scores]:
     """Checked scores of ``targets`` (any subset of a group's selected targets), param -> scores.
 
     Each is view-shaped float32, finite, >= 0 and +0.0 where the weight is zero. With ``lazy``,
@@ -72,12 +75,14 @@ def score_targets(model: torch.nn.Module, targets: Sequence[Target], criterion: 
     must be prepared (``criterion.prepare(ctx)`` for data-aware ones). A NaN/inf weight is a
     WeightError naming the layer, ``when`` (e.g. " at step 3") and ``fix``; ``checked``: the
     weights were checked for NaN/inf already (:class:`CheckWeightsPass`), which lazy scores
-    (computed from them later, unchecked) then do not repeat.
+    (computed from them later, unchecked) then do not repeat. ``lookup``: a
+    :class:`~fxprune.aten.ModuleLookup` of ``model``, for a caller scoring many layers.
     """
-    check_not_meta(model, targets)
+    parameter = model.get_parameter if lookup is None else lookup.parameter
+    check_not_meta(model, targets, lookup)
     out: dict[str, Scores] = {}
     for t in targets:
-        weight = model.get_parameter(t.param).detach()
+        weight = parameter(t.param).detach()
         with calling(criterion, "lazy_scores", f"for {layer_of(t)}"):
             source = criterion.lazy_scores(t.param, weight, t.geometry) if lazy else None
         if source is not None:  # recomputed when needed (|w|): not held for every layer
@@ -89,9 +94,10 @@ def score_targets(model: torch.nn.Module, targets: Sequence[Target], criterion: 
     return out
 
 
-def check_not_meta(model: torch.nn.Module, targets: Sequence[Target]) -> None:
+def check_not_meta(model: torch.nn.Module, targets: Sequence[Target], lookup: ModuleLookup | None = None) -> None:
+    parameter = model.get_parameter if lookup is None else lookup.parameter
     for t in targets:
-        if model.get_parameter(t.param).is_meta:  # no values: nothing to rank
+        if parameter(t.param).is_meta:  # no values: nothing to rank
             raise WeightError(f"layer {t.name} ({t.param}) is on the meta device and has no values "
                               f"to prune; load the weights first (e.g. model.to_empty(device='cpu') "
                               f"then load_state_dict)")
