@@ -47,7 +47,9 @@ def test_the_heap_is_frozen_for_the_collector_while_the_passes_run_and_unfrozen_
     try:
         frozen = gc.get_freeze_count()
         fxprune.transform(mlp, {"target_sparsity": 0.5, "pattern": "1x1"})
-        assert gc.get_freeze_count() == frozen
+        # not unfrozen (0) nor frozen again (every object made since: thousands more); a frozen
+        # object that dies meanwhile leaves the permanent generation, so the count may drop by a few
+        assert frozen - 100 <= gc.get_freeze_count() <= frozen
     finally:
         gc.unfreeze()
 
