@@ -86,6 +86,7 @@ class Distributed:
         self.scales: dict[tuple, tuple[list[float], list[float]]] = {}
         self.zero_shares: dict[str, int] = {}   # zeros counted in this rank's rows, per weight
         self.pending_sends: list = []       # point-to-point sends not waited yet (see drain)
+        self.unread: list = []              # SolvedRows with pieces not received yet (see drain)
 
     # ------------------------------------------------------------------ errors
     def check(self, stage: str, error: str | None = None) -> None:
@@ -283,7 +284,8 @@ class Distributed:
             else:
                 new = torch.zeros(r1 - r0, cols[g], dtype=torch.float32)
                 pruned = torch.zeros(r1 - r0, cols[g], dtype=torch.bool)
-            parts = [torch.tensor([int(error is not None)], dtype=torch.int64), new,
+            # flagged too when the factor's owner failed: these zeros are not rows
+            parts = [torch.tensor([int(error is not None or failed_factor)], dtype=torch.int64), new,
                      pruned.view(torch.uint8)]
             parts = [x.to(self.device) for x in parts]
             sends += [dist.isend(x, self._peer(r), group=self.group, tag=_tag(kind, k))
@@ -304,6 +306,7 @@ class Distributed:
                 self._report(stage, error)
                 raise error
             self.check(stage)           # raises: the failed ranks' messages
+        self.unread.append(arriving)
         return arriving
 
     def learn_costs(self, measured: list, spent: list[float]) -> None:
@@ -312,10 +315,21 @@ class Distributed:
 
     def drain(self, stage: str = "the sparse_gpt solves") -> None:
         """Wait for this rank's point-to-point sends still in flight (a step's sends complete in
-        the background; every collective step waits for them first)."""
+        the background; every collective step waits for them first), then receive the rows of
+        earlier steps not read yet: a piece flagged by a failed rank raises its message here, on
+        every rank, before any other exchange could wait for that rank."""
         sends, self.pending_sends = self.pending_sends, []
         for work in sends:
             self._wait(work, stage)
+        unread, self.unread = self.unread, []
+        for arriving in unread:
+            arriving.receive_all()
+
+    def forget_pending(self) -> None:
+        """Drop what a failed earlier run left (a ``group=`` reused after an error starts afresh)."""
+        self.pending_sends.clear()
+        self.unread.clear()
+        self.zero_shares.clear()
 
     def _wait(self, work, stage: str) -> None:
         try:
@@ -380,8 +394,15 @@ class SolvedRows:
             flag, new, pruned = (x.cpu() for x in parts)
             if int(flag):
                 self.d.check(self.stage)        # raises: the failed ranks' messages
+                raise DistributedError(f"rank {self.d.rank}: rows flagged as failed at {self.stage}, "
+                                       f"but no rank reported an error")
             self.received[k] = (new, pruned.view(torch.bool))
         return self.received[k]
+
+    def receive_all(self) -> None:
+        """Receive every piece not read yet, checking each one's flag."""
+        for k in list(self.incoming):
+            self._receive(k)
 
     def wait_all(self) -> None:
         """Wait for every piece not received yet (without checking their flags)."""

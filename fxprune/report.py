@@ -26,12 +26,14 @@ def count_zeros(tensor: torch.Tensor) -> int:
     """The zero entries of ``tensor`` (``-0.0`` counts), the count every report holds.
 
     ``count_nonzero(t == 0)`` is several times faster on CPU than ``count_nonzero(t)`` on a float
-    tensor or ``(t == 0).sum()``; the comparison goes in row pieces of at most
-    ``ZERO_COUNT_PIECE`` entries, so a large weight never needs a same-sized temporary."""
+    tensor or ``(t == 0).sum()``; the comparison goes in pieces of whole rows (dim 0), as many
+    as fit in ``ZERO_COUNT_PIECE`` entries (one row when a row is longer), so a large weight
+    never needs a same-sized temporary. The pieces' counts are added on the tensor's device and
+    read once (one synchronisation on a GPU)."""
     if tensor.dim() == 0 or tensor.numel() <= ZERO_COUNT_PIECE:
         return int(torch.count_nonzero(tensor == 0))
     rows = max(1, ZERO_COUNT_PIECE // (tensor.numel() // tensor.shape[0]))
-    return sum(int(torch.count_nonzero(piece == 0)) for piece in tensor.split(rows))
+    return int(sum(torch.count_nonzero(piece == 0) for piece in tensor.split(rows)))
 
 
 @dataclass

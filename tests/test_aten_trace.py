@@ -3,6 +3,7 @@ graph (ops, arguments, module paths, shapes), the same pruning and compaction, a
 to torch.export where the trace cannot be trusted, and the model left as it was."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -113,6 +114,54 @@ def test_the_trace_records_the_graph_torch_export_records(name):
     ops = _signature(traced)
     assert ops == _signature(exported)
     assert len(ops) > 10 and all(shape is not None for *_, shape, dtype in ops if dtype is not None)
+
+
+def _dispatch_state():
+    """What the direct dispatch step changes while a trace runs: OpOverload's own
+    ``_get_dispatch``, the pre-dispatch mode slot, the PreDispatch key in the include set."""
+    from torch import _ops
+    return (vars(_ops.OpOverload).get("_get_dispatch"), _ops.mode_stack_state_for_pre_dispatch().get(0),
+            torch._C._dispatch_tls_is_dispatch_key_included(torch._C.DispatchKey.PreDispatch))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_direct_dispatch_step_records_what_torchs_own_step_records(name, monkeypatch):
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) not in aten_trace._DIRECT_DISPATCH_TORCH:
+        pytest.skip("this torch release keeps torch's own dispatch step")
+    calls = []
+    own = aten_trace._Recorder.__torch_dispatch__
+
+    def counted(self, *args, **kwargs):     # torch's step calls the mode; the direct one does not
+        calls.append(1)
+        return own(self, *args, **kwargs)
+    monkeypatch.setattr(aten_trace._Recorder, "__torch_dispatch__", counted)
+    model, inputs = MODELS[name]()
+    direct = _capture(model, inputs, True)
+    through_torch = len(calls)
+    monkeypatch.setattr(aten_trace, "_direct_dispatch", lambda recorder: contextlib.nullcontext())
+    plain = _capture(model, inputs, True)
+    assert (direct.capture_method, plain.capture_method) == ("aten_trace", "aten_trace")
+    assert through_torch == 0 and len(calls) > 10
+    nodes = lambda ctx: [(n.op, n.name, str(n.target), n.meta.get("nn_module_stack"))  # noqa: E731
+                         for n in ctx.graph_module.graph.nodes]
+    assert nodes(direct) == nodes(plain)
+    assert _signature(direct) == _signature(plain)
+
+
+def test_the_dispatch_state_is_restored_after_a_refused_or_failed_trace():
+    before = _dispatch_state()
+    model = _Reads(VALUE_READS["tolist"])
+    with pytest.raises(aten_trace.TraceRefused):
+        aten_trace.trace_aten(model, (torch.randn(2, 8),), {}, canonical_names(model))
+    assert _dispatch_state() == before
+
+    def fail(h):
+        raise ValueError("a model error")
+    model = _Reads(fail)
+    with pytest.raises(ValueError, match="a model error"):
+        aten_trace.trace_aten(model, (torch.randn(2, 8),), {}, canonical_names(model))
+    assert _dispatch_state() == before
+    assert before[1] is None and not before[2]
 
 
 def _transform(model, inputs, config, trace: bool, monkeypatch):

@@ -6,6 +6,7 @@ SparseGPT too is bit-identical here: its Hessians are float64 sums of float32 pr
 in any order at these sizes), and on these tiny layers the plan keeps each solve whole on one
 rank (row ranges split at multiples of 64 rows give the same bits with the BLAS measured; see
 docs/distributed.md)."""
+import copy
 import datetime
 import os
 import time
@@ -141,9 +142,28 @@ def _worker(rank, world, init, out_dir):
         seq._sparse_gpt_rows = failing
     error, seconds = _attempt(lambda: fxprune.transform(model, CASES["sparse_gpt_2of4"], EXAMPLE, calibration=calib))
     seq._sparse_gpt_rows = rows
+    # two SparseGPT groups in one block: rank 1 fails in the first one's solves while rank 0 may
+    # go on to the second; on a model pruned in place, no write hook is left behind
+    if rank == 1:
+        def failing_attention(ctx, group, shared, *a, **k):
+            if "self_attn" in shared[0].name:
+                raise WeightError("sparse_gpt produced non-finite weights for an attention layer")
+            return rows(ctx, group, shared, *a, **k)
+        seq._sparse_gpt_rows = failing_attention
+    group = {k: v for k, v in CASES["sparse_gpt_1x1"].items() if k != "block_batch_tokens"}
+    two_groups = {"block_batch_tokens": CASES["sparse_gpt_1x1"]["block_batch_tokens"],
+                  "pruning_configs": [{**group, "op_names": ["self_attn"]}, {**group, "op_names": ["mlp"]}]}
+    subject = copy.deepcopy(model)
+    hooks = lambda: sum(len(m._forward_pre_hooks) for m in subject.modules())  # noqa: E731
+    hooks_before = hooks()      # the block-call counter above travels with the copy
+    error2, seconds2 = _attempt(lambda: fxprune.transform(subject, two_groups, EXAMPLE, calibration=calib,
+                                                          inplace=True))
+    seq._sparse_gpt_rows = rows
+    hooks_left = hooks() - hooks_before
     fd.solve_cost, fd.factor_cost = costs
     fd.Distributed.learn_costs = learn
     torch.save((split, sends[0], error, seconds), os.path.join(out_dir, f"split.{rank}.pt"))
+    torch.save((error2, seconds2, hooks_left), os.path.join(out_dir, f"two_groups.{rank}.pt"))
 
     # rank 1's calibration holds a token id past the vocabulary: it fails in its embedding
     bad = [b.clone() for b in calib]
@@ -219,7 +239,8 @@ def runs(tmp_path_factory):
     init = f"file://{out / 'store'}"
     mp.spawn(_worker, args=(WORLD, init, str(out)), nprocs=WORLD)
     runs = {part: [torch.load(out / f"{part}.{r}.pt") for r in range(WORLD)]
-            for part in ("transform", "error", "checkpoint_errors", "split", "learned", "zeros", "late")}
+            for part in ("transform", "error", "checkpoint_errors", "split", "learned", "zeros", "late",
+                         "two_groups")}
     runs["hang"] = torch.load(out / "hang.0.pt")
     runs["dir"] = out
     return runs
@@ -356,6 +377,19 @@ def test_a_failing_solve_stops_every_rank_with_its_message(runs):
             assert kind == "DistributedError"
             assert message == "rank 1 failed: sparse_gpt produced non-finite weights for a test layer"
         assert seconds < TIMEOUT_S
+
+
+def test_a_solve_failing_in_one_of_two_groups_stops_every_rank_and_leaves_no_hook(runs):
+    for rank, (error, seconds, hooks_left) in enumerate(runs["two_groups"]):
+        assert error is not None, f"rank {rank} did not fail"
+        kind, message = error
+        if rank == 1:
+            assert (kind, message) == ("WeightError", "sparse_gpt produced non-finite weights for an attention layer")
+        else:
+            assert kind == "DistributedError"
+            assert message == "rank 1 failed: sparse_gpt produced non-finite weights for an attention layer"
+        assert seconds < TIMEOUT_S
+        assert hooks_left == 0
 
 
 def test_a_failing_rank_stops_every_rank_with_its_message(runs):

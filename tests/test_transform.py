@@ -46,6 +46,7 @@ def test_the_heap_is_frozen_for_the_collector_while_the_passes_run_and_unfrozen_
     gc.freeze()                              # a caller that froze objects itself is left alone
     try:
         frozen = gc.get_freeze_count()
+        assert frozen > 1000                 # so that a reset (0) or a second freeze would show
         fxprune.transform(mlp, {"target_sparsity": 0.5, "pattern": "1x1"})
         # not unfrozen (0) nor frozen again (every object made since: thousands more); a frozen
         # object that dies meanwhile leaves the permanent generation, so the count may drop by a few

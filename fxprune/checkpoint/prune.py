@@ -204,7 +204,7 @@ class _Job:
         def count_the_rest():
             for t in self.ctx.targets.values():
                 if t.param not in self.zeros and self.owns(t):
-                    self.zeros[t.param] = self.count_zeros(self.key_of[t.param])
+                    self.zeros[t.param] = self.count_stored_zeros(self.key_of[t.param])
         if self.dist is None:
             count_the_rest()
         else:   # each rank counted its own layers
@@ -343,7 +343,7 @@ class _Job:
         self._ticker.done(t.name)
         release_free_memory()
 
-    def count_zeros(self, key: str) -> int:
+    def count_stored_zeros(self, key: str) -> int:
         """Zeros of a tensor that is not rewritten, read piece by piece: in pieces of one rank's
         share, so that no rank holds more of a weight than its share at a time."""
         from .sharded import row_pieces

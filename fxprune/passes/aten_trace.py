@@ -322,6 +322,11 @@ class _Recorder:
                     self._set_node(t, item)
 
 
+# The torch releases (major, minor) whose PreDispatch step (``OpOverload._get_dispatch``) the
+# direct step below was read against and tested with; any other release keeps torch's own step.
+_DIRECT_DISPATCH_TORCH = {(2, 13)}
+
+
 @contextlib.contextmanager
 def _direct_dispatch(recorder: _Recorder):
     """While ``recorder`` is the only pre-dispatch mode, each op's PreDispatch step calls it
@@ -331,10 +336,15 @@ def _direct_dispatch(recorder: _Recorder):
     recorder does not use: about a quarter of the trace's time on a small convolutional model. The
     step kept here does what that one leaves the recorder to see: the PreDispatch key is off while
     the op runs (as with the mode popped), the op, its arguments and keyword arguments are the
-    same. Any other case (another mode, another key, the Python key excluded as by ``torch.tensor``
-    building its data) goes to torch's step; a torch without these
-    internals gets its own step throughout (the same graph, more slowly)."""
+    same, and the mode is off its slot while the recorder runs (as torch's step pops it). Any
+    other case (another mode, another key, the Python key excluded as by ``torch.tensor``
+    building its data) goes to torch's step; a torch release this step was not checked against
+    (``_DIRECT_DISPATCH_TORCH``) gets torch's step throughout (the same graph, more slowly)."""
     from torch import _ops
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) not in _DIRECT_DISPATCH_TORCH:
+        yield
+        return
+    own = vars(_ops.OpOverload).get("_get_dispatch")   # restored as it was (not an inherited one)
     get_dispatch = getattr(_ops.OpOverload, "_get_dispatch", None)
     state = getattr(_ops, "mode_stack_state_for_pre_dispatch", None)
     include = getattr(torch._C, "_dispatch_tls_set_dispatch_key_included", None)
@@ -354,10 +364,12 @@ def _direct_dispatch(recorder: _Recorder):
             handler = handlers.get(op)
             if handler is None:
                 def handler(*args, **kwargs):
+                    stack.set(0, None)
                     include(pre, False)
                     try:
                         return record(op, args, kwargs)
                     finally:
+                        stack.set(0, recorder)
                         include(pre, True)
                 handlers[op] = handler
             return handler
@@ -367,7 +379,10 @@ def _direct_dispatch(recorder: _Recorder):
     try:
         yield
     finally:
-        _ops.OpOverload._get_dispatch = get_dispatch
+        if own is None:
+            del _ops.OpOverload._get_dispatch
+        else:
+            _ops.OpOverload._get_dispatch = own
 
 
 @functools.cache

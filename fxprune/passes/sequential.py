@@ -150,7 +150,7 @@ class BlockSequentialPass(Pass):
         require_data(ctx, p.groups[0].pruning_type)
         log.info("fxprune: %s", p.describe())
         if ctx.distributed is not None:     # a group= reused after a failed run starts afresh
-            ctx.distributed.zero_shares.clear()
+            ctx.distributed.forget_pending()
         runner = BlockSequentialRunner(
             ctx.model, p.blocks, reusable(ctx.calibration),
             propagation=ctx.config.block_propagation,
@@ -178,22 +178,27 @@ def prune_block(ctx: PruneContext, p: BlockPlan, step: BlockStep) -> None:
             check_finite(t, model.get_parameter(t.param).detach())
     left = list(targets)
     late = []       # rows of other ranks still arriving (data-parallel SparseGPT)
-    while left:     # true_sequential: one stage of layers at a time, the earlier ones pruned
-        stats = record_inputs(ctx, step, left, stage=ctx.config.true_sequential)
-        stage = {t.param for t in stats.targets}
-        for group in p.groups:
-            group_targets = [t for t in stats.targets if t.group is group]
-            if not group_targets:
-                continue
-            if _is_sparse_gpt(group):
-                writes = _sparse_gpt(ctx, group, group_targets, stats)
-                if writes is not None:
-                    late.append(writes)
-            else:
-                _activation(ctx, group, group_targets, stats)
-        p.stages += 1
-        left = [t for t in left if t.param not in stage]
-        del stats               # not alive during the next stage's recording
+    try:
+        while left:     # true_sequential: one stage of layers at a time, the earlier ones pruned
+            stats = record_inputs(ctx, step, left, stage=ctx.config.true_sequential)
+            stage = {t.param for t in stats.targets}
+            for group in p.groups:
+                group_targets = [t for t in stats.targets if t.group is group]
+                if not group_targets:
+                    continue
+                if _is_sparse_gpt(group):
+                    writes = _sparse_gpt(ctx, group, group_targets, stats)
+                    if writes is not None:
+                        late.append(writes)
+                else:
+                    _activation(ctx, group, group_targets, stats)
+            p.stages += 1
+            left = [t for t in left if t.param not in stage]
+            del stats               # not alive during the next stage's recording
+    except BaseException:   # no write hook is left on the model by a failed block
+        for writes in late:
+            writes.close()
+        raise
 
     def finish() -> None:
         for writes in late:
@@ -285,7 +290,7 @@ def _sparse_gpt(ctx, group, targets, stats: "BlockInputStats") -> None:
         writes = LateWrites(lambda g: apply(shared_groups[g], *arriving.get(g)))
         for g, shared in enumerate(shared_groups):
             modules = [_owner(ctx.model, t) for t in shared]
-            if arriving.ready(g) or any(m is None or t.uses_per_forward != 1
+            if arriving.ready(g) or any(not _called_module(m) or t.uses_per_forward != 1
                                         for m, t in zip(modules, shared)):
                 writes.write(g)
             else:
@@ -488,7 +493,7 @@ class BlockInputStats:
         self._untaken: dict[int, set[str]] = {}   # per Hessian: layers yet to take it
         for t in self.targets:
             owner = _owner(model, t)
-            if owner is not None and (isinstance(owner, nn.Linear) or type(owner).__name__ == "Conv1D"):
+            if _called_module(owner):
                 self.hooked.append((owner, t))
             else:
                 self.dispatched.append(t)
@@ -710,6 +715,13 @@ def add_in_chunks_(total: Tensor, part: Tensor) -> Tensor:
     for s in range(0, flat_total.numel(), step):
         flat_total[s:s + step].add_(flat_part[s:s + step])
     return total
+
+
+def _called_module(owner: nn.Module | None) -> bool:
+    """Whether ``owner`` (:func:`_owner`) uses its weight in its own forward, so that a forward
+    hook on it sees every use: ``nn.Linear`` and HF ``Conv1D``; a weight of any other module may
+    be used by its parent (``F.linear(x, child.weight)``) and is seen at the op instead."""
+    return owner is not None and (isinstance(owner, nn.Linear) or type(owner).__name__ == "Conv1D")
 
 
 def _owner(model: nn.Module, t):
