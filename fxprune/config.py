@@ -116,7 +116,8 @@ KEYS: tuple[Key, ...] = (
     Key("sparse_gpt_act_order", True, GROUP, "true or false", _is_bool,
         doc="sparse_gpt, unstructured masks chosen block by block (local 1x1): process the "
             "columns by descending input energy diag(H) (GPTQ's act order) instead of left to "
-            "right; N:M and fixed masks keep the original order"),
+            "right; N:M, fixed masks and the whole-model path (block_sequential: false) keep "
+            "the original order"),
     # INC's training-schedule keys: accepted so an INC config pastes as is; they only matter for
     # gradual pruning during training (fxprune.Pruner), not for the one-shot transform.
     Key("start_step", 0, GROUP, "an integer >= 0", _int_at_least_zero, schedule=True,
