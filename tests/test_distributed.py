@@ -365,31 +365,29 @@ def test_factors_sent_between_ranks_give_the_same_result(runs):
         _assert_same(per_rank[rank]["sparse_gpt_2of4"][0], split)
 
 
+def _rank_1_weight_error_stops_every_rank(outcomes, message: str) -> None:
+    """Rank 1 raised ``WeightError(message)``, every other rank ``DistributedError`` with it,
+    all within the collective timeout; ``outcomes``: per rank, (error, seconds)."""
+    for rank, (error, seconds) in enumerate(outcomes):
+        assert error is not None, f"rank {rank} did not fail"
+        if rank == 1:
+            assert error == ("WeightError", message)
+        else:
+            assert error == ("DistributedError", f"rank 1 failed: {message}")
+        assert seconds < TIMEOUT_S
+
+
 def test_a_failing_solve_stops_every_rank_with_its_message(runs):
     """The SparseGPT step has no status exchange of its own: the error flag travels with the
     results' all-gather, then every rank raises."""
-    for rank, (_, _, error, seconds) in enumerate(runs["split"]):
-        assert error is not None, f"rank {rank} did not fail"
-        kind, message = error
-        if rank == 1:
-            assert (kind, message) == ("WeightError", "sparse_gpt produced non-finite weights for a test layer")
-        else:
-            assert kind == "DistributedError"
-            assert message == "rank 1 failed: sparse_gpt produced non-finite weights for a test layer"
-        assert seconds < TIMEOUT_S
+    _rank_1_weight_error_stops_every_rank([(error, seconds) for _, _, error, seconds in runs["split"]],
+                                          "sparse_gpt produced non-finite weights for a test layer")
 
 
 def test_a_solve_failing_in_one_of_two_groups_stops_every_rank_and_leaves_no_hook(runs):
-    for rank, (error, seconds, hooks_left) in enumerate(runs["two_groups"]):
-        assert error is not None, f"rank {rank} did not fail"
-        kind, message = error
-        if rank == 1:
-            assert (kind, message) == ("WeightError", "sparse_gpt produced non-finite weights for an attention layer")
-        else:
-            assert kind == "DistributedError"
-            assert message == "rank 1 failed: sparse_gpt produced non-finite weights for an attention layer"
-        assert seconds < TIMEOUT_S
-        assert hooks_left == 0
+    _rank_1_weight_error_stops_every_rank([(error, seconds) for error, seconds, _ in runs["two_groups"]],
+                                          "sparse_gpt produced non-finite weights for an attention layer")
+    assert [hooks_left for _, _, hooks_left in runs["two_groups"]] == [0] * WORLD
 
 
 def test_a_failing_rank_stops_every_rank_with_its_message(runs):
