@@ -20,21 +20,18 @@ from .base import Pass
 from .capture import canonical_names
 from .context import SYMBOLIC_CAPTURE, PruneContext, Target
 
-def add_use(ctx: PruneContext, canonical: dict[str, str], param: str, layout: str, op: str,
-            groups: int, bias: str | None, owner: str | None, label: str, position: int,
-            lookup: "ModuleLookup | None" = None) -> Target:
+def add_use(ctx: PruneContext, lookup: ModuleLookup, param: str, layout: str, op: str,
+            groups: int, bias: str | None, owner: str | None, label: str, position: int) -> Target:
     """Record one use of ``param`` as a weight: its Target is made at the first use (graph order
     is target order); ``position`` is that of the last use. The one place a Target is built from a
     use, for the graph discovery and for :mod:`.eager`'s. ``lookup``: a :class:`ModuleLookup` of
-    ``ctx.model`` and ``canonical``, for many uses."""
-    weight = lookup.parameter(param) if lookup is not None else ctx.model.get_parameter(param)
+    ``ctx.model`` with its canonical names (tied aliases)."""
+    weight = lookup.parameter(param)
     geom = WeightGeometry(layout, tuple(weight.shape), groups)
     target = ctx.targets.get(param)
     if target is None:
         module_name = param[: -len(".weight")] if param.endswith(".weight") else param
-        aliases = [a.removesuffix(".weight") for a in
-                   (lookup.aliases(param) if lookup is not None else
-                    [a for a, c in canonical.items() if c == param and a != param])]
+        aliases = [a.removesuffix(".weight") for a in lookup.aliases(param)]
         target = Target(param=param, name=module_name, module_type=owner or _kind_name(op),
                         op=op, geometry=geom, bias=bias, aliases=aliases)
         ctx.targets[param] = target
@@ -46,11 +43,10 @@ def add_use(ctx: PruneContext, canonical: dict[str, str], param: str, layout: st
     return target
 
 
-def owner_type(model: nn.Module, param: str, lookup: "ModuleLookup | None" = None) -> str | None:
+def owner_type(lookup: ModuleLookup, param: str) -> str | None:
     """Class name of the module owning ``param`` when that module *is* the op (nn.Linear...)."""
     try:
-        name = param.rpartition(".")[0]
-        owner = lookup.submodule(name) if lookup is not None else model.get_submodule(name)
+        owner = lookup.submodule(param.rpartition(".")[0])
     except AttributeError:
         return None
     return type(owner).__name__ if is_weight_layer(owner) else None
@@ -66,8 +62,7 @@ class DiscoverPass(Pass):
     def call(self, ctx: PruneContext) -> None:
         self.ctx = ctx
         self.modules = dict(ctx.graph_module.named_modules()) if ctx.capture_method == SYMBOLIC_CAPTURE else {}
-        self.canonical = canonical_names(ctx.model)
-        self.lookup = ModuleLookup(ctx.model, self.canonical)
+        self.lookup = ModuleLookup(ctx.model, canonical_names(ctx.model))
         opaque = []
         for position, node in enumerate(ctx.graph_module.graph.nodes):
             use = self._weight_use(node)
@@ -76,8 +71,8 @@ class DiscoverPass(Pass):
                     opaque.append(f"{node.target} ({type(self.modules[node.target]).__name__})")
                 continue
             param, layout, op, groups, bias, owner = use
-            target = add_use(ctx, self.canonical, param, layout, op, groups, bias, owner, node.name,
-                             position, self.lookup)
+            target = add_use(ctx, self.lookup, param, layout, op, groups, bias, owner, node.name,
+                             position)
             # Every BatchNorm fed by any use of the weight (a shared conv, a branch beside the BN).
             for user in node.users:
                 for name in self._bn_params(user, node):
@@ -137,7 +132,7 @@ class DiscoverPass(Pass):
             return None
         if op is None:
             op = f"conv{weight.dim() - 2}d"
-        return param, layout, op, int(groups or 1), self._param(bias), owner_type(self.ctx.model, param, self.lookup)
+        return param, layout, op, int(groups or 1), self._param(bias), owner_type(self.lookup, param)
 
     def _module_use(self, node: fx.Node):
         module = self.modules.get(node.target)
@@ -151,8 +146,8 @@ class DiscoverPass(Pass):
         else:
             return None
         # A module's parameters are not graph nodes; canonicalize their names (tied aliases) here.
-        param = self.canonical.get(prefix + "weight")
-        bias = self.canonical.get(prefix + "bias") if getattr(module, "bias", None) is not None else None
+        param = self.lookup.canonical.get(prefix + "weight")
+        bias = self.lookup.canonical.get(prefix + "bias") if getattr(module, "bias", None) is not None else None
         return param, layout, op, groups, bias, type(module).__name__
 
     def _bn_params(self, user: fx.Node, output: fx.Node) -> list[str]:

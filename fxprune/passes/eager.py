@@ -32,6 +32,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from ..aten import ModuleLookup
 from ..inputs import eval_mode, split_inputs
 from ..registry import get_criterion_class
 from ..sequential import BlockList, BlockStandIn, find_blocks, release_free_memory
@@ -227,9 +228,10 @@ class EagerDiscoverPass(Pass):
                 reason = str(e)
             else:
                 ctx.targets = {}
+                lookup = ModuleLookup(ctx.model, canonical)
                 for position, use in enumerate(uses):
-                    add_use(ctx, canonical, use.param, use.layout, "linear", 1, use.bias,
-                            owner_type(ctx.model, use.param), f"call{position}", position)
+                    add_use(ctx, lookup, use.param, use.layout, "linear", 1, use.bias,
+                            owner_type(lookup, use.param), f"call{position}", position)
                 ctx.capture_method = EAGER_CAPTURE
                 if not ctx.targets:
                     reason = "no linear layer seen"
