@@ -301,7 +301,7 @@ class Distributed:
         arriving = SolvedRows(self, stage, cols, rows, pieces, solved, incoming)
         if error is not None or owner_failed:
             self.drain(stage)
-            arriving.wait_all()
+            arriving.receive_all(check_flags=False)
             if error is not None:
                 self._report(stage, error)
                 raise error
@@ -375,7 +375,7 @@ class SolvedRows:
     """The rows of one SparseGPT step (:meth:`Distributed.split_sparse_gpt`): this rank's own,
     and the other ranks' as they arrive. :meth:`get` waits for one group's pieces only, so a
     rank can write and use the layers whose rows are in while the others' are still on their
-    way; :meth:`wait_all` waits for everything left. A piece flagged by a failed rank makes
+    way; :meth:`receive_all` waits for everything left. A piece flagged by a failed rank makes
     every rank raise with that rank's message (a status exchange the failed rank joins)."""
 
     def __init__(self, d: Distributed, stage: str, cols, rows, pieces, solved, incoming):
@@ -384,7 +384,7 @@ class SolvedRows:
         self.solved, self.incoming = solved, incoming
         self.received: dict[int, tuple[Tensor, Tensor]] = {}
 
-    def _receive(self, k: int) -> tuple[Tensor, Tensor]:
+    def _receive(self, k: int, check_flag: bool = True) -> tuple[Tensor, Tensor]:
         if k in self.solved:
             return self.solved[k]
         if k not in self.received:
@@ -392,25 +392,18 @@ class SolvedRows:
             for work in works:
                 self.d._wait(work, self.stage)
             flag, new, pruned = (x.cpu() for x in parts)
-            if int(flag):
+            if check_flag and int(flag):
                 self.d.check(self.stage)        # raises: the failed ranks' messages
                 raise DistributedError(f"rank {self.d.rank}: rows flagged as failed at {self.stage}, "
                                        f"but no rank reported an error")
             self.received[k] = (new, pruned.view(torch.bool))
         return self.received[k]
 
-    def receive_all(self) -> None:
-        """Receive every piece not read yet, checking each one's flag."""
+    def receive_all(self, check_flags: bool = True) -> None:
+        """Receive every piece not read yet, checking each one's flag unless ``check_flags`` is
+        False (a rank that failed itself only waits for them before it reports)."""
         for k in list(self.incoming):
-            self._receive(k)
-
-    def wait_all(self) -> None:
-        """Wait for every piece not received yet (without checking their flags)."""
-        for k in list(self.incoming):
-            parts, works = self.incoming.pop(k)
-            for work in works:
-                self.d._wait(work, self.stage)
-            self.received[k] = (parts[1].cpu(), parts[2].cpu().view(torch.bool))
+            self._receive(k, check_flags)
 
     def ready(self, g: int) -> bool:
         """Whether group ``g``'s rows are all here (solved on this rank or received)."""
