@@ -176,29 +176,7 @@ def prune_block(ctx: PruneContext, p: BlockPlan, step: BlockStep) -> None:
         check_not_meta(model, targets)  # (the check pass saw the weights of everything else)
         for t in targets:
             check_finite(t, model.get_parameter(t.param).detach())
-    left = list(targets)
     late = []       # rows of other ranks still arriving (data-parallel SparseGPT)
-    try:
-        while left:     # true_sequential: one stage of layers at a time, the earlier ones pruned
-            stats = record_inputs(ctx, step, left, stage=ctx.config.true_sequential)
-            stage = {t.param for t in stats.targets}
-            for group in p.groups:
-                group_targets = [t for t in stats.targets if t.group is group]
-                if not group_targets:
-                    continue
-                if _is_sparse_gpt(group):
-                    writes = _sparse_gpt(ctx, group, group_targets, stats)
-                    if writes is not None:
-                        late.append(writes)
-                else:
-                    _activation(ctx, group, group_targets, stats)
-            p.stages += 1
-            left = [t for t in left if t.param not in stage]
-            del stats               # not alive during the next stage's recording
-    except BaseException:   # no write hook is left on the model by a failed block
-        for writes in late:
-            writes.close()
-        raise
 
     def finish() -> None:
         for writes in late:
@@ -212,10 +190,26 @@ def prune_block(ctx: PruneContext, p: BlockPlan, step: BlockStep) -> None:
                 dist.count_zeros_share(t.param, weight)
             t.status = "pruned"
 
-    if late:    # the rows still arriving are written as the pruned forward reaches their layers
-        step.defer(finish, cleanup=lambda: [writes.close() for writes in late])
-    else:
-        finish()
+    # after the pruned forward, which writes the rows still arriving as it reaches their layers;
+    # the cleanup removes the write hooks left, also when the block fails
+    step.defer(finish, cleanup=lambda: [writes.close() for writes in late])
+    left = list(targets)
+    while left:     # true_sequential: one stage of layers at a time, the earlier ones pruned
+        stats = record_inputs(ctx, step, left, stage=ctx.config.true_sequential)
+        stage = {t.param for t in stats.targets}
+        for group in p.groups:
+            group_targets = [t for t in stats.targets if t.group is group]
+            if not group_targets:
+                continue
+            if _is_sparse_gpt(group):
+                writes = _sparse_gpt(ctx, group, group_targets, stats)
+                if writes is not None:
+                    late.append(writes)
+            else:
+                _activation(ctx, group, group_targets, stats)
+        p.stages += 1
+        left = [t for t in left if t.param not in stage]
+        del stats               # not alive during the next stage's recording
 
 
 def record_inputs(ctx: PruneContext, step: BlockStep, targets, stage: bool = False) -> "BlockInputStats":
