@@ -51,8 +51,7 @@ class ChannelClasses:
         self.size = np.add.reduceat(self.link_weight, self.link_start[:-1]) if n else np.zeros(0, dtype=np.int64)
         # the groups of each class's layers: one (the class's group), none or several (-1)
         link_group = np.asarray(layer_groups, dtype=np.int64)[self.link_layer] if n_layers else self.link_layer
-        pair = np.sort(self.link_class[link_group >= 0] * _GROUP_SPAN + link_group[link_group >= 0])
-        pair = pair[np.flatnonzero(np.diff(pair, prepend=-1))]      # each (class, group) once
+        pair = sorted_unique(self.link_class[link_group >= 0] * _GROUP_SPAN + link_group[link_group >= 0])
         self.pair_class, self.pair_group = np.divmod(pair, _GROUP_SPAN)   # (class, group), sorted
         per_class = np.bincount(self.pair_class, minlength=n)
         self.group = np.full(n, -1, dtype=np.int64)
