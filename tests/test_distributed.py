@@ -540,6 +540,28 @@ def test_learned_scales_are_time_over_modelled_cost():
     assert scales == {key: ([0.05, 0.05], [3.0, 0.5])}
 
 
+def test_plans_use_the_cost_ratios_of_all_the_blocks_so_far():
+    """Each block's times add to the earlier blocks' of the same geometry: the scales are the
+    ratios of the sums (a noisy block moves them part of the way only), and a step with an
+    untimed group (a failed factor) adds nothing."""
+    import fxprune.distributed as d
+    dist = object.__new__(d.Distributed)        # the learning needs no process group
+    dist.scales, dist.cost_sums = {}, {}
+    key = ((512, 1536), (1376, 512))
+    modelled = [10.0, 20.0, 1.0, 4.0]
+    dist.learn_costs([(key, [0.0] * 4, modelled)], [1.0, 2.0, 1.0, 2.0])
+    assert dist.scales == {key: ([0.1, 0.1], [1.0, 0.5])}
+    dist.learn_costs([(key, [0.0] * 4, modelled)], [3.0, 2.0, 2.0, 2.0])
+    assert dist.scales == {key: ([0.2, 0.1], [1.5, 0.5])}       # (1 + 3) / 20, (1 + 2) / 2...
+    dist.learn_costs([(key, [0.0] * 4, modelled)], [3.0, 0.0, 2.0, 2.0])   # untimed: kept
+    assert dist.scales == {key: ([0.2, 0.1], [1.5, 0.5])}
+    other = ((64, 64),)
+    dist.learn_costs([(other, [0.0] * 2, [1.0, 1.0]), (key, [0.0] * 4, modelled)],
+                     [0.5, 0.25, 0.0, 2.0, 2.0, 4.0])
+    assert dist.scales[other] == ([0.5], [0.25])
+    assert dist.scales[key] == ([0.2, 0.1], [1.5, 0.5])                  # its step untimed
+
+
 def test_mean_of_sum_is_the_float64_sum_divided_once():
     """The two ranks' partial Hessians summed and averaged chunk by chunk give the bits of
     the float64 sum divided by the count and rounded once to float32 (BlockInputStats.hessian),
