@@ -404,3 +404,19 @@ def test_act_order_is_refused_for_n_of_m():
     U = inverse_hessian_factor(H.unsqueeze(0), 0.01)[0]
     with pytest.raises(ValueError, match="N:M groups keep the original column order"):
         sparsegpt_prune(W, U, 32, n_of_m=(2, 4), order=torch.arange(W.shape[1]).flip(0))
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (33, 17), (64, 129)])
+def test_all_finite_agrees_with_isfinite_for_every_position_and_kind(shape):
+    from fxprune.checks import all_finite
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    assert all_finite(x) and all_finite(x[:0]) and all_finite(x.t() if x.dim() == 2 else x)
+    flat = x.view(-1)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for i in range(flat.numel()):       # every lane of the vectorised reduction
+            y = flat.clone()
+            y[i] = bad
+            assert not all_finite(y.view(shape)), (bad, i)
+    y = flat.clone()
+    y[0], y[-1] = -float("inf"), float("inf")
+    assert not all_finite(y)
