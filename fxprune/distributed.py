@@ -87,7 +87,6 @@ class Distributed:
         self.zero_shares: dict[str, int] = {}   # zeros counted in this rank's rows, per weight
         self.pending_sends: list = []       # point-to-point sends not waited yet (see drain)
         self.unread: list = []              # SolvedRows with pieces not received yet (see drain)
-        self.receive_buffers = ReceiveBuffers()   # the SparseGPT steps' rows and factors land here
 
     # ------------------------------------------------------------------ errors
     def check(self, stage: str, error: str | None = None) -> None:
@@ -199,9 +198,7 @@ class Distributed:
         ranks compute: the partial Hessians to the rank computing their factor, each factor to the
         ranks solving rows with it as soon as it is computed, each solved row range to every other
         rank as soon as it is solved (with an error flag: a rank's error stops every rank with
-        its message, without a status exchange per step when all goes well; the rows and factors
-        received land in :class:`ReceiveBuffers` kept from step to step, so the tensors
-        :meth:`SolvedRows.get` returns are valid until the next step). Each rank computes
+        its message, without a status exchange per step when all goes well). Each rank computes
         its factors first, then solves its rows in group order (the forward's: the other ranks'
         next forward needs the first layers first). It returns once its own solves are done and
         sent: the other ranks' rows may still be on their way (:meth:`SolvedRows.get` waits for
@@ -221,27 +218,21 @@ class Distributed:
         # post every receive first: the other ranks' rows and the factors this rank needs. A row
         # range comes as three messages (error flag, float32 rows, mask bytes) received straight
         # into the result tensors: no packing on either side
-        # (the rows and factors land in the buffers of the last step, see ReceiveBuffers)
-        factor_users = [g for g, owner in enumerate(plan.owner)
-                        if owner != self.rank and any(r == self.rank for r, _, _ in plan.ranges[g])]
-        theirs = [(r1 - r0) * cols[g] for g, r, r0, r1 in pieces if r != self.rank]
-        buffers = self.receive_buffers.start(
-            {torch.float32: sum(theirs) + sum(cols[g] ** 2 for g in factor_users),
-             torch.uint8: sum(theirs)}, self.device)
         incoming = {}
         for k, (g, r, r0, r1) in enumerate(pieces):
             if r != self.rank:
                 parts = (torch.empty(1, dtype=torch.int64, device=self.device),
-                         buffers.take((r1 - r0, cols[g]), torch.float32),
-                         buffers.take((r1 - r0, cols[g]), torch.uint8))
+                         torch.empty(r1 - r0, cols[g], dtype=torch.float32, device=self.device),
+                         torch.empty(r1 - r0, cols[g], dtype=torch.uint8, device=self.device))
                 incoming[k] = (parts, [dist.irecv(x, self._peer(r), group=self.group, tag=_tag(kind, k))
                                        for kind, x in zip(_ROW_KINDS, parts)])
         sends = []
         gather = stats.send_hessians(shared_groups, plan.owner, sends)
         recvs = {}
-        for g in factor_users:
-            wire = buffers.take((cols[g], cols[g]), torch.float32)
-            recvs[g] = (wire, dist.irecv(wire, self._peer(plan.owner[g]), group=self.group, tag=_tag(_FACTOR, g)))
+        for g, owner in enumerate(plan.owner):
+            if owner != self.rank and any(r == self.rank for r, _, _ in plan.ranges[g]):
+                wire = torch.empty(cols[g], cols[g], device=self.device)
+                recvs[g] = (wire, dist.irecv(wire, self._peer(owner), group=self.group, tag=_tag(_FACTOR, g)))
         error: BaseException | None = None
         factors: dict[int, Tensor] = {}
         for g, owner in enumerate(plan.owner):     # this rank's factors, sent as soon as ready
@@ -307,7 +298,7 @@ class Distributed:
             modelled = [factor_cost(c) for c in cols] + [
                 sum(solve_cost(r1 - r0, cols[g]) for _, r0, r1 in plan.ranges[g]) for g in range(len(cols))]
             self.measured.append((key, spent, modelled))
-        arriving = self.receive_buffers.user = SolvedRows(self, stage, cols, rows, pieces, solved, incoming)
+        arriving = SolvedRows(self, stage, cols, rows, pieces, solved, incoming)
         if error is not None or owner_failed:
             self.drain(stage)
             arriving.receive_all(check_flags=False)
@@ -339,7 +330,6 @@ class Distributed:
         self.pending_sends.clear()
         self.unread.clear()
         self.zero_shares.clear()
-        self.receive_buffers.release()
 
     def _wait(self, work, stage: str) -> None:
         try:
@@ -364,7 +354,6 @@ class Distributed:
         every batch); and into ``zero_counts``, the zeros each rank counted in its share of the
         pruned weights (:meth:`count_zeros_share`), in the same all-reduce."""
         self.drain()
-        self.receive_buffers.release()
         self.check("the end of the block-sequential calibration")
         shares, self.zero_shares = self.zero_shares, {}
         (total,) = self.all_reduce_sum([torch.tensor(
@@ -382,46 +371,6 @@ class Distributed:
         stats.reduce()
 
 
-class ReceiveBuffers:
-    """The receive buffers of the SparseGPT steps, kept from one step to the next: every block has
-    the same shapes, so the next block's rows and factors land in the memory the last block's
-    used, already mapped, instead of fresh memory faulted in again by the receiving thread (the
-    heap release between blocks hands freed memory back to the system). One flat buffer per dtype,
-    grown when a step needs more, carved into the step's tensors in order. They are reused only
-    once the last step's :class:`SolvedRows` (``user``) had every group taken (written: the
-    tensors :meth:`SolvedRows.get` returned are valid until the next step); otherwise (two steps
-    in one block, the first one's rows not written yet) the new step gets new buffers.
-    :meth:`release` frees them at the end of a run."""
-
-    def __init__(self):
-        self.flat: dict[torch.dtype, Tensor] = {}
-        self.at: dict[torch.dtype, int] = {}
-        self.user: SolvedRows | None = None
-
-    def start(self, need: dict[torch.dtype, int], device: torch.device) -> "ReceiveBuffers":
-        """A new step needing ``need[dtype]`` elements of each dtype."""
-        if self.user is not None and not self.user.consumed():
-            self.flat.clear()               # still read: left to the last step's tensors
-        self.user = None
-        for dtype, n in need.items():
-            held = self.flat.get(dtype)
-            if held is None or held.numel() < n or held.device != device:
-                self.flat[dtype] = None     # (freed before the larger one is made)
-                self.flat[dtype] = torch.empty(n, dtype=dtype, device=device)
-            self.at[dtype] = 0
-        return self
-
-    def take(self, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
-        n, at = shape[0] * shape[1], self.at[dtype]
-        self.at[dtype] = at + n
-        return self.flat[dtype][at:at + n].view(shape)
-
-    def release(self) -> None:
-        self.flat.clear()
-        self.at.clear()
-        self.user = None
-
-
 class SolvedRows:
     """The rows of one SparseGPT step (:meth:`Distributed.split_sparse_gpt`): this rank's own,
     and the other ranks' as they arrive. :meth:`get` waits for one group's pieces only, so a
@@ -434,11 +383,6 @@ class SolvedRows:
         self.cols, self.rows, self.pieces = cols, rows, pieces
         self.solved, self.incoming = solved, incoming
         self.received: dict[int, tuple[Tensor, Tensor]] = {}
-        self.taken: set[int] = set()        # groups handed out by get
-
-    def consumed(self) -> bool:
-        """Whether every group's rows were taken (:meth:`get`)."""
-        return len(self.taken) == len(self.cols)
 
     def _receive(self, k: int, check_flag: bool = True) -> tuple[Tensor, Tensor]:
         if k in self.solved:
@@ -468,7 +412,6 @@ class SolvedRows:
 
     def get(self, g: int) -> tuple[Tensor, Tensor]:
         """Group ``g``'s ``(new float32 rows, pruned mask)``, once all its pieces are in."""
-        self.taken.add(g)
         ks = [k for k, p in enumerate(self.pieces) if p[0] == g]
         if len(ks) == 1:                # one range: its tensors as they are, no copy
             return self._receive(ks[0])

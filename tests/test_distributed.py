@@ -597,35 +597,3 @@ def test_cli_under_torchrun_writes_what_one_process_writes(tmp_path):
     assert all(int((a[k] == 0).sum()) == a[k].numel() // 2 for k in linears)    # 2:4
     assert ((tmp_path / "one" / "fxprune_report.json").read_text()
             == (tmp_path / "two" / "fxprune_report.json").read_text())
-
-
-def test_receive_buffers_are_reused_only_once_the_last_steps_rows_were_taken():
-    """A SparseGPT step's receive buffers are the last step's memory when that step's rows were
-    all taken (every block has the same shapes: no fresh memory to fault in), new ones when they
-    may still be read (two steps in one block), and larger ones when a step needs more."""
-    from fxprune.distributed import ReceiveBuffers
-
-    class Step:             # stands for a SolvedRows
-        def __init__(self, consumed):
-            self.consumed = lambda: consumed
-
-    cpu = torch.device("cpu")
-    bufs = ReceiveBuffers()
-    bufs.start({torch.float32: 12, torch.uint8: 6}, cpu)
-    a, b = bufs.take((2, 3), torch.float32), bufs.take((2, 3), torch.float32)
-    m = bufs.take((2, 3), torch.uint8)
-    assert b.data_ptr() == a.data_ptr() + 6 * 4 and a.shape == m.shape == (2, 3)
-    a.fill_(1.0)
-    bufs.user = Step(consumed=False)          # the first step's rows not written yet
-    bufs.start({torch.float32: 6}, cpu)
-    c = bufs.take((2, 3), torch.float32)
-    c.fill_(2.0)
-    assert c.data_ptr() != a.data_ptr() and bool((a == 1.0).all())
-    bufs.user = Step(consumed=True)           # all written: the next step reuses the memory
-    bufs.start({torch.float32: 6}, cpu)
-    assert bufs.take((2, 3), torch.float32).data_ptr() == c.data_ptr()
-    bufs.user = Step(consumed=True)
-    bufs.start({torch.float32: 60}, cpu)      # more needed: a larger buffer
-    assert bufs.take((6, 10), torch.float32).numel() == 60
-    bufs.release()
-    assert not bufs.flat and bufs.user is None
