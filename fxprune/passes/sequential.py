@@ -284,7 +284,7 @@ def _sparse_gpt(ctx, group, targets, stats: "BlockInputStats") -> None:
             shared_groups, factor, solve, lambda shared: row_cuts(shared, adaptive), stats=stats)
         writes = LateWrites(lambda g: apply(shared_groups[g], *arriving.get(g)))
         for g, shared in enumerate(shared_groups):
-            modules = [_owner(ctx.model, t) for t in shared]
+            modules = [stats.owner[t.param] for t in shared]
             if arriving.ready(g) or any(not _called_module(m) or t.uses_per_forward != 1
                                         for m, t in zip(modules, shared)):
                 writes.write(g)
@@ -502,8 +502,9 @@ class BlockInputStats:
         self.stage_open = False
         self.hooked, self.dispatched = [], []
         self._untaken: dict[int, set[str]] = {}   # per Hessian: layers yet to take it
+        self.owner = {t.param: _owner(model, t) for t in self.targets}   # (see _owner)
         for t in self.targets:
-            owner = _owner(model, t)
+            owner = self.owner[t.param]
             if _called_module(owner):
                 self.hooked.append((owner, t))
             else:
