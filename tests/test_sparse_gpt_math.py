@@ -420,3 +420,23 @@ def test_all_finite_agrees_with_isfinite_for_every_position_and_kind(shape):
     y = flat.clone()
     y[0], y[-1] = -float("inf"), float("inf")
     assert not all_finite(y)
+
+
+def test_stacked_rows_t_is_the_stacked_rows_transposed_for_every_range():
+    """A solve's rows copied once from the layers' views: the values of ``torch.cat(views)[r0:r1]``
+    transposed, contiguous (the solve's working layout, updated in place) when two or more layers
+    contribute, a view of the one layer otherwise."""
+    from fxprune.passes.sequential import stacked_rows_t
+    g = torch.Generator().manual_seed(0)
+    views = [torch.randn(r, 8, generator=g) for r in (5, 3, 6)]
+    whole = torch.cat(views)
+    for r0 in range(0, 14):
+        for r1 in range(r0 + 1, 15):
+            got = stacked_rows_t(views, r0, r1)
+            assert torch.equal(got, whole[r0:r1].t())
+            layers = sum(1 for a, b in ((0, 5), (5, 8), (8, 14)) if a < r1 and r0 < b)
+            if layers > 1:
+                assert got.is_contiguous()
+            else:
+                assert got.t().data_ptr() in {v[r0 - a:].data_ptr() for v, a in zip(views, (0, 5, 8))
+                                              if 0 <= r0 - a < v.shape[0]}
