@@ -178,7 +178,7 @@ def select_classes(ctx, an: ChannelAnalysis, groups, scores, *, target_sparsity:
     if ctx.config.round_channels_to > 1:
         _round_up(classes, removed, space, ctx.config.round_channels_to, score)
     if ctx.model is not None:  # a Hugging Face config must still describe the sizes kept
-        fit_hf_configs(ctx.model, an, classes, removed, score)
+        fit_hf_configs(ctx.model, an, classes, removed, score, ctx.module_lookup())
     for group in groups if warn else ():
         target = group.target_sparsity if target_sparsity is None else target_sparsity
         _warn_if_blocked(group, ctx.selected(group), classes, blocked, is_blocked, removed, target)
