@@ -103,7 +103,9 @@ class CompactionPlan:
             dead_roots[np.fromiter(self.dead, dtype=np.int64, count=len(self.dead))] = True
             space_of = np.full(n, -1, dtype=np.int64)
             if self.space:
-                space_of[np.fromiter(self.space, dtype=np.int64, count=len(self.space))] = list(self.space.values())
+                # fromiter, not a list: numpy converts a list of ints one object at a time (ms here)
+                space_of[np.fromiter(self.space, dtype=np.int64, count=len(self.space))] = \
+                    np.fromiter(self.space.values(), dtype=np.int64, count=len(self.space))
             cached = self._cache = (key, dead_roots, space_of)
         return cached[1], cached[2]
 
