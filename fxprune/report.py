@@ -30,9 +30,10 @@ def count_zeros(tensor: torch.Tensor) -> int:
     entries (one row when a row is longer), so a large weight never needs a same-sized
     temporary. On the CPU, numpy compares and counts (its loops are vectorised: 3-8x faster than
     torch's with one thread, whatever the pattern of zeros); elsewhere, or for a dtype numpy
-    lacks or compares slowly (bfloat16, float16), ``count_nonzero(t == 0)`` (several times faster than ``count_nonzero(t)``
-    on a float tensor with scattered zeros, or ``(t == 0).sum()``), the pieces' counts added on
-    the tensor's device and read once (one synchronisation on a GPU)."""
+    lacks or compares slowly (bfloat16, float16), ``count_nonzero(t == 0)`` (several times
+    faster than ``count_nonzero(t)`` on a float tensor with scattered zeros, or
+    ``(t == 0).sum()``), the pieces' counts added on the tensor's device and read once (one
+    synchronisation on a GPU)."""
     array = _numpy_view(tensor)
     if array is not None:
         if array.ndim == 0 or array.size <= ZERO_COUNT_PIECE:
