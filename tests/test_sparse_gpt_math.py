@@ -404,3 +404,39 @@ def test_act_order_is_refused_for_n_of_m():
     U = inverse_hessian_factor(H.unsqueeze(0), 0.01)[0]
     with pytest.raises(ValueError, match="N:M groups keep the original column order"):
         sparsegpt_prune(W, U, 32, n_of_m=(2, 4), order=torch.arange(W.shape[1]).flip(0))
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (33, 17), (64, 129)])
+def test_all_finite_agrees_with_isfinite_for_every_position_and_kind(shape):
+    from fxprune.checks import all_finite
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    assert all_finite(x) and all_finite(x[:0]) and all_finite(x.t() if x.dim() == 2 else x)
+    flat = x.view(-1)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for i in range(flat.numel()):       # every lane of the vectorised reduction
+            y = flat.clone()
+            y[i] = bad
+            assert not all_finite(y.view(shape)), (bad, i)
+    y = flat.clone()
+    y[0], y[-1] = -float("inf"), float("inf")
+    assert not all_finite(y)
+
+
+def test_stacked_rows_t_is_the_stacked_rows_transposed_for_every_range():
+    """A solve's rows copied once from the layers' views: the values of ``torch.cat(views)[r0:r1]``
+    transposed, contiguous (the solve's working layout, updated in place) when two or more layers
+    contribute, a view of the one layer otherwise."""
+    from fxprune.passes.sequential import stacked_rows_t
+    g = torch.Generator().manual_seed(0)
+    views = [torch.randn(r, 8, generator=g) for r in (5, 3, 6)]
+    whole = torch.cat(views)
+    for r0 in range(0, 14):
+        for r1 in range(r0 + 1, 15):
+            got = stacked_rows_t(views, r0, r1)
+            assert torch.equal(got, whole[r0:r1].t())
+            layers = sum(1 for a, b in ((0, 5), (5, 8), (8, 14)) if a < r1 and r0 < b)
+            if layers > 1:
+                assert got.is_contiguous()
+            else:
+                assert got.t().data_ptr() in {v[r0 - a:].data_ptr() for v, a in zip(views, (0, 5, 8))
+                                              if 0 <= r0 - a < v.shape[0]}

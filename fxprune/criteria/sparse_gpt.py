@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..checks import all_finite
 from ..errors import WeightError
 from ..geometry import from_view_2d, to_view_2d
 from ..patterns.ninm import n_lowest_of_each_column
@@ -94,7 +95,7 @@ class SparseGPTCriterion(Criterion):
         steps = group_refine_steps(self.group)
         new = torch.stack([obs_prune(view[g], pruned[g], u[g], self.blocksize, steps)
                            for g in range(groups)])
-        if not bool(torch.isfinite(new).all()):
+        if not all_finite(new):
             raise WeightError(f"sparse_gpt produced non-finite weights for {t.name}; raise "
                               f"SparseGPTCriterion.percdamp or check the calibration data")
         new = new.reshape(t.geometry.view_shape)
@@ -172,7 +173,7 @@ def inverse_hessian_factor(H: Tensor, percdamp: float, name: str = "", *,
         if int(info.abs().sum()) == 0:
             U = reverse_square_(lower_triangular_inverse(M, H.zero_()))
             del M
-            if bool(torch.isfinite(U).all()):
+            if all_finite(U):
                 return U
             break
         damp *= 10

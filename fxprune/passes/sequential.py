@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..checks import all_finite
 from ..criteria import ActivationCriterion, SparseGPTCriterion, get_criterion_class
 from ..criteria.calibration import (StopForward, WeightInputRecorder, _NoFusedFastPaths,
                                     require_data, reusable)
@@ -283,7 +284,7 @@ def _sparse_gpt(ctx, group, targets, stats: "BlockInputStats") -> None:
             shared_groups, factor, solve, lambda shared: row_cuts(shared, adaptive), stats=stats)
         writes = LateWrites(lambda g: apply(shared_groups[g], *arriving.get(g)))
         for g, shared in enumerate(shared_groups):
-            modules = [_owner(ctx.model, t) for t in shared]
+            modules = [stats.owner[t.param] for t in shared]
             if arriving.ready(g) or any(not _called_module(m) or t.uses_per_forward != 1
                                         for m, t in zip(modules, shared)):
                 writes.write(g)
@@ -375,7 +376,7 @@ def _sparse_gpt_rows(ctx, group, shared, u: Tensor, r0: int, r1: int, criterion,
     weights = [ctx.model.get_parameter(t.param) for t in shared]
     views = [to_view_2d(w.detach(), t.geometry).float() for w, t in zip(weights, shared)]
     rows = [v.shape[0] for v in views]
-    W = (torch.cat(views) if len(views) > 1 else views[0])[r0:r1]
+    W = stacked_rows_t(views, r0, r1).t()
     steps = group_refine_steps(group)
     if adaptive == "n_of_m":
         new, pruned = sparsegpt_prune(W, u, criterion.blocksize,
@@ -393,10 +394,26 @@ def _sparse_gpt_rows(ctx, group, shared, u: Tensor, r0: int, r1: int, criterion,
         fixed = torch.cat([~masks[t.param] for t in shared])[r0:r1]
         new, pruned = sparsegpt_prune(W, u, criterion.blocksize, fixed=fixed,
                                       refine_steps=steps)
-    if not bool(torch.isfinite(new).all()):
+    if not all_finite(new):
         raise WeightError(f"sparse_gpt produced non-finite weights for {shared[0].name}; raise "
                           f"SparseGPTCriterion.percdamp or check the calibration data")
     return new, pruned
+
+
+def stacked_rows_t(views, r0: int, r1: int) -> Tensor:
+    """Rows ``[r0, r1)`` of the 2-D ``views`` stacked (``torch.cat(views)[r0:r1]``), transposed:
+    ``[cols, r1 - r0]``, contiguous when more than one view contributes, which is the working
+    layout of :func:`sparsegpt_prune` (it then updates this tensor in place). Only the rows
+    asked for are copied, once: no stacked copy of every row first."""
+    parts, at = [], 0
+    for v in views:
+        a, b = max(r0 - at, 0), min(r1 - at, v.shape[0])
+        if a < b:
+            parts.append(v[a:b])
+        at += v.shape[0]
+    if len(parts) <= 1:             # one layer's rows: sparsegpt_prune makes its working copy
+        return (parts[0] if parts else views[0][:0]).t()
+    return torch.cat([p.t() for p in parts], dim=1)
 
 
 def adaptive_mode(pattern) -> str | None:
@@ -485,8 +502,9 @@ class BlockInputStats:
         self.stage_open = False
         self.hooked, self.dispatched = [], []
         self._untaken: dict[int, set[str]] = {}   # per Hessian: layers yet to take it
+        self.owner = {t.param: _owner(model, t) for t in self.targets}   # (see _owner)
         for t in self.targets:
-            owner = _owner(model, t)
+            owner = self.owner[t.param]
             if _called_module(owner):
                 self.hooked.append((owner, t))
             else:
