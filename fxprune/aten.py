@@ -124,17 +124,70 @@ def is_weight_layer(module: Any) -> bool:
 
 
 class ModuleLookup:
-    """``model.get_submodule`` / ``get_parameter`` for many names, and each parameter's aliases in
-    ``canonical`` (``capture.canonical_names``), from one walk of the modules and one of the names
-    (``get_submodule`` walks and checks every step of a path, about 14 us a call, and the aliases
-    of one name would scan every name). A name the walk does not know goes to ``model``'s own
-    methods (same results and errors). For one pass's loop over the targets: the modules are
-    looked up once, so a module replaced after that is not seen (tensors replaced are)."""
+    """``model.get_submodule`` / ``get_parameter`` for many names, each parameter's aliases, and the
+    walks over the modules the passes make, from one walk of the modules (``get_submodule`` walks
+    and checks every step of a path, about 14 us a call; ``named_parameters`` and the like walk
+    the module tree again on every call). ``canonical``: every parameter/buffer name (tied aliases
+    included) -> the first name of that tensor (``capture.canonical_names``), worked out from the
+    same walk when not given. A name the walk does not know goes to ``model``'s own methods (same
+    results and errors). The modules are walked once, so a module added or replaced after that is
+    not seen (tensors replaced are): one lookup serves passes that change tensors and attributes,
+    not the module tree (one ``PassManager`` run, ``PruneContext.module_lookup``)."""
 
     def __init__(self, model: nn.Module, canonical: dict[str, str] | None = None):
-        self.model, self.canonical = model, canonical or {}
+        self.model = model
+        self._canonical = canonical
+        self._named: list[tuple[str, nn.Module]] | None = None
         self._modules: dict[str, nn.Module] | None = None
+        self._distinct: list[tuple[str, nn.Module]] | None = None
         self._aliases: dict[str, list[str]] | None = None
+
+    @property
+    def named(self) -> list[tuple[str, nn.Module]]:
+        """``list(model.named_modules(remove_duplicate=False))``."""
+        if self._named is None:
+            self._named = list(self.model.named_modules(remove_duplicate=False))
+        return self._named
+
+    def named_modules(self) -> list[tuple[str, nn.Module]]:
+        """``list(model.named_modules())``: each module once, under its first name."""
+        if self._distinct is None:
+            seen: set[int] = set()
+            self._distinct = [(n, m) for n, m in self.named if not (id(m) in seen or seen.add(id(m)))]
+        return self._distinct
+
+    def modules(self) -> list[nn.Module]:
+        """``list(model.modules())``."""
+        return [m for _, m in self.named_modules()]
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``list(model.named_parameters())``, read now (parameters replaced since are seen)."""
+        seen: set[int] = set()
+        out = []
+        for prefix, module in self.named_modules():
+            for name, p in module._parameters.items():
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((f"{prefix}.{name}" if prefix else name, p))
+        return out
+
+    def parameters(self) -> list[nn.Parameter]:
+        """``list(model.parameters())``, read now."""
+        return [p for _, p in self.named_parameters()]
+
+    @property
+    def canonical(self) -> dict[str, str]:
+        if self._canonical is None:
+            first: dict[int, str] = {}
+            out: dict[str, str] = {}
+            for store in ("_parameters", "_buffers"):   # named_parameters / named_buffers(remove_duplicate=False)
+                for prefix, module in self.named:
+                    for name, t in getattr(module, store).items():
+                        if t is not None:
+                            full = f"{prefix}.{name}" if prefix else name
+                            out[full] = first.setdefault(id(t), full)
+            self._canonical = out
+        return self._canonical
 
     def submodule(self, name: str) -> nn.Module:
         module = self._module(name)
@@ -146,9 +199,16 @@ class ModuleLookup:
         p = module._parameters.get(attr) if module is not None else None
         return p if p is not None else self.model.get_parameter(name)
 
+    def tensor(self, name: str):
+        """The parameter or buffer ``name`` (``KeyError`` for a buffer the module does not have)."""
+        module_name, _, attr = name.rpartition(".")
+        module = self.submodule(module_name)
+        t = module._parameters.get(attr)
+        return t if t is not None else module._buffers[attr]
+
     def _module(self, name: str) -> nn.Module | None:
         if self._modules is None:
-            self._modules = dict(self.model.named_modules(remove_duplicate=False))
+            self._modules = dict(self.named)
         return self._modules.get(name)
 
     def aliases(self, param: str) -> list[str]:

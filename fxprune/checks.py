@@ -31,9 +31,9 @@ def check_weight(t, weight: Tensor) -> None:
                           f"fix or re-initialise the weights before pruning")
 
 
-def check_weights(model: nn.Module, targets: Iterable) -> None:
-    """:func:`check_weight` for every target, in graph order."""
-    lookup = ModuleLookup(model)
+def check_weights(model: nn.Module, targets: Iterable, lookup: ModuleLookup | None = None) -> None:
+    """:func:`check_weight` for every target, in graph order (``lookup``: a ModuleLookup of ``model``)."""
+    lookup = ModuleLookup(model) if lookup is None else lookup
     for t in targets:
         check_weight(t, lookup.parameter(t.param).detach())
 

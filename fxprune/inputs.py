@@ -47,12 +47,13 @@ def output_tensors(out) -> Iterator[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+def eval_mode(model: torch.nn.Module, modules=None) -> Iterator[torch.nn.Module]:
     """Eval mode inside (deterministic: no dropout, BatchNorm running statistics); after, every
     module gets its own training flag back (a submodule the caller froze in eval stays so). A
     module loaded from a ``.pt2`` archive (``ExportedProgram.module()``) has its mode fixed at
-    export and refuses ``eval()``: it is used as it is."""
-    flags = [(m, m.training) for m in model.modules()]
+    export and refuses ``eval()``: it is used as it is. ``modules``: ``list(model.modules())`` if
+    at hand."""
+    flags = [(m, m.training) for m in (model.modules() if modules is None else modules)]
     if any(training for _, training in flags):  # else already in eval mode, as usual after a first call
         try:
             model.eval()

@@ -10,6 +10,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,15 +26,41 @@ ZERO_COUNT_PIECE = 1 << 20
 def count_zeros(tensor: torch.Tensor) -> int:
     """The zero entries of ``tensor`` (``-0.0`` counts), the count every report holds.
 
-    ``count_nonzero(t == 0)`` is several times faster on CPU than ``count_nonzero(t)`` on a float
-    tensor or ``(t == 0).sum()``; the comparison goes in pieces of whole rows (dim 0), as many
-    as fit in ``ZERO_COUNT_PIECE`` entries (one row when a row is longer), so a large weight
-    never needs a same-sized temporary. The pieces' counts are added on the tensor's device and
-    read once (one synchronisation on a GPU)."""
+    The comparison goes in pieces of whole rows (dim 0), as many as fit in ``ZERO_COUNT_PIECE``
+    entries (one row when a row is longer), so a large weight never needs a same-sized
+    temporary. On the CPU, numpy compares and counts (its loops are vectorised: 3-8x faster than
+    torch's with one thread, whatever the pattern of zeros); elsewhere, or for a dtype numpy
+    lacks or compares slowly (bfloat16, float16), ``count_nonzero(t == 0)`` (several times
+    faster than ``count_nonzero(t)`` on a float tensor with scattered zeros, or
+    ``(t == 0).sum()``), the pieces' counts added on the tensor's device and read once (one
+    synchronisation on a GPU)."""
+    array = _numpy_view(tensor)
+    if array is not None:
+        if array.ndim == 0 or array.size <= ZERO_COUNT_PIECE:
+            return int(np.count_nonzero(array == 0))
+        rows = max(1, ZERO_COUNT_PIECE // (array.size // array.shape[0]))
+        return sum(int(np.count_nonzero(array[i:i + rows] == 0)) for i in range(0, array.shape[0], rows))
     if tensor.dim() == 0 or tensor.numel() <= ZERO_COUNT_PIECE:
         return int(torch.count_nonzero(tensor == 0))
     rows = max(1, ZERO_COUNT_PIECE // (tensor.numel() // tensor.shape[0]))
     return int(sum(torch.count_nonzero(piece == 0) for piece in tensor.split(rows)))
+
+
+# float16 is left to torch: numpy compares it in software, 5x slower than torch
+_NUMPY_DTYPES = frozenset({torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64,
+                           torch.uint8, torch.bool, torch.complex64, torch.complex128})
+
+
+def _numpy_view(tensor: torch.Tensor) -> np.ndarray | None:
+    """``tensor``'s values as a numpy array without a copy, or None (another device, a dtype
+    numpy lacks, a tensor subclass or a lazy conjugate/negation numpy cannot view)."""
+    if type(tensor) not in (torch.Tensor, nn.Parameter) or tensor.device.type != "cpu" \
+            or tensor.dtype not in _NUMPY_DTYPES:
+        return None
+    try:
+        return tensor.detach().numpy()
+    except (RuntimeError, TypeError):
+        return None
 
 
 @dataclass

@@ -296,3 +296,30 @@ def test_a_buffer_the_forward_replaces_is_put_back():
     ctx = _capture(model, (torch.randn(2, 4),), True)
     assert ctx.capture_method == "aten_trace"
     assert model.calls is buffer and float(buffer) == 0.0
+
+
+def test_one_module_lookup_walks_as_torchs_own_walks():
+    """The walks the passes share (ModuleLookup) equal nn.Module's: shared submodules, tied and
+    missing parameters, buffers; parameters replaced after the walk are seen."""
+    from fxprune.aten import ModuleLookup
+
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Sequential(shared, nn.BatchNorm1d(4)), shared,
+                          nn.Linear(4, 4))
+    model[3].weight = model[0].weight                                  # tied
+    lookup = ModuleLookup(model)
+    assert lookup.named == list(model.named_modules(remove_duplicate=False))
+    assert lookup.named_modules() == list(model.named_modules())
+    assert lookup.modules() == list(model.modules())
+    assert [(n, id(p)) for n, p in lookup.named_parameters()] == [(n, id(p)) for n, p in model.named_parameters()]
+    first = {}
+    expected = {n: first.setdefault(id(t), n) for n, t in [*model.named_parameters(remove_duplicate=False),
+                                                          *model.named_buffers(remove_duplicate=False)]}
+    assert lookup.canonical == expected and canonical_names(model) == expected
+    assert lookup.canonical["3.weight"] == "0.weight" and lookup.aliases("0.weight") == ["3.weight"]
+    assert lookup.tensor("1.1.running_mean") is model[1][1].running_mean
+    model[1][0].weight = nn.Parameter(torch.zeros(2, 4))               # replaced: seen
+    assert lookup.parameter("2.weight") is shared.weight and lookup.tensor("1.0.weight") is shared.weight
+    assert [id(p) for p in lookup.parameters()] == [id(p) for p in model.parameters()]
+    with pytest.raises(AttributeError):
+        lookup.submodule("9")

@@ -508,7 +508,7 @@ def test_each_modules_training_flag_is_kept(how):
     assert not model.bn1.training
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_count_zeros_counts_signed_zeros_in_pieces_and_views(monkeypatch, dtype):
     from fxprune import report
 
@@ -516,9 +516,12 @@ def test_count_zeros_counts_signed_zeros_in_pieces_and_views(monkeypatch, dtype)
     w = torch.randn(37, 29, generator=g).to(dtype)
     w[torch.rand(37, 29, generator=g) < 0.4] = 0.0
     w[torch.rand(37, 29, generator=g) < 0.1] = -0.0
+    w[0, :3] = float("nan")
     expected = sum(1 for x in w.flatten().tolist() if x == 0.0)
     assert expected > 400
     assert report.count_zeros(w) == expected
+    assert report.count_zeros(torch.nn.Parameter(w.clone())) == expected   # a parameter (requires grad)
+    assert report.count_zeros(w.neg()) == expected
     assert report.count_zeros(w.t()) == expected          # a transposed (HF Conv1D) view
     assert report.count_zeros(w[0]) == sum(1 for x in w[0].tolist() if x == 0.0)
     assert report.count_zeros(torch.tensor(0.0)) == 1

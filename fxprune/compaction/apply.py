@@ -22,7 +22,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import torch
 
-from ..aten import shape_of
+from ..aten import ModuleLookup, shape_of
 from ..flops import GraphFlops, flop_counter
 from ..inputs import eval_mode, output_tensors, split_inputs
 from ..report import count_zeros
@@ -34,16 +34,19 @@ from .values import Chan, ParamRef
 RTOL = 1e-4
 
 
-def compact_model(model, plan, example_inputs) -> dict:
+def compact_model(model, plan, example_inputs, lookup: ModuleLookup | None = None) -> dict:
     """Slice the plan's removed classes out of ``model`` (in place), keeping only the spaces whose
-    outputs still match; returns the figures :func:`summary` reports."""
+    outputs still match; returns the figures :func:`summary` reports. ``lookup``: a
+    :class:`~fxprune.aten.ModuleLookup` of ``model`` (the module tree is not changed)."""
     args, kwargs = split_inputs(example_inputs)
-    params_before = count_params(model)
-    shapes_before = {n: list(p.shape) for n, p in model.named_parameters()}
+    lookup = ModuleLookup(model) if lookup is None else lookup
+    params = lookup.named_parameters()
+    params_before = sum(p.numel() for _, p in params)
+    shapes_before = {n: list(p.shape) for n, p in params}
     graph = GraphFlops(plan.analysis.gm)
     flops_before = graph.count()
     on_forward = flops_before is None  # a graph the shapes cannot count: count on the forwards
-    reference, counted = forward(model, args, kwargs, count_flops=on_forward)
+    reference, counted = forward(model, args, kwargs, count_flops=on_forward, lookup=lookup)
     if on_forward:
         flops_before = counted
     spaces = sorted({plan.space[r] for r in plan.dead})
@@ -52,28 +55,29 @@ def compact_model(model, plan, example_inputs) -> dict:
     good = set(spaces)
     # the configs are updated with the slicing, so one forward checks both
     why, flops_after, config = _try(model, plan, good, args, kwargs, reference, count_flops=on_forward,
-                                    norm_offsets=offsets)
+                                    norm_offsets=offsets, lookup=lookup)
     if why is not None:  # find the spaces that break the model; keep the others
         for s in spaces:
-            reason, _, _ = _try(model, plan, {s}, args, kwargs, reference, keep=False)
+            reason, _, _ = _try(model, plan, {s}, args, kwargs, reference, keep=False, lookup=lookup)
             if reason is not None:
                 failed[s] = reason
         good = set(spaces) - set(failed)
-        why, flops_after, _ = _try(model, plan, good, args, kwargs, reference, count_flops=on_forward)
+        why, flops_after, _ = _try(model, plan, good, args, kwargs, reference, count_flops=on_forward,
+                                   lookup=lookup)
         if why is not None:
             failed.update({s: why for s in good})
             good, flops_after = set(), flops_before
-        config = _update_configs(model, args, kwargs, reference, offsets)
+        config = _update_configs(model, args, kwargs, reference, offsets, lookup)
     if not on_forward:
-        flops_after = graph.count(compacted_shapes(model, plan, good)) if good else flops_before
+        flops_after = graph.count(compacted_shapes(model, plan, good, lookup)) if good else flops_before
         if flops_after is None:
-            _, flops_after = forward(model, args, kwargs, count_flops=True)
-    return {"failed": failed, "params_before": params_before, "params_after": count_params(model),
+            _, flops_after = forward(model, args, kwargs, count_flops=True, lookup=lookup)
+    return {"failed": failed, "params_before": params_before, "params_after": count_params(model, lookup),
             "flops_before": flops_before, "flops_after": flops_after, "shapes_before": shapes_before,
             "config": config}
 
 
-def compacted_shapes(model, plan, spaces: set[int]):
+def compacted_shapes(model, plan, spaces: set[int], lookup: ModuleLookup | None = None):
     """``shape(node)``: the shape a node of the analysed graph has in ``model`` once the removed
     classes of ``spaces`` are sliced out (a parameter's as ``model`` now holds it; a tensor's
     channel dims keep the indices not all of whose atoms are removed; any other value as
@@ -81,7 +85,7 @@ def compacted_shapes(model, plan, spaces: set[int]):
     an = plan.analysis
     cache: dict = {}
     kept_of: dict[int, tuple] = {}   # id(atoms) -> (atoms, kept per channel dim): values share atoms
-    tensor = tensor_getter(model)
+    tensor = tensor_getter(model, lookup)
 
     def shape(node):
         if node in cache:
@@ -114,15 +118,15 @@ def kept_per_dim(dead: np.ndarray) -> list[int]:
     return [int((~np.moveaxis(dead, k, 0).reshape(dead.shape[k], -1).all(axis=1)).sum()) for k in range(dead.ndim)]
 
 
-def _update_configs(model, args, kwargs, reference, norm_offsets) -> dict:
+def _update_configs(model, args, kwargs, reference, norm_offsets, lookup: ModuleLookup | None = None) -> dict:
     """Hugging Face configs follow the compacted sizes; a model whose forward reads a size from
     its config (Gemma scales its embeddings by sqrt(hidden_size)) would then compute something
     else: checked on the example inputs, and left as it was with a warning if so."""
     undo = Undo()
-    info = update_hf_configs(model, undo, norm_offsets)
+    info = update_hf_configs(model, undo, norm_offsets, lookup)
     mismatch = None
     if undo.steps:
-        mismatch, _, error = _check(model, args, kwargs, reference)
+        mismatch, _, error = _check(model, args, kwargs, reference, lookup=lookup)
         if mismatch is not None:
             mismatch = mismatch if error is None else f"the model fails: {error}"
             undo.restore()
@@ -150,8 +154,9 @@ def nothing_to_compact(model, plan) -> dict:
             "config": {"updated": {}, "not_described": {}}}
 
 
-def zero_removed(model, plan) -> None:
-    """Zero the removed classes' entries of every source/zero-role tensor (biases, norm affine)."""
+def zero_removed(model, plan, lookup: ModuleLookup | None = None) -> None:
+    """Zero the removed classes' entries of every source/zero-role tensor (biases, norm affine).
+    ``lookup``: a :class:`~fxprune.aten.ModuleLookup` of ``model``."""
     axes = [(key, ax.atoms.ravel()) for key, ax in plan.analysis.axes.items() if ax.roles & {"source", "zero"}]
     if not axes:
         return
@@ -160,7 +165,7 @@ def zero_removed(model, plan) -> None:
     hit = np.flatnonzero(plan.dead_mask(np.concatenate([atoms for _, atoms in axes])))
     owner = np.searchsorted(ends, hit, side="right")             # the axis of each removed entry
     bounds = np.searchsorted(owner, np.arange(len(axes) + 1))
-    tensor = tensor_getter(model)
+    tensor = tensor_getter(model, lookup)
     with torch.no_grad():
         for i in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():
             (fqn, dim), start = axes[i][0], int(ends[i] - axes[i][1].size)
@@ -168,10 +173,10 @@ def zero_removed(model, plan) -> None:
             t.index_fill_(dim, torch.as_tensor(hit[bounds[i]:bounds[i + 1]] - start, device=t.device), 0)
 
 
-def forward(model, args, kwargs, count_flops: bool = False):
+def forward(model, args, kwargs, count_flops: bool = False, lookup: ModuleLookup | None = None):
     """The model's output tensors on the example inputs, in eval mode (every module's mode
     restored), and FLOPs."""
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model, None if lookup is None else lookup.modules()), torch.no_grad():
         if count_flops:
             with flop_counter() as counter:
                 out = model(*args, **kwargs)
@@ -180,26 +185,26 @@ def forward(model, args, kwargs, count_flops: bool = False):
 
 
 def _try(model, plan, spaces: set[int], args, kwargs, reference, keep: bool = True,
-         count_flops: bool = False, norm_offsets: dict | None = None):
+         count_flops: bool = False, norm_offsets: dict | None = None, lookup: ModuleLookup | None = None):
     """Slice ``spaces`` and check the outputs: (None, FLOPs if ``count_flops``, config entry)
     when they match (undone unless ``keep``), else (why not, None, None), undone. With
     ``norm_offsets``, the Hugging Face configs are updated too (:func:`_update_configs`) and
     checked by the same forward: if only they make it differ, they are left as they were."""
     try:
-        undo = slice_model(model, plan, spaces)
+        undo = slice_model(model, plan, spaces, lookup)
     except Exception as e:
         return f"slicing failed: {type(e).__name__}: {_first_line(e)}", None, None
     configs, info = Undo(), None
     if norm_offsets is not None:
-        info = update_hf_configs(model, configs, norm_offsets)
-    why, flops, error = _check(model, args, kwargs, reference, count_flops)
+        info = update_hf_configs(model, configs, norm_offsets, lookup)
+    why, flops, error = _check(model, args, kwargs, reference, count_flops, lookup)
     config = None
     if why is None:
         config = None if info is None else _configs_checked(info, None)
     elif configs.steps:  # the configs' doing, or the slicing's?
         configs.restore()
         mismatch = why if error is None else f"the model fails: {error}"
-        why, flops, error = _check(model, args, kwargs, reference, count_flops)
+        why, flops, error = _check(model, args, kwargs, reference, count_flops, lookup)
         if why is None:
             config = _configs_checked(info, mismatch)
     if why is not None or not keep:
@@ -208,11 +213,11 @@ def _try(model, plan, spaces: set[int], args, kwargs, reference, keep: bool = Tr
     return why, flops, config
 
 
-def _check(model, args, kwargs, reference, count_flops: bool = False):
+def _check(model, args, kwargs, reference, count_flops: bool = False, lookup: ModuleLookup | None = None):
     """(why the compacted model's outputs differ from ``reference`` or None, FLOPs if
     ``count_flops``, the error it raised or None)."""
     try:
-        out, flops = forward(model, args, kwargs, count_flops=count_flops)
+        out, flops = forward(model, args, kwargs, count_flops=count_flops, lookup=lookup)
         return _mismatch(out, reference), flops, None
     except Exception as e:
         error = f"{type(e).__name__}: {_first_line(e)}"
@@ -242,9 +247,10 @@ def _first_line(e: Exception) -> str:
     return lines[0][:300] if lines else "(no message)"
 
 
-def summary(model, targets, plan, figures: dict) -> dict:
+def summary(model, targets, plan, figures: dict, lookup: ModuleLookup | None = None) -> dict:
     """The ``compaction`` entry of the report: one record per space holding pruned layers.
-    ``targets``: param -> Target, in graph order; ``figures``: what :func:`compact_model` returned."""
+    ``targets``: param -> Target, in graph order; ``figures``: what :func:`compact_model` returned;
+    ``lookup``: a :class:`~fxprune.aten.ModuleLookup` of ``model``."""
     failed, shapes_before = figures["failed"], figures["shapes_before"]
     names = {t.param: t.name for t in targets.values()}
     position = {p: i for i, p in enumerate(names)}
@@ -269,7 +275,7 @@ def summary(model, targets, plan, figures: dict) -> dict:
         if sid in failed:
             entry["blocked"].insert(0, {"reason": f"not compacted: {failed[sid]}", "units": removed})
         groups.append(entry)
-    current = dict(model.named_parameters())
+    current = dict(model.named_parameters() if lookup is None else lookup.named_parameters())
     layers = {n: {"shape_before": shape, "shape_after": list(current[n].shape),
                   "zeros_after": count_zeros(current[n])}
               for n, shape in shapes_before.items() if n in current and list(current[n].shape) != shape}

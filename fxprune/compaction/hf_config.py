@@ -54,10 +54,11 @@ def _is_config(obj) -> bool:
     return hasattr(obj, "to_dict") and hasattr(obj, "model_type")
 
 
-def hf_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of the outermost modules holding each distinct Hugging Face config."""
+def hf_models(model: nn.Module, lookup=None) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the outermost modules holding each distinct Hugging Face config
+    (``lookup``: a :class:`~fxprune.aten.ModuleLookup` of ``model``)."""
     seen, out = set(), []
-    for name, module in model.named_modules():
+    for name, module in (model.named_modules() if lookup is None else lookup.named_modules()):
         config = getattr(module, "config", None)
         if _is_config(config) and not isinstance(config, ConfigView) and id(config) not in seen:
             seen.add(id(config))
@@ -120,15 +121,17 @@ def _packed_attention(module: nn.Module):
             yield qkv.out_features // width - 2 * kv, kv, width
 
 
-def update_hf_configs(model: nn.Module, undo=None, norm_offsets: dict[str, float] | None = None) -> dict:
+def update_hf_configs(model: nn.Module, undo=None, norm_offsets: dict[str, float] | None = None,
+                      lookup=None) -> dict:
     """Write the compacted sizes into every Hugging Face config of ``model`` (recorded in
     ``undo``, a :class:`~.slicing.Undo`, when given). ``norm_offsets``: parameter name -> the
     number a norm adds to that weight before multiplying (Gemma's ``1 + weight``), as the
     channel analysis found it. Returns ``{"updated": {field: [old, new]}, "not_described":
-    {field: [value per layer...]}}`` with fields named ``<module>.config.<name>``."""
+    {field: [value per layer...]}}`` with fields named ``<module>.config.<name>``. ``lookup``: a
+    :class:`~fxprune.aten.ModuleLookup` of ``model``."""
     updated, not_described = {}, {}
     set_attr = undo.set_attr if undo is not None else setattr
-    for prefix, module in hf_models(model):
+    for prefix, module in hf_models(model, lookup):
         config = module.config
         sizes = read_sizes(module)
         at = f"{prefix}.config." if prefix else "config."
@@ -262,15 +265,16 @@ def _attention_widths(module: nn.Module):
                 break
 
 
-def fit_hf_configs(model: nn.Module, an, classes, removed: np.ndarray, score: np.ndarray) -> None:
+def fit_hf_configs(model: nn.Module, an, classes, removed: np.ndarray, score: np.ndarray, lookup=None) -> None:
     """Give back removed channels of a Hugging Face model's hidden size until its config accepts
     the sizes kept (Llama, Qwen2, Mistral require hidden_size to be a multiple of
     num_attention_heads): the best-scoring removed hidden channels first. ``classes``: the
-    :class:`~.classes.ChannelClasses`; ``removed`` (bool over them) is updated; ``score``: theirs."""
-    models = hf_models(model)
+    :class:`~.classes.ChannelClasses`; ``removed`` (bool over them) is updated; ``score``: theirs.
+    ``lookup``: a :class:`~fxprune.aten.ModuleLookup` of ``model``."""
+    models = hf_models(model, lookup)
     if not models:
         return
-    tensor, fqn_of = tensor_getter(model), {}
+    tensor, fqn_of = tensor_getter(model, lookup), {}
     for fqn, _ in an.axes:
         try:
             fqn_of[id(tensor(fqn))] = fqn

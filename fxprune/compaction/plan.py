@@ -103,7 +103,9 @@ class CompactionPlan:
             dead_roots[np.fromiter(self.dead, dtype=np.int64, count=len(self.dead))] = True
             space_of = np.full(n, -1, dtype=np.int64)
             if self.space:
-                space_of[np.fromiter(self.space, dtype=np.int64, count=len(self.space))] = list(self.space.values())
+                # fromiter, not a list: numpy converts a list of ints one object at a time (ms here)
+                space_of[np.fromiter(self.space, dtype=np.int64, count=len(self.space))] = \
+                    np.fromiter(self.space.values(), dtype=np.int64, count=len(self.space))
             cached = self._cache = (key, dead_roots, space_of)
         return cached[1], cached[2]
 
@@ -178,7 +180,7 @@ def select_classes(ctx, an: ChannelAnalysis, groups, scores, *, target_sparsity:
     if ctx.config.round_channels_to > 1:
         _round_up(classes, removed, space, ctx.config.round_channels_to, score)
     if ctx.model is not None:  # a Hugging Face config must still describe the sizes kept
-        fit_hf_configs(ctx.model, an, classes, removed, score)
+        fit_hf_configs(ctx.model, an, classes, removed, score, ctx.module_lookup())
     for group in groups if warn else ():
         target = group.target_sparsity if target_sparsity is None else target_sparsity
         _warn_if_blocked(group, ctx.selected(group), classes, blocked, is_blocked, removed, target)

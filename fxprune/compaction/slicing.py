@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..aten import is_conv, is_hf_conv1d
+from ..aten import ModuleLookup, is_conv, is_hf_conv1d
 from .folds import eps_attribute, fold_factors
 from .modules import ConfigView, compact_multihead_attention
 from .values import ALL_HEADS_WIDTH_ATTRS, HEAD_COUNT_ATTRS
@@ -49,10 +49,10 @@ class Undo:
         self.steps.clear()
 
 
-def holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
+def holders(model: nn.Module, lookup: ModuleLookup | None = None) -> dict[int, list[tuple[nn.Module, str, str]]]:
     """id(tensor) -> every (module, attribute name, param/buffer) that holds it."""
     out: dict[int, list] = defaultdict(list)
-    for module in model.modules():
+    for module in (model.modules() if lookup is None else lookup.modules()):
         for kind, store in (("param", module._parameters), ("buffer", module._buffers)):
             for name, t in store.items():
                 if t is not None:
@@ -88,12 +88,14 @@ def cut_plan(plan, spaces: set[int]) -> dict[str, list[tuple[int, torch.Tensor]]
     return cuts
 
 
-def slice_model(model: nn.Module, plan, spaces: set[int]) -> Undo:
-    """Remove the dead channels of ``spaces``; returns the Undo (raises on an empty dim)."""
+def slice_model(model: nn.Module, plan, spaces: set[int], lookup: ModuleLookup | None = None) -> Undo:
+    """Remove the dead channels of ``spaces``; returns the Undo (raises on an empty dim).
+    ``lookup``: a :class:`~fxprune.aten.ModuleLookup` of ``model``."""
     undo = Undo()
-    held = holders(model)
+    lookup = ModuleLookup(model) if lookup is None else lookup
+    held = holders(model, lookup)
     touched: dict[int, nn.Module] = {}
-    tensor = tensor_getter(model)
+    tensor = lookup.tensor
     try:
         with torch.no_grad():
             for fqn, cuts in cut_plan(plan, spaces).items():
@@ -107,15 +109,15 @@ def slice_model(model: nn.Module, plan, spaces: set[int]) -> Undo:
                     new = nn.Parameter(new, requires_grad=old.requires_grad)
                 for module in replace_tensor(held, old, new, undo):
                     touched[id(module)] = module
-            _conv_groups(model, plan, spaces, undo)  # before sync_sizes: in_channels reads groups
+            _conv_groups(lookup, plan, spaces, undo)  # before sync_sizes: in_channels reads groups
             for module in touched.values():
                 sync_sizes(module, undo)
-            _heads(model, plan, spaces, undo)
+            _heads(lookup, plan, spaces, undo)
             for module in touched.values():  # after _heads: reads num_heads
                 if isinstance(module, nn.MultiheadAttention):
                     compact_multihead_attention(module, undo)
-            _norm_groups(model, plan, spaces, undo)
-            _scale_folds(model, plan, spaces, undo)
+            _norm_groups(lookup, plan, spaces, undo)
+            _scale_folds(lookup, plan, spaces, undo)
     except Exception:
         undo.restore()
         raise
@@ -129,19 +131,11 @@ def get_tensor(model: nn.Module, fqn: str) -> torch.Tensor:
     return t if t is not None else module._buffers[name]
 
 
-def tensor_getter(model: nn.Module):
+def tensor_getter(model: nn.Module, lookup: ModuleLookup | None = None):
     """:func:`get_tensor` for many names, the modules looked up once (``get_submodule`` walks
-    and checks every step of a path); for loops that replace tensors, not modules."""
-    modules = dict(model.named_modules(remove_duplicate=False))
-
-    def get(fqn: str) -> torch.Tensor:
-        module_name, _, name = fqn.rpartition(".")
-        module = modules.get(module_name)
-        if module is None:
-            return get_tensor(model, fqn)
-        t = module._parameters.get(name)
-        return t if t is not None else module._buffers[name]
-    return get
+    and checks every step of a path), or from ``lookup``; for loops that replace tensors, not
+    modules."""
+    return (ModuleLookup(model) if lookup is None else lookup).tensor
 
 
 def sync_sizes(module: nn.Module, undo: Undo) -> None:
@@ -173,7 +167,7 @@ def _kept_units(plan, atoms: np.ndarray, spaces) -> int:
     return int((~plan.dead_mask(atoms[:, 0], spaces)).sum())
 
 
-def _heads(model, plan, spaces, undo: Undo) -> None:
+def _heads(lookup: ModuleLookup, plan, spaces, undo: Undo) -> None:
     """Rewrite the head counts (and widths) a module records, for every head split it makes:
     queries and keys/values (grouped-query attention) are separate splits of one module."""
     done = set()
@@ -182,7 +176,7 @@ def _heads(model, plan, spaces, undo: Undo) -> None:
         kept = _kept_units(plan, split.atoms, spaces)
         if kept == heads:
             continue
-        module = model.get_submodule(split.module)
+        module = lookup.submodule(split.module)
         for name in HEAD_COUNT_ATTRS:
             if (split.module, name) not in done and getattr(module, name, None) == heads:
                 done.add((split.module, name))
@@ -215,28 +209,28 @@ def _config_head_count(module, name: str, heads: int, kept: int, packed: set, do
             return
 
 
-def _conv_groups(model, plan, spaces, undo: Undo) -> None:
+def _conv_groups(lookup: ModuleLookup, plan, spaces, undo: Undo) -> None:
     done = set()
     for conv in plan.analysis.conv_groups:
         kept = _kept_units(plan, conv.atoms, spaces)
         if kept == conv.num_groups or conv.module in done:
             continue
         done.add(conv.module)
-        module = model.get_submodule(conv.module)
+        module = lookup.submodule(conv.module)
         if not is_conv(module) or module.groups != conv.num_groups:
             raise RuntimeError(f"{conv.module} is not a convolution module with groups={conv.num_groups}; "
                                f"its groups cannot be rewritten")
         undo.set_attr(module, "groups", kept)
 
 
-def _norm_groups(model, plan, spaces, undo: Undo) -> None:
+def _norm_groups(lookup: ModuleLookup, plan, spaces, undo: Undo) -> None:
     for norm in plan.analysis.norm_groups:
         kept = _kept_units(plan, norm.atoms, spaces)
         if kept != norm.num_groups and norm.module:
-            undo.set_attr(model.get_submodule(norm.module), "num_groups", kept)
+            undo.set_attr(lookup.submodule(norm.module), "num_groups", kept)
 
 
-def _scale_folds(model, plan, spaces, undo: Undo) -> None:
+def _scale_folds(lookup: ModuleLookup, plan, spaces, undo: Undo) -> None:
     """Norms over the channels (RMSNorm, GRN): epsilon and weight rescaled for the channels kept."""
     held = None
     eps_set: dict[tuple[str, str], float] = {}
@@ -248,7 +242,7 @@ def _scale_folds(model, plan, spaces, undo: Undo) -> None:
         if kept == 0:
             raise RuntimeError(f"compaction would remove every channel normalized by {fold.module}")
         scale, eps_scale = fold_factors(total, kept, fold)
-        module = model.get_submodule(fold.module)
+        module = lookup.submodule(fold.module)
         if fold.eps is not None and fold.eps != 0:
             if fold.compact_class is not None and type(module) is not fold.compact_class:
                 undo.set_attr(module, "__class__", fold.compact_class)  # its epsilon is an attribute
@@ -270,13 +264,13 @@ def _scale_folds(model, plan, spaces, undo: Undo) -> None:
             undo.set_attr(module, "elementwise_affine", True)
             continue
         if held is None:
-            held = holders(model)
-        old = get_tensor(model, fold.scale)
+            held = holders(lookup.model, lookup)
+        old = lookup.tensor(fold.scale)
         new = old.detach() * scale if not fold.offset else (old.detach() + fold.offset) * scale - fold.offset
         if isinstance(old, nn.Parameter):
             new = nn.Parameter(new, requires_grad=old.requires_grad)
         replace_tensor(held, old, new, undo)
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def count_params(model: nn.Module, lookup: ModuleLookup | None = None) -> int:
+    return sum(p.numel() for p in (model.parameters() if lookup is None else lookup.parameters()))

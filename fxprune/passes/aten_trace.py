@@ -39,6 +39,11 @@ from torch import fx, nn
 
 from ..inputs import output_tensors
 
+try:   # torch imports it when a pre-dispatch mode is entered (1-3 ms of a process's first trace):
+    import torch._subclasses.schema_check_mode  # noqa: F401  (loaded with the package instead)
+except ImportError:
+    pass
+
 aten = torch.ops.aten
 
 # Ops that read tensor values into Python (the control flow after them follows the data) or whose
@@ -60,15 +65,19 @@ class AtenTrace:
     param_of_node: dict[str, str]       # placeholder name -> parameter/buffer name (first alias)
 
 
-def trace_aten(model: nn.Module, args: tuple, kwargs: dict, canonical: dict[str, str]) -> AtenTrace:
+def trace_aten(model: nn.Module, args: tuple, kwargs: dict, canonical: dict[str, str],
+               named_modules: list | None = None) -> AtenTrace:
     """The ATen graph of ``model(*args, **kwargs)`` (see the module docstring); ``canonical``
-    maps every parameter/buffer name to its first alias (``capture.canonical_names``).
+    maps every parameter/buffer name to its first alias (``capture.canonical_names``);
+    ``named_modules``: ``list(model.named_modules(remove_duplicate=False))`` if at hand.
     Raises :class:`TraceRefused` where the graph would depend on the inputs' values, and
     whatever the model raises."""
     from torch._dispatch.python import enable_python_dispatcher
-    recorder = _recorder_class()(model, canonical)
+    if named_modules is None:
+        named_modules = list(model.named_modules(remove_duplicate=False))
+    recorder = _recorder_class()(named_modules, canonical)
     recorder.add_inputs(args, kwargs)
-    buffers = _BufferState(model)
+    buffers = _BufferState(named_modules)
     rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     hooks = [nn.modules.module.register_module_forward_pre_hook(recorder.enter_module),
@@ -100,10 +109,13 @@ def _graph_module(graph: fx.Graph) -> fx.GraphModule:
 
 class _BufferState:
     """Every buffer of a model and a copy of its values: ``restore`` undoes what a forward did to
-    them (updated in place, as BatchNorm's statistics in training mode, or reassigned)."""
+    them (updated in place, as BatchNorm's statistics in training mode, or reassigned).
+    ``named_modules``: ``model.named_modules(remove_duplicate=False)``."""
 
-    def __init__(self, model: nn.Module):
-        self.saved = [(m, name, b, b.clone()) for m in model.modules()
+    def __init__(self, named_modules):
+        seen: set[int] = set()
+        modules = [m for _, m in named_modules if not (id(m) in seen or seen.add(id(m)))]   # model.modules()
+        self.saved = [(m, name, b, b.clone()) for m in modules
                       for name, b in m._buffers.items() if b is not None]
 
     def restore(self) -> None:
@@ -178,7 +190,7 @@ def _recorder_class():
 class _Recorder:
     """The dispatch mode's body (mixed into torch's ``ProxyTorchDispatchMode``)."""
 
-    def __init__(self, model: nn.Module, canonical: dict[str, str]):
+    def __init__(self, named_modules: list, canonical: dict[str, str]):
         from torch.utils._python_dispatch import TorchDispatchMode
         TorchDispatchMode.__init__(self, torch._C.DispatchKey.PreDispatch)
         self._mode_key = torch._C._TorchDispatchModeKey.PROXY
@@ -199,7 +211,7 @@ class _Recorder:
         # under its names (each module and tensor under its first name)
         self.stack_entry: dict[int, tuple[str, tuple[str, str]]] = {}
         modules: dict[int, tuple[str, nn.Module]] = {}
-        for name, module in model.named_modules(remove_duplicate=False):
+        for name, module in named_modules:
             path = f"model.{name}" if name else "model"
             self.stack_entry[id(module)] = (f"L__self__{path}", (path, _qualname(module)))
             modules.setdefault(id(module), (name, module))

@@ -116,6 +116,6 @@ def _names(targets: list[Target], limit: int = 8) -> str:
 
 def _owner(ctx: PruneContext, t: Target):
     try:
-        return ctx.model.get_submodule(t.param.rpartition(".")[0])
+        return ctx.module_lookup().submodule(t.param.rpartition(".")[0])
     except AttributeError:
         return None

@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Sequence
 
+from ..aten import ModuleLookup
 from .context import PruneContext
 
 log = logging.getLogger("fxprune")
@@ -45,12 +46,17 @@ class PassManager:
         self.passes = list(passes)
 
     def run(self, ctx: PruneContext) -> PruneContext:
-        with heap_frozen():
-            for p in self.passes:
-                start = time.perf_counter()
-                p(ctx)
-                ctx.timings[p.name] = time.perf_counter() - start
-                log.info("fxprune: %-8s %.3fs", p.name, ctx.timings[p.name])
+        outer = ctx.lookup
+        ctx.lookup = ModuleLookup(ctx.model)   # one walk of the modules for all the passes (on first use)
+        try:
+            with heap_frozen():
+                for p in self.passes:
+                    start = time.perf_counter()
+                    p(ctx)
+                    ctx.timings[p.name] = time.perf_counter() - start
+                    log.info("fxprune: %-8s %.3fs", p.name, ctx.timings[p.name])
+        finally:
+            ctx.lookup = outer
         return ctx
 
 

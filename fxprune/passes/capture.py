@@ -18,6 +18,7 @@ import logging
 import torch
 from torch import fx, nn
 
+from ..aten import ModuleLookup
 from ..errors import CaptureError
 from ..inputs import output_tensors, split_inputs
 from . import aten_trace
@@ -30,12 +31,7 @@ log = logging.getLogger("fxprune")
 
 def canonical_names(model: nn.Module) -> dict[str, str]:
     """Every parameter/buffer name (tied aliases included) -> the first name of that tensor."""
-    first: dict[int, str] = {}
-    out: dict[str, str] = {}
-    for name, t in [*model.named_parameters(remove_duplicate=False),
-                    *model.named_buffers(remove_duplicate=False)]:
-        out[name] = first.setdefault(id(t), name)
-    return out
+    return ModuleLookup(model).canonical
 
 
 class CapturePass(Pass):
@@ -46,10 +42,10 @@ class CapturePass(Pass):
     def __init__(self, aten_trace: bool = True):
         self.aten_trace = aten_trace
 
-    def _trace(self, ctx: PruneContext, args: tuple, kwargs: dict, canon: dict[str, str]) -> bool:
+    def _trace(self, ctx: PruneContext, args: tuple, kwargs: dict, lookup: ModuleLookup) -> bool:
         """Capture with the recorded ATen trace; False (and nothing set) when it cannot."""
         try:
-            trace = aten_trace.trace_aten(ctx.model, args, kwargs, canon)
+            trace = aten_trace.trace_aten(ctx.model, args, kwargs, lookup.canonical, lookup.named)
         except Exception as e:  # refused or failed: torch.export decides (and explains a failure)
             log.info("fxprune: capturing with torch.export (the ATen trace stopped: %s: %s)",
                      type(e).__name__, _first_line(e))
@@ -61,10 +57,11 @@ class CapturePass(Pass):
 
     def call(self, ctx: PruneContext) -> None:
         model = ctx.model
-        canon = canonical_names(model)
+        lookup = ctx.module_lookup()
+        canon = lookup.canonical
         if ctx.example_inputs is not None:
             args, kwargs = split_inputs(ctx.example_inputs, CaptureError)
-            if self.aten_trace and self._trace(ctx, args, kwargs, canon):
+            if self.aten_trace and self._trace(ctx, args, kwargs, lookup):
                 return   # the recorded forward ran the inputs for real
             # torch.export runs fake tensors, which accept inputs a real run rejects: check first
             check_model_runs(model, args, kwargs)

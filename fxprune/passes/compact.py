@@ -31,8 +31,9 @@ class CompactPass(Pass):
         if plan.analysis is None:  # no group removes output channels: nothing to slice
             ctx.report.compaction = nothing_to_compact(model, plan)
             return
-        figures = compact_model(model, plan, ctx.example_inputs)
-        ctx.report.compaction = summary(model, ctx.targets, plan, figures)
+        lookup = ctx.module_lookup()
+        figures = compact_model(model, plan, ctx.example_inputs, lookup)
+        ctx.report.compaction = summary(model, ctx.targets, plan, figures, lookup)
 
     def ensures(self, ctx: PruneContext) -> None:
         assert ctx.report.compaction is not None

@@ -84,6 +84,8 @@ class PruneContext:
     zero_counts: dict[str, int] = field(default_factory=dict)
     # several processes (torch.distributed): fxprune.distributed.Distributed, else None
     distributed: Any = None
+    # the module table (fxprune.aten.ModuleLookup) the passes of one PassManager run share
+    lookup: Any = None
 
     @property
     def shapes_known(self) -> bool:
@@ -102,6 +104,15 @@ class PruneContext:
             raise ExtensionError(f"the progress callback {name} raised {describe(e)} at "
                                  f"{stage} {done}/{total}; it is called as progress(stage, done, "
                                  f"total)") from e
+
+    def module_lookup(self):
+        """The model's :class:`~fxprune.aten.ModuleLookup`: the one the passes of the current
+        ``PassManager`` run share (the passes change tensors and attributes, not the module tree),
+        else a fresh one."""
+        if self.lookup is not None and self.lookup.model is self.model:
+            return self.lookup
+        from ..aten import ModuleLookup
+        return ModuleLookup(self.model)
 
     def selected(self, group: GroupConfig | None = None) -> list[Target]:
         return [t for t in self.targets.values()

@@ -17,7 +17,6 @@ from ..aten import (ADDMM_BIAS, CONV_ND, LINEAR_WEIGHT_ARGS, ModuleLookup, arg, 
                     conv_positions, is_conv, is_hf_conv1d, is_weight_layer, named_arg, op_name)
 from ..geometry import WeightGeometry
 from .base import Pass
-from .capture import canonical_names
 from .context import SYMBOLIC_CAPTURE, PruneContext, Target
 
 def add_use(ctx: PruneContext, lookup: ModuleLookup, param: str, layout: str, op: str,
@@ -62,7 +61,7 @@ class DiscoverPass(Pass):
     def call(self, ctx: PruneContext) -> None:
         self.ctx = ctx
         self.modules = dict(ctx.graph_module.named_modules()) if ctx.capture_method == SYMBOLIC_CAPTURE else {}
-        self.lookup = ModuleLookup(ctx.model, canonical_names(ctx.model))
+        self.lookup = ctx.module_lookup()
         opaque = []
         for position, node in enumerate(ctx.graph_module.graph.nodes):
             use = self._weight_use(node)

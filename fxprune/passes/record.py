@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 from .._version import __version__
-from ..aten import ModuleLookup
 from ..report import LayerReport, SparsityReport, attach_report, count_zeros
 from .base import Pass
 from .context import PruneContext
@@ -15,7 +14,7 @@ class RecordPass(Pass):
 
     def call(self, ctx: PruneContext) -> None:
         layers = []
-        lookup = ModuleLookup(ctx.model)
+        lookup = ctx.module_lookup()
         for t in ctx.targets.values():
             weight = lookup.parameter(t.param).detach()
             numel = weight.numel()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..aten import ModuleLookup
 from ..compaction import joint_selection, output_dim, zero_removed
 from ..geometry import from_view_2d
 from ..extensions import calling
@@ -35,14 +36,14 @@ class RewritePass(Pass):
             # removed channel classes: zero every per-channel tensor they feed (a BatchNorm after
             # an activation, GroupNorm affine...), so the masked model computes what the
             # compacted one will
-            zero_removed(ctx.model, plan)
+            zero_removed(ctx.model, plan, ctx.module_lookup())
 
     def _mask(self, ctx: PruneContext, targets) -> None:
-        model = ctx.model
+        model, lookup = ctx.model, ctx.module_lookup()
         with torch.no_grad():
             for done, t in enumerate(targets, 1):
                 if not _zeroed_by_plan(ctx, t):
-                    apply_keep_mask(model, t, ctx.masks[t.param])
+                    apply_keep_mask(model, t, ctx.masks[t.param], lookup)
                 t.status = "pruned"
                 ctx.tick("rewrite", done, len(targets))
 
@@ -58,10 +59,11 @@ def _zeroed_by_plan(ctx: PruneContext, t) -> bool:
     return ax is None or bool(ax.roles & {"source", "zero"})
 
 
-def apply_keep_mask(model, t, keep: torch.Tensor) -> None:
+def apply_keep_mask(model, t, keep: torch.Tensor, lookup: ModuleLookup | None = None) -> None:
     """Zero the weights of ``t`` that ``keep`` (the view's keep-mask) prunes, in place, and the
-    bias/BatchNorm entries of whole pruned channels. Call under ``torch.no_grad()``."""
-    weight = model.get_parameter(t.param)
+    bias/BatchNorm entries of whole pruned channels. Call under ``torch.no_grad()``. ``lookup``:
+    a :class:`~fxprune.aten.ModuleLookup` of ``model``, for a caller masking many layers."""
+    weight = model.get_parameter(t.param) if lookup is None else lookup.parameter(t.param)
     if t.pattern.prunes_output_channels:
         # rows are kept or pruned whole (checked with the mask): only the pruned rows are
         # touched, as ``mul_`` by the mask would (a zero keeps the weight's sign)
@@ -70,7 +72,7 @@ def apply_keep_mask(model, t, keep: torch.Tensor) -> None:
         if index.numel():
             dim = output_dim(t)
             weight.index_copy_(dim, index, weight.index_select(dim, index).mul_(0))
-        _zero_followers(model, t, dead)
+        _zero_followers(model, t, dead, lookup)
         return
     weight.mul_(from_view_2d(keep, t.geometry).to(device=weight.device, dtype=weight.dtype))
 
@@ -87,13 +89,13 @@ def zero_pruned_channels(model, t, keep: torch.Tensor) -> None:
         _zero_followers(model, t, ~keep.any(dim=1))  # rows of the view are output channels
 
 
-def _zero_followers(model, t, dead: torch.Tensor) -> None:
+def _zero_followers(model, t, dead: torch.Tensor, lookup: ModuleLookup | None = None) -> None:
     for name in ([t.bias] if t.bias else []) + t.channel_followers:
-        _zero_channels(model, name, dead)
+        _zero_channels(model, name, dead, lookup)
 
 
-def _zero_channels(model, name: str, dead: torch.Tensor) -> None:
+def _zero_channels(model, name: str, dead: torch.Tensor, lookup: ModuleLookup | None = None) -> None:
     module_name, _, attr = name.rpartition(".")
-    tensor = getattr(model.get_submodule(module_name), attr)
+    tensor = getattr(model.get_submodule(module_name) if lookup is None else lookup.submodule(module_name), attr)
     if tensor is not None and tensor.shape[:1] == dead.shape:
         tensor[dead.to(tensor.device)] = 0

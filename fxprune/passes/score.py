@@ -34,14 +34,14 @@ class CheckWeightsPass(Pass):
     name = "check"
 
     def call(self, ctx: PruneContext) -> None:
-        check_weights(ctx.model, ctx.selected())
+        check_weights(ctx.model, ctx.selected(), ctx.module_lookup())
 
 
 class ScorePass(Pass):
     name = "score"
 
     def call(self, ctx: PruneContext) -> None:
-        lookup = ModuleLookup(ctx.model)
+        lookup = ctx.module_lookup()
         check_not_meta(ctx.model, ctx.selected(), lookup)
         done, total = 0, len(ctx.selected())
         for group in ctx.groups:
