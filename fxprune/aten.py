@@ -132,7 +132,8 @@ class ModuleLookup:
     same walk when not given. A name the walk does not know goes to ``model``'s own methods (same
     results and errors). The modules are walked once, so a module added or replaced after that is
     not seen (tensors replaced are): one lookup serves passes that change tensors and attributes,
-    not the module tree (one ``PassManager`` run, ``PruneContext.module_lookup``)."""
+    not the module tree (the passes of a ``PassManager`` run between two that may replace
+    modules: ``Pass.keeps_module_tree``, ``PruneContext.module_lookup``)."""
 
     def __init__(self, model: nn.Module, canonical: dict[str, str] | None = None):
         self.model = model

@@ -241,7 +241,7 @@ class Distributed:
                 continue
             try:
                 # the factor's time includes summing the other ranks' partial Hessians: work
-                # only the factor's owner does (about 8 ms for down_proj's 1376 columns)
+                # only the factor's owner does
                 start = time.thread_time()
                 if g in gather:
                     gather[g](lambda work: self._wait(work, stage))
@@ -316,9 +316,10 @@ class Distributed:
         """Add the last SparseGPT steps' times (``spent``, summed over the ranks) and modelled
         costs (``measured``, as :func:`learned_scales` takes them) to those of the earlier steps
         of the same geometry, and keep the :func:`learned_scales` of the sums for the next plans.
-        On a shared machine the same solve takes a fifth more or less from one block to the
-        next: a plan following the last block's ratios alone moves whole groups back and forth
-        after that noise, one following the ratios of all the blocks so far settles."""
+        On a shared machine the same solve's time varies from one block to the next (measured
+        in docs/distributed.md): a plan following the last block's ratios alone moves whole
+        groups back and forth after that noise, one following the ratios of all the blocks so
+        far settles."""
         at = 0
         for key, mine, modelled in measured:
             times = spent[at:at + len(mine)]

@@ -323,3 +323,55 @@ def test_one_module_lookup_walks_as_torchs_own_walks():
     assert [id(p) for p in lookup.parameters()] == [id(p) for p in model.parameters()]
     with pytest.raises(AttributeError):
         lookup.submodule("9")
+
+
+def test_the_module_walk_is_taken_again_after_a_pass_that_may_replace_modules():
+    """The passes of one run share one walk of the modules; a pass not marked
+    ``keeps_module_tree`` (a user's own, or one running criteria or hooks) may replace modules,
+    so the passes after it see the new ones: a replaced layer is the one pruned. The run's
+    lookup is put back when a pass raises."""
+    from fxprune.config import PruningConfig
+    from fxprune.passes import TRANSFORM_PASSES, CheckWeightsPass, Pass, PassManager, PruneContext
+
+    class Replace(Pass):
+        name = "replace"
+
+        def call(self, ctx):
+            new = nn.Linear(8, 8)
+            new.load_state_dict(ctx.model[0].state_dict())
+            ctx.model[0] = new
+
+    class Read(Pass):
+        name = "read"
+        keeps_module_tree = True
+
+        def call(self, ctx):
+            seen.append(ctx.module_lookup().submodule("0"))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    config = PruningConfig.from_any({"pattern": "1x1", "target_sparsity": 0.5,
+                                     "pruning_scope": "local"})
+    ctx = PruneContext(model=model, config=config, example_inputs=(torch.randn(2, 8),))
+    seen = []
+    PassManager([Read(), Replace(), Read()]).run(ctx)
+    assert seen[0] is not seen[1] and seen[1] is model[0] and ctx.lookup is None
+
+    ctx = PruneContext(model=model, config=config, example_inputs=(torch.randn(2, 8),))
+    passes = [p() for p in TRANSFORM_PASSES]
+    at = next(i for i, p in enumerate(passes) if isinstance(p, CheckWeightsPass)) + 1
+    passes.insert(at, Replace())        # after a pass that walked the modules
+    PassManager(passes).run(ctx)
+    assert int((model[0].weight == 0).sum()) == 32      # the new layer, pruned at 0.5
+    assert int((model[2].weight == 0).sum()) == 0       # the last linear is excluded
+
+    class Fail(Pass):
+        name = "fail"
+
+        def call(self, ctx):
+            raise RuntimeError("stop")
+
+    ctx.lookup = outer = object()
+    with pytest.raises(RuntimeError, match="stop"):
+        PassManager([Read(), Fail()]).run(ctx)
+    assert ctx.lookup is outer

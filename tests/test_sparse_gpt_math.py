@@ -422,21 +422,42 @@ def test_all_finite_agrees_with_isfinite_for_every_position_and_kind(shape):
     assert not all_finite(y)
 
 
-def test_stacked_rows_t_is_the_stacked_rows_transposed_for_every_range():
+def test_all_finite_on_a_tensor_the_reduction_splits_among_threads():
+    """Above torch's grain size (32768 entries) the CPU reduction is split among threads and its
+    partial results combined: a NaN or infinity anywhere, at the split points too, is found."""
+    from fxprune.checks import all_finite
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(300, 129, generator=torch.Generator().manual_seed(1))
+        assert all_finite(x)
+        flat = x.view(-1)
+        n = flat.numel()
+        positions = {0, n - 1, n // 2 - 1, n // 2, 32767, 32768, *range(0, n, 997)}
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            for i in sorted(positions):
+                y = flat.clone()
+                y[i] = bad
+                assert not all_finite(y.view(300, 129)), (bad, i)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_stacked_rows_t_is_a_fresh_contiguous_copy_of_the_stacked_rows_transposed():
     """A solve's rows copied once from the layers' views: the values of ``torch.cat(views)[r0:r1]``
-    transposed, contiguous (the solve's working layout, updated in place) when two or more layers
-    contribute, a view of the one layer otherwise."""
+    transposed, contiguous (the solve's working layout, updated in place) and never the layers'
+    memory, for every range: one-row ranges, ranges inside one layer or across several, and a
+    layer stored ``[in, out]`` (its view is the weight transposed)."""
     from fxprune.passes.sequential import stacked_rows_t
     g = torch.Generator().manual_seed(0)
-    views = [torch.randn(r, 8, generator=g) for r in (5, 3, 6)]
+    in_out = torch.randn(8, 4, generator=g)
+    views = [torch.randn(5, 8, generator=g), in_out.t(), torch.randn(6, 8, generator=g)]
     whole = torch.cat(views)
-    for r0 in range(0, 14):
-        for r1 in range(r0 + 1, 15):
+    before = [v.clone() for v in views]
+    for r0 in range(0, 15):
+        for r1 in range(r0, 16):
             got = stacked_rows_t(views, r0, r1)
+            assert got.shape == (8, r1 - r0) and got.is_contiguous()
             assert torch.equal(got, whole[r0:r1].t())
-            layers = sum(1 for a, b in ((0, 5), (5, 8), (8, 14)) if a < r1 and r0 < b)
-            if layers > 1:
-                assert got.is_contiguous()
-            else:
-                assert got.t().data_ptr() in {v[r0 - a:].data_ptr() for v, a in zip(views, (0, 5, 8))
-                                              if 0 <= r0 - a < v.shape[0]}
+            got.fill_(float("nan"))         # what an in-place solve does to its working copy
+            assert all(torch.equal(v, b) for v, b in zip(views, before)), (r0, r1)

@@ -508,7 +508,7 @@ def test_each_modules_training_flag_is_kept(how):
     assert not model.bn1.training
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_count_zeros_counts_signed_zeros_in_pieces_and_views(monkeypatch, dtype):
     from fxprune import report
 
@@ -522,6 +522,7 @@ def test_count_zeros_counts_signed_zeros_in_pieces_and_views(monkeypatch, dtype)
     assert report.count_zeros(w) == expected
     assert report.count_zeros(torch.nn.Parameter(w.clone())) == expected   # a parameter (requires grad)
     assert report.count_zeros(w.neg()) == expected
+    assert report.count_zeros(w._neg_view()) == expected  # lazy negation: numpy cannot view it
     assert report.count_zeros(w.t()) == expected          # a transposed (HF Conv1D) view
     assert report.count_zeros(w[0]) == sum(1 for x in w[0].tolist() if x == 0.0)
     assert report.count_zeros(torch.tensor(0.0)) == 1
@@ -530,3 +531,12 @@ def test_count_zeros_counts_signed_zeros_in_pieces_and_views(monkeypatch, dtype)
     assert report.count_zeros(w.t()) == expected
     monkeypatch.setattr(report, "ZERO_COUNT_PIECE", 100)  # pieces of 3 rows, the last one partial
     assert report.count_zeros(w) == expected
+
+
+def test_count_zeros_of_integer_and_bool_tensors():
+    from fxprune import report
+
+    g = torch.Generator().manual_seed(1)
+    for t in (torch.randint(-2, 3, (41, 13), generator=g, dtype=torch.int8),
+              torch.randint(0, 2, (41, 13), generator=g).bool()):
+        assert report.count_zeros(t) == sum(1 for x in t.flatten().tolist() if x == 0)

@@ -39,10 +39,6 @@ from torch import fx, nn
 
 from ..inputs import output_tensors
 
-try:   # torch imports it when a pre-dispatch mode is entered (1-3 ms of a process's first trace):
-    import torch._subclasses.schema_check_mode  # noqa: F401  (loaded with the package instead)
-except ImportError:
-    pass
 
 aten = torch.ops.aten
 
@@ -337,6 +333,14 @@ class _Recorder:
 # The torch releases (major, minor) whose PreDispatch step (``OpOverload._get_dispatch``) the
 # direct step below was read against and tested with; any other release keeps torch's own step.
 _DIRECT_DISPATCH_TORCH = {(2, 13)}
+_TORCH_RELEASE = tuple(int(x) for x in torch.__version__.split(".")[:2])
+
+# torch imports this module when a process first enters a pre-dispatch mode (1-3 ms of its first
+# trace): loaded with the package instead, on the release checked to import it without side
+# effects (older ones import torch's test utilities from it)
+if _TORCH_RELEASE in _DIRECT_DISPATCH_TORCH:
+    with contextlib.suppress(Exception):
+        import torch._subclasses.schema_check_mode  # noqa: F401
 
 
 @contextlib.contextmanager
@@ -353,7 +357,7 @@ def _direct_dispatch(recorder: _Recorder):
     building its data) goes to torch's step; a torch release this step was not checked against
     (``_DIRECT_DISPATCH_TORCH``) gets torch's step throughout (the same graph, more slowly)."""
     from torch import _ops
-    if tuple(int(x) for x in torch.__version__.split(".")[:2]) not in _DIRECT_DISPATCH_TORCH:
+    if _TORCH_RELEASE not in _DIRECT_DISPATCH_TORCH:
         yield
         return
     own = vars(_ops.OpOverload).get("_get_dispatch")   # restored as it was (not an inherited one)

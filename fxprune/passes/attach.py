@@ -21,6 +21,7 @@ LAST_LINEAR = "excluded: last linear layer (exclude_last_linear: false prunes it
 
 class AttachPass(Pass):
     name = "attach"
+    keeps_module_tree = True
 
     def call(self, ctx: PruneContext) -> None:
         targets = list(ctx.targets.values())
@@ -44,7 +45,8 @@ class AttachPass(Pass):
             if not chosen:
                 raise ConfigError(f"{group.where} selects no layer: {_summary(group, targets)}"
                                   f"{_last_linear_hint(group, targets)}")
-            pattern = get_pattern(group, {t.name: _owner(ctx, t) for t in chosen})
+            lookup = ctx.module_lookup()
+            pattern = get_pattern(group, {t.name: _owner(lookup, t) for t in chosen})
             for t in chosen:
                 t.group, t.pattern = group, pattern
                 if t.geometry.numel:
@@ -114,8 +116,8 @@ def _names(targets: list[Target], limit: int = 8) -> str:
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
-def _owner(ctx: PruneContext, t: Target):
+def _owner(lookup, t: Target):
     try:
-        return ctx.module_lookup().submodule(t.param.rpartition(".")[0])
+        return lookup.submodule(t.param.rpartition(".")[0])
     except AttributeError:
         return None

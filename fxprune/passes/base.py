@@ -20,6 +20,10 @@ log = logging.getLogger("fxprune")
 
 class Pass:
     name: str = ""
+    # True: the pass replaces no module of the model and runs no user code that could (criteria,
+    # block hooks), so the manager's module walk stays valid across it; after any other pass
+    # (a user's own pass included) the manager walks the modules afresh when next asked
+    keeps_module_tree: bool = False
 
     def requires(self, ctx: PruneContext) -> None:
         """Check what this pass needs from earlier passes."""
@@ -47,13 +51,15 @@ class PassManager:
 
     def run(self, ctx: PruneContext) -> PruneContext:
         outer = ctx.lookup
-        ctx.lookup = ModuleLookup(ctx.model)   # one walk of the modules for all the passes (on first use)
+        ctx.lookup = ModuleLookup(ctx.model)   # one walk of the modules, shared (on first use)
         try:
             with heap_frozen():
                 for p in self.passes:
                     start = time.perf_counter()
                     p(ctx)
                     ctx.timings[p.name] = time.perf_counter() - start
+                    if not p.keeps_module_tree:
+                        ctx.lookup = ModuleLookup(ctx.model)
                     log.info("fxprune: %-8s %.3fs", p.name, ctx.timings[p.name])
         finally:
             ctx.lookup = outer

@@ -38,6 +38,7 @@ class CapturePass(Pass):
     """``aten_trace=False`` skips the recorded trace and captures with ``torch.export`` directly."""
 
     name = "capture"
+    keeps_module_tree = True
 
     def __init__(self, aten_trace: bool = True):
         self.aten_trace = aten_trace

@@ -20,6 +20,7 @@ def compact_passes(passes: list) -> list:
 
 class CompactPass(Pass):
     name = "compact"
+    keeps_module_tree = True
 
     def requires(self, ctx: PruneContext) -> None:
         if ctx.compaction is None or ctx.report is None:

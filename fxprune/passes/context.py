@@ -107,8 +107,8 @@ class PruneContext:
 
     def module_lookup(self):
         """The model's :class:`~fxprune.aten.ModuleLookup`: the one the passes of the current
-        ``PassManager`` run share (the passes change tensors and attributes, not the module tree),
-        else a fresh one."""
+        ``PassManager`` run share (walked again after a pass that may replace modules: see
+        ``Pass.keeps_module_tree``), else a fresh one."""
         if self.lookup is not None and self.lookup.model is self.model:
             return self.lookup
         from ..aten import ModuleLookup

@@ -53,6 +53,7 @@ def owner_type(lookup: ModuleLookup, param: str) -> str | None:
 
 class DiscoverPass(Pass):
     name = "discover"
+    keeps_module_tree = True
 
     def requires(self, ctx: PruneContext) -> None:
         if ctx.graph_module is None:

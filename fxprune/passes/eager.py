@@ -216,6 +216,7 @@ class EagerDiscoverPass(Pass):
     vouch for them, with the full capture."""
 
     name = "discover"
+    keeps_module_tree = True
 
     def call(self, ctx: PruneContext) -> None:
         blocks = eligible(ctx)
@@ -246,6 +247,7 @@ class CaptureIfNeededPass(Pass):
     attach from the captured graph, as the standard pipeline does."""
 
     name = "capture"
+    keeps_module_tree = True
 
     def call(self, ctx: PruneContext) -> None:
         if ctx.capture_method != EAGER_CAPTURE:

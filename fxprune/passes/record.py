@@ -11,6 +11,7 @@ from .context import PruneContext
 
 class RecordPass(Pass):
     name = "record"
+    keeps_module_tree = True
 
     def call(self, ctx: PruneContext) -> None:
         layers = []

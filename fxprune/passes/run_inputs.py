@@ -22,6 +22,7 @@ from .context import PruneContext
 
 class RunInputsPass(Pass):
     name = "inputs"
+    keeps_module_tree = True
 
     def call(self, ctx: PruneContext) -> None:
         if ctx.example_inputs is None:

@@ -32,6 +32,7 @@ class CheckWeightsPass(Pass):
     Hessian, non-finite scores)."""
 
     name = "check"
+    keeps_module_tree = True
 
     def call(self, ctx: PruneContext) -> None:
         check_weights(ctx.model, ctx.selected(), ctx.module_lookup())

@@ -402,17 +402,18 @@ def _sparse_gpt_rows(ctx, group, shared, u: Tensor, r0: int, r1: int, criterion,
 
 def stacked_rows_t(views, r0: int, r1: int) -> Tensor:
     """Rows ``[r0, r1)`` of the 2-D ``views`` stacked (``torch.cat(views)[r0:r1]``), transposed:
-    ``[cols, r1 - r0]``, contiguous when more than one view contributes, which is the working
-    layout of :func:`sparsegpt_prune` (it then updates this tensor in place). Only the rows
-    asked for are copied, once: no stacked copy of every row first."""
+    ``[cols, r1 - r0]``, always a fresh contiguous tensor: the working layout of
+    :func:`sparsegpt_prune`, which then updates it in place, never the layers' own memory (a
+    one-row range or a ``[in, out]`` layer's view would otherwise be the weight itself). Only
+    the rows asked for are copied, once: no stacked copy of every row first."""
     parts, at = [], 0
     for v in views:
         a, b = max(r0 - at, 0), min(r1 - at, v.shape[0])
         if a < b:
             parts.append(v[a:b])
         at += v.shape[0]
-    if len(parts) <= 1:             # one layer's rows: sparsegpt_prune makes its working copy
-        return (parts[0] if parts else views[0][:0]).t()
+    if len(parts) <= 1:
+        return (parts[0] if parts else views[0][:0]).t().clone(memory_format=torch.contiguous_format)
     return torch.cat([p.t() for p in parts], dim=1)
 
 
