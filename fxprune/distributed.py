@@ -319,7 +319,9 @@ class Distributed:
         On a shared machine the same solve's time varies from one block to the next (measured
         in docs/distributed.md): a plan following the last block's ratios alone moves whole
         groups back and forth after that noise, one following the ratios of all the blocks so
-        far settles."""
+        far settles. The sums last as long as this object: one transform call (``resolve``
+        makes one per call), or several when the caller passes the same ``Distributed`` as
+        ``group=``."""
         at = 0
         for key, mine, modelled in measured:
             times = spent[at:at + len(mine)]
