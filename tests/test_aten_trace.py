@@ -152,14 +152,14 @@ def test_the_dispatch_state_is_restored_after_a_refused_or_failed_trace():
     before = _dispatch_state()
     model = _Reads(VALUE_READS["tolist"])
     with pytest.raises(aten_trace.TraceRefused):
-        aten_trace.trace_aten(model, (torch.randn(2, 8),), {}, canonical_names(model))
+        aten_trace.trace_aten(model, (torch.randn(2, 8),), {})
     assert _dispatch_state() == before
 
     def fail(h):
         raise ValueError("a model error")
     model = _Reads(fail)
     with pytest.raises(ValueError, match="a model error"):
-        aten_trace.trace_aten(model, (torch.randn(2, 8),), {}, canonical_names(model))
+        aten_trace.trace_aten(model, (torch.randn(2, 8),), {})
     assert _dispatch_state() == before
     assert before[1] is None and not before[2]
 
@@ -226,7 +226,7 @@ VALUE_READS = {
 def test_a_graph_that_follows_the_data_is_refused(read):
     model = _Reads(VALUE_READS[read])
     with pytest.raises(aten_trace.TraceRefused, match="the graph would depend on tensor values"):
-        aten_trace.trace_aten(model, (torch.randn(2, 8),), {}, canonical_names(model))
+        aten_trace.trace_aten(model, (torch.randn(2, 8),), {})
 
 
 def test_control_flow_on_data_fails_as_torch_export_fails():

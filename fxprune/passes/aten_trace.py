@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from ..aten import ModuleLookup
 from ..inputs import output_tensors
-
 
 aten = torch.ops.aten
 
@@ -61,19 +61,17 @@ class AtenTrace:
     param_of_node: dict[str, str]       # placeholder name -> parameter/buffer name (first alias)
 
 
-def trace_aten(model: nn.Module, args: tuple, kwargs: dict, canonical: dict[str, str],
-               named_modules: list | None = None) -> AtenTrace:
-    """The ATen graph of ``model(*args, **kwargs)`` (see the module docstring); ``canonical``
-    maps every parameter/buffer name to its first alias (``capture.canonical_names``);
-    ``named_modules``: ``list(model.named_modules(remove_duplicate=False))`` if at hand.
-    Raises :class:`TraceRefused` where the graph would depend on the inputs' values, and
-    whatever the model raises."""
+def trace_aten(model: nn.Module, args: tuple, kwargs: dict,
+               lookup: ModuleLookup | None = None) -> AtenTrace:
+    """The ATen graph of ``model(*args, **kwargs)`` (see the module docstring); ``lookup``: a
+    :class:`~fxprune.aten.ModuleLookup` of ``model`` if at hand (its modules, and its canonical
+    names: every parameter/buffer name to its first alias). Raises :class:`TraceRefused` where
+    the graph would depend on the inputs' values, and whatever the model raises."""
     from torch._dispatch.python import enable_python_dispatcher
-    if named_modules is None:
-        named_modules = list(model.named_modules(remove_duplicate=False))
-    recorder = _recorder_class()(named_modules, canonical)
+    lookup = ModuleLookup(model) if lookup is None else lookup
+    recorder = _recorder_class()(lookup.named, lookup.canonical)
     recorder.add_inputs(args, kwargs)
-    buffers = _BufferState(named_modules)
+    buffers = _BufferState(lookup.modules())
     rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     hooks = [nn.modules.module.register_module_forward_pre_hook(recorder.enter_module),
@@ -106,11 +104,9 @@ def _graph_module(graph: fx.Graph) -> fx.GraphModule:
 class _BufferState:
     """Every buffer of a model and a copy of its values: ``restore`` undoes what a forward did to
     them (updated in place, as BatchNorm's statistics in training mode, or reassigned).
-    ``named_modules``: ``model.named_modules(remove_duplicate=False)``."""
+    ``modules``: ``model.modules()``."""
 
-    def __init__(self, named_modules):
-        seen: set[int] = set()
-        modules = [m for _, m in named_modules if not (id(m) in seen or seen.add(id(m)))]   # model.modules()
+    def __init__(self, modules):
         self.saved = [(m, name, b, b.clone()) for m in modules
                       for name, b in m._buffers.items() if b is not None]
 

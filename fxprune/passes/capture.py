@@ -46,7 +46,7 @@ class CapturePass(Pass):
     def _trace(self, ctx: PruneContext, args: tuple, kwargs: dict, lookup: ModuleLookup) -> bool:
         """Capture with the recorded ATen trace; False (and nothing set) when it cannot."""
         try:
-            trace = aten_trace.trace_aten(ctx.model, args, kwargs, lookup.canonical, lookup.named)
+            trace = aten_trace.trace_aten(ctx.model, args, kwargs, lookup)
         except Exception as e:  # refused or failed: torch.export decides (and explains a failure)
             log.info("fxprune: capturing with torch.export (the ATen trace stopped: %s: %s)",
                      type(e).__name__, _first_line(e))

@@ -32,13 +32,12 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from ..aten import ModuleLookup
 from ..inputs import eval_mode, split_inputs
 from ..registry import get_criterion_class
 from ..sequential import BlockList, BlockStandIn, find_blocks, release_free_memory
 from .attach import AttachPass
 from .base import Pass
-from .capture import CapturePass, canonical_names
+from .capture import CapturePass
 from .context import EAGER_CAPTURE, PruneContext
 from .discover import DiscoverPass, add_use, owner_type
 
@@ -222,14 +221,15 @@ class EagerDiscoverPass(Pass):
         blocks = eligible(ctx)
         reason = "no repeated blocks" if blocks is None else None
         if blocks is not None:
-            canonical = canonical_names(ctx.model)
+            # walked now, before the run below puts stand-ins in the block list; shared with
+            # the passes after
+            lookup = ctx.module_lookup()
             try:
-                uses = eager_uses(ctx.model, blocks, ctx.example_inputs, canonical)
+                uses = eager_uses(ctx.model, blocks, ctx.example_inputs, lookup.canonical)
             except _Fallback as e:
                 reason = str(e)
             else:
                 ctx.targets = {}
-                lookup = ModuleLookup(ctx.model, canonical)
                 for position, use in enumerate(uses):
                     add_use(ctx, lookup, use.param, use.layout, "linear", 1, use.bias,
                             owner_type(lookup, use.param), f"call{position}", position)
