@@ -34,16 +34,14 @@ def count_zeros(tensor: torch.Tensor) -> int:
     faster than ``count_nonzero(t)`` on a float tensor with scattered zeros, or
     ``(t == 0).sum()``), the pieces' counts added on the tensor's device and read once (one
     synchronisation on a GPU)."""
+    whole = tensor.dim() == 0 or tensor.numel() <= ZERO_COUNT_PIECE
+    rows = 0 if whole else max(1, ZERO_COUNT_PIECE // (tensor.numel() // tensor.shape[0]))
     array = _numpy_view(tensor)
     if array is not None:
-        if array.ndim == 0 or array.size <= ZERO_COUNT_PIECE:
-            return int(np.count_nonzero(array == 0))
-        rows = max(1, ZERO_COUNT_PIECE // (array.size // array.shape[0]))
-        return sum(int(np.count_nonzero(array[i:i + rows] == 0)) for i in range(0, array.shape[0], rows))
-    if tensor.dim() == 0 or tensor.numel() <= ZERO_COUNT_PIECE:
-        return int(torch.count_nonzero(tensor == 0))
-    rows = max(1, ZERO_COUNT_PIECE // (tensor.numel() // tensor.shape[0]))
-    return int(sum(torch.count_nonzero(piece == 0) for piece in tensor.split(rows)))
+        pieces = [array] if whole else [array[i:i + rows] for i in range(0, array.shape[0], rows)]
+        return sum(int(np.count_nonzero(piece == 0)) for piece in pieces)
+    pieces = [tensor] if whole else tensor.split(rows)
+    return int(sum(torch.count_nonzero(piece == 0) for piece in pieces))
 
 
 # float16 is left to torch: numpy compares it in software, 5x slower than torch
