@@ -313,9 +313,12 @@ class Distributed:
         return arriving
 
     def learn_costs(self, measured: list, spent: list[float]) -> None:
-        """Add the last SparseGPT steps' times (``spent``, summed over the ranks) and modelled
-        costs (``measured``, as :func:`learned_scales` takes them) to those of the earlier steps
-        of the same geometry, and keep the :func:`learned_scales` of the sums for the next plans.
+        """Add the last SparseGPT steps' times (``spent``: summed over the ranks, each piece being
+        timed on the one rank that computed it, in the order of ``measured``) and modelled costs
+        (``measured``: ``(key, this rank's times, modelled costs)`` per step, per group: factors,
+        then solves) to those of the earlier steps of the same geometry, and keep the
+        :func:`learned_scales` of the sums for the next plans. A step with an untimed group (a
+        failed factor) adds nothing.
         On a shared machine the same solve's time varies from one block to the next (measured
         in docs/distributed.md): a plan following the last block's ratios alone moves whole
         groups back and forth after that noise, one following the ratios of all the blocks so
@@ -328,13 +331,12 @@ class Distributed:
             at += len(mine)
             if not all(t > 0 for t in times) or not all(m > 0 for m in modelled):
                 continue                # an untimed group (a failed step): nothing to learn
-            if key in self.cost_sums:
-                earlier_times, earlier_modelled = self.cost_sums[key]
-                times = [a + b for a, b in zip(earlier_times, times)]
-                modelled = [a + b for a, b in zip(earlier_modelled, modelled)]
+            earlier = self.cost_sums.get(key)
+            if earlier is not None:
+                times = [a + b for a, b in zip(earlier[0], times)]
+                modelled = [a + b for a, b in zip(earlier[1], modelled)]
             self.cost_sums[key] = (list(times), list(modelled))
-        self.scales.update(learned_scales([(k, t, m) for k, (t, m) in self.cost_sums.items()],
-                                          [x for t, _ in self.cost_sums.values() for x in t]))
+        self.scales.update(learned_scales(self.cost_sums))
 
     def drain(self, stage: str = "the sparse_gpt solves") -> None:
         """Wait for this rank's point-to-point sends still in flight (a step's sends complete in
@@ -516,7 +518,7 @@ def plan_sparse_gpt(cols: Sequence[int], rows: Sequence[int], cuts: Sequence[Seq
     wait for a factor computed on another rank). Last, single factors move to other ranks than
     their rows (no extra compute: one matrix sent) while that ends sooner. Costs are
     :func:`factor_cost` and :func:`solve_cost` times group ``g``'s ``factor_scale[g]`` and
-    ``solve_scale[g]`` (time measured / cost modelled on an earlier block, see
+    ``solve_scale[g]`` (time measured / cost modelled on the earlier blocks, see
     :func:`learned_scales`; 1 when not given). Deterministic: every rank plans the same."""
     n = len(cols)
     fs = list(factor_scale) if factor_scale is not None else [1.0] * n
@@ -599,23 +601,18 @@ def plan_sparse_gpt(cols: Sequence[int], rows: Sequence[int], cuts: Sequence[Seq
     return SparseGPTPlan(owner, ranges, load)
 
 
-def learned_scales(measured: Sequence[tuple[tuple, list[float], list[float]]],
-                   spent: Sequence[float]) -> dict[tuple, tuple[list[float], list[float]]]:
-    """Per SparseGPT step geometry (``measured``: ``(key, this rank's times, modelled costs)``
-    per step, the times and costs per group: factors, then solves), the ratio of the CPU time
-    the work took to the cost model's estimate, for factors and for solves: ``spent`` holds the
-    times summed over the ranks (each piece is timed on the one rank that computed it), in the
-    order of ``measured``. The next plan for that geometry (the next block's) uses the ratios, so
-    the split follows what the work costs on this machine; every rank gets the same numbers. A
-    step with an untimed group is skipped."""
-    out, at = {}, 0
-    for key, mine, modelled in measured:
-        total = spent[at:at + len(mine)]
-        at += len(mine)
-        ratios = [t / m if t > 0 and m > 0 else None for t, m in zip(total, modelled)]
-        if ratios and all(r is not None for r in ratios):
-            n = len(ratios) // 2
-            out[key] = (ratios[:n], ratios[n:])
+def learned_scales(cost_sums: dict[tuple, tuple[list[float], list[float]]]
+                   ) -> dict[tuple, tuple[list[float], list[float]]]:
+    """Per SparseGPT step geometry, ``cost_sums[key] = (times, modelled)``: the CPU time the work
+    took and the cost model's estimate, per group (factors, then solves), both positive (see
+    :meth:`Distributed.learn_costs`); returns the ratio of time to estimate, for factors and for
+    solves. The next plan for that geometry (the next block's) uses the ratios, so the split
+    follows what the work costs on this machine; every rank gets the same numbers."""
+    out = {}
+    for key, (times, modelled) in cost_sums.items():
+        ratios = [t / m for t, m in zip(times, modelled)]
+        n = len(ratios) // 2
+        out[key] = (ratios[:n], ratios[n:])
     return out
 
 

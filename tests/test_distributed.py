@@ -533,11 +533,10 @@ def test_sparse_gpt_plan_follows_measured_costs():
 
 def test_learned_scales_are_time_over_modelled_cost():
     import fxprune.distributed as d
-    key = ((512, 1536), (1376, 512))
-    measured = [(key, [0.5, 0.0, 0.0, 2.0], [10.0, 20.0, 1.0, 4.0]),      # this rank's times
-                (("other",), [0.0, 0.0], [1.0, 1.0])]                        # a step not timed
-    scales = d.learned_scales(measured, [0.5, 1.0, 3.0, 2.0, 0.0, 0.0])      # summed over ranks
-    assert scales == {key: ([0.05, 0.05], [3.0, 0.5])}
+    key, other = ((512, 1536), (1376, 512)), ((64, 64),)
+    scales = d.learned_scales({key: ([0.5, 1.0, 3.0, 2.0], [10.0, 20.0, 1.0, 4.0]),
+                               other: ([0.5, 0.25], [1.0, 1.0])})
+    assert scales == {key: ([0.05, 0.05], [3.0, 0.5]), other: ([0.5], [0.25])}
 
 
 def test_plans_use_the_cost_ratios_of_all_the_blocks_so_far():
