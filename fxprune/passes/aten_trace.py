@@ -198,6 +198,9 @@ class _Recorder:
         self.constants = 0
         self.by_storage: dict | None = None      # (data_ptr, shape, stride, dtype) -> node, on demand
         self.state: list[torch.Tensor] = []
+        # one meta tensor per (shape, strides, dtype): the values are only read, and most ops
+        # repeat a shape (an empty_strided on meta is a dispatcher call, several times a lookup)
+        self.metas: dict[tuple, torch.Tensor] = {}
         # one walk of the modules: the stack entry each module pushes (under its last name), then
         # the placeholders of the parameters and the buffers, in named_parameters' order and
         # under its names (each module and tensor under its first name)
@@ -225,7 +228,7 @@ class _Recorder:
         else:
             with self.graph.inserting_before(self.first_op):
                 node = self._new_node("placeholder", name, (), {}, _snake_case(name))
-        node.meta["val"] = _meta(t)
+        node.meta["val"] = self._meta(t)
         return node
 
     def _new_node(self, op: str, target, args: tuple, kwargs: dict, name: str) -> fx.Node:
@@ -238,6 +241,18 @@ class _Recorder:
         if kwargs:
             node.kwargs = kwargs
         return node
+
+    def _meta(self, value):
+        """:func:`_meta` of ``value``, each distinct tensor layout made once."""
+        if isinstance(value, torch.Tensor):
+            key = (value.shape, value.stride(), value.dtype)
+            meta = self.metas.get(key)
+            if meta is None:
+                meta = self.metas[key] = _meta(value)
+            return meta
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._meta(v) for v in value)
+        return value
 
     def add_inputs(self, args: tuple, kwargs: dict) -> None:
         from torch.utils._pytree import tree_flatten_with_path, keystr
@@ -314,7 +329,7 @@ class _Recorder:
         if self.first_op is None:
             self.first_op = node
         node.meta["nn_module_stack"] = self.stack[-1]
-        node.meta["val"] = _meta(out)
+        node.meta["val"] = self._meta(out)
         if isinstance(out, torch.Tensor):
             self._set_node(out, node)
         elif isinstance(out, (list, tuple)):
