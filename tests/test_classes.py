@@ -131,3 +131,20 @@ def test_sorted_unique_is_numpy_unique():
             got = sorted_unique(values)
             assert got.dtype == expected.dtype and got.tolist() == expected.tolist()
     assert sorted_unique(np.array([[3, 1], [1, 3]])).tolist() == [1, 3]   # any shape, flattened
+
+
+def test_row_stats_are_the_float64_row_sums_and_maxes_with_or_without_the_shared_buffer():
+    import torch
+
+    from fxprune.compaction import plan
+    from fxprune.selection import LazyScores
+
+    torch.manual_seed(0)
+    big = torch.randn(plan.ROW_STATS_BLOCK // 96 * 3 + 5, 96).abs()   # several blocks, the last partial
+    strided = torch.randn(64, 40).abs().t()                            # not contiguous: no buffer
+    lazy = LazyScores(lambda: big, big.shape, big.device, rows=lambda a, b: big[a:b])
+    buffer = torch.empty(plan.ROW_STATS_BLOCK, dtype=torch.float64)
+    for scores, dense in ((big, big), (strided, strided), (lazy, big)):
+        expect = (dense.double().sum(dim=1).numpy(), dense.amax(dim=1).double().numpy())
+        for got in (plan._row_stats(scores), plan._row_stats(scores, buffer)):
+            assert np.array_equal(got[0], expect[0]) and np.array_equal(got[1], expect[1])

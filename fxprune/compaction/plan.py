@@ -259,6 +259,7 @@ def _classes(an: ChannelAnalysis, members, scores) -> ChannelClasses:
     """The classes holding the members' output channels; with ``scores`` (param -> view
     scores), each class's score sum and max."""
     params, cols, groups, roots, sums, maxes = [], [], [], [], [], []
+    buffer = torch.empty(ROW_STATS_BLOCK, dtype=torch.float64) if scores is not None else None
     for t in members:
         ax = an.axes.get((t.param, output_dim(t)))
         if ax is None:
@@ -268,27 +269,37 @@ def _classes(an: ChannelAnalysis, members, scores) -> ChannelClasses:
         groups.append(t.group.index if t.group is not None else -1)
         roots.append(an.roots(ax.atoms).ravel())
         if scores is not None:
-            row_sums, row_maxes = _row_stats(scores[t.param])
+            row_sums, row_maxes = _row_stats(scores[t.param], buffer)
             sums.append(row_sums)
             maxes.append(row_maxes)
     return ChannelClasses(params, cols, groups, roots, sums if scores is not None else None, maxes)
 
 
-def _row_stats(scores: Scores) -> tuple[np.ndarray, np.ndarray]:
+def _row_stats(scores: Scores, buffer: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each row's score sum (in float64) and max, a few rows at a time: a float64 copy of a large
     layer at once would leave the cache, and lazy scores that compute rows alone (|w|) are never
-    held whole."""
+    held whole. ``buffer`` (float64, at least ``ROW_STATS_BLOCK`` entries), given, holds each
+    float64 copy of contiguous rows (the same layout, so the same sums): one buffer for every
+    layer, rather than fresh pages per layer."""
     rows, cols = scores.shape
     if isinstance(scores, LazyScores) and scores.rows is None:
         scores = scores()
     part = scores.rows if isinstance(scores, LazyScores) else (lambda a, b: scores[a:b])
-    step = max(1, (1 << 18) // max(cols, 1))  # a 2 MB float64 block: stays in the cache
+    step = max(1, ROW_STATS_BLOCK // max(cols, 1))
     sums, maxes = [np.zeros(0)], [np.zeros(0)]
     for start in range(0, rows, step):
         s = part(start, min(start + step, rows))
-        sums.append(s.double().sum(dim=1).cpu().numpy())
+        if buffer is not None and s.device == buffer.device and s.is_contiguous() and s.numel() <= buffer.numel():
+            wide = buffer[:s.numel()].view(s.shape).copy_(s)
+        else:
+            wide = s.double()
+        sums.append(wide.sum(dim=1).cpu().numpy())
         maxes.append(s.amax(dim=1).double().cpu().numpy() if cols else np.zeros(s.shape[0]))
     return np.concatenate(sums), np.concatenate(maxes)
+
+
+# float64 entries of one _row_stats block (2 MB: stays in the cache)
+ROW_STATS_BLOCK = 1 << 18
 
 
 def _round_up(classes: ChannelClasses, removed: np.ndarray, space: dict[int, int], multiple: int,
