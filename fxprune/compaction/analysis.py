@@ -181,17 +181,21 @@ class ChannelAnalysis:
         sizes = [a.size for a in per_axis]
         if not sum(sizes):
             return {}
-        root = self._roots[np.concatenate(per_axis)]
-        axis = np.repeat(np.arange(len(per_axis)), sizes)
-        first_axis = np.full(self.atoms.size, len(per_axis))
+        n = len(per_axis)
+        # int32 where the ids fit: these temporaries are as large as the atoms (half the memory
+        # to write and fault in)
+        small = np.int32 if max(self.atoms.size, n * n) <= np.iinfo(np.int32).max else np.int64
+        root = self._roots[np.concatenate(per_axis)].astype(small)
+        axis = np.repeat(np.arange(n, dtype=small), sizes)
+        first_axis = np.full(self.atoms.size, n, dtype=small)
         np.minimum.at(first_axis, root, axis)                  # each class's first dim
         other = first_axis[root]
-        tie = (axis * len(per_axis) + other)[other != axis]   # dim -> a dim it shares a class with
+        tie = (axis * n + other)[other != axis]               # dim -> a dim it shares a class with
         tie = tie[np.flatnonzero(np.diff(tie, prepend=-1))]   # a dim's atoms repeat the same few ties
-        label = components(len(per_axis), [np.divmod(tie, len(per_axis))])   # each dim's space
-        roots = np.flatnonzero(first_axis < len(per_axis))
+        label = components(n, [np.divmod(tie, n)])             # each dim's space
+        roots = np.flatnonzero(first_axis < n)
         space = label[first_axis[roots]]
-        smallest = np.full(len(per_axis), self.atoms.size)
+        smallest = np.full(n, self.atoms.size)
         np.minimum.at(smallest, space, roots)                  # each space's smallest root
         return dict(zip(roots.tolist(), smallest[space].tolist()))
 
