@@ -143,8 +143,14 @@ def test_row_stats_are_the_float64_row_sums_and_maxes_with_or_without_the_shared
     big = torch.randn(plan.ROW_STATS_BLOCK // 96 * 3 + 5, 96).abs()   # several blocks, the last partial
     strided = torch.randn(64, 40).abs().t()                            # not contiguous: no buffer
     lazy = LazyScores(lambda: big, big.shape, big.device, rows=lambda a, b: big[a:b])
-    buffer = torch.empty(plan.ROW_STATS_BLOCK, dtype=torch.float64)
+    buffer = torch.full((plan.ROW_STATS_BLOCK,), float("nan"), dtype=torch.float64)
+    results = []
     for scores, dense in ((big, big), (strided, strided), (lazy, big)):
         expect = (dense.double().sum(dim=1).numpy(), dense.amax(dim=1).double().numpy())
         for got in (plan._row_stats(scores), plan._row_stats(scores, buffer)):
             assert np.array_equal(got[0], expect[0]) and np.array_equal(got[1], expect[1])
+        results.append((got, expect))
+        if scores is big:   # the rows went through the buffer (its NaN overwritten)
+            assert not torch.isnan(buffer[:plan.ROW_STATS_BLOCK // 96 * 96]).any()
+    for got, expect in results:   # each result its own: not overwritten by the later layers'
+        assert np.array_equal(got[0], expect[0]) and np.array_equal(got[1], expect[1])

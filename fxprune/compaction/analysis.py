@@ -185,13 +185,15 @@ class ChannelAnalysis:
         # int32 where the ids fit: these temporaries are as large as the atoms (half the memory
         # to write and fault in)
         small = np.int32 if max(self.atoms.size, n * n) <= np.iinfo(np.int32).max else np.int64
-        root = self._roots[np.concatenate(per_axis)].astype(small)
+        ids = np.concatenate(per_axis, dtype=small, casting="same_kind")
+        root = self._roots.astype(small, copy=False)[ids]
         axis = np.repeat(np.arange(n, dtype=small), sizes)
         first_axis = np.full(self.atoms.size, n, dtype=small)
         np.minimum.at(first_axis, root, axis)                  # each class's first dim
         other = first_axis[root]
         tie = (axis * n + other)[other != axis]               # dim -> a dim it shares a class with
-        tie = tie[np.flatnonzero(np.diff(tie, prepend=-1))]   # a dim's atoms repeat the same few ties
+        # a dim's atoms repeat the same few ties (the -1 of tie's dtype: no int64 copy)
+        tie = tie[np.flatnonzero(np.diff(tie, prepend=tie.dtype.type(-1)))]
         label = components(n, [np.divmod(tie, n)])             # each dim's space
         roots = np.flatnonzero(first_axis < n)
         space = label[first_axis[roots]]

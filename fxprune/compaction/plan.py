@@ -38,6 +38,8 @@ from .slicing import get_tensor
 
 NOT_COMPACTED = "not compacted: pattern {!r} does not remove output channels (use 1xchannel or Nxchannel)"
 NO_USE = "not compacted: no op the channel analysis follows uses its output"
+# float64 entries of one _row_stats block (2 MB: stays in the cache)
+ROW_STATS_BLOCK = 1 << 18
 
 
 @dataclass
@@ -259,7 +261,10 @@ def _classes(an: ChannelAnalysis, members, scores) -> ChannelClasses:
     """The classes holding the members' output channels; with ``scores`` (param -> view
     scores), each class's score sum and max."""
     params, cols, groups, roots, sums, maxes = [], [], [], [], [], []
-    buffer = torch.empty(ROW_STATS_BLOCK, dtype=torch.float64) if scores is not None else None
+    # one float64 buffer for the rows of every layer scored on the CPU (_row_stats)
+    on_cpu = scores is not None and any(scores[t.param].device.type == "cpu"
+                                        for t in members if t.param in scores)
+    buffer = torch.empty(ROW_STATS_BLOCK, dtype=torch.float64) if on_cpu else None
     for t in members:
         ax = an.axes.get((t.param, output_dim(t)))
         if ax is None:
@@ -296,10 +301,6 @@ def _row_stats(scores: Scores, buffer: torch.Tensor | None = None) -> tuple[np.n
         sums.append(wide.sum(dim=1).cpu().numpy())
         maxes.append(s.amax(dim=1).double().cpu().numpy() if cols else np.zeros(s.shape[0]))
     return np.concatenate(sums), np.concatenate(maxes)
-
-
-# float64 entries of one _row_stats block (2 MB: stays in the cache)
-ROW_STATS_BLOCK = 1 << 18
 
 
 def _round_up(classes: ChannelClasses, removed: np.ndarray, space: dict[int, int], multiple: int,

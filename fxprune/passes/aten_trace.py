@@ -16,8 +16,9 @@ The graph has the layout of an exported program's: parameters and buffers are pl
 (``p_<name>``, ``b_<name>``; :attr:`AtenTrace.param_of_node` maps them to names), then the
 tensors of the inputs, then the ops; ``node.meta["val"]`` holds a ``meta`` tensor of each value's
 shape, dtype and strides (a list of them for an op with several outputs, read through
-``operator.getitem`` nodes) and ``node.meta["nn_module_stack"]`` the modules around the op, keyed
-and named as ``torch.export`` does (paths under ``model.``).
+``operator.getitem`` nodes; values of one layout share one meta tensor: read them, never change
+them) and ``node.meta["nn_module_stack"]`` the modules around the op, keyed and named as
+``torch.export`` does (paths under ``model.``).
 
 A real forward sees one path through the model; so does ``torch.export``, which fails where the
 path depends on tensor values. The trace refuses the same cases, raising :class:`TraceRefused`
@@ -150,13 +151,9 @@ class _ValueReads(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _meta(value):
-    """A ``meta`` tensor of ``value``'s shape, dtype and strides (lists element-wise)."""
-    if isinstance(value, torch.Tensor):
-        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
-    if isinstance(value, (list, tuple)):
-        return type(value)(_meta(v) for v in value)
-    return value
+def _meta(value: torch.Tensor) -> torch.Tensor:
+    """A ``meta`` tensor of ``value``'s shape, dtype and strides."""
+    return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
 
 
 def _snake_case(name: str) -> str:
@@ -243,7 +240,8 @@ class _Recorder:
         return node
 
     def _meta(self, value):
-        """:func:`_meta` of ``value``, each distinct tensor layout made once."""
+        """:func:`_meta` of ``value`` (lists element-wise, other values as they are), each
+        distinct tensor layout made once."""
         if isinstance(value, torch.Tensor):
             key = (value.shape, value.stride(), value.dtype)
             meta = self.metas.get(key)
