@@ -1,6 +1,6 @@
 """1 process against 2 (torch.distributed, gloo, one thread each), alternating runs.
 
-    python bench/distributed.py [--blocks 8] [--repeat 2] [--cache DIR]
+    python bench/distributed.py [--blocks 8] [--repeat 2] [--cache DIR] [--ceiling ROUNDS]
 
 A. Block-sequential SparseGPT (2:4, local, every decoder Linear) on the LLM bench model's
    architecture: a random-init Llama (hidden 512, FFN 1376, 8 heads, vocab 8000), 16 calibration
@@ -16,6 +16,10 @@ B. Global magnitude (1x1, 50 %) over a multi-shard checkpoint (random Llama, hid
    (``ru_maxrss``), its anonymous and file-backed parts, the RSS at the call, the RSS once the
    skeleton is built and its targets found (what every rank holds) and the peak's part above it
    (the tensor work), and the weight bytes each rank reads; the outputs must be equal.
+
+C. (``--ceiling ROUNDS``) The machine's own 2-process scaling: a fixed single-threaded job
+   shaped like a block's work, alone and then as two copies at once: the most two processes can
+   gain on this machine at this moment, for scale.
 
 The machine is shared: runs alternate (1, 2, 1, 2...) and the load average is printed with each.
 """
@@ -316,6 +320,40 @@ def spawn(fn, world: int, *args) -> None:
             os.remove(store)
 
 
+def ceiling_worker(queue, reps: int) -> None:
+    """A fixed single-threaded job shaped like a block's work: matrix products of the bench
+    model's sizes and a fresh 4 MB buffer per step (page faults, as a forward's temporaries)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x, w1, w2 = torch.randn(1024, 512), torch.randn(1376, 512), torch.randn(512, 1376)
+    start = time.perf_counter()
+    for _ in range(reps):
+        torch.nn.functional.linear(torch.nn.functional.silu(torch.nn.functional.linear(x, w1)), w2)
+        torch.empty(1 << 20).fill_(1.0)
+    queue.put(time.perf_counter() - start)
+
+
+def machine_ceiling(rounds: int, reps: int = 150) -> None:
+    """The machine's own 2-process scaling: the same job alone, then as two copies at once
+    (alternating); the throughput ratio is the most two processes can gain here."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    print(f"C. the machine's own ceiling: a fixed single-threaded job ({reps} steps of the bench "
+          f"model's matrix products and a fresh 4 MB buffer) alone, then two copies at once")
+    for r in range(rounds):
+        walls = {}
+        for n in (1, 2):
+            queue = ctx.Queue()
+            procs = [ctx.Process(target=ceiling_worker, args=(queue, reps)) for _ in range(n)]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join()
+            walls[n] = max(queue.get() for _ in procs)
+        print(f"round {r + 1} (load {load()}): alone {walls[1]:.2f} s, two at once {walls[2]:.2f} s: "
+              f"throughput x{2 * walls[1] / walls[2]:.2f}")
+
+
 def load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -364,6 +402,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "fxprune-bench-dist"))
     parser.add_argument("--skip", choices=("A", "B"), action="append", default=[])
+    parser.add_argument("--ceiling", type=int, default=0, metavar="ROUNDS",
+                        help="C: also measure the machine's own 2-process scaling, ROUNDS times")
     parser.add_argument("--timeline", action="store_true",
                         help="A: per-rank time by kind of work (compute, each collective, run-queue wait)")
     args = parser.parse_args()
@@ -475,6 +515,9 @@ def main() -> None:
             print(f"\npeak RSS of the largest rank, per run: 1 rank {', '.join(f'{p / 1e6:.0f}' for p in peaks[1])} MB, "
                   f"2 ranks {', '.join(f'{p / 1e6:.0f}' for p in peaks[2])} MB")
             print(f"outputs identical (1 rank vs 2 ranks): {same_checkpoints(outs[1], outs[2])}")
+        if args.ceiling:
+            print()
+            machine_ceiling(args.ceiling)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
