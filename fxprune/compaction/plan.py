@@ -34,7 +34,7 @@ from ..selection import LazyScores, Scores, budget, ceil_budget
 from .analysis import ChannelAnalysis
 from .classes import ChannelClasses, class_score, ranked
 from .hf_config import fit_hf_configs
-from .slicing import get_tensor
+from .slicing import tensor_getter
 
 NOT_COMPACTED = "not compacted: pattern {!r} does not remove output channels (use 1xchannel or Nxchannel)"
 NO_USE = "not compacted: no op the channel analysis follows uses its output"
@@ -150,11 +150,12 @@ def plan_zero_channels(model, targets, an: ChannelAnalysis) -> CompactionPlan:
     blocked = _blocked(an, members, {t.param: t for t in members})
     classes = _classes(an, members, scores=None)
     live = np.zeros(an.atoms.size, dtype=bool)  # per root: some entry of its channels is nonzero
+    tensor_of = tensor_getter(model)
     with torch.no_grad():
         for (fqn, dim), ax in an.axes.items():
             if not ax.roles & {"source", "zero"}:
                 continue
-            tensor = get_tensor(model, fqn)
+            tensor = tensor_of(fqn)
             if tensor.dim() == 0 or tensor.shape[dim] != ax.atoms.size:
                 continue
             nonzero = (tensor.detach().movedim(dim, 0).reshape(ax.atoms.size, -1) != 0).any(dim=1)

@@ -124,17 +124,10 @@ def slice_model(model: nn.Module, plan, spaces: set[int], lookup: ModuleLookup |
     return undo
 
 
-def get_tensor(model: nn.Module, fqn: str) -> torch.Tensor:
-    module_name, _, name = fqn.rpartition(".")
-    module = model.get_submodule(module_name)
-    t = module._parameters.get(name)
-    return t if t is not None else module._buffers[name]
-
-
 def tensor_getter(model: nn.Module, lookup: ModuleLookup | None = None):
-    """:func:`get_tensor` for many names, the modules looked up once (``get_submodule`` walks
-    and checks every step of a path), or from ``lookup``; for loops that replace tensors, not
-    modules."""
+    """``tensor(fqn)``: the parameter or buffer ``fqn`` of ``model``, for many names, the modules
+    looked up once (``get_submodule`` walks and checks every step of a path), or from
+    ``lookup``; for loops that replace tensors, not modules."""
     return (ModuleLookup(model) if lookup is None else lookup).tensor
 
 
